@@ -1,0 +1,188 @@
+"""Chunk object encoding: how a chunk's bytes are stored (docs/FORMAT.md, "Chunk objects").
+
+A stored chunk is one codec byte followed by its payload:
+
+* ``0x00`` raw: the chunk's bytes as they are;
+* ``0x01`` zstd: one zstd frame;
+* ``0x02`` grouped: byte-grouped streams for arrays of fixed-width numbers. Byte 1 is the
+  width ``w`` (2..8); then ``w`` stream records, each ``codec u8 (0 raw, 1 zstd) | length
+  u32 LE | bytes``. Stream ``i`` holds bytes ``i, i+w, i+2w, ...`` of the chunk.
+
+Why grouping: bf16 weights compress ~1.28x with plain zstd because every second byte is
+near-random mantissa; their sign/exponent bytes alone compress ~2.9x (ZipNN, Hershcovitch
+et al. 2024, reports the same effect). The sign/exponent stream has few distinct values and
+almost no long repeats, so it is coded with a parameter set that leans on entropy coding
+(min match 7, tiny hash table): as small as level 1 and ~3x faster.
+
+The encoder probes samples of each chunk with each candidate and keeps the smallest; data
+that does not compress is stored raw without compressing it whole.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import numpy as np
+import zstandard
+
+from replicator.errors import IntegrityError
+
+RAW, ZSTD, GROUPED = 0, 1, 2
+MAX_CHUNK_SIZE = 16 << 20
+"""Largest chunk the format allows (FastCDC's max_size ceiling)."""
+
+_SAMPLE = 32 << 10
+_MIN_GAIN = 0.97  # keep an encoding only if it saves at least 3 %
+_GROUP_WIDTHS = (2, 4)
+_STREAM_HEADER = struct.Struct("<BI")
+
+_ENTROPY_PARAMS = zstandard.ZstdCompressionParameters(
+    window_log=17,
+    hash_log=6,
+    chain_log=6,
+    search_log=1,
+    min_match=7,
+    target_length=0,
+    strategy=zstandard.STRATEGY_FAST,
+)
+
+
+class ChunkEncoder:
+    """Encodes chunks; one instance is shared by worker threads (compressors are per thread)."""
+
+    def __init__(self, level: int = 3, float_grouping: bool = True) -> None:
+        self.level = level
+        self.widths = _GROUP_WIDTHS if float_grouping else ()
+        self._local = threading.local()
+
+    def _compressors(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdCompressor]:
+        pair = getattr(self._local, "pair", None)
+        if pair is None:
+            pair = (
+                zstandard.ZstdCompressor(level=self.level),
+                zstandard.ZstdCompressor(compression_params=_ENTROPY_PARAMS),
+            )
+            self._local.pair = pair
+        return pair
+
+    def encode(self, data: bytes) -> bytes:
+        """Return the stored form of ``data`` (never larger than ``len(data) + 1``)."""
+        n = len(data)
+        if n > MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk of {n} bytes exceeds the format's {MAX_CHUNK_SIZE}")
+        if n < 256:
+            return bytes([RAW]) + data
+        width = self._choose(data)
+        if width == 0:
+            return bytes([RAW]) + data
+        if width == 1:
+            out = self._compressors()[0].compress(data)
+            return bytes([ZSTD]) + out if len(out) < n * _MIN_GAIN else bytes([RAW]) + data
+        encoded = self._grouped(data, width)
+        return encoded if len(encoded) < n * _MIN_GAIN else bytes([RAW]) + data
+
+    def _choose(self, data: bytes) -> int:
+        """0 = raw, 1 = plain zstd, w >= 2 = grouped by width w; decided on samples."""
+        n = len(data)
+        if n <= 3 * _SAMPLE:
+            sample = data
+        else:
+            mid = (n // 2) & ~7
+            end = (n - _SAMPLE) & ~7
+            sample = data[:_SAMPLE] + data[mid : mid + _SAMPLE] + data[end : end + _SAMPLE]
+        plain, entropy = self._compressors()
+        best_width, best = 0, len(sample) * _MIN_GAIN
+        size = len(plain.compress(sample))
+        if size < best:
+            best_width, best = 1, size
+        for w in self.widths:
+            size = sum(len(entropy.compress(s)) for s in split_streams(sample, w))
+            if size < best * _MIN_GAIN:  # grouping must clearly beat plain zstd
+                best_width, best = w, size
+        return best_width
+
+    def _grouped(self, data: bytes, width: int) -> bytes:
+        entropy = self._compressors()[1]
+        parts = [bytes([GROUPED, width])]
+        for stream in split_streams(data, width):
+            packed = entropy.compress(stream)
+            if len(packed) < len(stream):
+                parts += [_STREAM_HEADER.pack(ZSTD, len(packed)), packed]
+            else:
+                parts += [_STREAM_HEADER.pack(RAW, len(stream)), stream]
+        return b"".join(parts)
+
+
+def split_streams(data: bytes, width: int) -> list[bytes]:
+    """Stream i = data[i::width]; one transposing copy in numpy (6x faster than bytes slicing)."""
+    n = len(data)
+    body = n - n % width
+    rows = np.frombuffer(data, dtype=np.uint8, count=body).reshape(-1, width).T.copy()
+    tail = data[body:]
+    return [rows[i].tobytes() + tail[i : i + 1] for i in range(width)]
+
+
+def _inflate(frame: bytes | memoryview, limit: int, what: str) -> bytes:
+    # A stored object is untrusted: never allocate more than `limit`, whatever the header says.
+    try:
+        declared = zstandard.frame_content_size(frame)
+        if 0 <= declared <= limit:
+            # One-shot decompression into the declared size; zstd fails if the data disagrees.
+            return zstandard.ZstdDecompressor().decompress(frame)
+        if declared > limit:
+            raise IntegrityError(f"{what}: declares {declared} bytes, more than {limit}")
+        out = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False).read(limit + 1)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{what}: zstd frame is corrupt ({exc})") from None
+    if len(out) > limit:
+        raise IntegrityError(f"{what}: decompresses to more than {limit} bytes")
+    return out
+
+
+def decode(stored: bytes) -> bytes:
+    """Inverse of :meth:`ChunkEncoder.encode`; raises IntegrityError on malformed input."""
+    if not stored:
+        raise IntegrityError("empty chunk object")
+    codec = stored[0]
+    if codec == RAW:
+        if len(stored) - 1 > MAX_CHUNK_SIZE:
+            raise IntegrityError("raw chunk larger than the format allows")
+        return stored[1:]
+    if codec == ZSTD:
+        return _inflate(memoryview(stored)[1:], MAX_CHUNK_SIZE, "zstd chunk")
+    if codec == GROUPED:
+        return _ungroup(stored)
+    raise IntegrityError(f"unknown chunk codec byte 0x{codec:02x}")
+
+
+def _ungroup(stored: bytes) -> bytes:
+    if len(stored) < 2 or not 2 <= stored[1] <= 8:
+        raise IntegrityError("grouped chunk: bad width")
+    width, pos = stored[1], 2
+    view = memoryview(stored)
+    streams: list[bytes] = []
+    for i in range(width):
+        if pos + _STREAM_HEADER.size > len(stored):
+            raise IntegrityError(f"grouped chunk: stream {i} header truncated")
+        codec, length = _STREAM_HEADER.unpack_from(stored, pos)
+        pos += _STREAM_HEADER.size
+        if pos + length > len(stored):
+            raise IntegrityError(f"grouped chunk: stream {i} truncated")
+        body = view[pos : pos + length]
+        pos += length
+        if codec == RAW:
+            streams.append(bytes(body))
+        elif codec == ZSTD:
+            streams.append(_inflate(body, MAX_CHUNK_SIZE // width + 1, f"grouped chunk stream {i}"))
+        else:
+            raise IntegrityError(f"grouped chunk: stream {i} has unknown codec {codec}")
+    if pos != len(stored):
+        raise IntegrityError("grouped chunk: trailing bytes")
+    n = sum(len(s) for s in streams)
+    if n > MAX_CHUNK_SIZE or any(len(s) != (n - i + width - 1) // width for i, s in enumerate(streams)):
+        raise IntegrityError("grouped chunk: stream lengths are inconsistent")
+    out = np.empty(n, dtype=np.uint8)
+    for i, s in enumerate(streams):
+        out[i::width] = np.frombuffer(s, dtype=np.uint8)
+    return out.tobytes()

@@ -1,0 +1,319 @@
+"""The configuration file: one YAML document validated by pydantic models.
+
+All defaults live in these models. Loading does, in order: parse YAML; reject secrets
+written as plain text; expand ``${VAR}`` in every string (``$${`` is a literal ``${``);
+resolve relative paths against the config file's directory; validate. Any failure is a
+:class:`~replicator.errors.ConfigError` naming the field and the bad value (exit code 2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from replicator.errors import ConfigError
+from replicator.globs import compile_glob
+from replicator.units import parse_duration, parse_size
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+"""A byte count written as ``4MiB``, ``1.5GB`` or a plain integer."""
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds written as ``15m``, ``1h30m``, ``500ms`` or a plain number."""
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""Source and target names: they become object-key components, so they are kept plain."""
+
+SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_name(value: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError("use letters, digits, '.', '_' or '-' (max 128), starting with a letter or digit")
+    return value
+
+
+def _check_globs(patterns: list[str]) -> list[str]:
+    for p in patterns:
+        compile_glob(p)
+    return patterns
+
+
+class ChunkingConfig(_Model):
+    """FastCDC parameters. Recorded in each repository created with them.
+
+    pyfastcdc's mean chunk size is about ``avg_size + min_size`` (its cut-point skipping,
+    FastCDC 2020 section 3.4), so the defaults give chunks of ~5 MiB on incompressible data.
+    """
+
+    min_size: Size = 1 << 20
+    avg_size: Size = 4 << 20
+    max_size: Size = 16 << 20
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ChunkingConfig:
+        if not 64 <= self.min_size <= 1 << 20:
+            raise ValueError(f"min_size must be within 64 B..1 MiB (got {self.min_size})")
+        if not 256 <= self.avg_size <= 4 << 20:
+            raise ValueError(f"avg_size must be within 256 B..4 MiB (got {self.avg_size})")
+        if not 1024 <= self.max_size <= 16 << 20:
+            raise ValueError(f"max_size must be within 1 KiB..16 MiB (got {self.max_size})")
+        if not self.min_size <= self.avg_size <= self.max_size:
+            raise ValueError("need min_size <= avg_size <= max_size")
+        return self
+
+
+class CompressionConfig(_Model):
+    level: int = Field(3, ge=1, le=19)
+    """zstd level for ordinary data."""
+    float_grouping: bool = True
+    """Try byte-grouped encodings (element width 2 and 4) that suit bf16/fp16/fp32 tensors."""
+    verify: bool = True
+    """Decompress and re-hash every encoded chunk before it is uploaded (restic#4523)."""
+
+
+class CompleteWhen(_Model):
+    """When a checkpoint set (a top-level directory) is complete. Both, if both are given."""
+
+    marker: str | None = None
+    """A file name (glob) inside the set whose presence means the writer finished."""
+    quiet: Duration | None = None
+    """Nothing in the set changed for this long."""
+
+    @model_validator(mode="after")
+    def _one(self) -> CompleteWhen:
+        if self.marker is None and self.quiet is None:
+            raise ValueError("give marker, quiet or both")
+        return self
+
+
+class SourceConfig(_Model):
+    name: Annotated[str, BeforeValidator(_check_name)]
+    url: str
+    """A POSIX directory or ``s3://bucket/prefix``."""
+    kind: Literal["checkpoint", "dataset", "embedding"] = "dataset"
+    include: list[str] = Field(default_factory=lambda: ["**"])
+    exclude: list[str] = Field(default_factory=list)
+    complete_when: CompleteWhen | None = None
+    """Checkpoint sources only. Default: quiet for 30 s."""
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+
+    _globs = field_validator("include", "exclude")(_check_globs)
+
+    @model_validator(mode="after")
+    def _kind_rules(self) -> SourceConfig:
+        if self.complete_when is not None and self.kind != "checkpoint":
+            raise ValueError("complete_when applies to kind: checkpoint only")
+        return self
+
+    @property
+    def completion(self) -> CompleteWhen:
+        return self.complete_when or CompleteWhen(quiet=30.0)
+
+
+class RetryConfig(_Model):
+    """Capped exponential backoff with full jitter, on transient errors only."""
+
+    initial: Duration = 0.5
+    max: Duration = 30.0
+    give_up_after: Duration | None = 300.0
+    """One-shot commands stop retrying after this; the daemon never gives up."""
+
+
+class TargetConfig(_Model):
+    name: Annotated[str, BeforeValidator(_check_name)]
+    url: str
+    """A POSIX directory or ``s3://bucket/prefix``."""
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    concurrency: int = Field(8, ge=1, le=256)
+    checksum: Literal["md5", "crc32", "crc32c", "sha256", "sha1"] = "md5"
+    """Integrity checksum sent with every PUT: Content-MD5 or an x-amz-checksum-* header."""
+    sdk_checksums: Literal["when_required", "when_supported"] = "when_required"
+    """botocore's own request/response checksum behaviour; some S3-compatible servers reject
+    the CRC headers boto3 >= 1.36 sends by default (boto3#4392)."""
+    hash: Literal["xxh3-128", "blake3"] = "xxh3-128"
+    """Chunk id algorithm for a repository created here; blake3 for untrusted sources."""
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    timeout: Duration = 60.0
+    """Per-request connect/read timeout."""
+
+
+class Config(_Model):
+    state_dir: Path = Field(default_factory=lambda: default_state_dir())
+    sources: list[SourceConfig] = Field(default_factory=list)
+    targets: list[TargetConfig] = Field(default_factory=list)
+    chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    memory_budget: Size = 256 << 20
+    """Upper bound on chunk bytes held in memory between reading and the last upload."""
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        for what, items in (("sources", self.sources), ("targets", self.targets)):
+            names = [i.name for i in items]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"duplicate {what} name {dupes[0]!r}")
+        return self
+
+    def secret_values(self) -> list[str]:
+        """Every credential in the config, for the log redactor."""
+        items: list[SourceConfig | TargetConfig] = [*self.sources, *self.targets]
+        return [
+            s.get_secret_value()
+            for item in items
+            for s in (item.access_key_id, item.secret_access_key, item.session_token)
+            if s is not None
+        ]
+
+    def source(self, name: str) -> SourceConfig:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no source named {name!r} (known: {', '.join(s.name for s in self.sources)})")
+
+    def target(self, name: str) -> TargetConfig:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise ConfigError(f"no target named {name!r} (known: {', '.join(t.name for t in self.targets)})")
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "replicator"
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def _loc(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _expand(node: Any, path: tuple[str | int, ...]) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            literal = not (isinstance(v, str) and _ENV_REF.fullmatch(v.strip()))
+            if isinstance(k, str) and k in SECRET_FIELDS and v is not None and literal:
+                raise ConfigError(
+                    f"{_loc((*path, k))}: secrets must not be written in the file",
+                    hint="write ${SOME_ENV_VAR} or rely on the standard AWS credential chain",
+                )
+            out[k] = _expand(v, (*path, k))
+        return out
+    if isinstance(node, list):
+        return [_expand(v, (*path, i)) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        return expand_env(node, _loc(path))
+    return node
+
+
+def expand_env(text: str, where: str = "value") -> str:
+    """Replace ``${VAR}`` with the environment's value; ``$${`` stays a literal ``${``."""
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{where}: environment variable {name} is not set")
+        return os.environ[name]
+
+    pieces = text.split("$${")
+    return "${".join(_ENV_REF.sub(sub, piece) for piece in pieces)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and "://" not in value:
+            p = Path(value).expanduser()
+            return str(p if p.is_absolute() else (base / p).resolve())
+        return value
+
+    if "state_dir" in data:
+        data["state_dir"] = fix(data["state_dir"])
+    for section in ("sources", "targets"):
+        for item in data.get(section) or []:
+            if isinstance(item, dict) and "url" in item:
+                item["url"] = fix(item["url"])
+
+
+def _describe(err: ValidationError, raw: dict[str, Any]) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    text = f"{_loc(loc)}: {msg}" if loc else msg
+    if first["type"] not in ("missing",) and "input" in first and not isinstance(first["input"], dict | list):
+        field = loc[-1] if loc else None
+        shown = "***" if field in SECRET_FIELDS else repr(first["input"])
+        text += f" (got {shown})"
+    more = len(err.errors()) - 1
+    if more:
+        text += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return text
+
+
+def parse_config(data: Any, base_dir: Path, origin: str = "config") -> Config:
+    """Validate already-parsed YAML data; ``base_dir`` anchors relative paths."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    expanded = _expand(data, ())
+    _resolve_paths(expanded, base_dir)
+    try:
+        return Config.model_validate(expanded)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_describe(exc, expanded)}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, expand and validate a configuration file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{p}: {problem}{where}") from None
+    return parse_config(data, p.resolve().parent, str(p))

@@ -1,0 +1,59 @@
+"""The consistency gate: which of a source's files may be published now.
+
+For ``kind: checkpoint`` every top-level directory is a *checkpoint set* (``step-000200/``),
+published only when complete: its ``complete_when.marker`` file exists and/or nothing in it
+was modified for ``complete_when.quiet`` (judged by the newest modification time in the set,
+so it works the same for POSIX files and S3 objects). Incomplete sets are held back whole:
+no snapshot ever contains part of a set. Files directly at the top level are not part of a
+set and pass as they are. Datasets and embeddings pass whole; their debounce is the daemon's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from replicator.config import SourceConfig
+from replicator.globs import compile_glob
+from replicator.manifest import SetInfo
+from replicator.sources.base import SourceFile
+
+
+@dataclass
+class Selection:
+    files: list[SourceFile] = field(default_factory=list)
+    sets: list[SetInfo] = field(default_factory=list)
+    held_back: dict[str, str] = field(default_factory=dict)
+    """Incomplete set name -> why it is held back."""
+
+
+def select(cfg: SourceConfig, files: list[SourceFile], now_ns: int) -> Selection:
+    if cfg.kind != "checkpoint":
+        return Selection(files=list(files))
+    rule = cfg.completion
+    marker = compile_glob(rule.marker) if rule.marker else None
+    groups: dict[str, list[SourceFile]] = {}
+    out = Selection()
+    for f in files:
+        top, sep, _ = f.path.partition("/")
+        if sep:
+            groups.setdefault(top, []).append(f)
+        else:
+            out.files.append(f)
+    for name, members in sorted(groups.items()):
+        newest = max(f.mtime_ns for f in members)
+        reasons = []
+        if marker is not None and not any(marker.match(f.path.partition("/")[2]) for f in members):
+            reasons.append(f"no {rule.marker} marker")
+        if rule.quiet is not None:
+            quiet_for = (now_ns - newest) / 1e9
+            if quiet_for < rule.quiet:
+                reasons.append(f"modified {max(quiet_for, 0):.1f}s ago (quiet period {rule.quiet:g}s)")
+        if reasons:
+            out.held_back[name] = ", ".join(reasons)
+            continue
+        out.files.extend(members)
+        out.sets.append(
+            SetInfo(name=name, files=len(members), bytes=sum(f.size for f in members), newest_mtime_ns=newest)
+        )
+    out.files.sort(key=lambda f: f.path)
+    return out

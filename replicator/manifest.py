@@ -1,0 +1,182 @@
+"""Snapshot manifests: what a snapshot contains, and how they are parsed from untrusted bytes.
+
+A manifest read from a target is untrusted input (it may be corrupt or hand-crafted):
+:func:`parse_manifest` bounds its size, checks every type, refuses unsafe paths (absolute,
+``..``, ``.``, empty segments, backslashes, NUL, control characters), duplicate paths and
+file/directory clashes, malformed chunk ids, and sizes that disagree with the chunk list.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import zstandard
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from replicator import __version__
+from replicator.errors import RepositoryError, UnsupportedFormatError
+
+MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 1 << 30
+_HEX = re.compile(r"^[0-9a-f]{32}$|^[0-9a-f]{64}$")
+_TIME_FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def check_relative_path(path: str) -> str:
+    """Return ``path`` if it is a safe relative POSIX path, else raise ValueError."""
+    if not path or len(path) > 4096:
+        raise ValueError("path is empty or too long")
+    if path.startswith("/"):
+        raise ValueError(f"absolute path {path!r}")
+    if "\\" in path or any(ord(c) < 0x20 or c == "\x7f" for c in path):
+        raise ValueError(f"path {path!r} contains a backslash or control character")
+    for seg in path.split("/"):
+        if seg in ("", ".", ".."):
+            raise ValueError(f"path {path!r} has an empty, '.' or '..' segment")
+    return path
+
+
+def format_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime(_TIME_FMT)
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, _TIME_FMT).replace(tzinfo=UTC)
+
+
+ChunkRef = tuple[Annotated[str, Field(pattern=_HEX.pattern)], Annotated[int, Field(ge=0, le=16 << 20)]]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are ignored so that a newer writer may add optional fields within a
+    # version; anything an old reader must not ignore bumps MANIFEST_VERSION (docs/FORMAT.md).
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class FileEntry(_Strict):
+    path: str
+    size: int = Field(ge=0)
+    mode: int = Field(ge=0, le=0o7777)
+    mtime_ns: int
+    digest: str = Field(pattern=_HEX.pattern)
+    chunks: tuple[ChunkRef, ...]
+
+    _path = field_validator("path")(check_relative_path)
+
+    @model_validator(mode="after")
+    def _sizes_agree(self) -> FileEntry:
+        if sum(size for _, size in self.chunks) != self.size:
+            raise ValueError(f"{self.path}: chunk sizes do not add up to the file size")
+        return self
+
+
+class SetInfo(_Strict):
+    """A checkpoint set (top-level directory) included in the snapshot, complete by construction."""
+
+    name: str
+    files: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    newest_mtime_ns: int
+    """Modification time of the newest file in the set: when the writer last touched it."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        check_relative_path(v)
+        if "/" in v:
+            raise ValueError(f"set name {v!r} is not a top-level name")
+        return v
+
+
+class Manifest(_Strict):
+    format: Literal["replicator-snapshot"] = "replicator-snapshot"
+    version: int = MANIFEST_VERSION
+    source: str
+    kind: Literal["checkpoint", "dataset", "embedding"]
+    created: str
+    writer: str = f"replicator/{__version__}"
+    files: tuple[FileEntry, ...]
+    sets: tuple[SetInfo, ...] = ()
+
+    @field_validator("created")
+    @classmethod
+    def _created(cls, v: str) -> str:
+        parse_time(v)
+        return v
+
+    @model_validator(mode="after")
+    def _tree(self) -> Manifest:
+        paths = [f.path for f in self.files]
+        if len(set(paths)) != len(paths):
+            raise ValueError("duplicate file paths")
+        dirs: set[str] = set()
+        for p in paths:
+            i = p.find("/")
+            while i != -1:
+                dirs.add(p[:i])
+                i = p.find("/", i + 1)
+        clash = dirs.intersection(paths)
+        if clash:
+            raise ValueError(f"{sorted(clash)[0]!r} is both a file and a directory")
+        return self
+
+    @property
+    def created_at(self) -> datetime:
+        return parse_time(self.created)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def chunk_ids(self) -> set[str]:
+        return {cid for f in self.files for cid, _ in f.chunks}
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    """The stored form: zstd-compressed UTF-8 JSON."""
+    body = json.dumps(manifest.model_dump(mode="json"), separators=(",", ":"), ensure_ascii=False)
+    return zstandard.ZstdCompressor(level=6).compress(body.encode())
+
+
+def parse_manifest(stored: bytes, *, where: str) -> Manifest:
+    """Decode and validate an untrusted stored manifest; errors name ``where``."""
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False)
+        body = reader.read(MAX_MANIFEST_BYTES + 1)
+    except zstandard.ZstdError as exc:
+        raise RepositoryError(f"manifest is not valid zstd ({exc})", key=where) from None
+    if len(body) > MAX_MANIFEST_BYTES:
+        raise RepositoryError("manifest exceeds 1 GiB", key=where)
+    try:
+        manifest = Manifest.model_validate_json(body)
+    except ValidationError as exc:
+        _check_header(body, where)  # a clearer message for foreign or newer objects
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise RepositoryError(f"invalid manifest: {loc}: {first['msg']}", key=where) from None
+    if manifest.version != MANIFEST_VERSION:
+        _check_header(body, where)
+    return manifest
+
+
+def _check_header(body: bytes, where: str) -> None:
+    try:
+        data: Any = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RepositoryError(f"manifest is not valid JSON ({exc})", key=where) from None
+    if not isinstance(data, dict) or data.get("format") != "replicator-snapshot":
+        raise RepositoryError("not a replicator snapshot manifest", key=where)
+    if data.get("version") != MANIFEST_VERSION:
+        raise UnsupportedFormatError(
+            f"manifest version {data.get('version')!r} is not supported "
+            f"(this build reads {MANIFEST_VERSION})",
+            key=where,
+            hint="upgrade replicator",
+        )
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,209 @@
+"""Read once, chunk once, encode once: turn a source file into encoded chunks.
+
+For each file, one I/O thread reads and cuts it (FastCDC, GIL released) and feeds the
+whole-file digests in order; a pool of CPU threads hashes each chunk for every hash spec
+the targets need (ids differ per repository seed), encodes it (codec probe + zstd, GIL
+released) and, unless disabled, decodes it again and checks the hash (restic#4523: a
+compressor can corrupt data). Encoded chunks are handed, in file order, to a *sink* (the
+fan-out to targets).
+
+Memory is bounded by :class:`ByteBudget`: a chunk's bytes are reserved before it is encoded
+and released only when every target it was offered to has uploaded or dropped it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from replicator.chunking import iter_chunks
+from replicator.codec import ChunkEncoder, decode
+from replicator.config import ChunkingConfig, CompressionConfig
+from replicator.errors import IntegrityError
+from replicator.hashing import Hasher, HashSpec
+from replicator.manifest import FileEntry
+from replicator.sources.base import Source, SourceFile
+
+
+class ByteBudget:
+    """An async counting semaphore over bytes. A request larger than the whole budget is
+    admitted alone, so a single huge chunk can never deadlock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+        async def wake() -> None:
+            async with self._cond:
+                self._cond.notify_all()
+
+        asyncio.get_running_loop().create_task(wake())
+
+
+class Lease:
+    """Reference count on a chunk's reservation in a :class:`ByteBudget`."""
+
+    __slots__ = ("_budget", "_refs", "_size")
+
+    def __init__(self, budget: ByteBudget, size: int) -> None:
+        self._budget, self._size, self._refs = budget, size, 1
+
+    def retain(self) -> None:
+        self._refs += 1
+
+    def release(self) -> None:
+        self._refs -= 1
+        if self._refs == 0:
+            self._budget.release(self._size)
+        assert self._refs >= 0, "lease released too often"
+
+
+@dataclass
+class EncodedChunk:
+    ids: dict[str, str]
+    """Hex chunk id per hash spec key."""
+    size: int
+    """Length of the original bytes."""
+    stored: bytes
+    """The encoded chunk object (codec byte + payload)."""
+    lease: Lease = field(repr=False)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A file as read: its metadata plus digest and chunk list for each hash spec."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    mode: int
+    signature: str
+    digests: dict[str, str]
+    chunks: dict[str, tuple[tuple[str, int], ...]]
+
+    def covers(self, specs: Sequence[HashSpec]) -> bool:
+        return all(s.key in self.chunks for s in specs)
+
+    def entry(self, spec: HashSpec) -> FileEntry:
+        return FileEntry(
+            path=self.path,
+            size=self.size,
+            mode=self.mode,
+            mtime_ns=self.mtime_ns,
+            digest=self.digests[spec.key],
+            chunks=self.chunks[spec.key],
+        )
+
+
+ChunkSink = Callable[[EncodedChunk], Awaitable[None]]
+
+
+class ChunkPipeline:
+    """Shared by all files of a run; owns the I/O and CPU thread pools."""
+
+    def __init__(
+        self,
+        chunking: ChunkingConfig,
+        compression: CompressionConfig,
+        specs: Sequence[HashSpec],
+        *,
+        memory_budget: int = 256 << 20,
+        cpu_workers: int | None = None,
+        io_workers: int = 4,
+    ) -> None:
+        if not specs:
+            raise ValueError("at least one hash spec is needed")
+        self.chunking = chunking
+        self.specs = list(dict.fromkeys(specs))
+        self.verify = compression.verify
+        self.encoder = ChunkEncoder(compression.level, compression.float_grouping)
+        self.cpu_workers = cpu_workers or os.cpu_count() or 2
+        self._cpu = ThreadPoolExecutor(self.cpu_workers, thread_name_prefix="encode")
+        self._io = ThreadPoolExecutor(io_workers, thread_name_prefix="read")
+        self.budget = ByteBudget(memory_budget)
+
+    def close(self) -> None:
+        self._cpu.shutdown(wait=True, cancel_futures=True)
+        self._io.shutdown(wait=True, cancel_futures=True)
+
+    def _encode(self, data: bytes) -> tuple[dict[str, str], bytes]:
+        ids = {spec.key: spec.digest(data).hex() for spec in self.specs}
+        stored = self.encoder.encode(data)
+        if self.verify:
+            first = self.specs[0]
+            if first.digest(decode(stored)).hex() != ids[first.key]:
+                raise IntegrityError("encoded chunk does not decode to its input", operation="encode")
+        return ids, stored
+
+    async def read_file(self, source: Source, file: SourceFile, sink: ChunkSink) -> FileRecord:
+        """Read ``file`` once, passing each encoded chunk to ``sink`` in order.
+
+        Raises FileChangedError if the file changed during the read (chunks already passed to
+        the sink are valid content-addressed objects; only the record is withheld)."""
+        loop = asyncio.get_running_loop()
+        handle: BinaryIO = await loop.run_in_executor(self._io, source.open, file)
+        hashers: dict[str, Hasher] = {s.key: s.hasher() for s in self.specs}
+        lists: dict[str, list[tuple[str, int]]] = {s.key: [] for s in self.specs}
+        chunks = iter_chunks(handle, self.chunking)
+
+        def next_chunk() -> bytes | None:
+            data = next(chunks, None)
+            if data is not None:
+                for h in hashers.values():
+                    h.update(data)
+            return data
+
+        window: deque[tuple[asyncio.Future[tuple[dict[str, str], bytes]], Lease, int]] = deque()
+
+        async def emit() -> None:
+            fut, lease, size = window.popleft()
+            try:
+                ids, stored = await fut
+                for key, cid in ids.items():
+                    lists[key].append((cid, size))
+                await sink(EncodedChunk(ids, size, stored, lease))
+            finally:
+                lease.release()  # the producer's own reference
+
+        try:
+            while True:
+                data = await loop.run_in_executor(self._io, next_chunk)
+                if data is None:
+                    break
+                await self.budget.acquire(len(data))
+                lease = Lease(self.budget, len(data))
+                window.append((loop.run_in_executor(self._cpu, self._encode, data), lease, len(data)))
+                del data
+                if len(window) > self.cpu_workers:
+                    await emit()
+            while window:
+                await emit()
+            await loop.run_in_executor(self._io, source.confirm, file, handle)
+        finally:
+            for fut, lease, _ in window:  # an error left work in flight: reclaim its memory
+                fut.cancel()
+                lease.release()
+            await loop.run_in_executor(self._io, handle.close)
+        return FileRecord(
+            path=file.path,
+            size=file.size,
+            mtime_ns=file.mtime_ns,
+            mode=file.mode,
+            signature=file.signature,
+            digests={k: h.digest().hex() for k, h in hashers.items()},
+            chunks={k: tuple(v) for k, v in lists.items()},
+        )

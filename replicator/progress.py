@@ -1,0 +1,70 @@
+"""Progress reporting for long work: a tiny protocol the library calls, and a rich bar for TTYs."""
+
+from __future__ import annotations
+
+import sys
+from typing import Protocol
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+
+class ProgressSink(Protocol):
+    def begin(self, label: str, total: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def end(self) -> None: ...
+
+
+class NoProgress:
+    def begin(self, label: str, total: int) -> None:
+        return None
+
+    def advance(self, n: int) -> None:
+        return None
+
+    def end(self) -> None:
+        return None
+
+
+class BarProgress:
+    """A byte-count progress bar on stderr."""
+
+    def __init__(self) -> None:
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._task: TaskID | None = None
+
+    def begin(self, label: str, total: int) -> None:
+        self.end()
+        self._bar.start()
+        self._task = self._bar.add_task(label, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._task is not None:
+            self._bar.advance(self._task, n)
+
+    def end(self) -> None:
+        if self._task is not None:
+            self._bar.remove_task(self._task)
+            self._bar.stop()
+            self._task = None
+
+
+def make_progress(quiet: bool) -> ProgressSink:
+    """A bar when stderr is a terminal and not ``--quiet``; silence otherwise."""
+    return BarProgress() if not quiet and sys.stderr.isatty() else NoProgress()

@@ -1,0 +1,302 @@
+"""The repository: the open, documented layout replicator keeps on every target (docs/FORMAT.md).
+
+    config.json                          what this repository is (format version, hash + seed, ...)
+    chunks/<2 hex>/<id>                  write-once, content-addressed chunk objects
+    snapshots/<source>/<snapshot-id>.json.zst   snapshot manifests
+    refs/<source>/latest                 the newest complete snapshot of a source
+
+Write order is the consistency protocol: chunks, then the manifest, then the ref. Readers go
+the other way. So a crash at any moment leaves refs pointing only at complete snapshots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from replicator import __version__
+from replicator.codec import decode
+from replicator.config import NAME_RE, ChunkingConfig, CompressionConfig
+from replicator.errors import (
+    AlreadyExistsError,
+    IntegrityError,
+    NotFoundError,
+    RepositoryError,
+    UnsupportedFormatError,
+)
+from replicator.hashing import HashSpec
+from replicator.manifest import Manifest, encode_manifest, format_time, now_utc, parse_manifest
+from replicator.targets.base import Target
+
+FORMAT_VERSION = 1
+CONFIG_KEY = "config.json"
+MAX_SMALL_OBJECT = 1 << 20  # config and refs are tiny; anything bigger is not ours
+_SNAPSHOT_ID = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)-([0-9a-f]{32}|[0-9a-f]{64})$")
+_ID_TIME = "%Y%m%dT%H%M%S.%fZ"
+
+
+class RepositoryNotFoundError(RepositoryError):
+    """There is no repository at the target (no config object)."""
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    """The parsed ``config.json``."""
+
+    id: str
+    created: str
+    hash: HashSpec
+    chunking: ChunkingConfig
+    compression_level: int
+    float_grouping: bool
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": "replicator-repository",
+            "version": FORMAT_VERSION,
+            "id": self.id,
+            "created": self.created,
+            "writer": f"replicator/{__version__}",
+            "hash": {"algorithm": self.hash.algorithm, "seed": f"{self.hash.seed:016x}"},
+            "chunker": {
+                "algorithm": "fastcdc-2020",
+                "min_size": self.chunking.min_size,
+                "avg_size": self.chunking.avg_size,
+                "max_size": self.chunking.max_size,
+                "normalized_chunking": 1,
+                "gear_seed": 0,
+            },
+            "compression": {
+                "algorithm": "zstd",
+                "level": self.compression_level,
+                "float_grouping": self.float_grouping,
+            },
+        }
+        return json.dumps(doc, indent=2).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> RepoConfig:
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RepositoryError(f"config object is not valid JSON ({exc})", key=CONFIG_KEY) from None
+        if not isinstance(doc, dict) or doc.get("format") != "replicator-repository":
+            raise RepositoryError("not a replicator repository config", key=CONFIG_KEY)
+        if doc.get("version") != FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"repository format version {doc.get('version')!r} is not supported "
+                f"(this build reads {FORMAT_VERSION})",
+                key=CONFIG_KEY,
+                hint="upgrade replicator",
+            )
+        try:
+            h, c, z = doc["hash"], doc["chunker"], doc["compression"]
+            spec = HashSpec(h["algorithm"], int(h["seed"], 16))
+            return cls(
+                id=str(doc["id"]),
+                created=str(doc["created"]),
+                hash=spec,
+                chunking=ChunkingConfig(
+                    min_size=c["min_size"], avg_size=c["avg_size"], max_size=c["max_size"]
+                ),
+                compression_level=int(z["level"]),
+                float_grouping=bool(z.get("float_grouping", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RepositoryError(f"config object is malformed ({exc})", key=CONFIG_KEY) from None
+
+
+def chunk_key(chunk_id: str) -> str:
+    return f"chunks/{chunk_id[:2]}/{chunk_id}"
+
+
+def snapshot_key(source: str, snapshot_id: str) -> str:
+    return f"snapshots/{source}/{snapshot_id}.json.zst"
+
+
+def ref_key(source: str) -> str:
+    return f"refs/{source}/latest"
+
+
+def snapshot_time(snapshot_id: str) -> datetime:
+    m = _SNAPSHOT_ID.match(snapshot_id)
+    if not m:
+        raise ValueError(f"not a snapshot id: {snapshot_id!r}")
+    return datetime.strptime(m.group(1), _ID_TIME).replace(tzinfo=UTC)
+
+
+def is_snapshot_id(text: str) -> bool:
+    return bool(_SNAPSHOT_ID.match(text))
+
+
+class Repository:
+    """Typed access to one target's repository. Cheap to construct; holds no open state."""
+
+    def __init__(self, target: Target, config: RepoConfig) -> None:
+        self.target = target
+        self.config = config
+        self.hash = config.hash
+
+    # -- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, target: Target) -> Repository:
+        """Open an existing repository; RepositoryNotFoundError if there is none."""
+        try:
+            raw = await target.get(CONFIG_KEY)
+        except NotFoundError:
+            raise RepositoryNotFoundError(
+                f"no replicator repository at {target.url}",
+                hint="check the url, or run `replicator sync` to create one",
+            ) from None
+        if len(raw) > MAX_SMALL_OBJECT:
+            raise RepositoryError("config object is too large", key=CONFIG_KEY)
+        return cls(target, RepoConfig.from_json(raw))
+
+    @classmethod
+    async def open_or_create(
+        cls, target: Target, *, algorithm: str, chunking: ChunkingConfig, compression: CompressionConfig
+    ) -> Repository:
+        """Open the repository at ``target``, creating it with these parameters if absent."""
+        try:
+            return await cls.open(target)
+        except RepositoryNotFoundError:
+            pass
+        config = RepoConfig(
+            id=str(uuid.uuid4()),
+            created=format_time(now_utc()),
+            hash=HashSpec(algorithm, secrets.randbits(64) if algorithm == "xxh3-128" else 0),  # type: ignore[arg-type]
+            chunking=chunking,
+            compression_level=compression.level,
+            float_grouping=compression.float_grouping,
+        )
+        with contextlib.suppress(AlreadyExistsError):  # another writer created it first: use theirs
+            await target.put(CONFIG_KEY, config.to_json(), if_absent=True)
+        # Read back: on servers without conditional writes, the last writer wins; everyone
+        # then agrees on whatever is stored.
+        return await cls.open(target)
+
+    # -- chunks -----------------------------------------------------------------------------
+
+    async def put_chunk(self, chunk_id: str, stored: bytes) -> None:
+        await self.target.put(chunk_key(chunk_id), stored)
+
+    async def get_chunk(self, chunk_id: str) -> bytes:
+        """The chunk's original bytes, decoded and re-hashed; IntegrityError if they disagree."""
+        stored = await self.target.get(chunk_key(chunk_id))
+        return self.decode_chunk(chunk_id, stored)
+
+    def decode_chunk(self, chunk_id: str, stored: bytes) -> bytes:
+        try:
+            data = decode(stored)
+        except IntegrityError as exc:
+            raise IntegrityError(exc.message, key=chunk_key(chunk_id)) from None
+        if self.hash.digest(data).hex() != chunk_id:
+            raise IntegrityError("content does not match its id", key=chunk_key(chunk_id))
+        return data
+
+    async def list_chunks(self) -> AsyncIterator[tuple[str, int]]:
+        """Yield (id, stored size) of every chunk object; foreign keys are skipped."""
+        width = 2 * self.hash.digest_size
+        async for info in self.target.list("chunks/"):
+            parts = info.key.split("/")
+            if len(parts) == 3 and len(parts[2]) == width and parts[1] == parts[2][:2]:
+                try:
+                    self.hash.parse_hex(parts[2])
+                except ValueError:
+                    continue
+                yield parts[2], info.size
+
+    # -- snapshots and refs -----------------------------------------------------------------
+
+    def new_snapshot_id(self, manifest: Manifest, stored: bytes) -> str:
+        stamp = manifest.created_at.strftime(_ID_TIME)
+        return f"{stamp}-{self.hash.digest(stored).hex()}"
+
+    async def put_snapshot(self, manifest: Manifest) -> str:
+        """Store a manifest; return its snapshot id. Its chunks must already be stored."""
+        stored = encode_manifest(manifest)
+        snapshot_id = self.new_snapshot_id(manifest, stored)
+        await self.target.put(snapshot_key(manifest.source, snapshot_id), stored)
+        return snapshot_id
+
+    async def set_latest(self, source: str, snapshot_id: str) -> None:
+        body = {"snapshot": snapshot_id, "updated": format_time(now_utc())}
+        await self.target.put(ref_key(source), json.dumps(body).encode() + b"\n")
+
+    async def publish(self, manifest: Manifest) -> str:
+        """Manifest, then ref: the snapshot becomes the source's latest only once complete."""
+        snapshot_id = await self.put_snapshot(manifest)
+        await self.set_latest(manifest.source, snapshot_id)
+        return snapshot_id
+
+    async def latest(self, source: str) -> str | None:
+        """The snapshot id the source's ref points at, or None if there is no ref."""
+        try:
+            raw = await self.target.get(ref_key(source))
+        except NotFoundError:
+            return None
+        try:
+            doc: Any = json.loads(raw) if len(raw) <= MAX_SMALL_OBJECT else None
+            snapshot_id = doc["snapshot"]
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError):
+            raise RepositoryError("ref is malformed", key=ref_key(source)) from None
+        if not isinstance(snapshot_id, str) or not is_snapshot_id(snapshot_id):
+            raise RepositoryError("ref does not hold a snapshot id", key=ref_key(source))
+        return snapshot_id
+
+    async def list_sources(self) -> list[str]:
+        names: set[str] = set()
+        for prefix in ("refs/", "snapshots/"):
+            async for info in self.target.list(prefix):
+                parts = info.key.split("/")
+                if len(parts) == 3 and NAME_RE.match(parts[1]):
+                    names.add(parts[1])
+        return sorted(names)
+
+    async def list_snapshots(self, source: str) -> list[str]:
+        """Snapshot ids of a source, oldest first."""
+        ids = []
+        async for info in self.target.list(f"snapshots/{source}/"):
+            name = info.key.rsplit("/", 1)[-1]
+            if name.endswith(".json.zst") and is_snapshot_id(name[: -len(".json.zst")]):
+                ids.append(name[: -len(".json.zst")])
+        return sorted(ids)
+
+    async def load_manifest(self, source: str, snapshot_id: str) -> Manifest:
+        """Fetch, authenticate (digest in the id) and parse a manifest."""
+        key = snapshot_key(source, snapshot_id)
+        stored = await self.target.get(key)
+        digest = snapshot_id.rsplit("-", 1)[1]
+        if self.hash.digest(stored).hex() != digest:
+            raise IntegrityError("manifest does not match the digest in its snapshot id", key=key)
+        manifest = parse_manifest(stored, where=key)
+        if manifest.source != source:
+            raise RepositoryError(f"manifest belongs to source {manifest.source!r}", key=key)
+        return manifest
+
+    async def resolve(self, source: str, snapshot: str | None = "latest") -> str:
+        """Turn ``latest``/None or an id (or a unique id prefix) into a snapshot id."""
+        if snapshot in (None, "latest"):
+            latest = await self.latest(source)
+            if latest is None:
+                raise RepositoryError(f"source {source!r} has no snapshot in {self.target.url}")
+            return latest
+        assert snapshot is not None
+        if is_snapshot_id(snapshot):
+            return snapshot
+        matches = [s for s in await self.list_snapshots(source) if s.startswith(snapshot)]
+        if len(matches) != 1:
+            what = "no snapshot" if not matches else f"{len(matches)} snapshots"
+            raise RepositoryError(f"{what} of source {source!r} match {snapshot!r}")
+        return matches[0]
+
+    async def delete_snapshot(self, source: str, snapshot_id: str) -> None:
+        await self.target.delete(snapshot_key(source, snapshot_id))

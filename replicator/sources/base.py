@@ -1,0 +1,50 @@
+"""The source protocol: where the primary's files come from (a POSIX directory or an S3 prefix).
+
+A source lists its files with a change-detection *signature* (POSIX: size, mtime, ctime and
+inode; S3: ETag and size) and opens them for streaming reads inside a worker thread. After a
+read, :meth:`Source.confirm` proves that what was read is the version that was scanned; a file
+that changed meanwhile raises :class:`~replicator.errors.FileChangedError` and is read again
+later, never recorded torn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str
+    """Relative POSIX path below the source root (or prefix)."""
+    size: int
+    mtime_ns: int
+    mode: int
+    signature: str
+    """Changes whenever the content may have changed."""
+
+
+class Source(Protocol):
+    name: str
+    url: str
+
+    async def scan(self) -> list[SourceFile]:
+        """Every selected (include/exclude) regular file, sorted by path. Raises SourceError if
+        the source itself cannot be listed: an unreadable source is not an empty one."""
+        ...
+
+    async def stat(self, path: str) -> SourceFile | None:
+        """The current description of one file, or None if it no longer exists (or is no
+        longer a selected regular file)."""
+        ...
+
+    def open(self, file: SourceFile) -> BinaryIO:
+        """Open for a sequential read (called in a worker thread). Raises SourceError."""
+        ...
+
+    def confirm(self, file: SourceFile, handle: BinaryIO) -> None:
+        """After reading ``handle`` to its end, raise FileChangedError unless the bytes read are
+        exactly the version described by ``file`` (called in the worker thread)."""
+        ...
+
+    async def close(self) -> None: ...

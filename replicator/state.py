@@ -1,0 +1,217 @@
+"""The local state store: a SQLite database (WAL) under ``state_dir``.
+
+It is a cache that makes restarts cheap, never the source of truth about a target:
+
+* ``files``: per source file its signature, digests and chunk lists, so an unchanged file is
+  not read again;
+* ``chunks``: per repository (by its id, not the target name) the chunk ids known to be
+  stored, so deduplication needs no request per chunk. A repository this store has never
+  seen is listed once in full before it is trusted;
+* ``published``: the last snapshot written per repository and source, to skip no-op snapshots.
+
+If the file is lost or corrupt it is set aside and rebuilt from the targets and sources.
+The store is used from the event loop thread only; writes are batched into transactions.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import structlog
+
+from replicator.errors import ConfigError
+from replicator.pipeline import FileRecord
+
+log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    source TEXT NOT NULL, path TEXT NOT NULL, signature TEXT NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL,
+    PRIMARY KEY (source, path)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS file_chunks (
+    source TEXT NOT NULL, path TEXT NOT NULL, hash_key TEXT NOT NULL,
+    digest TEXT NOT NULL, chunks BLOB NOT NULL,
+    PRIMARY KEY (source, path, hash_key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS repos (
+    repo TEXT PRIMARY KEY, target TEXT NOT NULL, listed_at REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks (
+    repo TEXT NOT NULL, id BLOB NOT NULL, PRIMARY KEY (repo, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS published (
+    repo TEXT NOT NULL, source TEXT NOT NULL, snapshot TEXT NOT NULL, content TEXT NOT NULL,
+    published_at REAL NOT NULL, PRIMARY KEY (repo, source)) WITHOUT ROWID;
+"""
+_SIZE = struct.Struct("<I")
+
+
+def _pack(chunks: Iterable[tuple[str, int]]) -> bytes:
+    return b"".join(bytes.fromhex(cid) + _SIZE.pack(size) for cid, size in chunks)
+
+
+def _unpack(blob: bytes, id_len: int) -> tuple[tuple[str, int], ...]:
+    step = id_len + _SIZE.size
+    return tuple(
+        (blob[i : i + id_len].hex(), _SIZE.unpack_from(blob, i + id_len)[0])
+        for i in range(0, len(blob), step)
+    )
+
+
+def _id_len(hash_key: str) -> int:
+    return 32 if hash_key == "blake3" else 16
+
+
+class StateStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = self._connect()
+        self._dirty = 0
+
+    @classmethod
+    def open(cls, state_dir: Path) -> StateStore:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state_dir {state_dir}: cannot create ({exc.strerror})") from None
+        return cls(state_dir / "state.db")
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = self._init(sqlite3.connect(self.path, isolation_level=None))
+        except sqlite3.DatabaseError as exc:
+            # A cache must never stop the daemon: set the damaged file aside and rebuild.
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.warning("state.rebuild", path=str(self.path), error=str(exc), moved_to=str(aside))
+            for suffix in ("", "-wal", "-shm"):
+                p = Path(f"{self.path}{suffix}")
+                if p.exists():
+                    p.rename(f"{aside}{suffix}")
+            db = self._init(sqlite3.connect(self.path, isolation_level=None))
+        return db
+
+    @staticmethod
+    def _init(db: sqlite3.Connection) -> sqlite3.Connection:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+        db.execute("PRAGMA busy_timeout=5000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            log.warning("state.schema_reset", found=version, expected=SCHEMA_VERSION)
+            for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+                db.execute(f'DROP TABLE "{table}"')
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("BEGIN")
+        return db
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.execute("BEGIN")
+        self._dirty = 0
+
+    def _touch(self, n: int = 1) -> None:
+        self._dirty += n
+        if self._dirty >= 5000:
+            self.commit()
+
+    def close(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.close()
+
+    # -- files --------------------------------------------------------------------------------
+
+    def get_file(self, source: str, path: str, signature: str) -> FileRecord | None:
+        """The cached record of a file if its signature still matches."""
+        row = self.db.execute(
+            "SELECT size, mtime_ns, mode FROM files WHERE source=? AND path=? AND signature=?",
+            (source, path, signature),
+        ).fetchone()
+        if row is None:
+            return None
+        digests: dict[str, str] = {}
+        chunks: dict[str, tuple[tuple[str, int], ...]] = {}
+        for key, digest, blob in self.db.execute(
+            "SELECT hash_key, digest, chunks FROM file_chunks WHERE source=? AND path=?", (source, path)
+        ):
+            digests[key] = digest
+            chunks[key] = _unpack(blob, _id_len(key))
+        return FileRecord(path, row[0], row[1], row[2], signature, digests, chunks)
+
+    def put_file(self, source: str, record: FileRecord) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
+            (source, record.path, record.signature, record.size, record.mtime_ns, record.mode),
+        )
+        self.db.execute("DELETE FROM file_chunks WHERE source=? AND path=?", (source, record.path))
+        self.db.executemany(
+            "INSERT INTO file_chunks VALUES (?,?,?,?,?)",
+            [(source, record.path, k, record.digests[k], _pack(v)) for k, v in record.chunks.items()],
+        )
+        self._touch()
+
+    def forget_files_except(self, source: str, keep: set[str]) -> None:
+        """Drop records of files no longer present in the source."""
+        gone = [
+            p for (p,) in self.db.execute("SELECT path FROM files WHERE source=?", (source,)) if p not in keep
+        ]
+        for p in gone:
+            self.db.execute("DELETE FROM files WHERE source=? AND path=?", (source, p))
+            self.db.execute("DELETE FROM file_chunks WHERE source=? AND path=?", (source, p))
+        self._touch(len(gone))
+
+    # -- chunk presence -----------------------------------------------------------------------
+
+    def repo_listed(self, repo: str) -> bool:
+        return self.db.execute("SELECT 1 FROM repos WHERE repo=?", (repo,)).fetchone() is not None
+
+    def mark_repo_listed(self, repo: str, target: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO repos VALUES (?,?,?)", (repo, target, time.time()))
+        self.commit()
+
+    def forget_repo(self, repo: str) -> None:
+        self.db.execute("DELETE FROM repos WHERE repo=?", (repo,))
+        self.db.execute("DELETE FROM chunks WHERE repo=?", (repo,))
+        self.db.execute("DELETE FROM published WHERE repo=?", (repo,))
+        self.commit()
+
+    def has_chunk(self, repo: str, chunk_id: str) -> bool:
+        return (
+            self.db.execute(
+                "SELECT 1 FROM chunks WHERE repo=? AND id=?", (repo, bytes.fromhex(chunk_id))
+            ).fetchone()
+            is not None
+        )
+
+    def add_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
+        rows = [(repo, bytes.fromhex(c)) for c in chunk_ids]
+        self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?,?)", rows)
+        self._touch(len(rows))
+
+    def forget_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
+        self.db.executemany(
+            "DELETE FROM chunks WHERE repo=? AND id=?", [(repo, bytes.fromhex(c)) for c in chunk_ids]
+        )
+        self.commit()
+
+    def count_chunks(self, repo: str) -> int:
+        return int(self.db.execute("SELECT count(*) FROM chunks WHERE repo=?", (repo,)).fetchone()[0])
+
+    # -- published snapshots ------------------------------------------------------------------
+
+    def get_published(self, repo: str, source: str) -> tuple[str, str] | None:
+        row = self.db.execute(
+            "SELECT snapshot, content FROM published WHERE repo=? AND source=?", (repo, source)
+        )
+        found = row.fetchone()
+        return (found[0], found[1]) if found else None
+
+    def set_published(self, repo: str, source: str, snapshot: str, content: str) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO published VALUES (?,?,?,?,?)",
+            (repo, source, snapshot, content, time.time()),
+        )
+        self.commit()

@@ -1,0 +1,59 @@
+"""Storage targets: the protocol (:mod:`.base`), the backends (:mod:`.posix`, :mod:`.s3`) and the
+one place where cross-cutting wrappers are stacked (:func:`open_target`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from replicator.config import TargetConfig
+from replicator.errors import ConfigError
+from replicator.s3 import S3Settings, is_s3_url, parse_s3_url
+from replicator.targets.base import ObjectInfo, Target, check_key
+from replicator.targets.posix import PosixTarget
+from replicator.targets.s3 import S3Target
+from replicator.targets.wrappers import LimitedTarget, RetryingTarget, RetryPolicy, TargetWrapper, unwrap
+
+__all__ = [
+    "LimitedTarget",
+    "ObjectInfo",
+    "PosixTarget",
+    "RetryPolicy",
+    "RetryingTarget",
+    "S3Target",
+    "Target",
+    "TargetWrapper",
+    "check_key",
+    "open_backend",
+    "open_target",
+    "unwrap",
+]
+
+
+async def open_backend(cfg: TargetConfig) -> Target:
+    """The bare backend for ``cfg.url``, connected (S3: bucket checked)."""
+    if is_s3_url(cfg.url):
+        try:
+            location = parse_s3_url(cfg.url)
+        except ValueError as exc:
+            raise ConfigError(f"target {cfg.name}: {exc}") from None
+        settings = S3Settings.from_config(cfg, max_connections=cfg.concurrency + 4)
+        return await S3Target.open(cfg.name, location, settings, cfg.checksum)
+    if "://" in cfg.url and not cfg.url.startswith("file://"):
+        raise ConfigError(
+            f"target {cfg.name}: unsupported url {cfg.url!r} (use a directory or s3://bucket/prefix)"
+        )
+    return PosixTarget(cfg.name, Path(cfg.url.removeprefix("file://")))
+
+
+async def open_target(cfg: TargetConfig, *, retry_forever: bool = False) -> Target:
+    """The full stack for one configured target: retry -> limits -> backend.
+
+    ``retry_forever`` is for the daemon; one-shot commands give up after
+    ``retry.give_up_after``."""
+    backend = await open_backend(cfg)
+    policy = RetryPolicy(
+        initial=cfg.retry.initial,
+        max=cfg.retry.max,
+        give_up_after=None if retry_forever else cfg.retry.give_up_after,
+    )
+    return RetryingTarget(LimitedTarget(backend, cfg.concurrency), policy)

@@ -1,0 +1,150 @@
+"""A target in an S3-compatible bucket (AWS S3, GCS's XML API, R2, MinIO, Ceph, rclone...).
+
+Every PUT carries an integrity checksum the server verifies before it stores anything:
+Content-MD5 by default (understood by every S3 implementation), or an x-amz-checksum-*
+header. A PUT is atomic on S3, so partial objects are never visible.
+
+HEAD answers carry no error code, so to ``stat`` a missing bucket looks like a missing key;
+the repository therefore always starts with a GET of its config object, which does tell
+(NoSuchBucket is a permanent error).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+
+from replicator.errors import AlreadyExistsError, NotFoundError, PermanentTargetError, TransientTargetError
+from replicator.s3 import SDK_ERRORS, S3Location, S3Settings, convert_error
+from replicator.targets.base import ObjectInfo, check_key
+
+_CHECKSUM_ALGORITHMS = {"crc32": "CRC32", "crc32c": "CRC32C", "sha1": "SHA1", "sha256": "SHA256"}
+
+
+class S3Target:
+    def __init__(self, name: str, location: S3Location, settings: S3Settings, checksum: str = "md5") -> None:
+        self.name = name
+        self.location = location
+        self.url = location.url
+        self.settings = settings
+        self.checksum = checksum
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    @classmethod
+    async def open(
+        cls, name: str, location: S3Location, settings: S3Settings, checksum: str = "md5"
+    ) -> S3Target:
+        self = cls(name, location, settings, checksum)
+        session = AioSession(profile=settings.profile) if settings.profile else AioSession()
+        try:
+            self._client = await self._stack.enter_async_context(
+                session.create_client(
+                    "s3", config=AioConfig(**settings.config_kwargs()), **settings.client_kwargs()
+                )
+            )
+        except SDK_ERRORS as exc:
+            raise convert_error(exc, target=name, operation="connect", key=location.url) from exc
+        return self
+
+    def _key(self, key: str) -> str:
+        return self.location.prefix + check_key(key)
+
+    def _fail(self, exc: BaseException, operation: str, key: str) -> Exception:
+        return convert_error(exc, target=self.name, operation=operation, key=key)
+
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        args: dict[str, Any] = {"Bucket": self.location.bucket, "Key": self._key(key), "Body": data}
+        if self.checksum == "md5":
+            args["ContentMD5"] = base64.b64encode(hashlib.md5(data).digest()).decode()
+        else:
+            args["ChecksumAlgorithm"] = _CHECKSUM_ALGORITHMS[self.checksum]
+        if if_absent:
+            args["IfNoneMatch"] = "*"
+        try:
+            await self._client.put_object(**args)
+        except SDK_ERRORS as exc:
+            err = self._fail(exc, "put", key)
+            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if if_absent and status == 412:
+                raise AlreadyExistsError("object exists", target=self.name, operation="put", key=key) from exc
+            if if_absent and status == 501:
+                # The server does not implement conditional writes: degrade as documented.
+                if await self.stat(key) is not None:
+                    raise AlreadyExistsError(
+                        "object exists", target=self.name, operation="put", key=key
+                    ) from exc
+                return await self.put(key, data)
+            raise err from exc
+        return None
+
+    async def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        args: dict[str, Any] = {"Bucket": self.location.bucket, "Key": self._key(key)}
+        if length == 0:
+            return b""
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            args["Range"] = f"bytes={offset}-{end}"
+        try:
+            resp = await self._client.get_object(**args)
+            async with resp["Body"] as body:
+                data: bytes = await body.read()
+        except SDK_ERRORS as exc:
+            raise self._fail(exc, "get", key) from exc
+        expected = resp.get("ContentLength")
+        if expected is not None and len(data) != expected:
+            raise TransientTargetError(
+                f"short read: {len(data)} of {expected} bytes", target=self.name, operation="get", key=key
+            )
+        return data
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            resp = await self._client.head_object(Bucket=self.location.bucket, Key=self._key(key))
+        except SDK_ERRORS as exc:
+            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                return None
+            raise self._fail(exc, "stat", key) from exc
+        return ObjectInfo(key, int(resp["ContentLength"]))
+
+    async def list(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
+        strip = len(self.location.prefix)
+        args: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": self.location.prefix + prefix}
+        if start_after is not None:
+            args["StartAfter"] = self.location.prefix + start_after
+        while True:
+            try:
+                page = await self._client.list_objects_v2(**args)
+            except SDK_ERRORS as exc:
+                raise self._fail(exc, "list", prefix) from exc
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]))
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+            if not token:
+                raise PermanentTargetError(
+                    "truncated listing without a continuation token",
+                    target=self.name,
+                    operation="list",
+                    key=prefix,
+                )
+            args["ContinuationToken"] = token
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self._client.delete_object(Bucket=self.location.bucket, Key=self._key(key))
+        except SDK_ERRORS as exc:
+            err = self._fail(exc, "delete", key)
+            if not isinstance(err, NotFoundError):
+                raise err from exc
+
+    async def close(self) -> None:
+        await self._stack.aclose()

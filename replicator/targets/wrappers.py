@@ -1,0 +1,168 @@
+"""Cross-cutting concerns as Target wrappers, stacked in one place (:func:`replicator.targets.open_target`):
+
+    RetryingTarget -> LimitedTarget -> backend
+
+Retry is outermost so that a request waiting out its backoff holds no concurrency slot.
+Each wrapper is a Target itself, can be tested alone, and is reachable with :func:`unwrap`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+
+from replicator.errors import TransientTargetError
+from replicator.targets.base import ObjectInfo, Target
+
+T = TypeVar("T")
+W = TypeVar("W")
+log = structlog.get_logger(__name__)
+
+
+class TargetWrapper:
+    """Delegates every operation to ``inner``; subclasses override what they change."""
+
+    def __init__(self, inner: Target) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.url = inner.url
+
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        await self.inner.put(key, data, if_absent=if_absent)
+
+    async def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        return await self.inner.get(key, offset=offset, length=length)
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        return await self.inner.stat(key)
+
+    def list(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
+        return self.inner.list(prefix, start_after=start_after)
+
+    async def delete(self, key: str) -> None:
+        await self.inner.delete(key)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def unwrap(target: Target, kind: type[W]) -> W | None:
+    """Return the first layer of type ``kind`` in a wrapper stack, or None."""
+    layer: object = target
+    while True:
+        if isinstance(layer, kind):
+            return layer
+        if not isinstance(layer, TargetWrapper):
+            return None
+        layer = layer.inner
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with full jitter (AWS Architecture Blog, "Exponential Backoff
+    And Jitter", 2015). ``give_up_after=None`` retries forever: the daemon outlives outages."""
+
+    initial: float = 0.5
+    max: float = 30.0
+    give_up_after: float | None = 300.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max, self.initial * 2 ** min(attempt, 30)))
+
+
+class RetryingTarget(TargetWrapper):
+    """Retries transient errors; permanent ones and NotFound pass straight through.
+
+    ``failing_since`` (monotonic seconds) is set while the target keeps failing and cleared by
+    the next success, so schedulers can tell a dead target from a slow one."""
+
+    def __init__(self, inner: Target, policy: RetryPolicy) -> None:
+        super().__init__(inner)
+        self.policy = policy
+        self.failing_since: float | None = None
+        self.last_error: TransientTargetError | None = None
+
+    async def _wait_before_retry(self, exc: TransientTargetError, started: float, attempt: int) -> None:
+        """Sleep before attempt ``attempt + 1``, or re-raise ``exc`` once the budget is spent."""
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        self.last_error = exc
+        delay = self.policy.delay(attempt)
+        limit = self.policy.give_up_after
+        if limit is not None and now - started + delay > limit:
+            raise exc
+        log.warning(
+            "target.retry", target=self.name, error=str(exc), attempt=attempt + 1, delay=round(delay, 2)
+        )
+        await asyncio.sleep(delay)
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                result = await fn()
+            except TransientTargetError as exc:
+                await self._wait_before_retry(exc, started, attempt)
+                attempt += 1
+                continue
+            self.failing_since = None
+            return result
+
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        await self._call(lambda: self.inner.put(key, data, if_absent=if_absent))
+
+    async def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        return await self._call(lambda: self.inner.get(key, offset=offset, length=length))
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        return await self._call(lambda: self.inner.stat(key))
+
+    async def delete(self, key: str) -> None:
+        await self._call(lambda: self.inner.delete(key))
+
+    async def list(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
+        # A failed listing restarts after the last key handed out: never repeats, never skips.
+        last, started, attempt = start_after, time.monotonic(), 0
+        while True:
+            try:
+                async for item in self.inner.list(prefix, start_after=last):
+                    last = item.key
+                    yield item
+            except TransientTargetError as exc:
+                await self._wait_before_retry(exc, started, attempt)
+                attempt += 1
+                continue
+            self.failing_since = None
+            return
+
+
+class LimitedTarget(TargetWrapper):
+    """Caps concurrent requests (listing is not counted: it is sequential by nature)."""
+
+    def __init__(self, inner: Target, concurrency: int) -> None:
+        super().__init__(inner)
+        self.concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        async with self._slots:
+            await self.inner.put(key, data, if_absent=if_absent)
+
+    async def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        async with self._slots:
+            return await self.inner.get(key, offset=offset, length=length)
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        async with self._slots:
+            return await self.inner.stat(key)
+
+    async def delete(self, key: str) -> None:
+        async with self._slots:
+            await self.inner.delete(key)
