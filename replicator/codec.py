@@ -96,6 +96,10 @@ class ChunkEncoder:
         size = len(plain.compress(sample))
         if size < best:
             best_width, best = 1, size
+        if size < len(sample) // 2:
+            # Highly compressible (text, zeros, repeated records): plain zstd's long matches win,
+            # and float tensors never get here (their plain ratio is ~1.1-1.3x).
+            return best_width
         for w in self.widths:
             size = sum(len(entropy.compress(s)) for s in split_streams(sample, w))
             if size < best * _MIN_GAIN:  # grouping must clearly beat plain zstd

@@ -39,9 +39,18 @@ class ByteBudget:
         self.used = 0
         self._cond = asyncio.Condition()
 
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.limit
+
+    def try_acquire(self, n: int) -> bool:
+        if self._fits(n):
+            self.used += n
+            return True
+        return False
+
     async def acquire(self, n: int) -> None:
         async with self._cond:
-            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            await self._cond.wait_for(lambda: self._fits(n))
             self.used += n
 
     def release(self, n: int) -> None:
@@ -184,7 +193,13 @@ class ChunkPipeline:
                 data = await loop.run_in_executor(self._io, next_chunk)
                 if data is None:
                     break
-                await self.budget.acquire(len(data))
+                # Hand finished chunks on before waiting for memory: the window itself may be
+                # what fills the budget, and only consumers downstream can free it.
+                while not self.budget.try_acquire(len(data)):
+                    if not window:
+                        await self.budget.acquire(len(data))
+                        break
+                    await emit()
                 lease = Lease(self.budget, len(data))
                 window.append((loop.run_in_executor(self._cpu, self._encode, data), lease, len(data)))
                 del data

@@ -1,0 +1,54 @@
+"""Test data and small utilities shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from replicator.demo import bf16, write_safetensors
+
+
+def make_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    shards: int = 2,
+    hidden: int = 256,
+    seed: int | None = None,
+    marker: str | None = "COMPLETE",
+) -> Path:
+    """A checkpoint set like a sharded trainer writes: safetensors shards, a JSON state, a marker."""
+    rng = np.random.default_rng(step if seed is None else seed)
+    d = root / f"step-{step:06d}"
+    d.mkdir(parents=True, exist_ok=True)
+    for rank in range(shards):
+        tensors = {f"layer.{i}.weight": bf16(rng, (hidden, hidden)) for i in range(4)}
+        write_safetensors(d / f"model-{rank:05d}-of-{shards:05d}.safetensors", tensors)
+    (d / "trainer_state.json").write_text(f'{{"step": {step}}}')
+    if marker:
+        (d / marker).write_text("")
+    return d
+
+
+def tree_digest(root: Path) -> dict[str, tuple[str, int, int]]:
+    """path -> (sha256, mode bits, mtime_ns) for every regular file below ``root``."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for fn in files:
+            p = Path(dirpath) / fn
+            st = p.stat()
+            rel = str(p.relative_to(root))
+            out[rel] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mode & 0o777, st.st_mtime_ns)
+    return out
+
+
+def config_dict(
+    tmp_path: Path, sources: list[dict[str, Any]], targets: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    fast_retry = {"initial": "50ms", "max": "200ms", "give_up_after": "2s"}
+    targets = [{"retry": fast_retry, **t} for t in targets]
+    return {"state_dir": str(tmp_path / "state"), "sources": sources, "targets": targets, **extra}

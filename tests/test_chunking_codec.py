@@ -1,0 +1,115 @@
+"""Chunking and the chunk codec."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+import zstandard
+
+from replicator.chunking import iter_chunks
+from replicator.codec import GROUPED, MAX_CHUNK_SIZE, RAW, ZSTD, ChunkEncoder, decode
+from replicator.config import ChunkingConfig
+from replicator.demo import bf16
+from replicator.errors import IntegrityError
+
+SMALL = ChunkingConfig(min_size=4096, avg_size=16384, max_size=65536)
+
+
+def test_chunks_reassemble_and_respect_bounds() -> None:
+    data = os.urandom(2 << 20)
+    chunks = list(iter_chunks(io.BytesIO(data), SMALL))
+    assert b"".join(chunks) == data
+    assert all(len(c) <= SMALL.max_size for c in chunks)
+    assert all(len(c) >= SMALL.min_size for c in chunks[:-1])
+
+
+def test_boundaries_are_content_defined() -> None:
+    """An insertion near the start changes only the chunks around it (the point of CDC)."""
+    data = os.urandom(4 << 20)
+    before = set(iter_chunks(io.BytesIO(data), SMALL))
+    after = list(iter_chunks(io.BytesIO(data[:1000] + b"inserted!" + data[1000:]), SMALL))
+    shared = sum(1 for c in after if c in before)
+    assert shared >= len(after) - 3
+
+
+def test_chunking_is_deterministic_across_read_sizes() -> None:
+    data = os.urandom(1 << 20)
+
+    class Trickle(io.RawIOBase):
+        """Returns short reads, as pipes and network streams do."""
+
+        def __init__(self) -> None:
+            self.buf = io.BytesIO(data)
+
+        def readinto(self, b: memoryview) -> int:  # type: ignore[override]
+            chunk = self.buf.read(min(len(b), 777))
+            b[: len(chunk)] = chunk
+            return len(chunk)
+
+    assert list(iter_chunks(Trickle(), SMALL)) == list(iter_chunks(io.BytesIO(data), SMALL))
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "codec"),
+    [
+        ("bf16", lambda: bf16(np.random.default_rng(1), (1 << 20,)).tobytes(), GROUPED),
+        ("text", lambda: b"".join(b"line %d of a log file\n" % i for i in range(100000)), ZSTD),
+        ("random", lambda: os.urandom(1 << 20), RAW),
+        ("zeros", lambda: bytes(1 << 20), ZSTD),
+        ("tiny", lambda: b"abc", RAW),
+        ("odd-length bf16", lambda: bf16(np.random.default_rng(2), (300001,)).tobytes()[1:], GROUPED),
+    ],
+)
+def test_codec_roundtrip_and_choice(name: str, make: object, codec: int) -> None:
+    data = make()  # type: ignore[operator]
+    stored = ChunkEncoder(level=3).encode(data)
+    assert stored[0] == codec, name
+    assert decode(stored) == data
+    assert len(stored) <= len(data) + 1
+
+
+def test_bf16_grouping_beats_plain_zstd() -> None:
+    data = bf16(np.random.default_rng(3), (2 << 20,)).tobytes()
+    grouped = len(ChunkEncoder(level=3).encode(data))
+    plain = len(ChunkEncoder(level=3, float_grouping=False).encode(data))
+    assert grouped < 0.9 * plain
+
+
+def test_float_grouping_can_be_disabled() -> None:
+    data = bf16(np.random.default_rng(4), (1 << 20,)).tobytes()
+    assert ChunkEncoder(float_grouping=False).encode(data)[0] in (RAW, ZSTD)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        b"",
+        b"\x07abc",
+        bytes([ZSTD]) + b"not a zstd frame",
+        bytes([GROUPED, 1]),
+        bytes([GROUPED, 2, 0, 5, 0, 0, 0]) + b"ab",
+        bytes([GROUPED, 2, 5, 1, 0, 0, 0]) + b"a" + bytes([0, 1, 0, 0, 0]) + b"b",  # unknown stream codec
+        bytes([GROUPED, 2, 0, 1, 0, 0, 0]) + b"a" + bytes([0, 1, 0, 0, 0]) + b"b" + b"trailing",
+        bytes([GROUPED, 2, 0, 3, 0, 0, 0]) + b"abc" + bytes([0, 1, 0, 0, 0]) + b"x",  # inconsistent lengths
+    ],
+)
+def test_decode_rejects_malformed(stored: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        decode(stored)
+
+
+def test_decode_bounds_decompression_bombs() -> None:
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(MAX_CHUNK_SIZE + 1))
+    with pytest.raises(IntegrityError, match="more than"):
+        decode(bytes([ZSTD]) + no_size)
+    with_size = zstandard.ZstdCompressor().compress(bytes(MAX_CHUNK_SIZE + 1))
+    with pytest.raises(IntegrityError, match="declares"):
+        decode(bytes([ZSTD]) + with_size)
+
+
+def test_encoder_refuses_oversized_chunks() -> None:
+    with pytest.raises(ValueError):
+        ChunkEncoder().encode(bytes(MAX_CHUNK_SIZE + 1))

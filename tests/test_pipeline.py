@@ -1,0 +1,158 @@
+"""The read pipeline: torn reads are never recorded, memory stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pytest
+
+from replicator import sync as sync_module
+from replicator.config import ChunkingConfig, CompressionConfig, Config
+from replicator.demo import bf16
+from replicator.globs import PathFilter
+from replicator.hashing import HashSpec
+from replicator.pipeline import ChunkPipeline, EncodedChunk
+from replicator.repository import Repository
+from replicator.restore import restore_snapshot
+from replicator.sources import PosixSource, SourceFile
+from replicator.state import StateStore
+from replicator.sync import READ_ATTEMPTS, run_sync
+from replicator.targets import PosixTarget
+from tests.conftest import write_config
+from tests.helpers import config_dict, tree_digest
+
+
+class WriterDuringRead(PosixSource):
+    """A real concurrent writer: appends to a file while replicator is reading it, the first
+    ``times`` times it is opened."""
+
+    def __init__(self, root: Path, victim: str, times: int) -> None:
+        super().__init__("d", root, PathFilter())
+        self.victim, self.times, self.opens = victim, times, 0
+
+    def open(self, file: SourceFile) -> BinaryIO:
+        handle = super().open(file)
+        if file.path == self.victim:
+            self.opens += 1
+            if self.opens <= self.times:
+                with open(self.root / file.path, "ab") as f:
+                    f.write(b"more bytes from the trainer\n")
+        return handle
+
+
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: int) -> tuple[Config, WriterDuringRead]:
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    primary.mkdir()
+    target.mkdir()
+    (primary / "stable.bin").write_bytes(os.urandom(300_000))
+    (primary / "growing.log").write_bytes(os.urandom(2_000_000))
+    source = WriterDuringRead(primary, "growing.log", times)
+    monkeypatch.setattr(sync_module, "open_source", lambda cfg: source)
+    config = Config.model_validate(
+        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}])
+    )
+    return config, source
+
+
+def restore_latest(config: Config, dest: Path) -> None:
+    async def go() -> None:
+        repo = await Repository.open(PosixTarget("t", config.targets[0].url))
+        manifest = await repo.load_manifest("d", await repo.resolve("d"))
+        assert (await restore_snapshot(repo, manifest, dest)).ok
+
+    asyncio.run(go())
+
+
+def test_file_changed_while_read_is_reread_not_recorded_torn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, source = setup(tmp_path, monkeypatch, times=1)
+    results, _ = asyncio.run(run_sync(config))
+    assert results[0].ok and results[0].files == 2
+    assert source.opens == 2  # read, noticed the change, read again
+    restore_latest(config, tmp_path / "dest")
+    assert tree_digest(tmp_path / "dest") == tree_digest(tmp_path / "primary")
+
+
+def test_file_that_keeps_changing_is_skipped_never_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, source = setup(tmp_path, monkeypatch, times=100)
+    results, _ = asyncio.run(run_sync(config))
+    assert source.opens == READ_ATTEMPTS
+    assert not results[0].ok and "kept changing" in results[0].skipped["growing.log"]
+    assert results[0].files == 1
+    state = StateStore.open(config.state_dir)
+    assert state.get_file("d", "growing.log", "any") is None
+    assert not state.db.execute("SELECT 1 FROM files WHERE path='growing.log'").fetchall()
+    state.close()
+    restore_latest(config, tmp_path / "dest")
+    assert sorted(os.listdir(tmp_path / "dest")) == ["stable.bin"]
+
+
+def test_pipeline_respects_its_memory_budget(tmp_path: Path) -> None:
+    (tmp_path / "big.bin").write_bytes(os.urandom(24 << 20))
+    source = PosixSource("d", tmp_path, PathFilter())
+    budget = 3 << 20
+    peak = 0
+
+    async def go() -> None:
+        nonlocal peak
+        pipe = ChunkPipeline(
+            ChunkingConfig(min_size=256 << 10, avg_size=512 << 10, max_size=1 << 20),
+            CompressionConfig(),
+            [HashSpec("xxh3-128", 1), HashSpec("blake3")],
+            memory_budget=budget,
+        )
+        held: list[EncodedChunk] = []
+
+        async def slow_sink(chunk: EncodedChunk) -> None:
+            nonlocal peak
+            chunk.lease.retain()  # a slow consumer keeps the chunk for a while
+            held.append(chunk)
+            peak = max(peak, pipe.budget.used)
+            await asyncio.sleep(0.01)
+            if len(held) > 2:
+                held.pop(0).lease.release()
+
+        (file,) = await source.scan()
+        record = await pipe.read_file(source, file, slow_sink)
+        assert sum(s for _, s in record.chunks["blake3"]) == 24 << 20
+        for c in held:
+            c.lease.release()
+        await asyncio.sleep(0)
+        assert pipe.budget.used == 0
+        pipe.close()
+
+    asyncio.run(go())
+    assert 0 < peak <= budget
+
+
+def test_peak_rss_stays_bounded_for_a_large_file(tmp_path: Path) -> None:
+    """The issue's bound: peak RSS < 512 MiB whatever the file size (here 1 GiB of bf16)."""
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    primary.mkdir()
+    target.mkdir()
+    rng = np.random.default_rng(0)
+    with open(primary / "huge.safetensors", "wb") as f:
+        for _ in range(16):
+            f.write(bf16(rng, (32 << 20,)).tobytes())  # 64 MiB at a time
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "replicator", "sync", "-c", str(cfg), "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read() if proc.stderr else ""
+    peak_mib = usage.ru_maxrss / 1024
+    assert peak_mib < 512, f"peak RSS {peak_mib:.0f} MiB"

@@ -1,0 +1,245 @@
+"""End to end through the CLI: sync, snapshots, restore --repo and verify, on every target kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TargetSpec, cli, make_target_spec, write_config
+from tests.helpers import config_dict, make_checkpoint, tree_digest
+
+
+def repo_args(spec: TargetSpec) -> list[str]:
+    args = ["--repo", spec.config["url"]]
+    if spec.server is not None:
+        args += ["--endpoint-url", spec.server.endpoint]
+    return args
+
+
+def test_sync_then_restore_from_repo_url_is_byte_identical(tmp_path: Path, target_spec: TargetSpec) -> None:
+    primary = tmp_path / "primary"
+    make_checkpoint(primary, 100)
+    make_checkpoint(primary, 200)
+    (primary / "step-000200" / "model-00000-of-00002.safetensors").chmod(0o600)
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        config_dict(
+            tmp_path,
+            [
+                {
+                    "name": "ckpt",
+                    "url": str(primary),
+                    "kind": "checkpoint",
+                    "complete_when": {"marker": "COMPLETE"},
+                }
+            ],
+            [target_spec.config],
+        ),
+    )
+
+    res = cli("sync", "--config", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert "ckpt: 8 files" in res.stdout and "published" in res.stdout
+
+    snaps = cli("snapshots", *repo_args(target_spec), "--json")
+    assert snaps.returncode == 0, snaps.stderr
+    rows = json.loads(snaps.stdout)
+    assert [r["sets"] for r in rows] == [["step-000100", "step-000200"]] and rows[0]["latest"]
+
+    dest = tmp_path / "restored"
+    res = cli("restore", *repo_args(target_spec), "--source", "ckpt", str(dest))
+    assert res.returncode == 0, res.stderr
+    assert tree_digest(dest) == tree_digest(primary)  # content, mode and mtime
+
+    # A second sync of an unchanged source reads nothing and publishes nothing new.
+    again = cli("sync", "--config", str(cfg), "--json")
+    assert again.returncode == 0
+    result = json.loads(again.stdout)["sources"][0]
+    assert result["files_read"] == 0 and result["targets"][0]["status"] == "unchanged"
+
+
+def test_restore_include_and_snapshot_selection(tmp_path: Path) -> None:
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    target.mkdir()
+    make_checkpoint(primary, 1)
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        config_dict(
+            tmp_path,
+            [
+                {
+                    "name": "ckpt",
+                    "url": str(primary),
+                    "kind": "checkpoint",
+                    "complete_when": {"marker": "COMPLETE"},
+                }
+            ],
+            [{"name": "t", "url": str(target)}],
+        ),
+    )
+    assert cli("sync", "-c", str(cfg)).returncode == 0
+    first = json.loads(cli("snapshots", "--repo", str(target), "--json").stdout)[0]["snapshot"]
+    make_checkpoint(primary, 2)
+    assert cli("sync", "-c", str(cfg)).returncode == 0
+
+    dest = tmp_path / "only-json"
+    res = cli("restore", "-c", str(cfg), "--source", "ckpt", "--include", "*.json", str(dest))
+    assert res.returncode == 0, res.stderr
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
+        "step-000001/trainer_state.json",
+        "step-000002/trainer_state.json",
+    ]
+
+    old = tmp_path / "old"
+    assert cli("restore", "-c", str(cfg), "-s", "ckpt", "--snapshot", first[:20], str(old)).returncode == 0
+    assert sorted(p.name for p in old.iterdir()) == ["step-000001"]
+
+
+def test_incomplete_checkpoint_sets_are_never_published(tmp_path: Path) -> None:
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    target.mkdir()
+    make_checkpoint(primary, 1)
+    make_checkpoint(primary, 2, marker=None)  # still being written
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        config_dict(
+            tmp_path,
+            [
+                {
+                    "name": "ckpt",
+                    "url": str(primary),
+                    "kind": "checkpoint",
+                    "complete_when": {"marker": "COMPLETE"},
+                }
+            ],
+            [{"name": "t", "url": str(target)}],
+        ),
+    )
+    res = cli("sync", "-c", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert "held back step-000002: no COMPLETE marker" in res.stdout
+    rows = json.loads(cli("snapshots", "--repo", str(target), "--json").stdout)
+    assert rows[0]["sets"] == ["step-000001"] and rows[0]["files"] == 4
+
+
+def test_dedup_across_sources_and_snapshots(tmp_path: Path) -> None:
+    a, b, target = tmp_path / "a", tmp_path / "b", tmp_path / "target"
+    target.mkdir()
+    make_checkpoint(a, 7)
+    make_checkpoint(b, 7)  # same content under another source
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        config_dict(
+            tmp_path,
+            [{"name": "a", "url": str(a)}, {"name": "b", "url": str(b)}],
+            [{"name": "t", "url": str(target)}],
+        ),
+    )
+    res = cli("sync", "-c", str(cfg), "--json")
+    assert res.returncode == 0, res.stderr
+    first, second = json.loads(res.stdout)["sources"]
+    assert first["targets"][0]["uploads"]["bytes_sent"] > 0
+    assert second["bytes_read"] == first["bytes_read"] > 0
+    assert second["targets"][0]["uploads"]["chunks_sent"] == 0
+    assert second["targets"][0]["uploads"]["bytes_dedup"] == second["bytes_read"]
+
+
+def test_state_loss_rebuilds_from_target_without_resending(tmp_path: Path) -> None:
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    target.mkdir()
+    make_checkpoint(primary, 3)
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
+    )
+    assert cli("sync", "-c", str(cfg)).returncode == 0
+    for p in (tmp_path / "state").iterdir():
+        p.unlink()
+    res = cli("sync", "-c", str(cfg), "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)["sources"][0]
+    assert out["files_read"] == 4  # the file cache is gone, so files are read again...
+    assert out["targets"][0]["uploads"]["chunks_sent"] == 0  # ...but no chunk is sent twice
+
+
+def test_two_targets_one_unreachable(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    primary = tmp_path / "primary"
+    make_checkpoint(primary, 5)
+    good = make_target_spec(request, "rclone", tmp_path, "good")
+    dead = {"name": "dead", "url": "s3://bucket/x", "endpoint_url": "http://127.0.0.1:9"}
+    cfg = write_config(
+        tmp_path / "r.yaml", config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [good.config, dead])
+    )
+    res = cli("sync", "-c", str(cfg))
+    assert res.returncode == 1
+    assert "-> good: published" in res.stdout
+    assert "-> dead: FAILED" in res.stdout and "cannot connect" in res.stdout
+
+
+def test_verify_read_data_names_a_flipped_chunk(tmp_path: Path) -> None:
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    target.mkdir()
+    make_checkpoint(primary, 9)
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
+    )
+    assert cli("sync", "-c", str(cfg)).returncode == 0
+    assert cli("verify", "--repo", str(target), "--read-data").returncode == 0
+
+    chunk = max((p for p in (target / "chunks").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    res = cli("verify", "--repo", str(target), "--read-data")
+    assert res.returncode == 1
+    assert f"BAD {chunk.relative_to(target)}" in res.stdout
+    assert cli("verify", "--repo", str(target)).returncode == 0  # structure alone cannot see it
+    js = json.loads(cli("verify", "--repo", str(target), "--read-data", "--json").stdout)
+    assert [p["key"] for p in js[0]["problems"]] == [str(chunk.relative_to(target))]
+
+
+def test_corrupt_chunk_fails_restore_loudly_without_writing_wrong_bytes(tmp_path: Path) -> None:
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    target.mkdir()
+    make_checkpoint(primary, 4)
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
+    )
+    assert cli("sync", "-c", str(cfg)).returncode == 0
+    chunks = sorted(p for p in (target / "chunks").rglob("*") if p.is_file() and p.stat().st_size > 1000)
+    victim = chunks[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+
+    dest = tmp_path / "dest"
+    res = cli("restore", "--repo", str(target), "--source", "d", str(dest))
+    assert res.returncode == 1
+    assert victim.name in res.stderr
+    restored = tree_digest(dest)
+    original = tree_digest(primary)
+    assert restored, "files with intact chunks are still restored"
+    for path, digest in restored.items():
+        assert digest == original[path], f"{path} was written with wrong bytes"
+    assert len(restored) < len(original)
+    assert not list(dest.rglob(".*restore-*")), "temporary files are cleaned up"
+
+
+def test_unreadable_file_is_skipped_and_reported(tmp_path: Path) -> None:
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    target.mkdir()
+    make_checkpoint(primary, 6)
+    (primary / "step-000006" / "trainer_state.json").chmod(0o000)
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
+    )
+    res = cli("sync", "-c", str(cfg), "--json", as_unprivileged=True)
+    assert res.returncode == 1, res.stderr
+    out = json.loads(res.stdout)["sources"][0]
+    assert "Permission denied" in out["skipped"]["step-000006/trainer_state.json"]
+    assert out["files"] == 3 and out["targets"][0]["status"] == "published"
