@@ -9,7 +9,7 @@ cut, so memory per file being read is bounded by ~3 x ``max_size``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal, Protocol
+from typing import BinaryIO, Literal
 
 from pyfastcdc import FastCDC
 
@@ -19,11 +19,7 @@ NORMALIZED_CHUNKING: Literal[1] = 1
 """FastCDC's NC level (paper section 3.5); recorded in each repository's config."""
 
 
-class Readable(Protocol):
-    def readinto(self, buffer: memoryview, /) -> int | None: ...
-
-
-def iter_chunks(stream: Readable, params: ChunkingConfig) -> Iterator[bytes]:
+def iter_chunks(stream: BinaryIO, params: ChunkingConfig) -> Iterator[bytes]:
     """Yield the chunks of ``stream`` in order, each as an independent ``bytes`` object."""
     cdc = FastCDC(
         params.avg_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from typing import BinaryIO, cast
 
 import numpy as np
 import pytest
@@ -49,7 +50,8 @@ def test_chunking_is_deterministic_across_read_sizes() -> None:
             b[: len(chunk)] = chunk
             return len(chunk)
 
-    assert list(iter_chunks(Trickle(), SMALL)) == list(iter_chunks(io.BytesIO(data), SMALL))
+    trickle = cast(BinaryIO, Trickle())
+    assert list(iter_chunks(trickle, SMALL)) == list(iter_chunks(io.BytesIO(data), SMALL))
 
 
 @pytest.mark.parametrize(
