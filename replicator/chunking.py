@@ -1,31 +1,75 @@
 """Content-defined chunking with FastCDC (Xia et al., 2020) via pyfastcdc.
 
 Chunk boundaries depend only on content, so an insertion early in a file moves only the
-chunks around it and the rest deduplicate. Reading is streaming: pyfastcdc keeps a buffer of
-twice ``max_size`` and cuts with the GIL released; each chunk is copied out before the next
-cut, so memory per file being read is bounded by ~3 x ``max_size``.
+chunks around it and the rest deduplicate.
+
+Reading is streaming and zero-copy: the file is read in blocks of ``2 * max_size`` into a
+fresh buffer (the read releases the GIL), cut with pyfastcdc's ``cut_buf`` (GIL released),
+and chunks are handed out as memoryviews into that block. A cut is only made where at least
+``max_size`` bytes follow the chunk start (or at end of file), so boundaries are exactly those
+of a one-pass stream cutter. The unfinished tail is re-read at the start of the next block
+(seekable files: the kernel copies it, not Python) or carried over by copying (streams).
+Memory per file is two blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import BinaryIO, Literal
+from typing import Literal
 
+import numpy as np
 from pyfastcdc import FastCDC
 
 from replicator.config import ChunkingConfig
+from replicator.sources.base import Readable
 
 NORMALIZED_CHUNKING: Literal[1] = 1
 """FastCDC's NC level (paper section 3.5); recorded in each repository's config."""
 
 
-def iter_chunks(stream: BinaryIO, params: ChunkingConfig) -> Iterator[bytes]:
-    """Yield the chunks of ``stream`` in order, each as an independent ``bytes`` object."""
+def _fill(stream: Readable, view: memoryview) -> int:
+    """Read until ``view`` is full or the stream ends; return the bytes read."""
+    filled = 0
+    while filled < len(view):
+        n = stream.readinto(view[filled:])
+        if not n:
+            break
+        filled += n
+    return filled
+
+
+def iter_chunks(stream: Readable, params: ChunkingConfig) -> Iterator[memoryview]:
+    """Yield the chunks of ``stream`` in order, as read-only views that stay valid."""
     cdc = FastCDC(
         params.avg_size,
         min_size=params.min_size,
         max_size=params.max_size,
         normalized_chunking=NORMALIZED_CHUNKING,
     )
-    for chunk in cdc.cut_stream(stream):
-        yield bytes(chunk.data)  # the view is only valid until the next cut
+    seekable = stream.seekable()
+    block_size = 2 * params.max_size
+    offset = 0  # file offset of the block's first byte
+    carry: memoryview | None = None
+    while True:
+        # np.empty, unlike bytearray, does not zero the block first: the read overwrites it.
+        view = np.empty(block_size, dtype=np.uint8).data
+        start = 0
+        if carry is not None:
+            if seekable:
+                stream.seek(offset)
+            else:
+                view[: len(carry)] = carry
+                start = len(carry)
+        filled = start + _fill(stream, view[start:])
+        eof = filled < block_size
+        data = view[:filled].toreadonly()
+        consumed = filled
+        for chunk in cdc.cut_buf(data):
+            if not eof and filled - chunk.offset < params.max_size:
+                consumed = chunk.offset  # may have been cut short: cut it again with more data
+                break
+            yield data[chunk.offset : chunk.offset + chunk.length]
+        if eof:
+            return
+        carry = data[consumed:]
+        offset += consumed

@@ -19,15 +19,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from replicator.chunking import iter_chunks
-from replicator.codec import ChunkEncoder, decode
+from replicator.codec import Buffer, ChunkEncoder, decode
 from replicator.config import ChunkingConfig, CompressionConfig
 from replicator.errors import IntegrityError
 from replicator.hashing import Hasher, HashSpec
 from replicator.manifest import FileEntry
-from replicator.sources.base import Source, SourceFile
+from replicator.sources.base import Readable, Source, SourceFile
 
 
 class ByteBudget:
@@ -144,12 +143,13 @@ class ChunkPipeline:
         self._cpu = ThreadPoolExecutor(self.cpu_workers, thread_name_prefix="encode")
         self._io = ThreadPoolExecutor(io_workers, thread_name_prefix="read")
         self.budget = ByteBudget(memory_budget)
+        self._large_file = asyncio.Semaphore(2)
 
     def close(self) -> None:
         self._cpu.shutdown(wait=True, cancel_futures=True)
         self._io.shutdown(wait=True, cancel_futures=True)
 
-    def _encode(self, data: bytes) -> tuple[dict[str, str], bytes]:
+    def _encode(self, data: Buffer) -> tuple[dict[str, str], bytes]:
         ids = {spec.key: spec.digest(data).hex() for spec in self.specs}
         stored = self.encoder.encode(data)
         if self.verify:
@@ -163,13 +163,21 @@ class ChunkPipeline:
 
         Raises FileChangedError if the file changed during the read (chunks already passed to
         the sink are valid content-addressed objects; only the record is withheld)."""
+        if file.size <= 2 * self.chunking.max_size:
+            return await self._read_file(source, file, sink)
+        # One large file at a time: its encode window already keeps every core busy, and each
+        # reader holds two blocks of 2 * max_size in memory.
+        async with self._large_file:
+            return await self._read_file(source, file, sink)
+
+    async def _read_file(self, source: Source, file: SourceFile, sink: ChunkSink) -> FileRecord:
         loop = asyncio.get_running_loop()
-        handle: BinaryIO = await loop.run_in_executor(self._io, source.open, file)
+        handle: Readable = await loop.run_in_executor(self._io, source.open, file)
         hashers: dict[str, Hasher] = {s.key: s.hasher() for s in self.specs}
         lists: dict[str, list[tuple[str, int]]] = {s.key: [] for s in self.specs}
         chunks = iter_chunks(handle, self.chunking)
 
-        def next_chunk() -> bytes | None:
+        def next_chunk() -> memoryview | None:
             data = next(chunks, None)
             if data is not None:
                 for h in hashers.values():

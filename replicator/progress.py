@@ -3,18 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Protocol
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from typing import Any, Protocol
 
 
 class ProgressSink(Protocol):
@@ -38,6 +27,16 @@ class BarProgress:
     """A byte-count progress bar on stderr."""
 
     def __init__(self) -> None:
+        from rich.console import Console  # imported on demand: only terminals get bars
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         self._bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -47,7 +46,7 @@ class BarProgress:
             console=Console(stderr=True),
             transient=True,
         )
-        self._task: TaskID | None = None
+        self._task: Any = None
 
     def begin(self, label: str, total: int) -> None:
         self.end()

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from replicator import __version__
-from replicator.codec import decode
+from replicator.codec import Buffer, decode
 from replicator.config import NAME_RE, ChunkingConfig, CompressionConfig
 from replicator.errors import (
     AlreadyExistsError,
@@ -188,12 +188,12 @@ class Repository:
     async def put_chunk(self, chunk_id: str, stored: bytes) -> None:
         await self.target.put(chunk_key(chunk_id), stored)
 
-    async def get_chunk(self, chunk_id: str) -> bytes:
+    async def get_chunk(self, chunk_id: str) -> Buffer:
         """The chunk's original bytes, decoded and re-hashed; IntegrityError if they disagree."""
         stored = await self.target.get(chunk_key(chunk_id))
         return self.decode_chunk(chunk_id, stored)
 
-    def decode_chunk(self, chunk_id: str, stored: bytes) -> bytes:
+    def decode_chunk(self, chunk_id: str, stored: bytes) -> Buffer:
         try:
             data = decode(stored)
         except IntegrityError as exc:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import structlog
 
+from replicator.codec import Buffer
 from replicator.errors import IntegrityError, ReplicatorError
 from replicator.globs import PathFilter
 from replicator.manifest import FileEntry, Manifest, check_relative_path
@@ -179,9 +180,9 @@ async def restore_snapshot(
         committed = False
         try:
             hasher = spec.hasher()
-            window: deque[tuple[asyncio.Task[bytes], int]] = deque()
+            window: deque[tuple[asyncio.Task[Buffer], int]] = deque()
 
-            async def fetch(cid: str, size: int) -> bytes:
+            async def fetch(cid: str, size: int) -> Buffer:
                 data = await repo.get_chunk(cid)
                 if len(data) != size:
                     raise IntegrityError(f"chunk is {len(data)} bytes, manifest says {size}", key=cid)

@@ -1,4 +1,7 @@
-"""S3 plumbing shared by S3 targets and S3 sources: URLs, clients and error conversion.
+"""S3 settings shared by S3 targets and S3 sources: URLs and client configuration.
+
+Kept free of SDK imports so that commands on POSIX-only configs start fast; the SDK-facing
+half (error conversion) is :mod:`replicator.s3_errors`.
 
 Credentials always come from botocore's standard chain (environment, shared profile, web
 identity, instance metadata) unless the config gives ``${ENV}``-expanded keys. botocore's own
@@ -9,41 +12,13 @@ outage (Litestream learned this with the AWS SDK's retryer).
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import aiohttp
-import botocore.exceptions
 from pydantic import SecretStr
 
-from replicator.errors import (
-    NotFoundError,
-    PermanentTargetError,
-    TargetError,
-    TargetUnreachableError,
-    TransientTargetError,
-)
-
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_TRANSIENT_CODES = {
-    "RequestTimeout",
-    "RequestTimeoutException",
-    "InternalError",
-    "ServiceUnavailable",
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "TooManyRequests",
-    "RequestLimitExceeded",
-    "BadDigest",
-    "OperationAborted",
-    "XAmzContentSHA256Mismatch",
-    "ExpiredToken",
-    "TokenRefreshRequired",
-}
-_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
 @dataclass(frozen=True)
@@ -135,43 +110,3 @@ class S3Settings:
             "response_checksum_validation": self.sdk_checksums,
             "s3": {"addressing_style": style},
         }
-
-
-def convert_error(exc: BaseException, *, target: str, operation: str, key: str) -> TargetError:
-    """Map one of :data:`SDK_ERRORS` to our error vocabulary (never NotFound by accident)."""
-    bex = botocore.exceptions
-    ctx: dict[str, Any] = {"target": target, "operation": operation, "key": key}
-    if isinstance(exc, TargetError):
-        return exc
-    if isinstance(exc, bex.ClientError):
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        message = f"{code or status}: {err.get('Message') or 'no message'}"
-        if code == "NoSuchBucket":
-            return PermanentTargetError(message, hint="create the bucket or fix the url", **ctx)
-        if code in _NOT_FOUND_CODES or (status == 404 and not code):
-            return NotFoundError("no such object", **ctx)
-        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-            return TransientTargetError(message, **ctx)
-        hint = None
-        if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            hint = "check the credentials and the bucket policy"
-        return PermanentTargetError(message, hint=hint, **ctx)
-    if isinstance(exc, bex.NoCredentialsError | bex.PartialCredentialsError | bex.ProfileNotFound):
-        return PermanentTargetError(
-            str(exc), hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or web identity", **ctx
-        )
-    if isinstance(exc, bex.EndpointConnectionError | bex.ConnectTimeoutError | aiohttp.ClientConnectorError):
-        return TargetUnreachableError(f"cannot connect: {exc}", **ctx)
-    return TransientTargetError(f"{type(exc).__name__}: {exc}", **ctx)
-
-
-SDK_ERRORS: tuple[type[BaseException], ...] = (
-    botocore.exceptions.ClientError,
-    botocore.exceptions.BotoCoreError,
-    aiohttp.ClientError,
-    asyncio.TimeoutError,
-    OSError,
-)
-"""What S3 calls may raise besides bugs; everything else propagates unconverted."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO, cast
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ SMALL = ChunkingConfig(min_size=4096, avg_size=16384, max_size=65536)
 
 def test_chunks_reassemble_and_respect_bounds() -> None:
     data = os.urandom(2 << 20)
-    chunks = list(iter_chunks(io.BytesIO(data), SMALL))
+    chunks = [bytes(c) for c in iter_chunks(io.BytesIO(data), SMALL)]
     assert b"".join(chunks) == data
     assert all(len(c) <= SMALL.max_size for c in chunks)
     assert all(len(c) >= SMALL.min_size for c in chunks[:-1])
@@ -30,8 +29,8 @@ def test_chunks_reassemble_and_respect_bounds() -> None:
 def test_boundaries_are_content_defined() -> None:
     """An insertion near the start changes only the chunks around it (the point of CDC)."""
     data = os.urandom(4 << 20)
-    before = set(iter_chunks(io.BytesIO(data), SMALL))
-    after = list(iter_chunks(io.BytesIO(data[:1000] + b"inserted!" + data[1000:]), SMALL))
+    before = {bytes(c) for c in iter_chunks(io.BytesIO(data), SMALL)}
+    after = [bytes(c) for c in iter_chunks(io.BytesIO(data[:1000] + b"inserted!" + data[1000:]), SMALL)]
     shared = sum(1 for c in after if c in before)
     assert shared >= len(after) - 3
 
@@ -50,8 +49,10 @@ def test_chunking_is_deterministic_across_read_sizes() -> None:
             b[: len(chunk)] = chunk
             return len(chunk)
 
-    trickle = cast(BinaryIO, Trickle())
-    assert list(iter_chunks(trickle, SMALL)) == list(iter_chunks(io.BytesIO(data), SMALL))
+    trickle = Trickle()
+    assert [bytes(c) for c in iter_chunks(trickle, SMALL)] == [
+        bytes(c) for c in iter_chunks(io.BytesIO(data), SMALL)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -115,3 +116,26 @@ def test_decode_bounds_decompression_bombs() -> None:
 def test_encoder_refuses_oversized_chunks() -> None:
     with pytest.raises(ValueError):
         ChunkEncoder().encode(bytes(MAX_CHUNK_SIZE + 1))
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 65536, 131072, 131073, 3 << 20])
+@pytest.mark.parametrize("seekable", [True, False])
+def test_block_reader_matches_a_one_pass_stream_cutter(size: int, seekable: bool) -> None:
+    """Our zero-copy block reader must cut exactly where pyfastcdc's stream cutter does."""
+    from pyfastcdc import FastCDC
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    data = data[: size // 2] + bytes(size - size // 2)  # random then zeros: natural and forced cuts
+    reference = [
+        bytes(c.data)
+        for c in FastCDC(SMALL.avg_size, min_size=SMALL.min_size, max_size=SMALL.max_size).cut_stream(
+            io.BytesIO(data)
+        )
+    ]
+
+    class Stream(io.BytesIO):
+        def seekable(self) -> bool:
+            return seekable
+
+    ours = [bytes(c) for c in iter_chunks(Stream(data), SMALL)]
+    assert ours == reference

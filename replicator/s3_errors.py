@@ -1,0 +1,75 @@
+"""Converting S3 SDK exceptions (botocore, aiohttp) into replicator's error vocabulary."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import botocore.exceptions
+
+from replicator.errors import (
+    NotFoundError,
+    PermanentTargetError,
+    TargetError,
+    TargetUnreachableError,
+    TransientTargetError,
+)
+
+_TRANSIENT_CODES = {
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "RequestLimitExceeded",
+    "BadDigest",
+    "OperationAborted",
+    "XAmzContentSHA256Mismatch",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+}
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+
+
+def convert_error(exc: BaseException, *, target: str, operation: str, key: str) -> TargetError:
+    """Map one of :data:`SDK_ERRORS` to our error vocabulary (never NotFound by accident)."""
+    bex = botocore.exceptions
+    ctx: dict[str, Any] = {"target": target, "operation": operation, "key": key}
+    if isinstance(exc, TargetError):
+        return exc
+    if isinstance(exc, bex.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = f"{code or status}: {err.get('Message') or 'no message'}"
+        if code == "NoSuchBucket":
+            return PermanentTargetError(message, hint="create the bucket or fix the url", **ctx)
+        if code in _NOT_FOUND_CODES or (status == 404 and not code):
+            return NotFoundError("no such object", **ctx)
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return TransientTargetError(message, **ctx)
+        hint = None
+        if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            hint = "check the credentials and the bucket policy"
+        return PermanentTargetError(message, hint=hint, **ctx)
+    if isinstance(exc, bex.NoCredentialsError | bex.PartialCredentialsError | bex.ProfileNotFound):
+        return PermanentTargetError(
+            str(exc), hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or web identity", **ctx
+        )
+    if isinstance(exc, bex.EndpointConnectionError | bex.ConnectTimeoutError | aiohttp.ClientConnectorError):
+        return TargetUnreachableError(f"cannot connect: {exc}", **ctx)
+    return TransientTargetError(f"{type(exc).__name__}: {exc}", **ctx)
+
+
+SDK_ERRORS: tuple[type[BaseException], ...] = (
+    botocore.exceptions.ClientError,
+    botocore.exceptions.BotoCoreError,
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    OSError,
+)
+"""What S3 calls may raise besides bugs; everything else propagates unconverted."""
