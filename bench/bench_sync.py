@@ -50,20 +50,20 @@ def main() -> None:
             f"sources: [{{name: ckpt, url: {data}, kind: checkpoint, complete_when: {{marker: COMPLETE}}}}]\n"
             f"targets: [{{name: local, url: {repl}/target}}]\n"
         )
-        secs, rss = timed([sys.executable, "-m", "replicator", "sync", "-c", str(cfg), "-q"])
-        runs.append(Run("replicator", secs, rss, du(repl / "target"), size))
+        secs, cpu, rss = timed([sys.executable, "-m", "replicator", "sync", "-c", str(cfg), "-q"])
+        runs.append(Run("replicator", secs, cpu, rss, du(repl / "target"), size))
 
         rrepo = args.workdir / "restic"
         shutil.rmtree(rrepo, ignore_errors=True)
         env = {"RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": str(args.workdir / "restic-cache")}
         timed([restic, "init", "--repo", str(rrepo)], env)
-        secs, rss = timed([restic, "backup", "--repo", str(rrepo), "--quiet", str(data)], env)
-        runs.append(Run("restic", secs, rss, du(rrepo), size))
+        secs, cpu, rss = timed([restic, "backup", "--repo", str(rrepo), "--quiet", str(data)], env)
+        runs.append(Run("restic", secs, cpu, rss, du(rrepo), size))
 
         rdst = args.workdir / "rclone"
         shutil.rmtree(rdst, ignore_errors=True)
-        secs, rss = timed([rclone, "copy", "--config", "/dev/null", str(data), str(rdst)])
-        runs.append(Run("rclone copy", secs, rss, du(rdst), size))
+        secs, cpu, rss = timed([rclone, "copy", "--config", "/dev/null", str(data), str(rdst)])
+        runs.append(Run("rclone copy", secs, cpu, rss, du(rdst), size))
         print(f"run {i + 1}/{args.runs} done", file=sys.stderr)
 
     summary = summarize(runs)
@@ -75,16 +75,18 @@ def main() -> None:
     path = write_results("sync", runs, {"versions": versions, "input_bytes": size})
     ours = summary["replicator"]
     print(f"\ninput: {size / 2**30:.2f} GiB bf16 safetensors; {args.runs} runs each; {versions}\n")
-    print("| tool | median time | throughput | stored bytes | peak RSS |")
-    print("|---|---|---|---|---|")
-    for tool, s in summary.items():
+    print("| tool | wall time, median (min-max) | throughput | CPU time | stored bytes | peak RSS |")
+    print("|---|---|---|---|---|---|")
+    for tool, st in summary.items():
         print(
-            f"| {tool} | {s['seconds_median']:.2f} s | {s['mib_per_s_median']:.0f} MiB/s | "
-            f"{s['stored_bytes'] / 2**20:.0f} MiB | {s['peak_rss_mib_max']:.0f} MiB |"
+            f"| {tool} | {st['seconds_median']:.2f} s ({st['seconds_min']:.2f}-{st['seconds_max']:.2f}) | "
+            f"{st['mib_per_s_median']:.0f} MiB/s | {st['cpu_seconds_median']:.2f} s | "
+            f"{st['stored_bytes'] / 2**20:.0f} MiB | {st['peak_rss_mib_max']:.0f} MiB |"
         )
     rs = summary["restic"]
     print(
         f"\nreplicator vs restic: throughput {ours['mib_per_s_median'] / rs['mib_per_s_median']:.2f}x, "
+        f"CPU time {ours['cpu_seconds_median'] / rs['cpu_seconds_median']:.2f}x, "
         f"stored bytes {ours['stored_bytes'] / rs['stored_bytes']:.2f}x  (raw results: {path})"
     )
 

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class Run:
     tool: str
     seconds: float
+    cpu_seconds: float
+    """User + system CPU time: steadier than wall time on a shared machine."""
     peak_rss_mib: float
     stored_bytes: int
     input_bytes: int
@@ -32,8 +34,8 @@ class Run:
         return self.input_bytes / self.seconds / 2**20
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run ``cmd``; return (wall seconds, peak RSS MiB of the process tree's largest member)."""
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """Run ``cmd``; return (wall seconds, CPU seconds, peak RSS MiB)."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -43,7 +45,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, flo
     if os.waitstatus_to_exitcode(status) != 0:
         err = proc.stderr.read().decode() if proc.stderr else ""
         raise RuntimeError(f"{cmd[0]} failed: {err[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def du(path: Path) -> int:
@@ -101,6 +103,9 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, float]]:
     return {
         tool: {
             "seconds_median": statistics.median(r.seconds for r in rs),
+            "seconds_min": min(r.seconds for r in rs),
+            "seconds_max": max(r.seconds for r in rs),
+            "cpu_seconds_median": statistics.median(r.cpu_seconds for r in rs),
             "mib_per_s_median": statistics.median(r.mib_per_s for r in rs),
             "peak_rss_mib_max": max(r.peak_rss_mib for r in rs),
             "stored_bytes": rs[-1].stored_bytes,

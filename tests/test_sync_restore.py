@@ -243,3 +243,31 @@ def test_unreadable_file_is_skipped_and_reported(tmp_path: Path) -> None:
     out = json.loads(res.stdout)["sources"][0]
     assert "Permission denied" in out["skipped"]["step-000006/trainer_state.json"]
     assert out["files"] == 3 and out["targets"][0]["status"] == "published"
+
+
+def test_one_read_fans_out_to_targets_with_different_hashes(tmp_path: Path) -> None:
+    """Each repository has its own seed (or BLAKE3): the file is still read once, and every
+    target gets its own ids and a byte-identical restore."""
+    primary = tmp_path / "primary"
+    make_checkpoint(primary, 11)
+    targets = []
+    for name, algo in (("xa", "xxh3-128"), ("xb", "xxh3-128"), ("b3", "blake3")):
+        (tmp_path / name).mkdir()
+        targets.append({"name": name, "url": str(tmp_path / name), "hash": algo})
+    cfg = write_config(
+        tmp_path / "r.yaml", config_dict(tmp_path, [{"name": "d", "url": str(primary)}], targets)
+    )
+    res = cli("sync", "-c", str(cfg), "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)["sources"][0]
+    assert out["files_read"] == 4
+    assert out["bytes_read"] == sum(f.stat().st_size for f in primary.rglob("*") if f.is_file())
+    ids = []
+    for t in targets:
+        assert all(r["status"] == "published" for r in out["targets"])
+        ids.append({p.name for p in (Path(t["url"]) / "chunks").rglob("*") if p.is_file()})
+        dest = tmp_path / f"restored-{t['name']}"
+        assert cli("restore", "--repo", t["url"], "-s", "d", str(dest)).returncode == 0
+        assert tree_digest(dest) == tree_digest(primary)
+    assert not ids[0] & ids[1], "two xxh3 repositories must not share ids (different seeds)"
+    assert {len(i) for i in ids[2]} == {64}, "blake3 ids are 256-bit"
