@@ -7,6 +7,7 @@ configuration error; 3 a target could not be reached. Errors are one line on std
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -21,7 +22,7 @@ from replicator.config import Config, RetryConfig, TargetConfig, load_config
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.progress import make_progress
 from replicator.repository import Repository
-from replicator.state import StateStore
+from replicator.state import StateLockedError, StateStore
 from replicator.targets import open_target
 from replicator.units import format_duration, format_size
 
@@ -392,7 +393,11 @@ def verify(
 
     async def go() -> list[Any]:
         reports = []
-        state = StateStore.open(config.state_dir) if config else None
+        state = None
+        if config is not None:
+            # If a daemon owns the cache, verify still works; it just cannot update the cache.
+            with contextlib.suppress(StateLockedError):
+                state = StateStore.open(config.state_dir)
         try:
             for tcfg in tcfgs:
                 t = await open_target(tcfg)

@@ -114,6 +114,9 @@ class SourceConfig(_Model):
     exclude: list[str] = Field(default_factory=list)
     complete_when: CompleteWhen | None = None
     """Checkpoint sources only. Default: quiet for 30 s."""
+    keep_last: int | None = Field(None, ge=1)
+    """Keep only the newest N snapshot manifests on each target (default: keep all). Chunks are
+    never deleted: that needs its own safety design."""
     endpoint_url: str | None = None
     region: str | None = None
     profile: str | None = None

@@ -1,15 +1,22 @@
-"""Fan-out: one upload queue per target, each with its own concurrency and failure state.
+"""Fan-out: one upload queue per target, each with its own concurrency and health.
 
 Every encoded chunk is offered to every target's :class:`Uploader`. A chunk the target is
 known to hold (state store), or is already uploading, is skipped — across files, snapshots
 and sources. Others are queued; the bounded queue is the backpressure that keeps memory
-within the pipeline's byte budget. A target whose uploads fail for good is marked failed
-and drops further work at once, so it never holds up the others.
+within the pipeline's byte budget.
+
+A slow or dead target must never stall the others. An uploader turns *unhealthy* when an
+upload fails for good, when its target has been failing for a few seconds, or when its queue
+stays full for ``stall_timeout``; it then drops its queue and every further offer, and the
+target's publisher catches up later by reading the missing chunks again from the source. In
+``fail_fast`` mode (one-shot commands) the first failure ends the target's run instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,8 +26,12 @@ from replicator.errors import TargetError
 from replicator.pipeline import EncodedChunk, Lease
 from replicator.repository import Repository
 from replicator.state import StateStore
+from replicator.targets import RetryingTarget, unwrap
 
 log = structlog.get_logger(__name__)
+
+FAILING_GRACE = 5.0
+"""Seconds a target may keep failing requests before offers to it are dropped."""
 
 
 @dataclass
@@ -33,38 +44,85 @@ class UploadStats:
     chunks_dedup: int = 0
     bytes_dedup: int = 0
     """Original bytes not sent because the target already had (or was receiving) them."""
+    chunks_dropped: int = 0
+    """Chunks not queued because the target was unhealthy (sent later by catch-up)."""
 
 
 class Uploader:
-    def __init__(self, name: str, repo: Repository, state: StateStore, concurrency: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        repo: Repository,
+        state: StateStore,
+        concurrency: int,
+        *,
+        fail_fast: bool = True,
+        stall_timeout: float = 10.0,
+    ) -> None:
         self.name = name
         self.repo = repo
         self.state = state
         self.key = repo.hash.key
         self.concurrency = concurrency
+        self.fail_fast = fail_fast
+        self.stall_timeout = stall_timeout
         self.stats = UploadStats()
-        self.failed: TargetError | None = None
+        self.error: TargetError | None = None
+        """Why the target is unhealthy; None while it is healthy."""
+        self._retrying = unwrap(repo.target, RetryingTarget)
         self._queue: asyncio.Queue[tuple[str, bytes, int, Lease]] = asyncio.Queue(maxsize=2 * concurrency)
         self._inflight: dict[str, asyncio.Event] = {}
         self._workers: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
-        """Prime the presence cache (a full listing the first time this repository is seen)
-        and start the upload workers."""
+    async def start(self, *, relist: bool = False) -> None:
+        """Prime the presence cache and start the upload workers.
+
+        The cache is filled from a full listing of the repository's chunks the first time this
+        state store sees the repository, and again when ``relist`` (after an unclean shutdown,
+        uploads may have completed without being recorded)."""
         repo_id = self.repo.config.id
-        if not self.state.repo_listed(repo_id):
+        if relist or not self.state.repo_listed(repo_id):
+            count = 0
             batch: list[str] = []
             async for chunk_id, _ in self.repo.list_chunks():
                 batch.append(chunk_id)
+                count += 1
                 if len(batch) >= 10000:
                     self.state.add_chunks(repo_id, batch)
                     batch.clear()
             self.state.add_chunks(repo_id, batch)
             self.state.mark_repo_listed(repo_id, self.name)
-            log.info("target.listed", target=self.name, chunks=self.state.count_chunks(repo_id))
+            log.info("target.listed", target=self.name, chunks=count)
         self._workers = [
             asyncio.create_task(self._work(), name=f"upload-{self.name}-{i}") for i in range(self.concurrency)
         ]
+
+    # -- health -------------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        if self.error is not None:
+            return False
+        since = self._retrying.failing_since if self._retrying else None
+        return since is None or time.monotonic() - since < FAILING_GRACE
+
+    def mark_unhealthy(self, error: TargetError) -> None:
+        if self.error is None:
+            log.warning("target.unhealthy", target=self.name, error=str(error))
+        self.error = error
+        while not self._queue.empty():  # give the memory back; catch-up re-reads these later
+            cid, _, _, lease = self._queue.get_nowait()
+            lease.release()
+            self._inflight.pop(cid).set()
+            self._queue.task_done()
+            self.stats.chunks_dropped += 1
+
+    def mark_healthy(self) -> None:
+        if self.error is not None:
+            log.info("target.healthy", target=self.name)
+        self.error = None
+
+    # -- uploading ----------------------------------------------------------------------------
 
     def has(self, chunk_id: str) -> bool:
         return self.state.has_chunk(self.repo.config.id, chunk_id)
@@ -73,7 +131,8 @@ class Uploader:
         return all(self.has(c) for c in chunk_ids)
 
     async def offer(self, chunk: EncodedChunk) -> None:
-        if self.failed is not None:
+        if not self.healthy:
+            self.stats.chunks_dropped += 1
             return
         cid = chunk.ids[self.key]
         if cid in self._inflight or self.has(cid):
@@ -82,42 +141,48 @@ class Uploader:
             return
         self._inflight[cid] = asyncio.Event()
         chunk.lease.retain()
-        await self._queue.put((cid, chunk.stored, chunk.size, chunk.lease))
+        item = (cid, chunk.stored, chunk.size, chunk.lease)
+        try:
+            await asyncio.wait_for(self._queue.put(item), self.stall_timeout)
+        except TimeoutError:
+            chunk.lease.release()
+            self._inflight.pop(cid).set()
+            self.stats.chunks_dropped += 1
+            self.mark_unhealthy(
+                TargetError(f"upload queue stalled for {self.stall_timeout:g}s", target=self.name)
+            )
 
     async def _work(self) -> None:
         while True:
             cid, stored, size, lease = await self._queue.get()
             try:
-                if self.failed is None:
+                if self.error is None:  # an unhealthy target's queue is dropped, not sent
                     await self.repo.put_chunk(cid, stored)
                     self.state.add_chunks(self.repo.config.id, (cid,))
+                    self.state.commit()  # cheap in WAL mode; a kill -9 must not forget the upload
                     self.stats.chunks_sent += 1
                     self.stats.bytes_new += size
                     self.stats.bytes_sent += len(stored)
             except TargetError as exc:
-                if self.failed is None:
-                    log.error("target.failed", target=self.name, error=str(exc))
-                self.failed = self.failed or exc
+                if self.error is None:
+                    log.error("target.upload_failed", target=self.name, error=str(exc))
+                self.mark_unhealthy(exc)
             finally:
                 lease.release()
-                self._inflight.pop(cid).set()
+                event = self._inflight.pop(cid, None)
+                if event is not None:
+                    event.set()
                 self._queue.task_done()
 
-    async def wait_for(self, chunk_ids: Iterable[str]) -> None:
-        """Return once every chunk in ``chunk_ids`` is durable on the target; raise the target's
-        error if it failed, or if a chunk was never offered."""
-        ids = set(chunk_ids)
-        for cid in ids:
+    async def settle(self, chunk_ids: Iterable[str]) -> None:
+        """Wait until none of ``chunk_ids`` is queued or being uploaded."""
+        for cid in set(chunk_ids):
             event = self._inflight.get(cid)
             if event is not None:
                 await event.wait()
-        if self.failed is not None:
-            raise self.failed
-        missing = [c for c in ids if not self.has(c)]
-        if missing:
-            raise TargetError(
-                f"{len(missing)} chunks were never uploaded (first: {missing[0]})", target=self.name
-            )
+
+    def missing(self, chunk_ids: Iterable[str]) -> list[str]:
+        return [c for c in dict.fromkeys(chunk_ids) if not self.has(c)]
 
     async def close(self) -> None:
         for task in self._workers:
@@ -126,4 +191,5 @@ class Uploader:
         while not self._queue.empty():
             *_, lease = self._queue.get_nowait()
             lease.release()
-        self.state.commit()
+        with contextlib.suppress(Exception):
+            self.state.commit()

@@ -15,6 +15,8 @@ The store is used from the event loop thread only; writes are batched into trans
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import struct
 import time
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import structlog
 
-from replicator.errors import ConfigError
+from replicator.errors import ConfigError, ReplicatorError
 from replicator.pipeline import FileRecord
 
 log = structlog.get_logger(__name__)
@@ -42,11 +44,16 @@ CREATE TABLE IF NOT EXISTS repos (
     repo TEXT PRIMARY KEY, target TEXT NOT NULL, listed_at REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks (
     repo TEXT NOT NULL, id BLOB NOT NULL, PRIMARY KEY (repo, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS published (
     repo TEXT NOT NULL, source TEXT NOT NULL, snapshot TEXT NOT NULL, content TEXT NOT NULL,
     published_at REAL NOT NULL, PRIMARY KEY (repo, source)) WITHOUT ROWID;
 """
 _SIZE = struct.Struct("<I")
+
+
+class StateLockedError(ReplicatorError):
+    exit_code = 2
 
 
 def _pack(chunks: Iterable[tuple[str, int]]) -> bytes:
@@ -68,6 +75,7 @@ def _id_len(hash_key: str) -> int:
 class StateStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock_fd = self._lock(path.with_name("lock"))
         self.db = self._connect()
         self._dirty = 0
 
@@ -78,6 +86,34 @@ class StateStore:
         except OSError as exc:
             raise ConfigError(f"state_dir {state_dir}: cannot create ({exc.strerror})") from None
         return cls(state_dir / "state.db")
+
+    @staticmethod
+    def _lock(path: Path) -> int:
+        """One process per state directory: two writers would each trust a cache the other changes."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateLockedError(
+                f"state_dir {path.parent} is in use by another replicator process (pid {holder})",
+                hint="stop it, or give this command another state_dir",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        return fd
+
+    def begin_run(self) -> bool:
+        """Mark the store as in use; return False if the previous run did not end cleanly."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='clean'").fetchone()
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', '0')")
+        self.commit()
+        return row is None or row[0] == "1"
+
+    def end_run(self) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', '1')")
+        self.commit()
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -121,6 +157,7 @@ class StateStore:
     def close(self) -> None:
         self.db.execute("COMMIT")
         self.db.close()
+        os.close(self._lock_fd)
 
     # -- files --------------------------------------------------------------------------------
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from replicator import sync as sync_module
+from replicator import engine
 from replicator.config import ChunkingConfig, CompressionConfig, Config
 from replicator.demo import bf16
+from replicator.engine import READ_ATTEMPTS
 from replicator.globs import PathFilter
 from replicator.hashing import HashSpec
 from replicator.pipeline import ChunkPipeline, EncodedChunk
@@ -22,7 +23,7 @@ from replicator.repository import Repository
 from replicator.restore import restore_snapshot
 from replicator.sources import PosixSource, SourceFile
 from replicator.state import StateStore
-from replicator.sync import READ_ATTEMPTS, run_sync
+from replicator.sync import run_sync
 from replicator.targets import PosixTarget
 from tests.conftest import write_config
 from tests.helpers import config_dict, tree_digest
@@ -53,7 +54,7 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: int) -> tuple[
     (primary / "stable.bin").write_bytes(os.urandom(300_000))
     (primary / "growing.log").write_bytes(os.urandom(2_000_000))
     source = WriterDuringRead(primary, "growing.log", times)
-    monkeypatch.setattr(sync_module, "open_source", lambda cfg: source)
+    monkeypatch.setattr(engine, "open_source", lambda cfg: source)
     config = Config.model_validate(
         config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}])
     )

@@ -1,0 +1,388 @@
+"""The replication engine shared by ``replicator sync`` (one pass) and ``replicator run`` (daemon).
+
+:class:`Replicator` owns what a process keeps open: the state store, the sources, the
+targets with their repositories and upload queues, and the chunk pipeline. Work happens in
+two steps that the one-pass and the continuous drivers schedule differently:
+
+1. :meth:`Replicator.build_candidate` turns a source's current files into a *candidate*
+   snapshot: the consistency gate picks what may be published, unchanged files reuse their
+   cached records, and changed files are read once with their chunks fanned out to every
+   healthy target.
+2. :meth:`Replicator.publish` puts a candidate on one target, independently of the others:
+   it waits until the candidate's chunks are durable there — re-reading from the source any
+   chunk the target missed while it was slow or down (*catch-up*) — then writes the manifest
+   and the ref, and applies retention. A candidate whose files changed since it was built is
+   *superseded*: a newer one is on its way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import structlog
+
+from replicator import gate
+from replicator.config import Config, SourceConfig, TargetConfig
+from replicator.errors import FileChangedError, ReplicatorError, SourceError, TargetError
+from replicator.fanout import Uploader, UploadStats
+from replicator.hashing import HashSpec
+from replicator.manifest import Manifest, SetInfo, format_time, now_utc
+from replicator.pipeline import ChunkPipeline, ChunkSink, EncodedChunk, FileRecord
+from replicator.progress import NoProgress, ProgressSink
+from replicator.repository import Repository
+from replicator.sources import Source, SourceFile, open_source
+from replicator.state import StateStore
+from replicator.targets import Target, open_target
+
+log = structlog.get_logger(__name__)
+
+READ_ATTEMPTS = 3
+"""How often a file that keeps changing is re-read before it is skipped for this pass."""
+FILES_IN_PARALLEL = 4
+
+
+@dataclass
+class TargetResult:
+    target: str
+    status: Literal["published", "unchanged", "failed", "superseded"]
+    snapshot: str | None = None
+    error: str | None = None
+    uploads: UploadStats = field(default_factory=UploadStats)
+
+
+@dataclass
+class SourceResult:
+    source: str
+    files: int = 0
+    bytes_total: int = 0
+    files_read: int = 0
+    bytes_read: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+    held_back: dict[str, str] = field(default_factory=dict)
+    sets: list[str] = field(default_factory=list)
+    targets: list[TargetResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.skipped and all(t.status in ("published", "unchanged") for t in self.targets)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A snapshot of one source, read and chunked, ready to be published on any target."""
+
+    source: str
+    kind: Literal["checkpoint", "dataset", "embedding"]
+    records: tuple[FileRecord, ...]
+    sets: tuple[SetInfo, ...]
+    created: str
+
+    def manifest(self, spec: HashSpec) -> Manifest:
+        return Manifest(
+            source=self.source,
+            kind=self.kind,
+            created=self.created,
+            files=tuple(r.entry(spec) for r in self.records),
+            sets=self.sets,
+        )
+
+
+@dataclass
+class OpenTarget:
+    config: TargetConfig
+    target: Target
+    repo: Repository
+    uploader: Uploader
+
+
+def content_key(manifest: Manifest) -> str:
+    """Digest of what a snapshot holds, ignoring when it was taken: equal keys = no-op."""
+    body = json.dumps(
+        [manifest.kind, [f.model_dump(mode="json") for f in manifest.files], [s.name for s in manifest.sets]],
+        separators=(",", ":"),
+    )
+    return HashSpec("blake3").digest(body.encode()).hex()
+
+
+class Replicator:
+    """Targets, repositories, upload queues, sources, pipeline and state for one process.
+
+    ``fail_fast``: one-shot commands give a failing target up for the rest of the run; the
+    daemon keeps it and lets its publisher recover it."""
+
+    def __init__(
+        self, config: Config, *, targets: Sequence[str] | None = None, fail_fast: bool = True
+    ) -> None:
+        self.config = config
+        self.target_configs = [config.target(n) for n in targets] if targets else list(config.targets)
+        self.fail_fast = fail_fast
+        self.open_targets: list[OpenTarget] = []
+        self.target_errors: dict[str, ReplicatorError] = {}
+        self.state: StateStore | None = None
+        self.pipeline: ChunkPipeline | None = None
+        self.recovered_from_crash = False
+        self._sources: dict[str, Source] = {}
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Replicator:
+        try:
+            self.state = StateStore.open(self.config.state_dir)
+            self._stack.callback(self.state.close)
+            self.recovered_from_crash = not self.state.begin_run()
+            if self.recovered_from_crash:
+                log.warning("state.unclean_shutdown", hint="re-listing targets before trusting the cache")
+            results = await asyncio.gather(
+                *(self._open(t) for t in self.target_configs), return_exceptions=True
+            )
+            for cfg, res in zip(self.target_configs, results, strict=True):
+                if isinstance(res, ReplicatorError):
+                    self.target_errors[cfg.name] = res
+                    log.error("target.unavailable", target=cfg.name, error=str(res))
+                elif isinstance(res, BaseException):
+                    raise res
+            if self.open_targets:
+                self.pipeline = ChunkPipeline(
+                    self.config.chunking,
+                    self.config.compression,
+                    [t.repo.hash for t in self.open_targets],
+                    memory_budget=self.config.memory_budget,
+                )
+                self._stack.callback(self.pipeline.close)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _open(self, cfg: TargetConfig) -> None:
+        assert self.state is not None
+        target = await open_target(cfg)
+        try:
+            repo = await Repository.open_or_create(
+                target, algorithm=cfg.hash, chunking=self.config.chunking, compression=self.config.compression
+            )
+            if repo.config.chunking != self.config.chunking:
+                log.warning(
+                    "target.chunking_differs",
+                    target=cfg.name,
+                    hint="dedup against data written with other chunk sizes will be lower",
+                )
+            uploader = Uploader(cfg.name, repo, self.state, cfg.concurrency, fail_fast=self.fail_fast)
+            await uploader.start(relist=self.recovered_from_crash)
+        except BaseException:
+            await target.close()
+            raise
+        self._stack.push_async_callback(target.close)
+        self._stack.push_async_callback(uploader.close)
+        self.open_targets.append(OpenTarget(cfg, target, repo, uploader))
+
+    async def __aexit__(self, *exc: object) -> None:
+        for source in self._sources.values():
+            await source.close()
+        if self.state is not None:
+            self.state.end_run()
+        await self._stack.aclose()
+
+    def source(self, cfg: SourceConfig) -> Source:
+        if cfg.name not in self._sources:
+            self._sources[cfg.name] = open_source(cfg)
+        return self._sources[cfg.name]
+
+    # -- step 1: candidates -----------------------------------------------------------------
+
+    async def build_candidate(
+        self,
+        cfg: SourceConfig,
+        files: list[SourceFile],
+        result: SourceResult,
+        progress: ProgressSink | None = None,
+    ) -> Candidate:
+        """Gate, then read what changed (fanned out to every healthy target); never raises for
+        one bad file: it is skipped (and its checkpoint set held back) and named in ``result``."""
+        progress = progress or NoProgress()
+        selection = gate.select(cfg, files, time.time_ns())
+        result.held_back = selection.held_back
+        healthy = [t for t in self.open_targets if t.uploader.healthy]
+        records, to_read = self._plan(cfg.name, selection.files, healthy)
+        progress.begin(f"{cfg.name}: reading", sum(f.size for f in to_read))
+        try:
+            records += await self._read_all(self.source(cfg), to_read, healthy, result, progress)
+        finally:
+            progress.end()
+        records.sort(key=lambda r: r.path)
+        records, sets = _drop_incomplete_sets(records, selection.sets, result.skipped)
+        result.files = len(records)
+        result.bytes_total = sum(r.size for r in records)
+        result.sets = [s.name for s in sets]
+        return Candidate(cfg.name, cfg.kind, tuple(records), tuple(sets), format_time(now_utc()))
+
+    def _plan(
+        self, source: str, files: list[SourceFile], healthy: list[OpenTarget]
+    ) -> tuple[list[FileRecord], list[SourceFile]]:
+        """Split files into cached records every healthy target can use, and files to read."""
+        assert self.state is not None and self.pipeline is not None
+        cached: list[FileRecord] = []
+        to_read: list[SourceFile] = []
+        for f in files:
+            rec = self.state.get_file(source, f.path, f.signature)
+            if (
+                rec is not None
+                and rec.covers(self.pipeline.specs)
+                and all(t.uploader.has_all(c for c, _ in rec.chunks[t.repo.hash.key]) for t in healthy)
+            ):
+                cached.append(rec)
+            else:
+                to_read.append(f)
+        return cached, to_read
+
+    async def _read_all(
+        self,
+        source: Source,
+        files: list[SourceFile],
+        targets: list[OpenTarget],
+        result: SourceResult,
+        progress: ProgressSink,
+    ) -> list[FileRecord]:
+        records: list[FileRecord] = []
+        queue = list(reversed(files))
+
+        async def sink(chunk: EncodedChunk) -> None:
+            progress.advance(chunk.size)
+            for t in targets:
+                await t.uploader.offer(chunk)
+
+        async def worker() -> None:
+            while queue:
+                rec = await self._read_one(source, queue.pop(), sink, result)
+                if rec is not None:
+                    records.append(rec)
+                    result.files_read += 1
+                    result.bytes_read += rec.size
+
+        await asyncio.gather(*(worker() for _ in range(FILES_IN_PARALLEL)))
+        return records
+
+    async def _read_one(
+        self, source: Source, f: SourceFile, sink: ChunkSink, result: SourceResult
+    ) -> FileRecord | None:
+        assert self.pipeline is not None and self.state is not None
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                rec = await self.pipeline.read_file(source, f, sink)
+            except FileChangedError as exc:
+                log.info("source.changed_while_read", source=source.name, path=f.path, attempt=attempt)
+                if attempt == READ_ATTEMPTS:
+                    result.skipped[f.path] = f"kept changing while read ({exc.message})"
+                    return None
+                refreshed = await source.stat(f.path)
+                if refreshed is None:
+                    return None  # deleted: simply not part of this snapshot
+                f = refreshed
+                continue
+            except SourceError as exc:
+                result.skipped[f.path] = exc.message
+                log.warning("source.unreadable", source=source.name, path=f.path, error=exc.message)
+                return None
+            self.state.put_file(source.name, rec)
+            return rec
+        return None
+
+    # -- step 2: publishing -----------------------------------------------------------------
+
+    async def publish(self, t: OpenTarget, cfg: SourceConfig, candidate: Candidate) -> TargetResult:
+        """Make ``candidate`` the latest snapshot of its source on ``t`` (see module docstring)."""
+        assert self.state is not None
+        name = t.config.name
+        try:
+            manifest = candidate.manifest(t.repo.hash)
+            ids = [c for e in manifest.files for c, _ in e.chunks]
+            await t.uploader.settle(ids)
+            if t.uploader.missing(ids):
+                if t.uploader.error is not None and self.fail_fast:
+                    raise t.uploader.error
+                changed = await self._catch_up(t, cfg, candidate)
+                if changed is not None:
+                    return TargetResult(name, "superseded", error=f"{changed} changed since it was read")
+                await t.uploader.settle(ids)
+                still = t.uploader.missing(ids)
+                if still:
+                    raise t.uploader.error or TargetError(
+                        f"{len(still)} chunks could not be uploaded", target=name
+                    )
+            key = content_key(manifest)
+            previous = self.state.get_published(t.repo.config.id, cfg.name)
+            if previous is not None and previous[1] == key and await t.repo.latest(cfg.name) == previous[0]:
+                return TargetResult(name, "unchanged", snapshot=previous[0])
+            snapshot_id = await t.repo.publish(manifest)
+            self.state.set_published(t.repo.config.id, cfg.name, snapshot_id, key)
+            log.info(
+                "snapshot.published",
+                source=cfg.name,
+                target=name,
+                snapshot=snapshot_id,
+                files=len(manifest.files),
+            )
+            if cfg.keep_last:
+                await self._apply_retention(t, cfg.name, snapshot_id, cfg.keep_last)
+            return TargetResult(name, "published", snapshot=snapshot_id)
+        except TargetError as exc:
+            log.error("snapshot.failed", source=cfg.name, target=name, error=str(exc))
+            return TargetResult(name, "failed", error=str(exc))
+
+    async def _catch_up(self, t: OpenTarget, cfg: SourceConfig, candidate: Candidate) -> str | None:
+        """Re-read from the source the files whose chunks ``t`` lacks, offering them to ``t``
+        only. Returns the path of a file that changed meanwhile (candidate superseded)."""
+        assert self.pipeline is not None
+        spec = t.repo.hash
+        source = self.source(cfg)
+        t.uploader.mark_healthy()  # the caller decided to try; a failure marks it again
+        for rec in candidate.records:
+            if not t.uploader.missing(c for c, _ in rec.chunks[spec.key]):
+                continue
+            current = SourceFile(rec.path, rec.size, rec.mtime_ns, rec.mode, rec.signature)
+            try:
+                again = await self.pipeline.read_file(source, current, t.uploader.offer)
+            except (FileChangedError, SourceError):
+                return rec.path
+            if again.digests[spec.key] != rec.digests[spec.key]:
+                return rec.path
+            if t.uploader.error is not None:
+                raise t.uploader.error
+        return None
+
+    async def _apply_retention(self, t: OpenTarget, source: str, latest: str, keep: int) -> None:
+        ids = await t.repo.list_snapshots(source)
+        if latest not in ids:
+            # A listing that misses what we just wrote is not to be trusted with deletions
+            # (restic#4612): keep everything and try again next time.
+            log.warning("retention.suspicious_listing", source=source, target=t.config.name)
+            return
+        for old in [i for i in ids if i != latest][: max(0, len(ids) - keep)]:
+            await t.repo.delete_snapshot(source, old)
+            log.info("retention.deleted", source=source, target=t.config.name, snapshot=old)
+
+    def stats_snapshot(self) -> dict[str, UploadStats]:
+        return {t.config.name: dataclasses.replace(t.uploader.stats) for t in self.open_targets}
+
+
+def stats_diff(after: UploadStats, before: UploadStats) -> UploadStats:
+    return UploadStats(
+        **{f.name: getattr(after, f.name) - getattr(before, f.name) for f in dataclasses.fields(UploadStats)}
+    )
+
+
+def _drop_incomplete_sets(
+    records: list[FileRecord], sets: list[SetInfo], skipped: dict[str, str]
+) -> tuple[list[FileRecord], list[SetInfo]]:
+    """A checkpoint set with an unreadable or ever-changing file is incomplete for this pass."""
+    bad = {p.split("/", 1)[0] for p in skipped if "/" in p} & {s.name for s in sets}
+    if not bad:
+        return records, sets
+    return [r for r in records if r.path.split("/", 1)[0] not in bad], [s for s in sets if s.name not in bad]
