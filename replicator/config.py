@@ -105,7 +105,24 @@ class CompleteWhen(_Model):
         return self
 
 
-class SourceConfig(_Model):
+class S3Access(_Model):
+    """How to reach an S3 endpoint; shared by S3 sources and S3 targets (ignored for paths)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    sdk_checksums: Literal["when_required", "when_supported"] = "when_required"
+    """botocore's own request/response checksum behaviour; some S3-compatible servers reject
+    the CRC headers boto3 >= 1.36 sends by default (boto3#4392)."""
+    timeout: Duration = 60.0
+    """Per-request connect/read timeout."""
+
+
+class SourceConfig(S3Access):
     name: Annotated[str, BeforeValidator(_check_name)]
     url: str
     """A POSIX directory or ``s3://bucket/prefix``."""
@@ -117,12 +134,15 @@ class SourceConfig(_Model):
     keep_last: int | None = Field(None, ge=1)
     """Keep only the newest N snapshot manifests on each target (default: keep all). Chunks are
     never deleted: that needs its own safety design."""
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    session_token: SecretStr | None = None
+    watch: Literal["events", "poll"] = "events"
+    """POSIX sources under ``replicator run``: inotify events, or polling for network mounts."""
+    poll_interval: Duration = 30.0
+    """How often ``watch: poll`` sources and S3 sources are checked for changes."""
+    rescan_interval: Duration = 600.0
+    """Full rescan as the safety net for dropped events."""
+    debounce: Duration | None = None
+    """Wait for this much quiet after a change before snapshotting. Default: 2 s for datasets
+    and embeddings, 0.2 s for checkpoints (whose sets have their own completion rule)."""
 
     _globs = field_validator("include", "exclude")(_check_globs)
 
@@ -136,6 +156,12 @@ class SourceConfig(_Model):
     def completion(self) -> CompleteWhen:
         return self.complete_when or CompleteWhen(quiet=30.0)
 
+    @property
+    def quiet_before_snapshot(self) -> float:
+        if self.debounce is not None:
+            return self.debounce
+        return 0.2 if self.kind == "checkpoint" else 2.0
+
 
 class RetryConfig(_Model):
     """Capped exponential backoff with full jitter, on transient errors only."""
@@ -143,31 +169,20 @@ class RetryConfig(_Model):
     initial: Duration = 0.5
     max: Duration = 30.0
     give_up_after: Duration | None = 300.0
-    """One-shot commands stop retrying after this; the daemon never gives up."""
+    """A request stops retrying after this. One-shot commands then fail the target; the
+    daemon marks it unhealthy and keeps retrying the snapshot itself, indefinitely."""
 
 
-class TargetConfig(_Model):
+class TargetConfig(S3Access):
     name: Annotated[str, BeforeValidator(_check_name)]
     url: str
     """A POSIX directory or ``s3://bucket/prefix``."""
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    session_token: SecretStr | None = None
-    addressing_style: Literal["auto", "path", "virtual"] = "auto"
     concurrency: int = Field(8, ge=1, le=256)
     checksum: Literal["md5", "crc32", "crc32c", "sha256", "sha1"] = "md5"
     """Integrity checksum sent with every PUT: Content-MD5 or an x-amz-checksum-* header."""
-    sdk_checksums: Literal["when_required", "when_supported"] = "when_required"
-    """botocore's own request/response checksum behaviour; some S3-compatible servers reject
-    the CRC headers boto3 >= 1.36 sends by default (boto3#4392)."""
     hash: Literal["xxh3-128", "blake3"] = "xxh3-128"
     """Chunk id algorithm for a repository created here; blake3 for untrusted sources."""
     retry: RetryConfig = Field(default_factory=RetryConfig)
-    timeout: Duration = 60.0
-    """Per-request connect/read timeout."""
 
 
 class Config(_Model):
@@ -179,6 +194,8 @@ class Config(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     memory_budget: Size = 256 << 20
     """Upper bound on chunk bytes held in memory between reading and the last upload."""
+    shutdown_grace: Duration = 30.0
+    """``replicator run``: on SIGTERM/SIGINT, let in-flight work finish for this long."""
 
     @model_validator(mode="after")
     def _unique(self) -> Config:
@@ -191,7 +208,7 @@ class Config(_Model):
 
     def secret_values(self) -> list[str]:
         """Every credential in the config, for the log redactor."""
-        items: list[SourceConfig | TargetConfig] = [*self.sources, *self.targets]
+        items: list[S3Access] = [*self.sources, *self.targets]
         return [
             s.get_secret_value()
             for item in items

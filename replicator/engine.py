@@ -84,6 +84,11 @@ class Candidate:
     records: tuple[FileRecord, ...]
     sets: tuple[SetInfo, ...]
     created: str
+    recheck_at_ns: int | None = None
+    """See :attr:`replicator.gate.Selection.recheck_at_ns`."""
+
+    def same_content(self, other: Candidate | None) -> bool:
+        return other is not None and (self.records, self.sets) == (other.records, other.sets)
 
     def manifest(self, spec: HashSpec) -> Manifest:
         return Manifest(
@@ -139,8 +144,12 @@ class Replicator:
             self.recovered_from_crash = not self.state.begin_run()
             if self.recovered_from_crash:
                 log.warning("state.unclean_shutdown", hint="re-listing targets before trusting the cache")
+            self.pipeline = ChunkPipeline(
+                self.config.chunking, self.config.compression, memory_budget=self.config.memory_budget
+            )
+            self._stack.callback(self.pipeline.close)
             results = await asyncio.gather(
-                *(self._open(t) for t in self.target_configs), return_exceptions=True
+                *(self.attach(t) for t in self.target_configs), return_exceptions=True
             )
             for cfg, res in zip(self.target_configs, results, strict=True):
                 if isinstance(res, ReplicatorError):
@@ -148,21 +157,15 @@ class Replicator:
                     log.error("target.unavailable", target=cfg.name, error=str(res))
                 elif isinstance(res, BaseException):
                     raise res
-            if self.open_targets:
-                self.pipeline = ChunkPipeline(
-                    self.config.chunking,
-                    self.config.compression,
-                    [t.repo.hash for t in self.open_targets],
-                    memory_budget=self.config.memory_budget,
-                )
-                self._stack.callback(self.pipeline.close)
         except BaseException:
             await self._stack.aclose()
             raise
         return self
 
-    async def _open(self, cfg: TargetConfig) -> None:
-        assert self.state is not None
+    async def attach(self, cfg: TargetConfig) -> OpenTarget:
+        """Open a target, its repository and its upload queue (again, for one that failed to
+        open before). Raises ReplicatorError if the target cannot be used now."""
+        assert self.state is not None and self.pipeline is not None
         target = await open_target(cfg)
         try:
             repo = await Repository.open_or_create(
@@ -181,7 +184,11 @@ class Replicator:
             raise
         self._stack.push_async_callback(target.close)
         self._stack.push_async_callback(uploader.close)
-        self.open_targets.append(OpenTarget(cfg, target, repo, uploader))
+        opened = OpenTarget(cfg, target, repo, uploader)
+        self.pipeline.add_spec(repo.hash)
+        self.open_targets.append(opened)
+        self.target_errors.pop(cfg.name, None)
+        return opened
 
     async def __aexit__(self, *exc: object) -> None:
         for source in self._sources.values():
@@ -221,7 +228,9 @@ class Replicator:
         result.files = len(records)
         result.bytes_total = sum(r.size for r in records)
         result.sets = [s.name for s in sets]
-        return Candidate(cfg.name, cfg.kind, tuple(records), tuple(sets), format_time(now_utc()))
+        return Candidate(
+            cfg.name, cfg.kind, tuple(records), tuple(sets), format_time(now_utc()), selection.recheck_at_ns
+        )
 
     def _plan(
         self, source: str, files: list[SourceFile], healthy: list[OpenTarget]

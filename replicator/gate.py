@@ -24,6 +24,9 @@ class Selection:
     sets: list[SetInfo] = field(default_factory=list)
     held_back: dict[str, str] = field(default_factory=dict)
     """Incomplete set name -> why it is held back."""
+    recheck_at_ns: int | None = None
+    """When a set held back only for its quiet period becomes publishable without any new
+    change (the daemon sets a timer for it)."""
 
 
 def select(cfg: SourceConfig, files: list[SourceFile], now_ns: int) -> Selection:
@@ -48,6 +51,8 @@ def select(cfg: SourceConfig, files: list[SourceFile], now_ns: int) -> Selection
             quiet_for = (now_ns - newest) / 1e9
             if quiet_for < rule.quiet:
                 reasons.append(f"modified {max(quiet_for, 0):.1f}s ago (quiet period {rule.quiet:g}s)")
+                due = newest + int(rule.quiet * 1e9)
+                out.recheck_at_ns = due if out.recheck_at_ns is None else min(out.recheck_at_ns, due)
         if reasons:
             out.held_back[name] = ", ".join(reasons)
             continue

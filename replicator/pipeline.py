@@ -28,6 +28,9 @@ from replicator.hashing import Hasher, HashSpec
 from replicator.manifest import FileEntry
 from replicator.sources.base import Readable, Source, SourceFile
 
+_VERIFY_SPEC = HashSpec("xxh3-128")
+"""Used for the encode self-check only when no target asked for ids yet."""
+
 
 class ByteBudget:
     """An async counting semaphore over bytes. A request larger than the whole budget is
@@ -127,14 +130,12 @@ class ChunkPipeline:
         self,
         chunking: ChunkingConfig,
         compression: CompressionConfig,
-        specs: Sequence[HashSpec],
+        specs: Sequence[HashSpec] = (),
         *,
         memory_budget: int = 256 << 20,
         cpu_workers: int | None = None,
         io_workers: int = 4,
     ) -> None:
-        if not specs:
-            raise ValueError("at least one hash spec is needed")
         self.chunking = chunking
         self.specs = list(dict.fromkeys(specs))
         self.verify = compression.verify
@@ -145,6 +146,11 @@ class ChunkPipeline:
         self.budget = ByteBudget(memory_budget)
         self._large_file = asyncio.Semaphore(2)
 
+    def add_spec(self, spec: HashSpec) -> None:
+        """Also compute ids for ``spec`` (a target attached later); files read before lack them."""
+        if spec not in self.specs:
+            self.specs.append(spec)
+
     def close(self) -> None:
         self._cpu.shutdown(wait=True, cancel_futures=True)
         self._io.shutdown(wait=True, cancel_futures=True)
@@ -153,8 +159,9 @@ class ChunkPipeline:
         ids = {spec.key: spec.digest(data).hex() for spec in self.specs}
         stored = self.encoder.encode(data)
         if self.verify:
-            first = self.specs[0]
-            if first.digest(decode(stored)).hex() != ids[first.key]:
+            first = self.specs[0] if self.specs else _VERIFY_SPEC
+            expected = ids[first.key] if self.specs else first.digest(data).hex()
+            if first.digest(decode(stored)).hex() != expected:
                 raise IntegrityError("encoded chunk does not decode to its input", operation="encode")
         return ids, stored
 

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import SecretStr
 
+from replicator.config import S3Access
+
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
@@ -63,20 +65,17 @@ class S3Settings:
     max_connections: int = 10
 
     @classmethod
-    def from_config(cls, cfg: Any, max_connections: int = 10) -> S3Settings:
-        fields = (
-            "endpoint_url",
-            "region",
-            "profile",
-            "access_key_id",
-            "secret_access_key",
-            "session_token",
-            "addressing_style",
-            "sdk_checksums",
-            "timeout",
-        )
+    def from_config(cls, cfg: S3Access, max_connections: int = 10) -> S3Settings:
         return cls(
-            **{f: getattr(cfg, f) for f in fields if getattr(cfg, f, None) is not None},
+            endpoint_url=cfg.endpoint_url,
+            region=cfg.region,
+            profile=cfg.profile,
+            access_key_id=cfg.access_key_id,
+            secret_access_key=cfg.secret_access_key,
+            session_token=cfg.session_token,
+            addressing_style=cfg.addressing_style,
+            sdk_checksums=cfg.sdk_checksums,
+            timeout=cfg.timeout,
             max_connections=max_connections,
         )
 

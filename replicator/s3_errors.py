@@ -35,6 +35,12 @@ _TRANSIENT_CODES = {
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of an SDK error, when the server answered at all."""
+    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return int(status) if status else None
+
+
 def convert_error(exc: BaseException, *, target: str, operation: str, key: str) -> TargetError:
     """Map one of :data:`SDK_ERRORS` to our error vocabulary (never NotFound by accident)."""
     bex = botocore.exceptions
@@ -44,7 +50,7 @@ def convert_error(exc: BaseException, *, target: str, operation: str, key: str) 
     if isinstance(exc, bex.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        status = http_status(exc) or 0
         message = f"{code or status}: {err.get('Message') or 'no message'}"
         if code == "NoSuchBucket":
             return PermanentTargetError(message, hint="create the bucket or fix the url", **ctx)

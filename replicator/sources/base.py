@@ -42,6 +42,11 @@ class Source(Protocol):
         the source itself cannot be listed: an unreadable source is not an empty one."""
         ...
 
+    async def scan_below(self, path: str) -> list[SourceFile]:
+        """The selected files at ``path`` (a file) or below it (a directory); empty if it does
+        not exist. Used to refresh the daemon's index from change events."""
+        ...
+
     async def stat(self, path: str) -> SourceFile | None:
         """The current description of one file, or None if it no longer exists (or is no
         longer a selected regular file)."""

@@ -37,17 +37,42 @@ class PosixSource:
         """Paths skipped by the last scan (symlinks, special files, unreadable directories)."""
 
     async def scan(self) -> list[SourceFile]:
-        return await asyncio.to_thread(self._scan)
-
-    def _scan(self) -> list[SourceFile]:
-        if not self.root.is_dir():
+        if not await asyncio.to_thread(self.root.is_dir):
             raise SourceError(
                 f"source directory {self.root} does not exist or is not a directory",
                 operation="scan",
                 key=self.name,
             )
-        out: list[SourceFile] = []
         self.skipped = []
+        return await asyncio.to_thread(self._walk, self.root)
+
+    async def scan_below(self, path: str) -> list[SourceFile]:
+        def scan() -> list[SourceFile]:
+            full = self.root / path
+            try:
+                info = os.lstat(full)
+            except FileNotFoundError:
+                return []
+            if stat.S_ISDIR(info.st_mode):
+                return self._walk(full)
+            found = self._describe(path, info)
+            return [found] if found is not None else []
+
+        return await asyncio.to_thread(scan)
+
+    def _describe(self, rel: str, st: os.stat_result) -> SourceFile | None:
+        """The SourceFile for a selected regular file; None (with a warning) for anything else."""
+        if not self.filter(rel):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            self.skipped.append(rel)
+            reason = "symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            log.warning("source.skipped", source=self.name, path=rel, reason=reason)
+            return None
+        return SourceFile(rel, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), signature_of(st))
+
+    def _walk(self, start: Path) -> list[SourceFile]:
+        out: list[SourceFile] = []
 
         def walk_error(exc: OSError) -> None:
             if isinstance(exc, FileNotFoundError):
@@ -59,29 +84,18 @@ class PosixSource:
             self.skipped.append(os.path.relpath(exc.filename or "?", self.root))
             log.warning("source.unreadable_dir", source=self.name, path=exc.filename, error=exc.strerror)
 
-        for dirpath, dirnames, filenames in os.walk(self.root, onerror=walk_error):
+        for dirpath, dirnames, filenames in os.walk(start, onerror=walk_error):
             rel_dir = os.path.relpath(dirpath, self.root)
             dirnames.sort()
             for fn in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
                 rel = fn if rel_dir == "." else f"{rel_dir}/{fn}".replace(os.sep, "/")
-                if not self.filter(rel):
-                    continue
                 try:
                     st = os.lstat(os.path.join(dirpath, fn))
                 except FileNotFoundError:
                     continue
-                if not stat.S_ISREG(st.st_mode):
-                    self.skipped.append(rel)
-                    log.warning(
-                        "source.skipped",
-                        source=self.name,
-                        path=rel,
-                        reason="symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file",
-                    )
-                    continue
-                out.append(
-                    SourceFile(rel, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), signature_of(st))
-                )
+                found = self._describe(rel, st)
+                if found is not None:
+                    out.append(found)
             dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
         out.sort(key=lambda f: f.path)
         return out
@@ -92,11 +106,7 @@ class PosixSource:
                 info = os.lstat(self.root / path)
             except FileNotFoundError:
                 return None
-            if not stat.S_ISREG(info.st_mode) or not self.filter(path):
-                return None
-            return SourceFile(
-                path, info.st_size, info.st_mtime_ns, stat.S_IMODE(info.st_mode), signature_of(info)
-            )
+            return self._describe(path, info) if stat.S_ISREG(info.st_mode) else None
 
         return await asyncio.to_thread(st)
 

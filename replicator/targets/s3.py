@@ -22,7 +22,7 @@ from aiobotocore.session import AioSession
 
 from replicator.errors import AlreadyExistsError, NotFoundError, PermanentTargetError, TransientTargetError
 from replicator.s3 import S3Location, S3Settings
-from replicator.s3_errors import SDK_ERRORS, convert_error
+from replicator.s3_errors import SDK_ERRORS, convert_error, http_status
 from replicator.targets.base import ObjectInfo, check_key
 
 _CHECKSUM_ALGORITHMS = {"crc32": "CRC32", "crc32c": "CRC32C", "sha1": "SHA1", "sha256": "SHA256"}
@@ -72,7 +72,7 @@ class S3Target:
             await self._client.put_object(**args)
         except SDK_ERRORS as exc:
             err = self._fail(exc, "put", key)
-            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+            status = http_status(exc)
             if if_absent and status == 412:
                 raise AlreadyExistsError("object exists", target=self.name, operation="put", key=key) from exc
             if if_absent and status == 501:
@@ -109,7 +109,7 @@ class S3Target:
         try:
             resp = await self._client.head_object(Bucket=self.location.bucket, Key=self._key(key))
         except SDK_ERRORS as exc:
-            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+            status = http_status(exc)
             if status == 404:
                 return None
             raise self._fail(exc, "stat", key) from exc

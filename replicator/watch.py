@@ -1,0 +1,60 @@
+"""Change detection for the daemon: what may have changed in a source since the last look.
+
+* POSIX sources, ``watch: events`` (default): inotify events via watchfiles, grouped over
+  ``step`` (50 ms) of silence. Event paths are reported relative to the source root.
+* POSIX sources, ``watch: poll``: for mounts where inotify is blind (NFS, most network
+  filesystems): watchfiles' polling observer, every ``poll_interval``.
+* S3 sources: a full listing every ``poll_interval``, diffed against the index.
+
+Events are hints, never the truth: the daemon re-stats every reported path, and a full
+rescan every ``rescan_interval`` (default 10 min) repairs anything dropped (inotify queue
+overflow, events during a restart). A watcher that fails asks for a full rescan and is
+restarted after a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+ChangeCallback = Callable[[set[str] | None], None]
+"""Called with relative paths that may have changed, or None for "rescan everything"."""
+
+
+async def watch_posix(
+    root: Path, on_change: ChangeCallback, stop: asyncio.Event, *, poll: bool, poll_interval: float
+) -> None:
+    """Report changes below ``root`` until ``stop`` is set."""
+    from watchfiles import awatch  # imported here: its Rust extension is only needed by the daemon
+
+    prefix = str(root).rstrip(os.sep) + os.sep
+    while not stop.is_set():
+        try:
+            async for changes in awatch(
+                root,
+                watch_filter=None,
+                debounce=500,
+                step=50,
+                stop_event=stop,
+                rust_timeout=1000,
+                force_polling=poll,
+                poll_delay_ms=int(poll_interval * 1000),
+                recursive=True,
+                ignore_permission_denied=True,
+            ):
+                paths = {p[len(prefix) :].replace(os.sep, "/") for _, p in changes if p.startswith(prefix)}
+                on_change(paths if paths else None)
+        except (OSError, RuntimeError) as exc:
+            # The root vanished (unmounted?) or the watcher died: fall back to rescans, retry later.
+            log.warning("watch.failed", root=str(root), error=str(exc))
+            on_change(None)
+            try:
+                await asyncio.wait_for(stop.wait(), 10)
+            except TimeoutError:
+                continue
