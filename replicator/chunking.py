@@ -38,8 +38,13 @@ def _fill(stream: Readable, view: memoryview) -> int:
     return filled
 
 
-def iter_chunks(stream: Readable, params: ChunkingConfig) -> Iterator[memoryview]:
-    """Yield the chunks of ``stream`` in order, as read-only views that stay valid."""
+def iter_chunks(
+    stream: Readable, params: ChunkingConfig, size_hint: int | None = None
+) -> Iterator[memoryview]:
+    """Yield the chunks of ``stream`` in order, as read-only views that stay valid.
+
+    ``size_hint`` (the expected length) sizes the first block, so a small file costs memory
+    in proportion to its size; a stream longer than the hint is still read to its end."""
     cdc = FastCDC(
         params.avg_size,
         min_size=params.min_size,
@@ -50,9 +55,10 @@ def iter_chunks(stream: Readable, params: ChunkingConfig) -> Iterator[memoryview
     block_size = 2 * params.max_size
     offset = 0  # file offset of the block's first byte
     carry: memoryview | None = None
+    size = block_size if size_hint is None else min(block_size, size_hint + 1)
     while True:
         # np.empty, unlike bytearray, does not zero the block first: the read overwrites it.
-        view = np.empty(block_size, dtype=np.uint8).data
+        view = np.empty(size, dtype=np.uint8).data
         start = 0
         if carry is not None:
             if seekable:
@@ -61,7 +67,8 @@ def iter_chunks(stream: Readable, params: ChunkingConfig) -> Iterator[memoryview
                 view[: len(carry)] = carry
                 start = len(carry)
         filled = start + _fill(stream, view[start:])
-        eof = filled < block_size
+        eof = filled < size
+        size = block_size
         data = view[:filled].toreadonly()
         consumed = filled
         for chunk in cdc.cut_buf(data):

@@ -73,7 +73,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+def run_coroutine(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine, turning library errors into a one-line message and exit code."""
     try:
         return asyncio.run(coro_fn())  # type: ignore[arg-type]
@@ -187,7 +187,7 @@ def sync(
             config.target(n)
     except ConfigError as exc:
         fail(str(exc), 2)
-    results, target_errors = run(
+    results, target_errors = run_coroutine(
         lambda: run_sync(config, sources=source, targets=target, progress=make_progress(quiet or as_json))
     )
     if as_json:
@@ -210,6 +210,9 @@ def sync(
                 if t.status == "failed":
                     typer.echo(f"  -> {t.target}: FAILED: {t.error}")
                     continue
+                if t.status == "empty":
+                    typer.echo(f"  -> {t.target}: nothing to publish (no complete files); nothing written")
+                    continue
                 typer.echo(
                     f"  -> {t.target}: {t.status} {t.snapshot}; new {format_size(u.bytes_new)}, "
                     f"sent {format_size(u.bytes_sent)}, dedup {ratio(r.bytes_read, u.bytes_new)}, "
@@ -217,6 +220,26 @@ def sync(
                 )
     if not all(r.ok for r in results) or target_errors:
         raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    config_path: ConfigOpt = None,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Run the replication daemon: watch every source and keep every target up to date.
+
+    Meant for a systemd service (Type=notify; see systemd/) or a Kubernetes sidecar. Changes
+    are picked up from filesystem events (or polling), a checkpoint set is published once
+    complete, and each target is served independently: a slow or dead target never holds up
+    the others and catches up when it returns. SIGTERM/SIGINT drain in-flight work for up to
+    `shutdown_grace`, then exit 0."""
+    from replicator.daemon import run_daemon
+
+    config = load(config_path, log_level or "info")
+    if not config.sources or not config.targets:
+        fail("the config needs at least one source and one target", 2)
+    run_coroutine(lambda: run_daemon(config))
 
 
 @app.command()
@@ -259,7 +282,7 @@ def snapshots(
         finally:
             await t.close()
 
-    rows = run(go)
+    rows = run_coroutine(go)
     if as_json:
         emit_json(rows)
         return
@@ -319,7 +342,7 @@ def restore(
         finally:
             await t.close()
 
-    sid, res = run(go)
+    sid, res = run_coroutine(go)
     if as_json:
         emit_json({"snapshot": sid, **dataclasses.asdict(res)})
     else:
@@ -420,7 +443,7 @@ def verify(
                 state.close()
         return reports
 
-    reports = run(go)
+    reports = run_coroutine(go)
     if as_json:
         emit_json(reports)
     else:

@@ -51,7 +51,7 @@ FILES_IN_PARALLEL = 4
 @dataclass
 class TargetResult:
     target: str
-    status: Literal["published", "unchanged", "failed", "superseded"]
+    status: Literal["published", "unchanged", "empty", "failed", "superseded"]
     snapshot: str | None = None
     error: str | None = None
     uploads: UploadStats = field(default_factory=UploadStats)
@@ -72,7 +72,7 @@ class SourceResult:
 
     @property
     def ok(self) -> bool:
-        return not self.skipped and all(t.status in ("published", "unchanged") for t in self.targets)
+        return not self.skipped and all(t.status in ("published", "unchanged", "empty") for t in self.targets)
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,10 @@ class Candidate:
     created: str
     recheck_at_ns: int | None = None
     """See :attr:`replicator.gate.Selection.recheck_at_ns`."""
+
+    def covers(self, spec: HashSpec) -> bool:
+        """Whether every record has chunk ids for ``spec`` (a target attached later may need more)."""
+        return all(spec.key in r.chunks for r in self.records)
 
     def same_content(self, other: Candidate | None) -> bool:
         return other is not None and (self.records, self.sets) == (other.records, other.sets)
@@ -309,6 +313,12 @@ class Replicator:
         """Make ``candidate`` the latest snapshot of its source on ``t`` (see module docstring)."""
         assert self.state is not None
         name = t.config.name
+        if not candidate.records:
+            # Never publish "nothing": a wiped primary, or one between deleting its old
+            # checkpoint and completing the next, must not become a target's latest snapshot.
+            return TargetResult(name, "empty", error="no complete files to publish")
+        if not candidate.covers(t.repo.hash):
+            return TargetResult(name, "superseded", error="built before this target was attached")
         try:
             manifest = candidate.manifest(t.repo.hash)
             ids = [c for e in manifest.files for c, _ in e.chunks]

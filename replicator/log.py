@@ -102,5 +102,5 @@ def configure(level: str = "info", *, json_output: bool | None = None, stream: A
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     # botocore/aiobotocore/urllib3 are chatty; at DEBUG they still pass through the redactor.
-    for noisy in ("botocore", "aiobotocore", "boto3", "urllib3", "s3transfer", "asyncio"):
+    for noisy in ("botocore", "aiobotocore", "boto3", "urllib3", "s3transfer", "asyncio", "watchfiles"):
         logging.getLogger(noisy).setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)

@@ -28,6 +28,10 @@ from replicator.hashing import Hasher, HashSpec
 from replicator.manifest import FileEntry
 from replicator.sources.base import Readable, Source, SourceFile
 
+LARGE_FILE_READERS = 1
+"""Files larger than a read block are read one at a time: the encode window of one file keeps
+every core busy, and each reader holds two blocks (4 x max_size) in memory."""
+
 _VERIFY_SPEC = HashSpec("xxh3-128")
 """Used for the encode self-check only when no target asked for ids yet."""
 
@@ -143,8 +147,11 @@ class ChunkPipeline:
         self.cpu_workers = cpu_workers or os.cpu_count() or 2
         self._cpu = ThreadPoolExecutor(self.cpu_workers, thread_name_prefix="encode")
         self._io = ThreadPoolExecutor(io_workers, thread_name_prefix="read")
-        self.budget = ByteBudget(memory_budget)
-        self._large_file = asyncio.Semaphore(2)
+        # The budget covers all file data in memory: the large-file reader's two blocks are
+        # set aside from it, the rest bounds chunks between reading and their last upload.
+        reserved = LARGE_FILE_READERS * 2 * (2 * chunking.max_size)
+        self.budget = ByteBudget(max(memory_budget - reserved, 4 * chunking.max_size))
+        self._large_file = asyncio.Semaphore(LARGE_FILE_READERS)
 
     def add_spec(self, spec: HashSpec) -> None:
         """Also compute ids for ``spec`` (a target attached later); files read before lack them."""
@@ -170,10 +177,8 @@ class ChunkPipeline:
 
         Raises FileChangedError if the file changed during the read (chunks already passed to
         the sink are valid content-addressed objects; only the record is withheld)."""
-        if file.size <= 2 * self.chunking.max_size:
+        if file.size <= self.chunking.max_size:
             return await self._read_file(source, file, sink)
-        # One large file at a time: its encode window already keeps every core busy, and each
-        # reader holds two blocks of 2 * max_size in memory.
         async with self._large_file:
             return await self._read_file(source, file, sink)
 
@@ -182,7 +187,7 @@ class ChunkPipeline:
         handle: Readable = await loop.run_in_executor(self._io, source.open, file)
         hashers: dict[str, Hasher] = {s.key: s.hasher() for s in self.specs}
         lists: dict[str, list[tuple[str, int]]] = {s.key: [] for s in self.specs}
-        chunks = iter_chunks(handle, self.chunking)
+        chunks = iter_chunks(handle, self.chunking, file.size)
 
         def next_chunk() -> memoryview | None:
             data = next(chunks, None)

@@ -20,11 +20,19 @@ __all__ = [
     "RetryingTarget",
     "Target",
     "TargetWrapper",
+    "backend_of",
     "check_key",
     "open_backend",
     "open_target",
     "unwrap",
 ]
+
+
+def backend_of(target: Target) -> Target:
+    """The innermost layer of a wrapper stack: the backend itself."""
+    while isinstance(target, TargetWrapper):
+        target = target.inner
+    return target
 
 
 async def open_backend(cfg: TargetConfig) -> Target:

@@ -1,0 +1,366 @@
+"""``replicator run``: the long-running daemon (a systemd service or a Kubernetes sidecar).
+
+One task group owns every background task:
+
+* per source, a :class:`SourceWorker`: keeps an in-memory index of the source's files,
+  fed by change events (or polling) and a periodic full rescan; after ``debounce`` of quiet
+  it re-stats what changed and, if anything did, builds a candidate snapshot (reading changed
+  files once, fanned out to all healthy targets) and hands it to every target's publisher;
+* per target, a :class:`TargetPublisher`: publishes the newest candidate of each source on
+  its target, independently of the other targets. A target that fails is probed with capped,
+  jittered exponential backoff, indefinitely; when it answers again the publisher catches up
+  (missing chunks are re-read from the source) — nothing is lost, and the other targets never
+  wait for it. Targets that could not be opened at start are retried the same way.
+
+Lifecycle: SIGTERM/SIGINT stop the watchers, let workers and publishers finish what is in
+flight for up to ``shutdown_grace``, then exit 0. ``kill -9`` at any moment is safe: the
+repository write order keeps every ref on a complete snapshot, and the next start re-lists
+the targets (the previous run did not end cleanly) so chunks already uploaded are not sent
+again. systemd gets READY=1, WATCHDOG=1 pings and STOPPING=1 (no-ops outside systemd).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from replicator import systemd
+from replicator.config import Config, SourceConfig, TargetConfig
+from replicator.engine import Candidate, OpenTarget, Replicator, SourceResult
+from replicator.errors import ReplicatorError, SourceError
+from replicator.repository import CONFIG_KEY
+from replicator.s3 import is_s3_url
+from replicator.sources import SourceFile
+from replicator.targets import RetryPolicy, backend_of
+from replicator.watch import watch_posix
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class SourceWorker:
+    """Watches one source and turns its changes into candidates for every publisher."""
+
+    daemon: Daemon
+    cfg: SourceConfig
+    index: dict[str, SourceFile] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+    full_rescan: bool = True
+    last_change: float = 0.0
+    first_change: float | None = None
+    """Oldest change not yet taken into a round: bounds the debounce under constant writes."""
+    last_candidate: Candidate | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    rescan_due: float = 0.0
+    recheck_due: float | None = None
+    retry_round: bool = False
+
+    def changed(self, paths: set[str] | None) -> None:
+        """Watcher callback: these paths (None: anything) may have changed."""
+        if paths is None:
+            self.full_rescan = True
+        else:
+            self.dirty |= paths
+        self.last_change = time.monotonic()
+        if self.first_change is None:
+            self.first_change = self.last_change
+        self.wake.set()
+
+    @property
+    def polled(self) -> bool:
+        return is_s3_url(self.cfg.url)
+
+    async def run(self) -> None:
+        stop = self.daemon.stopping
+        if not self.polled:
+            self.daemon.spawn(
+                watch_posix(
+                    Path(self.cfg.url.removeprefix("file://")),
+                    self.changed,
+                    stop,
+                    poll=self.cfg.watch == "poll",
+                    poll_interval=self.cfg.poll_interval,
+                ),
+                f"watch-{self.cfg.name}",
+            )
+        backoff = RetryPolicy(initial=1.0, max=60.0, give_up_after=None)
+        failures = 0
+        while not stop.is_set():
+            await self._wait_for_work()
+            if stop.is_set():
+                break
+            try:
+                changed = await self._refresh_index()
+                if changed or self.retry_round or self._recheck_passed():
+                    await self._round()
+                failures = 0
+            except SourceError as exc:
+                failures += 1
+                log.error("source.failed", source=self.cfg.name, error=str(exc))
+                self.full_rescan = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff.delay(failures))
+
+    async def _wait_for_work(self) -> None:
+        """Sleep until a change has been quiet for ``debounce``, or a timer is due."""
+        while not self.daemon.stopping.is_set():
+            now = time.monotonic()
+            quiet = self.cfg.quiet_before_snapshot
+            deadlines = [self.rescan_due]
+            if self.dirty or (self.full_rescan and self.last_change):
+                # Wait for `quiet` seconds without changes, but never more than 10x that (or
+                # 30 s) after the first change: a file appended to forever must still be copied.
+                latest = max(10 * quiet, 30.0) + (self.first_change or now)
+                if now - self.last_change >= quiet or now >= latest:
+                    return
+                deadlines += [self.last_change + quiet, latest]
+            if self.recheck_due is not None:
+                deadlines.append(self.recheck_due)
+            if self.retry_round:
+                deadlines.append(now + self.cfg.quiet_before_snapshot + 1.0)
+            if min(deadlines) <= now:
+                return
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), min(deadlines) - now)
+
+    def _recheck_passed(self) -> bool:
+        return self.recheck_due is not None and time.monotonic() >= self.recheck_due
+
+    async def _refresh_index(self) -> bool:
+        """Bring the index up to date; True if any file was added, changed or removed."""
+        self.first_change = None
+        source = self.daemon.rep.source(self.cfg)
+        now = time.monotonic()
+        if self.full_rescan or now >= self.rescan_due:
+            self.full_rescan = False
+            self.dirty.clear()
+            interval = self.cfg.poll_interval if self.polled else self.cfg.rescan_interval
+            self.rescan_due = now + interval
+            files = await source.scan()
+            fresh = {f.path: f for f in files}
+            changed = fresh != self.index
+            self.index = fresh
+            assert self.daemon.rep.state is not None
+            self.daemon.rep.state.forget_files_except(self.cfg.name, set(fresh))
+            return changed
+        dirty, self.dirty = self.dirty, set()
+        changed = False
+        for path in sorted(dirty):
+            below = {p for p in self.index if p == path or p.startswith(path + "/")}
+            found = {f.path: f for f in await source.scan_below(path)}
+            for p in below - found.keys():
+                del self.index[p]
+                changed = True
+            for p, f in found.items():
+                if self.index.get(p) != f:
+                    self.index[p] = f
+                    changed = True
+        return changed
+
+    async def _round(self) -> None:
+        rep = self.daemon.rep
+        self.retry_round = False
+        if not rep.open_targets:
+            self.retry_round = True  # nothing to send to yet; try again once a target is attached
+            return
+        result = SourceResult(self.cfg.name)
+        files = sorted(self.index.values(), key=lambda f: f.path)
+        candidate = await rep.build_candidate(self.cfg, files, result)
+        self.recheck_due = None
+        if candidate.recheck_at_ns is not None:
+            self.recheck_due = time.monotonic() + max(0.0, (candidate.recheck_at_ns - time.time_ns()) / 1e9)
+        if result.skipped:
+            self.retry_round = True  # a file kept changing or was unreadable: look again soon
+        if candidate.same_content(self.last_candidate):
+            return
+        self.last_candidate = candidate
+        log.info(
+            "candidate.ready",
+            source=self.cfg.name,
+            files=result.files,
+            read=result.files_read,
+            bytes_read=result.bytes_read,
+            held_back=sorted(result.held_back),
+        )
+        for publisher in self.daemon.publishers.values():
+            publisher.submit(candidate)
+
+
+@dataclass
+class TargetPublisher:
+    """Publishes the newest candidate of every source on one target, retrying forever."""
+
+    daemon: Daemon
+    target: OpenTarget
+    pending: dict[str, Candidate] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def submit(self, candidate: Candidate) -> None:
+        self.pending[candidate.source] = candidate
+        self.wake.set()
+
+    async def run(self) -> None:
+        cfg = self.target.config
+        backoff = RetryPolicy(initial=cfg.retry.initial, max=cfg.retry.max, give_up_after=None)
+        failures = 0
+        while True:
+            if not self.pending:
+                if self.daemon.stopping.is_set():
+                    return
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            ok = await self._probe() if not self.target.uploader.healthy else True
+            if ok:
+                ok = await self._publish_pending()
+            if ok:
+                failures = 0
+                continue
+            failures += 1
+            delay = backoff.delay(failures)
+            log.info("target.backoff", target=cfg.name, seconds=round(delay, 2), attempt=failures)
+            await asyncio.sleep(delay)
+
+    async def _probe(self) -> bool:
+        """One cheap request straight to the backend (no retry layer): is the target back?"""
+        try:
+            await backend_of(self.target.target).stat(CONFIG_KEY)
+        except ReplicatorError as exc:
+            log.debug("target.probe_failed", target=self.target.config.name, error=str(exc))
+            return False
+        self.target.uploader.mark_healthy()
+        return True
+
+    async def _publish_pending(self) -> bool:
+        all_ok = True
+        for name, candidate in list(self.pending.items()):
+            result = await self.daemon.rep.publish(self.target, self.daemon.config.source(name), candidate)
+            if result.status == "failed":
+                all_ok = False
+                continue
+            if self.pending.get(name) is candidate:
+                del self.pending[name]
+        return all_ok
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.rep = Replicator(config, fail_fast=False)
+        self.stopping = asyncio.Event()
+        self.workers = {s.name: SourceWorker(self, s) for s in config.sources}
+        self.publishers: dict[str, TargetPublisher] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.crashed = False
+
+    def spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("daemon.task_crashed", task=task.get_name(), error=repr(exc), exc_info=exc)
+            self.crashed = True
+            self.stop()  # a bug: stop cleanly and let the supervisor restart us
+
+    def stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("daemon.stopping", grace=self.config.shutdown_grace)
+            systemd.notify("STOPPING=1")
+            self.stopping.set()
+            for worker in self.workers.values():
+                worker.wake.set()
+            for publisher in self.publishers.values():
+                publisher.wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        async with self.rep:
+            for t in self.rep.open_targets:
+                self._start_publisher(t)
+            for name in list(self.rep.target_errors):
+                self.spawn(self._attach_later(self.config.target(name)), f"attach-{name}")
+            for worker in self.workers.values():
+                self.spawn(worker.run(), f"source-{worker.cfg.name}")
+            interval = systemd.watchdog_interval()
+            if interval:
+                self.spawn(self._watchdog(interval), "watchdog")
+            systemd.notify("READY=1")
+            log.info(
+                "daemon.ready",
+                sources=list(self.workers),
+                targets=[t.config.name for t in self.rep.open_targets],
+            )
+            await self.stopping.wait()
+            await self._drain()
+        log.info("daemon.stopped")
+
+    def _start_publisher(self, t: OpenTarget) -> None:
+        publisher = TargetPublisher(self, t)
+        self.publishers[t.config.name] = publisher
+        for worker in self.workers.values():
+            if worker.last_candidate is not None and worker.last_candidate.covers(t.repo.hash):
+                publisher.submit(worker.last_candidate)
+        self.spawn(publisher.run(), f"publish-{t.config.name}")
+
+    async def _attach_later(self, cfg: TargetConfig) -> None:
+        backoff = RetryPolicy(initial=cfg.retry.initial, max=cfg.retry.max, give_up_after=None)
+        attempt = 0
+        while not self.stopping.is_set():
+            await asyncio.sleep(backoff.delay(attempt))
+            attempt += 1
+            try:
+                opened = await self.rep.attach(cfg)
+            except ReplicatorError as exc:
+                log.info("target.still_unavailable", target=cfg.name, error=str(exc), attempt=attempt)
+                continue
+            log.info("target.attached", target=cfg.name)
+            self._start_publisher(opened)
+            for worker in self.workers.values():
+                worker.retry_round = True  # new ids may be needed for this target's hash
+                worker.wake.set()
+            return
+
+    async def _watchdog(self, interval: float) -> None:
+        while not self.stopping.is_set():
+            systemd.notify("WATCHDOG=1")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
+
+    async def _drain(self) -> None:
+        """Let in-flight rounds and publications finish within the grace period."""
+        deadline = time.monotonic() + self.config.shutdown_grace
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        leftovers = [t for t in self._tasks if not t.done()]
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
+        if leftovers:
+            log.warning("daemon.grace_expired", cancelled=sorted(t.get_name() for t in leftovers))
+
+
+class DaemonCrashedError(ReplicatorError):
+    """A background task failed unexpectedly; the daemon stopped so that it can be restarted."""
+
+
+async def run_daemon(config: Config) -> None:
+    daemon = Daemon(config)
+    await daemon.run()
+    if daemon.crashed:
+        raise DaemonCrashedError(
+            "a background task crashed (see the log); exiting so the supervisor restarts us"
+        )
