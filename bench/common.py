@@ -8,7 +8,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,18 +33,34 @@ class Run:
         return self.input_bytes / self.seconds / 2**20
 
 
+_LAUNCHER = """
+import os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(proc.pid, 0)
+seconds = time.perf_counter() - start
+sys.stderr.write(proc.stderr.read().decode(errors="replace")[-2000:])
+print(os.waitstatus_to_exitcode(status), seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
+"""
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
-    """Run ``cmd``; return (wall seconds, CPU seconds, peak RSS MiB)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    """Run ``cmd``; return (wall seconds, CPU seconds, peak RSS MiB).
+
+    Measured by a small launcher process, not by us: Linux carries the RSS high-water mark
+    of the process that forks across ``exec`` into the child's ``ru_maxrss``, so a child of a
+    big process (pytest, or this script after generating data) would report at least the
+    parent's size."""
+    out = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, *cmd],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
     )
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        raise RuntimeError(f"{cmd[0]} failed: {err[-2000:]}")
-    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    code, seconds, cpu, maxrss = out.stdout.split()
+    if int(code) != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({code}): {out.stderr}")
+    return float(seconds), float(cpu), int(maxrss) / 1024
 
 
 def du(path: Path) -> int:

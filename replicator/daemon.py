@@ -146,6 +146,13 @@ class SourceWorker:
             files = await source.scan()
             fresh = {f.path: f for f in files}
             changed = fresh != self.index
+            log.info(
+                "source.rescanned",
+                source=self.cfg.name,
+                files=len(fresh),
+                changed=changed,
+                seconds=round(time.monotonic() - now, 3),
+            )
             self.index = fresh
             assert self.daemon.rep.state is not None
             self.daemon.rep.state.forget_files_except(self.cfg.name, set(fresh))
@@ -172,7 +179,7 @@ class SourceWorker:
             return
         result = SourceResult(self.cfg.name)
         files = sorted(self.index.values(), key=lambda f: f.path)
-        candidate = await rep.build_candidate(self.cfg, files, result)
+        candidate = await rep.build_candidate(self.cfg, files, result, prestage=True)
         self.recheck_due = None
         if candidate.recheck_at_ns is not None:
             self.recheck_due = time.monotonic() + max(0.0, (candidate.recheck_at_ns - time.time_ns()) / 1e9)

@@ -214,9 +214,14 @@ class Replicator:
         files: list[SourceFile],
         result: SourceResult,
         progress: ProgressSink | None = None,
+        *,
+        prestage: bool = False,
     ) -> Candidate:
         """Gate, then read what changed (fanned out to every healthy target); never raises for
-        one bad file: it is skipped (and its checkpoint set held back) and named in ``result``."""
+        one bad file: it is skipped (and its checkpoint set held back) and named in ``result``.
+
+        With ``prestage``, quiet files of incomplete checkpoint sets are read and uploaded too,
+        but left out of the candidate (see :mod:`replicator.gate`)."""
         progress = progress or NoProgress()
         selection = gate.select(cfg, files, time.time_ns())
         result.held_back = selection.held_back
@@ -225,6 +230,13 @@ class Replicator:
         progress.begin(f"{cfg.name}: reading", sum(f.size for f in to_read))
         try:
             records += await self._read_all(self.source(cfg), to_read, healthy, result, progress)
+            if prestage and selection.prestage:
+                early = self._plan(cfg.name, selection.prestage, healthy)[1]
+                if early:
+                    staged = await self._read_all(
+                        self.source(cfg), early, healthy, SourceResult(cfg.name), progress
+                    )
+                    log.info("source.prestaged", source=cfg.name, files=len(staged))
         finally:
             progress.end()
         records.sort(key=lambda r: r.path)

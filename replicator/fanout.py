@@ -158,8 +158,8 @@ class Uploader:
             try:
                 if self.error is None:  # an unhealthy target's queue is dropped, not sent
                     await self.repo.put_chunk(cid, stored)
+                    # Batched commits: after a crash the next start re-lists the target anyway.
                     self.state.add_chunks(self.repo.config.id, (cid,))
-                    self.state.commit()  # cheap in WAL mode; a kill -9 must not forget the upload
                     self.stats.chunks_sent += 1
                     self.stats.bytes_new += size
                     self.stats.bytes_sent += len(stored)

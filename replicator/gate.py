@@ -5,7 +5,10 @@ published only when complete: its ``complete_when.marker`` file exists and/or no
 was modified for ``complete_when.quiet`` (judged by the newest modification time in the set,
 so it works the same for POSIX files and S3 objects). Incomplete sets are held back whole:
 no snapshot ever contains part of a set. Files directly at the top level are not part of a
-set and pass as they are. Datasets and embeddings pass whole; their debounce is the daemon's.
+set and pass as they are. Quiet files of incomplete sets may be *prestaged*: their chunks are
+uploaded ahead of time, which makes nothing visible (only a manifest does) but means that
+publishing a 780 GiB checkpoint after its marker appears sends only what was written last.
+Datasets and embeddings pass whole; their debounce is the daemon's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from replicator.globs import compile_glob
 from replicator.manifest import SetInfo
 from replicator.sources.base import SourceFile
 
+PRESTAGE_QUIET_NS = 2_000_000_000
+"""A file of an incomplete set untouched for this long is probably finished: prestage it."""
+
 
 @dataclass
 class Selection:
@@ -24,9 +30,17 @@ class Selection:
     sets: list[SetInfo] = field(default_factory=list)
     held_back: dict[str, str] = field(default_factory=dict)
     """Incomplete set name -> why it is held back."""
+    prestage: list[SourceFile] = field(default_factory=list)
+    """Files of held-back sets that have been quiet for PRESTAGE_QUIET: the daemon uploads
+    their chunks early (invisible until the set is published), so that when the marker
+    appears only the last files remain to be sent."""
     recheck_at_ns: int | None = None
-    """When a set held back only for its quiet period becomes publishable without any new
-    change (the daemon sets a timer for it)."""
+    """When the selection may change without any new event: a set held back only for its
+    quiet period becomes publishable, or a file becomes quiet enough to prestage (the daemon
+    sets a timer for it)."""
+
+    def recheck_at(self, due_ns: int) -> None:
+        self.recheck_at_ns = due_ns if self.recheck_at_ns is None else min(self.recheck_at_ns, due_ns)
 
 
 def select(cfg: SourceConfig, files: list[SourceFile], now_ns: int) -> Selection:
@@ -51,10 +65,14 @@ def select(cfg: SourceConfig, files: list[SourceFile], now_ns: int) -> Selection
             quiet_for = (now_ns - newest) / 1e9
             if quiet_for < rule.quiet:
                 reasons.append(f"modified {max(quiet_for, 0):.1f}s ago (quiet period {rule.quiet:g}s)")
-                due = newest + int(rule.quiet * 1e9)
-                out.recheck_at_ns = due if out.recheck_at_ns is None else min(out.recheck_at_ns, due)
+                out.recheck_at(newest + int(rule.quiet * 1e9))
         if reasons:
             out.held_back[name] = ", ".join(reasons)
+            for f in members:
+                if now_ns - f.mtime_ns >= PRESTAGE_QUIET_NS:
+                    out.prestage.append(f)
+                else:
+                    out.recheck_at(f.mtime_ns + PRESTAGE_QUIET_NS)
             continue
         out.files.extend(members)
         out.sets.append(

@@ -179,6 +179,7 @@ class Repository:
         )
         with contextlib.suppress(AlreadyExistsError):  # another writer created it first: use theirs
             await target.put(CONFIG_KEY, config.to_json(), if_absent=True)
+            await target.flush()
         # Read back: on servers without conditional writes, the last writer wins; everyone
         # then agrees on whatever is stored.
         return await cls.open(target)
@@ -224,12 +225,15 @@ class Repository:
         """Store a manifest; return its snapshot id. Its chunks must already be stored."""
         stored = encode_manifest(manifest)
         snapshot_id = self.new_snapshot_id(manifest, stored)
+        await self.target.flush()  # the chunks are durable before anything names them
         await self.target.put(snapshot_key(manifest.source, snapshot_id), stored)
         return snapshot_id
 
     async def set_latest(self, source: str, snapshot_id: str) -> None:
         body = {"snapshot": snapshot_id, "updated": format_time(now_utc())}
+        await self.target.flush()  # the manifest is durable before the ref names it
         await self.target.put(ref_key(source), json.dumps(body).encode() + b"\n")
+        await self.target.flush()
 
     async def publish(self, manifest: Manifest) -> str:
         """Manifest, then ref: the snapshot becomes the source's latest only once complete."""

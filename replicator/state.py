@@ -10,7 +10,8 @@ It is a cache that makes restarts cheap, never the source of truth about a targe
 * ``published``: the last snapshot written per repository and source, to skip no-op snapshots.
 
 If the file is lost or corrupt it is set aside and rebuilt from the targets and sources.
-The store is used from the event loop thread only; writes are batched into transactions.
+The store is used from the event loop thread only; writes are buffered in memory (and
+visible to reads at once) and written in batches, inside transactions.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class StateLockedError(ReplicatorError):
     exit_code = 2
 
 
+WRITE_BATCH = 1000
+"""Rows buffered before they are written. Each sqlite3 call releases and re-takes the GIL;
+while the pipeline's threads are busy that hand-off, not SQLite, cost ~100-250 us per
+single-row statement (measured on 10,000 small files); one executemany per batch does not."""
+
+
 def _pack(chunks: Iterable[tuple[str, int]]) -> bytes:
     return b"".join(bytes.fromhex(cid) + _SIZE.pack(size) for cid, size in chunks)
 
@@ -78,6 +85,8 @@ class StateStore:
         self._lock_fd = self._lock(path.with_name("lock"))
         self.db = self._connect()
         self._dirty = 0
+        self._pending_files: dict[tuple[str, str], FileRecord] = {}
+        self._pending_chunks: dict[str, set[str]] = {}
 
     @classmethod
     def open(cls, state_dir: Path) -> StateStore:
@@ -145,6 +154,7 @@ class StateStore:
         return db
 
     def commit(self) -> None:
+        self._flush()
         self.db.execute("COMMIT")
         self.db.execute("BEGIN")
         self._dirty = 0
@@ -154,7 +164,36 @@ class StateStore:
         if self._dirty >= 5000:
             self.commit()
 
+    def _buffered(self) -> None:
+        if len(self._pending_files) + sum(map(len, self._pending_chunks.values())) >= WRITE_BATCH:
+            self._flush()
+            if self._dirty >= 5000:
+                self.commit()
+
+    def _flush(self) -> None:
+        """Write buffered rows in a few executemany calls (see WRITE_BATCH)."""
+        files, chunks = list(self._pending_files.items()), self._pending_chunks
+        self._pending_files, self._pending_chunks = {}, {}
+        if files:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
+                [(s, r.path, r.signature, r.size, r.mtime_ns, r.mode) for (s, _), r in files],
+            )
+            self.db.executemany(
+                "DELETE FROM file_chunks WHERE source=? AND path=?", [key for key, _ in files]
+            )
+            self.db.executemany(
+                "INSERT INTO file_chunks VALUES (?,?,?,?,?)",
+                [(s, r.path, k, r.digests[k], _pack(v)) for (s, _), r in files for k, v in r.chunks.items()],
+            )
+        for repo, ids in chunks.items():
+            self.db.executemany(
+                "INSERT OR IGNORE INTO chunks VALUES (?,?)", [(repo, bytes.fromhex(c)) for c in ids]
+            )
+        self._dirty += len(files) + sum(map(len, chunks.values()))
+
     def close(self) -> None:
+        self._flush()
         self.db.execute("COMMIT")
         self.db.close()
         os.close(self._lock_fd)
@@ -163,6 +202,9 @@ class StateStore:
 
     def get_file(self, source: str, path: str, signature: str) -> FileRecord | None:
         """The cached record of a file if its signature still matches."""
+        pending = self._pending_files.get((source, path))
+        if pending is not None:
+            return pending if pending.signature == signature else None
         row = self.db.execute(
             "SELECT size, mtime_ns, mode FROM files WHERE source=? AND path=? AND signature=?",
             (source, path, signature),
@@ -179,19 +221,12 @@ class StateStore:
         return FileRecord(path, row[0], row[1], row[2], signature, digests, chunks)
 
     def put_file(self, source: str, record: FileRecord) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
-            (source, record.path, record.signature, record.size, record.mtime_ns, record.mode),
-        )
-        self.db.execute("DELETE FROM file_chunks WHERE source=? AND path=?", (source, record.path))
-        self.db.executemany(
-            "INSERT INTO file_chunks VALUES (?,?,?,?,?)",
-            [(source, record.path, k, record.digests[k], _pack(v)) for k, v in record.chunks.items()],
-        )
-        self._touch()
+        self._pending_files[(source, record.path)] = record
+        self._buffered()
 
     def forget_files_except(self, source: str, keep: set[str]) -> None:
         """Drop records of files no longer present in the source."""
+        self._flush()
         gone = [
             p for (p,) in self.db.execute("SELECT path FROM files WHERE source=?", (source,)) if p not in keep
         ]
@@ -210,12 +245,15 @@ class StateStore:
         self.commit()
 
     def forget_repo(self, repo: str) -> None:
+        self._flush()
         self.db.execute("DELETE FROM repos WHERE repo=?", (repo,))
         self.db.execute("DELETE FROM chunks WHERE repo=?", (repo,))
         self.db.execute("DELETE FROM published WHERE repo=?", (repo,))
         self.commit()
 
     def has_chunk(self, repo: str, chunk_id: str) -> bool:
+        if chunk_id in self._pending_chunks.get(repo, ()):
+            return True
         return (
             self.db.execute(
                 "SELECT 1 FROM chunks WHERE repo=? AND id=?", (repo, bytes.fromhex(chunk_id))
@@ -224,17 +262,18 @@ class StateStore:
         )
 
     def add_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
-        rows = [(repo, bytes.fromhex(c)) for c in chunk_ids]
-        self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?,?)", rows)
-        self._touch(len(rows))
+        self._pending_chunks.setdefault(repo, set()).update(chunk_ids)
+        self._buffered()
 
     def forget_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
+        self._flush()
         self.db.executemany(
             "DELETE FROM chunks WHERE repo=? AND id=?", [(repo, bytes.fromhex(c)) for c in chunk_ids]
         )
         self.commit()
 
     def count_chunks(self, repo: str) -> int:
+        self._flush()
         return int(self.db.execute("SELECT count(*) FROM chunks WHERE repo=?", (repo,)).fetchone()[0])
 
     # -- published snapshots ------------------------------------------------------------------

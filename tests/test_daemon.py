@@ -289,3 +289,32 @@ def test_kill9_at_random_points_leaves_targets_consistent_and_resumes_without_re
         _check_target(Config.model_validate(cfg_data), primary, tmp_path / f"restored-{trial}")
     assert resent_total == 0
     assert interrupted >= 15, f"only {interrupted} trials interrupted an upload in progress"
+
+
+def test_systemd_notify_readiness_watchdog_and_stopping(tmp_path: Path) -> None:
+    """Under systemd (Type=notify) the daemon reports READY=1, pings WATCHDOG=1 and says STOPPING=1."""
+    import socket
+
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    primary.mkdir()
+    target.mkdir()
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
+    )
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(20)
+        daemon = DaemonProcess(
+            cfg, tmp_path / "daemon.log", env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
+        )
+        messages: list[str] = []
+        try:
+            while messages.count("WATCHDOG=1") < 3:
+                messages.append(sock.recv(256).decode())
+            assert "READY=1" in messages
+        finally:
+            assert daemon.stop() == 0, daemon.log_text()
+        while "STOPPING=1" not in messages:
+            messages.append(sock.recv(256).decode())

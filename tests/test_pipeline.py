@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.common import timed
 from replicator import engine
 from replicator.config import ChunkingConfig, CompressionConfig, Config
 from replicator.demo import bf16
@@ -150,12 +150,5 @@ def test_peak_rss_stays_bounded_for_a_large_file(tmp_path: Path) -> None:
         tmp_path / "r.yaml",
         config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "replicator", "sync", "-c", str(cfg), "-q"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read() if proc.stderr else ""
-    peak_mib = usage.ru_maxrss / 1024
+    _, _, peak_mib = timed([sys.executable, "-m", "replicator", "sync", "-c", str(cfg), "-q"])
     assert peak_mib < 512, f"peak RSS {peak_mib:.0f} MiB"

@@ -50,7 +50,7 @@ async def open_backend(cfg: TargetConfig) -> Target:
         raise ConfigError(
             f"target {cfg.name}: unsupported url {cfg.url!r} (use a directory or s3://bucket/prefix)"
         )
-    return PosixTarget(cfg.name, Path(cfg.url.removeprefix("file://")))
+    return PosixTarget(cfg.name, Path(cfg.url.removeprefix("file://")), cfg.concurrency)
 
 
 async def open_target(cfg: TargetConfig, *, retry_forever: bool = False) -> Target:

@@ -72,6 +72,13 @@ class Target(Protocol):
         """Remove the object; deleting a missing object is not an error."""
         ...
 
+    async def flush(self) -> None:
+        """Make every ``put`` that has returned durable across a power cut. A put is atomic
+        when it returns but may be durable only after ``flush`` (POSIX: directory entries are
+        fsynced here, in one batch). Writers flush before writing an object that refers to
+        earlier ones (the write-order protocol, docs/FORMAT.md section 7)."""
+        ...
+
     async def close(self) -> None:
         """Release connections. The target must not be used afterwards."""
         ...

@@ -1,8 +1,10 @@
 """A target on a POSIX filesystem (local disk, NFS, a mounted volume).
 
 Atomicity: every object is written to a hidden temporary file in its final directory,
-fsynced, then renamed into place (or hard-linked, for create-if-absent), and the directory
-is fsynced so the new name survives a power cut. Temporary names start with ``.`` and are
+fsynced, then renamed into place (or hard-linked, for create-if-absent). The directories
+that received new names are fsynced by :meth:`PosixTarget.flush` (once per directory, not
+once per object: for many small chunks that halves the fsyncs), which the repository calls
+before writing anything that refers to earlier objects. Temporary names start with ``.`` and are
 never listed; ones left by a crash are removed when older than an hour.
 """
 
@@ -15,6 +17,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -33,11 +36,15 @@ _PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errn
 
 
 class PosixTarget:
-    def __init__(self, name: str, root: str | Path) -> None:
+    def __init__(self, name: str, root: str | Path, concurrency: int = 8) -> None:
         self.name = name
         self.root = Path(root)
         self.url = str(self.root)
         self._dirs_made: set[Path] = set()
+        self._unsynced_dirs: set[Path] = set()
+        # Its own threads, as many as requests may be in flight: the default executor is
+        # shared with everything else and smaller.
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix=f"posix-{name}")
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -46,7 +53,7 @@ class PosixTarget:
 
     async def _run(self, op: str, key: str, fn: Callable[[], T]) -> T:
         try:
-            return await asyncio.to_thread(fn)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
         except TargetError:
             raise
         except FileNotFoundError as exc:
@@ -114,7 +121,7 @@ class PosixTarget:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-            _fsync_dir(path.parent)
+            self._unsynced_dirs.add(path.parent)
 
         await self._run("put", key, write)
 
@@ -186,8 +193,16 @@ class PosixTarget:
 
         await self._run("delete", key, rm)
 
+    async def flush(self) -> None:
+        def sync() -> None:
+            while self._unsynced_dirs:
+                _fsync_dir(self._unsynced_dirs.pop())
+
+        await self._run("flush", "", sync)
+
     async def close(self) -> None:
-        return None
+        self._pool.shutdown(wait=False)
+        return
 
 
 def _raise(exc: OSError) -> None:

@@ -48,6 +48,9 @@ class TargetWrapper:
     async def delete(self, key: str) -> None:
         await self.inner.delete(key)
 
+    async def flush(self) -> None:
+        await self.inner.flush()
+
     async def close(self) -> None:
         await self.inner.close()
 
@@ -126,6 +129,9 @@ class RetryingTarget(TargetWrapper):
 
     async def delete(self, key: str) -> None:
         await self._call(lambda: self.inner.delete(key))
+
+    async def flush(self) -> None:
+        await self._call(self.inner.flush)
 
     async def list(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         # A failed listing restarts after the last key handed out: never repeats, never skips.

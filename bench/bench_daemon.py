@@ -1,0 +1,173 @@
+"""Daemon benchmarks: change-to-durable latency, and idle CPU while watching many files.
+
+    python -m bench.bench_daemon latency [--sets 40] [--set-mib 16]
+    python -m bench.bench_daemon idle [--files 100000] [--seconds 120]
+
+latency: ``replicator run`` watches a checkpoint source (marker ``COMPLETE``) and replicates
+to a local directory. Each trial writes a set of bf16 safetensors shards, waits until they
+are quiet, then writes the marker; latency is from the marker's close to the moment the
+target's ref names a snapshot containing the set (the ref is polled every 2 ms). With
+``--settle 3`` the shards are quiet long enough to be prestaged before the marker appears.
+
+idle: the daemon watches a dataset of N small files in 1,000 directories. After the initial
+sync, the daemon's own CPU time (utime + stime from /proc) is sampled over a quiet window.
+With the default ``--rescan 600`` no full rescan falls in a 120 s window; pass a shorter one
+to include rescans (each one's wall time is reported from the log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import ROOT
+from replicator.demo import bf16, write_safetensors
+
+
+def start_daemon(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "replicator", "run", "-c", str(cfg)],
+        stdout=open(log, "wb"),  # closed when the daemon exits
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_for(predicate: object, timeout: float, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out")
+        time.sleep(interval)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def latency(args: argparse.Namespace) -> dict[str, object]:
+    work = args.workdir / "latency"
+    shutil.rmtree(work, ignore_errors=True)
+    src, tgt = work / "src", work / "tgt"
+    src.mkdir(parents=True)
+    tgt.mkdir()
+    cfg = work / "r.yaml"
+    cfg.write_text(
+        f"state_dir: {work}/state\n"
+        f"sources: [{{name: ckpt, url: {src}, kind: checkpoint, complete_when: {{marker: COMPLETE}}}}]\n"
+        f"targets: [{{name: local, url: {tgt}}}]\n"
+    )
+    proc = start_daemon(cfg, work / "daemon.log")
+    ref = tgt / "refs" / "ckpt" / "latest"
+    rng = np.random.default_rng(0)
+    samples = []
+    try:
+        wait_for(lambda: "daemon.ready" in (work / "daemon.log").read_text(), 30)
+        for i in range(args.sets):
+            d = src / f"step-{i:06d}"
+            d.mkdir()
+            per_shard = args.set_mib * 2**20 // 4
+            for shard in range(4):
+                write_safetensors(d / f"model-{shard}.safetensors", {"w": bf16(rng, (per_shard // 2,))})
+            time.sleep(args.settle)  # the trainer finishes its shards, then drops the marker
+            before = ref.read_bytes() if ref.exists() else b""
+            start = time.perf_counter()
+            (d / "COMPLETE").write_text("")
+            while not ref.exists() or ref.read_bytes() == before:
+                time.sleep(0.002)
+            samples.append(time.perf_counter() - start)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    samples.sort()
+    p99 = samples[min(len(samples) - 1, round(0.99 * (len(samples) - 1)))]
+    return {
+        "sets": args.sets,
+        "set_mib": args.set_mib,
+        "settle_s": args.settle,
+        "p50_s": statistics.median(samples),
+        "p99_s": p99,
+        "max_s": samples[-1],
+        "samples_s": samples,
+    }
+
+
+def idle(args: argparse.Namespace) -> dict[str, object]:
+    work = args.workdir / "idle"
+    src, tgt = work / "src", work / "tgt"
+    if not (src / ".complete").exists() or len(list(src.iterdir())) != 1001:
+        shutil.rmtree(work, ignore_errors=True)
+        for i in range(args.files):
+            d = src / f"d{i % 1000:03d}"
+            if i < 1000:
+                d.mkdir(parents=True)
+            (d / f"f{i:06d}.json").write_text(json.dumps({"id": i}))
+        (src / ".complete").write_text("")
+    shutil.rmtree(tgt, ignore_errors=True)
+    shutil.rmtree(work / "state", ignore_errors=True)
+    tgt.mkdir()
+    cfg = work / "r.yaml"
+    rescan = args.rescan
+    cfg.write_text(
+        f"state_dir: {work}/state\n"
+        f"sources: [{{name: ds, url: {src}, kind: dataset, rescan_interval: {rescan}s}}]\n"
+        f"targets: [{{name: local, url: {tgt}}}]\n"
+    )
+    log = work / "daemon.log"
+    started = time.monotonic()
+    proc = start_daemon(cfg, log)
+    try:
+        wait_for(lambda: "snapshot.published" in log.read_text(), 3600, interval=0.5)
+        initial = time.monotonic() - started
+        time.sleep(5)  # let the tail of the initial work settle
+        c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(args.seconds)
+        c1, t1 = cpu_seconds(proc.pid), time.monotonic()
+        rescan_walls = [
+            json.loads(line)["seconds"]
+            for line in log.read_text().splitlines()
+            if '"source.rescanned"' in line
+        ]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return {
+        "files": args.files,
+        "initial_sync_s": initial,
+        "window_s": t1 - t0,
+        "cpu_s": c1 - c0,
+        "cpu_percent_of_one_core": 100 * (c1 - c0) / (t1 - t0),
+        "rescan_interval_s": rescan,
+        "rescan_wall_s": rescan_walls,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", choices=["latency", "idle"])
+    ap.add_argument("--sets", type=int, default=40)
+    ap.add_argument("--set-mib", type=int, default=16)
+    ap.add_argument("--settle", type=float, default=0.5, help="seconds between the last shard and the marker")
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--rescan", type=float, default=600, help="rescan_interval (the default is 10 min)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/replicator-bench"))
+    args = ap.parse_args()
+    result = latency(args) if args.which == "latency" else idle(args)
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"daemon-{args.which}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "samples_s"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
