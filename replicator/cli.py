@@ -83,8 +83,10 @@ def run_coroutine(coro_fn: Callable[[], Awaitable[T]]) -> T:
         fail("interrupted", 130)
 
 
-def setup_logging(level: str | None, config: Config | None = None) -> None:
-    chosen = level or (config.log_level if config and config.log_level != "info" else "warning")
+def setup_logging(level: str | None, config: Config | None = None, default: str = "warning") -> None:
+    """--log-level, else the config's log_level, else the command's default (one-shot commands
+    stay quiet; the daemon logs at info)."""
+    chosen = level or (config.log_level if config else None) or default
     if chosen not in ("debug", "info", "warning", "error"):
         fail(f"--log-level must be debug, info, warning or error (got {chosen!r})", 2)
     log.configure(chosen)
@@ -92,14 +94,14 @@ def setup_logging(level: str | None, config: Config | None = None) -> None:
         log.REDACTOR.add(config.secret_values())
 
 
-def load(config_path: Path | None, log_level: str | None) -> Config:
+def load(config_path: Path | None, log_level: str | None, default_level: str = "warning") -> Config:
     if config_path is None:
         fail("--config is required (or set REPLICATOR_CONFIG)", 2)
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         fail(str(exc), 2)
-    setup_logging(log_level, config)
+    setup_logging(log_level, config, default_level)
     return config
 
 
@@ -236,10 +238,34 @@ def run(
     `shutdown_grace`, then exit 0."""
     from replicator.daemon import run_daemon
 
-    config = load(config_path, log_level or "info")
+    config = load(config_path, log_level, default_level="info")
     if not config.sources or not config.targets:
         fail("the config needs at least one source and one target", 2)
     run_coroutine(lambda: run_daemon(config))
+
+
+@app.command()
+def status(
+    config_path: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Where every source x target stands: last snapshot, lag against the RPO, pending work,
+    last error.
+
+    Asks the running daemon (at `listen`); with none running, reads the state store and the
+    targets and scans the sources. Exits 0 when everything is within its RPO and 1 when
+    anything is breached, so it can gate cron jobs and scripts."""
+    from replicator.status import gather_status, render
+
+    config = load(config_path, log_level)
+    report = run_coroutine(lambda: gather_status(config))
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        typer.echo(render(report))
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -140,6 +140,11 @@ class SourceConfig(S3Access):
     """How often ``watch: poll`` sources and S3 sources are checked for changes."""
     rescan_interval: Duration = 600.0
     """Full rescan as the safety net for dropped events."""
+    rpo: Duration | None = None
+    """Recovery point objective: alert when a target's copy lags more than this. None: lag is
+    measured and exported but never alerted."""
+    rpo_overrides: dict[str, Duration] = Field(default_factory=dict)
+    """Per-target objectives that replace ``rpo``, e.g. ``{cold-archive: 24h}``."""
     debounce: Duration | None = None
     """Wait for this much quiet after a change before snapshotting. Default: 2 s for datasets
     and embeddings, 0.2 s for checkpoints (whose sets have their own completion rule)."""
@@ -155,6 +160,9 @@ class SourceConfig(S3Access):
     @property
     def completion(self) -> CompleteWhen:
         return self.complete_when or CompleteWhen(quiet=30.0)
+
+    def rpo_for(self, target: str) -> float | None:
+        return self.rpo_overrides.get(target, self.rpo)
 
     @property
     def quiet_before_snapshot(self) -> float:
@@ -185,17 +193,40 @@ class TargetConfig(S3Access):
     retry: RetryConfig = Field(default_factory=RetryConfig)
 
 
+class AlertsConfig(_Model):
+    webhooks: list[SecretStr] = Field(default_factory=list)
+    """URLs that receive a JSON POST on every breach and recovery (Slack-compatible ``text``).
+    Treated as secrets: tokens in webhook URLs never reach the logs."""
+    repeat: Duration = 1800.0
+    """Re-send a breach at most this often while it lasts."""
+    timeout: Duration = 10.0
+
+
+def _listen(value: str | None) -> str | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("use host:port, e.g. 127.0.0.1:9464")
+    return value
+
+
 class Config(_Model):
     state_dir: Path = Field(default_factory=lambda: default_state_dir())
     sources: list[SourceConfig] = Field(default_factory=list)
     targets: list[TargetConfig] = Field(default_factory=list)
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] | None = None
+    """Default: info for ``replicator run``, warning for one-shot commands."""
     memory_budget: Size = 256 << 20
     """Upper bound on chunk bytes held in memory between reading and the last upload."""
     shutdown_grace: Duration = 30.0
     """``replicator run``: on SIGTERM/SIGINT, let in-flight work finish for this long."""
+    listen: Annotated[str | None, BeforeValidator(_listen)] = "127.0.0.1:9464"
+    """``replicator run`` serves /metrics, /healthz, /readyz and /status here (None: off).
+    Localhost by default: expose it deliberately (e.g. 0.0.0.0:9464 in a pod)."""
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @model_validator(mode="after")
     def _unique(self) -> Config:
@@ -204,17 +235,23 @@ class Config(_Model):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"duplicate {what} name {dupes[0]!r}")
+        targets = {t.name for t in self.targets}
+        for s in self.sources:
+            unknown = sorted(set(s.rpo_overrides) - targets)
+            if unknown:
+                raise ValueError(f"source {s.name}: rpo_overrides names unknown target {unknown[0]!r}")
         return self
 
     def secret_values(self) -> list[str]:
         """Every credential in the config, for the log redactor."""
         items: list[S3Access] = [*self.sources, *self.targets]
-        return [
+        keys = [
             s.get_secret_value()
             for item in items
             for s in (item.access_key_id, item.secret_access_key, item.session_token)
             if s is not None
         ]
+        return keys + [w.get_secret_value() for w in self.alerts.webhooks]
 
     def source(self, name: str) -> SourceConfig:
         for s in self.sources:

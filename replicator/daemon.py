@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import time
 from dataclasses import dataclass, field
@@ -30,17 +31,24 @@ from pathlib import Path
 
 import structlog
 
-from replicator import systemd
+from replicator import status, systemd
+from replicator.alerts import WebhookNotifier
 from replicator.config import Config, SourceConfig, TargetConfig
 from replicator.engine import Candidate, OpenTarget, Replicator, SourceResult
-from replicator.errors import ReplicatorError, SourceError
+from replicator.errors import ConfigError, PermanentTargetError, ReplicatorError, SourceError
+from replicator.http import HttpEndpoint
 from replicator.repository import CONFIG_KEY
+from replicator.rpo import LagTracker, RpoMonitor
 from replicator.s3 import is_s3_url
 from replicator.sources import SourceFile
 from replicator.targets import RetryPolicy, backend_of
 from replicator.watch import watch_posix
 
 log = structlog.get_logger(__name__)
+
+PERMANENT_ERROR_PAUSE = 300.0
+"""Retry interval for errors a human must fix (credentials, missing bucket): the daemon keeps
+checking, so a fix needs no restart, but it does not hammer the endpoint."""
 
 
 @dataclass
@@ -60,6 +68,9 @@ class SourceWorker:
     rescan_due: float = 0.0
     recheck_due: float | None = None
     retry_round: bool = False
+    unsubmitted_since: float | None = None
+    """Observation time of changes not yet carried by a candidate."""
+    seq: int = 0
 
     def changed(self, paths: set[str] | None) -> None:
         """Watcher callback: these paths (None: anything) may have changed."""
@@ -135,7 +146,16 @@ class SourceWorker:
 
     async def _refresh_index(self) -> bool:
         """Bring the index up to date; True if any file was added, changed or removed."""
+        changed = await self._apply_changes()
+        if changed:
+            # When the change was observed: the first event of this burst (or now, for a
+            # rescan); kept until a candidate carries it (replicator.rpo).
+            observed = time.time() - (time.monotonic() - (self.first_change or time.monotonic()))
+            self.unsubmitted_since = min(self.unsubmitted_since or observed, observed)
         self.first_change = None
+        return changed
+
+    async def _apply_changes(self) -> bool:
         source = self.daemon.rep.source(self.cfg)
         now = time.monotonic()
         if self.full_rescan or now >= self.rescan_due:
@@ -175,7 +195,15 @@ class SourceWorker:
         rep = self.daemon.rep
         self.retry_round = False
         if not rep.open_targets:
-            self.retry_round = True  # nothing to send to yet; try again once a target is attached
+            # Nothing to send to yet: try again once a target is attached, but let lag count
+            # from now, under the number the next candidate will carry.
+            self.retry_round = True
+            if self.unsubmitted_since is not None:
+                size = sum(f.size for f in self.index.values())
+                for t in self.daemon.config.targets:
+                    self.daemon.tracker.submitted(
+                        self.cfg.name, t.name, self.seq + 1, self.unsubmitted_since, size, len(self.index)
+                    )
             return
         result = SourceResult(self.cfg.name)
         files = sorted(self.index.values(), key=lambda f: f.path)
@@ -186,7 +214,13 @@ class SourceWorker:
         if result.skipped:
             self.retry_round = True  # a file kept changing or was unreadable: look again soon
         if candidate.same_content(self.last_candidate):
+            self.unsubmitted_since = None
             return
+        self.seq += 1
+        candidate = dataclasses.replace(
+            candidate, seq=self.seq, observed_at=self.unsubmitted_since or time.time()
+        )
+        self.unsubmitted_since = None
         self.last_candidate = candidate
         log.info(
             "candidate.ready",
@@ -196,8 +230,7 @@ class SourceWorker:
             bytes_read=result.bytes_read,
             held_back=sorted(result.held_back),
         )
-        for publisher in self.daemon.publishers.values():
-            publisher.submit(candidate)
+        self.daemon.submit(candidate)
 
 
 @dataclass
@@ -208,9 +241,32 @@ class TargetPublisher:
     target: OpenTarget
     pending: dict[str, Candidate] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    delivered: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per source, path -> digest of the last snapshot durable on this target."""
+    probe_error: ReplicatorError | None = None
+
+    async def load_delivered(self) -> None:
+        """What each source's latest snapshot on the target holds, to measure pending work."""
+        for cfg in self.daemon.config.sources:
+            with contextlib.suppress(ReplicatorError):
+                latest = await self.target.repo.latest(cfg.name)
+                if latest is not None:
+                    manifest = await self.target.repo.load_manifest(cfg.name, latest)
+                    self.delivered[cfg.name] = {f.path: f.digest for f in manifest.files}
 
     def submit(self, candidate: Candidate) -> None:
         self.pending[candidate.source] = candidate
+        spec = self.target.repo.hash
+        have = self.delivered.get(candidate.source, {})
+        changed = [
+            r
+            for r in candidate.records
+            if spec.key not in r.digests or have.get(r.path) != r.digests[spec.key]
+        ]
+        self.daemon.tracker.submitted(
+            candidate.source, self.target.config.name, candidate.seq, candidate.observed_at,
+            sum(r.size for r in changed), len(changed),
+        )  # fmt: skip
         self.wake.set()
 
     async def run(self) -> None:
@@ -232,6 +288,8 @@ class TargetPublisher:
                 continue
             failures += 1
             delay = backoff.delay(failures)
+            if isinstance(self.probe_error or self.target.uploader.error, PermanentTargetError):
+                delay = max(delay, PERMANENT_ERROR_PAUSE)  # needs a human: report, don't spin
             log.info("target.backoff", target=cfg.name, seconds=round(delay, 2), attempt=failures)
             await asyncio.sleep(delay)
 
@@ -241,17 +299,30 @@ class TargetPublisher:
             await backend_of(self.target.target).stat(CONFIG_KEY)
         except ReplicatorError as exc:
             log.debug("target.probe_failed", target=self.target.config.name, error=str(exc))
+            self.probe_error = exc
+            for source in self.pending:
+                self.daemon.tracker.failed(source, self.target.config.name, str(exc))
             return False
+        self.probe_error = None
         self.target.uploader.mark_healthy()
+        self.daemon.reached.add(self.target.config.name)
         return True
 
     async def _publish_pending(self) -> bool:
         all_ok = True
+        target = self.target.config.name
         for name, candidate in list(self.pending.items()):
             result = await self.daemon.rep.publish(self.target, self.daemon.config.source(name), candidate)
             if result.status == "failed":
+                self.daemon.tracker.failed(name, target, result.error or "failed")
                 all_ok = False
                 continue
+            if result.status in ("published", "unchanged", "empty"):
+                if result.status == "empty":
+                    log.warning("source.empty_not_published", source=name, target=target)
+                spec = self.target.repo.hash
+                self.delivered[name] = {r.path: r.digests.get(spec.key, "") for r in candidate.records}
+                self.daemon.tracker.durable(name, target, candidate.seq, time.time())
             if self.pending.get(name) is candidate:
                 del self.pending[name]
         return all_ok
@@ -266,6 +337,37 @@ class Daemon:
         self.publishers: dict[str, TargetPublisher] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.crashed = False
+        self.reached: set[str] = set()
+        """Targets reached at least once (readiness)."""
+        self.notifier = WebhookNotifier(config.alerts)
+        self._tracker: LagTracker | None = None
+        self.http: HttpEndpoint | None = None
+
+    @property
+    def tracker(self) -> LagTracker:
+        assert self._tracker is not None, "the tracker exists once the state store is open"
+        return self._tracker
+
+    def submit(self, candidate: Candidate) -> None:
+        """Hand a new candidate to every target: its publisher, or just the lag tracker for a
+        target that is not attached yet (its lag must grow too)."""
+        for t in self.config.targets:
+            publisher = self.publishers.get(t.name)
+            if publisher is not None:
+                publisher.submit(candidate)
+            else:
+                size = sum(r.size for r in candidate.records)
+                self.tracker.submitted(
+                    candidate.source,
+                    t.name,
+                    candidate.seq,
+                    candidate.observed_at,
+                    size,
+                    len(candidate.records),
+                )
+
+    def unready(self) -> list[str]:
+        return [f"target {t.name} not reached yet" for t in self.config.targets if t.name not in self.reached]
 
     def spawn(self, coro: object, name: str) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
@@ -295,8 +397,21 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         async with self.rep:
+            assert self.rep.state is not None
+            self._tracker = LagTracker(self.config, self.rep.state)
+            if self.config.listen:
+                self.http = HttpEndpoint(
+                    self.config.listen,
+                    status=lambda: status.from_tracker(self.tracker).to_json(),
+                    unready=self.unready,
+                )
+                try:
+                    await self.http.start()
+                except OSError as exc:
+                    raise ConfigError(f"listen {self.config.listen}: {exc.strerror or exc}") from None
+            self.spawn(self._monitor(), "rpo-monitor")
             for t in self.rep.open_targets:
-                self._start_publisher(t)
+                await self._start_publisher(t)
             for name in list(self.rep.target_errors):
                 self.spawn(self._attach_later(self.config.target(name)), f"attach-{name}")
             for worker in self.workers.values():
@@ -312,15 +427,24 @@ class Daemon:
             )
             await self.stopping.wait()
             await self._drain()
+            await self.notifier.close()
+            if self.http is not None:
+                await self.http.stop()
         log.info("daemon.stopped")
 
-    def _start_publisher(self, t: OpenTarget) -> None:
+    async def _start_publisher(self, t: OpenTarget) -> None:
+        self.reached.add(t.config.name)
         publisher = TargetPublisher(self, t)
+        await publisher.load_delivered()
         self.publishers[t.config.name] = publisher
         for worker in self.workers.values():
             if worker.last_candidate is not None and worker.last_candidate.covers(t.repo.hash):
                 publisher.submit(worker.last_candidate)
         self.spawn(publisher.run(), f"publish-{t.config.name}")
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def _attach_later(self, cfg: TargetConfig) -> None:
         backoff = RetryPolicy(initial=cfg.retry.initial, max=cfg.retry.max, give_up_after=None)
@@ -332,13 +456,33 @@ class Daemon:
                 opened = await self.rep.attach(cfg)
             except ReplicatorError as exc:
                 log.info("target.still_unavailable", target=cfg.name, error=str(exc), attempt=attempt)
+                for s in self.config.sources:
+                    self.tracker.failed(s.name, cfg.name, str(exc))
+                if isinstance(exc, PermanentTargetError):
+                    await self._pause(PERMANENT_ERROR_PAUSE)  # reported, not spun on
                 continue
             log.info("target.attached", target=cfg.name)
-            self._start_publisher(opened)
+            await self._start_publisher(opened)
             for worker in self.workers.values():
                 worker.retry_round = True  # new ids may be needed for this target's hash
                 worker.wake.set()
             return
+
+    async def _monitor(self) -> None:
+        """Every second: lag gauges and alerts; liveness heartbeat; state heartbeat every 10 s."""
+        monitor = RpoMonitor(self.tracker, self.notifier, self.config.alerts.repeat)
+        beats = 0
+        while True:
+            monitor.evaluate()
+            if self.http is not None:
+                self.http.beat()
+            if beats % 10 == 0 and self.rep.state is not None:
+                self.rep.state.heartbeat()
+            beats += 1
+            if self.stopping.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 1.0)
 
     async def _watchdog(self, interval: float) -> None:
         while not self.stopping.is_set():

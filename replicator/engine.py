@@ -28,7 +28,7 @@ from typing import Literal
 
 import structlog
 
-from replicator import gate
+from replicator import gate, metrics
 from replicator.config import Config, SourceConfig, TargetConfig
 from replicator.errors import FileChangedError, ReplicatorError, SourceError, TargetError
 from replicator.fanout import Uploader, UploadStats
@@ -86,6 +86,10 @@ class Candidate:
     created: str
     recheck_at_ns: int | None = None
     """See :attr:`replicator.gate.Selection.recheck_at_ns`."""
+    seq: int = 0
+    """The daemon numbers each source's candidates (replicator.rpo)."""
+    observed_at: float = 0.0
+    """When the oldest change this candidate brings was observed (Unix time)."""
 
     def covers(self, spec: HashSpec) -> bool:
         """Whether every record has chunk ids for ``spec`` (a target attached later may need more)."""
@@ -290,6 +294,8 @@ class Replicator:
                     records.append(rec)
                     result.files_read += 1
                     result.bytes_read += rec.size
+                    metrics.READ_FILES.labels(source.name).inc()
+                    metrics.READ_BYTES.labels(source.name).inc(rec.size)
 
         await asyncio.gather(*(worker() for _ in range(FILES_IN_PARALLEL)))
         return records
@@ -302,6 +308,7 @@ class Replicator:
             try:
                 rec = await self.pipeline.read_file(source, f, sink)
             except FileChangedError as exc:
+                metrics.SOURCE_ERRORS.labels(source.name, "changed_while_read").inc()
                 log.info("source.changed_while_read", source=source.name, path=f.path, attempt=attempt)
                 if attempt == READ_ATTEMPTS:
                     result.skipped[f.path] = f"kept changing while read ({exc.message})"
@@ -312,6 +319,7 @@ class Replicator:
                 f = refreshed
                 continue
             except SourceError as exc:
+                metrics.SOURCE_ERRORS.labels(source.name, "unreadable").inc()
                 result.skipped[f.path] = exc.message
                 log.warning("source.unreadable", source=source.name, path=f.path, error=exc.message)
                 return None
@@ -350,6 +358,7 @@ class Replicator:
             key = content_key(manifest)
             previous = self.state.get_published(t.repo.config.id, cfg.name)
             if previous is not None and previous[1] == key and await t.repo.latest(cfg.name) == previous[0]:
+                log.info("snapshot.unchanged", source=cfg.name, target=name, snapshot=previous[0])
                 return TargetResult(name, "unchanged", snapshot=previous[0])
             snapshot_id = await t.repo.publish(manifest)
             self.state.set_published(t.repo.config.id, cfg.name, snapshot_id, key)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from replicator import metrics
 from replicator.errors import TargetError
 from replicator.pipeline import EncodedChunk, Lease
 from replicator.repository import Repository
@@ -96,6 +97,7 @@ class Uploader:
         self._workers = [
             asyncio.create_task(self._work(), name=f"upload-{self.name}-{i}") for i in range(self.concurrency)
         ]
+        metrics.TARGET_UP.labels(self.name).set(1)
 
     # -- health -------------------------------------------------------------------------------
 
@@ -110,6 +112,7 @@ class Uploader:
         if self.error is None:
             log.warning("target.unhealthy", target=self.name, error=str(error))
         self.error = error
+        metrics.TARGET_UP.labels(self.name).set(0)
         while not self._queue.empty():  # give the memory back; catch-up re-reads these later
             cid, _, _, lease = self._queue.get_nowait()
             lease.release()
@@ -121,6 +124,9 @@ class Uploader:
         if self.error is not None:
             log.info("target.healthy", target=self.name)
         self.error = None
+        if self._retrying is not None:
+            self._retrying.failing_since = None  # the caller just reached the target
+        metrics.TARGET_UP.labels(self.name).set(1)
 
     # -- uploading ----------------------------------------------------------------------------
 
@@ -138,6 +144,7 @@ class Uploader:
         if cid in self._inflight or self.has(cid):
             self.stats.chunks_dedup += 1
             self.stats.bytes_dedup += chunk.size
+            metrics.DEDUP_BYTES.labels(self.name).inc(chunk.size)
             return
         self._inflight[cid] = asyncio.Event()
         chunk.lease.retain()
@@ -161,6 +168,7 @@ class Uploader:
                     # Batched commits: after a crash the next start re-lists the target anyway.
                     self.state.add_chunks(self.repo.config.id, (cid,))
                     self.stats.chunks_sent += 1
+                    metrics.CHUNKS_SENT.labels(self.name).inc()
                     self.stats.bytes_new += size
                     self.stats.bytes_sent += len(stored)
             except TargetError as exc:

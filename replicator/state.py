@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS repos (
     repo TEXT PRIMARY KEY, target TEXT NOT NULL, listed_at REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks (
     repo TEXT NOT NULL, id BLOB NOT NULL, PRIMARY KEY (repo, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rpo (
+    source TEXT NOT NULL, target TEXT NOT NULL, pending_since REAL, last_snapshot REAL,
+    last_error TEXT, breached INTEGER NOT NULL, last_alert REAL,
+    PRIMARY KEY (source, target)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS published (
     repo TEXT NOT NULL, source TEXT NOT NULL, snapshot TEXT NOT NULL, content TEXT NOT NULL,
@@ -80,16 +84,28 @@ def _id_len(hash_key: str) -> int:
 
 
 class StateStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
-        self._lock_fd = self._lock(path.with_name("lock"))
-        self.db = self._connect()
+        self.read_only = read_only
+        if read_only:
+            # A reader beside a running daemon (replicator status): no lock, no writes.
+            self._lock_fd = -1
+            if path.exists():
+                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            else:
+                self.db = sqlite3.connect(":memory:", isolation_level=None)
+                self.db.executescript(_SCHEMA)
+        else:
+            self._lock_fd = self._lock(path.with_name("lock"))
+            self.db = self._connect()
         self._dirty = 0
         self._pending_files: dict[tuple[str, str], FileRecord] = {}
         self._pending_chunks: dict[str, set[str]] = {}
 
     @classmethod
-    def open(cls, state_dir: Path) -> StateStore:
+    def open(cls, state_dir: Path, *, read_only: bool = False) -> StateStore:
+        if read_only:
+            return cls(state_dir / "state.db", read_only=True)
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -193,6 +209,9 @@ class StateStore:
         self._dirty += len(files) + sum(map(len, chunks.values()))
 
     def close(self) -> None:
+        if self.read_only:
+            self.db.close()
+            return
         self._flush()
         self.db.execute("COMMIT")
         self.db.close()
@@ -275,6 +294,41 @@ class StateStore:
     def count_chunks(self, repo: str) -> int:
         self._flush()
         return int(self.db.execute("SELECT count(*) FROM chunks WHERE repo=?", (repo,)).fetchone()[0])
+
+    # -- recovery point (replicator.rpo) ----------------------------------------------------------
+
+    def load_rpo(
+        self,
+    ) -> dict[tuple[str, str], tuple[float | None, float | None, str | None, bool, float | None]]:
+        rows = self.db.execute(
+            "SELECT source, target, pending_since, last_snapshot, last_error, breached, last_alert FROM rpo"
+        )
+        return {(r[0], r[1]): (r[2], r[3], r[4], bool(r[5]), r[6]) for r in rows}
+
+    def save_rpo(
+        self,
+        source: str,
+        target: str,
+        pending_since: float | None,
+        last_snapshot: float | None,
+        last_error: str | None,
+        breached: bool,
+        last_alert: float | None,
+    ) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO rpo VALUES (?,?,?,?,?,?,?)",
+            (source, target, pending_since, last_snapshot, last_error, int(breached), last_alert),
+        )
+        self.commit()
+
+    def heartbeat(self) -> None:
+        """The daemon is alive and watching (``replicator status`` uses it when it is not)."""
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('heartbeat', ?)", (str(time.time()),))
+        self.commit()
+
+    def last_heartbeat(self) -> float | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key='heartbeat'").fetchone()
+        return float(row[0]) if row else None
 
     # -- published snapshots ------------------------------------------------------------------
 

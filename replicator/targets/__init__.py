@@ -10,10 +10,18 @@ from replicator.errors import ConfigError
 from replicator.s3 import S3Settings, is_s3_url, parse_s3_url
 from replicator.targets.base import ObjectInfo, Target, check_key
 from replicator.targets.posix import PosixTarget
-from replicator.targets.wrappers import LimitedTarget, RetryingTarget, RetryPolicy, TargetWrapper, unwrap
+from replicator.targets.wrappers import (
+    LimitedTarget,
+    MeteredTarget,
+    RetryingTarget,
+    RetryPolicy,
+    TargetWrapper,
+    unwrap,
+)
 
 __all__ = [
     "LimitedTarget",
+    "MeteredTarget",
     "ObjectInfo",
     "PosixTarget",
     "RetryPolicy",
@@ -54,7 +62,7 @@ async def open_backend(cfg: TargetConfig) -> Target:
 
 
 async def open_target(cfg: TargetConfig, *, retry_forever: bool = False) -> Target:
-    """The full stack for one configured target: retry -> limits -> backend.
+    """The full stack for one configured target: retry -> limits -> metrics -> backend.
 
     ``retry_forever`` is for the daemon; one-shot commands give up after
     ``retry.give_up_after``."""
@@ -64,4 +72,4 @@ async def open_target(cfg: TargetConfig, *, retry_forever: bool = False) -> Targ
         max=cfg.retry.max,
         give_up_after=None if retry_forever else cfg.retry.give_up_after,
     )
-    return RetryingTarget(LimitedTarget(backend, cfg.concurrency), policy)
+    return RetryingTarget(LimitedTarget(MeteredTarget(backend), cfg.concurrency), policy)

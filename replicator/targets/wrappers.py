@@ -1,6 +1,6 @@
 """Cross-cutting concerns as Target wrappers, stacked in one place (:func:`replicator.targets.open_target`):
 
-    RetryingTarget -> LimitedTarget -> backend
+    RetryingTarget -> LimitedTarget -> MeteredTarget -> backend
 
 Retry is outermost so that a request waiting out its backoff holds no concurrency slot.
 Each wrapper is a Target itself, can be tested alone, and is reachable with :func:`unwrap`.
@@ -17,7 +17,13 @@ from typing import TypeVar
 
 import structlog
 
-from replicator.errors import TransientTargetError
+from replicator import metrics
+from replicator.errors import (
+    NotFoundError,
+    TargetError,
+    TargetUnreachableError,
+    TransientTargetError,
+)
 from replicator.targets.base import ObjectInfo, Target
 
 T = TypeVar("T")
@@ -172,3 +178,71 @@ class LimitedTarget(TargetWrapper):
     async def delete(self, key: str) -> None:
         async with self._slots:
             await self.inner.delete(key)
+
+
+def _kind(exc: TargetError) -> str:
+    if isinstance(exc, TargetUnreachableError):
+        return "unreachable"
+    if isinstance(exc, TransientTargetError):
+        return "transient"
+    if isinstance(exc, NotFoundError):
+        return "not_found"
+    return "permanent"
+
+
+class MeteredTarget(TargetWrapper):
+    """Counts every request made to the backend (retries included), bytes uploaded, and
+    failures by kind (replicator.metrics). Innermost wrapper: it sees each real attempt."""
+
+    def _count(self, op: str) -> None:
+        metrics.REQUESTS.labels(self.name, op).inc()
+
+    def _failed(self, exc: TargetError) -> None:
+        metrics.TARGET_ERRORS.labels(self.name, _kind(exc)).inc()
+
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        self._count("put")
+        try:
+            await self.inner.put(key, data, if_absent=if_absent)
+        except TargetError as exc:
+            self._failed(exc)
+            raise
+        metrics.SENT_BYTES.labels(self.name).inc(len(data))
+
+    async def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        self._count("get")
+        try:
+            return await self.inner.get(key, offset=offset, length=length)
+        except TargetError as exc:
+            if not isinstance(exc, NotFoundError):
+                self._failed(exc)
+            raise
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        self._count("stat")
+        try:
+            return await self.inner.stat(key)
+        except TargetError as exc:
+            self._failed(exc)
+            raise
+
+    async def delete(self, key: str) -> None:
+        self._count("delete")
+        try:
+            await self.inner.delete(key)
+        except TargetError as exc:
+            self._failed(exc)
+            raise
+
+    async def list(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
+        self._count("list")
+        seen = 0
+        try:
+            async for item in self.inner.list(prefix, start_after=start_after):
+                seen += 1
+                if seen % 1000 == 0:
+                    self._count("list")  # S3 answers 1,000 keys per request
+                yield item
+        except TargetError as exc:
+            self._failed(exc)
+            raise

@@ -1,0 +1,207 @@
+"""Where everything stands: per source × target, the last snapshot, lag against the RPO,
+pending work and the last error. Served by the daemon at ``/status`` and printed by
+``replicator status``.
+
+With a daemon running, ``replicator status`` asks it over HTTP. Without one, it reads the
+state store (pending observations the daemon left behind) and the targets (each source's
+latest snapshot), and scans the sources for changes no snapshot holds yet. Such changes were
+never observed, so their lag is estimated conservatively from the moment the daemon was last
+seen alive (its heartbeat) — an overestimate, the safe side for alerting.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from replicator import gate
+from replicator.config import Config
+from replicator.errors import ReplicatorError
+from replicator.repository import Repository
+from replicator.rpo import LagTracker
+from replicator.sources import open_source
+from replicator.state import StateStore
+from replicator.targets import open_target
+from replicator.units import format_duration, format_size
+
+
+@dataclass
+class PairStatus:
+    source: str
+    target: str
+    last_snapshot: str | None
+    lag_seconds: float
+    rpo_seconds: float | None
+    breached: bool
+    pending_bytes: int
+    pending_files: int
+    last_error: str | None
+
+
+@dataclass
+class StatusReport:
+    generated: str
+    daemon_running: bool
+    pairs: list[PairStatus] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.breached for p in self.pairs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> StatusReport:
+        return cls(doc["generated"], doc["daemon_running"], [PairStatus(**p) for p in doc["pairs"]])
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def from_tracker(tracker: LagTracker, now: float | None = None) -> StatusReport:
+    """The daemon's live view."""
+    now = time.time() if now is None else now
+    report = StatusReport(_iso(now) or "", daemon_running=True)
+    for pair in tracker.pairs.values():
+        lag = pair.lag(now)
+        nbytes, files = tracker.pending_bytes(pair)
+        report.pairs.append(
+            PairStatus(
+                pair.source,
+                pair.target,
+                _iso(pair.last_snapshot_at),
+                round(lag, 3),
+                pair.rpo,
+                pair.rpo is not None and lag > pair.rpo,
+                nbytes,
+                files,
+                pair.last_error,
+            )
+        )
+    return report
+
+
+async def from_daemon(listen: str) -> StatusReport | None:
+    """Ask a running daemon; None if nothing answers at ``listen`` within 5 s."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session,
+            session.get(f"http://{listen}/status") as resp,
+        ):
+            if resp.status != 200:
+                return None
+            return StatusReport.from_json(await resp.json())
+    except (aiohttp.ClientError, TimeoutError, OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+async def offline(config: Config) -> StatusReport:
+    """Status without a daemon: state store + targets + a scan of each source."""
+    now = time.time()
+    state = StateStore.open(config.state_dir, read_only=True)
+    try:
+        saved = state.load_rpo()
+        heartbeat = state.last_heartbeat()
+    finally:
+        state.close()
+    report = StatusReport(_iso(now) or "", daemon_running=False)
+    current: dict[str, dict[str, tuple[int, int]]] = {}
+    scan_errors: dict[str, str] = {}
+    for s in config.sources:
+        source = open_source(s)
+        try:
+            files = gate.select(s, await source.scan(), time.time_ns()).files
+            current[s.name] = {f.path: (f.size, f.mtime_ns) for f in files}
+        except ReplicatorError as exc:
+            scan_errors[s.name] = str(exc)
+        finally:
+            await source.close()
+    for t in config.targets:
+        manifests: dict[str, Any] = {}
+        target_error = None
+        try:
+            target = await open_target(
+                t.model_copy(update={"retry": t.retry.model_copy(update={"give_up_after": 5.0})})
+            )
+            try:
+                repo = await Repository.open(target)
+                for s in config.sources:
+                    sid = await repo.latest(s.name)
+                    manifests[s.name] = await repo.load_manifest(s.name, sid) if sid else None
+            finally:
+                await target.close()
+        except ReplicatorError as exc:
+            target_error = str(exc)
+        for s in config.sources:
+            pending_since, last_snapshot, last_error, _, _ = saved.get(
+                (s.name, t.name), (None, None, None, False, None)
+            )
+            manifest = manifests.get(s.name)
+            have = {f.path: (f.size, f.mtime_ns) for f in manifest.files} if manifest else {}
+            now_files = current.get(s.name, {})
+            changed = [p for p, sig in now_files.items() if have.get(p) != sig] + [
+                p for p in have if p not in now_files
+            ]
+            if last_snapshot is None and manifest is not None:
+                last_snapshot = manifest.created_at.timestamp()
+            lag = 0.0
+            if pending_since is not None:
+                lag = now - pending_since
+            elif changed:
+                seen = heartbeat or last_snapshot or now
+                lag = now - seen
+            rpo = s.rpo_for(t.name)
+            report.pairs.append(
+                PairStatus(
+                    s.name,
+                    t.name,
+                    _iso(last_snapshot),
+                    round(max(lag, 0.0), 3),
+                    rpo,
+                    rpo is not None and lag > rpo,
+                    sum(now_files.get(p, (0, 0))[0] for p in changed),
+                    len(changed),
+                    target_error or scan_errors.get(s.name) or last_error,
+                )
+            )
+    return report
+
+
+def render(report: StatusReport) -> str:
+    rows = [("SOURCE", "TARGET", "LAST SNAPSHOT", "LAG", "RPO", "PENDING", "STATE / LAST ERROR")]
+    for p in report.pairs:
+        state = "BREACHED" if p.breached else "ok"
+        if p.last_error:
+            state += f": {p.last_error}"
+        rows.append(
+            (
+                p.source,
+                p.target,
+                p.last_snapshot or "never",
+                format_duration(p.lag_seconds),
+                format_duration(p.rpo_seconds) if p.rpo_seconds is not None else "-",
+                f"{format_size(p.pending_bytes)} / {p.pending_files} files",
+                state,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
+    where = (
+        "from the running daemon" if report.daemon_running else "no daemon running: from state and targets"
+    )
+    return "\n".join([f"status at {report.generated} ({where})", *lines])
+
+
+async def gather_status(config: Config) -> StatusReport:
+    if config.listen:
+        live = await from_daemon(config.listen)
+        if live is not None:
+            return live
+    return await offline(config)
