@@ -26,11 +26,14 @@ ATTEMPTS = 5
 
 class WebhookNotifier:
     def __init__(self, config: AlertsConfig) -> None:
-        self.urls = [u.get_secret_value() for u in config.webhooks]
-        self.timeout = aiohttp.ClientTimeout(total=config.timeout)
+        self.reconfigure(config)
         self.policy = RetryPolicy(initial=1.0, max=30.0, give_up_after=None)
         self.host = socket.gethostname()
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def reconfigure(self, config: AlertsConfig) -> None:
+        self.urls = [u.get_secret_value() for u in config.webhooks]
+        self.timeout = aiohttp.ClientTimeout(total=config.timeout)
 
     def send(self, event: dict[str, Any]) -> None:
         """Queue ``event`` for every webhook; returns at once."""

@@ -212,6 +212,9 @@ def sync(
                 if t.status == "failed":
                     typer.echo(f"  -> {t.target}: FAILED: {t.error}")
                     continue
+                if t.status == "deferred":
+                    typer.echo(f"  -> {t.target}: DEFERRED: {t.error}; it resumes when the budget allows")
+                    continue
                 if t.status == "empty":
                     typer.echo(f"  -> {t.target}: nothing to publish (no complete files); nothing written")
                     continue
@@ -241,7 +244,57 @@ def run(
     config = load(config_path, log_level, default_level="info")
     if not config.sources or not config.targets:
         fail("the config needs at least one source and one target", 2)
-    run_coroutine(lambda: run_daemon(config))
+    assert config_path is not None
+    run_coroutine(lambda: run_daemon(config, config_path))
+
+
+@app.command()
+def plan(
+    config_path: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Dry run: what the next `sync` would send to each target and what it would cost.
+
+    Scans the sources, reads and encodes what changed (as sync would, nothing is uploaded or
+    written), compares with what each target already holds, and prints bytes, requests,
+    estimated cost per target and source (from each target's `cost` prices), the time under
+    `max_bandwidth`, and what each budget has left today."""
+    from replicator.plan import make_plan
+
+    config = load(config_path, log_level)
+    if not config.sources or not config.targets:
+        fail("the config needs at least one source and one target", 2)
+    result = run_coroutine(lambda: make_plan(config, make_progress(quiet or as_json)))
+    if as_json:
+        emit_json(result)
+        return
+    typer.echo(
+        f"scanned {result.files} files ({format_size(result.bytes_scanned)}); read {result.files_read} "
+        f"changed files ({format_size(result.bytes_read)}) in {format_duration(result.seconds)}"
+    )
+    for t in result.targets:
+        when = (
+            f", {format_duration(t.seconds_at_cap)} at max_bandwidth" if t.seconds_at_cap is not None else ""
+        )
+        new = "" if t.exists else " (new repository)"
+        typer.echo(
+            f"-> {t.target}{new}: send {format_size(t.bytes)} in {t.chunks} chunks, {t.puts} PUT/LIST + "
+            f"{t.gets} GET requests, ${t.cost_usd:.4f} (egress ${t.egress_usd:.4f}, requests "
+            f"${t.requests_usd:.4f}){when}"
+        )
+        if t.storage_usd_per_month is not None:
+            typer.echo(f"   adds ${t.storage_usd_per_month:.4f}/month of storage")
+        for s in t.sources:
+            verdict = "" if s.budget_allows else "  DEFERRED by budget"
+            size = format_size(s.bytes)
+            typer.echo(f"   {s.source} ({s.priority}): {size}, {s.puts} PUTs, ${s.cost_usd:.4f}{verdict}")
+    for b in result.budgets:
+        spent, allowed = b.spent_today_usd, b.allowance_today_usd
+        typer.echo(f"budget {b.scope} ({b.mode}): today ${spent:.4f} spent of ${allowed:.4f}")
+    for path, why in sorted(result.skipped.items()):
+        typer.echo(f"  skipped {path}: {why}")
 
 
 @app.command()

@@ -27,7 +27,7 @@ from pydantic import (
 
 from replicator.errors import ConfigError
 from replicator.globs import compile_glob
-from replicator.units import parse_duration, parse_size
+from replicator.units import parse_duration, parse_rate, parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 """A byte count written as ``4MiB``, ``1.5GB`` or a plain integer."""
@@ -105,6 +105,40 @@ class CompleteWhen(_Model):
         return self
 
 
+Priority = Literal["critical", "high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("critical", "high", "normal", "low")
+DEFAULT_PRIORITY: dict[str, Priority] = {"checkpoint": "critical", "embedding": "high", "dataset": "normal"}
+
+
+class CostConfig(_Model):
+    """What a target's provider charges. Spend is computed on what actually crosses the wire
+    (after dedup and compression) and on the requests actually made."""
+
+    egress_usd_per_gib: float = Field(0.0, ge=0)
+    """Per GiB uploaded to this target (the primary cloud's egress price, e.g. 0.09 for AWS)."""
+    put_usd_per_1k: float = Field(0.0, ge=0)
+    """Per 1,000 PUT and LIST requests (e.g. 0.005)."""
+    get_usd_per_1k: float = Field(0.0, ge=0)
+    """Per 1,000 GET and HEAD requests (verify, restore; e.g. 0.0004)."""
+    storage_usd_per_gib_month: float | None = Field(None, ge=0)
+    """Used by ``replicator plan`` to estimate the monthly cost of what a sync adds."""
+
+
+class BudgetConfig(_Model):
+    """A spending limit over UTC calendar periods. See docs/BUDGET.md for the pacing policy."""
+
+    usd_per_day: float | None = Field(None, gt=0)
+    usd_per_month: float | None = Field(None, gt=0)
+    mode: Literal["soft", "hard"] = "soft"
+    """soft: critical work keeps flowing past the budget (and alerts); hard: all sending stops."""
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetConfig:
+        if self.usd_per_day is None and self.usd_per_month is None:
+            raise ValueError("give usd_per_day, usd_per_month or both")
+        return self
+
+
 class S3Access(_Model):
     """How to reach an S3 endpoint; shared by S3 sources and S3 targets (ignored for paths)."""
 
@@ -127,6 +161,9 @@ class SourceConfig(S3Access):
     url: str
     """A POSIX directory or ``s3://bucket/prefix``."""
     kind: Literal["checkpoint", "dataset", "embedding"] = "dataset"
+    priority: Priority | None = None
+    """Under a budget, lower priorities are deferred first. Default: checkpoint critical,
+    embedding high, dataset normal."""
     include: list[str] = Field(default_factory=lambda: ["**"])
     exclude: list[str] = Field(default_factory=list)
     complete_when: CompleteWhen | None = None
@@ -161,6 +198,10 @@ class SourceConfig(S3Access):
     def completion(self) -> CompleteWhen:
         return self.complete_when or CompleteWhen(quiet=30.0)
 
+    @property
+    def effective_priority(self) -> Priority:
+        return self.priority or DEFAULT_PRIORITY[self.kind]
+
     def rpo_for(self, target: str) -> float | None:
         return self.rpo_overrides.get(target, self.rpo)
 
@@ -191,6 +232,10 @@ class TargetConfig(S3Access):
     hash: Literal["xxh3-128", "blake3"] = "xxh3-128"
     """Chunk id algorithm for a repository created here; blake3 for untrusted sources."""
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
+    budget: BudgetConfig | None = None
+    max_bandwidth: Annotated[int, BeforeValidator(parse_rate)] | None = None
+    """Upload cap in bytes per second (``200MiB/s``), a token bucket independent of money."""
 
 
 class AlertsConfig(_Model):
@@ -227,6 +272,8 @@ class Config(_Model):
     """``replicator run`` serves /metrics, /healthz, /readyz and /status here (None: off).
     Localhost by default: expose it deliberately (e.g. 0.0.0.0:9464 in a pod)."""
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    budget: BudgetConfig | None = None
+    """A global budget over all targets' spend, in addition to per-target ones."""
 
     @model_validator(mode="after")
     def _unique(self) -> Config:

@@ -28,12 +28,14 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
+from replicator import log as logging_setup
 from replicator import status, systemd
 from replicator.alerts import WebhookNotifier
-from replicator.config import Config, SourceConfig, TargetConfig
+from replicator.config import Config, SourceConfig, TargetConfig, load_config
 from replicator.engine import Candidate, OpenTarget, Replicator, SourceResult
 from replicator.errors import ConfigError, PermanentTargetError, ReplicatorError, SourceError
 from replicator.http import HttpEndpoint
@@ -281,10 +283,18 @@ class TargetPublisher:
                 await self.wake.wait()
                 continue
             ok = await self._probe() if not self.target.uploader.healthy else True
-            if ok:
-                ok = await self._publish_pending()
-            if ok:
+            outcome = await self._publish_pending() if ok else "failed"
+            if outcome == "deferred":
+                # Waiting for budget: a new day, a raised budget (SIGHUP wakes us) or spend
+                # freed by a change of prices. Look again at least every minute.
+                wait = min(60.0, self.daemon.rep.budget.seconds_to_next_period())
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), wait)
+            if outcome != "failed":
                 failures = 0
+                if self.daemon.stopping.is_set() and outcome == "deferred":
+                    return  # nothing more will be sent before we exit
                 continue
             failures += 1
             delay = backoff.delay(failures)
@@ -308,14 +318,20 @@ class TargetPublisher:
         self.daemon.reached.add(self.target.config.name)
         return True
 
-    async def _publish_pending(self) -> bool:
-        all_ok = True
+    async def _publish_pending(self) -> str:
+        """Try every pending candidate: "failed" if any failed, else "deferred" if the budget
+        holds any back, else "ok"."""
+        outcome = "ok"
         target = self.target.config.name
         for name, candidate in list(self.pending.items()):
             result = await self.daemon.rep.publish(self.target, self.daemon.config.source(name), candidate)
             if result.status == "failed":
                 self.daemon.tracker.failed(name, target, result.error or "failed")
-                all_ok = False
+                outcome = "failed"
+                continue
+            if result.status == "deferred":
+                self.daemon.tracker.deferred(name, target, result.error or "deferred by the budget")
+                outcome = "deferred" if outcome == "ok" else outcome
                 continue
             if result.status in ("published", "unchanged", "empty"):
                 if result.status == "empty":
@@ -325,12 +341,46 @@ class TargetPublisher:
                 self.daemon.tracker.durable(name, target, candidate.seq, time.time())
             if self.pending.get(name) is candidate:
                 del self.pending[name]
-        return all_ok
+        return outcome
+
+
+M = TypeVar("M", SourceConfig, TargetConfig)
+
+
+def _merge_items(what: str, old: list[M], new: list[M], live: tuple[str, ...]) -> tuple[list[M], list[str]]:
+    by_name = {x.name: x for x in new}
+    merged, ignored = [], []
+    for item in old:
+        fresh = by_name.get(item.name)
+        if fresh is None:
+            ignored.append(f"{what}.{item.name} removed")
+            merged.append(item)
+            continue
+        if fresh.model_copy(update={k: getattr(item, k) for k in live}) != item:
+            ignored.append(f"{what}.{item.name}")
+        merged.append(item.model_copy(update={k: getattr(fresh, k) for k in live}))
+    known = {x.name for x in old}
+    ignored += [f"{what}.{x.name} added" for x in new if x.name not in known]
+    return merged, ignored
+
+
+def merge_live_settings(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``old`` with the live-reloadable settings of ``new``, and the names of other changes."""
+    sources, ignored_s = _merge_items("sources", old.sources, new.sources, LIVE_SOURCE_FIELDS)
+    targets, ignored_t = _merge_items("targets", old.targets, new.targets, LIVE_TARGET_FIELDS)
+    update = {"sources": sources, "targets": targets, "budget": new.budget, "alerts": new.alerts}
+    return old.model_copy(update=update), ignored_s + ignored_t
+
+
+LIVE_SOURCE_FIELDS = ("priority", "rpo", "rpo_overrides")
+LIVE_TARGET_FIELDS = ("cost", "budget")
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        self.monitor: RpoMonitor | None = None
         self.rep = Replicator(config, fail_fast=False)
         self.stopping = asyncio.Event()
         self.workers = {s.name: SourceWorker(self, s) for s in config.sources}
@@ -366,6 +416,43 @@ class Daemon:
                     len(candidate.records),
                 )
 
+    def deferred_bytes(self) -> dict[tuple[str, str], int]:
+        """(target, priority) -> bytes of pending work the budget holds back."""
+        out: dict[tuple[str, str], int] = {}
+        for pair in self.tracker.pairs.values():
+            if pair.deferred:
+                key = (pair.target, self.config.source(pair.source).effective_priority)
+                out[key] = out.get(key, 0) + self.tracker.pending_bytes(pair)[0]
+        return out
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file and apply what can change live — budgets, costs,
+        priorities, RPOs and alerts. Other changes are reported and wait for a restart."""
+        if self.config_path is None:
+            log.warning("config.reload_skipped", reason="no config file")
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config.reload_failed", error=str(exc))
+            return
+        merged, ignored = merge_live_settings(self.config, new)
+        self.config = merged
+        self.rep.config = merged
+        self.rep.budget.reconfigure(merged)
+        for s in merged.sources:
+            for t in merged.targets:
+                pair = self.tracker.pairs.get((s.name, t.name))
+                if pair is not None:
+                    pair.rpo = s.rpo_for(t.name)
+        self.notifier.reconfigure(merged.alerts)
+        if self.monitor is not None:
+            self.monitor.repeat = merged.alerts.repeat
+        logging_setup.REDACTOR.add(merged.secret_values())
+        log.info("config.reloaded", needs_restart=ignored)
+        for publisher in self.publishers.values():
+            publisher.wake.set()  # a raised budget may release deferred work
+
     def unready(self) -> list[str]:
         return [f"target {t.name} not reached yet" for t in self.config.targets if t.name not in self.reached]
 
@@ -396,13 +483,15 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         async with self.rep:
             assert self.rep.state is not None
             self._tracker = LagTracker(self.config, self.rep.state)
+            self.rep.budget.on_exceeded = self.notifier.send
             if self.config.listen:
                 self.http = HttpEndpoint(
                     self.config.listen,
-                    status=lambda: status.from_tracker(self.tracker).to_json(),
+                    status=lambda: status.from_tracker(self.tracker, self.rep.budget).to_json(),
                     unready=self.unready,
                 )
                 try:
@@ -471,9 +560,12 @@ class Daemon:
     async def _monitor(self) -> None:
         """Every second: lag gauges and alerts; liveness heartbeat; state heartbeat every 10 s."""
         monitor = RpoMonitor(self.tracker, self.notifier, self.config.alerts.repeat)
+        self.monitor = monitor
         beats = 0
         while True:
             monitor.evaluate()
+            self.rep.ledger.flush()
+            self.rep.budget.export(self.deferred_bytes())
             if self.http is not None:
                 self.http.beat()
             if beats % 10 == 0 and self.rep.state is not None:
@@ -508,8 +600,8 @@ class DaemonCrashedError(ReplicatorError):
     """A background task failed unexpectedly; the daemon stopped so that it can be restarted."""
 
 
-async def run_daemon(config: Config) -> None:
-    daemon = Daemon(config)
+async def run_daemon(config: Config, config_path: Path | None = None) -> None:
+    daemon = Daemon(config, config_path)
     await daemon.run()
     if daemon.crashed:
         raise DaemonCrashedError(

@@ -29,9 +29,10 @@ from typing import Literal
 import structlog
 
 from replicator import gate, metrics
-from replicator.config import Config, SourceConfig, TargetConfig
+from replicator.budget import PRIORITY, Budget, BudgetExceededError, Clock, Ledger, utc_now
+from replicator.config import Config, Priority, SourceConfig, TargetConfig
 from replicator.errors import FileChangedError, ReplicatorError, SourceError, TargetError
-from replicator.fanout import Uploader, UploadStats
+from replicator.fanout import Admission, Uploader, UploadStats
 from replicator.hashing import HashSpec
 from replicator.manifest import Manifest, SetInfo, format_time, now_utc
 from replicator.pipeline import ChunkPipeline, ChunkSink, EncodedChunk, FileRecord
@@ -51,7 +52,7 @@ FILES_IN_PARALLEL = 4
 @dataclass
 class TargetResult:
     target: str
-    status: Literal["published", "unchanged", "empty", "failed", "superseded"]
+    status: Literal["published", "unchanged", "empty", "failed", "superseded", "deferred"]
     snapshot: str | None = None
     error: str | None = None
     uploads: UploadStats = field(default_factory=UploadStats)
@@ -132,9 +133,15 @@ class Replicator:
     daemon keeps it and lets its publisher recover it."""
 
     def __init__(
-        self, config: Config, *, targets: Sequence[str] | None = None, fail_fast: bool = True
+        self,
+        config: Config,
+        *,
+        targets: Sequence[str] | None = None,
+        fail_fast: bool = True,
+        clock: Clock = utc_now,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.target_configs = [config.target(n) for n in targets] if targets else list(config.targets)
         self.fail_fast = fail_fast
         self.open_targets: list[OpenTarget] = []
@@ -142,6 +149,8 @@ class Replicator:
         self.state: StateStore | None = None
         self.pipeline: ChunkPipeline | None = None
         self.recovered_from_crash = False
+        self.ledger: Ledger
+        self.budget: Budget
         self._sources: dict[str, Source] = {}
         self._stack = contextlib.AsyncExitStack()
 
@@ -150,6 +159,9 @@ class Replicator:
             self.state = StateStore.open(self.config.state_dir)
             self._stack.callback(self.state.close)
             self.recovered_from_crash = not self.state.begin_run()
+            self.ledger = Ledger(self.state, [t.name for t in self.config.targets], self.clock)
+            self._stack.callback(self.ledger.flush)
+            self.budget = Budget(self.config, self.ledger, self.clock)
             if self.recovered_from_crash:
                 log.warning("state.unclean_shutdown", hint="re-listing targets before trusting the cache")
             self.pipeline = ChunkPipeline(
@@ -174,7 +186,7 @@ class Replicator:
         """Open a target, its repository and its upload queue (again, for one that failed to
         open before). Raises ReplicatorError if the target cannot be used now."""
         assert self.state is not None and self.pipeline is not None
-        target = await open_target(cfg)
+        target = await open_target(cfg, on_request=self.budget.charge)
         try:
             repo = await Repository.open_or_create(
                 target, algorithm=cfg.hash, chunking=self.config.chunking, compression=self.config.compression
@@ -185,7 +197,7 @@ class Replicator:
                     target=cfg.name,
                     hint="dedup against data written with other chunk sizes will be lower",
                 )
-            uploader = Uploader(cfg.name, repo, self.state, cfg.concurrency, fail_fast=self.fail_fast)
+            uploader = Uploader(cfg.name, repo, self.state, cfg.concurrency, admit=self._admission(cfg.name))
             await uploader.start(relist=self.recovered_from_crash)
         except BaseException:
             await target.close()
@@ -204,6 +216,12 @@ class Replicator:
         if self.state is not None:
             self.state.end_run()
         await self._stack.aclose()
+
+    def _admission(self, target: str) -> Admission:
+        def admit(priority: Priority, nbytes: int) -> bool:
+            return self.budget.allows(target, priority, self.budget.cost_of(target, nbytes))
+
+        return admit
 
     def source(self, cfg: SourceConfig) -> Source:
         if cfg.name not in self._sources:
@@ -233,12 +251,13 @@ class Replicator:
         records, to_read = self._plan(cfg.name, selection.files, healthy)
         progress.begin(f"{cfg.name}: reading", sum(f.size for f in to_read))
         try:
-            records += await self._read_all(self.source(cfg), to_read, healthy, result, progress)
+            priority = cfg.effective_priority
+            records += await self._read_all(self.source(cfg), to_read, healthy, priority, result, progress)
             if prestage and selection.prestage:
                 early = self._plan(cfg.name, selection.prestage, healthy)[1]
                 if early:
                     staged = await self._read_all(
-                        self.source(cfg), early, healthy, SourceResult(cfg.name), progress
+                        self.source(cfg), early, healthy, priority, SourceResult(cfg.name), progress
                     )
                     log.info("source.prestaged", source=cfg.name, files=len(staged))
         finally:
@@ -276,6 +295,7 @@ class Replicator:
         source: Source,
         files: list[SourceFile],
         targets: list[OpenTarget],
+        priority: Priority,
         result: SourceResult,
         progress: ProgressSink,
     ) -> list[FileRecord]:
@@ -285,7 +305,7 @@ class Replicator:
         async def sink(chunk: EncodedChunk) -> None:
             progress.advance(chunk.size)
             for t in targets:
-                await t.uploader.offer(chunk)
+                await t.uploader.offer(chunk, priority)
 
         async def worker() -> None:
             while queue:
@@ -339,6 +359,12 @@ class Replicator:
             return TargetResult(name, "empty", error="no complete files to publish")
         if not candidate.covers(t.repo.hash):
             return TargetResult(name, "superseded", error="built before this target was attached")
+        priority = cfg.effective_priority
+        deferred = TargetResult(name, "deferred", error=f"budget: {priority} work is deferred")
+        if not self.budget.allows(name, priority):
+            log.info("snapshot.deferred", source=cfg.name, target=name, priority=priority)
+            return deferred
+        deferred_before = t.uploader.stats.chunks_deferred
         try:
             manifest = candidate.manifest(t.repo.hash)
             ids = [c for e in manifest.files for c, _ in e.chunks]
@@ -351,6 +377,9 @@ class Replicator:
                     return TargetResult(name, "superseded", error=f"{changed} changed since it was read")
                 await t.uploader.settle(ids)
                 still = t.uploader.missing(ids)
+                if still and t.uploader.error is None and t.uploader.stats.chunks_deferred > deferred_before:
+                    log.info("snapshot.deferred", source=cfg.name, target=name, priority=priority)
+                    return deferred  # the budget ran out part way: the rest waits
                 if still:
                     raise t.uploader.error or TargetError(
                         f"{len(still)} chunks could not be uploaded", target=name
@@ -360,7 +389,12 @@ class Replicator:
             if previous is not None and previous[1] == key and await t.repo.latest(cfg.name) == previous[0]:
                 log.info("snapshot.unchanged", source=cfg.name, target=name, snapshot=previous[0])
                 return TargetResult(name, "unchanged", snapshot=previous[0])
-            snapshot_id = await t.repo.publish(manifest)
+            PRIORITY.set(priority)
+            try:
+                snapshot_id = await t.repo.publish(manifest)
+            except BudgetExceededError:
+                log.info("snapshot.deferred", source=cfg.name, target=name, priority=priority)
+                return deferred
             self.state.set_published(t.repo.config.id, cfg.name, snapshot_id, key)
             log.info(
                 "snapshot.published",
@@ -388,7 +422,9 @@ class Replicator:
                 continue
             current = SourceFile(rec.path, rec.size, rec.mtime_ns, rec.mode, rec.signature)
             try:
-                again = await self.pipeline.read_file(source, current, t.uploader.offer)
+                again = await self.pipeline.read_file(
+                    source, current, lambda c: t.uploader.offer(c, cfg.effective_priority)
+                )
             except (FileChangedError, SourceError):
                 return rec.path
             if again.digests[spec.key] != rec.digests[spec.key]:

@@ -9,7 +9,10 @@ A slow or dead target must never stall the others. An uploader turns *unhealthy*
 upload fails for good, when its target has been failing for a few seconds, or when its queue
 stays full for ``stall_timeout``; it then drops its queue and every further offer, and the
 target's publisher catches up later by reading the missing chunks again from the source. In
-``fail_fast`` mode (one-shot commands) the first failure ends the target's run instead.
+one-shot commands the publisher reports the failure instead.
+
+Under a budget, each chunk is admitted (or deferred) by its source's priority before it is
+queued and again before it is sent (replicator.budget).
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
 
 from replicator import metrics
+from replicator.budget import PRIORITY, BudgetExceededError
+from replicator.config import Priority
 from replicator.errors import TargetError
 from replicator.pipeline import EncodedChunk, Lease
 from replicator.repository import Repository
@@ -30,6 +35,9 @@ from replicator.state import StateStore
 from replicator.targets import RetryingTarget, unwrap
 
 log = structlog.get_logger(__name__)
+
+Admission = Callable[[Priority, int], bool]
+"""May a chunk of this priority and this many encoded bytes be sent now? (the budget)"""
 
 FAILING_GRACE = 5.0
 """Seconds a target may keep failing requests before offers to it are dropped."""
@@ -47,6 +55,9 @@ class UploadStats:
     """Original bytes not sent because the target already had (or was receiving) them."""
     chunks_dropped: int = 0
     """Chunks not queued because the target was unhealthy (sent later by catch-up)."""
+    chunks_deferred: int = 0
+    bytes_deferred: int = 0
+    """Chunks (and their encoded bytes) held back by the budget (sent when it allows)."""
 
 
 class Uploader:
@@ -57,7 +68,7 @@ class Uploader:
         state: StateStore,
         concurrency: int,
         *,
-        fail_fast: bool = True,
+        admit: Admission | None = None,
         stall_timeout: float = 10.0,
     ) -> None:
         self.name = name
@@ -65,13 +76,16 @@ class Uploader:
         self.state = state
         self.key = repo.hash.key
         self.concurrency = concurrency
-        self.fail_fast = fail_fast
+        self.admit = admit
+        """The budget's say (replicator.budget); None: no budget."""
         self.stall_timeout = stall_timeout
         self.stats = UploadStats()
         self.error: TargetError | None = None
         """Why the target is unhealthy; None while it is healthy."""
         self._retrying = unwrap(repo.target, RetryingTarget)
-        self._queue: asyncio.Queue[tuple[str, bytes, int, Lease]] = asyncio.Queue(maxsize=2 * concurrency)
+        self._queue: asyncio.Queue[tuple[str, bytes, int, Lease, Priority]] = asyncio.Queue(
+            maxsize=2 * concurrency
+        )
         self._inflight: dict[str, asyncio.Event] = {}
         self._workers: list[asyncio.Task[None]] = []
 
@@ -114,7 +128,7 @@ class Uploader:
         self.error = error
         metrics.TARGET_UP.labels(self.name).set(0)
         while not self._queue.empty():  # give the memory back; catch-up re-reads these later
-            cid, _, _, lease = self._queue.get_nowait()
+            cid, _, _, lease, _ = self._queue.get_nowait()
             lease.release()
             self._inflight.pop(cid).set()
             self._queue.task_done()
@@ -136,7 +150,11 @@ class Uploader:
     def has_all(self, chunk_ids: Iterable[str]) -> bool:
         return all(self.has(c) for c in chunk_ids)
 
-    async def offer(self, chunk: EncodedChunk) -> None:
+    def _deferred(self, nbytes: int) -> None:
+        self.stats.chunks_deferred += 1
+        self.stats.bytes_deferred += nbytes
+
+    async def offer(self, chunk: EncodedChunk, priority: Priority = "critical") -> None:
         if not self.healthy:
             self.stats.chunks_dropped += 1
             return
@@ -146,9 +164,12 @@ class Uploader:
             self.stats.bytes_dedup += chunk.size
             metrics.DEDUP_BYTES.labels(self.name).inc(chunk.size)
             return
+        if self.admit is not None and not self.admit(priority, len(chunk.stored)):
+            self._deferred(len(chunk.stored))
+            return
         self._inflight[cid] = asyncio.Event()
         chunk.lease.retain()
-        item = (cid, chunk.stored, chunk.size, chunk.lease)
+        item = (cid, chunk.stored, chunk.size, chunk.lease, priority)
         try:
             await asyncio.wait_for(self._queue.put(item), self.stall_timeout)
         except TimeoutError:
@@ -161,9 +182,12 @@ class Uploader:
 
     async def _work(self) -> None:
         while True:
-            cid, stored, size, lease = await self._queue.get()
+            cid, stored, size, lease, priority = await self._queue.get()
             try:
-                if self.error is None:  # an unhealthy target's queue is dropped, not sent
+                if self.error is not None:
+                    pass  # an unhealthy target's queue is dropped, not sent
+                else:
+                    PRIORITY.set(priority)  # the budget decides at the request (Budget.charge)
                     await self.repo.put_chunk(cid, stored)
                     # Batched commits: after a crash the next start re-lists the target anyway.
                     self.state.add_chunks(self.repo.config.id, (cid,))
@@ -171,6 +195,8 @@ class Uploader:
                     metrics.CHUNKS_SENT.labels(self.name).inc()
                     self.stats.bytes_new += size
                     self.stats.bytes_sent += len(stored)
+            except BudgetExceededError:
+                self._deferred(len(stored))  # the budget ran out while it waited in the queue
             except TargetError as exc:
                 if self.error is None:
                     log.error("target.upload_failed", target=self.name, error=str(exc))
@@ -197,7 +223,7 @@ class Uploader:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         while not self._queue.empty():
-            *_, lease = self._queue.get_nowait()
+            _, _, _, lease, _ = self._queue.get_nowait()
             lease.release()
         with contextlib.suppress(Exception):
             self.state.commit()

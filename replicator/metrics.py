@@ -112,3 +112,23 @@ SOURCE_ERRORS = Counter(
 TARGET_UP = Gauge(
     "replicator_target_healthy", "1 while the target accepts uploads, else 0.", ["target"], registry=REGISTRY
 )
+
+# -- budget (replicator.budget) --------------------------------------------------------------
+SPEND_USD = Gauge(
+    "replicator_spend_usd",
+    "Spend to date in the current UTC period (period: day or month); target 'all' is the global budget.",
+    ["target", "period"],
+    registry=REGISTRY,
+)
+BUDGET_REMAINING_USD = Gauge(
+    "replicator_budget_remaining_usd",
+    "Budget left in the current period: today's paced allowance, or the month's limit.",
+    ["target", "period"],
+    registry=REGISTRY,
+)
+DEFERRED_BYTES = Gauge(
+    "replicator_deferred_bytes",
+    "Bytes of pending changes the budget holds back, by source priority.",
+    ["target", "priority"],
+    registry=REGISTRY,
+)

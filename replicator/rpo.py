@@ -49,6 +49,8 @@ class PairState:
     last_error: str | None = None
     breached: bool = False
     last_alert_at: float | None = None
+    deferred: bool = False
+    """The budget holds this pair's pending work back."""
 
     def lag(self, now: float) -> float:
         return max(0.0, now - self.pending[0].observed_at) if self.pending else 0.0
@@ -108,9 +110,15 @@ class LagTracker:
         pair.pending = [p for p in pair.pending if p.seq > seq]
         pair.last_snapshot_at = at
         pair.last_error = None
+        pair.deferred = False
         if first is not None:
             metrics.SNAPSHOT_DURATION.labels(source, target).observe(max(0.0, at - first))
         self.save(pair)
+
+    def deferred(self, source: str, target: str, reason: str) -> None:
+        pair = self.pairs[(source, target)]
+        pair.deferred = True
+        self.failed(source, target, reason)
 
     def failed(self, source: str, target: str, error: str) -> None:
         pair = self.pairs[(source, target)]

@@ -49,6 +49,9 @@ CREATE TABLE IF NOT EXISTS rpo (
     source TEXT NOT NULL, target TEXT NOT NULL, pending_since REAL, last_snapshot REAL,
     last_error TEXT, breached INTEGER NOT NULL, last_alert REAL,
     PRIMARY KEY (source, target)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS spend (
+    target TEXT NOT NULL, day TEXT NOT NULL, bytes INTEGER NOT NULL, puts INTEGER NOT NULL,
+    gets INTEGER NOT NULL, PRIMARY KEY (target, day)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS published (
     repo TEXT NOT NULL, source TEXT NOT NULL, snapshot TEXT NOT NULL, content TEXT NOT NULL,
@@ -320,6 +323,26 @@ class StateStore:
             (source, target, pending_since, last_snapshot, last_error, int(breached), last_alert),
         )
         self.commit()
+
+    # -- spend ledger (replicator.budget) ---------------------------------------------------------
+
+    def add_spend(self, target: str, day: str, nbytes: int, puts: int, gets: int) -> None:
+        self.db.execute(
+            "INSERT INTO spend VALUES (?,?,?,?,?) ON CONFLICT (target, day) DO UPDATE SET "
+            "bytes = bytes + excluded.bytes, puts = puts + excluded.puts, gets = gets + excluded.gets",
+            (target, day, nbytes, puts, gets),
+        )
+
+    def spend(self, target: str | None, first_day: str, last_day: str) -> tuple[int, int, int]:
+        """(bytes, puts, gets) of one target, or of all (None), over an inclusive day range."""
+        where = "day BETWEEN ? AND ?" + ("" if target is None else " AND target = ?")
+        args = (first_day, last_day) if target is None else (first_day, last_day, target)
+        row = self.db.execute(
+            "SELECT coalesce(sum(bytes),0), coalesce(sum(puts),0), coalesce(sum(gets),0) "
+            f"FROM spend WHERE {where}",
+            args,
+        ).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
 
     def heartbeat(self) -> None:
         """The daemon is alive and watching (``replicator status`` uses it when it is not)."""

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from replicator import gate
+from replicator.budget import GLOBAL, Budget, Ledger
 from replicator.config import Config
 from replicator.errors import ReplicatorError
 from replicator.repository import Repository
@@ -41,6 +42,19 @@ class PairStatus:
     pending_bytes: int
     pending_files: int
     last_error: str | None
+    deferred: bool = False
+    """The budget holds this pending work back."""
+
+
+@dataclass
+class BudgetStatus:
+    scope: str
+    """A target name, or "all" for the global budget."""
+    mode: str
+    spent_today_usd: float
+    allowance_today_usd: float
+    spent_month_usd: float
+    month_limit_usd: float | None
 
 
 @dataclass
@@ -48,6 +62,7 @@ class StatusReport:
     generated: str
     daemon_running: bool
     pairs: list[PairStatus] = field(default_factory=list)
+    budgets: list[BudgetStatus] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -58,17 +73,40 @@ class StatusReport:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> StatusReport:
-        return cls(doc["generated"], doc["daemon_running"], [PairStatus(**p) for p in doc["pairs"]])
+        return cls(
+            doc["generated"],
+            doc["daemon_running"],
+            [PairStatus(**p) for p in doc["pairs"]],
+            [BudgetStatus(**b) for b in doc.get("budgets", [])],
+        )
 
 
 def _iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def from_tracker(tracker: LagTracker, now: float | None = None) -> StatusReport:
+def budget_rows(budget: Budget) -> list[BudgetStatus]:
+    rows = []
+    for scope in sorted(budget.limits):
+        a = budget.allowance(scope)
+        assert a is not None
+        rows.append(
+            BudgetStatus(
+                "all" if scope == GLOBAL else scope,
+                a.mode,
+                round(a.spent_today, 6),
+                round(a.today, 6),
+                round(a.spent_month, 6),
+                None if a.month_limit == float("inf") else a.month_limit,
+            )
+        )
+    return rows
+
+
+def from_tracker(tracker: LagTracker, budget: Budget, now: float | None = None) -> StatusReport:
     """The daemon's live view."""
     now = time.time() if now is None else now
-    report = StatusReport(_iso(now) or "", daemon_running=True)
+    report = StatusReport(_iso(now) or "", daemon_running=True, budgets=budget_rows(budget))
     for pair in tracker.pairs.values():
         lag = pair.lag(now)
         nbytes, files = tracker.pending_bytes(pair)
@@ -83,6 +121,7 @@ def from_tracker(tracker: LagTracker, now: float | None = None) -> StatusReport:
                 nbytes,
                 files,
                 pair.last_error,
+                pair.deferred,
             )
         )
     return report
@@ -109,9 +148,10 @@ async def offline(config: Config) -> StatusReport:
     try:
         saved = state.load_rpo()
         heartbeat = state.last_heartbeat()
+        budgets = budget_rows(Budget(config, Ledger(state, [t.name for t in config.targets])))
     finally:
         state.close()
-    report = StatusReport(_iso(now) or "", daemon_running=False)
+    report = StatusReport(_iso(now) or "", daemon_running=False, budgets=budgets)
     current: dict[str, dict[str, tuple[int, int]]] = {}
     scan_errors: dict[str, str] = {}
     for s in config.sources:
@@ -178,6 +218,8 @@ def render(report: StatusReport) -> str:
     rows = [("SOURCE", "TARGET", "LAST SNAPSHOT", "LAG", "RPO", "PENDING", "STATE / LAST ERROR")]
     for p in report.pairs:
         state = "BREACHED" if p.breached else "ok"
+        if p.deferred:
+            state += " (deferred by budget)"
         if p.last_error:
             state += f": {p.last_error}"
         rows.append(
@@ -196,6 +238,12 @@ def render(report: StatusReport) -> str:
     where = (
         "from the running daemon" if report.daemon_running else "no daemon running: from state and targets"
     )
+    for b in report.budgets:
+        month = f"${b.spent_month_usd:.2f} of ${b.month_limit_usd:.2f}" if b.month_limit_usd else "-"
+        lines.append(
+            f"budget {b.scope} ({b.mode}): today ${b.spent_today_usd:.2f} of ${b.allowance_today_usd:.2f} "
+            f"(paced), month {month}"
+        )
     return "\n".join([f"status at {report.generated} ({where})", *lines])
 
 

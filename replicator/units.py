@@ -48,6 +48,19 @@ def parse_size(value: str | int | float) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def parse_rate(value: str | int | float) -> int:
+    """A rate in bytes per second: ``200MiB/s``, ``1.5GB/s`` or a plain number of bytes."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.lower().endswith("/s"):
+            raise ValueError(f"invalid rate {value!r}: write it per second, e.g. 200MiB/s")
+        value = text[:-2]
+    rate = parse_size(value)
+    if rate <= 0:
+        raise ValueError(f"invalid rate {value!r}: must be positive")
+    return rate
+
+
 def parse_duration(value: str | int | float) -> float:
     """Return a duration in seconds; raise ValueError with the accepted forms on bad input."""
     if isinstance(value, bool):

@@ -13,6 +13,7 @@ from replicator.targets.posix import PosixTarget
 from replicator.targets.wrappers import (
     LimitedTarget,
     MeteredTarget,
+    RequestHook,
     RetryingTarget,
     RetryPolicy,
     TargetWrapper,
@@ -61,15 +62,12 @@ async def open_backend(cfg: TargetConfig) -> Target:
     return PosixTarget(cfg.name, Path(cfg.url.removeprefix("file://")), cfg.concurrency)
 
 
-async def open_target(cfg: TargetConfig, *, retry_forever: bool = False) -> Target:
+async def open_target(cfg: TargetConfig, on_request: RequestHook | None = None) -> Target:
     """The full stack for one configured target: retry -> limits -> metrics -> backend.
 
-    ``retry_forever`` is for the daemon; one-shot commands give up after
-    ``retry.give_up_after``."""
+    Each request stops retrying after ``retry.give_up_after``; the daemon keeps retrying the
+    work itself (replicator.daemon). ``on_request`` sees every request made (the spend ledger)."""
     backend = await open_backend(cfg)
-    policy = RetryPolicy(
-        initial=cfg.retry.initial,
-        max=cfg.retry.max,
-        give_up_after=None if retry_forever else cfg.retry.give_up_after,
-    )
-    return RetryingTarget(LimitedTarget(MeteredTarget(backend), cfg.concurrency), policy)
+    policy = RetryPolicy(initial=cfg.retry.initial, max=cfg.retry.max, give_up_after=cfg.retry.give_up_after)
+    metered = MeteredTarget(backend, on_request)
+    return RetryingTarget(LimitedTarget(metered, cfg.concurrency, cfg.max_bandwidth), policy)

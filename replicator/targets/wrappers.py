@@ -155,15 +155,40 @@ class RetryingTarget(TargetWrapper):
             return
 
 
-class LimitedTarget(TargetWrapper):
-    """Caps concurrent requests (listing is not counted: it is sequential by nature)."""
+class TokenBucket:
+    """Bandwidth cap: ``rate`` bytes per second, bursts up to one second's worth. A request
+    larger than the bucket is admitted by going into debt, which later requests wait out."""
 
-    def __init__(self, inner: Target, concurrency: int) -> None:
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.capacity = float(rate)
+        self.tokens = float(rate)
+        self.stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def take(self, n: int) -> None:
+        async with self._lock:  # first come, first served
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            self.tokens -= n
+            if self.tokens < 0:
+                await asyncio.sleep(-self.tokens / self.rate)
+
+
+class LimitedTarget(TargetWrapper):
+    """Caps concurrent requests (listing is not counted: it is sequential by nature) and,
+    optionally, upload bandwidth."""
+
+    def __init__(self, inner: Target, concurrency: int, max_bandwidth: int | None = None) -> None:
         super().__init__(inner)
         self.concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
+        self.bandwidth = TokenBucket(max_bandwidth) if max_bandwidth else None
 
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        if self.bandwidth is not None:
+            await self.bandwidth.take(len(data))
         async with self._slots:
             await self.inner.put(key, data, if_absent=if_absent)
 
@@ -190,18 +215,29 @@ def _kind(exc: TargetError) -> str:
     return "permanent"
 
 
+RequestHook = Callable[[str, str, int], None]
+"""(target, op, bytes uploaded) for every request made: the spend ledger (replicator.budget)."""
+
+
 class MeteredTarget(TargetWrapper):
     """Counts every request made to the backend (retries included), bytes uploaded, and
-    failures by kind (replicator.metrics). Innermost wrapper: it sees each real attempt."""
+    failures by kind (replicator.metrics), and reports each request to ``on_request``.
+    Innermost wrapper: it sees each real attempt."""
 
-    def _count(self, op: str) -> None:
+    def __init__(self, inner: Target, on_request: RequestHook | None = None) -> None:
+        super().__init__(inner)
+        self.on_request = on_request
+
+    def _count(self, op: str, nbytes: int = 0) -> None:
         metrics.REQUESTS.labels(self.name, op).inc()
+        if self.on_request is not None:
+            self.on_request(self.name, op, nbytes)
 
     def _failed(self, exc: TargetError) -> None:
         metrics.TARGET_ERRORS.labels(self.name, _kind(exc)).inc()
 
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        self._count("put")
+        self._count("put", len(data))  # egress is charged for bytes sent, even if the PUT then fails
         try:
             await self.inner.put(key, data, if_absent=if_absent)
         except TargetError as exc:
