@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from pydantic import SecretStr
+from typing import Any
 
 from replicator.config import S3Access
 
@@ -49,63 +47,34 @@ def parse_s3_url(url: str) -> S3Location:
     return S3Location(bucket, f"{prefix}/" if prefix else "")
 
 
-@dataclass(frozen=True)
-class S3Settings:
-    """Connection settings common to targets and sources (a subset of their config)."""
+def client_kwargs(access: S3Access) -> dict[str, Any]:
+    """Keyword arguments for ``session.create_client('s3', **kwargs)`` minus ``config``."""
+    kwargs: dict[str, Any] = {}
+    if access.endpoint_url:
+        kwargs["endpoint_url"] = access.endpoint_url
+    # S3-compatible servers rarely care about the region, but SigV4 needs one.
+    region = access.region or ("us-east-1" if access.endpoint_url else None)
+    if region:
+        kwargs["region_name"] = region
+    if access.access_key_id and access.secret_access_key:
+        kwargs["aws_access_key_id"] = access.access_key_id.get_secret_value()
+        kwargs["aws_secret_access_key"] = access.secret_access_key.get_secret_value()
+        if access.session_token:
+            kwargs["aws_session_token"] = access.session_token.get_secret_value()
+    return kwargs
 
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    session_token: SecretStr | None = None
-    addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    sdk_checksums: Literal["when_required", "when_supported"] = "when_required"
-    timeout: float = 60.0
-    max_connections: int = 10
 
-    @classmethod
-    def from_config(cls, cfg: S3Access, max_connections: int = 10) -> S3Settings:
-        return cls(
-            endpoint_url=cfg.endpoint_url,
-            region=cfg.region,
-            profile=cfg.profile,
-            access_key_id=cfg.access_key_id,
-            secret_access_key=cfg.secret_access_key,
-            session_token=cfg.session_token,
-            addressing_style=cfg.addressing_style,
-            sdk_checksums=cfg.sdk_checksums,
-            timeout=cfg.timeout,
-            max_connections=max_connections,
-        )
-
-    def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``session.create_client('s3', **kwargs)`` minus ``config``."""
-        kwargs: dict[str, Any] = {}
-        if self.endpoint_url:
-            kwargs["endpoint_url"] = self.endpoint_url
-        # S3-compatible servers rarely care about the region, but SigV4 needs one.
-        region = self.region or ("us-east-1" if self.endpoint_url else None)
-        if region:
-            kwargs["region_name"] = region
-        if self.access_key_id and self.secret_access_key:
-            kwargs["aws_access_key_id"] = self.access_key_id.get_secret_value()
-            kwargs["aws_secret_access_key"] = self.secret_access_key.get_secret_value()
-            if self.session_token:
-                kwargs["aws_session_token"] = self.session_token.get_secret_value()
-        return kwargs
-
-    def config_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for botocore's ``Config`` / aiobotocore's ``AioConfig``."""
-        style = self.addressing_style
-        if style == "auto" and self.endpoint_url:
-            style = "path"  # virtual-host addressing needs DNS the S3-compatible server rarely has
-        return {
-            "retries": {"max_attempts": 1, "mode": "standard"},
-            "connect_timeout": self.timeout,
-            "read_timeout": self.timeout,
-            "max_pool_connections": self.max_connections,
-            "request_checksum_calculation": self.sdk_checksums,
-            "response_checksum_validation": self.sdk_checksums,
-            "s3": {"addressing_style": style},
-        }
+def config_kwargs(access: S3Access, max_connections: int = 10) -> dict[str, Any]:
+    """Keyword arguments for botocore's ``Config`` / aiobotocore's ``AioConfig``."""
+    style = access.addressing_style
+    if style == "auto" and access.endpoint_url:
+        style = "path"  # virtual-host addressing needs DNS the S3-compatible server rarely has
+    return {
+        "retries": {"max_attempts": 1, "mode": "standard"},
+        "connect_timeout": access.timeout,
+        "read_timeout": access.timeout,
+        "max_pool_connections": max_connections,
+        "request_checksum_calculation": access.sdk_checksums,
+        "response_checksum_validation": access.sdk_checksums,
+        "s3": {"addressing_style": style},
+    }

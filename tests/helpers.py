@@ -52,3 +52,13 @@ def config_dict(
     fast_retry = {"initial": "50ms", "max": "200ms", "give_up_after": "2s"}
     targets = [{"retry": fast_retry, **t} for t in targets]
     return {"state_dir": str(tmp_path / "state"), "sources": sources, "targets": targets, **extra}
+
+
+def checkpoint_source(path: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "ckpt",
+        "url": str(path),
+        "kind": "checkpoint",
+        "complete_when": {"marker": "COMPLETE"},
+        **extra,
+    }

@@ -27,20 +27,10 @@ from tests.daemon_helpers import (
     set_names,
     wait_until,
 )
-from tests.helpers import config_dict, make_checkpoint, tree_digest
+from tests.helpers import checkpoint_source, config_dict, make_checkpoint, tree_digest
 from tests.servers import RcloneServer, free_port
 
 FAST_RETRY = {"initial": "100ms", "max": "1s", "give_up_after": "3s"}
-
-
-def checkpoint_source(path: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": "ckpt",
-        "url": str(path),
-        "kind": "checkpoint",
-        "complete_when": {"marker": "COMPLETE"},
-        **extra,
-    }
 
 
 def test_checkpoint_set_appears_whole_on_both_targets_and_never_partial(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
-from tests.helpers import config_dict, make_checkpoint, tree_digest
+from tests.helpers import checkpoint_source, config_dict, make_checkpoint, tree_digest
 
 
 def repo_args(spec: TargetSpec) -> list[str]:
@@ -27,14 +27,7 @@ def test_sync_then_restore_from_repo_url_is_byte_identical(tmp_path: Path, targe
         tmp_path / "r.yaml",
         config_dict(
             tmp_path,
-            [
-                {
-                    "name": "ckpt",
-                    "url": str(primary),
-                    "kind": "checkpoint",
-                    "complete_when": {"marker": "COMPLETE"},
-                }
-            ],
+            [checkpoint_source(primary)],
             [target_spec.config],
         ),
     )
@@ -68,14 +61,7 @@ def test_restore_include_and_snapshot_selection(tmp_path: Path) -> None:
         tmp_path / "r.yaml",
         config_dict(
             tmp_path,
-            [
-                {
-                    "name": "ckpt",
-                    "url": str(primary),
-                    "kind": "checkpoint",
-                    "complete_when": {"marker": "COMPLETE"},
-                }
-            ],
+            [checkpoint_source(primary)],
             [{"name": "t", "url": str(target)}],
         ),
     )
@@ -106,14 +92,7 @@ def test_incomplete_checkpoint_sets_are_never_published(tmp_path: Path) -> None:
         tmp_path / "r.yaml",
         config_dict(
             tmp_path,
-            [
-                {
-                    "name": "ckpt",
-                    "url": str(primary),
-                    "kind": "checkpoint",
-                    "complete_when": {"marker": "COMPLETE"},
-                }
-            ],
+            [checkpoint_source(primary)],
             [{"name": "t", "url": str(target)}],
         ),
     )

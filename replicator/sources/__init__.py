@@ -5,7 +5,7 @@ from __future__ import annotations
 from replicator.config import SourceConfig
 from replicator.errors import ConfigError
 from replicator.globs import PathFilter
-from replicator.s3 import S3Settings, is_s3_url, parse_s3_url
+from replicator.s3 import is_s3_url, parse_s3_url
 from replicator.sources.base import Source, SourceFile
 from replicator.sources.posix import PosixSource
 
@@ -21,7 +21,7 @@ def open_source(cfg: SourceConfig) -> Source:
             location = parse_s3_url(cfg.url)
         except ValueError as exc:
             raise ConfigError(f"source {cfg.name}: {exc}") from None
-        return S3Source(cfg.name, location, S3Settings.from_config(cfg), path_filter)
+        return S3Source(cfg.name, location, cfg, path_filter)
     if "://" in cfg.url and not cfg.url.startswith("file://"):
         raise ConfigError(
             f"source {cfg.name}: unsupported url {cfg.url!r} (use a directory or s3://bucket/prefix)"

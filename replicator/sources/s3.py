@@ -19,10 +19,11 @@ import boto3
 import structlog
 from botocore.config import Config as BotoConfig
 
+from replicator.config import S3Access
 from replicator.errors import FileChangedError, SourceError
 from replicator.globs import PathFilter
 from replicator.manifest import check_relative_path
-from replicator.s3 import S3Location, S3Settings
+from replicator.s3 import S3Location, client_kwargs, config_kwargs
 from replicator.s3_errors import SDK_ERRORS, convert_error, http_status
 from replicator.sources.base import Readable, SourceFile
 
@@ -53,20 +54,16 @@ class _ObjectStream:
 
 
 class S3Source:
-    def __init__(
-        self, name: str, location: S3Location, settings: S3Settings, path_filter: PathFilter
-    ) -> None:
+    def __init__(self, name: str, location: S3Location, access: S3Access, path_filter: PathFilter) -> None:
         self.name = name
         self.location = location
         self.url = location.url
         self.filter = path_filter
         session = (
-            boto3.session.Session(profile_name=settings.profile)
-            if settings.profile
-            else boto3.session.Session()
+            boto3.session.Session(profile_name=access.profile) if access.profile else boto3.session.Session()
         )
         self.client = session.client(
-            "s3", config=BotoConfig(**settings.config_kwargs()), **settings.client_kwargs()
+            "s3", config=BotoConfig(**config_kwargs(access)), **client_kwargs(access)
         )
 
     def _error(self, exc: BaseException, op: str, key: str) -> SourceError:

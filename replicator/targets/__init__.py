@@ -7,7 +7,7 @@ from pathlib import Path
 
 from replicator.config import TargetConfig
 from replicator.errors import ConfigError
-from replicator.s3 import S3Settings, is_s3_url, parse_s3_url
+from replicator.s3 import is_s3_url, parse_s3_url
 from replicator.targets.base import ObjectInfo, Target, check_key
 from replicator.targets.posix import PosixTarget
 from replicator.targets.wrappers import (
@@ -53,8 +53,7 @@ async def open_backend(cfg: TargetConfig) -> Target:
             location = parse_s3_url(cfg.url)
         except ValueError as exc:
             raise ConfigError(f"target {cfg.name}: {exc}") from None
-        settings = S3Settings.from_config(cfg, max_connections=cfg.concurrency + 4)
-        return await S3Target.open(cfg.name, location, settings, cfg.checksum)
+        return await S3Target.open(cfg.name, location, cfg, cfg.concurrency + 4, cfg.checksum)
     if "://" in cfg.url and not cfg.url.startswith("file://"):
         raise ConfigError(
             f"target {cfg.name}: unsupported url {cfg.url!r} (use a directory or s3://bucket/prefix)"

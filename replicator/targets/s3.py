@@ -20,8 +20,9 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
+from replicator.config import S3Access
 from replicator.errors import AlreadyExistsError, NotFoundError, PermanentTargetError, TransientTargetError
-from replicator.s3 import S3Location, S3Settings
+from replicator.s3 import S3Location, client_kwargs, config_kwargs
 from replicator.s3_errors import SDK_ERRORS, convert_error, http_status
 from replicator.targets.base import ObjectInfo, check_key
 
@@ -29,25 +30,24 @@ _CHECKSUM_ALGORITHMS = {"crc32": "CRC32", "crc32c": "CRC32C", "sha1": "SHA1", "s
 
 
 class S3Target:
-    def __init__(self, name: str, location: S3Location, settings: S3Settings, checksum: str = "md5") -> None:
+    def __init__(self, name: str, location: S3Location, checksum: str = "md5") -> None:
         self.name = name
         self.location = location
         self.url = location.url
-        self.settings = settings
         self.checksum = checksum
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
     @classmethod
     async def open(
-        cls, name: str, location: S3Location, settings: S3Settings, checksum: str = "md5"
+        cls, name: str, location: S3Location, access: S3Access, max_connections: int, checksum: str = "md5"
     ) -> S3Target:
-        self = cls(name, location, settings, checksum)
-        session = AioSession(profile=settings.profile) if settings.profile else AioSession()
+        self = cls(name, location, checksum)
+        session = AioSession(profile=access.profile) if access.profile else AioSession()
         try:
             self._client = await self._stack.enter_async_context(
                 session.create_client(
-                    "s3", config=AioConfig(**settings.config_kwargs()), **settings.client_kwargs()
+                    "s3", config=AioConfig(**config_kwargs(access, max_connections)), **client_kwargs(access)
                 )
             )
         except SDK_ERRORS as exc:
