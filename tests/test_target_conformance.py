@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -213,3 +215,18 @@ def test_s3_checksum_modes_accepted_by_servers(s3_target_spec: TargetSpec) -> No
             return await t.get("obj")
 
         assert run(go, target_spec, checksum=checksum) == b"payload" * 100
+
+
+def test_bandwidth_cap_paces_uploads(tmp_path: Path) -> None:
+    """max_bandwidth is a token bucket: 3 MiB at 1 MiB/s (1 s of burst) takes about 2 s."""
+    cfg = TargetConfig.model_validate({"name": "slow", "url": str(tmp_path), "max_bandwidth": "1MiB/s"})
+
+    async def go() -> float:
+        target = await open_target(cfg)
+        started = time.monotonic()
+        for i in range(6):
+            await target.put(f"obj{i}", bytes(512 << 10))
+        await target.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(go()) >= 1.8
