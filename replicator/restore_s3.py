@@ -120,7 +120,8 @@ class S3Destination:
             if http_status(exc) == 404:
                 return False
             raise convert_error(exc, target=NAME, operation="stat", key=key) from exc
-        meta = head.get("Metadata") or {}
+        # Metadata names are case-insensitive HTTP headers; some servers (rclone) capitalize them.
+        meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
         return int(head.get("ContentLength", -1)) == entry.size and meta.get(DIGEST_META) == entry.digest
 
     async def create(self, entry: FileEntry) -> FileWriter:

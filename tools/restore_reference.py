@@ -218,7 +218,10 @@ def restore_file(repo: Path, root_fd: int, f: dict[str, Any], new_hash: Callable
         try:
             whole = new_hash()
             for cid, length in f["chunks"]:
-                data = decode_chunk(read(repo, f"chunks/{cid[:2]}/{cid}"))
+                try:
+                    data = decode_chunk(read(repo, f"chunks/{cid[:2]}/{cid}"))
+                except zstandard.ZstdError as exc:
+                    raise Refused(f"chunk {cid}: zstd frame is corrupt ({exc})") from None
                 if len(data) != length or hex_of(new_hash, data) != cid:
                     raise Refused(f"chunk {cid} does not match its id or length")
                 whole.update(data)
