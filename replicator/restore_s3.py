@@ -30,7 +30,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
 from replicator.codec import Buffer
-from replicator.errors import PermanentTargetError, TransientTargetError
+from replicator.errors import NotFoundError, PermanentTargetError, TransientTargetError
 from replicator.manifest import FileEntry
 from replicator.restore import FileWriter
 from replicator.s3 import S3Location, S3Settings
@@ -115,11 +115,11 @@ class S3Destination:
     async def is_current(self, entry: FileEntry) -> bool:
         key = self.key(entry.path)
         try:
-            head = await self.client.head_object(Bucket=self.location.bucket, Key=key)
-        except SDK_ERRORS as exc:
-            if http_status(exc) == 404:
-                return False
-            raise convert_error(exc, target=NAME, operation="stat", key=key) from exc
+            head = await self.call(
+                "stat", key, lambda: self.client.head_object(Bucket=self.location.bucket, Key=key)
+            )
+        except NotFoundError:
+            return False
         # Metadata names are case-insensitive HTTP headers; some servers (rclone) capitalize them.
         meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
         return int(head.get("ContentLength", -1)) == entry.size and meta.get(DIGEST_META) == entry.digest
