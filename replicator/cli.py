@@ -307,6 +307,7 @@ def restore(
         typer.Argument(
             help="Destination directory (created if needed), or s3://bucket/prefix to restore each "
             "file as a plain object a training job can read directly.",
+            metavar="DEST",
             show_default=False,
         ),
     ],
@@ -454,7 +455,10 @@ def verify(
     ] = None,
     snapshot: Annotated[
         str | None,
-        typer.Option("--snapshot", help="Only this snapshot id, or 'latest' (the drill's default)."),
+        typer.Option(
+            "--snapshot",
+            help="Only this snapshot id, or 'latest'. Default: check every snapshot; drill the latest.",
+        ),
     ] = None,
     read_data: Annotated[
         str | None,
@@ -611,6 +615,8 @@ def _print_drill(report: Any) -> None:
         f"restore drill: {'PASS' if report.ok else 'FAIL'}: {len(report.sources)} sources restored into "
         f"{where} in {format_duration(report.seconds)}; RTO estimate {rto}"
     )
+    if not report.sources:
+        typer.echo("  no source has a snapshot in this repository: nothing to resume from")
     for s in report.sources:
         if s.snapshot is None:
             typer.echo(f"  {s.source}: FAIL: {'; '.join(s.problems)}")
