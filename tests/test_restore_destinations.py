@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from replicator.repository import chunk_key
 from replicator.restore_s3 import DIGEST_META, PART_SIZE
 from tests.conftest import cli, make_target_spec, write_config
+from tests.daemon_helpers import latest_manifest
 from tests.helpers import config_dict, make_checkpoint, tree_digest
 
 
@@ -22,7 +24,7 @@ def test_restore_into_a_bucket_as_plain_objects(
     primary, target = tmp_path / "primary", tmp_path / "target"
     target.mkdir()
     make_checkpoint(primary, 1, hidden=64)
-    (primary / "step-000001" / "optimizer.bin").write_bytes(os.urandom(PART_SIZE + (3 << 20)))  # 2 parts
+    (primary / "step-000001" / "optimizer.bin").write_bytes(os.urandom(PART_SIZE + (6 << 20)))  # 2 parts
     cfg = write_config(
         tmp_path / "r.yaml",
         config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
@@ -52,6 +54,21 @@ def test_restore_into_a_bucket_as_plain_objects(
     s3.put_object(Bucket=dest.bucket, Key="restored/run-7/step-000001/trainer_state.json", Body=b"{}")
     fixed = json.loads(cli(*args, "--json").stdout)
     assert fixed["files"] == 1 and fixed["skipped_existing"] == 4  # only the object someone replaced
+
+    # A chunk near the end of the big file is corrupt: its first part is already uploaded when
+    # that is found, and the upload is aborted; no object appears.
+    manifest = latest_manifest({"name": "t", "url": str(target)}, "d")
+    assert manifest is not None
+    (big,) = [f for f in manifest.files if f.path.endswith("optimizer.bin")]
+    assert sum(n for _, n in big.chunks[:-1]) >= PART_SIZE, "the last chunk must start after part 1"
+    chunk = target / chunk_key(big.chunks[-1][0])
+    chunk.write_bytes(chunk.read_bytes()[:-1] + bytes([chunk.read_bytes()[-1] ^ 1]))
+    broken = cli(*[a if a != url else f"s3://{dest.bucket}/broken" for a in args])
+    assert broken.returncode == 1 and f"FAILED {big.path}" in broken.stderr
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=dest.bucket, Prefix="broken/").get("Contents", [])]
+    assert len(keys) == 4 and f"broken/{big.path}" not in keys
+    if kind == "moto":  # rclone serve s3 does not list multipart uploads
+        assert not s3.list_multipart_uploads(Bucket=dest.bucket).get("Uploads")
 
 
 def test_restore_at_time_picks_the_newest_snapshot_at_or_before_it(tmp_path: Path) -> None:
