@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -380,54 +382,133 @@ def snapshots(
 @app.command()
 def restore(
     dest: Annotated[
-        Path, typer.Argument(help="Destination directory (created if needed).", show_default=False)
+        str,
+        typer.Argument(
+            help="Destination directory (created if needed), or s3://bucket/prefix to restore each "
+            "file as a plain object a training job can read directly.",
+            metavar="DEST",
+            show_default=False,
+        ),
     ],
     source: Annotated[str, typer.Option("--source", "-s", help="Source whose snapshot to restore.")],
     config_path: ConfigOpt = None,
     target: TargetOpt = None,
     repo: RepoOpt = None,
     snapshot: Annotated[
-        str, typer.Option("--snapshot", help="Snapshot id (or unique prefix), or 'latest'.")
-    ] = "latest",
+        str | None,
+        typer.Option("--snapshot", help="Snapshot id (or unique prefix), or 'latest' (the default)."),
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at",
+            metavar="TIME",
+            help="The newest snapshot taken at or before TIME: ISO 8601 (2026-11-22T10:15Z; UTC "
+            "unless an offset is given) or a duration ago (90m, 2d). For rolling back past a bad step.",
+            show_default=False,
+        ),
+    ] = None,
     include: Annotated[
         list[str] | None, typer.Option("--include", "-i", help="Only matching paths (glob, repeatable).")
     ] = None,
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
     profile: ProfileOpt = None,
+    dest_endpoint_url: Annotated[
+        str | None,
+        typer.Option("--dest-endpoint-url", help="S3 endpoint of an s3:// DEST (default: --endpoint-url)."),
+    ] = None,
+    dest_region: Annotated[
+        str | None, typer.Option("--dest-region", help="Region of an s3:// DEST (default: --region).")
+    ] = None,
+    dest_profile: Annotated[
+        str | None, typer.Option("--dest-profile", help="AWS profile for an s3:// DEST (default: --profile).")
+    ] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Restore a snapshot's files into DEST, byte-identical, with mode and mtime.
 
-    Works from --repo URL alone (no config) at a disaster-recovery site. Every chunk and every
-    file is checked against its digest before it becomes visible; files already correct in
-    DEST are skipped; nothing is written outside DEST."""
-    from replicator.restore import restore_snapshot
+    Works from --repo URL alone (no config) at a disaster-recovery site. Chunks are fetched in
+    parallel; every chunk and every file is checked against its digest before it becomes
+    visible, and each file appears atomically (temporary name + rename; in a bucket, one PUT or
+    a completed multipart upload). Files already correct in DEST are skipped, so an interrupted
+    restore is resumed by running it again. Nothing is written outside DEST: manifest paths are
+    untrusted and symlinks in DEST are never followed. Prints the measured throughput."""
+    from replicator.restore import Destination, restore_snapshot, snapshot_at
+    from replicator.s3 import is_s3_url, parse_s3_url
+    from replicator.units import parse_time_point
 
     tcfg, _ = repo_target_config(config_path, target, repo, endpoint_url, region, profile, log_level)
+    if at is not None and snapshot is not None:
+        fail("give either --snapshot or --at, not both", 2)
+    when = None
+    if at is not None:
+        try:
+            when = parse_time_point(at, datetime.now(UTC))
+        except ValueError as exc:
+            fail(f"--at: {exc}", 2)
+    if "://" in dest and not is_s3_url(dest):
+        fail(f"DEST must be a directory or s3://bucket/prefix (got {dest!r})", 2)
+    location = None
+    if is_s3_url(dest):
+        try:
+            location = parse_s3_url(dest)
+        except ValueError as exc:
+            fail(f"DEST: {exc}", 2)
+    # The destination bucket may live elsewhere than the repository; only the endpoint, region
+    # and profile are overridable, everything else (timeouts, checksums) follows the target.
+    dest_access = tcfg.model_copy(
+        update={
+            "endpoint_url": dest_endpoint_url or tcfg.endpoint_url,
+            "region": dest_region or tcfg.region,
+            "profile": dest_profile or tcfg.profile,
+        }
+    )
 
     async def go() -> tuple[str, Any]:
         t = await open_target(tcfg)
+        out: Destination | None = None
         try:
             r = await Repository.open(t)
-            sid = await r.resolve(source, snapshot)
+            if when is not None:
+                sid = await snapshot_at(r, source, when)
+            else:
+                sid = await r.resolve(source, snapshot)
             manifest = await r.load_manifest(source, sid)
+            if location is not None:
+                from replicator.restore_s3 import S3Destination
+                from replicator.targets import RetryPolicy
+
+                retry = tcfg.retry
+                out = await S3Destination.open(
+                    location,
+                    dest_access,
+                    RetryPolicy(retry.initial, retry.max, retry.give_up_after),
+                    max_connections=tcfg.concurrency + 4,
+                )
             res = await restore_snapshot(
-                r, manifest, dest, include=include or (), progress=make_progress(quiet or as_json)
+                r,
+                manifest,
+                out or Path(dest),
+                include=include or (),
+                progress=make_progress(quiet or as_json),
             )
             return sid, res
         finally:
+            if out is not None:
+                await out.close()
             await t.close()
 
     sid, res = run_coroutine(go)
     if as_json:
-        emit_json({"snapshot": sid, **dataclasses.asdict(res)})
+        emit_json({"snapshot": sid, **dataclasses.asdict(res), "bytes_per_second": res.bytes_per_second})
     else:
+        rate = f" ({format_size(res.bytes_per_second)}/s)" if res.bytes else ""
         typer.echo(
             f"restored {res.files} files, {format_size(res.bytes)} from {source}/{sid} into {dest} "
-            f"in {format_duration(res.seconds)} ({res.skipped_existing} already up to date)"
+            f"in {format_duration(res.seconds)}{rate} ({res.skipped_existing} already up to date)"
         )
         for path, why in sorted(res.failures.items()):
             typer.echo(f"  FAILED {path}: {why}", err=True)
@@ -458,7 +539,11 @@ def verify(
         list[str] | None, typer.Option("--source", "-s", help="Only this source (repeatable).")
     ] = None,
     snapshot: Annotated[
-        str | None, typer.Option("--snapshot", help="Only this snapshot id, or 'latest'.")
+        str | None,
+        typer.Option(
+            "--snapshot",
+            help="Only this snapshot id, or 'latest'. Default: check every snapshot; drill the latest.",
+        ),
     ] = None,
     read_data: Annotated[
         str | None,
@@ -468,6 +553,34 @@ def verify(
             help="Also download, decompress and re-hash chunks: all, or a random PCT of them.",
         ),
     ] = None,
+    restore_drill: Annotated[
+        bool,
+        typer.Option(
+            "--restore-drill",
+            help="Also restore the snapshot of each source into a scratch directory, check every "
+            "file's digest and the format of known artifacts (safetensors, torch.save zips, "
+            "torch.distributed.checkpoint, .npy/.npz, Parquet, JSON/JSONL), and report restore "
+            "throughput, an RTO estimate and the newest checkpoint set training can resume from.",
+        ),
+    ] = False,
+    scratch: Annotated[
+        Path | None,
+        typer.Option(
+            "--scratch",
+            metavar="DIR",
+            help="Where the drill restores to (<DIR>/<target>/<source>/), kept afterwards; needs "
+            "room for the snapshot. Default: a temporary directory, removed afterwards.",
+            show_default=False,
+        ),
+    ] = None,
+    load_torch: Annotated[
+        bool,
+        typer.Option(
+            "--load",
+            help="With --restore-drill: also torch.load(weights_only=True) every PyTorch checkpoint "
+            "file on the CPU (needs torch installed).",
+        ),
+    ] = False,
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
     profile: ProfileOpt = None,
@@ -478,11 +591,18 @@ def verify(
     """Prove a repository is whole: manifests parse and match their ids, refs point at existing
     snapshots, every referenced chunk exists; with --read-data, chunks decode to their ids.
 
-    Names every bad object. Exit 0 pass, 1 problems found, 2 usage/config error, 3 target
-    unreachable."""
+    With --restore-drill, prove that training can resume from it (docs/DRILLS.md): run it
+    before a failover drill and in the CI of a disaster-recovery runbook.
+
+    Names every bad object and file. Exit 0 pass, 1 verification failed, 2 usage/config
+    error, 3 target unreachable."""
     from replicator.verify import verify_repository
 
     fraction = _parse_pct(read_data)
+    if (scratch is not None or load_torch) and not restore_drill:
+        fail("--scratch and --load need --restore-drill", 2)
+    if load_torch and importlib.util.find_spec("torch") is None:
+        fail("--load needs PyTorch installed (pip install torch)", 2)
     if repo is not None:
         tcfg, config = repo_target_config(None, None, repo, endpoint_url, region, profile, log_level)
         tcfgs = [tcfg]
@@ -493,8 +613,10 @@ def verify(
         except ConfigError as exc:
             fail(str(exc), 2)
 
-    async def go() -> list[Any]:
-        reports = []
+    async def go() -> list[dict[str, Any]]:
+        from replicator.drill import run_drill
+
+        reports: list[dict[str, Any]] = []
         state = None
         if config is not None:
             # If a daemon owns the cache, verify still works; it just cannot update the cache.
@@ -505,16 +627,26 @@ def verify(
                 t = await open_target(tcfg)
                 try:
                     r = await Repository.open(t)
-                    reports.append(
-                        await verify_repository(
+                    progress = make_progress(quiet or as_json)
+                    rep = await verify_repository(
+                        r,
+                        sources=source,
+                        snapshot=snapshot,
+                        read_data=fraction,
+                        progress=progress,
+                        state=state,
+                    )
+                    row: dict[str, Any] = {"verify": rep}
+                    if restore_drill:
+                        row["drill"] = await run_drill(
                             r,
                             sources=source,
                             snapshot=snapshot,
-                            read_data=fraction,
-                            progress=make_progress(quiet or as_json),
-                            state=state,
+                            scratch=scratch,
+                            load=load_torch,
+                            progress=progress,
                         )
-                    )
+                    reports.append(row)
                 finally:
                     await t.close()
         finally:
@@ -522,11 +654,21 @@ def verify(
                 state.close()
         return reports
 
-    reports = run_coroutine(go)
+    rows = run_coroutine(go)
     if as_json:
-        emit_json(reports)
+        # One object per target: the verify report, plus "drill" with --restore-drill.
+        emit_json(
+            [
+                {
+                    **dataclasses.asdict(row["verify"]),
+                    **({"drill": _drill_json(row["drill"])} if "drill" in row else {}),
+                }
+                for row in rows
+            ]
+        )
     else:
-        for rep in reports:
+        for row in rows:
+            rep = row["verify"]
             snaps = sum(len(v) for v in rep.sources.values())
             verdict = "OK" if rep.ok else f"{len(rep.problems)} PROBLEMS"
             typer.echo(
@@ -537,8 +679,57 @@ def verify(
             )
             for p in rep.problems:
                 typer.echo(f"  BAD {p.key}: {p.message}")
-    if not all(r.ok for r in reports):
+            if "drill" in row:
+                _print_drill(row["drill"])
+    if not all(row["verify"].ok and ("drill" not in row or row["drill"].ok) for row in rows):
         raise typer.Exit(1)
+
+
+def _drill_json(report: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(report)
+    out["ok"] = report.ok
+    for src, row in zip(report.sources, out["sources"], strict=True):
+        row["ok"] = src.ok
+    return out
+
+
+def _print_drill(report: Any) -> None:
+    where = report.scratch or "a temporary directory (removed)"
+    rto = format_duration(report.rto_seconds) if report.rto_seconds is not None else "unknown"
+    typer.echo(
+        f"restore drill: {'PASS' if report.ok else 'FAIL'}: {len(report.sources)} sources restored into "
+        f"{where} in {format_duration(report.seconds)}; RTO estimate {rto}"
+    )
+    if not report.sources:
+        typer.echo("  no source has a snapshot in this repository: nothing to resume from")
+    for s in report.sources:
+        if s.snapshot is None:
+            typer.echo(f"  {s.source}: FAIL: {'; '.join(s.problems)}")
+            continue
+        rate = format_size(s.throughput_bytes_per_second) + "/s" if s.throughput_bytes_per_second else "-"
+        s_rto = format_duration(s.rto_seconds) if s.rto_seconds is not None else "unknown"
+        checked = ", ".join(f"{n} {k}" for k, n in sorted(s.formats.items())) or "none"
+        typer.echo(
+            f"  {s.source}: {'PASS' if s.ok else 'FAIL'}: snapshot {s.snapshot} "
+            f"(age {format_duration(max(s.age_seconds or 0, 0))}), {s.files} files, {format_size(s.bytes)}"
+        )
+        typer.echo(
+            f"    restored {s.restored_files} files in {format_duration(s.restore_seconds)} at {rate}"
+            f" ({s.already_present} already present); RTO estimate {s_rto}"
+        )
+        typer.echo(
+            f"    digest failures {len(s.digest_failures)}, format failures {len(s.format_failures)}; "
+            f"formats checked: {checked}; loaded with torch: {s.loaded}"
+        )
+        if s.newest_restorable_set is not None:
+            age = format_duration(max(s.newest_restorable_set_age_seconds or 0, 0))
+            typer.echo(f"    newest restorable checkpoint set: {s.newest_restorable_set} (written {age} ago)")
+        for path, why in sorted(s.digest_failures.items()):
+            typer.echo(f"    DIGEST FAILED {path}: {why}")
+        for path, why in sorted(s.format_failures.items()):
+            typer.echo(f"    FORMAT FAILED {path}: {why}")
+        for why in s.problems:
+            typer.echo(f"    FAILED: {why}")
 
 
 @app.command()

@@ -3,12 +3,17 @@
 Manifests come from the target and are untrusted. Besides the path checks done when a
 manifest is parsed, files are written relative to directory descriptors: every directory
 component is opened with ``O_NOFOLLOW | O_DIRECTORY`` (a symlink planted in the destination
-is refused, not followed), each file is written to a temporary name created with ``O_EXCL``
-in its final directory, checked against the manifest digest, and only then renamed into
-place. Nothing is ever written outside the destination, and a wrong byte is never visible.
+is refused, not followed; this is the race-free form of checking each component with
+``lstat``), each file is written to a temporary name created with ``O_EXCL`` in its final
+directory, checked against the manifest digest, and only then renamed into place. Nothing is
+ever written outside the destination, and a wrong byte is never visible.
 
 Chunks are fetched in parallel (a window per file, several files at once, bounded by a byte
-budget) and verified against their ids before they are written.
+budget) and verified against their ids before they are written. A destination is a small
+protocol (:class:`Destination`): a local directory here, or plain objects in a bucket
+(:mod:`replicator.restore_s3`). A file whose chunk is missing or corrupt fails alone; a
+target that cannot be reached (or refuses us) stops the whole restore: every further file
+would fail the same way, slowly.
 """
 
 from __future__ import annotations
@@ -20,19 +25,22 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 from replicator.codec import Buffer
-from replicator.errors import IntegrityError, ReplicatorError
+from replicator.errors import IntegrityError, NotFoundError, ReplicatorError, RepositoryError, TargetError
 from replicator.globs import PathFilter
+from replicator.hashing import HashSpec
 from replicator.manifest import FileEntry, Manifest, check_relative_path
 from replicator.pipeline import ByteBudget
 from replicator.progress import NoProgress, ProgressSink
-from replicator.repository import Repository
+from replicator.repository import Repository, snapshot_time
 
 log = structlog.get_logger(__name__)
 
@@ -49,12 +57,19 @@ class RestoreResult:
     files: int = 0
     bytes: int = 0
     skipped_existing: int = 0
+    skipped_bytes: int = 0
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    @property
+    def bytes_per_second(self) -> float:
+        """Restore throughput: bytes fetched, checked and written per second of wall time
+        (files skipped as already correct are not counted)."""
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
 def select_files(manifest: Manifest, include: Sequence[str] = ()) -> list[FileEntry]:
@@ -64,15 +79,55 @@ def select_files(manifest: Manifest, include: Sequence[str] = ()) -> list[FileEn
     return [f for f in manifest.files if keep(f.path)]
 
 
+async def snapshot_at(repo: Repository, source: str, when: datetime) -> str:
+    """The newest snapshot of ``source`` taken at or before ``when`` (ids sort by time)."""
+    ids = [sid for sid in await repo.list_snapshots(source) if snapshot_time(sid) <= when]
+    if not ids:
+        raise RepositoryError(
+            f"source {source!r} has no snapshot at or before {when:%Y-%m-%dT%H:%M:%SZ} in {repo.target.url}"
+        )
+    return ids[-1]
+
+
+class FileWriter(Protocol):
+    """One file being restored. Nothing is visible at the destination before :meth:`commit`."""
+
+    async def write(self, data: Buffer) -> None: ...
+
+    async def commit(self) -> None:
+        """Make the file appear, whole, under its final name (its digest was already checked)."""
+        ...
+
+    async def discard(self) -> None:
+        """Drop whatever was written; the destination is as it was."""
+        ...
+
+
+class Destination(Protocol):
+    """Where restored files go."""
+
+    url: str
+
+    async def is_current(self, entry: FileEntry) -> bool:
+        """True if the destination already holds this entry's exact bytes."""
+        ...
+
+    async def create(self, entry: FileEntry) -> FileWriter: ...
+
+    async def close(self) -> None: ...
+
+
 class LocalDestination:
     """A destination directory written through directory descriptors (see module docstring)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, spec: HashSpec) -> None:
         self.root = root
+        self.url = str(root)
+        self.spec = spec
         root.mkdir(parents=True, exist_ok=True)
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         os.close(self.root_fd)
 
     def _open_parent(self, path: str, create: bool) -> tuple[int, str]:
@@ -100,30 +155,38 @@ class LocalDestination:
             raise
         return fd, name
 
-    def is_current(self, entry: FileEntry, digest: Callable[[], object]) -> bool:
-        """True if a regular file with this entry's size and digest is already in place."""
+    def open_regular(self, path: str) -> int:
+        """Open an existing regular file for reading without following any symlink on the way;
+        OSError or UnsafePathError otherwise. The caller closes the fd."""
+        dir_fd, name = self._open_parent(path, create=False)
         try:
-            dir_fd, name = self._open_parent(entry.path, create=False)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        if os.fstat(fd).st_mode & 0o170000 != 0o100000:
+            os.close(fd)
+            raise UnsafePathError(f"{path}: not a regular file")
+        return fd
+
+    def _is_current(self, entry: FileEntry) -> bool:
+        try:
+            fd = self.open_regular(entry.path)
         except (OSError, UnsafePathError):
             return False
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        except OSError:
-            return False
-        finally:
-            os.close(dir_fd)
-        try:
-            st = os.fstat(fd)
-            if not (st.st_mode & 0o170000 == 0o100000 and st.st_size == entry.size):
+            if os.fstat(fd).st_size != entry.size:
                 return False
-            h = digest()
+            h = self.spec.hasher()
             while block := os.read(fd, 8 << 20):
-                h.update(block)  # type: ignore[attr-defined]
-            return bool(h.digest().hex() == entry.digest)  # type: ignore[attr-defined]
+                h.update(block)
+            return h.digest().hex() == entry.digest
         finally:
             os.close(fd)
 
-    def create_temp(self, path: str) -> tuple[int, int, str]:
+    async def is_current(self, entry: FileEntry) -> bool:
+        return await asyncio.to_thread(self._is_current, entry)
+
+    def _create_temp(self, path: str) -> tuple[int, int, str]:
         """Create an empty temporary file next to ``path``: (dir fd, file fd, temp name)."""
         dir_fd, name = self._open_parent(path, create=True)
         tmp = f".{name}.restore-{secrets.token_hex(6)}"
@@ -136,47 +199,74 @@ class LocalDestination:
             raise
         return dir_fd, fd, tmp
 
-    @staticmethod
-    def commit(entry: FileEntry, dir_fd: int, fd: int, tmp: str) -> None:
-        """Apply mode and mtime, make durable, and rename into place (replacing, never following,
-        whatever is at the final name)."""
-        name = entry.path.rsplit("/", 1)[-1]
-        os.fchmod(fd, entry.mode & 0o777)  # setuid/setgid/sticky bits are never restored
-        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-        os.fsync(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    async def create(self, entry: FileEntry) -> FileWriter:
+        dir_fd, fd, tmp = await asyncio.to_thread(self._create_temp, entry.path)
+        return _LocalFile(entry, dir_fd, fd, tmp)
 
-    @staticmethod
-    def discard(dir_fd: int, tmp: str) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
+
+class _LocalFile:
+    def __init__(self, entry: FileEntry, dir_fd: int, fd: int, tmp: str) -> None:
+        self.entry, self.dir_fd, self.fd, self.tmp = entry, dir_fd, fd, tmp
+
+    async def write(self, data: Buffer) -> None:
+        await asyncio.to_thread(os.write, self.fd, data)
+
+    def _commit(self) -> None:
+        # Mode and mtime first, then durable, then the rename, which replaces (never follows)
+        # whatever is at the final name.
+        name = self.entry.path.rsplit("/", 1)[-1]
+        os.fchmod(self.fd, self.entry.mode & 0o777)  # setuid/setgid/sticky bits are never restored
+        os.utime(self.fd, ns=(self.entry.mtime_ns, self.entry.mtime_ns))
+        os.fsync(self.fd)
+        os.rename(self.tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+
+    async def commit(self) -> None:
+        await asyncio.to_thread(self._commit)
+        self._close()
+
+    async def discard(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp, dir_fd=self.dir_fd)
+            self._close()
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            os.close(self.dir_fd)
+            self.fd = -1
 
 
 async def restore_snapshot(
     repo: Repository,
     manifest: Manifest,
-    dest: Path,
+    dest: Path | Destination,
     *,
     include: Sequence[str] = (),
     progress: ProgressSink | None = None,
     memory_budget: int = 256 << 20,
 ) -> RestoreResult:
-    """Restore the selected files of ``manifest`` into the directory ``dest``."""
+    """Restore the selected files of ``manifest`` into the directory (or destination) ``dest``.
+
+    Per-file problems (a missing or corrupt chunk, an unsafe path) are collected in the result;
+    a :class:`TargetError` other than not-found ends the restore (files already restored stay:
+    running it again skips them)."""
     progress = progress or NoProgress()
     started = time.monotonic()
     result = RestoreResult()
     files = select_files(manifest, include)
-    destination = LocalDestination(dest)
+    destination = LocalDestination(dest, repo.hash) if isinstance(dest, Path) else dest
     budget = ByteBudget(memory_budget)
     spec = repo.hash
     progress.begin("restoring", sum(f.size for f in files))
 
     async def restore_one(entry: FileEntry) -> None:
-        if await asyncio.to_thread(destination.is_current, entry, spec.hasher):
+        if await destination.is_current(entry):
             result.skipped_existing += 1
+            result.skipped_bytes += entry.size
             progress.advance(entry.size)
             return
-        dir_fd, fd, tmp = await asyncio.to_thread(destination.create_temp, entry.path)
+        writer = await destination.create(entry)
         committed = False
         try:
             hasher = spec.hasher()
@@ -193,7 +283,7 @@ async def restore_snapshot(
                 try:
                     data = await task
                     hasher.update(data)
-                    await asyncio.to_thread(os.write, fd, data)
+                    await writer.write(data)
                     progress.advance(size)
                 finally:
                     budget.release(size)
@@ -212,15 +302,13 @@ async def restore_snapshot(
                     budget.release(size)
             if hasher.digest().hex() != entry.digest:
                 raise IntegrityError("restored bytes do not match the manifest digest", key=entry.path)
-            await asyncio.to_thread(destination.commit, entry, dir_fd, fd, tmp)
+            await writer.commit()
             committed = True
             result.files += 1
             result.bytes += entry.size
         finally:
-            os.close(fd)
             if not committed:
-                destination.discard(dir_fd, tmp)
-            os.close(dir_fd)
+                await writer.discard()
 
     queue: deque[FileEntry] = deque(files)
 
@@ -229,15 +317,25 @@ async def restore_snapshot(
             entry = queue.popleft()
             try:
                 await restore_one(entry)
+            except TargetError as exc:
+                if not isinstance(exc, NotFoundError):
+                    raise  # unreachable or refused: every other file would fail the same way
+                result.failures[entry.path] = str(exc)
+                log.error("restore.failed", path=entry.path, error=str(exc))
             except (ReplicatorError, OSError) as exc:
                 message = str(exc) if isinstance(exc, ReplicatorError) else f"{exc.strerror or exc}"
                 result.failures[entry.path] = message
                 log.error("restore.failed", path=entry.path, error=message)
 
     try:
-        await asyncio.gather(*(worker() for _ in range(FILES_IN_PARALLEL)))
+        async with asyncio.TaskGroup() as group:
+            for _ in range(FILES_IN_PARALLEL):
+                group.create_task(worker())
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
     finally:
         progress.end()
-        destination.close()
+        if isinstance(dest, Path):
+            await destination.close()
     result.seconds = time.monotonic() - started
     return result

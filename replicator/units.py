@@ -3,11 +3,13 @@
 Sizes accept binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) suffixes, case
 insensitive, with an optional space; a bare number is bytes. Durations accept ``ms``,
 ``s``, ``m``, ``h`` and ``d`` and may be compound (``1h30m``); a bare number is seconds.
+Points in time (``restore --at``) are ISO 8601 times, or durations before now.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 
 _SIZE_UNITS = {
     "": 1,
@@ -106,3 +108,20 @@ def format_duration(seconds: float) -> str:
         return f"{hours}h{minutes:02d}m"
     days, hours = divmod(hours, 24)
     return f"{days}d{hours}h"
+
+
+def parse_time_point(value: str, now: datetime) -> datetime:
+    """A moment given as an ISO 8601 time (UTC unless it carries an offset: ``2026-11-22T10:15Z``,
+    ``2026-11-22 10:15``, ``2026-11-22``) or as a duration before ``now`` (``90m``, ``1d``)."""
+    text = value.strip()
+    try:
+        return now - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"invalid time {value!r}: use ISO 8601 (2026-11-22T10:15:00Z) or a duration ago (90m, 2d)"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

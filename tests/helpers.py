@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +64,27 @@ def checkpoint_source(path: Path, **extra: Any) -> dict[str, Any]:
         "complete_when": {"marker": "COMPLETE"},
         **extra,
     }
+
+
+REFERENCE_READER = Path(__file__).resolve().parent.parent / "tools" / "restore_reference.py"
+_BLOCK_REPLICATOR = """
+import runpy, sys
+class NoReplicator:
+    def find_spec(self, name, path=None, target=None):
+        if name == "replicator" or name.startswith("replicator."):
+            raise ImportError("the reference reader must not import replicator")
+sys.meta_path.insert(0, NoReplicator())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_reference_reader(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """tools/restore_reference.py in a fresh interpreter where importing replicator fails."""
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCK_REPLICATOR, str(REFERENCE_READER), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )

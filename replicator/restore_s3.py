@@ -1,0 +1,211 @@
+"""Restore into a bucket: each file becomes one plain object a training job can read directly.
+
+``s3://bucket/prefix`` + the file's path is the key (the manifest path is already proven safe:
+relative, no ``..``, no backslash, no control character, so no key escapes the prefix even
+on servers that map keys to files). An object appears atomically: a small file is one PUT;
+a larger one is a multipart upload whose parts are streamed as chunks arrive (memory per
+file is one part), and it becomes visible only when the upload is completed, after the
+whole file's digest was checked. A failed file's upload is aborted.
+
+Each object carries the manifest digest in ``x-amz-meta-replicator-digest`` (and the file's
+mtime in ``x-amz-meta-replicator-mtime-ns``): a restore run again skips objects whose size
+and digest metadata already match. Any other writer replaces the metadata with its object,
+so a stale match is not possible through ordinary PUTs.
+
+Every request carries Content-MD5, and transient errors are retried with the target's
+backoff policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+
+from replicator.codec import Buffer
+from replicator.config import S3Access
+from replicator.errors import NotFoundError, PermanentTargetError, TransientTargetError
+from replicator.manifest import FileEntry
+from replicator.restore import FileWriter
+from replicator.s3 import S3Location, client_kwargs, config_kwargs
+from replicator.s3_errors import SDK_ERRORS, convert_error, http_status
+from replicator.targets.wrappers import RetryPolicy
+
+T = TypeVar("T")
+
+PART_SIZE = 16 << 20
+"""Multipart part size (and the largest file sent as one PUT); grown for huge files so that
+no file needs more than MAX_PARTS parts (S3 allows 10,000)."""
+MAX_PARTS = 9_000
+DIGEST_META = "replicator-digest"
+MTIME_META = "replicator-mtime-ns"
+NAME = "destination"
+"""How the destination is named in errors and logs."""
+
+
+def part_size_for(size: int) -> int:
+    """Parts of at least PART_SIZE, whole MiB, few enough for S3's part limit."""
+    need = -(-size // MAX_PARTS)
+    return max(PART_SIZE, -(-need // (1 << 20)) << 20)
+
+
+def _md5(data: Buffer) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+class S3Destination:
+    """A :class:`~replicator.restore.Destination` in an S3-compatible bucket."""
+
+    def __init__(self, location: S3Location, access: S3Access, retry: RetryPolicy) -> None:
+        self.location = location
+        self.url = location.url
+        self.access = access
+        self.retry = retry
+        self._stack = contextlib.AsyncExitStack()
+        self.client: Any = None
+
+    @classmethod
+    async def open(
+        cls, location: S3Location, access: S3Access, retry: RetryPolicy, max_connections: int
+    ) -> S3Destination:
+        """Connect and check that the bucket exists and is reachable."""
+        self = cls(location, access, retry)
+        session = AioSession(profile=access.profile) if access.profile else AioSession()
+        try:
+            self.client = await self._stack.enter_async_context(
+                session.create_client(
+                    "s3", config=AioConfig(**config_kwargs(access, max_connections)), **client_kwargs(access)
+                )
+            )
+        except SDK_ERRORS as exc:
+            raise convert_error(exc, target=NAME, operation="connect", key=location.url) from exc
+        try:
+            await self.client.head_bucket(Bucket=location.bucket)
+        except SDK_ERRORS as exc:
+            if http_status(exc) == 404:  # HEAD answers carry no error code
+                raise PermanentTargetError(
+                    "bucket does not exist", target=NAME, operation="connect", key=location.url
+                ) from exc
+            raise convert_error(exc, target=NAME, operation="connect", key=location.url) from exc
+        return self
+
+    def key(self, path: str) -> str:
+        return self.location.prefix + path
+
+    async def call(self, operation: str, key: str, request: Callable[[], Awaitable[T]]) -> T:
+        """One S3 request, its errors converted and transient ones retried within the policy."""
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                return await request()
+            except SDK_ERRORS as exc:
+                err = convert_error(exc, target=NAME, operation=operation, key=key)
+                budget = self.retry.give_up_after
+                if not isinstance(err, TransientTargetError) or (
+                    budget is not None and time.monotonic() - started > budget
+                ):
+                    raise err from exc
+            await asyncio.sleep(self.retry.delay(attempt))
+            attempt += 1
+
+    async def is_current(self, entry: FileEntry) -> bool:
+        key = self.key(entry.path)
+        try:
+            head = await self.call(
+                "stat", key, lambda: self.client.head_object(Bucket=self.location.bucket, Key=key)
+            )
+        except NotFoundError:
+            return False
+        # Metadata names are case-insensitive HTTP headers; some servers (rclone) capitalize them.
+        meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
+        return int(head.get("ContentLength", -1)) == entry.size and meta.get(DIGEST_META) == entry.digest
+
+    async def create(self, entry: FileEntry) -> FileWriter:
+        return _S3Object(self, entry)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+
+class _S3Object:
+    """One object being uploaded: buffered up to a part, multipart beyond one part."""
+
+    def __init__(self, dest: S3Destination, entry: FileEntry) -> None:
+        self.dest, self.entry = dest, entry
+        self.key = dest.key(entry.path)
+        self.part_size = part_size_for(entry.size)
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+
+    def _args(self) -> dict[str, Any]:
+        return {"Bucket": self.dest.location.bucket, "Key": self.key}
+
+    def _metadata(self) -> dict[str, str]:
+        return {DIGEST_META: self.entry.digest, MTIME_META: str(self.entry.mtime_ns)}
+
+    async def write(self, data: Buffer) -> None:
+        self.buffer += data
+        while len(self.buffer) >= self.part_size and self.entry.size > self.part_size:
+            with memoryview(self.buffer) as view:
+                part = bytes(view[: self.part_size])
+            del self.buffer[: self.part_size]
+            await self._send_part(part)
+
+    async def _send_part(self, body: bytes) -> None:
+        client = self.dest.client
+        if self.upload_id is None:
+            started = await self.dest.call(
+                "create multipart upload",
+                self.key,
+                lambda: client.create_multipart_upload(**self._args(), Metadata=self._metadata()),
+            )
+            self.upload_id = str(started["UploadId"])
+        number = len(self.parts) + 1
+        answer = await self.dest.call(
+            "upload part",
+            self.key,
+            lambda: client.upload_part(
+                **self._args(), UploadId=self.upload_id, PartNumber=number, Body=body, ContentMD5=_md5(body)
+            ),
+        )
+        self.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+
+    async def commit(self) -> None:
+        client = self.dest.client
+        if self.upload_id is None:
+            body = bytes(self.buffer)
+            await self.dest.call(
+                "put",
+                self.key,
+                lambda: client.put_object(
+                    **self._args(), Body=body, ContentMD5=_md5(body), Metadata=self._metadata()
+                ),
+            )
+        else:
+            if self.buffer:
+                await self._send_part(bytes(self.buffer))
+            upload_id, parts = self.upload_id, {"Parts": self.parts}
+            await self.dest.call(
+                "complete multipart upload",
+                self.key,
+                lambda: client.complete_multipart_upload(
+                    **self._args(), UploadId=upload_id, MultipartUpload=parts
+                ),
+            )
+            self.upload_id = None
+        self.buffer = bytearray()
+
+    async def discard(self) -> None:
+        self.buffer = bytearray()
+        if self.upload_id is not None:
+            upload_id, self.upload_id = self.upload_id, None
+            with contextlib.suppress(*SDK_ERRORS):  # an orphaned upload is invisible; lifecycle rules reap it
+                await self.dest.client.abort_multipart_upload(**self._args(), UploadId=upload_id)
