@@ -25,6 +25,7 @@ from bench.common import (
     du,
     find_tool,
     generate_checkpoints,
+    replicator_repo,
     summarize,
     timed,
     tool_version,
@@ -51,15 +52,9 @@ def main() -> None:
     env = {"RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": str(args.workdir / "restic-cache")}
 
     repl, rrepo, rcopy = args.workdir / "replicator", args.workdir / "restic", args.workdir / "rclone"
-    for d in (repl, rrepo, rcopy):
+    for d in (rrepo, rcopy):
         shutil.rmtree(d, ignore_errors=True)
-    (repl / "target").mkdir(parents=True)
-    cfg = repl / "replicator.yaml"
-    cfg.write_text(
-        f"state_dir: {repl}/state\n"
-        f"sources: [{{name: ckpt, url: {data}, kind: checkpoint, complete_when: {{marker: COMPLETE}}}}]\n"
-        f"targets: [{{name: local, url: {repl}/target}}]\n"
-    )
+    cfg = replicator_repo(repl, data)
     timed([sys.executable, "-m", "replicator", "sync", "-c", str(cfg), "-q"])
     timed([restic, "init", "--repo", str(rrepo)], env)
     timed([restic, "backup", "--repo", str(rrepo), "--quiet", str(data)], env)

@@ -22,6 +22,7 @@ from bench.common import (
     du,
     find_tool,
     generate_checkpoints,
+    replicator_repo,
     summarize,
     timed,
     tool_version,
@@ -42,14 +43,7 @@ def main() -> None:
     runs: list[Run] = []
     for i in range(args.runs):
         repl = args.workdir / "replicator"
-        shutil.rmtree(repl, ignore_errors=True)
-        (repl / "target").mkdir(parents=True)
-        cfg = repl / "replicator.yaml"
-        cfg.write_text(
-            f"state_dir: {repl}/state\n"
-            f"sources: [{{name: ckpt, url: {data}, kind: checkpoint, complete_when: {{marker: COMPLETE}}}}]\n"
-            f"targets: [{{name: local, url: {repl}/target}}]\n"
-        )
+        cfg = replicator_repo(repl, data)
         secs, cpu, rss = timed([sys.executable, "-m", "replicator", "sync", "-c", str(cfg), "-q"])
         runs.append(Run("replicator", secs, cpu, rss, du(repl / "target"), size))
 

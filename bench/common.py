@@ -63,6 +63,20 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, flo
     return float(seconds), float(cpu), int(maxrss) / 1024
 
 
+def replicator_repo(workdir: Path, data: Path) -> Path:
+    """A fresh replicator setup below ``workdir``: ``data`` as a checkpoint source (marker
+    COMPLETE), ``workdir/target`` as a local target. Returns the config file."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    (workdir / "target").mkdir(parents=True)
+    cfg = workdir / "replicator.yaml"
+    cfg.write_text(
+        f"state_dir: {workdir}/state\n"
+        f"sources: [{{name: ckpt, url: {data}, kind: checkpoint, complete_when: {{marker: COMPLETE}}}}]\n"
+        f"targets: [{{name: local, url: {workdir}/target}}]\n"
+    )
+    return cfg
+
+
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 

@@ -277,7 +277,7 @@ class TargetPublisher:
         failures = 0
         while True:
             if not self.pending:
-                if self.daemon.stopping.is_set():
+                if self.daemon.sources_done.is_set():
                     return
                 self.wake.clear()
                 await self.wake.wait()
@@ -293,7 +293,7 @@ class TargetPublisher:
                     await asyncio.wait_for(self.wake.wait(), wait)
             if outcome != "failed":
                 failures = 0
-                if self.daemon.stopping.is_set() and outcome == "deferred":
+                if self.daemon.sources_done.is_set() and outcome == "deferred":
                     return  # nothing more will be sent before we exit
                 continue
             failures += 1
@@ -383,6 +383,8 @@ class Daemon:
         self.monitor: RpoMonitor | None = None
         self.rep = Replicator(config, fail_fast=False)
         self.stopping = asyncio.Event()
+        self.sources_done = asyncio.Event()
+        """Set once stopping and every source worker has finished: no candidate can follow."""
         self.workers = {s.name: SourceWorker(self, s) for s in config.sources}
         self.publishers: dict[str, TargetPublisher] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -456,10 +458,11 @@ class Daemon:
     def unready(self) -> list[str]:
         return [f"target {t.name} not reached yet" for t in self.config.targets if t.name not in self.reached]
 
-    def spawn(self, coro: object, name: str) -> None:
+    def spawn(self, coro: object, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -503,8 +506,7 @@ class Daemon:
                 await self._start_publisher(t)
             for name in list(self.rep.target_errors):
                 self.spawn(self._attach_later(self.config.target(name)), f"attach-{name}")
-            for worker in self.workers.values():
-                self.spawn(worker.run(), f"source-{worker.cfg.name}")
+            worker_tasks = [self.spawn(w.run(), f"source-{w.cfg.name}") for w in self.workers.values()]
             interval = systemd.watchdog_interval()
             if interval:
                 self.spawn(self._watchdog(interval), "watchdog")
@@ -515,7 +517,7 @@ class Daemon:
                 targets=[t.config.name for t in self.rep.open_targets],
             )
             await self.stopping.wait()
-            await self._drain()
+            await self._drain(worker_tasks)
             await self.notifier.close()
             if self.http is not None:
                 await self.http.stop()
@@ -582,9 +584,17 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), interval)
 
-    async def _drain(self) -> None:
-        """Let in-flight rounds and publications finish within the grace period."""
+    async def _drain(self, worker_tasks: list[asyncio.Task[None]]) -> None:
+        """Let in-flight rounds and publications finish within the grace period: first the
+        source workers (a round under way ends in a candidate), then the publishers, which
+        publish what the workers handed them before they return."""
         deadline = time.monotonic() + self.config.shutdown_grace
+        workers = [t for t in worker_tasks if not t.done()]
+        if workers:
+            await asyncio.wait(workers, timeout=max(0.0, deadline - time.monotonic()))
+        self.sources_done.set()
+        for publisher in self.publishers.values():
+            publisher.wake.set()
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))

@@ -26,16 +26,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import AioSession
-
 from replicator.codec import Buffer
 from replicator.config import S3Access
 from replicator.errors import NotFoundError, PermanentTargetError, TransientTargetError
 from replicator.manifest import FileEntry
 from replicator.restore import FileWriter
-from replicator.s3 import S3Location, client_kwargs, config_kwargs
+from replicator.s3 import S3Location
 from replicator.s3_errors import SDK_ERRORS, convert_error, http_status
+from replicator.targets.s3 import connect
 from replicator.targets.wrappers import RetryPolicy
 
 T = TypeVar("T")
@@ -77,15 +75,7 @@ class S3Destination:
     ) -> S3Destination:
         """Connect and check that the bucket exists and is reachable."""
         self = cls(location, access, retry)
-        session = AioSession(profile=access.profile) if access.profile else AioSession()
-        try:
-            self.client = await self._stack.enter_async_context(
-                session.create_client(
-                    "s3", config=AioConfig(**config_kwargs(access, max_connections)), **client_kwargs(access)
-                )
-            )
-        except SDK_ERRORS as exc:
-            raise convert_error(exc, target=NAME, operation="connect", key=location.url) from exc
+        self.client = await connect(self._stack, access, max_connections, name=NAME, url=location.url)
         try:
             await self.client.head_bucket(Bucket=location.bucket)
         except SDK_ERRORS as exc:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from replicator.demo import bf16, write_safetensors
 
@@ -54,6 +55,18 @@ def config_dict(
     fast_retry = {"initial": "50ms", "max": "200ms", "give_up_after": "2s"}
     targets = [{"retry": fast_retry, **t} for t in targets]
     return {"state_dir": str(tmp_path / "state"), "sources": sources, "targets": targets, **extra}
+
+
+def local_setup(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The simplest replication: POSIX source ``d`` at tmp_path/primary to POSIX target ``t`` at
+    tmp_path/target (both created). Returns (primary, target, config file)."""
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    primary.mkdir(exist_ok=True)
+    target.mkdir(exist_ok=True)
+    cfg = tmp_path / "r.yaml"
+    data = config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}])
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    return primary, target, cfg
 
 
 def checkpoint_source(path: Path, **extra: Any) -> dict[str, Any]:

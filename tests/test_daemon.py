@@ -27,7 +27,7 @@ from tests.daemon_helpers import (
     set_names,
     wait_until,
 )
-from tests.helpers import checkpoint_source, config_dict, make_checkpoint, tree_digest
+from tests.helpers import checkpoint_source, config_dict, local_setup, make_checkpoint, tree_digest
 from tests.servers import RcloneServer, free_port
 
 FAST_RETRY = {"initial": "100ms", "max": "1s", "give_up_after": "3s"}
@@ -285,13 +285,7 @@ def test_systemd_notify_readiness_watchdog_and_stopping(tmp_path: Path) -> None:
     """Under systemd (Type=notify) the daemon reports READY=1, pings WATCHDOG=1 and says STOPPING=1."""
     import socket
 
-    primary, target = tmp_path / "primary", tmp_path / "target"
-    primary.mkdir()
-    target.mkdir()
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
-    )
+    _primary, _target, cfg = local_setup(tmp_path)
     sock_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(sock_path))

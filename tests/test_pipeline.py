@@ -25,8 +25,7 @@ from replicator.sources import PosixSource, SourceFile
 from replicator.state import StateStore
 from replicator.sync import run_sync
 from replicator.targets import PosixTarget
-from tests.conftest import write_config
-from tests.helpers import config_dict, tree_digest
+from tests.helpers import config_dict, local_setup, tree_digest
 
 
 class WriterDuringRead(PosixSource):
@@ -139,16 +138,10 @@ def test_pipeline_respects_its_memory_budget(tmp_path: Path) -> None:
 
 def test_peak_rss_stays_bounded_for_a_large_file(tmp_path: Path) -> None:
     """The issue's bound: peak RSS < 512 MiB whatever the file size (here 1 GiB of bf16)."""
-    primary, target = tmp_path / "primary", tmp_path / "target"
-    primary.mkdir()
-    target.mkdir()
+    primary, _target, cfg = local_setup(tmp_path)
     rng = np.random.default_rng(0)
     with open(primary / "huge.safetensors", "wb") as f:
         for _ in range(16):
             f.write(bf16(rng, (32 << 20,)).tobytes())  # 64 MiB at a time
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
-    )
     _, _, peak_mib = timed([sys.executable, "-m", "replicator", "sync", "-c", str(cfg), "-q"])
     assert peak_mib < 512, f"peak RSS {peak_mib:.0f} MiB"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import cli, write_config
-from tests.helpers import config_dict, make_checkpoint, run_reference_reader, tree_digest
+from tests.helpers import config_dict, local_setup, make_checkpoint, run_reference_reader, tree_digest
 
 SMALL_CHUNKS = {"min_size": "16KiB", "avg_size": "64KiB", "max_size": "256KiB"}
 
@@ -57,13 +57,8 @@ def test_reference_reader_restores_what_replicator_restores(tmp_path: Path, algo
 
 
 def test_reference_reader_refuses_a_corrupt_chunk_and_a_forged_manifest(tmp_path: Path) -> None:
-    primary, target = tmp_path / "primary", tmp_path / "target"
-    target.mkdir()
+    primary, target, cfg = local_setup(tmp_path)
     make_checkpoint(primary, 2, hidden=64)
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
-    )
     assert cli("sync", "-c", str(cfg)).returncode == 0
     victim = max((p for p in (target / "chunks").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     original = victim.read_bytes()

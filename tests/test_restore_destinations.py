@@ -13,24 +13,19 @@ import pytest
 
 from replicator.repository import chunk_key
 from replicator.restore_s3 import DIGEST_META, PART_SIZE
-from tests.conftest import cli, make_target_spec, write_config
+from tests.conftest import cli, make_target_spec
 from tests.daemon_helpers import latest_manifest
-from tests.helpers import config_dict, make_checkpoint, tree_digest
+from tests.helpers import local_setup, make_checkpoint, tree_digest
 
 
 @pytest.mark.parametrize("kind", ["rclone", "moto"])
 def test_restore_into_a_bucket_as_plain_objects(
     tmp_path: Path, request: pytest.FixtureRequest, kind: str
 ) -> None:
-    primary, target = tmp_path / "primary", tmp_path / "target"
-    target.mkdir()
+    primary, target, cfg = local_setup(tmp_path)
     make_checkpoint(primary, 1, hidden=64)
     # Larger than a part plus the largest chunk (16 MiB): some chunk starts after part 1.
     (primary / "step-000001" / "optimizer.bin").write_bytes(os.urandom(PART_SIZE + (17 << 20)))
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
-    )
     assert cli("sync", "-c", str(cfg)).returncode == 0
     dest = make_target_spec(request, kind, tmp_path, "dest")
     assert dest.server is not None and dest.bucket is not None
@@ -75,12 +70,7 @@ def test_restore_into_a_bucket_as_plain_objects(
 
 
 def test_restore_at_time_picks_the_newest_snapshot_at_or_before_it(tmp_path: Path) -> None:
-    primary, target = tmp_path / "primary", tmp_path / "target"
-    target.mkdir()
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
-    )
+    primary, target, cfg = local_setup(tmp_path)
     make_checkpoint(primary, 1, hidden=32)
     assert cli("sync", "-c", str(cfg)).returncode == 0
     make_checkpoint(primary, 2, hidden=32)

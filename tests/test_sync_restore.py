@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
-from tests.helpers import checkpoint_source, config_dict, make_checkpoint, tree_digest
+from tests.helpers import checkpoint_source, config_dict, local_setup, make_checkpoint, tree_digest
 
 
 def repo_args(spec: TargetSpec) -> list[str]:
@@ -126,13 +126,8 @@ def test_dedup_across_sources_and_snapshots(tmp_path: Path) -> None:
 
 
 def test_state_loss_rebuilds_from_target_without_resending(tmp_path: Path) -> None:
-    primary, target = tmp_path / "primary", tmp_path / "target"
-    target.mkdir()
+    primary, _target, cfg = local_setup(tmp_path)
     make_checkpoint(primary, 3)
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
-    )
     assert cli("sync", "-c", str(cfg)).returncode == 0
     for p in (tmp_path / "state").iterdir():
         p.unlink()
@@ -158,13 +153,8 @@ def test_two_targets_one_unreachable(tmp_path: Path, request: pytest.FixtureRequ
 
 
 def test_verify_read_data_names_a_flipped_chunk(tmp_path: Path) -> None:
-    primary, target = tmp_path / "primary", tmp_path / "target"
-    target.mkdir()
+    primary, target, cfg = local_setup(tmp_path)
     make_checkpoint(primary, 9)
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
-    )
     assert cli("sync", "-c", str(cfg)).returncode == 0
     assert cli("verify", "--repo", str(target), "--read-data").returncode == 0
 
@@ -181,13 +171,8 @@ def test_verify_read_data_names_a_flipped_chunk(tmp_path: Path) -> None:
 
 
 def test_corrupt_chunk_fails_restore_loudly_without_writing_wrong_bytes(tmp_path: Path) -> None:
-    primary, target = tmp_path / "primary", tmp_path / "target"
-    target.mkdir()
+    primary, target, cfg = local_setup(tmp_path)
     make_checkpoint(primary, 4)
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
-    )
     assert cli("sync", "-c", str(cfg)).returncode == 0
     chunks = sorted(p for p in (target / "chunks").rglob("*") if p.is_file() and p.stat().st_size > 1000)
     victim = chunks[0]
@@ -209,14 +194,9 @@ def test_corrupt_chunk_fails_restore_loudly_without_writing_wrong_bytes(tmp_path
 
 
 def test_unreadable_file_is_skipped_and_reported(tmp_path: Path) -> None:
-    primary, target = tmp_path / "primary", tmp_path / "target"
-    target.mkdir()
+    primary, _target, cfg = local_setup(tmp_path)
     make_checkpoint(primary, 6)
     (primary / "step-000006" / "trainer_state.json").chmod(0o000)
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
-    )
     res = cli("sync", "-c", str(cfg), "--json", as_unprivileged=True)
     assert res.returncode == 1, res.stderr
     out = json.loads(res.stdout)["sources"][0]

@@ -29,6 +29,21 @@ from replicator.targets.base import ObjectInfo, check_key
 _CHECKSUM_ALGORITHMS = {"crc32": "CRC32", "crc32c": "CRC32C", "sha1": "SHA1", "sha256": "SHA256"}
 
 
+async def connect(
+    stack: contextlib.AsyncExitStack, access: S3Access, max_connections: int, *, name: str, url: str
+) -> Any:
+    """An aiobotocore S3 client entered into ``stack`` (closed with it); errors name ``name``."""
+    session = AioSession(profile=access.profile) if access.profile else AioSession()
+    try:
+        return await stack.enter_async_context(
+            session.create_client(
+                "s3", config=AioConfig(**config_kwargs(access, max_connections)), **client_kwargs(access)
+            )
+        )
+    except SDK_ERRORS as exc:
+        raise convert_error(exc, target=name, operation="connect", key=url) from exc
+
+
 class S3Target:
     def __init__(self, name: str, location: S3Location, checksum: str = "md5") -> None:
         self.name = name
@@ -43,15 +58,7 @@ class S3Target:
         cls, name: str, location: S3Location, access: S3Access, max_connections: int, checksum: str = "md5"
     ) -> S3Target:
         self = cls(name, location, checksum)
-        session = AioSession(profile=access.profile) if access.profile else AioSession()
-        try:
-            self._client = await self._stack.enter_async_context(
-                session.create_client(
-                    "s3", config=AioConfig(**config_kwargs(access, max_connections)), **client_kwargs(access)
-                )
-            )
-        except SDK_ERRORS as exc:
-            raise convert_error(exc, target=name, operation="connect", key=location.url) from exc
+        self._client = await connect(self._stack, access, max_connections, name=name, url=location.url)
         return self
 
     def _key(self, key: str) -> str:
