@@ -50,7 +50,11 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, flo
     Measured by a small launcher process, not by us: Linux carries the RSS high-water mark
     of the process that forks across ``exec`` into the child's ``ru_maxrss``, so a child of a
     big process (pytest, or this script after generating data) would report at least the
-    parent's size."""
+    parent's size.
+
+    Dirty pages are flushed first, so that no tool pays for writing back what the previous
+    one wrote (each tool's own fsyncs would otherwise queue behind it)."""
+    os.sync()
     out = subprocess.run(
         [sys.executable, "-c", _LAUNCHER, *cmd],
         env={**os.environ, **(env or {})},
