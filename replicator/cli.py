@@ -742,7 +742,8 @@ def demo(
     """Replicate demo checkpoint data to a local target: no cloud account needed.
 
     Creates bf16 safetensors checkpoint sets and a JSONL dataset under DIR/primary, a config
-    at DIR/replicator.yaml, runs `sync` to DIR/secondary and then `verify --read-data`."""
+    at DIR/replicator.yaml, runs `sync` to DIR/secondary, then `verify --read-data` and a
+    restore drill (`verify --restore-drill`)."""
     from replicator.demo import create_demo
 
     directory = directory.resolve()
@@ -752,6 +753,8 @@ def demo(
     _invoke(["sync", "--config", str(cfg_path), *(["--quiet"] if quiet else [])])
     typer.echo(f"$ replicator verify --config {cfg_path} --read-data")
     _invoke(["verify", "--config", str(cfg_path), "--read-data", *(["--quiet"] if quiet else [])])
+    typer.echo(f"$ replicator verify --config {cfg_path} --restore-drill")
+    _invoke(["verify", "--config", str(cfg_path), "--restore-drill", *(["--quiet"] if quiet else [])])
     typer.echo(
         "\nNext: list snapshots with\n"
         f"  replicator snapshots --repo {directory / 'secondary'}\n"
