@@ -35,7 +35,7 @@ from replicator.errors import FileChangedError, ReplicatorError, SourceError, Ta
 from replicator.fanout import Admission, Uploader, UploadStats
 from replicator.hashing import HashSpec
 from replicator.manifest import Manifest, SetInfo, format_time, now_utc
-from replicator.pipeline import ChunkPipeline, ChunkSink, EncodedChunk, FileRecord
+from replicator.pipeline import ChunkPipeline, ChunkSink, EncodedChunk, FileRecord, Wanted
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository
 from replicator.sources import Source, SourceFile, open_source
@@ -307,9 +307,12 @@ class Replicator:
             for t in targets:
                 await t.uploader.offer(chunk, priority)
 
+        def wanted(ids: dict[str, str]) -> bool:
+            return any(t.uploader.wants(ids[t.uploader.key]) for t in targets)
+
         async def worker() -> None:
             while queue:
-                rec = await self._read_one(source, queue.pop(), sink, result)
+                rec = await self._read_one(source, queue.pop(), sink, wanted, result)
                 if rec is not None:
                     records.append(rec)
                     result.files_read += 1
@@ -321,12 +324,12 @@ class Replicator:
         return records
 
     async def _read_one(
-        self, source: Source, f: SourceFile, sink: ChunkSink, result: SourceResult
+        self, source: Source, f: SourceFile, sink: ChunkSink, wanted: Wanted, result: SourceResult
     ) -> FileRecord | None:
         assert self.pipeline is not None and self.state is not None
         for attempt in range(1, READ_ATTEMPTS + 1):
             try:
-                rec = await self.pipeline.read_file(source, f, sink)
+                rec = await self.pipeline.read_file(source, f, sink, wanted)
             except FileChangedError as exc:
                 metrics.SOURCE_ERRORS.labels(source.name, "changed_while_read").inc()
                 log.info("source.changed_while_read", source=source.name, path=f.path, attempt=attempt)

@@ -147,6 +147,10 @@ class Uploader:
     def has(self, chunk_id: str) -> bool:
         return self.state.has_chunk(self.repo.config.id, chunk_id)
 
+    def wants(self, chunk_id: str) -> bool:
+        """Would :meth:`offer` upload this chunk now?"""
+        return self.healthy and chunk_id not in self._inflight and not self.has(chunk_id)
+
     def has_all(self, chunk_ids: Iterable[str]) -> bool:
         return all(self.has(c) for c in chunk_ids)
 
@@ -163,6 +167,11 @@ class Uploader:
             self.stats.chunks_dedup += 1
             self.stats.bytes_dedup += chunk.size
             metrics.DEDUP_BYTES.labels(self.name).inc(chunk.size)
+            return
+        if chunk.stored is None:
+            # Not encoded: no target wanted it when it was hashed, and since then an upload of
+            # it failed. The snapshot's publish finds it missing and re-reads the file.
+            self.stats.chunks_dropped += 1
             return
         if self.admit is not None and not self.admit(priority, len(chunk.stored)):
             self._deferred(len(chunk.stored))

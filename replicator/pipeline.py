@@ -93,8 +93,9 @@ class EncodedChunk:
     """Hex chunk id per hash spec key."""
     size: int
     """Length of the original bytes."""
-    stored: bytes
-    """The encoded chunk object (codec byte + payload)."""
+    stored: bytes | None
+    """The encoded chunk object (codec byte + payload); None when no target wanted the chunk
+    as it was hashed, so it was never encoded (see :meth:`ChunkPipeline.read_file`)."""
     lease: Lease = field(repr=False)
 
 
@@ -125,6 +126,8 @@ class FileRecord:
 
 
 ChunkSink = Callable[[EncodedChunk], Awaitable[None]]
+Wanted = Callable[[dict[str, str]], bool]
+"""Given a chunk's ids: does any target still need it? Called on the event loop."""
 
 
 class ChunkPipeline:
@@ -162,8 +165,11 @@ class ChunkPipeline:
         self._cpu.shutdown(wait=True, cancel_futures=True)
         self._io.shutdown(wait=True, cancel_futures=True)
 
-    def _encode(self, data: Buffer) -> tuple[dict[str, str], bytes]:
-        ids = {spec.key: spec.digest(data).hex() for spec in self.specs}
+    def _ids(self, data: Buffer) -> dict[str, str]:
+        return {spec.key: spec.digest(data).hex() for spec in self.specs}
+
+    def _encode(self, data: Buffer, ids: dict[str, str] | None = None) -> tuple[dict[str, str], bytes]:
+        ids = ids if ids is not None else self._ids(data)
         stored = self.encoder.encode(data)
         if self.verify:
             first = self.specs[0] if self.specs else _VERIFY_SPEC
@@ -172,15 +178,21 @@ class ChunkPipeline:
                 raise IntegrityError("encoded chunk does not decode to its input", operation="encode")
         return ids, stored
 
-    async def read_file(self, source: Source, file: SourceFile, sink: ChunkSink) -> FileRecord:
+    async def read_file(
+        self, source: Source, file: SourceFile, sink: ChunkSink, wanted: Wanted | None = None
+    ) -> FileRecord:
         """Read ``file`` once, passing each encoded chunk to ``sink`` in order.
+
+        With ``wanted``, a chunk of a large file that no target needs (the bulk of a new
+        checkpoint step that changed a few layers) is hashed but not compressed: it reaches
+        the sink with ``stored=None``. A small file is encoded whole in one CPU hop.
 
         Raises FileChangedError if the file changed during the read (chunks already passed to
         the sink are valid content-addressed objects; only the record is withheld)."""
         if file.size <= self.chunking.max_size:
             return await self._read_small(source, file, sink)
         async with self._large_file:
-            return await self._read_file(source, file, sink)
+            return await self._read_file(source, file, sink, wanted)
 
     async def _read_small(self, source: Source, file: SourceFile, sink: ChunkSink) -> FileRecord:
         """A file of at most ``max_size`` in one I/O hop and one CPU hop: for datasets of many
@@ -231,7 +243,18 @@ class ChunkPipeline:
             chunks={k: tuple(v) for k, v in lists.items()},
         )
 
-    async def _read_file(self, source: Source, file: SourceFile, sink: ChunkSink) -> FileRecord:
+    async def _process(self, data: Buffer, wanted: Wanted | None) -> tuple[dict[str, str], bytes | None]:
+        loop = asyncio.get_running_loop()
+        if wanted is None:
+            return await loop.run_in_executor(self._cpu, self._encode, data)
+        ids = await loop.run_in_executor(self._cpu, self._ids, data)
+        if not wanted(ids):
+            return ids, None
+        return await loop.run_in_executor(self._cpu, self._encode, data, ids)
+
+    async def _read_file(
+        self, source: Source, file: SourceFile, sink: ChunkSink, wanted: Wanted | None
+    ) -> FileRecord:
         loop = asyncio.get_running_loop()
         handle: Readable = await loop.run_in_executor(self._io, source.open, file)
         hashers: dict[str, Hasher] = {s.key: s.hasher() for s in self.specs}
@@ -245,7 +268,7 @@ class ChunkPipeline:
                     h.update(data)
             return data
 
-        window: deque[tuple[asyncio.Future[tuple[dict[str, str], bytes]], Lease, int]] = deque()
+        window: deque[tuple[asyncio.Future[tuple[dict[str, str], bytes | None]], Lease, int]] = deque()
 
         async def emit() -> None:
             fut, lease, size = window.popleft()
@@ -270,7 +293,7 @@ class ChunkPipeline:
                         break
                     await emit()
                 lease = Lease(self.budget, len(data))
-                window.append((loop.run_in_executor(self._cpu, self._encode, data), lease, len(data)))
+                window.append((asyncio.ensure_future(self._process(data, wanted)), lease, len(data)))
                 del data
                 if len(window) > self.cpu_workers:
                     await emit()

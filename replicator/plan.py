@@ -137,11 +137,15 @@ async def _plan_source(
         for t in targets:
             cid = chunk.ids[t.spec.key]
             if not _has(t, state, cid):
+                assert chunk.stored is not None, "wanted() said no target needs it"
                 t.counted.add(cid)
                 sp = per_target[t.plan.target]
                 sp.bytes += len(chunk.stored)
                 sp.chunks += 1
                 sp.puts += 1
+
+    def wanted(ids: dict[str, str]) -> bool:
+        return any(not _has(t, state, ids[t.spec.key]) for t in targets)
 
     source = open_source(cfg)
     try:
@@ -162,7 +166,7 @@ async def _plan_source(
         progress.begin(f"{cfg.name}: planning", sum(f.size for f in to_read))
         for f in to_read:
             try:
-                rec = await pipeline.read_file(source, f, count)
+                rec = await pipeline.read_file(source, f, count, wanted)
             except (FileChangedError, SourceError) as exc:
                 plan.skipped[f"{cfg.name}/{f.path}"] = exc.message
                 continue

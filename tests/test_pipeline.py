@@ -145,3 +145,32 @@ def test_peak_rss_stays_bounded_for_a_large_file(tmp_path: Path) -> None:
             f.write(bf16(rng, (32 << 20,)).tobytes())  # 64 MiB at a time
     _, _, peak_mib = timed([sys.executable, "-m", "replicator", "sync", "-c", str(cfg), "-q"])
     assert peak_mib < 512, f"peak RSS {peak_mib:.0f} MiB"
+
+
+def test_chunks_no_target_wants_are_hashed_but_not_encoded(tmp_path: Path) -> None:
+    """A new checkpoint step is mostly unchanged layers: those chunks are only hashed."""
+    (tmp_path / "big.bin").write_bytes(os.urandom(8 << 20))
+    source = PosixSource("d", tmp_path, PathFilter())
+    chunking = ChunkingConfig(min_size=256 << 10, avg_size=512 << 10, max_size=1 << 20)
+    spec = HashSpec("xxh3-128", 1)
+
+    async def go() -> None:
+        pipe = ChunkPipeline(chunking, CompressionConfig(), [spec])
+        (file,) = await source.scan()
+        got: list[EncodedChunk] = []
+
+        async def sink(chunk: EncodedChunk) -> None:
+            got.append(chunk)
+
+        every = await pipe.read_file(source, file, sink)
+        assert all(c.stored is not None for c in got)
+        first = [c.ids[spec.key] for c in got]
+        wanted_ids = set(first[::3])  # "the targets lack every third chunk"
+        got.clear()
+        again = await pipe.read_file(source, file, sink, lambda ids: ids[spec.key] in wanted_ids)
+        assert again == every  # same record whatever was encoded
+        assert [c.ids[spec.key] for c in got] == first
+        assert {c.ids[spec.key] for c in got if c.stored is not None} == wanted_ids
+        pipe.close()
+
+    asyncio.run(go())
