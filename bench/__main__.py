@@ -1,0 +1,268 @@
+"""Every scenario, side by side, in one run: replicator vs restic vs rclone on the same data.
+
+    python -m bench [--size-gib 1] [--small-files 20000] [--big-gib 8] [--workdir DIR]
+
+Data (deterministic, see bench/data.py): checkpoint steps of a transformer-shaped model,
+bf16 weights ~ N(0, 0.02) and fp32 Adam moments, where step 2 re-draws 10 % of the layers;
+a dataset of many small JSON files. Destinations: a local directory and a bucket on a local
+`rclone serve s3` (the same server for every tool). Scenarios:
+
+* initial   -- the first checkpoint step, into an empty repository (POSIX and S3);
+* increment -- the next step (10 % of layers changed) into the same repository;
+* small     -- N small files into an empty repository (POSIX);
+* restore   -- both steps back from the POSIX repository into an empty directory;
+* verify    -- `verify --read-data` vs `restic check --read-data` (POSIX);
+* big       -- one file of --big-gib (0 to skip) synced to POSIX: peak RSS.
+
+"sent" is what the destination grew by (for replicator, restic and rclone alike). Results go
+to bench/out/bench.json and a Markdown table on stdout, with the machine and tool versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.common import ROOT, du, find_tool, timed, tool_version
+from bench.data import small_files, training_steps
+from tests.servers import ACCESS_KEY, SECRET_KEY, RcloneServer, free_port
+
+REPLICATOR = [sys.executable, "-m", "replicator"]
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "RESTIC_PASSWORD": "bench",
+}
+
+
+@dataclass
+class Result:
+    scenario: str
+    dest: str
+    tool: str
+    seconds: float
+    cpu_seconds: float
+    peak_rss_mib: float
+    input_bytes: int
+    sent_bytes: int
+    stored_bytes: int
+
+    @property
+    def mib_per_s(self) -> float:
+        return self.input_bytes / self.seconds / 2**20
+
+
+class Bench:
+    def __init__(self, work: Path, server: RcloneServer) -> None:
+        self.work, self.server = work, server
+        self.restic, self.rclone = find_tool("restic"), find_tool("rclone")
+        self.results: list[Result] = []
+        self.env = {**S3_ENV, "RESTIC_CACHE_DIR": str(work / "restic-cache")}
+        self._dests: dict[tuple[str, str, str], tuple[str, Path]] = {}
+
+    # -- destinations -------------------------------------------------------------------------
+
+    def dest(self, tool: str, kind: str, name: str) -> tuple[str, Path]:
+        """(URL the tool is given, directory whose size is the destination's size)."""
+        if kind == "posix":
+            path = self.work / "dest" / f"{name}-{tool}"
+            if tool == "replicator":
+                path.mkdir(parents=True)  # a POSIX target must exist (a typo must not create one)
+            return str(path), path
+        bucket = f"{name}-{tool}".replace(" ", "-")
+        self.server.client().create_bucket(Bucket=bucket)
+        where = self.server.root / bucket
+        if tool == "replicator":
+            return f"s3://{bucket}/repo", where
+        if tool == "restic":
+            return f"s3:{self.server.endpoint}/{bucket}/repo", where
+        remote = f":s3,provider=Other,endpoint='{self.server.endpoint}',access_key_id={ACCESS_KEY}"
+        return f"{remote},secret_access_key={SECRET_KEY}:{bucket}/copy", where
+
+    def replicator_config(self, name: str, source: Path, url: str) -> Path:
+        target: dict[str, object] = {"name": "t", "url": url}
+        if url.startswith("s3://"):
+            target["endpoint_url"] = self.server.endpoint
+        cfg = {
+            "state_dir": str(self.work / "state" / name),
+            "sources": [{"name": "src", "url": str(source)}],
+            "targets": [target],
+        }
+        path = self.work / f"{name}.yaml"
+        path.write_text(json.dumps(cfg))  # JSON is YAML
+        return path
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run(self, scenario: str, dest: str, tool: str, cmd: list[str], size: Path, input_bytes: int) -> None:
+        before = du(size) if size.exists() else 0
+        secs, cpu, rss = timed(cmd, self.env)
+        stored = du(size)
+        self.results.append(
+            Result(scenario, dest, tool, secs, cpu, rss, input_bytes, stored - before, stored)
+        )
+        print(f"{scenario:9} {dest:5} {tool:10} {secs:7.2f} s  {stored / 2**20:8.1f} MiB", file=sys.stderr)
+
+    def backup_all(self, scenario: str, kind: str, name: str, source: Path, input_bytes: int) -> None:
+        """One backup by each tool of ``source`` into its ``name`` destination (created on first use)."""
+        url, size = self.dest_cached(kind, name, "replicator")
+        cfg = self.replicator_config(f"{name}-{kind}", source, url)
+        self.run(scenario, kind, "replicator", [*REPLICATOR, "sync", "-c", str(cfg), "-q"], size, input_bytes)
+
+        url, size = self.dest_cached(kind, name, "restic")
+        if not (size / "repo" / "config").exists() and not (size / "config").exists():
+            timed([self.restic, "init", "--repo", url], self.env)
+        cmd = [self.restic, "backup", "--repo", url, "--quiet", str(source)]
+        self.run(scenario, kind, "restic", cmd, size, input_bytes)
+
+        url, size = self.dest_cached(kind, name, "rclone")
+        cmd = [self.rclone, "copy", "--config", "/dev/null", str(source), url]
+        self.run(scenario, kind, "rclone", cmd, size, input_bytes)
+
+    def dest_cached(self, kind: str, name: str, tool: str) -> tuple[str, Path]:
+        key = (kind, name, tool)
+        if key not in self._dests:
+            self._dests[key] = self.dest(tool, kind, name)
+        return self._dests[key]
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    return all((b / f).read_bytes() == (a / f).read_bytes() for f in files)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gib", type=float, default=1.0, help="size of one checkpoint step")
+    ap.add_argument("--changed", type=float, default=0.10, help="share of layers the next step changes")
+    ap.add_argument("--small-files", type=int, default=20_000)
+    ap.add_argument("--big-gib", type=float, default=8.0, help="single-file RSS scenario (0: skip)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/replicator-bench-all"))
+    args = ap.parse_args()
+
+    work = args.workdir
+    for d in ("dest", "state", "restore", "restic-cache", "s3"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    source = work / "data" / "ckpt"
+    step1, step2 = training_steps(work / "data" / "steps", args.size_gib, args.changed)
+    server = RcloneServer(work / "s3", port=free_port()).start()
+    try:
+        bench = Bench(work, server)
+        shutil.rmtree(source, ignore_errors=True)
+        source.mkdir(parents=True)
+        shutil.copytree(step1, source / step1.name)
+        first = du(source)
+        for kind in ("posix", "s3"):
+            bench.backup_all("initial", kind, "ckpt", source, first)
+        shutil.copytree(step2, source / step2.name)
+        second = du(source / step2.name)
+        for kind in ("posix", "s3"):
+            bench.backup_all("increment", kind, "ckpt", source, second)
+
+        restore_scenario(bench, source)
+        verify_scenario(bench, source)
+
+        files = small_files(work / "data" / "small", args.small_files)
+        bench.backup_all("small", "posix", "small", files, du(files))
+        if args.big_gib:
+            big_file_scenario(bench, work / "data" / "big", args.big_gib)
+    finally:
+        server.stop()
+    report(bench, args)
+
+
+def restore_scenario(bench: Bench, source: Path) -> None:
+    total = du(source)
+    out = bench.work / "restore"
+    url, _ = bench.dest_cached("posix", "ckpt", "replicator")
+    restic_url, _ = bench.dest_cached("posix", "ckpt", "restic")
+    rclone_url, _ = bench.dest_cached("posix", "ckpt", "rclone")
+    runs = {
+        "replicator": ([*REPLICATOR, "restore", "-q", "--repo", url, "-s", "src", str(out)], out),
+        "restic": (
+            [bench.restic, "restore", "latest", "--repo", restic_url, "--quiet", "--target", str(out)],
+            out / source.relative_to("/"),
+        ),
+        "rclone": ([bench.rclone, "copy", "--config", "/dev/null", rclone_url, str(out)], out),
+    }
+    for tool, (cmd, restored) in runs.items():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        bench.run("restore", "posix", tool, cmd, out, total)
+        if not same_tree(source, restored):
+            raise SystemExit(f"{tool} restored something other than the source")
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def verify_scenario(bench: Bench, source: Path) -> None:
+    total = du(source)
+    url, size = bench.dest_cached("posix", "ckpt", "replicator")
+    bench.run(
+        "verify",
+        "posix",
+        "replicator",
+        [*REPLICATOR, "verify", "-q", "--repo", url, "--read-data"],
+        size,
+        total,
+    )
+    url, size = bench.dest_cached("posix", "ckpt", "restic")
+    cmd = [bench.restic, "check", "--repo", url, "--read-data", "--quiet"]
+    bench.run("verify", "posix", "restic", cmd, size, total)
+
+
+def big_file_scenario(bench: Bench, root: Path, gib: float) -> None:
+    from bench.data import one_big_file
+
+    path = one_big_file(root, gib)
+    url, size = bench.dest_cached("posix", "big", "replicator")
+    cfg = bench.replicator_config("big", path.parent, url)
+    bench.run(
+        "big", "posix", "replicator", [*REPLICATOR, "sync", "-c", str(cfg), "-q"], size, du(path.parent)
+    )
+    shutil.rmtree(size, ignore_errors=True)
+
+
+def report(bench: Bench, args: argparse.Namespace) -> None:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    machine = {
+        "cpus": os.cpu_count(),
+        "cpu_model": next(
+            (ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")),
+            platform.processor(),
+        ),
+        "python": platform.python_version(),
+        "restic": tool_version([bench.restic, "version"]),
+        "rclone": tool_version([bench.rclone, "version"]),
+        "command": "python -m bench " + " ".join(sys.argv[1:]),
+    }
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(
+        json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+                    "results": [asdict(r) | {"mib_per_s": r.mib_per_s} for r in bench.results]}, indent=2)
+    )  # fmt: skip
+    print(f"\n{machine}\n")
+    print(
+        "| scenario | dest | tool | wall | throughput | CPU | peak RSS | sent | stored | vs restic (time) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    by = {(r.scenario, r.dest, r.tool): r for r in bench.results}
+    for r in bench.results:
+        peer = by.get((r.scenario, r.dest, "restic"))
+        ratio = f"{r.seconds / peer.seconds:.2f}x" if peer and r.tool != "restic" else ""
+        print(
+            f"| {r.scenario} | {r.dest} | {r.tool} | {r.seconds:.2f} s | {r.mib_per_s:.0f} MiB/s | "
+            f"{r.cpu_seconds:.2f} s | {r.peak_rss_mib:.0f} MiB | {r.sent_bytes / 2**20:.1f} MiB | "
+            f"{r.stored_bytes / 2**20:.1f} MiB | {ratio} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
