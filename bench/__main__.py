@@ -249,9 +249,8 @@ def report(bench: Bench, args: argparse.Namespace) -> None:
                     "results": [asdict(r) | {"mib_per_s": r.mib_per_s} for r in bench.results]}, indent=2)
     )  # fmt: skip
     print(f"\n{machine}\n")
-    print(
-        "| scenario | dest | tool | wall | throughput | CPU | peak RSS | sent | stored | vs restic (time) |"
-    )
+    print("| scenario | dest | tool | wall | throughput | CPU | peak RSS | sent | stored ", end="")
+    print("| wall time vs restic |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     by = {(r.scenario, r.dest, r.tool): r for r in bench.results}
     for r in bench.results:
