@@ -38,6 +38,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -335,7 +336,7 @@ def snapshots(
     as_json: JsonOpt = False,
     log_level: LogLevelOpt = None,
 ) -> None:
-    """List the snapshots in a target's repository, oldest first (* = latest)."""
+    """List the snapshots in a target's repository, oldest first (`*` marks the latest)."""
     tcfg, _ = repo_target_config(config_path, target, repo, endpoint_url, region, profile, log_level)
 
     async def go() -> list[dict[str, Any]]:
@@ -568,7 +569,7 @@ def verify(
         typer.Option(
             "--scratch",
             metavar="DIR",
-            help="Where the drill restores to (<DIR>/<target>/<source>/), kept afterwards; needs "
+            help="Where the drill restores to (DIR/TARGET/SOURCE/), kept afterwards; needs "
             "room for the snapshot. Default: a temporary directory, removed afterwards.",
             show_default=False,
         ),
