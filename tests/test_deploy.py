@@ -1,0 +1,160 @@
+"""systemd units, example configs and plain Kubernetes manifests stay true.
+
+Units are checked by systemd-analyze itself (syntax, every directive, the timer's calendar,
+the hardening score), and the command lines they run are run here. (The Helm chart has its
+own file, tests/test_chart.py.)
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from replicator.config import Config
+from tests.conftest import cli
+from tests.deploy_helpers import run_invocation
+from tests.helpers import local_setup
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "systemd"
+INSTALLED_BINARY = "/opt/replicator/.venv/bin/replicator"  # docs/DEPLOY.md's install prefix
+
+
+def unit_directives(path: Path) -> list[tuple[str, str, str]]:
+    """(section, key, value) in file order; systemd allows a key more than once."""
+    out, section = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def directive(path: Path, key: str) -> list[str]:
+    return [v for _, k, v in unit_directives(path) if k == key]
+
+
+def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("systemd-analyze")
+    assert exe, "systemd-analyze is missing: .ci/run installs it (Debian package systemd)"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def unit_dir(tmp_path: Path) -> Path:
+    """The units as shipped, but with ExecStart's binary pointing at this checkout's
+    console script: systemd-analyze verify insists that the executable exists."""
+    here = shutil.which("replicator", path=str(Path(sys.executable).parent))
+    assert here, "the replicator console script is not installed next to this interpreter"
+    out = tmp_path / "units"
+    out.mkdir()
+    for unit in sorted(UNITS.iterdir()):
+        text = unit.read_text()
+        assert INSTALLED_BINARY in text or unit.suffix == ".timer", f"{unit.name}: not the documented prefix"
+        (out / unit.name).write_text(text.replace(INSTALLED_BINARY, here))
+    return out
+
+
+def test_units_pass_systemd_analyze_verify(unit_dir: Path) -> None:
+    units = sorted(str(p) for p in unit_dir.iterdir())
+    assert {Path(u).name for u in units} == {
+        "replicator.service",
+        "replicator-verify.service",
+        "replicator-verify.timer",
+    }
+    res = systemd_analyze("verify", "--man=no", *units)
+    # Unknown or misspelled keys are only warnings: any output at all is a failure.
+    assert res.returncode == 0 and not res.stderr.strip() and not res.stdout.strip(), res.stderr + res.stdout
+
+
+def test_verify_catches_a_broken_unit(unit_dir: Path) -> None:
+    """The check above can fail: a misspelled key and a bad calendar are reported."""
+    service = unit_dir / "replicator.service"
+    service.write_text(service.read_text().replace("WatchdogSec=", "WatchdogSecs="))
+    timer = unit_dir / "replicator-verify.timer"
+    timer.write_text(re.sub(r"OnCalendar=.*", "OnCalendar=nightly-ish", timer.read_text()))
+    res = systemd_analyze("verify", "--man=no", str(service), str(timer))
+    assert "WatchdogSecs" in res.stderr and "nightly-ish" in res.stderr
+
+
+@pytest.mark.parametrize("unit", ["replicator.service", "replicator-verify.service"])
+def test_services_are_hardened(unit_dir: Path, unit: str) -> None:
+    path = unit_dir / unit
+    # systemd's own exposure score: 0 (locked down) .. 10 (unprotected); "OK" is below 4.5.
+    res = systemd_analyze("security", "--offline=yes", "--threshold=20", "--no-pager", str(path))
+    assert res.returncode == 0, f"exposure above 2.0:\n{res.stdout}{res.stderr}"
+    want = {
+        "User": "replicator",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+        "EnvironmentFile": "-/etc/replicator/env",
+    }
+    for key, value in want.items():
+        assert directive(path, key) == [value], f"{unit}: {key}={directive(path, key)}"
+    assert "/var/lib/replicator" in directive(path, "ReadWritePaths")
+    assert directive(path, "StateDirectory") == ["replicator"]
+    # The config file and the state_dir it documents.
+    (exec_start,) = directive(path, "ExecStart")
+    assert "--config /etc/replicator/replicator.yaml" in exec_start
+
+
+def test_daemon_unit_notify_watchdog_and_stop(unit_dir: Path) -> None:
+    path = unit_dir / "replicator.service"
+    assert directive(path, "Type") == ["notify"] and directive(path, "NotifyAccess") == ["main"]
+    assert directive(path, "Restart") == ["on-failure"]
+    (watchdog,) = directive(path, "WatchdogSec")
+    assert re.fullmatch(r"\d+s", watchdog) and int(watchdog[:-1]) >= 10  # pinged every WatchdogSec/2
+    (stop,) = directive(path, "TimeoutStopSec")
+    assert int(stop) > Config().shutdown_grace, "systemd would SIGKILL before the drain ends"
+    assert directive(path, "ExecReload") == ["/bin/kill -HUP $MAINPID"]
+
+
+def test_timer_is_nightly_and_persistent() -> None:
+    timer = UNITS / "replicator-verify.timer"
+    assert directive(timer, "Unit") == ["replicator-verify.service"]
+    assert directive(timer, "Persistent") == ["true"]
+    (calendar,) = directive(timer, "OnCalendar")
+    res = systemd_analyze("calendar", "--iterations=2", calendar)
+    assert res.returncode == 0, res.stderr
+    found = re.findall(r"(?:Next elapse|Iter\. #2): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", res.stdout)
+    first, second = (datetime.fromisoformat(s) for s in found)
+    assert second - first == timedelta(days=1), f"not once a day:\n{res.stdout}"
+    service = UNITS / "replicator-verify.service"
+    assert directive(service, "Type") == ["oneshot"]
+    (exec_start,) = directive(service, "ExecStart")
+    assert exec_start.split()[1:] == [
+        "verify",
+        "--config",
+        "/etc/replicator/replicator.yaml",
+        "--read-data",
+        "5",
+    ]
+
+
+def test_unit_command_lines_run(tmp_path: Path) -> None:
+    """ExecStart of both services, run here against a real repository: the daemon starts,
+    reports ready and drains on SIGTERM; the nightly verify passes."""
+    primary, _target, cfg = local_setup(tmp_path)
+    (primary / "weights.bin").write_bytes(bytes(range(256)) * 4096)
+    assert cli("sync", "-c", str(cfg)).returncode == 0
+    for unit in ("replicator.service", "replicator-verify.service"):
+        (exec_start,) = directive(UNITS / unit, "ExecStart")
+        argv = exec_start.split()
+        assert argv[0] == INSTALLED_BINARY
+        out = run_invocation(argv, {"/etc/replicator/replicator.yaml": cfg}, tmp_path)
+        if unit == "replicator-verify.service":
+            assert ": OK:" in out and "1 read" in out, out
