@@ -237,6 +237,12 @@ def check_replicator_pod(owner: Obj, configmaps: Mapping[str, Obj]) -> list[Conf
         assert str(cfg.state_dir) in mounts, f"{name}: state_dir {cfg.state_dir} is not a volume"
         assert not mounts[str(cfg.state_dir)].get("readOnly"), f"{name}: state_dir is read-only"
         subcommand = c["args"][0]
+        for tgt in cfg.targets:
+            if "://" not in tgt.url:
+                mount = _mount_of(c, tgt.url)
+                assert mount is not None, f"{name}: target {tgt.name} ({tgt.url}) is not on a volume"
+                writable = subcommand == "run"
+                assert not (writable and mount.get("readOnly")), f"{name}: target {tgt.url} is read-only"
         if subcommand == "verify":
             assert owner["kind"] == "CronJob", f"{name}: verify outside a CronJob"
             continue
@@ -263,14 +269,14 @@ def check_replicator_pod(owner: Obj, configmaps: Mapping[str, Obj]) -> list[Conf
             assert probes["startupProbe"] is None, f"{name}: a startup probe delays the trainer"
         grace = spec.get("terminationGracePeriodSeconds", 30)
         assert grace > cfg.shutdown_grace, f"{name}: SIGKILL after {grace}s, before shutdown_grace"
-        if others:
-            # Sidecar: every POSIX source is on a volume the trainer shares, mounted read-only.
-            shared = {m["name"] for o in others for m in o.get("volumeMounts", [])}
-            for src in cfg.sources:
-                if "://" in src.url:
-                    continue
-                mount = _mount_of(c, src.url)
-                assert mount is not None, f"{name}: source {src.name} ({src.url}) is not on a volume"
+        shared = {m["name"] for o in others for m in o.get("volumeMounts", [])}
+        for src in cfg.sources:
+            if "://" in src.url:
+                continue
+            mount = _mount_of(c, src.url)
+            assert mount is not None, f"{name}: source {src.name} ({src.url}) is not on a volume"
+            if others:
+                # A sidecar reads the trainer's volume, read-only.
                 assert mount.get("readOnly") is True, f"{name}: source {src.url} is mounted writable"
                 assert mount["name"] in shared, f"{name}: source {src.url} is not shared with the trainer"
     return configs
