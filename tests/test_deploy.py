@@ -1,8 +1,9 @@
 """systemd units, example configs and plain Kubernetes manifests stay true.
 
 Units are checked by systemd-analyze itself (syntax, every directive, the timer's calendar,
-the hardening score), and the command lines they run are run here. (The Helm chart has its
-own file, tests/test_chart.py.)
+the hardening score), and the command lines they run are run here. manifests/ is built
+with kustomize (kubectl's) and checked like the chart's output, and against it. (The
+chart: tests/test_chart.py.)
 """
 
 from __future__ import annotations
@@ -14,15 +15,26 @@ import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import helm_python as helm
 import pytest
+import yaml
 
-from replicator.config import Config
+from replicator.config import Config, load_config
 from tests.conftest import cli
-from tests.deploy_helpers import run_invocation
+from tests.deploy_helpers import (
+    Obj,
+    check_replicator_pod,
+    load_objects,
+    pod_spec,
+    replicator_containers,
+    run_invocation,
+    validate_object,
+)
 from tests.helpers import local_setup
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
+MANIFESTS = ROOT / "manifests"
 INSTALLED_BINARY = "/opt/replicator/.venv/bin/replicator"  # docs/DEPLOY.md's install prefix
 
 
@@ -158,3 +170,80 @@ def test_unit_command_lines_run(tmp_path: Path) -> None:
         out = run_invocation(argv, {"/etc/replicator/replicator.yaml": cfg}, tmp_path)
         if unit == "replicator-verify.service":
             assert ": OK:" in out and "1 read" in out, out
+
+
+# -- manifests/ -------------------------------------------------------------------------------
+
+
+def kustomize_build() -> list[Obj]:
+    exe = shutil.which("kubectl")
+    assert exe, "kubectl is missing: .ci/run installs it (Debian package kubernetes-client)"
+    res = subprocess.run([exe, "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return load_objects(res.stdout)
+
+
+def test_manifests_build_into_valid_objects() -> None:
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"]) | {
+        f for g in kustomization["configMapGenerator"] for f in g["files"]
+    }
+    present = {p.name for p in MANIFESTS.iterdir()} - {"kustomization.yaml"}
+    assert listed == present, "every file in manifests/ is part of the kustomization"
+
+    objects = kustomize_build()
+    for obj in objects:
+        validate_object(obj)
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["ConfigMap", "CronJob", "Job", "Service", "ServiceAccount"]
+    configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    (cm,) = configmaps.values()
+    assert cm["data"]["replicator.yaml"] == (MANIFESTS / "replicator.yaml").read_text()
+    assert load_config(MANIFESTS / "replicator.yaml").listen == "0.0.0.0:9464"
+    pods = [o for o in objects if pod_spec(o) is not None]
+    for owner in pods:
+        check_replicator_pod(owner, configmaps)  # the generated name (with its hash) resolves
+    (svc,) = [o for o in objects if o["kind"] == "Service"]
+    (job,) = [o for o in objects if o["kind"] == "Job"]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+
+
+def test_manifests_are_the_charts_sidecar_example() -> None:
+    """manifests/ and the chart's sidecar example must not drift apart: same containers,
+    probes, security contexts and replicator volumes."""
+    values = {
+        "mode": "sidecar",
+        "fullnameOverride": "replicator",
+        "image": {"repository": "registry.example.com/ml-platform/replicator"},
+        "credentials": {"existingSecret": "replicator-credentials"},
+        "config": yaml.safe_load((MANIFESTS / "replicator.yaml").read_text()),
+        "sidecar": {"example": {"enabled": True}},
+    }
+    for key in ("listen", "state_dir"):
+        values["config"].pop(key)
+    with helm.Chart.load(ROOT / "charts" / "replicator") as chart:
+        rendered = chart.render(values=values, name="replicator", namespace="default")
+    charted = [o for path, text in rendered.items() if path.endswith(".yaml") for o in load_objects(text)]
+    plain = kustomize_build()
+
+    def replicator_parts(objects: list[Obj], kind: str) -> tuple[list[Obj], list[Obj], Obj]:
+        (owner,) = [o for o in objects if o["kind"] == kind]
+        spec = pod_spec(owner)
+        assert spec is not None
+        containers = []
+        for c, _ in replicator_containers(spec):
+            c = dict(c)
+            c.pop("image")
+            c.pop("imagePullPolicy", None)
+            containers.append(c)
+        volumes = [
+            {k: v for k, v in vol.items() if k != "configMap"}
+            for vol in spec["volumes"]
+            if vol["name"].startswith("replicator-")
+        ]
+        pod = {k: spec.get(k) for k in ("securityContext", "terminationGracePeriodSeconds", "restartPolicy")}
+        return containers, volumes, pod
+
+    for kind in ("Job", "CronJob"):
+        assert replicator_parts(plain, kind) == replicator_parts(charted, kind), kind
