@@ -1,13 +1,14 @@
 """systemd units, example configs and plain Kubernetes manifests stay true.
 
 Units are checked by systemd-analyze itself (syntax, every directive, the timer's calendar,
-the hardening score), and the command lines they run are run here. manifests/ is built
-with kustomize (kubectl's) and checked like the chart's output, and against it. (The
-chart: tests/test_chart.py.)
+the hardening score), and the command lines they run are run here. Every example config
+loads through replicator's own validator. manifests/ is built with kustomize (kubectl's)
+and checked like the chart's output, and against it. (The chart: tests/test_chart.py.)
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -20,10 +21,12 @@ import pytest
 import yaml
 
 from replicator.config import Config, load_config
+from replicator.demo import create_demo
 from tests.conftest import cli
 from tests.deploy_helpers import (
     Obj,
     check_replicator_pod,
+    env_for,
     load_objects,
     pod_spec,
     replicator_containers,
@@ -34,6 +37,7 @@ from tests.helpers import local_setup
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
+EXAMPLES = sorted((ROOT / "config").glob("*.yaml"))
 MANIFESTS = ROOT / "manifests"
 INSTALLED_BINARY = "/opt/replicator/.venv/bin/replicator"  # docs/DEPLOY.md's install prefix
 
@@ -172,6 +176,54 @@ def test_unit_command_lines_run(tmp_path: Path) -> None:
             assert ": OK:" in out and "1 read" in out, out
 
 
+# -- config/ ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_are_valid_and_explained(example: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = example.read_text()
+    for name, value in env_for(text).items():
+        monkeypatch.setenv(name, value)
+    cfg = load_config(example)
+    assert cfg.sources and cfg.targets
+    assert text.startswith("# "), f"{example.name} must open with what it is for"
+    for name in [s.name for s in cfg.sources] + [t.name for t in cfg.targets]:
+        # Each source and target is explained where it is defined.
+        block = text[text.index(f"name: {name}") :].split("\n  - name:")[0]
+        assert "#" in block, f"{example.name}: {name} has no comment"
+
+
+def test_example_configs_cover_the_documented_setups() -> None:
+    names = {p.name for p in EXAMPLES}
+    assert names == {"quickstart.yaml", "gpu-cloud-to-aws.yaml", "s3-to-nfs.yaml", "fan-out.yaml"}
+    deploy = (ROOT / "docs" / "DEPLOY.md").read_text()
+    for name in names:
+        assert f"config/{name}" in deploy, f"docs/DEPLOY.md does not mention config/{name}"
+
+
+def test_quickstart_carries_on_the_demo(tmp_path: Path) -> None:
+    """config/quickstart.yaml is the demo's config, so `replicator run` continues its repository."""
+    demo_cfg = load_config(create_demo(tmp_path / "replicator-demo", steps=1, hidden=64))
+    (tmp_path / "config").mkdir()
+    quickstart = tmp_path / "config" / "quickstart.yaml"
+    shutil.copy(ROOT / "config" / "quickstart.yaml", quickstart)
+    cfg = load_config(quickstart)
+    assert cfg.state_dir == demo_cfg.state_dir
+    assert [t.url for t in cfg.targets] == [t.url for t in demo_cfg.targets]
+    for mine, demo in zip(cfg.sources, demo_cfg.sources, strict=True):
+        assert (mine.name, mine.url, mine.kind, mine.include) == (
+            demo.name,
+            demo.url,
+            demo.kind,
+            demo.include,
+        )
+        assert mine.complete_when == demo.complete_when
+    res = cli("sync", "-c", str(quickstart))
+    assert res.returncode == 0, res.stderr
+    res = cli("verify", "-c", str(quickstart), "--read-data")
+    assert res.returncode == 0 and ": OK:" in res.stdout, res.stdout + res.stderr
+
+
 # -- manifests/ -------------------------------------------------------------------------------
 
 
@@ -247,3 +299,52 @@ def test_manifests_are_the_charts_sidecar_example() -> None:
 
     for kind in ("Job", "CronJob"):
         assert replicator_parts(plain, kind) == replicator_parts(charted, kind), kind
+
+
+# -- docs/DEPLOY.md's IAM policies --------------------------------------------------------------
+
+S3_ACTIONS = {
+    "put_object": "s3:PutObject",
+    "get_object": "s3:GetObject",
+    "head_object": "s3:GetObject",  # HEAD is authorized as GetObject
+    "list_objects_v2": "s3:ListBucket",
+    "delete_object": "s3:DeleteObject",
+}
+
+
+def s3_calls(path: Path, client: str) -> set[str]:
+    text = path.read_text()
+    calls = set(re.findall(rf"{re.escape(client)}\.(\w+)\(", text))
+    calls |= set(re.findall(r'get_paginator\("(\w+)"\)', text))
+    calls -= {"get_paginator", "close"}  # not requests
+    unknown = calls - set(S3_ACTIONS)
+    assert not unknown, f"{path.name} calls {unknown}: add them to DEPLOY.md's IAM policies and S3_ACTIONS"
+    return {S3_ACTIONS[c] for c in calls}
+
+
+def test_iam_policies_grant_exactly_what_the_code_calls() -> None:
+    doc = (ROOT / "docs" / "DEPLOY.md").read_text()
+    statements: dict[str, dict[str, object]] = {}
+    for block in re.findall(r"```json\n(.*?)```", doc, flags=re.S):
+        data = json.loads(block)
+        for st in data.get("Statement", [data]):
+            statements[st["Sid"]] = st
+
+    def actions(*sids: str) -> set[str]:
+        return {a for sid in sids for a in statements[sid]["Action"]}  # type: ignore[attr-defined]
+
+    target = s3_calls(ROOT / "replicator" / "targets" / "s3.py", "self._client")
+    source = s3_calls(ROOT / "replicator" / "sources" / "s3.py", "self.client")
+    assert actions("ListRepository", "ReadWriteRepository") == target - {"s3:DeleteObject"}
+    assert actions("PruneSnapshotManifests") == {"s3:DeleteObject"} <= target
+    assert actions("ListSource", "ReadSource") == source
+    # The only deletion is keep_last's, of snapshot manifests: the pruning grant is that narrow.
+    deletes = [
+        line.strip()
+        for p in (ROOT / "replicator").rglob("*.py")
+        if "targets" not in p.parts
+        for line in p.read_text().splitlines()
+        if "target.delete(" in line
+    ]
+    assert deletes == ["await self.target.delete(snapshot_key(source, snapshot_id))"], deletes
+    assert str(statements["PruneSnapshotManifests"]["Resource"]).endswith("/snapshots/*")
