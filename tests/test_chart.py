@@ -1,0 +1,391 @@
+"""charts/replicator, rendered by Helm's own engine (helm-python-sdk: libhelm, no binary).
+
+Each values file in charts/replicator/ci/ is rendered; every object is validated against
+the Kubernetes schemas (and the Prometheus Operator's models); every pod that runs
+replicator is checked for what docs/DEPLOY.md promises, with the config it mounts loaded by
+replicator's own validator; the alert rules may only use metrics replicator exports; and the
+command lines the pods run are run here against a real repository.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+import replicator
+from tests.conftest import cli
+from tests.deploy_helpers import (
+    Obj,
+    check_replicator_pod,
+    check_rules,
+    describe,
+    load_objects,
+    pod_spec,
+    promql_metric_names,
+    replicator_containers,
+    run_invocation,
+    validate_object,
+)
+from tests.helpers import local_setup
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "replicator"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+
+helm.disable_logging()  # the library logs `fail` calls to stderr; the exception says it all
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as c:
+        yield c
+
+
+def render(chart: helm.Chart, values: dict[str, Any] | None, name: str = "rep") -> list[Obj]:
+    out = chart.render(values=values, name=name, namespace="ml", is_install=True)
+    return [obj for path, text in sorted(out.items()) if path.endswith(".yaml") for obj in load_objects(text)]
+
+
+def values_of(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(path.read_text())
+    return data
+
+
+def by_kind(objects: list[Obj]) -> dict[str, list[Obj]]:
+    out: dict[str, list[Obj]] = {}
+    for obj in objects:
+        out.setdefault(obj["kind"], []).append(obj)
+    return out
+
+
+def configmaps(objects: list[Obj]) -> dict[str, Obj]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+
+
+MINIMAL: dict[str, Any] = {
+    "image": {"repository": "registry.example.com/replicator"},
+    "config": {
+        "sources": [{"name": "s", "url": "s3://primary/x"}],
+        "targets": [{"name": "t", "url": "s3://dr/x"}],
+    },
+}
+
+
+def test_versions_agree_and_lint_is_clean(chart: helm.Chart) -> None:
+    version = replicator.__version__
+    assert chart.metadata["appVersion"] == version
+    assert chart.values["image"]["tag"] == version, "values.yaml image.tag must be the appVersion"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["version"] == version
+    for values in [MINIMAL, *map(values_of, CI_VALUES)]:
+        report = helm.lint(CHART, values, strict=True)
+        problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+        assert not problems, problems
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.name)
+def test_ci_values_render_valid_objects_and_pods(chart: helm.Chart, values_file: Path) -> None:
+    values = values_of(values_file)
+    objects = render(chart, values)
+    kinds = by_kind(objects)
+    for obj in objects:
+        validate_object(obj)
+    names = [describe(o) for o in objects]
+    assert len(names) == len(set(names)), f"duplicate objects: {names}"
+
+    mode = values.get("mode", "standalone")
+    assert ("Deployment" in kinds) == (mode == "standalone")
+    example = mode == "sidecar" and values.get("sidecar", {}).get("example", {}).get("enabled", False)
+    assert ("Job" in kinds) == example
+    assert ("CronJob" in kinds) == values.get("verify", {}).get("enabled", True)
+
+    cms = configmaps(objects)
+    pods = [o for o in objects if pod_spec(o) is not None]
+    configs = [cfg for owner in pods for cfg in check_replicator_pod(owner, cms)]
+    # The chart's config is the values' config plus the two keys it owns.
+    expected = {
+        "state_dir": "/var/lib/replicator",
+        "listen": f"0.0.0.0:{values.get('metrics', {}).get('port', 9464)}",
+    }
+    for cfg in configs:
+        assert [s.name for s in cfg.sources] == [s["name"] for s in values["config"]["sources"]]
+        assert [t.name for t in cfg.targets] == [t["name"] for t in values["config"]["targets"]]
+        assert str(cfg.state_dir) == expected["state_dir"] and cfg.listen == expected["listen"]
+
+    # Every pod runs as the service account the chart renders (or names), with no API token.
+    for owner in pods:
+        spec = pod_spec(owner)
+        assert spec is not None
+        assert spec["automountServiceAccountToken"] is False
+        if values.get("serviceAccount", {}).get("create", True):
+            assert {"ServiceAccount/" + spec["serviceAccountName"]} <= set(names)
+
+    if "Service" in kinds:
+        (svc,) = kinds["Service"]
+        selected = [p for p in pods if _selects(svc["spec"]["selector"], pod_labels(p))]
+        runs_daemon = [
+            p for p in pods if any(c["args"][0] == "run" for c, _ in replicator_containers(pod_spec(p) or {}))
+        ]
+        assert selected == runs_daemon, "the metrics Service must select exactly the pods running the daemon"
+        for monitor in kinds.get("ServiceMonitor", []):
+            assert _selects(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+            assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {
+                p["name"] for p in svc["spec"]["ports"]
+            }
+    for rule in kinds.get("PrometheusRule", []):
+        alerts = check_rules(rule)
+        assert {"ReplicatorRPOBreached", "ReplicatorTargetErrors"} <= set(alerts)
+        assert ("ReplicatorDown" in alerts) == (mode == "standalone")  # a finished Job is not "down"
+
+
+def pod_labels(owner: Obj) -> dict[str, str]:
+    template = (
+        owner["spec"]["jobTemplate"]["spec"]["template"]
+        if owner["kind"] == "CronJob"
+        else owner["spec"]["template"]
+    )
+    labels: dict[str, str] = template["metadata"]["labels"]
+    return labels
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_alert_rule_checks_can_fail() -> None:
+    assert promql_metric_names("rate(replicator_sent_bytes_total[5m]) > 0") == {"replicator_sent_bytes_total"}
+
+    def rule(expr: str) -> Obj:
+        return {"spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": expr}]}]}}
+
+    assert check_rules(rule("replicator_rpo_breached == 1")) == ["A"]
+    with pytest.raises(AssertionError, match="replicator_lag_seconds"):
+        check_rules(rule("replicator_lag_seconds > 1"))
+    with pytest.raises(AssertionError, match="invalid PromQL"):
+        check_rules(rule("rate(replicator_sent_bytes_total[5m]"))
+
+
+def test_pod_checks_can_fail(chart: helm.Chart) -> None:
+    """The pod checker catches what the docs warn about."""
+    values = values_of(CHART / "ci" / "sidecar-values.yaml")
+
+    def broken(mutate: Any) -> None:
+        objects = render(chart, values)
+        (job,) = [o for o in objects if o["kind"] == "Job"]
+        mutate(job, configmaps(objects))
+        check_replicator_pod(job, configmaps(objects))
+
+    def sidecar(job: Obj) -> Obj:
+        spec = pod_spec(job)
+        assert spec is not None
+        c: Obj = spec["initContainers"][0]
+        return c
+
+    def writable_checkpoints(job: Obj, cms: dict[str, Obj]) -> None:
+        for m in sidecar(job)["volumeMounts"]:
+            if m["mountPath"] == "/checkpoints":
+                m["readOnly"] = False
+
+    def localhost(job: Obj, cms: dict[str, Obj]) -> None:
+        for cm in cms.values():
+            cm["data"]["replicator.yaml"] = cm["data"]["replicator.yaml"].replace("0.0.0.0:", "127.0.0.1:")
+
+    def writable_root(job: Obj, cms: dict[str, Obj]) -> None:
+        sidecar(job)["securityContext"]["readOnlyRootFilesystem"] = False
+
+    def short_grace(job: Obj, cms: dict[str, Obj]) -> None:
+        spec = pod_spec(job)
+        assert spec is not None
+        spec["terminationGracePeriodSeconds"] = 20
+
+    def startup_probe(job: Obj, cms: dict[str, Obj]) -> None:
+        sidecar(job)["startupProbe"] = sidecar(job)["livenessProbe"]
+
+    for mutate, message in [
+        (writable_checkpoints, "mounted writable"),
+        (localhost, "unreachable from the kubelet"),
+        (writable_root, "root filesystem is writable"),
+        (short_grace, "before shutdown_grace"),
+        (startup_probe, "delays the trainer"),
+    ]:
+        with pytest.raises(AssertionError, match=message):
+            broken(mutate)
+
+
+def test_schema_checks_can_fail(chart: helm.Chart) -> None:
+    (deployment,) = [o for o in render(chart, MINIMAL) if o["kind"] == "Deployment"]
+    deployment["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFilesystm"] = True
+    with pytest.raises(AssertionError, match="readOnlyRootFilesystm"):
+        validate_object(deployment)
+    values = {**MINIMAL, "metrics": {"serviceMonitor": {"enabled": True}}}
+    (monitor,) = [o for o in render(chart, values) if o["kind"] == "ServiceMonitor"]
+    monitor["spec"]["endpoints"][0]["scrapeTimeOut"] = "10s"
+    with pytest.raises(AssertionError, match="scrapeTimeOut"):
+        validate_object(monitor)
+    monitor["spec"]["endpoints"][0] = {"port": "metrics", "interval": "30 seconds"}
+    with pytest.raises(AssertionError, match="interval"):
+        validate_object(monitor)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"image": {"repository": ""}}, "image.repository is required"),
+        ({"config": {"listen": "127.0.0.1:9464"}}, "config.listen: leave it out"),
+        ({"config": {"state_dir": "/data"}}, "config.state_dir: leave it out"),
+        ({"config": {"sources": []}}, "config.sources is empty"),
+        ({"config": {"targets": None}}, "config.targets is empty"),
+        ({"mode": "daemonset"}, "mode"),
+        ({"verfy": {"enabled": False}}, "'verfy' not allowed"),
+        ({"mode": "sidecar", "state": {"persistence": {"enabled": True}}}, "existingClaim"),
+        ({"sidecar": {"example": {"enabled": True}}}, "needs mode: sidecar"),
+        (
+            {"mode": "sidecar", "sidecar": {"native": False, "example": {"enabled": True}}},
+            "never completes",
+        ),
+        (
+            {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
+            "needs metrics.service",
+        ),
+    ],
+)
+def test_bad_values_fail_with_a_clear_message(
+    chart: helm.Chart, change: dict[str, Any], message: str
+) -> None:
+    values = _merge(MINIMAL, change)
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render(chart, values)
+
+
+def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in change.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and v else v
+    return out
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-sidecar-job", "ordinary-sidecar-deployment"])
+def test_sidecar_templates_from_a_parent_chart(tmp_path: Path, native: bool) -> None:
+    """The documented way to add the sidecar to your own training pods: a chart that depends
+    on this one includes its named templates (a native sidecar in a Job, or an ordinary
+    container in a long-running Deployment)."""
+    parent = tmp_path / "train"
+    (parent / "templates").mkdir(parents=True)
+    shutil.copytree(CHART, parent / "charts" / "replicator")
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: train\nversion: 1.0.0\n"
+        "dependencies:\n  - name: replicator\n    version: 0.1.0\n"
+    )
+    values = {
+        "replicator": {
+            "mode": "sidecar",
+            "image": {"repository": "registry.example.com/replicator"},
+            "verify": {"enabled": False},
+            "sidecar": {"native": native, "checkpoints": {"volume": "ckpt", "mountPath": "/data/ckpt"}},
+            "config": {
+                "sources": [{"name": "ckpt", "url": "/data/ckpt/run-7", "kind": "checkpoint"}],
+                "targets": [{"name": "dr", "url": "s3://dr-bucket/ckpt"}],
+            },
+        }
+    }
+    (parent / "values.yaml").write_text(yaml.safe_dump(values))
+    ctx = '(dict "Values" .Values.replicator "Release" .Release)'
+    sidecar = f'{{{{- include "replicator.sidecarContainer" {ctx} | nindent 8 }}}}'
+    trainer = """
+        - name: trainer
+          image: registry.example.com/trainer:1
+          volumeMounts: [{name: ckpt, mountPath: /data/ckpt}]"""
+    if native:
+        head = "apiVersion: batch/v1\nkind: Job"
+        init = f"      restartPolicy: Never\n      initContainers:\n        {sidecar}\n"
+        containers = f"{init}      containers:{trainer}"
+        selector = ""
+    else:
+        head = "apiVersion: apps/v1\nkind: Deployment"
+        containers = f"      containers:{trainer}\n        {sidecar}"
+        selector = "  selector: {matchLabels: {app: train}}\n"
+    (parent / "templates" / "train.yaml").write_text(f"""\
+{head}
+metadata:
+  name: {{{{ .Release.Name }}}}-train
+spec:
+{selector}  template:
+    metadata:
+      labels:
+        app: train
+        {{{{- include "replicator.sidecarPodLabels" {ctx} | nindent 8 }}}}
+    spec:
+      terminationGracePeriodSeconds: 90
+{containers}
+      volumes:
+        - name: ckpt
+          persistentVolumeClaim: {{claimName: training-checkpoints}}
+        {{{{- include "replicator.sidecarVolumes" {ctx} | nindent 8 }}}}
+""")
+    with helm.Chart.load(parent) as c:
+        objects = render(c, None, name="exp7")
+    for obj in objects:
+        validate_object(obj)
+    kinds = by_kind(objects)
+    (trainer_pod,) = kinds["Job" if native else "Deployment"]
+    assert ("Job" in kinds) == native and ("Deployment" in kinds) != native
+    (cfg,) = check_replicator_pod(trainer_pod, configmaps(objects))
+    assert cfg.sources[0].url == "/data/ckpt/run-7"
+    spec = pod_spec(trainer_pod)
+    assert spec is not None
+    (container, is_init) = next(replicator_containers(spec))
+    assert is_init == native
+    assert ("startupProbe" in container) != native, "a startup probe, except on a native sidecar"
+    (svc,) = kinds["Service"]
+    assert _selects(svc["spec"]["selector"], pod_labels(trainer_pod)), "the Service must select the trainer"
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synced local repository and its config, for running the artifacts' command lines."""
+    tmp = tmp_path_factory.mktemp("invocations")
+    primary, _target, cfg = local_setup(tmp)
+    (primary / "weights.bin").write_bytes(bytes(range(256)) * 4096)
+    res = cli("sync", "-c", str(cfg))
+    assert res.returncode == 0, res.stderr
+    return cfg
+
+
+def test_pod_command_lines_run(chart: helm.Chart, replicated: Path, tmp_path: Path) -> None:
+    """What the pods would run, run here: the daemon starts and drains; verify and the
+    restore drill pass on a real repository."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    paths = {"/etc/replicator/replicator.yaml": replicated, "/scratch": scratch}
+    seen: set[tuple[str, ...]] = set()
+    for values_file in CI_VALUES:
+        for obj in render(chart, values_of(values_file)):
+            spec = pod_spec(obj)
+            for c, _ in replicator_containers(spec) if spec else ():
+                argv = (*c["command"], *c["args"])
+                if argv not in seen:
+                    seen.add(argv)
+                    run_invocation(list(argv), paths, tmp_path)
+    subcommands = {(a[1], "--restore-drill" in a) for a in seen}
+    assert subcommands == {("run", False), ("verify", False), ("verify", True)}, seen
+
+
+def test_dockerfile_matches_the_chart(chart: helm.Chart) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, flags=re.M)
+    assert user, "the image must name a numeric non-root user (runAsNonRoot needs it)"
+    sc = chart.values["securityContext"]
+    assert (int(user[1]), int(user[2])) == (sc["runAsUser"], sc["runAsGroup"])
+    base = re.search(r"^FROM python:(\d+)\.(\d+)", dockerfile, flags=re.M)
+    assert base, "the image must start from an official Python image"
+    required = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert (int(base[1]), int(base[2])) >= tuple(map(int, required.removeprefix(">=").split(".")))
+    assert re.search(r'^ENTRYPOINT \["replicator"\]', dockerfile, flags=re.M)

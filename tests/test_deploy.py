@@ -1,0 +1,350 @@
+"""systemd units, example configs and plain Kubernetes manifests stay true.
+
+Units are checked by systemd-analyze itself (syntax, every directive, the timer's calendar,
+the hardening score), and the command lines they run are run here. Every example config
+loads through replicator's own validator. manifests/ is built with kustomize (kubectl's)
+and checked like the chart's output, and against it. (The chart: tests/test_chart.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import helm_python as helm
+import pytest
+import yaml
+
+from replicator.config import Config, load_config
+from replicator.demo import create_demo
+from tests.conftest import cli
+from tests.deploy_helpers import (
+    Obj,
+    check_replicator_pod,
+    env_for,
+    load_objects,
+    pod_spec,
+    replicator_containers,
+    run_invocation,
+    validate_object,
+)
+from tests.helpers import local_setup
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "systemd"
+EXAMPLES = sorted((ROOT / "config").glob("*.yaml"))
+MANIFESTS = ROOT / "manifests"
+INSTALLED_BINARY = "/opt/replicator/.venv/bin/replicator"  # docs/DEPLOY.md's install prefix
+
+
+def unit_directives(path: Path) -> list[tuple[str, str, str]]:
+    """(section, key, value) in file order; systemd allows a key more than once."""
+    out, section = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def directive(path: Path, key: str) -> list[str]:
+    return [v for _, k, v in unit_directives(path) if k == key]
+
+
+def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("systemd-analyze")
+    assert exe, "systemd-analyze is missing: .ci/run installs it (Debian package systemd)"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def unit_dir(tmp_path: Path) -> Path:
+    """The units as shipped, but with ExecStart's binary pointing at this checkout's
+    console script: systemd-analyze verify insists that the executable exists."""
+    here = shutil.which("replicator", path=str(Path(sys.executable).parent))
+    assert here, "the replicator console script is not installed next to this interpreter"
+    out = tmp_path / "units"
+    out.mkdir()
+    for unit in sorted(UNITS.iterdir()):
+        text = unit.read_text()
+        assert INSTALLED_BINARY in text or unit.suffix == ".timer", f"{unit.name}: not the documented prefix"
+        (out / unit.name).write_text(text.replace(INSTALLED_BINARY, here))
+    return out
+
+
+def test_units_pass_systemd_analyze_verify(unit_dir: Path) -> None:
+    units = sorted(str(p) for p in unit_dir.iterdir())
+    assert {Path(u).name for u in units} == {
+        "replicator.service",
+        "replicator-verify.service",
+        "replicator-verify.timer",
+    }
+    res = systemd_analyze("verify", "--man=no", *units)
+    # Unknown or misspelled keys are only warnings: any output at all is a failure.
+    assert res.returncode == 0 and not res.stderr.strip() and not res.stdout.strip(), res.stderr + res.stdout
+
+
+def test_verify_catches_a_broken_unit(unit_dir: Path) -> None:
+    """The check above can fail: a misspelled key and a bad calendar are reported."""
+    service = unit_dir / "replicator.service"
+    service.write_text(service.read_text().replace("WatchdogSec=", "WatchdogSecs="))
+    timer = unit_dir / "replicator-verify.timer"
+    timer.write_text(re.sub(r"OnCalendar=.*", "OnCalendar=nightly-ish", timer.read_text()))
+    res = systemd_analyze("verify", "--man=no", str(service), str(timer))
+    assert "WatchdogSecs" in res.stderr and "nightly-ish" in res.stderr
+
+
+@pytest.mark.parametrize("unit", ["replicator.service", "replicator-verify.service"])
+def test_services_are_hardened(unit_dir: Path, unit: str) -> None:
+    path = unit_dir / unit
+    # systemd's own exposure score: 0 (locked down) .. 10 (unprotected); "OK" is below 4.5.
+    res = systemd_analyze("security", "--offline=yes", "--threshold=20", "--no-pager", str(path))
+    assert res.returncode == 0, f"exposure above 2.0:\n{res.stdout}{res.stderr}"
+    want = {
+        "User": "replicator",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+        "EnvironmentFile": "-/etc/replicator/env",
+    }
+    for key, value in want.items():
+        assert directive(path, key) == [value], f"{unit}: {key}={directive(path, key)}"
+    assert "/var/lib/replicator" in directive(path, "ReadWritePaths")
+    assert directive(path, "StateDirectory") == ["replicator"]
+    # The config file and the state_dir it documents.
+    (exec_start,) = directive(path, "ExecStart")
+    assert "--config /etc/replicator/replicator.yaml" in exec_start
+
+
+def test_daemon_unit_notify_watchdog_and_stop(unit_dir: Path) -> None:
+    path = unit_dir / "replicator.service"
+    assert directive(path, "Type") == ["notify"] and directive(path, "NotifyAccess") == ["main"]
+    assert directive(path, "Restart") == ["on-failure"]
+    (watchdog,) = directive(path, "WatchdogSec")
+    assert re.fullmatch(r"\d+s", watchdog) and int(watchdog[:-1]) >= 10  # pinged every WatchdogSec/2
+    (stop,) = directive(path, "TimeoutStopSec")
+    assert int(stop) > Config().shutdown_grace, "systemd would SIGKILL before the drain ends"
+    assert directive(path, "ExecReload") == ["/bin/kill -HUP $MAINPID"]
+
+
+def test_timer_is_nightly_and_persistent() -> None:
+    timer = UNITS / "replicator-verify.timer"
+    assert directive(timer, "Unit") == ["replicator-verify.service"]
+    assert directive(timer, "Persistent") == ["true"]
+    (calendar,) = directive(timer, "OnCalendar")
+    res = systemd_analyze("calendar", "--iterations=2", calendar)
+    assert res.returncode == 0, res.stderr
+    found = re.findall(r"(?:Next elapse|Iter\. #2): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", res.stdout)
+    first, second = (datetime.fromisoformat(s) for s in found)
+    assert second - first == timedelta(days=1), f"not once a day:\n{res.stdout}"
+    service = UNITS / "replicator-verify.service"
+    assert directive(service, "Type") == ["oneshot"]
+    (exec_start,) = directive(service, "ExecStart")
+    assert exec_start.split()[1:] == [
+        "verify",
+        "--config",
+        "/etc/replicator/replicator.yaml",
+        "--read-data",
+        "5",
+    ]
+
+
+def test_unit_command_lines_run(tmp_path: Path) -> None:
+    """ExecStart of both services, run here against a real repository: the daemon starts,
+    reports ready and drains on SIGTERM; the nightly verify passes."""
+    primary, _target, cfg = local_setup(tmp_path)
+    (primary / "weights.bin").write_bytes(bytes(range(256)) * 4096)
+    assert cli("sync", "-c", str(cfg)).returncode == 0
+    for unit in ("replicator.service", "replicator-verify.service"):
+        (exec_start,) = directive(UNITS / unit, "ExecStart")
+        argv = exec_start.split()
+        assert argv[0] == INSTALLED_BINARY
+        out = run_invocation(argv, {"/etc/replicator/replicator.yaml": cfg}, tmp_path)
+        if unit == "replicator-verify.service":
+            assert ": OK:" in out and "1 read" in out, out
+
+
+# -- config/ ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_are_valid_and_explained(example: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = example.read_text()
+    for name, value in env_for(text).items():
+        monkeypatch.setenv(name, value)
+    cfg = load_config(example)
+    assert cfg.sources and cfg.targets
+    assert text.startswith("# "), f"{example.name} must open with what it is for"
+    for name in [s.name for s in cfg.sources] + [t.name for t in cfg.targets]:
+        # Each source and target is explained where it is defined.
+        block = text[text.index(f"name: {name}") :].split("\n  - name:")[0]
+        assert "#" in block, f"{example.name}: {name} has no comment"
+
+
+def test_example_configs_cover_the_documented_setups() -> None:
+    names = {p.name for p in EXAMPLES}
+    assert names == {"quickstart.yaml", "gpu-cloud-to-aws.yaml", "s3-to-nfs.yaml", "fan-out.yaml"}
+    deploy = (ROOT / "docs" / "DEPLOY.md").read_text()
+    for name in names:
+        assert f"config/{name}" in deploy, f"docs/DEPLOY.md does not mention config/{name}"
+
+
+def test_quickstart_carries_on_the_demo(tmp_path: Path) -> None:
+    """config/quickstart.yaml is the demo's config, so `replicator run` continues its repository."""
+    demo_cfg = load_config(create_demo(tmp_path / "replicator-demo", steps=1, hidden=64))
+    (tmp_path / "config").mkdir()
+    quickstart = tmp_path / "config" / "quickstart.yaml"
+    shutil.copy(ROOT / "config" / "quickstart.yaml", quickstart)
+    cfg = load_config(quickstart)
+    assert cfg.state_dir == demo_cfg.state_dir
+    assert [t.url for t in cfg.targets] == [t.url for t in demo_cfg.targets]
+    for mine, demo in zip(cfg.sources, demo_cfg.sources, strict=True):
+        assert (mine.name, mine.url, mine.kind, mine.include) == (
+            demo.name,
+            demo.url,
+            demo.kind,
+            demo.include,
+        )
+        assert mine.complete_when == demo.complete_when
+    res = cli("sync", "-c", str(quickstart))
+    assert res.returncode == 0, res.stderr
+    res = cli("verify", "-c", str(quickstart), "--read-data")
+    assert res.returncode == 0 and ": OK:" in res.stdout, res.stdout + res.stderr
+
+
+# -- manifests/ -------------------------------------------------------------------------------
+
+
+def kustomize_build() -> list[Obj]:
+    exe = shutil.which("kubectl")
+    assert exe, "kubectl is missing: .ci/run installs it (Debian package kubernetes-client)"
+    res = subprocess.run([exe, "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return load_objects(res.stdout)
+
+
+def test_manifests_build_into_valid_objects() -> None:
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"]) | {
+        f for g in kustomization["configMapGenerator"] for f in g["files"]
+    }
+    present = {p.name for p in MANIFESTS.iterdir()} - {"kustomization.yaml"}
+    assert listed == present, "every file in manifests/ is part of the kustomization"
+
+    objects = kustomize_build()
+    for obj in objects:
+        validate_object(obj)
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["ConfigMap", "CronJob", "Job", "Service", "ServiceAccount"]
+    configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    (cm,) = configmaps.values()
+    assert cm["data"]["replicator.yaml"] == (MANIFESTS / "replicator.yaml").read_text()
+    assert load_config(MANIFESTS / "replicator.yaml").listen == "0.0.0.0:9464"
+    pods = [o for o in objects if pod_spec(o) is not None]
+    for owner in pods:
+        check_replicator_pod(owner, configmaps)  # the generated name (with its hash) resolves
+    (svc,) = [o for o in objects if o["kind"] == "Service"]
+    (job,) = [o for o in objects if o["kind"] == "Job"]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+
+
+def test_manifests_are_the_charts_sidecar_example() -> None:
+    """manifests/ and the chart's sidecar example must not drift apart: same containers,
+    probes, security contexts and replicator volumes."""
+    values = {
+        "mode": "sidecar",
+        "fullnameOverride": "replicator",
+        "image": {"repository": "registry.example.com/ml-platform/replicator"},
+        "credentials": {"existingSecret": "replicator-credentials"},
+        "config": yaml.safe_load((MANIFESTS / "replicator.yaml").read_text()),
+        "sidecar": {"example": {"enabled": True}},
+    }
+    for key in ("listen", "state_dir"):
+        values["config"].pop(key)
+    with helm.Chart.load(ROOT / "charts" / "replicator") as chart:
+        rendered = chart.render(values=values, name="replicator", namespace="default")
+    charted = [o for path, text in rendered.items() if path.endswith(".yaml") for o in load_objects(text)]
+    plain = kustomize_build()
+
+    def replicator_parts(objects: list[Obj], kind: str) -> tuple[list[Obj], list[Obj], Obj]:
+        (owner,) = [o for o in objects if o["kind"] == kind]
+        spec = pod_spec(owner)
+        assert spec is not None
+        containers = []
+        for c, _ in replicator_containers(spec):
+            c = dict(c)
+            c.pop("image")
+            c.pop("imagePullPolicy", None)
+            containers.append(c)
+        volumes = [
+            {k: v for k, v in vol.items() if k != "configMap"}
+            for vol in spec["volumes"]
+            if vol["name"].startswith("replicator-")
+        ]
+        pod = {k: spec.get(k) for k in ("securityContext", "terminationGracePeriodSeconds", "restartPolicy")}
+        return containers, volumes, pod
+
+    for kind in ("Job", "CronJob"):
+        assert replicator_parts(plain, kind) == replicator_parts(charted, kind), kind
+
+
+# -- docs/DEPLOY.md's IAM policies --------------------------------------------------------------
+
+S3_ACTIONS = {
+    "put_object": "s3:PutObject",
+    "get_object": "s3:GetObject",
+    "head_object": "s3:GetObject",  # HEAD is authorized as GetObject
+    "list_objects_v2": "s3:ListBucket",
+    "delete_object": "s3:DeleteObject",
+}
+
+
+def s3_calls(path: Path, client: str) -> set[str]:
+    text = path.read_text()
+    calls = set(re.findall(rf"{re.escape(client)}\.(\w+)\(", text))
+    calls |= set(re.findall(r'get_paginator\("(\w+)"\)', text))
+    calls -= {"get_paginator", "close"}  # not requests
+    unknown = calls - set(S3_ACTIONS)
+    assert not unknown, f"{path.name} calls {unknown}: add them to DEPLOY.md's IAM policies and S3_ACTIONS"
+    return {S3_ACTIONS[c] for c in calls}
+
+
+def test_iam_policies_grant_exactly_what_the_code_calls() -> None:
+    doc = (ROOT / "docs" / "DEPLOY.md").read_text()
+    statements: dict[str, dict[str, object]] = {}
+    for block in re.findall(r"```json\n(.*?)```", doc, flags=re.S):
+        data = json.loads(block)
+        for st in data.get("Statement", [data]):
+            statements[st["Sid"]] = st
+
+    def actions(*sids: str) -> set[str]:
+        return {a for sid in sids for a in statements[sid]["Action"]}  # type: ignore[attr-defined]
+
+    target = s3_calls(ROOT / "replicator" / "targets" / "s3.py", "self._client")
+    source = s3_calls(ROOT / "replicator" / "sources" / "s3.py", "self.client")
+    assert actions("ListRepository", "ReadWriteRepository") == target - {"s3:DeleteObject"}
+    assert actions("PruneSnapshotManifests") == {"s3:DeleteObject"} <= target
+    assert actions("ListSource", "ReadSource") == source
+    # The only deletion is keep_last's, of snapshot manifests: the pruning grant is that narrow.
+    deletes = [
+        line.strip()
+        for p in (ROOT / "replicator").rglob("*.py")
+        if "targets" not in p.parts
+        for line in p.read_text().splitlines()
+        if "target.delete(" in line
+    ]
+    assert deletes == ["await self.target.delete(snapshot_key(source, snapshot_id))"], deletes
+    assert str(statements["PruneSnapshotManifests"]["Resource"]).endswith("/snapshots/*")
