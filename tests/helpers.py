@@ -57,14 +57,16 @@ def config_dict(
     return {"state_dir": str(tmp_path / "state"), "sources": sources, "targets": targets, **extra}
 
 
-def local_setup(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """The simplest replication: POSIX source ``d`` at tmp_path/primary to POSIX target ``t`` at
-    tmp_path/target (both created). Returns (primary, target, config file)."""
+def local_setup(tmp_path: Path, *, checkpoint: bool = False) -> tuple[Path, Path, Path]:
+    """The simplest replication: POSIX source at tmp_path/primary (``d``, or with ``checkpoint``
+    the :func:`checkpoint_source` ``ckpt``) to POSIX target ``t`` at tmp_path/target (both
+    created). Returns (primary, target, config file)."""
     primary, target = tmp_path / "primary", tmp_path / "target"
     primary.mkdir(exist_ok=True)
     target.mkdir(exist_ok=True)
     cfg = tmp_path / "r.yaml"
-    data = config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}])
+    source = checkpoint_source(primary) if checkpoint else {"name": "d", "url": str(primary)}
+    data = config_dict(tmp_path, [source], [{"name": "t", "url": str(target)}])
     cfg.write_text(yaml.safe_dump(data, sort_keys=False))
     return primary, target, cfg
 

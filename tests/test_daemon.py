@@ -68,13 +68,8 @@ def test_checkpoint_set_appears_whole_on_both_targets_and_never_partial(
 
 
 def test_sigterm_and_sigint_drain_and_exit_zero(tmp_path: Path) -> None:
-    primary, target = tmp_path / "primary", tmp_path / "target"
-    target.mkdir()
+    primary, target, cfg = local_setup(tmp_path, checkpoint=True)
     make_checkpoint(primary, 1)
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        config_dict(tmp_path, [checkpoint_source(primary)], [{"name": "t", "url": str(target)}]),
-    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         daemon = DaemonProcess(cfg, tmp_path / f"daemon-{sig}.log")
         wait_until(daemon.ready, what="ready")

@@ -54,17 +54,8 @@ def test_sync_then_restore_from_repo_url_is_byte_identical(tmp_path: Path, targe
 
 
 def test_restore_include_and_snapshot_selection(tmp_path: Path) -> None:
-    primary, target = tmp_path / "primary", tmp_path / "target"
-    target.mkdir()
+    primary, target, cfg = local_setup(tmp_path, checkpoint=True)
     make_checkpoint(primary, 1)
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        config_dict(
-            tmp_path,
-            [checkpoint_source(primary)],
-            [{"name": "t", "url": str(target)}],
-        ),
-    )
     assert cli("sync", "-c", str(cfg)).returncode == 0
     first = json.loads(cli("snapshots", "--repo", str(target), "--json").stdout)[0]["snapshot"]
     make_checkpoint(primary, 2)
@@ -84,18 +75,9 @@ def test_restore_include_and_snapshot_selection(tmp_path: Path) -> None:
 
 
 def test_incomplete_checkpoint_sets_are_never_published(tmp_path: Path) -> None:
-    primary, target = tmp_path / "primary", tmp_path / "target"
-    target.mkdir()
+    primary, target, cfg = local_setup(tmp_path, checkpoint=True)
     make_checkpoint(primary, 1)
     make_checkpoint(primary, 2, marker=None)  # still being written
-    cfg = write_config(
-        tmp_path / "r.yaml",
-        config_dict(
-            tmp_path,
-            [checkpoint_source(primary)],
-            [{"name": "t", "url": str(target)}],
-        ),
-    )
     res = cli("sync", "-c", str(cfg))
     assert res.returncode == 0, res.stderr
     assert "held back step-000002: no COMPLETE marker" in res.stdout
