@@ -675,7 +675,8 @@ def verify(
             typer.echo(
                 f"{rep.repository}: {verdict}: {len(rep.sources)} sources, {snaps} snapshots, "
                 f"{rep.files} files, "
-                f"{rep.chunks_referenced} chunks referenced ({rep.chunks_stored} stored), "
+                f"{rep.chunks_referenced} chunks referenced "
+                f"({rep.chunks_stored} loose objects, {rep.packs_stored} packs), "
                 f"{rep.chunks_read} read ({format_size(rep.bytes_read)}) in {format_duration(rep.seconds)}"
             )
             for p in rep.problems:

@@ -77,19 +77,22 @@ class ChunkEncoder:
             raise ValueError(f"chunk of {n} bytes exceeds the format's {MAX_CHUNK_SIZE}")
         if n < 256:
             return bytes([RAW]) + data
-        width = self._choose(data)
+        width, out = self._choose(data)
         if width == 0:
             return bytes([RAW]) + data
         if width == 1:
-            out = self._compressors()[0].compress(data)
+            out = out or self._compressors()[0].compress(data)
             return bytes([ZSTD]) + out if len(out) < n * _MIN_GAIN else bytes([RAW]) + data
         encoded = self._grouped(data, width)
         return encoded if len(encoded) < n * _MIN_GAIN else bytes([RAW]) + data
 
-    def _choose(self, data: Buffer) -> int:
-        """0 = raw, 1 = plain zstd, w >= 2 = grouped by width w; decided on samples."""
+    def _choose(self, data: Buffer) -> tuple[int, bytes]:
+        """0 = raw, 1 = plain zstd, w >= 2 = grouped by width w; decided on samples. Also
+        returns the plain zstd frame of the whole chunk when the sample was the whole chunk
+        (small chunks: saves compressing them twice), else b""."""
         n = len(data)
-        if n <= 3 * _SAMPLE:
+        whole = n <= 3 * _SAMPLE
+        if whole:
             sample = data
         else:
             mid = (n // 2) & ~7
@@ -97,18 +100,21 @@ class ChunkEncoder:
             sample = b"".join((data[:_SAMPLE], data[mid : mid + _SAMPLE], data[end : end + _SAMPLE]))
         plain, entropy = self._compressors()
         best_width, best = 0, len(sample) * _MIN_GAIN
-        size = len(plain.compress(sample))
+        frame = plain.compress(sample)
+        size = len(frame)
         if size < best:
             best_width, best = 1, size
+        if not whole:
+            frame = b""
         if size < len(sample) // 2:
             # Highly compressible (text, zeros, repeated records): plain zstd's long matches win,
             # and float tensors never get here (their plain ratio is ~1.1-1.3x).
-            return best_width
+            return best_width, frame
         for w in self.widths:
             size = sum(len(entropy.compress(s)) for s in split_streams(sample, w))
             if size < best * _MIN_GAIN:  # grouping must clearly beat plain zstd
                 best_width, best = w, size
-        return best_width
+        return best_width, frame
 
     def _grouped(self, data: Buffer, width: int) -> bytes:
         entropy = self._compressors()[1]

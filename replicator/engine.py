@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,7 +34,7 @@ from replicator.config import Config, Priority, SourceConfig, TargetConfig
 from replicator.errors import FileChangedError, ReplicatorError, SourceError, TargetError
 from replicator.fanout import Admission, Uploader, UploadStats
 from replicator.hashing import HashSpec
-from replicator.manifest import Manifest, SetInfo, format_time, now_utc
+from replicator.manifest import Manifest, PackedAt, SetInfo, format_time, now_utc
 from replicator.pipeline import ChunkPipeline, ChunkSink, EncodedChunk, FileRecord, Wanted
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository
@@ -47,6 +47,9 @@ log = structlog.get_logger(__name__)
 READ_ATTEMPTS = 3
 """How often a file that keeps changing is re-read before it is skipped for this pass."""
 FILES_IN_PARALLEL = 4
+SMALL_BATCH_FILES = 64
+SMALL_BATCH_BYTES = 8 << 20
+"""Small files are read and encoded in batches of up to this many files / bytes."""
 
 
 @dataclass
@@ -99,13 +102,23 @@ class Candidate:
     def same_content(self, other: Candidate | None) -> bool:
         return other is not None and (self.records, self.sets) == (other.records, other.sets)
 
-    def manifest(self, spec: HashSpec) -> Manifest:
+    def chunk_ids(self, spec: HashSpec) -> list[str]:
+        return [c for r in self.records for c, _ in r.chunks[spec.key]]
+
+    def manifest(self, spec: HashSpec, locate: Callable[[str], PackedAt | None] = lambda _: None) -> Manifest:
+        """The manifest for a repository with ``spec``; ``locate`` says where packed chunks are."""
+        packed = {}
+        for cid in self.chunk_ids(spec):
+            at = locate(cid)
+            if at is not None:
+                packed[cid] = at
         return Manifest(
             source=self.source,
             kind=self.kind,
             created=self.created,
             files=tuple(r.entry(spec) for r in self.records),
             sets=self.sets,
+            packed=packed,
         )
 
 
@@ -119,10 +132,7 @@ class OpenTarget:
 
 def content_key(manifest: Manifest) -> str:
     """Digest of what a snapshot holds, ignoring when it was taken: equal keys = no-op."""
-    body = json.dumps(
-        [manifest.kind, [f.model_dump(mode="json") for f in manifest.files], [s.name for s in manifest.sets]],
-        separators=(",", ":"),
-    )
+    body = manifest.model_dump_json(include={"kind", "files"}) + json.dumps([s.name for s in manifest.sets])
     return HashSpec("blake3").digest(body.encode()).hex()
 
 
@@ -299,8 +309,12 @@ class Replicator:
         result: SourceResult,
         progress: ProgressSink,
     ) -> list[FileRecord]:
+        assert self.pipeline is not None
+        pipeline = self.pipeline
         records: list[FileRecord] = []
-        queue = list(reversed(files))
+        queue: list[SourceFile | list[SourceFile]] = [f for f in files if not pipeline.is_small(f)]
+        queue += _batches([f for f in files if pipeline.is_small(f)])
+        queue.reverse()
 
         async def sink(chunk: EncodedChunk) -> None:
             progress.advance(chunk.size)
@@ -310,15 +324,38 @@ class Replicator:
         def wanted(ids: dict[str, str]) -> bool:
             return any(t.uploader.wants(ids[t.uploader.key]) for t in targets)
 
+        def preview(chunk_ids: list[dict[str, str]]) -> None:
+            for t in targets:
+                t.uploader.prefetch([ids[t.uploader.key] for ids in chunk_ids])
+
+        def done(rec: FileRecord) -> None:
+            assert self.state is not None
+            self.state.put_file(source.name, rec)
+            records.append(rec)
+            result.files_read += 1
+            result.bytes_read += rec.size
+            metrics.READ_FILES.labels(source.name).inc()
+            metrics.READ_BYTES.labels(source.name).inc(rec.size)
+
         async def worker() -> None:
             while queue:
-                rec = await self._read_one(source, queue.pop(), sink, wanted, result)
-                if rec is not None:
-                    records.append(rec)
-                    result.files_read += 1
-                    result.bytes_read += rec.size
-                    metrics.READ_FILES.labels(source.name).inc()
-                    metrics.READ_BYTES.labels(source.name).inc(rec.size)
+                work = queue.pop()
+                if isinstance(work, SourceFile):
+                    rec = await self._read_one(source, work, sink, wanted, result)
+                    if rec is not None:
+                        done(rec)
+                    continue
+                for f, got in zip(
+                    work, await pipeline.read_small_files(source, work, sink, preview), strict=True
+                ):
+                    if isinstance(got, FileRecord):
+                        done(got)
+                    elif isinstance(got, FileChangedError):  # retried alone, like any changing file
+                        again = await self._read_one(source, f, sink, wanted, result)
+                        if again is not None:
+                            done(again)
+                    else:
+                        self._unreadable(source, f, got, result)
 
         await asyncio.gather(*(worker() for _ in range(FILES_IN_PARALLEL)))
         return records
@@ -342,13 +379,16 @@ class Replicator:
                 f = refreshed
                 continue
             except SourceError as exc:
-                metrics.SOURCE_ERRORS.labels(source.name, "unreadable").inc()
-                result.skipped[f.path] = exc.message
-                log.warning("source.unreadable", source=source.name, path=f.path, error=exc.message)
+                self._unreadable(source, f, exc, result)
                 return None
-            self.state.put_file(source.name, rec)
             return rec
         return None
+
+    @staticmethod
+    def _unreadable(source: Source, f: SourceFile, exc: SourceError, result: SourceResult) -> None:
+        metrics.SOURCE_ERRORS.labels(source.name, "unreadable").inc()
+        result.skipped[f.path] = exc.message
+        log.warning("source.unreadable", source=source.name, path=f.path, error=exc.message)
 
     # -- step 2: publishing -----------------------------------------------------------------
 
@@ -369,8 +409,7 @@ class Replicator:
             return deferred
         deferred_before = t.uploader.stats.chunks_deferred
         try:
-            manifest = candidate.manifest(t.repo.hash)
-            ids = [c for e in manifest.files for c, _ in e.chunks]
+            ids = candidate.chunk_ids(t.repo.hash)
             await t.uploader.settle(ids)
             if t.uploader.missing(ids):
                 if t.uploader.error is not None and self.fail_fast:
@@ -387,6 +426,7 @@ class Replicator:
                     raise t.uploader.error or TargetError(
                         f"{len(still)} chunks could not be uploaded", target=name
                     )
+            manifest = candidate.manifest(t.repo.hash, t.uploader.locate)
             key = content_key(manifest)
             previous = self.state.get_published(t.repo.config.id, cfg.name)
             if previous is not None and previous[1] == key and await t.repo.latest(cfg.name) == previous[0]:
@@ -455,6 +495,19 @@ def stats_diff(after: UploadStats, before: UploadStats) -> UploadStats:
     return UploadStats(
         **{f.name: getattr(after, f.name) - getattr(before, f.name) for f in dataclasses.fields(UploadStats)}
     )
+
+
+def _batches(files: list[SourceFile]) -> list[list[SourceFile]]:
+    """Group small files, in order, into batches of SMALL_BATCH_FILES / SMALL_BATCH_BYTES."""
+    out: list[list[SourceFile]] = []
+    size = 0
+    for f in files:
+        if not out or len(out[-1]) == SMALL_BATCH_FILES or size + f.size > SMALL_BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(f)
+        size += f.size
+    return out
 
 
 def _drop_incomplete_sets(

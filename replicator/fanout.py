@@ -11,6 +11,13 @@ stays full for ``stall_timeout``; it then drops its queue and every further offe
 target's publisher catches up later by reading the missing chunks again from the source. In
 one-shot commands the publisher reports the failure instead.
 
+Small chunks (whole small files, the tails of large ones) are not sent one object each: they
+are appended to an open *pack* that is sealed and sent as one object when it reaches
+``PACK_SIZE`` or when a publish waits for its chunks (:meth:`Uploader.settle`). For a dataset
+of many small files this turns one create + fsync (or PUT) per file into one per 16 MiB
+(docs/FORMAT.md, pack objects). The state store remembers where each packed chunk is, and
+the publisher writes those locations into the manifest.
+
 Under a budget, each chunk is admitted (or deferred) by its source's priority before it is
 queued and again before it is sent (replicator.budget).
 """
@@ -20,15 +27,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import structlog
 
 from replicator import metrics
 from replicator.budget import PRIORITY, BudgetExceededError
-from replicator.config import Priority
-from replicator.errors import TargetError
+from replicator.config import ChunkingConfig, Priority
+from replicator.errors import ReplicatorError, TargetError
+from replicator.manifest import PackedAt
 from replicator.pipeline import EncodedChunk, Lease
 from replicator.repository import Repository
 from replicator.state import StateStore
@@ -41,6 +49,35 @@ Admission = Callable[[Priority, int], bool]
 
 FAILING_GRACE = 5.0
 """Seconds a target may keep failing requests before offers to it are dropped."""
+PACK_BELOW = 1 << 20
+"""Chunks whose original size is below this and below the chunker's ``min_size`` go into packs:
+FastCDC cuts no chunk that small except a whole small file or the tail of a file."""
+PACK_SIZE = 16 << 20
+"""A pack is sealed and sent once its stored bytes reach this (restic's default pack size)."""
+
+
+@dataclass
+class _Upload:
+    """One object to send: a loose chunk, or a pack of several (filled while open)."""
+
+    chunks: list[tuple[str, int, int]]
+    """(chunk id, original size, offset in ``data``) of each chunk it carries."""
+    data: bytes | bytearray
+    leases: list[Lease]
+    priority: Priority
+    packed: bool
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once it is sent or dropped (one event for all its chunks: see Uploader._inflight)."""
+
+    def release(self) -> None:
+        for lease in self.leases:
+            lease.release()
+        self.leases.clear()
+
+
+def pack_below(chunking: ChunkingConfig) -> int:
+    """Chunks smaller than this are sent in packs (see PACK_BELOW)."""
+    return min(PACK_BELOW, chunking.min_size)
 
 
 @dataclass
@@ -83,10 +120,11 @@ class Uploader:
         self.error: TargetError | None = None
         """Why the target is unhealthy; None while it is healthy."""
         self._retrying = unwrap(repo.target, RetryingTarget)
-        self._queue: asyncio.Queue[tuple[str, bytes, int, Lease, Priority]] = asyncio.Queue(
-            maxsize=2 * concurrency
-        )
+        self._queue: asyncio.Queue[_Upload] = asyncio.Queue(maxsize=2 * concurrency)
+        self._packs: dict[Priority, _Upload] = {}
+        """Packs being filled, one per priority (the budget charges a request at one priority)."""
         self._inflight: dict[str, asyncio.Event] = {}
+        self.pack_below = pack_below(repo.config.chunking)
         self._workers: list[asyncio.Task[None]] = []
 
     async def start(self, *, relist: bool = False) -> None:
@@ -106,12 +144,32 @@ class Uploader:
                     self.state.add_chunks(repo_id, batch)
                     batch.clear()
             self.state.add_chunks(repo_id, batch)
+            packed = await self._relearn_packed()
             self.state.mark_repo_listed(repo_id, self.name)
-            log.info("target.listed", target=self.name, chunks=count)
+            log.info("target.listed", target=self.name, chunks=count, packed=packed)
         self._workers = [
             asyncio.create_task(self._work(), name=f"upload-{self.name}-{i}") for i in range(self.concurrency)
         ]
         metrics.TARGET_UP.labels(self.name).set(1)
+
+    async def _relearn_packed(self) -> int:
+        """Pack locations cannot be listed: learn them from each source's latest manifest, for
+        packs that exist. Chunks known nowhere else are packed again (a few small duplicates)."""
+        packs = {pack_id async for pack_id, _ in self.repo.list_packs()}
+        if not packs:
+            return 0
+        found: list[tuple[str, PackedAt]] = []
+        for source in await self.repo.list_sources():
+            try:
+                latest = await self.repo.latest(source)
+                manifest = await self.repo.load_manifest(source, latest) if latest else None
+            except ReplicatorError as exc:
+                log.warning("target.manifest_unreadable", target=self.name, source=source, error=str(exc))
+                continue
+            if manifest is not None:
+                found += [(cid, at) for cid, at in manifest.packed.items() if at[0] in packs]
+        self.state.add_packed(self.repo.config.id, found)
+        return len(found)
 
     # -- health -------------------------------------------------------------------------------
 
@@ -127,12 +185,15 @@ class Uploader:
             log.warning("target.unhealthy", target=self.name, error=str(error))
         self.error = error
         metrics.TARGET_UP.labels(self.name).set(0)
-        while not self._queue.empty():  # give the memory back; catch-up re-reads these later
-            cid, _, _, lease, _ = self._queue.get_nowait()
-            lease.release()
-            self._inflight.pop(cid).set()
+        # Give the memory back; catch-up re-reads these later.
+        dropped = [*self._packs.values()]
+        self._packs.clear()
+        while not self._queue.empty():
+            dropped.append(self._queue.get_nowait())
             self._queue.task_done()
-            self.stats.chunks_dropped += 1
+        for item in dropped:
+            self._finish(item)
+            self.stats.chunks_dropped += len(item.chunks)
 
     def mark_healthy(self) -> None:
         if self.error is not None:
@@ -143,6 +204,10 @@ class Uploader:
         metrics.TARGET_UP.labels(self.name).set(1)
 
     # -- uploading ----------------------------------------------------------------------------
+
+    def prefetch(self, chunk_ids: Sequence[str]) -> None:
+        """Look these ids up in one batch before they are offered (StateStore.prefetch)."""
+        self.state.prefetch(self.repo.config.id, chunk_ids)
 
     def has(self, chunk_id: str) -> bool:
         return self.state.has_chunk(self.repo.config.id, chunk_id)
@@ -176,53 +241,99 @@ class Uploader:
         if self.admit is not None and not self.admit(priority, len(chunk.stored)):
             self._deferred(len(chunk.stored))
             return
-        self._inflight[cid] = asyncio.Event()
+        if chunk.size < self.pack_below:
+            # Copied into the pack: the chunk's lease is not kept (text packs compress well, so
+            # a pack could otherwise pin far more than PACK_SIZE of original bytes).
+            pack = self._packs.setdefault(priority, _Upload([], bytearray(), [], priority, packed=True))
+            assert isinstance(pack.data, bytearray)
+            self._inflight[cid] = pack.done
+            pack.chunks.append((cid, chunk.size, len(pack.data)))
+            pack.data += chunk.stored
+            if len(pack.data) >= PACK_SIZE:
+                await self._seal(priority)
+            return
         chunk.lease.retain()
-        item = (cid, chunk.stored, chunk.size, chunk.lease, priority)
+        item = _Upload([(cid, chunk.size, 0)], chunk.stored, [chunk.lease], priority, packed=False)
+        self._inflight[cid] = item.done
+        await self._enqueue(item)
+
+    async def _seal(self, priority: Priority) -> None:
+        pack = self._packs.pop(priority, None)
+        if pack is not None:
+            await self._enqueue(pack)
+
+    async def _enqueue(self, item: _Upload) -> None:
         try:
             await asyncio.wait_for(self._queue.put(item), self.stall_timeout)
         except TimeoutError:
-            chunk.lease.release()
-            self._inflight.pop(cid).set()
-            self.stats.chunks_dropped += 1
+            self._finish(item)
+            self.stats.chunks_dropped += len(item.chunks)
             self.mark_unhealthy(
                 TargetError(f"upload queue stalled for {self.stall_timeout:g}s", target=self.name)
             )
 
     async def _work(self) -> None:
         while True:
-            cid, stored, size, lease, priority = await self._queue.get()
+            item = await self._queue.get()
             try:
                 if self.error is not None:
                     pass  # an unhealthy target's queue is dropped, not sent
                 else:
-                    PRIORITY.set(priority)  # the budget decides at the request (Budget.charge)
-                    await self.repo.put_chunk(cid, stored)
-                    # Batched commits: after a crash the next start re-lists the target anyway.
-                    self.state.add_chunks(self.repo.config.id, (cid,))
-                    self.stats.chunks_sent += 1
-                    metrics.CHUNKS_SENT.labels(self.name).inc()
-                    self.stats.bytes_new += size
-                    self.stats.bytes_sent += len(stored)
+                    PRIORITY.set(item.priority)  # the budget decides at the request (Budget.charge)
+                    await self._send(item)
             except BudgetExceededError:
-                self._deferred(len(stored))  # the budget ran out while it waited in the queue
+                self._deferred(len(item.data))  # the budget ran out while it waited in the queue
             except TargetError as exc:
                 if self.error is None:
                     log.error("target.upload_failed", target=self.name, error=str(exc))
                 self.mark_unhealthy(exc)
             finally:
-                lease.release()
-                event = self._inflight.pop(cid, None)
-                if event is not None:
-                    event.set()
+                self._finish(item)
                 self._queue.task_done()
 
+    def _finish(self, item: _Upload) -> None:
+        """Sent or dropped: free its memory and wake whoever waits for its chunks."""
+        item.release()
+        for cid, _, _ in item.chunks:
+            if self._inflight.get(cid) is item.done:  # not a later upload of the same chunk
+                del self._inflight[cid]
+        item.done.set()
+
+    async def _send(self, item: _Upload) -> None:
+        repo_id = self.repo.config.id
+        # Batched commits: after a crash the next start re-lists the target anyway.
+        if item.packed:
+            data = bytes(item.data)
+            pack_id = await self.repo.put_pack(data)
+            ends = [offset for _, _, offset in item.chunks[1:]] + [len(data)]
+            self.state.add_packed(
+                repo_id,
+                [
+                    (cid, (pack_id, offset, end - offset))
+                    for (cid, _, offset), end in zip(item.chunks, ends, strict=True)
+                ],
+            )
+        else:
+            cid = item.chunks[0][0]
+            await self.repo.put_chunk(cid, bytes(item.data))
+            self.state.add_chunks(repo_id, (cid,))
+        self.stats.chunks_sent += len(item.chunks)
+        metrics.CHUNKS_SENT.labels(self.name).inc(len(item.chunks))
+        self.stats.bytes_new += sum(size for _, size, _ in item.chunks)
+        self.stats.bytes_sent += len(item.data)
+
     async def settle(self, chunk_ids: Iterable[str]) -> None:
-        """Wait until none of ``chunk_ids`` is queued or being uploaded."""
+        """Wait until none of ``chunk_ids`` is queued or being uploaded (sealing open packs)."""
+        for priority in list(self._packs):
+            await self._seal(priority)
         for cid in set(chunk_ids):
             event = self._inflight.get(cid)
             if event is not None:
                 await event.wait()
+
+    def locate(self, chunk_id: str) -> PackedAt | None:
+        """Where a stored chunk is inside a pack (None: a loose object)."""
+        return self.state.locate(self.repo.config.id, chunk_id)
 
     def missing(self, chunk_ids: Iterable[str]) -> list[str]:
         return [c for c in dict.fromkeys(chunk_ids) if not self.has(c)]
@@ -231,8 +342,10 @@ class Uploader:
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        for pack in self._packs.values():
+            pack.release()
+        self._packs.clear()
         while not self._queue.empty():
-            _, _, _, lease, _ = self._queue.get_nowait()
-            lease.release()
+            self._queue.get_nowait().release()
         with contextlib.suppress(Exception):
             self.state.commit()

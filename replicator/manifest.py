@@ -19,8 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from replicator import __version__
 from replicator.errors import RepositoryError, UnsupportedFormatError
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""Version 2 added ``packed`` (chunks stored inside pack objects); version 1 is still read."""
+READABLE_VERSIONS = (1, 2)
 MAX_MANIFEST_BYTES = 1 << 30
+MAX_STORED_CHUNK = (16 << 20) + 64
+"""A stored chunk object is its codec byte, at most 16 MiB of payload and a few record headers."""
 _HEX = re.compile(r"^[0-9a-f]{32}$|^[0-9a-f]{64}$")
 _TIME_FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
@@ -47,7 +51,10 @@ def parse_time(text: str) -> datetime:
     return datetime.strptime(text, _TIME_FMT).replace(tzinfo=UTC)
 
 
-ChunkRef = tuple[Annotated[str, Field(pattern=_HEX.pattern)], Annotated[int, Field(ge=0, le=16 << 20)]]
+HexId = Annotated[str, Field(pattern=_HEX.pattern)]
+ChunkRef = tuple[HexId, Annotated[int, Field(ge=0, le=16 << 20)]]
+PackedAt = tuple[HexId, Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1, le=MAX_STORED_CHUNK)]]
+"""Where a packed chunk's object is: (pack id, byte offset in the pack, stored length)."""
 
 
 class _Strict(BaseModel):
@@ -100,6 +107,8 @@ class Manifest(_Strict):
     writer: str = f"replicator/{__version__}"
     files: tuple[FileEntry, ...]
     sets: tuple[SetInfo, ...] = ()
+    packed: dict[HexId, PackedAt] = Field(default_factory=dict)
+    """Chunk id -> location, for chunks stored inside a pack object; others are loose objects."""
 
     @field_validator("created")
     @classmethod
@@ -137,8 +146,7 @@ class Manifest(_Strict):
 
 def encode_manifest(manifest: Manifest) -> bytes:
     """The stored form: zstd-compressed UTF-8 JSON."""
-    body = json.dumps(manifest.model_dump(mode="json"), separators=(",", ":"), ensure_ascii=False)
-    return zstandard.ZstdCompressor(level=6).compress(body.encode())
+    return zstandard.ZstdCompressor(level=6).compress(manifest.model_dump_json().encode())
 
 
 def parse_manifest(stored: bytes, *, where: str) -> Manifest:
@@ -157,7 +165,7 @@ def parse_manifest(stored: bytes, *, where: str) -> Manifest:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         raise RepositoryError(f"invalid manifest: {loc}: {first['msg']}", key=where) from None
-    if manifest.version != MANIFEST_VERSION:
+    if manifest.version not in READABLE_VERSIONS:
         _check_header(body, where)
     return manifest
 
@@ -169,10 +177,10 @@ def _check_header(body: bytes, where: str) -> None:
         raise RepositoryError(f"manifest is not valid JSON ({exc})", key=where) from None
     if not isinstance(data, dict) or data.get("format") != "replicator-snapshot":
         raise RepositoryError("not a replicator snapshot manifest", key=where)
-    if data.get("version") != MANIFEST_VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         raise UnsupportedFormatError(
             f"manifest version {data.get('version')!r} is not supported "
-            f"(this build reads {MANIFEST_VERSION})",
+            f"(this build reads {', '.join(map(str, READABLE_VERSIONS))})",
             key=where,
             hint="upgrade replicator",
         )

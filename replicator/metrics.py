@@ -81,7 +81,10 @@ SENT_BYTES = Counter(
     registry=REGISTRY,
 )
 CHUNKS_SENT = Counter(
-    "replicator_chunks_sent_total", "Chunk objects uploaded.", ["target"], registry=REGISTRY
+    "replicator_chunks_sent_total",
+    "Chunks uploaded (loose objects, and chunks inside packs).",
+    ["target"],
+    registry=REGISTRY,
 )
 DEDUP_BYTES = Counter(
     "replicator_deduplicated_bytes_total",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from replicator.chunking import iter_chunks
 from replicator.codec import Buffer, ChunkEncoder, decode
 from replicator.config import ChunkingConfig, CompressionConfig
-from replicator.errors import IntegrityError
+from replicator.errors import IntegrityError, SourceError
 from replicator.hashing import Hasher, HashSpec
 from replicator.manifest import FileEntry
 from replicator.sources.base import Readable, Source, SourceFile
@@ -115,7 +115,9 @@ class FileRecord:
         return all(s.key in self.chunks for s in specs)
 
     def entry(self, spec: HashSpec) -> FileEntry:
-        return FileEntry(
+        # Not validated again: sources only describe safe paths, and the chunk sizes add up by
+        # construction (pydantic's validators were ~40 % of writing a 20,000-file manifest).
+        return FileEntry.model_construct(
             path=self.path,
             size=self.size,
             mode=self.mode,
@@ -126,6 +128,8 @@ class FileRecord:
 
 
 ChunkSink = Callable[[EncodedChunk], Awaitable[None]]
+_Slurped = tuple[list[memoryview], dict[str, str]]
+"""A small file read whole: its chunks, and its digest per hash spec."""
 Wanted = Callable[[dict[str, str]], bool]
 """Given a chunk's ids: does any target still need it? Called on the event loop."""
 
@@ -189,34 +193,77 @@ class ChunkPipeline:
 
         Raises FileChangedError if the file changed during the read (chunks already passed to
         the sink are valid content-addressed objects; only the record is withheld)."""
-        if file.size <= self.chunking.max_size:
-            return await self._read_small(source, file, sink)
+        if self.is_small(file):
+            (result,) = await self.read_small_files(source, [file], sink)
+            if isinstance(result, SourceError):
+                raise result
+            return result
         async with self._large_file:
             return await self._read_file(source, file, sink, wanted)
 
-    async def _read_small(self, source: Source, file: SourceFile, sink: ChunkSink) -> FileRecord:
-        """A file of at most ``max_size`` in one I/O hop and one CPU hop: for datasets of many
-        small files the per-file round trips, not the bytes, are what costs (3.5x faster)."""
+    def is_small(self, file: SourceFile) -> bool:
+        """Read whole in one piece (see :meth:`read_small_files`) rather than streamed."""
+        return file.size <= self.chunking.max_size
+
+    async def read_small_files(
+        self,
+        source: Source,
+        files: Sequence[SourceFile],
+        sink: ChunkSink,
+        preview: Callable[[list[dict[str, str]]], None] | None = None,
+    ) -> list[FileRecord | SourceError]:
+        """Read a batch of small files in one I/O hop, encode them in one CPU hop, then pass
+        their chunks to ``sink`` file by file. For datasets of many small files the per-file
+        thread round trips, not the bytes, are what costs; batching them made 20,000 small
+        files ~2x faster. ``preview`` gets the ids of all the batch's chunks before the first
+        reaches the sink (to look them all up at once). Returns, per file, its record or why it
+        was not read (a FileChangedError, or another SourceError)."""
         loop = asyncio.get_running_loop()
-        await self.budget.acquire(file.size)
-        lease = Lease(self.budget, file.size)
+        total = sum(f.size for f in files)
+        await self.budget.acquire(total)
+        lease = Lease(self.budget, total)
         try:
-            pieces, digests = await loop.run_in_executor(self._io, self._slurp, source, file)
-            encoded = await loop.run_in_executor(self._cpu, lambda: [self._encode(p) for p in pieces])
-            lists: dict[str, list[tuple[str, int]]] = {s.key: [] for s in self.specs}
-            for piece, (ids, stored) in zip(pieces, encoded, strict=True):
-                for key, cid in ids.items():
-                    lists[key].append((cid, len(piece)))
-                lease.retain()
-                try:
-                    await sink(EncodedChunk(ids, len(piece), stored, lease))
-                finally:
-                    lease.release()
+            read = await loop.run_in_executor(self._io, self._slurp_many, source, files)
+            encoded = await loop.run_in_executor(self._cpu, self._encode_many, read)
+            if preview is not None:
+                preview([ids for chunks in encoded for ids, _ in chunks])
+            results: list[FileRecord | SourceError] = []
+            for file, got, chunks in zip(files, read, encoded, strict=True):
+                if not isinstance(got, tuple):
+                    results.append(got)
+                    continue
+                pieces, digests = got
+                lists: dict[str, list[tuple[str, int]]] = {s.key: [] for s in self.specs}
+                for piece, (ids, stored) in zip(pieces, chunks, strict=True):
+                    for key, cid in ids.items():
+                        lists[key].append((cid, len(piece)))
+                    lease.retain()
+                    try:
+                        await sink(EncodedChunk(ids, len(piece), stored, lease))
+                    finally:
+                        lease.release()
+                results.append(self._record(file, digests, lists))
         finally:
             lease.release()
-        return self._record(file, digests, lists)
+        return results
 
-    def _slurp(self, source: Source, file: SourceFile) -> tuple[list[memoryview], dict[str, str]]:
+    def _slurp_many(self, source: Source, files: Sequence[SourceFile]) -> list[_Slurped | SourceError]:
+        out: list[_Slurped | SourceError] = []
+        for file in files:
+            try:
+                out.append(self._slurp(source, file))
+            except SourceError as exc:
+                out.append(exc)
+            except OSError as exc:
+                out.append(
+                    SourceError(f"read failed: {exc.strerror or exc}", operation="read", key=file.path)
+                )
+        return out
+
+    def _encode_many(self, read: list[_Slurped | SourceError]) -> list[list[tuple[dict[str, str], bytes]]]:
+        return [[self._encode(p) for p in got[0]] if isinstance(got, tuple) else [] for got in read]
+
+    def _slurp(self, source: Source, file: SourceFile) -> _Slurped:
         handle = source.open(file)
         try:
             pieces = list(iter_chunks(handle, self.chunking, file.size))

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 from replicator import gate
 from replicator.budget import Budget, Ledger, Usage
-from replicator.config import Config, SourceConfig
+from replicator.config import ChunkingConfig, Config, SourceConfig
 from replicator.engine import Candidate, content_key
 from replicator.errors import FileChangedError, SourceError
+from replicator.fanout import PACK_SIZE, pack_below
 from replicator.hashing import HashSpec
 from replicator.manifest import encode_manifest, format_time, now_utc
 from replicator.pipeline import ChunkPipeline, EncodedChunk, FileRecord
@@ -81,6 +82,8 @@ class _Target:
     present: set[str]
     """Chunks the target holds (from the listing), or empty when the state knows."""
     repo_id: str | None
+    chunking: ChunkingConfig
+    """The repository's (a new one gets the config's): it decides which chunks are packed."""
     counted: set[str] = field(default_factory=set)
 
 
@@ -131,6 +134,7 @@ async def _plan_source(
 ) -> tuple[Candidate, dict[str, SourcePlan]]:
     """Read what a sync would read; count, per target, the chunks it lacks."""
     per_target = {t.plan.target: SourcePlan(cfg.name, cfg.effective_priority) for t in targets}
+    packed = dict.fromkeys(per_target, 0)  # stored bytes of small chunks, sent in packs
 
     async def count(chunk: EncodedChunk) -> None:
         progress.advance(chunk.size)
@@ -142,7 +146,10 @@ async def _plan_source(
                 sp = per_target[t.plan.target]
                 sp.bytes += len(chunk.stored)
                 sp.chunks += 1
-                sp.puts += 1
+                if chunk.size < pack_below(t.chunking):
+                    packed[t.plan.target] += len(chunk.stored)
+                else:
+                    sp.puts += 1
 
     def wanted(ids: dict[str, str]) -> bool:
         return any(not _has(t, state, ids[t.spec.key]) for t in targets)
@@ -176,6 +183,8 @@ async def _plan_source(
         progress.end()
     finally:
         await source.close()
+    for name, nbytes in packed.items():
+        per_target[name].puts += -(-nbytes // PACK_SIZE)  # packs are sealed at PACK_SIZE or publish
     records.sort(key=lambda r: r.path)
     return Candidate(
         cfg.name, cfg.kind, tuple(records), tuple(selection.sets), format_time(now_utc())
@@ -195,17 +204,17 @@ async def _open(config: Config, name: str, state: StateStore) -> _Target:
         plan.gets += 1  # the repository's config object
         if repo is None:
             # A new repository gets a random seed; any fixed one shows the same duplicates.
-            plan.puts += 2  # config.json, then the (empty) listing of its chunks
+            plan.puts += 3  # config.json, then the (empty) listings of its chunks and packs
             plan.gets += 1  # sync reads the config object back after creating it
-            return _Target(plan, None, HashSpec(cfg.hash), set(), None)
+            return _Target(plan, None, HashSpec(cfg.hash), set(), None, config.chunking)
         present: set[str] = set()
         repo_id: str | None = repo.config.id
         if not state.repo_listed(repo.config.id):
             listed = [cid async for cid, _ in repo.list_chunks()]
             present = set(listed)
-            plan.puts += 1 + len(listed) // 1000  # LIST requests, as sync will make them
+            plan.puts += 2 + len(listed) // 1000  # LIST requests (chunks, packs), as sync will make them
             repo_id = None
-        return _Target(plan, repo, repo.hash, present, repo_id)
+        return _Target(plan, repo, repo.hash, present, repo_id, repo.config.chunking)
     finally:
         await target.close()
 

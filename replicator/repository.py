@@ -2,6 +2,7 @@
 
     config.json                          what this repository is (format version, hash + seed, ...)
     chunks/<2 hex>/<id>                  write-once, content-addressed chunk objects
+    packs/<2 hex>/<pack id>              small chunk objects, concatenated (one write for many)
     snapshots/<source>/<snapshot-id>.json.zst   snapshot manifests
     refs/<source>/latest                 the newest complete snapshot of a source
 
@@ -32,7 +33,7 @@ from replicator.errors import (
     UnsupportedFormatError,
 )
 from replicator.hashing import HashSpec
-from replicator.manifest import Manifest, encode_manifest, format_time, now_utc, parse_manifest
+from replicator.manifest import Manifest, PackedAt, encode_manifest, format_time, now_utc, parse_manifest
 from replicator.targets.base import Target
 
 FORMAT_VERSION = 1
@@ -117,6 +118,15 @@ def chunk_key(chunk_id: str) -> str:
     return f"chunks/{chunk_id[:2]}/{chunk_id}"
 
 
+def pack_key(pack_id: str) -> str:
+    return f"packs/{pack_id[:2]}/{pack_id}"
+
+
+def stored_key(chunk_id: str, at: PackedAt | None) -> str:
+    """Where a chunk's object is, for messages: its own key, or ``packs/..@offset``."""
+    return chunk_key(chunk_id) if at is None else f"{pack_key(at[0])}@{at[1]}"
+
+
 def snapshot_key(source: str, snapshot_id: str) -> str:
     return f"snapshots/{source}/{snapshot_id}.json.zst"
 
@@ -189,24 +199,49 @@ class Repository:
     async def put_chunk(self, chunk_id: str, stored: bytes) -> None:
         await self.target.put(chunk_key(chunk_id), stored)
 
-    async def get_chunk(self, chunk_id: str) -> Buffer:
-        """The chunk's original bytes, decoded and re-hashed; IntegrityError if they disagree."""
-        stored = await self.target.get(chunk_key(chunk_id))
-        return self.decode_chunk(chunk_id, stored)
+    async def put_pack(self, stored: bytes) -> str:
+        """Store chunk objects concatenated as one pack; return its id (the hash of its bytes)."""
+        pack_id = self.hash.digest(stored).hex()
+        await self.target.put(pack_key(pack_id), stored)
+        return pack_id
 
-    def decode_chunk(self, chunk_id: str, stored: bytes) -> Buffer:
+    async def get_chunk(self, chunk_id: str, at: PackedAt | None = None) -> Buffer:
+        """The chunk's original bytes, decoded and re-hashed; IntegrityError if they disagree.
+        ``at``: where in a pack the chunk is (the manifest's ``packed``); None: a loose object."""
+        if at is None:
+            stored = await self.target.get(chunk_key(chunk_id))
+        else:
+            pack_id, offset, length = at
+            stored = await self.target.get(pack_key(pack_id), offset=offset, length=length)
+            if len(stored) != length:
+                raise IntegrityError(
+                    f"pack ends {length - len(stored)} bytes short of this chunk",
+                    key=stored_key(chunk_id, at),
+                )
+        return self.decode_chunk(chunk_id, stored, at)
+
+    def decode_chunk(self, chunk_id: str, stored: bytes, at: PackedAt | None = None) -> Buffer:
         try:
             data = decode(stored)
         except IntegrityError as exc:
-            raise IntegrityError(exc.message, key=chunk_key(chunk_id)) from None
+            raise IntegrityError(exc.message, key=stored_key(chunk_id, at)) from None
         if self.hash.digest(data).hex() != chunk_id:
-            raise IntegrityError("content does not match its id", key=chunk_key(chunk_id))
+            raise IntegrityError("content does not match its id", key=stored_key(chunk_id, at))
         return data
 
     async def list_chunks(self) -> AsyncIterator[tuple[str, int]]:
-        """Yield (id, stored size) of every chunk object; foreign keys are skipped."""
+        """Yield (id, stored size) of every loose chunk object; foreign keys are skipped."""
+        async for item in self._list_ids("chunks/"):
+            yield item
+
+    async def list_packs(self) -> AsyncIterator[tuple[str, int]]:
+        """Yield (id, size) of every pack object; foreign keys are skipped."""
+        async for item in self._list_ids("packs/"):
+            yield item
+
+    async def _list_ids(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
         width = 2 * self.hash.digest_size
-        async for info in self.target.list("chunks/"):
+        async for info in self.target.list(prefix):
             parts = info.key.split("/")
             if len(parts) == 3 and len(parts[2]) == width and parts[1] == parts[2][:2]:
                 try:

@@ -273,7 +273,7 @@ async def restore_snapshot(
             window: deque[tuple[asyncio.Task[Buffer], int]] = deque()
 
             async def fetch(cid: str, size: int) -> Buffer:
-                data = await repo.get_chunk(cid)
+                data = await repo.get_chunk(cid, manifest.packed.get(cid))
                 if len(data) != size:
                     raise IntegrityError(f"chunk is {len(data)} bytes, manifest says {size}", key=cid)
                 return data

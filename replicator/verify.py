@@ -2,8 +2,9 @@
 
 Structural check (always): the config parses; every ref points at an existing snapshot; every
 manifest matches the digest in its id and parses as a safe manifest; every chunk a manifest
-references exists. With ``read_data`` (a fraction, 1.0 = all), referenced chunks are also
-downloaded, decoded and re-hashed. Every problem names the object it concerns.
+references exists, as a loose object or inside a pack long enough to hold it. With
+``read_data`` (a fraction, 1.0 = all), referenced chunks are also downloaded, decoded and
+re-hashed. Every problem names the object it concerns.
 
 Verify is also how the local state store learns that a target lost chunks: missing ones are
 dropped from its presence cache so the next sync uploads them again.
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field
 import structlog
 
 from replicator.errors import IntegrityError, NotFoundError, RepositoryError, TargetError
+from replicator.manifest import PackedAt
 from replicator.progress import NoProgress, ProgressSink
-from replicator.repository import Repository, chunk_key, ref_key, snapshot_key
+from replicator.repository import Repository, ref_key, snapshot_key, stored_key
 from replicator.state import StateStore
 
 log = structlog.get_logger(__name__)
@@ -43,6 +45,8 @@ class VerifyReport:
     files: int = 0
     chunks_referenced: int = 0
     chunks_stored: int = 0
+    """Loose chunk objects."""
+    packs_stored: int = 0
     chunks_unreferenced: int = 0
     chunks_read: int = 0
     bytes_read: int = 0
@@ -68,7 +72,8 @@ async def verify_repository(
     started = time.monotonic()
     report = VerifyReport(repository=repo.target.url)
     names = list(sources) if sources else await repo.list_sources()
-    referenced: dict[str, str] = {}  # chunk id -> first "snapshot:path" that needs it
+    # (chunk id, pack location or None for a loose object) -> first "snapshot:path" needing it
+    referenced: dict[tuple[str, PackedAt | None], str] = {}
 
     for source in names:
         ids = await _snapshots_to_check(repo, source, snapshot, report)
@@ -86,28 +91,32 @@ async def verify_repository(
             report.files += len(manifest.files)
             for entry in manifest.files:
                 for cid, _ in entry.chunks:
-                    referenced.setdefault(cid, f"{source}/{sid}:{entry.path}")
+                    referenced.setdefault((cid, manifest.packed.get(cid)), f"{source}/{sid}:{entry.path}")
 
-    stored: dict[str, int] = {}
-    async for cid, size in repo.list_chunks():
-        stored[cid] = size
-    report.chunks_referenced = len(referenced)
-    report.chunks_stored = len(stored)
-    report.chunks_unreferenced = len(stored.keys() - referenced.keys())
-    missing = sorted(referenced.keys() - stored.keys())
-    for cid in missing:
-        report.problems.append(Problem(chunk_key(cid), f"chunk is missing (needed by {referenced[cid]})"))
-    for cid in sorted(referenced.keys() & stored.keys()):
-        if stored[cid] == 0:
-            report.problems.append(Problem(chunk_key(cid), "chunk object is empty"))
+    loose = {cid: size async for cid, size in repo.list_chunks()}
+    packs = {pack_id: size async for pack_id, size in repo.list_packs()}
+    report.chunks_referenced = len({cid for cid, _ in referenced})
+    report.chunks_stored = len(loose)
+    report.packs_stored = len(packs)
+    report.chunks_unreferenced = len(loose.keys() - {cid for cid, at in referenced if at is None})
+    present: dict[tuple[str, PackedAt | None], int] = {}  # -> stored bytes
+    missing: list[str] = []
+    for ref, needed_by in sorted(referenced.items(), key=lambda item: item[0][0]):
+        cid, at = ref
+        problem = _absent(ref, loose, packs)
+        if problem is None:
+            present[ref] = loose[cid] if at is None else at[2]
+        else:
+            report.problems.append(Problem(stored_key(cid, at), f"{problem} (needed by {needed_by})"))
+            missing.append(cid)
 
     corrupt: list[str] = []
     if read_data:
-        present = sorted(referenced.keys() & stored.keys())
-        count = len(present) if read_data >= 1 else max(1, round(len(present) * read_data)) if present else 0
-        sample = random.Random(seed).sample(present, count) if count < len(present) else present
-        progress.begin("reading chunks", sum(stored[c] for c in sample))
-        corrupt = await _read_chunks(repo, sample, stored, report, progress)
+        refs = list(present)
+        count = len(refs) if read_data >= 1 else max(1, round(len(refs) * read_data)) if refs else 0
+        sample = random.Random(seed).sample(refs, count) if count < len(refs) else refs
+        progress.begin("reading chunks", sum(present[r] for r in sample))
+        corrupt = await _read_chunks(repo, sample, present, report, progress)
         progress.end()
 
     if state is not None and (missing or corrupt):
@@ -115,6 +124,21 @@ async def verify_repository(
         log.warning("state.chunks_forgotten", target=repo.target.name, count=len(missing) + len(corrupt))
     report.seconds = time.monotonic() - started
     return report
+
+
+def _absent(ref: tuple[str, PackedAt | None], loose: dict[str, int], packs: dict[str, int]) -> str | None:
+    """Why a referenced chunk cannot be read from the listed objects; None if it can."""
+    cid, at = ref
+    if at is None:
+        if cid not in loose:
+            return "chunk is missing"
+        return "chunk object is empty" if loose[cid] == 0 else None
+    pack_id, offset, length = at
+    if pack_id not in packs:
+        return "pack is missing"
+    if offset + length > packs[pack_id]:
+        return f"pack is {packs[pack_id]} bytes, chunk ends at {offset + length}"
+    return None
 
 
 async def _snapshots_to_check(
@@ -138,27 +162,32 @@ async def _snapshots_to_check(
 
 
 async def _read_chunks(
-    repo: Repository, ids: list[str], stored: dict[str, int], report: VerifyReport, progress: ProgressSink
+    repo: Repository,
+    refs: list[tuple[str, PackedAt | None]],
+    stored: dict[tuple[str, PackedAt | None], int],
+    report: VerifyReport,
+    progress: ProgressSink,
 ) -> list[str]:
-    queue = list(reversed(ids))
+    queue = list(reversed(refs))
     corrupt: list[str] = []
 
     async def worker() -> None:
         while queue:
-            cid = queue.pop()
+            ref = queue.pop()
+            cid, at = ref
             try:
-                await repo.get_chunk(cid)
+                await repo.get_chunk(cid, at)
             except IntegrityError as exc:
                 corrupt.append(cid)
-                report.problems.append(Problem(chunk_key(cid), exc.message))
+                report.problems.append(Problem(stored_key(cid, at), exc.message))
             except NotFoundError:
                 corrupt.append(cid)
-                report.problems.append(Problem(chunk_key(cid), "chunk disappeared while verifying"))
+                report.problems.append(Problem(stored_key(cid, at), "chunk disappeared while verifying"))
             except TargetError:
                 raise
             report.chunks_read += 1
-            report.bytes_read += stored[cid]
-            progress.advance(stored[cid])
+            report.bytes_read += stored[ref]
+            progress.advance(stored[ref])
 
     await asyncio.gather(*(worker() for _ in range(READ_PARALLELISM)))
     return corrupt

@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import numpy as np
 import yaml
 
 from replicator.demo import bf16, write_safetensors
+from replicator.manifest import PackedAt, parse_manifest
+from replicator.repository import chunk_key, pack_key, stored_key
 
 
 def make_checkpoint(
@@ -35,6 +38,42 @@ def make_checkpoint(
     if marker:
         (d / marker).write_text("")
     return d
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """One chunk object on disk: a loose object, or a byte range of a pack."""
+
+    id: str
+    path: Path
+    offset: int
+    length: int
+    key: str
+    """How replicator names it in problems (``chunks/..`` or ``packs/..@offset``)."""
+
+    def flip(self, at: int) -> bytes:
+        """Flip one bit of the object's byte ``at``; return the file's bytes from before."""
+        original = self.path.read_bytes()
+        data = bytearray(original)
+        data[self.offset + at] ^= 0x10
+        self.path.write_bytes(bytes(data))
+        return original
+
+
+def stored_chunks(repo: Path) -> list[StoredChunk]:
+    """Every chunk object of a repository directory, loose or packed (found through the
+    manifests), largest first."""
+    out = [
+        StoredChunk(p.name, p, 0, p.stat().st_size, chunk_key(p.name))
+        for p in (repo / "chunks").rglob("*")
+        if p.is_file()
+    ]
+    packed: dict[str, PackedAt] = {}
+    for m in (repo / "snapshots").rglob("*.json.zst"):
+        packed.update(parse_manifest(m.read_bytes(), where=str(m)).packed)
+    for cid, at in packed.items():
+        out.append(StoredChunk(cid, repo / pack_key(at[0]), at[1], at[2], stored_key(cid, at)))
+    return sorted(out, key=lambda c: (-c.length, c.key))
 
 
 def tree_digest(root: Path) -> dict[str, tuple[str, int, int]]:

@@ -141,9 +141,12 @@ def test_block_reader_matches_a_one_pass_stream_cutter(size: int, seekable: bool
     assert ours == reference
 
 
-@pytest.mark.parametrize("hint", [0, 100, 200_000, 10**9])
-def test_size_hint_never_changes_the_chunks(hint: int) -> None:
-    """A wrong hint (the file grew or shrank since it was scanned) only changes memory use."""
-    data = np.random.default_rng(5).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+@pytest.mark.parametrize("size", [0, 3000, 300_000])
+@pytest.mark.parametrize("hint", [0, 100, 2999, 3000, 3001, 200_000, 10**9])
+def test_size_hint_never_changes_the_chunks(size: int, hint: int) -> None:
+    """A wrong hint (the file grew or shrank since it was scanned) only changes memory use;
+    below min_size the reader takes a shortcut that must agree with the cutter."""
+    data = np.random.default_rng(5).integers(0, 256, size, dtype=np.uint8).tobytes()
     expected = [bytes(c) for c in iter_chunks(io.BytesIO(data), SMALL)]
     assert [bytes(c) for c in iter_chunks(io.BytesIO(data), SMALL, size_hint=hint)] == expected
+    assert b"".join(expected) == data

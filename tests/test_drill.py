@@ -133,7 +133,7 @@ def test_drill_names_digest_and_format_failures_and_falls_back_to_an_older_set(t
     # A chunk lost on the target: a digest failure, named, and that set no longer counts either.
     human = cli("verify", "--repo", str(target), "--restore-drill")
     assert "FORMAT FAILED notes.json: json: not valid JSON" in human.stdout
-    for chunk in (target / "chunks").rglob("*"):
+    for chunk in [*(target / "chunks").rglob("*"), *(target / "packs").rglob("*")]:
         if chunk.is_file():
             chunk.unlink()
     code, report, _ = drill(target, tmp_path / "scratch2")

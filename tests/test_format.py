@@ -22,7 +22,7 @@ ID = "0" * 32
 def manifest_bytes(files: list[dict[str, Any]], **extra: Any) -> bytes:
     doc = {
         "format": "replicator-snapshot",
-        "version": 1,
+        "version": 1,  # what the first releases wrote: still read
         "source": "s",
         "kind": "dataset",
         "created": "2026-11-22T10:00:00.000000Z",
@@ -78,6 +78,32 @@ def test_malicious_or_malformed_manifests_are_refused(files: list[dict[str, Any]
         parse_manifest(manifest_bytes(files), where="snapshots/s/x")
     assert needle in str(info.value)
     assert "snapshots/s/x" in str(info.value)
+
+
+def test_version_2_manifest_says_where_packed_chunks_are() -> None:
+    at = ["1" * 32, 7, 20]
+    m = parse_manifest(manifest_bytes([entry("a")], version=2, packed={ID: at}), where="x")
+    assert m.packed == {ID: tuple(at)}
+    assert parse_manifest(encode_manifest(m), where="x") == m
+
+
+@pytest.mark.parametrize(
+    ("packed", "needle"),
+    [
+        ({ID: ["../../etc/passwd", 0, 5]}, "pattern"),  # a pack id becomes a key: never a path
+        ({"zz" * 16: [ID, 0, 5]}, "pattern"),
+        ({ID: [ID, -1, 5]}, "greater than or equal to 0"),
+        ({ID: [ID, 0, 0]}, "greater than or equal to 1"),
+        ({ID: [ID, 0, 1 << 30]}, "less than or equal"),  # no chunk object is that large
+        ({ID: [ID, 0]}, "packed"),
+        ({ID: [ID, "0", 5]}, "integer"),
+        ([[ID, ID, 0, 5]], "packed"),
+    ],
+)
+def test_malformed_pack_locations_are_refused(packed: Any, needle: str) -> None:
+    with pytest.raises(RepositoryError) as info:
+        parse_manifest(manifest_bytes([entry("a")], version=2, packed=packed), where="snapshots/s/x")
+    assert needle in str(info.value)
 
 
 def test_unknown_manifest_version_is_refused() -> None:

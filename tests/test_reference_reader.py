@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import cli, write_config
-from tests.helpers import config_dict, local_setup, make_checkpoint, run_reference_reader, tree_digest
+from tests.helpers import (
+    config_dict,
+    local_setup,
+    make_checkpoint,
+    run_reference_reader,
+    stored_chunks,
+    tree_digest,
+)
 
 SMALL_CHUNKS = {"min_size": "16KiB", "avg_size": "64KiB", "max_size": "256KiB"}
 
@@ -40,8 +47,10 @@ def test_reference_reader_restores_what_replicator_restores(tmp_path: Path, algo
         ),
     )
     assert cli("sync", "-c", str(cfg)).returncode == 0
-    codecs = {p.read_bytes()[0] for p in (target / "chunks").rglob("*") if p.is_file()}
+    chunks = stored_chunks(target)
+    codecs = {c.path.read_bytes()[c.offset] for c in chunks}
     assert codecs == {0, 1, 2}, "every chunk codec of FORMAT.md section 4 is exercised"
+    assert {c.key.split("/")[0] for c in chunks} == {"chunks", "packs"}, "loose and packed chunks"
 
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     res = cli("restore", "--repo", str(target), "-s", "d", str(ours))
@@ -60,13 +69,12 @@ def test_reference_reader_refuses_a_corrupt_chunk_and_a_forged_manifest(tmp_path
     primary, target, cfg = local_setup(tmp_path)
     make_checkpoint(primary, 2, hidden=64)
     assert cli("sync", "-c", str(cfg)).returncode == 0
-    victim = max((p for p in (target / "chunks").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    original = victim.read_bytes()
-    victim.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    victim = stored_chunks(target)[0]
+    original = victim.flip(victim.length - 1)
     res = run_reference_reader(target, "d", "latest", tmp_path / "out", cwd=tmp_path)
-    assert res.returncode == 1 and victim.name in res.stderr
+    assert res.returncode == 1 and victim.key in res.stderr
     assert "restored 3 of 4 files" in res.stdout
-    victim.write_bytes(original)
+    victim.path.write_bytes(original)
 
     manifest = next((target / "snapshots" / "d").iterdir())
     manifest.write_bytes(manifest.read_bytes() + b"\x00")

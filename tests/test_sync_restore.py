@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
-from tests.helpers import checkpoint_source, config_dict, local_setup, make_checkpoint, tree_digest
+from tests.helpers import (
+    checkpoint_source,
+    config_dict,
+    local_setup,
+    make_checkpoint,
+    stored_chunks,
+    tree_digest,
+)
 
 
 def repo_args(spec: TargetSpec) -> list[str]:
@@ -140,32 +147,27 @@ def test_verify_read_data_names_a_flipped_chunk(tmp_path: Path) -> None:
     assert cli("sync", "-c", str(cfg)).returncode == 0
     assert cli("verify", "--repo", str(target), "--read-data").returncode == 0
 
-    chunk = max((p for p in (target / "chunks").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 3] ^= 0x01
-    chunk.write_bytes(bytes(data))
+    chunk = stored_chunks(target)[0]
+    chunk.flip(chunk.length // 3)
     res = cli("verify", "--repo", str(target), "--read-data")
     assert res.returncode == 1
-    assert f"BAD {chunk.relative_to(target)}" in res.stdout
+    assert f"BAD {chunk.key}" in res.stdout
     assert cli("verify", "--repo", str(target)).returncode == 0  # structure alone cannot see it
     js = json.loads(cli("verify", "--repo", str(target), "--read-data", "--json").stdout)
-    assert [p["key"] for p in js[0]["problems"]] == [str(chunk.relative_to(target))]
+    assert [p["key"] for p in js[0]["problems"]] == [chunk.key]
 
 
 def test_corrupt_chunk_fails_restore_loudly_without_writing_wrong_bytes(tmp_path: Path) -> None:
     primary, target, cfg = local_setup(tmp_path)
     make_checkpoint(primary, 4)
     assert cli("sync", "-c", str(cfg)).returncode == 0
-    chunks = sorted(p for p in (target / "chunks").rglob("*") if p.is_file() and p.stat().st_size > 1000)
-    victim = chunks[0]
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    victim = stored_chunks(target)[0]
+    victim.flip(victim.length // 2)
 
     dest = tmp_path / "dest"
     res = cli("restore", "--repo", str(target), "--source", "d", str(dest))
     assert res.returncode == 1
-    assert victim.name in res.stderr
+    assert victim.key in res.stderr
     restored = tree_digest(dest)
     original = tree_digest(primary)
     assert restored, "files with intact chunks are still restored"
@@ -206,7 +208,7 @@ def test_one_read_fans_out_to_targets_with_different_hashes(tmp_path: Path) -> N
     ids = []
     for t in targets:
         assert all(r["status"] == "published" for r in out["targets"])
-        ids.append({p.name for p in (Path(t["url"]) / "chunks").rglob("*") if p.is_file()})
+        ids.append({c.id for c in stored_chunks(Path(t["url"]))})
         dest = tmp_path / f"restored-{t['name']}"
         assert cli("restore", "--repo", t["url"], "-s", "d", str(dest)).returncode == 0
         assert tree_digest(dest) == tree_digest(primary)

@@ -15,7 +15,7 @@ from replicator.sync import run_sync
 from replicator.targets import open_target
 from replicator.verify import VerifyReport, verify_repository
 from tests.conftest import TargetSpec, make_target_spec
-from tests.helpers import config_dict, make_checkpoint
+from tests.helpers import config_dict, make_checkpoint, stored_chunks
 from tests.servers import RcloneServer
 
 SMALL_CHUNKS = {"min_size": "16KiB", "avg_size": "64KiB", "max_size": "256KiB"}
@@ -43,15 +43,13 @@ def verify(config: Config, **kwargs: Any) -> VerifyReport:
     return asyncio.run(go())
 
 
-def stored_chunk_files(spec: TargetSpec, rclone: RcloneServer | None) -> tuple[Path, list[Path]]:
-    """Where the target keeps its chunk objects on disk (rclone serves a plain directory)."""
+def repo_dir(spec: TargetSpec, rclone: RcloneServer | None) -> Path:
+    """Where the target keeps its objects on disk (rclone serves a plain directory)."""
     if spec.kind == "posix":
         assert spec.path is not None
-        root = spec.path
-    else:
-        assert rclone is not None and spec.bucket is not None
-        root = rclone.root / spec.bucket / "replica"
-    return root, sorted(p for p in (root / "chunks").rglob("*") if p.is_file())
+        return spec.path
+    assert rclone is not None and spec.bucket is not None
+    return rclone.root / spec.bucket / "replica"
 
 
 @pytest.mark.parametrize("kind", ["posix", "rclone"])
@@ -60,19 +58,18 @@ def test_a_flipped_byte_in_any_stored_chunk_is_named(
 ) -> None:
     spec = make_target_spec(request, kind, tmp_path)
     config = sync_sample(tmp_path, spec)
-    root, chunks = stored_chunk_files(spec, request.getfixturevalue("rclone") if kind == "rclone" else None)
+    chunks = stored_chunks(repo_dir(spec, request.getfixturevalue("rclone") if kind == "rclone" else None))
     assert len(chunks) >= 10
+    assert {c.key.split("/")[0] for c in chunks} == {"chunks", "packs"}, "loose and packed chunks"
     assert verify(config, read_data=1.0).ok
-    for i, path in enumerate(chunks):
-        original = path.read_bytes()
-        pos = (i * 7919) % len(original)  # header byte, payload, or trailer: all must be caught
-        path.write_bytes(original[:pos] + bytes([original[pos] ^ 0x10]) + original[pos + 1 :])
+    for i, chunk in enumerate(chunks):
+        pos = (i * 7919) % chunk.length  # header byte, payload, or trailer: all must be caught
+        original = chunk.flip(pos)
         try:
             report = verify(config, read_data=1.0)
         finally:
-            path.write_bytes(original)
-        key = str(path.relative_to(root))
-        assert [p.key for p in report.problems] == [key], f"flip at byte {pos} of {key}"
+            chunk.path.write_bytes(original)
+        assert [p.key for p in report.problems] == [chunk.key], f"flip at byte {pos} of {chunk.key}"
 
 
 def test_sampled_read_data_reads_the_requested_share(tmp_path: Path, request: pytest.FixtureRequest) -> None:

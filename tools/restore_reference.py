@@ -39,8 +39,20 @@ class Refused(Exception):
     """The repository breaks a rule of FORMAT.md; restoring stops."""
 
 
+MAX_STORED_CHUNK = MAX_CHUNK + 64  # section 5, "packed"
+
+
 def read(repo: Path, key: str) -> bytes:
     return (repo / key).read_bytes()
+
+
+def read_range(repo: Path, key: str, offset: int, length: int) -> bytes:
+    with open(repo / key, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise Refused(f"{key} is too short for the chunk at offset {offset}")
+    return data
 
 
 def hash_function(config: dict[str, Any]) -> Callable[[], Any]:
@@ -117,11 +129,30 @@ def is_int(v: object, low: int, high: int | None = None) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
 
 
+def check_packed(m: dict[str, Any]) -> dict[str, list[Any]]:
+    """Section 5: ``packed`` maps chunk ids to [pack id, offset, length] (version 2)."""
+    packed = m.get("packed", {})
+    if not isinstance(packed, dict):
+        raise Refused("packed is not an object")
+    for cid, at in packed.items():
+        if not (
+            HEX_RE.match(cid)
+            and isinstance(at, list)
+            and len(at) == 3
+            and isinstance(at[0], str)
+            and HEX_RE.match(at[0])
+            and is_int(at[1], 0)
+            and is_int(at[2], 1, MAX_STORED_CHUNK)
+        ):
+            raise Refused(f"malformed pack location for chunk {cid!r}")
+    return packed
+
+
 def check_manifest(m: Any, source: str) -> list[dict[str, Any]]:
     """Section 5: validate every field a restore acts on; return the file entries."""
     if not isinstance(m, dict) or m.get("format") != "replicator-snapshot":
         raise Refused("not a snapshot manifest")
-    if m.get("version") != 1:
+    if m.get("version") not in (1, 2):
         raise Refused(f"manifest version {m.get('version')!r} is not supported")
     if m.get("source") != source or not isinstance(m.get("files"), list):
         raise Refused("manifest belongs to another source or has no file list")
@@ -192,7 +223,9 @@ def restore(repo: Path, source: str, snapshot: str, dest: Path) -> int:
     body = zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False).read(MAX_MANIFEST + 1)
     if len(body) > MAX_MANIFEST:
         raise Refused("manifest larger than 1 GiB")
-    files = check_manifest(json.loads(body), source)
+    manifest = json.loads(body)
+    files = check_manifest(manifest, source)
+    packed = check_packed(manifest)
 
     dest.mkdir(parents=True, exist_ok=True)
     root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
@@ -200,7 +233,7 @@ def restore(repo: Path, source: str, snapshot: str, dest: Path) -> int:
     try:
         for f in files:
             try:
-                restore_file(repo, root_fd, f, new_hash)
+                restore_file(repo, root_fd, f, packed, new_hash)
             except (Refused, OSError) as exc:
                 failed += 1
                 print(f"FAILED {f['path']}: {exc}", file=sys.stderr)
@@ -210,7 +243,20 @@ def restore(repo: Path, source: str, snapshot: str, dest: Path) -> int:
     return 1 if failed else 0
 
 
-def restore_file(repo: Path, root_fd: int, f: dict[str, Any], new_hash: Callable[[], Any]) -> None:
+def read_chunk(repo: Path, cid: str, packed: dict[str, list[Any]]) -> tuple[bytes, str]:
+    """Section 4: a loose chunk object, or (version 2) a byte range of a pack object; and
+    where it was, for messages."""
+    if cid not in packed:
+        key = f"chunks/{cid[:2]}/{cid}"
+        return read(repo, key), key
+    pack_id, offset, length = packed[cid]
+    key = f"packs/{pack_id[:2]}/{pack_id}"
+    return read_range(repo, key, offset, length), f"{key}@{offset}"
+
+
+def restore_file(
+    repo: Path, root_fd: int, f: dict[str, Any], packed: dict[str, list[Any]], new_hash: Callable[[], Any]
+) -> None:
     dir_fd, name = open_parent(root_fd, f["path"])
     tmp = f".{name}.ref-{secrets.token_hex(6)}"
     try:
@@ -218,12 +264,15 @@ def restore_file(repo: Path, root_fd: int, f: dict[str, Any], new_hash: Callable
         try:
             whole = new_hash()
             for cid, length in f["chunks"]:
+                stored, where = read_chunk(repo, cid, packed)
                 try:
-                    data = decode_chunk(read(repo, f"chunks/{cid[:2]}/{cid}"))
+                    data = decode_chunk(stored)
                 except zstandard.ZstdError as exc:
-                    raise Refused(f"chunk {cid}: zstd frame is corrupt ({exc})") from None
+                    raise Refused(f"{where}: zstd frame is corrupt ({exc})") from None
+                except Refused as exc:
+                    raise Refused(f"{where}: {exc}") from None
                 if len(data) != length or hex_of(new_hash, data) != cid:
-                    raise Refused(f"chunk {cid} does not match its id or length")
+                    raise Refused(f"{where} does not match chunk id {cid} or its length")
                 whole.update(data)
                 view = memoryview(data)
                 while view:  # os.write may write less than asked
@@ -248,7 +297,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("repository", type=Path, help="holds config.json, chunks/, snapshots/, refs/")
+    parser.add_argument("repository", type=Path, help="holds config.json, chunks/, packs/, snapshots/, refs/")
     parser.add_argument("source", help="source name")
     parser.add_argument("snapshot", help="'latest' or a snapshot id")
     parser.add_argument("dest", type=Path, help="destination directory (created if needed)")

@@ -18,6 +18,7 @@ import structlog
 
 from replicator.errors import FileChangedError, SourceError
 from replicator.globs import PathFilter
+from replicator.manifest import check_relative_path
 from replicator.sources.base import Readable, SourceFile
 
 log = structlog.get_logger(__name__)
@@ -63,6 +64,12 @@ class PosixSource:
     def _describe(self, rel: str, st: os.stat_result) -> SourceFile | None:
         """The SourceFile for a selected regular file; None (with a warning) for anything else."""
         if not self.filter(rel):
+            return None
+        try:
+            check_relative_path(rel)  # a name no manifest may hold (control characters, backslash)
+        except ValueError as exc:
+            self.skipped.append(rel)
+            log.warning("source.skipped", source=self.name, path=rel, reason=str(exc))
             return None
         if not stat.S_ISREG(st.st_mode):
             self.skipped.append(rel)
@@ -111,7 +118,7 @@ class PosixSource:
         return await asyncio.to_thread(st)
 
     def open(self, file: SourceFile) -> io.FileIO:
-        path = self.root / file.path
+        path = os.path.join(self.url, file.path)  # str, not Path: this runs once per file
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -130,7 +137,7 @@ class PosixSource:
         assert isinstance(handle, io.FileIO), "handles come from PosixSource.open"
         after = os.fstat(handle.fileno())
         try:
-            current = os.lstat(self.root / file.path)
+            current = os.lstat(os.path.join(self.url, file.path))
         except FileNotFoundError:
             current = None
         # The open descriptor proves the bytes are unchanged; the path check proves the file we
