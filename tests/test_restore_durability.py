@@ -1,5 +1,5 @@
-"""Restore durability: one syncfs at the end instead of an fsync per file, skipped with
-sync=False; a torn file (right size and mtime, wrong bytes) is repaired by running the restore
+"""Restore durability: one syncfs at the end instead of an fsync per file, skipped by
+--no-sync; a torn file (right size and mtime, wrong bytes) is repaired by running the restore
 again."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ import asyncio
 import ctypes
 import errno
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -164,3 +166,46 @@ def test_a_torn_file_of_the_right_size_and_mtime_is_rewritten_by_a_rerun(
     again = restore_into(target, dest)
     assert again.ok and (again.files, again.skipped_existing) == (1, 7)
     assert tree_digest(dest) == tree_digest(primary)
+
+
+# Runs the real CLI in a child process, counting the calls to syncfs.
+COUNT_SYNCFS = """
+import atexit, sys
+from replicator import restore
+from replicator.cli import app
+calls = []
+real = restore._syncfs
+def syncfs(fd):
+    calls.append(fd)
+    return real(fd) if real else 0
+restore._syncfs = syncfs
+atexit.register(lambda: print(f"syncfs calls: {len(calls)}", file=sys.stderr))
+app(sys.argv[1:], prog_name="replicator")
+"""
+
+
+def test_restore_cli_syncs_once_and_not_with_no_sync(tmp_path: Path, replicated: tuple[Path, Path]) -> None:
+    primary, target = replicated
+    for flags, calls in (([], 1), (["--no-sync"], 0)):
+        dest = tmp_path / f"dest{len(flags)}"
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                COUNT_SYNCFS,
+                "restore",
+                "--repo",
+                str(target),
+                "-s",
+                "d",
+                *flags,
+                str(dest),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr
+        assert f"syncfs calls: {calls}" in res.stderr, (flags, res.stderr)
+        assert "restored 8 files" in res.stdout
+        assert tree_digest(dest) == tree_digest(primary)
