@@ -1,6 +1,6 @@
-"""Restore durability: one syncfs at the end instead of an fsync per file, skipped by
---no-sync; a torn file (right size and mtime, wrong bytes) is repaired by running the restore
-again."""
+"""Restore durability: one syncfs at the end instead of an fsync per file, skipped by --no-sync
+and by drills into a temporary directory; a torn file (right size and mtime, wrong bytes) is
+repaired by running the restore again."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from replicator import restore
+from replicator.drill import DrillReport, run_drill
 from replicator.errors import ReplicatorError
 from replicator.repository import Repository
 from replicator.restore import Destination, LocalDestination, RestoreResult, restore_snapshot
@@ -209,3 +210,28 @@ def test_restore_cli_syncs_once_and_not_with_no_sync(tmp_path: Path, replicated:
         assert f"syncfs calls: {calls}" in res.stderr, (flags, res.stderr)
         assert "restored 8 files" in res.stdout
         assert tree_digest(dest) == tree_digest(primary)
+
+
+def test_drill_flushes_a_kept_scratch_but_not_a_temporary_one(
+    tmp_path: Path, replicated: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, target = replicated
+    syncfs = FakeSyncfs()
+    monkeypatch.setattr(restore, "_syncfs", syncfs)
+
+    def drill(scratch: Path | None) -> DrillReport:
+        async def go() -> DrillReport:
+            t = PosixTarget("t", target)
+            try:
+                return await run_drill(await Repository.open(t), scratch=scratch)
+            finally:
+                await t.close()
+
+        return asyncio.run(go())
+
+    assert drill(None).ok
+    assert syncfs.inodes == [], "files about to be deleted need not be durable"
+    scratch = tmp_path / "scratch"
+    report = drill(scratch)
+    assert report.ok and report.sources[0].restored_files == 8
+    assert syncfs.inodes == [(scratch / "t" / "d").stat().st_ino]
