@@ -121,6 +121,23 @@ def test_sync_false_leaves_writeback_to_the_os(
     assert tree_digest(dest) == tree_digest(primary)
 
 
+def test_each_write_starts_writeback_at_once_unless_the_restore_is_not_flushed(
+    tmp_path: Path, replicated: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    primary, target = replicated
+    ranges = counting(monkeypatch, restore, "_sync_file_range")
+    assert restore_into(target, tmp_path / "a").ok
+    # Every byte of every file, each range right after it was written (the empty markers have none).
+    sizes = [p.stat().st_size for p in primary.rglob("*") if p.is_file()]
+    assert {flags for *_, flags in ranges} == {restore.SYNC_FILE_RANGE_WRITE}
+    assert [offset for _, offset, _, _ in ranges].count(0) == len([n for n in sizes if n])
+    assert sum(n for _, _, n, _ in ranges) == sum(sizes)
+
+    ranges.clear()
+    assert restore_into(target, tmp_path / "b", sync=False).ok
+    assert ranges == []
+
+
 def test_without_syncfs_or_across_a_mount_the_flush_is_sync(
     tmp_path: Path, replicated: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
