@@ -8,6 +8,19 @@ is refused, not followed; this is the race-free form of checking each component 
 directory, checked against the manifest digest, and only then renamed into place. Nothing is
 ever written outside the destination, and a wrong byte is never visible.
 
+Durability is made once, at the end, not per file: files are renamed into place without an
+fsync, and before :func:`restore_snapshot` returns, one ``syncfs(2)`` on the destination's
+filesystem writes back every restored file's data and inode and every new directory entry
+(:meth:`LocalDestination.flush`). Each write starts writeback of its pages at once, without
+waiting (:class:`_LocalFile`), so the disk works while later chunks are fetched and the
+flush has little left to do; no file waits for its own writeback. Success still means
+durable: a restore that reported success survives a power cut. A crash *during* a restore
+may leave renamed files torn (the right name and size, wrong bytes), but that restore never
+reported success, and running it again repairs them, because an existing file is skipped
+only if its content hashes to the manifest digest (a matching size or mtime is never
+enough). ``sync=False`` (``restore --no-sync``, and drills into a temporary scratch
+directory) skips both and leaves writeback to the OS, as restic and rclone do.
+
 Chunks are fetched in parallel (a window per file, several files at once, bounded by a byte
 budget) and verified against their ids before they are written. A destination is a small
 protocol (:class:`Destination`): a local directory here, or plain objects in a bucket
@@ -20,16 +33,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -50,6 +64,43 @@ CHUNKS_IN_FLIGHT_PER_FILE = 8
 
 class UnsafePathError(ReplicatorError):
     """A manifest path would escape the destination or pass through a symlink."""
+
+
+def _libc(name: str) -> Any:
+    """A libc function; None where there is none (``syncfs`` and ``sync_file_range`` are
+    Linux's, ``syncfs`` since glibc 2.14)."""
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    function = _libc("sync_file_range")
+    if function is not None:
+        function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)  # off64_t
+    typed: Callable[[int, int, int, int], int] | None = function
+    return typed
+
+
+_syncfs: Callable[[int], int] | None = _libc("syncfs")
+_sync_file_range = _load_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
+"""Start writeback of the range's dirty pages and return without waiting for it."""
+
+
+def sync_filesystem(fd: int) -> None:
+    """Write back everything dirty on the filesystem holding ``fd`` (data, inodes, directory
+    entries) and wait for it: ``syncfs(2)``, or ``sync(2)`` where syncfs is unavailable (which
+    flushes every filesystem, and on some systems only schedules the writes).
+
+    Since Linux 5.8 syncfs reports a writeback error (EIO, ENOSPC) that happened on the
+    filesystem after ``fd`` was opened; it is raised as OSError."""
+    if _syncfs is None:
+        os.sync()
+    elif _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 @dataclass
@@ -114,18 +165,54 @@ class Destination(Protocol):
 
     async def create(self, entry: FileEntry) -> FileWriter: ...
 
+    async def flush(self) -> None:
+        """Make every committed file durable across a power cut. :func:`restore_snapshot`
+        calls it once, after the last file and before it returns (unless ``sync=False``)."""
+        ...
+
     async def close(self) -> None: ...
 
 
 class LocalDestination:
     """A destination directory written through directory descriptors (see module docstring)."""
 
-    def __init__(self, root: Path, spec: HashSpec) -> None:
+    def __init__(self, root: Path, spec: HashSpec, *, write_behind: bool = True) -> None:
+        """``write_behind``: start writing each file's pages to disk as they are written (see
+        :class:`_LocalFile`), for a restore that will be flushed."""
         self.root = root
         self.url = str(root)
         self.spec = spec
+        self.write_behind = write_behind
         root.mkdir(parents=True, exist_ok=True)
+        # Opened before anything is written, so that syncfs on it reports every writeback error
+        # of this restore.
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._root_dev = os.fstat(self.root_fd).st_dev
+        # Set when a file is created on another device than the root (a filesystem mounted
+        # below it), which syncfs on the root's filesystem may not reach.
+        self._other_filesystem = False
+
+    async def flush(self) -> None:
+        """One ``syncfs(2)`` on the destination's filesystem, in a thread. It covers the
+        directories that received new names too (their entries are metadata of the same
+        filesystem), so no directory is fsynced separately. If a file landed on another device
+        (a filesystem mounted below the root), ``sync(2)`` instead, which covers every one."""
+
+        def flush() -> None:
+            if self._other_filesystem:
+                os.sync()
+            else:
+                sync_filesystem(self.root_fd)
+
+        try:
+            await asyncio.to_thread(flush)
+        except OSError as exc:
+            raise ReplicatorError(
+                f"restored files may not be on disk: {exc.strerror or exc}",
+                operation="sync",
+                key=self.url,
+                hint="check the disk, then run the restore again: it re-checks every file",
+            ) from exc
 
     async def close(self) -> None:
         os.close(self.root_fd)
@@ -169,6 +256,8 @@ class LocalDestination:
         return fd
 
     def _is_current(self, entry: FileEntry) -> bool:
+        # Always hash: a file torn by a crash before the flush has the right name, size and
+        # mtime; only its bytes tell, and re-running the restore must repair it.
         try:
             fd = self.open_regular(entry.path)
         except (OSError, UnsafePathError):
@@ -194,6 +283,8 @@ class LocalDestination:
             fd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
             )
+            if os.fstat(fd).st_dev != self._root_dev:
+                self._other_filesystem = True
         except BaseException:
             os.close(dir_fd)
             raise
@@ -201,23 +292,40 @@ class LocalDestination:
 
     async def create(self, entry: FileEntry) -> FileWriter:
         dir_fd, fd, tmp = await asyncio.to_thread(self._create_temp, entry.path)
-        return _LocalFile(entry, dir_fd, fd, tmp)
+        return _LocalFile(entry, dir_fd, fd, tmp, self.write_behind)
 
 
 class _LocalFile:
-    def __init__(self, entry: FileEntry, dir_fd: int, fd: int, tmp: str) -> None:
+    """A file being restored under a temporary name.
+
+    With ``write_behind``, each write also starts writeback of the pages it dirtied, without
+    waiting (``sync_file_range``, Linux only): the disk then works while later chunks are
+    fetched and decoded, and the final flush has little left to do. Without it, a restore
+    smaller than the kernel's background-writeback threshold (10 % of memory by default) would
+    stay entirely in the page cache until the flush, and then wait for all of it at once."""
+
+    def __init__(self, entry: FileEntry, dir_fd: int, fd: int, tmp: str, write_behind: bool) -> None:
         self.entry, self.dir_fd, self.fd, self.tmp = entry, dir_fd, fd, tmp
+        self.start_writeback = _sync_file_range if write_behind else None
+        self.written = 0
 
     async def write(self, data: Buffer) -> None:
-        await asyncio.to_thread(os.write, self.fd, data)
+        await asyncio.to_thread(self._write, data)
+
+    def _write(self, data: Buffer) -> None:
+        n = os.write(self.fd, data)
+        if self.start_writeback is not None:
+            # Only a hint (durability comes from the flush): its result is ignored, and a
+            # writeback error shows in the final flush.
+            self.start_writeback(self.fd, self.written, n, SYNC_FILE_RANGE_WRITE)
+        self.written += n
 
     def _commit(self) -> None:
-        # Mode and mtime first, then durable, then the rename, which replaces (never follows)
-        # whatever is at the final name.
+        # Mode and mtime first, then the rename, which replaces (never follows) whatever is at
+        # the final name. No fsync: the destination's flush makes every file durable at once.
         name = self.entry.path.rsplit("/", 1)[-1]
         os.fchmod(self.fd, self.entry.mode & 0o777)  # setuid/setgid/sticky bits are never restored
         os.utime(self.fd, ns=(self.entry.mtime_ns, self.entry.mtime_ns))
-        os.fsync(self.fd)
         os.rename(self.tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
 
     async def commit(self) -> None:
@@ -245,17 +353,20 @@ async def restore_snapshot(
     include: Sequence[str] = (),
     progress: ProgressSink | None = None,
     memory_budget: int = 256 << 20,
+    sync: bool = True,
 ) -> RestoreResult:
     """Restore the selected files of ``manifest`` into the directory (or destination) ``dest``.
 
     Per-file problems (a missing or corrupt chunk, an unsafe path) are collected in the result;
     a :class:`TargetError` other than not-found ends the restore (files already restored stay:
-    running it again skips them)."""
+    running it again skips them). With ``sync`` (the default) the files restored are durable
+    when this returns (:meth:`Destination.flush`, counted in ``seconds``); without it, writeback
+    is left to the OS (see module docstring for what that gives up)."""
     progress = progress or NoProgress()
     started = time.monotonic()
     result = RestoreResult()
     files = select_files(manifest, include)
-    destination = LocalDestination(dest, repo.hash) if isinstance(dest, Path) else dest
+    destination = LocalDestination(dest, repo.hash, write_behind=sync) if isinstance(dest, Path) else dest
     budget = ByteBudget(memory_budget)
     spec = repo.hash
     progress.begin("restoring", sum(f.size for f in files))
@@ -331,6 +442,9 @@ async def restore_snapshot(
         async with asyncio.TaskGroup() as group:
             for _ in range(FILES_IN_PARALLEL):
                 group.create_task(worker())
+        if sync:
+            # Also after per-file failures: the files reported as restored must be on disk.
+            await destination.flush()
     except BaseExceptionGroup as failed:
         raise failed.exceptions[0] from None
     finally:

@@ -120,6 +120,10 @@ class S3Destination:
     async def create(self, entry: FileEntry) -> FileWriter:
         return _S3Object(self, entry)
 
+    async def flush(self) -> None:
+        """Nothing to do: S3 acknowledges a PUT or a completed multipart upload only once the
+        object is stored durably, so every committed object already is."""
+
     async def close(self) -> None:
         await self._stack.aclose()
 
