@@ -313,12 +313,14 @@ class _LocalFile:
         await asyncio.to_thread(self._write, data)
 
     def _write(self, data: Buffer) -> None:
-        n = os.write(self.fd, data)
+        view = memoryview(data)
+        while view:  # os.write may write less than asked (a full disk, a signal)
+            view = view[os.write(self.fd, view) :]
         if self.start_writeback is not None:
             # Only a hint (durability comes from the flush): its result is ignored, and a
             # writeback error shows in the final flush.
-            self.start_writeback(self.fd, self.written, n, SYNC_FILE_RANGE_WRITE)
-        self.written += n
+            self.start_writeback(self.fd, self.written, len(data), SYNC_FILE_RANGE_WRITE)
+        self.written += len(data)
 
     def _commit(self) -> None:
         # Mode and mtime first, then the rename, which replaces (never follows) whatever is at
