@@ -10,7 +10,8 @@ a dataset of many small JSON files. Destinations: a local directory and a bucket
 * initial   -- the first checkpoint step, into an empty repository (POSIX and S3);
 * increment -- the next step (10 % of layers changed) into the same repository;
 * small     -- N small files into an empty repository (POSIX);
-* restore   -- both steps back from the POSIX repository into an empty directory;
+* restore   -- both steps back from the POSIX repository into an empty directory: durable
+               (replicator's default; restic followed by `sync`) and not (`--no-sync`; restic);
 * verify    -- `verify --read-data` vs `restic check --read-data` (POSIX);
 * big       -- one file of --big-gib (0 to skip) synced to POSIX: peak RSS.
 
@@ -33,6 +34,8 @@ from bench.data import small_files, training_steps
 from tests.servers import ACCESS_KEY, SECRET_KEY, RcloneServer, free_port
 
 REPLICATOR = [sys.executable, "-m", "replicator"]
+DURABLE_PEER = {("restore", "replicator"): "restic + sync"}
+"""Rows compared with another peer than plain restic: like with like."""
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": ACCESS_KEY,
     "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
@@ -178,12 +181,15 @@ def restore_scenario(bench: Bench, source: Path) -> None:
     url, _ = bench.dest_cached("posix", "ckpt", "replicator")
     restic_url, _ = bench.dest_cached("posix", "ckpt", "restic")
     rclone_url, _ = bench.dest_cached("posix", "ckpt", "rclone")
+    ours = [*REPLICATOR, "restore", "-q", "--repo", url, "-s", "src", str(out)]
+    theirs = [bench.restic, "restore", "latest", "--repo", restic_url, "--quiet", "--target", str(out)]
+    # replicator's restore is durable when it returns (one syncfs); restic's is not: compare
+    # each with its like, `--no-sync` with restic and the default with restic followed by sync.
     runs = {
-        "replicator": ([*REPLICATOR, "restore", "-q", "--repo", url, "-s", "src", str(out)], out),
-        "restic": (
-            [bench.restic, "restore", "latest", "--repo", restic_url, "--quiet", "--target", str(out)],
-            out / source.relative_to("/"),
-        ),
+        "replicator": (ours, out),
+        "replicator --no-sync": ([*ours, "--no-sync"], out),
+        "restic": (theirs, out / source.relative_to("/")),
+        "restic + sync": (["sh", "-c", '"$@" && sync', "sh", *theirs], out / source.relative_to("/")),
         "rclone": ([bench.rclone, "copy", "--config", "/dev/null", rclone_url, str(out)], out),
     }
     for tool, (cmd, restored) in runs.items():
@@ -246,8 +252,11 @@ def report(bench: Bench, args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     by = {(r.scenario, r.dest, r.tool): r for r in bench.results}
     for r in bench.results:
-        peer = by.get((r.scenario, r.dest, "restic"))
-        ratio = f"{r.seconds / peer.seconds:.2f}x" if peer and r.tool != "restic" else ""
+        peer_tool = DURABLE_PEER.get((r.scenario, r.tool), "restic")
+        peer = by.get((r.scenario, r.dest, peer_tool))
+        ratio = f"{r.seconds / peer.seconds:.2f}x" if peer and not r.tool.startswith("restic") else ""
+        if ratio and peer_tool != "restic":
+            ratio += f" (vs {peer_tool})"
         print(
             f"| {r.scenario} | {r.dest} | {r.tool} | {r.seconds:.2f} s | {r.mib_per_s:.0f} MiB/s | "
             f"{r.cpu_seconds:.2f} s | {r.peak_rss_mib:.0f} MiB | {r.sent_bytes / 2**20:.1f} MiB | "
