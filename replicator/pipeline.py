@@ -28,9 +28,11 @@ from replicator.hashing import Hasher, HashSpec
 from replicator.manifest import FileEntry
 from replicator.sources.base import Readable, Source, SourceFile
 
-LARGE_FILE_READERS = 1
-"""Files larger than a read block are read one at a time: the encode window of one file keeps
-every core busy, and each reader holds two blocks (4 x max_size) in memory."""
+LARGE_FILE_READERS = 2
+"""Large files read at once. Reading, cutting and hashing take ~1.2 CPU-s per GiB in one thread:
+with one reader that thread was the critical path whenever little needs encoding (a new
+checkpoint step that changed a tenth of its layers: two readers measured ~15 % faster).
+Each reader holds two blocks (4 x max_size) in memory, set aside from the budget."""
 
 _VERIFY_SPEC = HashSpec("xxh3-128")
 """Used for the encode self-check only when no target asked for ids yet."""
