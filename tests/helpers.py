@@ -76,6 +76,25 @@ def stored_chunks(repo: Path) -> list[StoredChunk]:
     return sorted(out, key=lambda c: (-c.length, c.key))
 
 
+def loose_chunk_ids(repo: Path) -> set[str]:
+    """Ids of the loose chunk objects of a repository directory (not writers' temporaries)."""
+    return {p.name for p in (repo / "chunks").rglob("*") if p.is_file() and not p.name.startswith(".")}
+
+
+def chunks_written_since(repo: Path, loose_before: set[str], since_ns: int) -> int:
+    """Chunk uploads since ``since_ns``: loose objects not in ``loose_before``, plus the chunks
+    the manifests place in packs written since then. (A pack sealed just before a crash,
+    whose chunks the state had not recorded, is written again after it: the accepted cost of
+    packs, a few small chunks per crash; docs/FORMAT.md 4.1.)"""
+    packed = {
+        (cid, at)
+        for m in (repo / "snapshots").rglob("*.json.zst")
+        for cid, at in parse_manifest(m.read_bytes(), where=str(m)).packed.items()
+        if (repo / pack_key(at[0])).stat().st_mtime_ns >= since_ns
+    }
+    return len(loose_chunk_ids(repo) - loose_before) + len(packed)
+
+
 def tree_digest(root: Path) -> dict[str, tuple[str, int, int]]:
     """path -> (sha256, mode bits, mtime_ns) for every regular file below ``root``."""
     out = {}

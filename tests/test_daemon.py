@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from replicator.config import Config
-from replicator.manifest import Manifest, parse_manifest
-from replicator.repository import Repository, pack_key
+from replicator.repository import Repository
 from replicator.restore import restore_snapshot
 from replicator.targets import open_target
 from replicator.verify import verify_repository
@@ -28,7 +27,15 @@ from tests.daemon_helpers import (
     set_names,
     wait_until,
 )
-from tests.helpers import checkpoint_source, config_dict, local_setup, make_checkpoint, tree_digest
+from tests.helpers import (
+    checkpoint_source,
+    chunks_written_since,
+    config_dict,
+    local_setup,
+    loose_chunk_ids,
+    make_checkpoint,
+    tree_digest,
+)
 from tests.servers import RcloneServer, free_port
 
 FAST_RETRY = {"initial": "100ms", "max": "1s", "give_up_after": "3s"}
@@ -200,15 +207,7 @@ def _has_files(target: dict[str, Any], n: int) -> bool:
 
 
 def _has_chunks(target: Path, n: float) -> bool:
-    return len(_count_chunks(target)) >= n
-
-
-def _count_chunks(target: Path) -> set[str]:
-    return {p.name for p in (target / "chunks").rglob("*") if p.is_file() and not p.name.startswith(".")}
-
-
-def _manifests(target: Path) -> list[Manifest]:
-    return [parse_manifest(p.read_bytes(), where=str(p)) for p in (target / "snapshots").rglob("*.json.zst")]
+    return len(loose_chunk_ids(target)) >= n
 
 
 def _check_target(config: Config, primary: Path, dest: Path) -> None:
@@ -254,7 +253,7 @@ def test_kill9_at_random_points_leaves_targets_consistent_and_resumes_without_re
 
     reference, ref_cfg, _ = setup("reference")
     assert cli("sync", "-c", str(ref_cfg)).returncode == 0
-    total = len(_count_chunks(reference))
+    total = len(loose_chunk_ids(reference))
     assert total > 1000
 
     resent_total, interrupted = 0, 0
@@ -267,7 +266,7 @@ def test_kill9_at_random_points_leaves_targets_consistent_and_resumes_without_re
         else:
             wait_until(partial(_has_chunks, target, share * total), interval=0.005, timeout=60)
         daemon.kill9()
-        before = _count_chunks(target)
+        before = loose_chunk_ids(target)
         interrupted += 0 < len(before) < total
 
         restarted_ns = time.time_ns()
@@ -275,17 +274,7 @@ def test_kill9_at_random_points_leaves_targets_consistent_and_resumes_without_re
         res = cli("sync", "-c", str(cfg), "--json")  # restart on the same state and target
         assert res.returncode == 0, res.stderr
         sent = json.loads(res.stdout)["sources"][0]["targets"][0]["uploads"]["chunks_sent"]
-        # New loose objects, plus the chunks of packs written since the restart: file tails
-        # below min_size travel in packs, which the published manifest names. (A pack sealed
-        # just before the kill, whose chunks the state had not recorded yet, is written again:
-        # the accepted cost of packs, a few small chunks per crash; docs/FORMAT.md 4.1.)
-        packed = {
-            (cid, at)
-            for m in _manifests(target)
-            for cid, at in m.packed.items()
-            if (target / pack_key(at[0])).stat().st_mtime_ns >= restarted_ns
-        }
-        new = len(_count_chunks(target) - before) + len(packed)
+        new = chunks_written_since(target, before, restarted_ns)  # file tails travel in packs
         assert sent == new, f"trial {trial}: {sent} uploads for {new} new chunks (a chunk was sent twice)"
         resent_total += sent - new
         _check_target(Config.model_validate(cfg_data), primary, tmp_path / f"restored-{trial}")

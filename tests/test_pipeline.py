@@ -18,7 +18,7 @@ from replicator.demo import bf16
 from replicator.engine import READ_ATTEMPTS
 from replicator.globs import PathFilter
 from replicator.hashing import HashSpec
-from replicator.pipeline import ChunkPipeline, EncodedChunk
+from replicator.pipeline import LARGE_FILE_READERS, ChunkPipeline, EncodedChunk
 from replicator.repository import Repository
 from replicator.restore import restore_snapshot
 from replicator.sources import PosixSource, SourceFile
@@ -99,7 +99,7 @@ def test_file_that_keeps_changing_is_skipped_never_recorded(
 def test_pipeline_respects_its_memory_budget(tmp_path: Path) -> None:
     (tmp_path / "big.bin").write_bytes(os.urandom(24 << 20))
     source = PosixSource("d", tmp_path, PathFilter())
-    budget = 9 << 20
+    budget = (5 << 20) + LARGE_FILE_READERS * 2 * (2 << 20)
     peak = limit = 0
 
     async def go() -> None:
@@ -111,7 +111,7 @@ def test_pipeline_respects_its_memory_budget(tmp_path: Path) -> None:
             memory_budget=budget,
         )
         limit = pipe.budget.limit  # what is left for chunks after the reader's blocks
-        assert limit == budget - 2 * 2 * (1 << 20)  # 5 MiB for chunks in flight
+        assert limit == 5 << 20  # for chunks in flight; each reader's two blocks are set aside
         held: list[EncodedChunk] = []
 
         async def slow_sink(chunk: EncodedChunk) -> None:
