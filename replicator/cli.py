@@ -634,8 +634,6 @@ def verify(
             fail(str(exc), 2)
 
     async def go() -> list[dict[str, Any]]:
-        from replicator.drill import run_drill
-
         reports: list[dict[str, Any]] = []
         state = None
         if config is not None:
@@ -658,6 +656,8 @@ def verify(
                     )
                     row: dict[str, Any] = {"verify": rep}
                     if restore_drill:
+                        from replicator.drill import run_drill  # format checks load numpy
+
                         row["drill"] = await run_drill(
                             r,
                             sources=source,
