@@ -14,12 +14,12 @@ import socket
 from typing import Any
 
 import aiohttp
-import structlog
 
 from replicator.config import AlertsConfig
+from replicator.log import get_logger
 from replicator.targets import RetryPolicy
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 ATTEMPTS = 5
 

@@ -23,18 +23,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import structlog
-
 from replicator import metrics
 from replicator.budget import PRIORITY, BudgetExceededError
 from replicator.config import Priority
 from replicator.errors import TargetError
+from replicator.log import get_logger
 from replicator.pipeline import EncodedChunk, Lease
 from replicator.repository import Repository
 from replicator.state import StateStore
 from replicator.targets import RetryingTarget, unwrap
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Admission = Callable[[Priority, int], bool]
 """May a chunk of this priority and this many encoded bytes be sent now? (the budget)"""

@@ -24,12 +24,11 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import structlog
-
 from replicator.errors import ConfigError, ReplicatorError
+from replicator.log import get_logger
 from replicator.pipeline import FileRecord
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
