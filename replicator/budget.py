@@ -29,14 +29,13 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-import structlog
-
 from replicator import metrics
 from replicator.config import PRIORITIES, BudgetConfig, Config, CostConfig, Priority
 from replicator.errors import ReplicatorError
+from replicator.log import get_logger
 from replicator.state import StateStore
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 HEADROOM: dict[str, float] = {"low": 0.70, "normal": 0.85, "high": 1.0, "critical": 1.0}
 GLOBAL = "*"

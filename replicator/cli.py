@@ -2,11 +2,15 @@
 
 Exit codes (all commands): 0 success; 1 the operation failed or found problems; 2 usage or
 configuration error; 3 a target could not be reached. Errors are one line on stderr.
+
+Start-up time counts (a one-shot ``sync`` of a few files is mostly interpreter start-up), so
+this module imports only typer and light helpers; each command imports the library modules it
+uses when it runs. ``replicator --help`` then never loads pydantic, numpy, structlog or
+asyncio.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import importlib.util
@@ -15,18 +19,17 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from replicator import __version__, log
-from replicator.config import Config, RetryConfig, TargetConfig, load_config
+from replicator import __version__
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.progress import make_progress
-from replicator.repository import Repository
-from replicator.state import StateLockedError, StateStore
-from replicator.targets import open_target
 from replicator.units import format_duration, format_size
+
+if TYPE_CHECKING:
+    from replicator.config import Config, TargetConfig
 
 T = TypeVar("T")
 
@@ -78,6 +81,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def run_coroutine(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine, turning library errors into a one-line message and exit code."""
+    import asyncio
+
     try:
         return asyncio.run(coro_fn())  # type: ignore[arg-type]
     except ReplicatorError as exc:
@@ -89,6 +94,8 @@ def run_coroutine(coro_fn: Callable[[], Awaitable[T]]) -> T:
 def setup_logging(level: str | None, config: Config | None = None, default: str = "warning") -> None:
     """--log-level, else the config's log_level, else the command's default (one-shot commands
     stay quiet; the daemon logs at info)."""
+    from replicator import log
+
     chosen = level or (config.log_level if config else None) or default
     if chosen not in ("debug", "info", "warning", "error"):
         fail(f"--log-level must be debug, info, warning or error (got {chosen!r})", 2)
@@ -98,6 +105,8 @@ def setup_logging(level: str | None, config: Config | None = None, default: str 
 
 
 def load(config_path: Path | None, log_level: str | None, default_level: str = "warning") -> Config:
+    from replicator.config import load_config
+
     if config_path is None:
         fail("--config is required (or set REPLICATOR_CONFIG)", 2)
     try:
@@ -118,6 +127,8 @@ def repo_target_config(
     log_level: str | None,
 ) -> tuple[TargetConfig, Config | None]:
     """Resolve ``--config/--target`` or ``--repo`` into one target's settings."""
+    from replicator.config import RetryConfig, TargetConfig
+
     if repo is not None:
         if config_path is not None and target is not None:
             fail("give either --repo or --config with --target, not both", 2)
@@ -337,6 +348,9 @@ def snapshots(
     log_level: LogLevelOpt = None,
 ) -> None:
     """List the snapshots in a target's repository, oldest first (`*` marks the latest)."""
+    from replicator.repository import Repository
+    from replicator.targets import open_target
+
     tcfg, _ = repo_target_config(config_path, target, repo, endpoint_url, region, profile, log_level)
 
     async def go() -> list[dict[str, Any]]:
@@ -450,8 +464,10 @@ def restore(
     correct in DEST are skipped, so an interrupted restore is resumed by running it again.
     Nothing is written outside DEST: manifest paths are untrusted and symlinks in DEST are never
     followed. Prints the measured throughput."""
+    from replicator.repository import Repository
     from replicator.restore import Destination, restore_snapshot, snapshot_at
     from replicator.s3 import is_s3_url, parse_s3_url
+    from replicator.targets import open_target
     from replicator.units import parse_time_point
 
     tcfg, _ = repo_target_config(config_path, target, repo, endpoint_url, region, profile, log_level)
@@ -611,6 +627,9 @@ def verify(
 
     Names every bad object and file. Exit 0 pass, 1 verification failed, 2 usage/config
     error, 3 target unreachable."""
+    from replicator.repository import Repository
+    from replicator.state import StateLockedError, StateStore
+    from replicator.targets import open_target
     from replicator.verify import verify_repository
 
     fraction = _parse_pct(read_data)
@@ -629,8 +648,6 @@ def verify(
             fail(str(exc), 2)
 
     async def go() -> list[dict[str, Any]]:
-        from replicator.drill import run_drill
-
         reports: list[dict[str, Any]] = []
         state = None
         if config is not None:
@@ -653,6 +670,8 @@ def verify(
                     )
                     row: dict[str, Any] = {"verify": rep}
                     if restore_drill:
+                        from replicator.drill import run_drill  # format checks load numpy
+
                         row["drill"] = await run_drill(
                             r,
                             sources=source,

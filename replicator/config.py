@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -42,7 +41,9 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # defer_build: a model's validator is built when first used, not at import; commands that
+    # never load a config file (restore --repo ...) then build only TargetConfig's.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 def _check_name(value: str) -> str:
@@ -406,6 +407,8 @@ def parse_config(data: Any, base_dir: Path, origin: str = "config") -> Config:
 
 def load_config(path: str | Path) -> Config:
     """Read, expand and validate a configuration file."""
+    import yaml  # ~15 ms to import (it compiles its resolver regexes): only for a config file
+
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import structlog
-
 from replicator import log as logging_setup
 from replicator import status, systemd
 from replicator.alerts import WebhookNotifier
@@ -46,7 +44,7 @@ from replicator.sources import SourceFile
 from replicator.targets import RetryPolicy, backend_of
 from replicator.watch import watch_posix
 
-log = structlog.get_logger(__name__)
+log = logging_setup.get_logger(__name__)
 
 PERMANENT_ERROR_PAUSE = 300.0
 """Retry interval for errors a human must fix (credentials, missing bucket): the daemon keeps

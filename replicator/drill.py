@@ -24,17 +24,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
-
 from replicator.config import NAME_RE
 from replicator.errors import NotFoundError, RepositoryError
 from replicator.formats import FormatCheck, FormatProblem, check_file, torch_load
+from replicator.log import get_logger
 from replicator.manifest import Manifest, now_utc
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository
 from replicator.restore import LocalDestination, restore_snapshot
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 CHECKS_IN_PARALLEL = 4
 

@@ -26,14 +26,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import structlog
-
 from replicator import gate, metrics
 from replicator.budget import PRIORITY, Budget, BudgetExceededError, Clock, Ledger, utc_now
 from replicator.config import Config, Priority, SourceConfig, TargetConfig
 from replicator.errors import FileChangedError, ReplicatorError, SourceError, TargetError
 from replicator.fanout import Admission, Uploader, UploadStats
 from replicator.hashing import HashSpec
+from replicator.log import get_logger
 from replicator.manifest import Manifest, PackedAt, SetInfo, format_time, now_utc
 from replicator.pipeline import ChunkPipeline, ChunkSink, EncodedChunk, FileRecord, Wanted
 from replicator.progress import NoProgress, ProgressSink
@@ -42,7 +41,7 @@ from replicator.sources import Source, SourceFile, open_source
 from replicator.state import StateStore
 from replicator.targets import Target, open_target
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 READ_ATTEMPTS = 3
 """How often a file that keeps changing is re-read before it is skipped for this pass."""

@@ -30,19 +30,18 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-import structlog
-
 from replicator import metrics
 from replicator.budget import PRIORITY, BudgetExceededError
 from replicator.config import ChunkingConfig, Priority
 from replicator.errors import ReplicatorError, TargetError
+from replicator.log import get_logger
 from replicator.manifest import PackedAt
 from replicator.pipeline import EncodedChunk, Lease
 from replicator.repository import Repository
 from replicator.state import StateStore
 from replicator.targets import RetryingTarget, unwrap
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Admission = Callable[[Priority, int], bool]
 """May a chunk of this priority and this many encoded bytes be sent now? (the budget)"""

@@ -5,6 +5,10 @@ queries can rely on them. Secrets never reach the output: every event and every 
 (botocore's DEBUG logging included) passes through :class:`Redactor`, which masks the
 configured secret values, AWS credentials in the environment, Authorization headers,
 presigned-URL signatures and credentials embedded in URLs.
+
+structlog itself is imported on the first event that passes the configured level: importing
+it costs ~60 ms of CPU (it imports rich's traceback and pretty-printer modules whenever rich
+is installed), and a one-shot command at its default level usually logs nothing.
 """
 
 from __future__ import annotations
@@ -14,9 +18,8 @@ import os
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
+from types import ModuleType
 from typing import Any
-
-import structlog
 
 _PATTERNS = [
     (re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)[^'\",}\n]+"), r"\1***"),
@@ -67,37 +70,114 @@ class Redactor:
 REDACTOR = Redactor()
 
 
-def configure(level: str = "info", *, json_output: bool | None = None, stream: Any = None) -> None:
-    """Set up structlog and the stdlib root logger (idempotent)."""
-    stream = stream or sys.stderr
-    if json_output is None:
-        json_output = not stream.isatty()
-    numeric = getattr(logging, level.upper())
-    shared: list[Any] = [
+_threshold = logging.NOTSET
+"""Events below this level are dropped before they reach structlog; set by :func:`configure`."""
+_unapplied_level: int | None = None
+"""The level :func:`configure` chose, until structlog has been configured with it."""
+
+
+def _structlog() -> ModuleType:
+    """structlog, imported on first use and set up as :func:`configure` asked."""
+    global _unapplied_level
+    import structlog
+
+    if _unapplied_level is not None:
+        structlog.configure(
+            processors=[
+                *_shared_processors(structlog),
+                structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            ],
+            logger_factory=structlog.stdlib.LoggerFactory(),
+            wrapper_class=structlog.make_filtering_bound_logger(_unapplied_level),
+            cache_logger_on_first_use=False,
+        )
+        _unapplied_level = None
+    return structlog
+
+
+def _shared_processors(structlog: ModuleType) -> list[Any]:
+    return [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
         REDACTOR,
     ]
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json_output
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
-    )
-    structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        cache_logger_on_first_use=False,
-    )
+
+
+class Logger:
+    """What :func:`get_logger` returns: structlog's call style (``log.info("event", key=value)``).
+
+    Events below the level given to :func:`configure` are dropped here, and the first one that
+    passes imports structlog (see the module docstring). Without :func:`configure` (library
+    use, tests) every event goes to structlog with its default configuration."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._logger: Any = None
+
+    def _log(self, level: int, method: str, event: str, kw: dict[str, Any]) -> None:
+        if level < _threshold:
+            return
+        if self._logger is None:
+            self._logger = _structlog().get_logger(self.name)
+        getattr(self._logger, method)(event, **kw)
+
+    def debug(self, event: str, **kw: Any) -> None:
+        self._log(logging.DEBUG, "debug", event, kw)
+
+    def info(self, event: str, **kw: Any) -> None:
+        self._log(logging.INFO, "info", event, kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self._log(logging.WARNING, "warning", event, kw)
+
+    def error(self, event: str, **kw: Any) -> None:
+        self._log(logging.ERROR, "error", event, kw)
+
+
+def get_logger(name: str) -> Logger:
+    return Logger(name)
+
+
+class _Formatter(logging.Formatter):
+    """The root handler's formatter: structlog's ProcessorFormatter, built on the first record."""
+
+    def __init__(self, json_output: bool, colors: bool) -> None:
+        super().__init__()
+        self.json_output = json_output
+        self.colors = colors
+        self._formatter: logging.Formatter | None = None
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self._formatter is None:
+            structlog = _structlog()
+            renderer: Any = (
+                structlog.processors.JSONRenderer()
+                if self.json_output
+                else structlog.dev.ConsoleRenderer(colors=self.colors)
+            )
+            self._formatter = structlog.stdlib.ProcessorFormatter(
+                processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, REDACTOR, renderer],
+                foreign_pre_chain=[
+                    structlog.stdlib.add_log_level,
+                    structlog.stdlib.ExtraAdder(),
+                    *_shared_processors(structlog)[2:],
+                ],
+            )
+        return self._formatter.format(record)
+
+
+def configure(level: str = "info", *, json_output: bool | None = None, stream: Any = None) -> None:
+    """Set up structlog and the stdlib root logger (idempotent)."""
+    global _threshold, _unapplied_level
+    stream = stream or sys.stderr
+    if json_output is None:
+        json_output = not stream.isatty()
+    numeric = getattr(logging, level.upper())
+    _threshold = _unapplied_level = numeric
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, REDACTOR, renderer],
-            foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.ExtraAdder(), *shared[2:]],
-        )
-    )
+    handler.setFormatter(_Formatter(json_output, colors=stream.isatty()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)

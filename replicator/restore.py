@@ -45,18 +45,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import structlog
-
 from replicator.codec import Buffer
 from replicator.errors import IntegrityError, NotFoundError, ReplicatorError, RepositoryError, TargetError
 from replicator.globs import PathFilter
 from replicator.hashing import HashSpec
+from replicator.log import get_logger
 from replicator.manifest import FileEntry, Manifest, check_relative_path
 from replicator.pipeline import ByteBudget
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, snapshot_time
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 FILES_IN_PARALLEL = 4
 CHUNKS_IN_FLIGHT_PER_FILE = 8

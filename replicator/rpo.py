@@ -19,15 +19,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import structlog
-
 from replicator import metrics
 from replicator.alerts import WebhookNotifier
 from replicator.config import Config
+from replicator.log import get_logger
 from replicator.state import StateStore
 from replicator.units import format_duration
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass

@@ -25,13 +25,12 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import structlog
-
 from replicator.errors import ConfigError, ReplicatorError
+from replicator.log import get_logger
 from replicator.manifest import PackedAt
 from replicator.pipeline import FileRecord
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SCHEMA_VERSION = 2
 _MIGRATIONS = {

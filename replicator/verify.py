@@ -18,15 +18,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import structlog
-
 from replicator.errors import IntegrityError, NotFoundError, RepositoryError, TargetError
+from replicator.log import get_logger
 from replicator.manifest import PackedAt
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, ref_key, snapshot_key, stored_key
 from replicator.state import StateStore
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 READ_PARALLELISM = 16
 

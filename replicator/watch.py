@@ -19,9 +19,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import structlog
+from replicator.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 ChangeCallback = Callable[[set[str] | None], None]
 """Called with relative paths that may have changed, or None for "rescan everything"."""

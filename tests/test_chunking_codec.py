@@ -10,7 +10,17 @@ import pytest
 import zstandard
 
 from replicator.chunking import iter_chunks
-from replicator.codec import GROUPED, MAX_CHUNK_SIZE, RAW, ZSTD, ChunkEncoder, decode
+from replicator.codec import (
+    GROUPED,
+    MAX_CHUNK_SIZE,
+    RAW,
+    ZSTD,
+    Buffer,
+    ChunkEncoder,
+    decode,
+    join_streams,
+    split_streams,
+)
 from replicator.config import ChunkingConfig
 from replicator.demo import bf16
 from replicator.errors import IntegrityError
@@ -72,6 +82,17 @@ def test_codec_roundtrip_and_choice(name: str, make: object, codec: int) -> None
     assert stored[0] == codec, name
     assert decode(stored) == data
     assert len(stored) <= len(data) + 1
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 4097, (16 << 10) - 1, 16 << 10, (64 << 10) + 3])
+@pytest.mark.parametrize("width", range(2, 9))
+def test_streams_are_strided_slices_on_both_paths(size: int, width: int) -> None:
+    """split/join slice bytes below codec._SMALL and use numpy above: the same streams."""
+    data = os.urandom(size)
+    streams: list[Buffer] = [data[i::width] for i in range(width)]
+    assert [bytes(s) for s in split_streams(data, width)] == streams
+    assert bytes(join_streams(streams, width)) == data
+    assert bytes(join_streams([memoryview(s) for s in streams], width)) == data
 
 
 def test_bf16_grouping_beats_plain_zstd() -> None:

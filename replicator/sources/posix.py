@@ -14,14 +14,13 @@ import os
 import stat
 from pathlib import Path
 
-import structlog
-
 from replicator.errors import FileChangedError, SourceError
 from replicator.globs import PathFilter
+from replicator.log import get_logger
 from replicator.manifest import check_relative_path
 from replicator.sources.base import Readable, SourceFile
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def signature_of(st: os.stat_result) -> str:

@@ -16,18 +16,18 @@ import asyncio
 from typing import Any
 
 import boto3
-import structlog
 from botocore.config import Config as BotoConfig
 
 from replicator.config import S3Access
 from replicator.errors import FileChangedError, SourceError
 from replicator.globs import PathFilter
+from replicator.log import get_logger
 from replicator.manifest import check_relative_path
 from replicator.s3 import S3Location, client_kwargs, config_kwargs
 from replicator.s3_errors import SDK_ERRORS, convert_error, http_status
 from replicator.sources.base import Readable, SourceFile
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class _ObjectStream:

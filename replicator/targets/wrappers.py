@@ -15,8 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import structlog
-
 from replicator import metrics
 from replicator.errors import (
     NotFoundError,
@@ -24,11 +22,12 @@ from replicator.errors import (
     TargetUnreachableError,
     TransientTargetError,
 )
+from replicator.log import get_logger
 from replicator.targets.base import ObjectInfo, Target
 
 T = TypeVar("T")
 W = TypeVar("W")
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class TargetWrapper:
