@@ -29,7 +29,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import ROOT, du, find_tool, peer_versions, same_tree, timed
+from bench.common import ROOT, du, find_tool, peer_versions, same_tree, timed, warm_cache
 from bench.data import small_files, training_steps
 from tests.servers import ACCESS_KEY, SECRET_KEY, RcloneServer, free_port
 
@@ -103,8 +103,12 @@ class Bench:
 
     # -- running ------------------------------------------------------------------------------
 
-    def run(self, scenario: str, dest: str, tool: str, cmd: list[str], size: Path, input_bytes: int) -> None:
+    def run(
+        self, scenario: str, dest: str, tool: str, cmd: list[str], size: Path, input_bytes: int, reads: Path
+    ) -> None:
+        """Time ``cmd``, which reads ``reads`` (warmed into the page cache first, for every tool)."""
         before = du(size) if size.exists() else 0
+        warm_cache(reads)
         secs, cpu, rss = timed(cmd, self.env)
         stored = du(size)
         self.results.append(
@@ -116,17 +120,18 @@ class Bench:
         """One backup by each tool of ``source`` into its ``name`` destination (created on first use)."""
         url, size = self.dest_cached(kind, name, "replicator")
         cfg = self.replicator_config(f"{name}-{kind}", source, url)
-        self.run(scenario, kind, "replicator", [*REPLICATOR, "sync", "-c", str(cfg), "-q"], size, input_bytes)
+        cmd = [*REPLICATOR, "sync", "-c", str(cfg), "-q"]
+        self.run(scenario, kind, "replicator", cmd, size, input_bytes, source)
 
         url, size = self.dest_cached(kind, name, "restic")
         if not (size / "repo" / "config").exists() and not (size / "config").exists():
             timed([self.restic, "init", "--repo", url], self.env)
         cmd = [self.restic, "backup", "--repo", url, "--quiet", str(source)]
-        self.run(scenario, kind, "restic", cmd, size, input_bytes)
+        self.run(scenario, kind, "restic", cmd, size, input_bytes, source)
 
         url, size = self.dest_cached(kind, name, "rclone")
         cmd = [self.rclone, "copy", "--config", "/dev/null", str(source), url]
-        self.run(scenario, kind, "rclone", cmd, size, input_bytes)
+        self.run(scenario, kind, "rclone", cmd, size, input_bytes, source)
 
     def dest_cached(self, kind: str, name: str, tool: str) -> tuple[str, Path]:
         key = (kind, name, tool)
@@ -178,24 +183,28 @@ def main() -> None:
 def restore_scenario(bench: Bench, source: Path) -> None:
     total = du(source)
     out = bench.work / "restore"
-    url, _ = bench.dest_cached("posix", "ckpt", "replicator")
-    restic_url, _ = bench.dest_cached("posix", "ckpt", "restic")
-    rclone_url, _ = bench.dest_cached("posix", "ckpt", "rclone")
+    url, repo = bench.dest_cached("posix", "ckpt", "replicator")
+    restic_url, restic_repo = bench.dest_cached("posix", "ckpt", "restic")
+    rclone_url, rclone_copy = bench.dest_cached("posix", "ckpt", "rclone")
     ours = [*REPLICATOR, "restore", "-q", "--repo", url, "-s", "src", str(out)]
     theirs = [bench.restic, "restore", "latest", "--repo", restic_url, "--quiet", "--target", str(out)]
     # replicator's restore is durable when it returns (one syncfs); restic's is not: compare
     # each with its like, `--no-sync` with restic and the default with restic followed by sync.
     runs = {
-        "replicator": (ours, out),
-        "replicator --no-sync": ([*ours, "--no-sync"], out),
-        "restic": (theirs, out / source.relative_to("/")),
-        "restic + sync": (["sh", "-c", '"$@" && sync', "sh", *theirs], out / source.relative_to("/")),
-        "rclone": ([bench.rclone, "copy", "--config", "/dev/null", rclone_url, str(out)], out),
+        "replicator": (ours, out, repo),
+        "replicator --no-sync": ([*ours, "--no-sync"], out, repo),
+        "restic": (theirs, out / source.relative_to("/"), restic_repo),
+        "restic + sync": (
+            ["sh", "-c", '"$@" && sync', "sh", *theirs],
+            out / source.relative_to("/"),
+            restic_repo,
+        ),
+        "rclone": ([bench.rclone, "copy", "--config", "/dev/null", rclone_url, str(out)], out, rclone_copy),
     }
-    for tool, (cmd, restored) in runs.items():
+    for tool, (cmd, restored, reads) in runs.items():
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        bench.run("restore", "posix", tool, cmd, out, total)
+        bench.run("restore", "posix", tool, cmd, out, total, reads)
         if not same_tree(source, restored):
             raise SystemExit(f"{tool} restored something other than the source")
     shutil.rmtree(out, ignore_errors=True)
@@ -211,10 +220,11 @@ def verify_scenario(bench: Bench, source: Path) -> None:
         [*REPLICATOR, "verify", "-q", "--repo", url, "--read-data"],
         size,
         total,
+        size,
     )
     url, size = bench.dest_cached("posix", "ckpt", "restic")
     cmd = [bench.restic, "check", "--repo", url, "--read-data", "--quiet"]
-    bench.run("verify", "posix", "restic", cmd, size, total)
+    bench.run("verify", "posix", "restic", cmd, size, total, size)
 
 
 def big_file_scenario(bench: Bench, root: Path, gib: float) -> None:
@@ -223,9 +233,8 @@ def big_file_scenario(bench: Bench, root: Path, gib: float) -> None:
     path = one_big_file(root, gib)
     url, size = bench.dest_cached("posix", "big", "replicator")
     cfg = bench.replicator_config("big", path.parent, url)
-    bench.run(
-        "big", "posix", "replicator", [*REPLICATOR, "sync", "-c", str(cfg), "-q"], size, du(path.parent)
-    )
+    cmd = [*REPLICATOR, "sync", "-c", str(cfg), "-q"]
+    bench.run("big", "posix", "replicator", cmd, size, du(path.parent), path.parent)
     shutil.rmtree(size, ignore_errors=True)
 
 
