@@ -16,6 +16,7 @@ import yaml
 from replicator.demo import bf16, write_safetensors
 from replicator.manifest import PackedAt, parse_manifest
 from replicator.repository import chunk_key, pack_key, stored_key
+from tests.servers import free_port
 
 
 def make_checkpoint(
@@ -112,7 +113,16 @@ def config_dict(
 ) -> dict[str, Any]:
     fast_retry = {"initial": "50ms", "max": "200ms", "give_up_after": "2s"}
     targets = [{"retry": fast_retry, **t} for t in targets]
-    return {"state_dir": str(tmp_path / "state"), "sources": sources, "targets": targets, **extra}
+    # A free port, not the default 9464: a daemon the tests start must not collide with any
+    # other `replicator run` on the machine (a benchmark, a deployed one).
+    listen = f"127.0.0.1:{free_port()}"
+    return {
+        "state_dir": str(tmp_path / "state"),
+        "listen": listen,
+        "sources": sources,
+        "targets": targets,
+        **extra,
+    }
 
 
 def local_setup(tmp_path: Path, *, checkpoint: bool = False) -> tuple[Path, Path, Path]:
