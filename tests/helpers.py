@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from replicator.demo import bf16, write_safetensors
-from replicator.manifest import PackedAt, parse_manifest
+from replicator.manifest import Manifest, PackedAt, parse_manifest
 from replicator.repository import chunk_key, pack_key, stored_key
 from tests.servers import free_port
 
@@ -61,6 +61,11 @@ class StoredChunk:
         return original
 
 
+def manifests(repo: Path) -> list[Manifest]:
+    """Every snapshot manifest of a repository directory, parsed."""
+    return [parse_manifest(m.read_bytes(), where=str(m)) for m in (repo / "snapshots").rglob("*.json.zst")]
+
+
 def stored_chunks(repo: Path) -> list[StoredChunk]:
     """Every chunk object of a repository directory, loose or packed (found through the
     manifests), largest first."""
@@ -70,8 +75,8 @@ def stored_chunks(repo: Path) -> list[StoredChunk]:
         if p.is_file()
     ]
     packed: dict[str, PackedAt] = {}
-    for m in (repo / "snapshots").rglob("*.json.zst"):
-        packed.update(parse_manifest(m.read_bytes(), where=str(m)).packed)
+    for m in manifests(repo):
+        packed.update(m.packed)
     for cid, at in packed.items():
         out.append(StoredChunk(cid, repo / pack_key(at[0]), at[1], at[2], stored_key(cid, at)))
     return sorted(out, key=lambda c: (-c.length, c.key))
@@ -89,8 +94,8 @@ def chunks_written_since(repo: Path, loose_before: set[str], since_ns: int) -> i
     packs, a few small chunks per crash; docs/FORMAT.md 4.1.)"""
     packed = {
         (cid, at)
-        for m in (repo / "snapshots").rglob("*.json.zst")
-        for cid, at in parse_manifest(m.read_bytes(), where=str(m)).packed.items()
+        for m in manifests(repo)
+        for cid, at in m.packed.items()
         if (repo / pack_key(at[0])).stat().st_mtime_ns >= since_ns
     }
     return len(loose_chunk_ids(repo) - loose_before) + len(packed)

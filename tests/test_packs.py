@@ -65,6 +65,15 @@ def restore(config: Config, dest: Path) -> None:
     asyncio.run(_with_repo(config, go))
 
 
+def replicate_small_files(tmp_path: Path, count: int) -> Config:
+    """``count`` small files at tmp_path/primary, synced to a POSIX target at tmp_path/target."""
+    small_tree(tmp_path / "primary", count)
+    (tmp_path / "target").mkdir()
+    config = make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
+    sync(config)
+    return config
+
+
 def packs_of(root: Path) -> list[Path]:
     return sorted(p for p in (root / "packs").rglob("*") if p.is_file())
 
@@ -83,10 +92,7 @@ def test_small_files_travel_in_one_pack_and_restore_from_it(tmp_path: Path, targ
 
 def test_packs_are_sealed_at_pack_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fanout, "PACK_SIZE", 4096)
-    small_tree(tmp_path / "primary", 300)
-    (tmp_path / "target").mkdir()
-    config = make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
-    sync(config)
+    config = replicate_small_files(tmp_path, 300)
     packs = packs_of(tmp_path / "target")
     assert len(packs) > 5
     assert all(p.stat().st_size < 4096 + 1024 for p in packs), "sealed once full, not later"
@@ -96,10 +102,7 @@ def test_packs_are_sealed_at_pack_size(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_a_lost_pack_is_named_then_sent_again(tmp_path: Path) -> None:
-    small_tree(tmp_path / "primary", 50)
-    (tmp_path / "target").mkdir()
-    config = make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
-    sync(config)
+    config = replicate_small_files(tmp_path, 50)
     (pack,) = packs_of(tmp_path / "target")
     pack.unlink()
     state = StateStore.open(config.state_dir)
@@ -114,10 +117,7 @@ def test_a_lost_pack_is_named_then_sent_again(tmp_path: Path) -> None:
 
 
 def test_a_truncated_pack_names_the_chunks_past_its_end(tmp_path: Path) -> None:
-    small_tree(tmp_path / "primary", 50)
-    (tmp_path / "target").mkdir()
-    config = make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
-    sync(config)
+    config = replicate_small_files(tmp_path, 50)
     (pack,) = packs_of(tmp_path / "target")
     size = pack.stat().st_size
     with open(pack, "r+b") as f:
@@ -128,10 +128,7 @@ def test_a_truncated_pack_names_the_chunks_past_its_end(tmp_path: Path) -> None:
 
 
 def test_pack_locations_are_relearned_when_the_state_is_lost(tmp_path: Path) -> None:
-    small_tree(tmp_path / "primary", 100)
-    (tmp_path / "target").mkdir()
-    config = make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
-    sync(config)
+    config = replicate_small_files(tmp_path, 100)
     shutil.rmtree(config.state_dir)  # e.g. an emptyDir after a pod restart
     small_tree(tmp_path / "primary", 1, start=100)
     assert sync(config).chunks_sent == 1, "the 100 packed chunks were found in the latest manifest"

@@ -55,6 +55,13 @@ class FakeSyncfs:
         return self.result
 
 
+def fake_syncfs(monkeypatch: pytest.MonkeyPatch, dest: Path | None = None, result: int = 0) -> FakeSyncfs:
+    """Put a :class:`FakeSyncfs` in the place of libc's syncfs."""
+    syncfs = FakeSyncfs(dest, result)
+    monkeypatch.setattr(restore, "_syncfs", syncfs)
+    return syncfs
+
+
 def counting(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[tuple[Any, ...]]:
     """Replace ``module.name`` by a wrapper that records each call's arguments and calls through."""
     calls: list[tuple[Any, ...]] = []
@@ -96,8 +103,7 @@ def test_default_restore_syncs_the_filesystem_once_after_the_last_file_and_fsync
 ) -> None:
     primary, target = replicated
     dest = tmp_path / "dest"
-    syncfs = FakeSyncfs(dest)
-    monkeypatch.setattr(restore, "_syncfs", syncfs)
+    syncfs = fake_syncfs(monkeypatch, dest)
     fsyncs = counting(monkeypatch, os, "fsync")
 
     res = restore_into(target, dest)
@@ -112,8 +118,7 @@ def test_sync_false_leaves_writeback_to_the_os(
 ) -> None:
     primary, target = replicated
     dest = tmp_path / "dest"
-    syncfs = FakeSyncfs(dest)
-    monkeypatch.setattr(restore, "_syncfs", syncfs)
+    syncfs = fake_syncfs(monkeypatch, dest)
     sync = counting(monkeypatch, os, "sync")
 
     assert restore_into(target, dest, sync=False).ok
@@ -149,8 +154,7 @@ def test_without_syncfs_or_across_a_mount_the_flush_is_sync(
 
     # A file created on another device than the root (a filesystem mounted below it) is out of
     # reach of syncfs on the root: sync(2) covers it.
-    syncfs = FakeSyncfs()
-    monkeypatch.setattr(restore, "_syncfs", syncfs)
+    syncfs = fake_syncfs(monkeypatch)
     assert restore_into(target, tmp_path / "b", other_device=True).ok
     assert len(sync) == 2 and syncfs.inodes == []
     assert tree_digest(tmp_path / "b") == tree_digest(primary)
@@ -160,7 +164,7 @@ def test_a_failed_flush_fails_the_restore(
     tmp_path: Path, replicated: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, target = replicated
-    monkeypatch.setattr(restore, "_syncfs", FakeSyncfs(result=-1))
+    fake_syncfs(monkeypatch, result=-1)
     with pytest.raises(ReplicatorError, match="may not be on disk: Input/output error"):
         restore_into(target, tmp_path / "dest")
 
@@ -233,8 +237,7 @@ def test_drill_flushes_a_kept_scratch_but_not_a_temporary_one(
     tmp_path: Path, replicated: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, target = replicated
-    syncfs = FakeSyncfs()
-    monkeypatch.setattr(restore, "_syncfs", syncfs)
+    syncfs = fake_syncfs(monkeypatch)
 
     def drill(scratch: Path | None) -> DrillReport:
         async def go() -> DrillReport:
