@@ -330,12 +330,14 @@ class Uploader:
             if event is not None:
                 await event.wait()
 
-    def locate(self, chunk_id: str) -> PackedAt | None:
-        """Where a stored chunk is inside a pack (None: a loose object)."""
-        return self.state.locate(self.repo.config.id, chunk_id)
+    def stored(self, chunk_ids: Iterable[str]) -> dict[str, PackedAt | None]:
+        """The stored ones of these chunks, and where: a pack location, or None (loose)."""
+        return self.state.stored(self.repo.config.id, chunk_ids)
 
     def missing(self, chunk_ids: Iterable[str]) -> list[str]:
-        return [c for c in dict.fromkeys(chunk_ids) if not self.has(c)]
+        ids = list(dict.fromkeys(chunk_ids))
+        stored = self.stored(ids)
+        return [c for c in ids if c not in stored]
 
     async def close(self) -> None:
         for task in self._workers:

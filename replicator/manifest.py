@@ -117,7 +117,8 @@ class Manifest(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _tree(self) -> Manifest:
+    def check_tree(self) -> Manifest:
+        """No duplicate paths, and no path that is both a file and a directory."""
         paths = [f.path for f in self.files]
         if len(set(paths)) != len(paths):
             raise ValueError("duplicate file paths")

@@ -161,8 +161,9 @@ async def _plan_source(
         plan.bytes_scanned += sum(f.size for f in selection.files)
         records: list[FileRecord] = []
         to_read = []
+        known = state.get_files(cfg.name, [(f.path, f.signature) for f in selection.files])
         for f in selection.files:
-            rec = state.get_file(cfg.name, f.path, f.signature)
+            rec = known.get(f.path)
             if rec is not None and all(
                 t.spec.key in rec.chunks and all(_has(t, state, c) for c, _ in rec.chunks[t.spec.key])
                 for t in targets

@@ -22,7 +22,7 @@ import os
 import sqlite3
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from replicator.errors import ConfigError, ReplicatorError
@@ -77,6 +77,10 @@ while the pipeline's threads are busy that hand-off, not SQLite, cost ~100-250 u
 single-row statement (measured on 10,000 small files)."""
 
 
+ChunkList = tuple[tuple[str, int], ...]
+"""A file's chunks as (chunk id, length) in file order."""
+
+
 def _pack(chunks: Iterable[tuple[str, int]]) -> bytes:
     return b"".join(bytes.fromhex(cid) + _SIZE.pack(size) for cid, size in chunks)
 
@@ -114,6 +118,8 @@ class StateStore:
         self._absent: dict[str, set[str]] = {}
         """Per repository, chunk ids the database was asked about in one batch (:meth:`prefetch`)
         and does not hold. Valid until the next write to the chunks table, which clears it."""
+        self._present: dict[str, set[str]] = {}
+        """Likewise, the ids it does hold; valid until chunks are forgotten."""
 
     @classmethod
     def open(cls, state_dir: Path, *, read_only: bool = False) -> StateStore:
@@ -251,25 +257,37 @@ class StateStore:
 
     # -- files --------------------------------------------------------------------------------
 
-    def get_file(self, source: str, path: str, signature: str) -> FileRecord | None:
-        """The cached record of a file if its signature still matches."""
-        pending = self._pending_files.get((source, path))
-        if pending is not None:
-            return pending if pending.signature == signature else None
-        row = self.db.execute(
-            "SELECT size, mtime_ns, mode FROM files WHERE source=? AND path=? AND signature=?",
-            (source, path, signature),
-        ).fetchone()
-        if row is None:
-            return None
-        digests: dict[str, str] = {}
-        chunks: dict[str, tuple[tuple[str, int], ...]] = {}
-        for key, digest, blob in self.db.execute(
-            "SELECT hash_key, digest, chunks FROM file_chunks WHERE source=? AND path=?", (source, path)
-        ):
-            digests[key] = digest
-            chunks[key] = _unpack(blob, _id_len(key))
-        return FileRecord(path, row[0], row[1], row[2], signature, digests, chunks)
+    def get_files(self, source: str, wanted: Sequence[tuple[str, str]]) -> dict[str, FileRecord]:
+        """path -> cached record, for those of these (path, signature) pairs whose signature
+        still matches. 500 paths per query: one query per file cost ~25 us each on 20,000 files,
+        mostly GIL hand-offs."""
+        out: dict[str, FileRecord] = {}
+        signatures = dict(wanted)
+        lookup: list[str] = []
+        for path, signature in wanted:
+            pending = self._pending_files.get((source, path))
+            if pending is None:
+                lookup.append(path)
+            elif pending.signature == signature:
+                out[path] = pending
+        for start in range(0, len(lookup), 500):
+            batch = lookup[start : start + 500]
+            rows = self.db.execute(
+                "SELECT f.path, f.signature, f.size, f.mtime_ns, f.mode, c.hash_key, c.digest, c.chunks "
+                "FROM files f JOIN file_chunks c ON c.source = f.source AND c.path = f.path "
+                f"WHERE f.source=? AND f.path IN ({','.join('?' * len(batch))})",
+                (source, *batch),
+            )
+            found: dict[str, tuple[tuple[int, int, int], dict[str, str], dict[str, ChunkList]]] = {}
+            for path, signature, size, mtime_ns, mode, key, digest, blob in rows:
+                if signature != signatures[path]:
+                    continue
+                meta, digests, chunks = found.setdefault(path, ((size, mtime_ns, mode), {}, {}))
+                digests[key] = digest
+                chunks[key] = _unpack(blob, _id_len(key))
+            for path, (meta, digests, chunks) in found.items():
+                out[path] = FileRecord(path, *meta, signatures[path], digests, chunks)
+        return out
 
     def put_file(self, source: str, record: FileRecord) -> None:
         self._pending_files[(source, record.path)] = record
@@ -298,6 +316,7 @@ class StateStore:
     def forget_repo(self, repo: str) -> None:
         self._flush()
         self._absent.clear()
+        self._present.clear()
         self.db.execute("DELETE FROM repos WHERE repo=?", (repo,))
         self.db.execute("DELETE FROM chunks WHERE repo=?", (repo,))
         self.db.execute("DELETE FROM published WHERE repo=?", (repo,))
@@ -305,6 +324,8 @@ class StateStore:
 
     def has_chunk(self, repo: str, chunk_id: str) -> bool:
         if chunk_id in self._pending_chunks.get(repo, ()):
+            return True
+        if chunk_id in self._present.get(repo, ()):
             return True
         if chunk_id in self._absent.get(repo, ()):
             return False
@@ -320,13 +341,25 @@ class StateStore:
         memory. Each sqlite3 call releases the GIL and, while the pipeline's threads are busy,
         waits to get it back: one call per chunk cost ~80 us per small file."""
         absent = self._absent.setdefault(repo, set())
-        if len(absent) > 100_000:
-            absent.clear()
-        for start in range(0, len(chunk_ids), 500):  # SQLite's limit on host parameters
+        present = self._present.setdefault(repo, set())
+        for known in (absent, present):
+            if len(known) > 100_000:
+                known.clear()
+        found = {cid for cid, _ in self._select_chunks(repo, chunk_ids)}
+        absent.update(c for c in chunk_ids if c not in found)
+        present.update(found)
+
+    def _select_chunks(self, repo: str, chunk_ids: Sequence[str]) -> Iterator[tuple[str, PackedAt | None]]:
+        """The stored ones of ``chunk_ids`` (as written, not pending), with where they are;
+        500 per query (SQLite's limit on host parameters)."""
+        for start in range(0, len(chunk_ids), 500):
             batch = chunk_ids[start : start + 500]
-            query = f"SELECT id FROM chunks WHERE repo=? AND id IN ({','.join('?' * len(batch))})"
-            found = {row[0].hex() for row in self.db.execute(query, (repo, *map(bytes.fromhex, batch)))}
-            absent.update(c for c in batch if c not in found)
+            query = (
+                "SELECT id, pack, offset, length FROM chunks "
+                f"WHERE repo=? AND id IN ({','.join('?' * len(batch))})"
+            )
+            for cid, pack, offset, length in self.db.execute(query, (repo, *map(bytes.fromhex, batch))):
+                yield cid.hex(), None if pack is None else (pack.hex(), offset, length)
 
     def add_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
         """Record loose chunk objects as stored."""
@@ -343,21 +376,16 @@ class StateStore:
             pending.setdefault(cid, at)
         self._buffered()
 
-    def locate(self, repo: str, chunk_id: str) -> PackedAt | None:
-        """Where a stored chunk is inside a pack; None for a loose chunk (or an unknown one)."""
-        pending = self._pending_chunks.get(repo)
-        if pending is not None and chunk_id in pending:
-            return pending[chunk_id]
-        row = self.db.execute(
-            "SELECT pack, offset, length FROM chunks WHERE repo=? AND id=?", (repo, bytes.fromhex(chunk_id))
-        ).fetchone()
-        if row is None or row[0] is None:
-            return None
-        return row[0].hex(), row[1], row[2]
+    def stored(self, repo: str, chunk_ids: Iterable[str]) -> dict[str, PackedAt | None]:
+        """Which of these chunks are stored, and where: a pack location, or None for a loose
+        object. 500 ids per query (one per chunk cost ~4 us each on 20,000 chunks)."""
+        self._flush()
+        return dict(self._select_chunks(repo, list(dict.fromkeys(chunk_ids))))
 
     def forget_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
         self._flush()
         self._absent.clear()
+        self._present.clear()
         self.db.executemany(
             "DELETE FROM chunks WHERE repo=? AND id=?", [(repo, bytes.fromhex(c)) for c in chunk_ids]
         )

@@ -36,6 +36,10 @@ class SourceFile:
 class Source(Protocol):
     name: str
     url: str
+    read_concurrency: int
+    """How many files (or batches of small files) to read at once. Reads from an object store
+    wait on the network and gain from overlap; local reads are CPU work that contends for the
+    GIL, where more than two at once only adds thread hand-offs."""
 
     async def scan(self) -> list[SourceFile]:
         """Every selected (include/exclude) regular file, sorted by path. Raises SourceError if

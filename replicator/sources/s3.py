@@ -54,6 +54,9 @@ class _ObjectStream:
 
 
 class S3Source:
+    read_concurrency = 4
+    """Each small object is a GET round trip: overlap a few."""
+
     def __init__(self, name: str, location: S3Location, access: S3Access, path_filter: PathFilter) -> None:
         self.name = name
         self.location = location
