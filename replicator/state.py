@@ -220,7 +220,18 @@ class StateStore:
                 "INSERT OR REPLACE INTO files VALUES",
                 [(s, r.path, r.signature, r.size, r.mtime_ns, r.mode) for (s, _), r in files],
             )
-            self._rows("DELETE FROM file_chunks WHERE (source, path) IN (VALUES", [k for k, _ in files], ")")
+            by_source: dict[str, list[str]] = {}
+            for source, path in (k for k, _ in files):
+                by_source.setdefault(source, []).append(path)
+            for source, paths in by_source.items():
+                # Not "(source, path) IN (VALUES ...)": SQLite scans the whole table for that
+                # (quadratic in the number of files; 20,000 files: ~0.3 s).
+                for start in range(0, len(paths), 500):
+                    batch = paths[start : start + 500]
+                    self.db.execute(
+                        f"DELETE FROM file_chunks WHERE source=? AND path IN ({','.join('?' * len(batch))})",
+                        (source, *batch),
+                    )
             self._rows(
                 "INSERT INTO file_chunks VALUES",
                 [(s, r.path, k, r.digests[k], _pack(v)) for (s, _), r in files for k, v in r.chunks.items()],
@@ -237,14 +248,14 @@ class StateStore:
             )
         self._dirty += len(files) + sum(map(len, chunks.values()))
 
-    def _rows(self, head: str, rows: Sequence[tuple[object, ...]], tail: str = "") -> None:
-        """``head (?,..),(?,..),.. tail`` with up to 200 rows per statement. executemany steps
+    def _rows(self, head: str, rows: Sequence[tuple[object, ...]]) -> None:
+        """``head (?,..),(?,..),..`` with up to 200 rows per statement. executemany steps
         once per row, and each step releases the GIL and waits to get it back while the
         pipeline's threads are busy: one statement per row cost ~50 us per small file."""
         for start in range(0, len(rows), 200):
             batch = rows[start : start + 200]
             values = ",".join([f"({','.join('?' * len(batch[0]))})"] * len(batch))
-            self.db.execute(f"{head} {values}{tail}", [v for row in batch for v in row])
+            self.db.execute(f"{head} {values}", [v for row in batch for v in row])
 
     def close(self) -> None:
         if self.read_only:
