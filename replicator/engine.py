@@ -311,8 +311,10 @@ class Replicator:
         assert self.pipeline is not None
         pipeline = self.pipeline
         records: list[FileRecord] = []
+        small = [f for f in files if pipeline.is_small(f)]
+        pipeline.expect_small_files(source, len(small))
         queue: list[SourceFile | list[SourceFile]] = [f for f in files if not pipeline.is_small(f)]
-        queue += _batches([f for f in files if pipeline.is_small(f)])
+        queue += _batches(small)
         queue.reverse()
 
         async def sink(chunk: EncodedChunk) -> None:

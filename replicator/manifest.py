@@ -117,6 +117,9 @@ class Manifest(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _tree(self) -> Manifest:
+        return self.check_tree()
+
     def check_tree(self) -> Manifest:
         """No duplicate paths, and no path that is both a file and a directory."""
         paths = [f.path for f in self.files]

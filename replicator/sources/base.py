@@ -40,6 +40,10 @@ class Source(Protocol):
     """How many files (or batches of small files) to read at once. Reads from an object store
     wait on the network and gain from overlap; local reads are CPU work that contends for the
     GIL, where more than two at once only adds thread hand-offs."""
+    read_in_helper: bool
+    """Whether :meth:`open` and :meth:`confirm` work in another process (plain file system
+    calls on a pickled copy of the source), so that many small files may be read and encoded
+    in a helper process (:mod:`replicator.reader_process`)."""
 
     async def scan(self) -> list[SourceFile]:
         """Every selected (include/exclude) regular file, sorted by path. Raises SourceError if

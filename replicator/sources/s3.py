@@ -56,6 +56,7 @@ class _ObjectStream:
 class S3Source:
     read_concurrency = 4
     """Each small object is a GET round trip: overlap a few."""
+    read_in_helper = False  # holds an SDK client; reads wait on the network, not the GIL
 
     def __init__(self, name: str, location: S3Location, access: S3Access, path_filter: PathFilter) -> None:
         self.name = name

@@ -1,0 +1,133 @@
+"""Small local files read and encoded in a helper process (replicator.reader_process)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from replicator import pipeline
+from replicator.config import ChunkingConfig, CompressionConfig
+from replicator.errors import FileChangedError, SourceError
+from replicator.globs import PathFilter
+from replicator.hashing import HashSpec
+from replicator.pipeline import ChunkCoder, SmallFile
+from replicator.reader_process import ReaderProcess
+from replicator.sources.base import Source, SourceFile
+from replicator.sources.posix import PosixSource
+from tests.helpers import tree_digest
+from tests.test_packs import make_config, restore, small_tree, sync
+
+
+class Calls:
+    """Counts the batches that went through the helper process."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.batches = 0
+        read = ReaderProcess.read_small_files
+
+        async def counted(
+            helper: ReaderProcess, coder: ChunkCoder, source: Source, files: Sequence[SourceFile]
+        ) -> list[SmallFile | SourceError]:
+            self.batches += 1
+            return await read(helper, coder, source, files)
+
+        monkeypatch.setattr(ReaderProcess, "read_small_files", counted)
+
+
+def test_small_files_read_in_the_helper_restore_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "HELPER_MIN_FILES", 1)
+    calls = Calls(monkeypatch)
+    primary = small_tree(tmp_path / "primary", 300)
+    (primary / "empty.txt").write_bytes(b"")
+    (primary / "cut.bin").write_bytes(os.urandom(3 << 20))  # small (<= max_size) but cut in pieces
+    (tmp_path / "target").mkdir()
+    config = make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
+    config = config.model_copy(
+        update={"chunking": ChunkingConfig(min_size=64 << 10, avg_size=256 << 10, max_size=4 << 20)}
+    )
+    sync(config)
+    assert calls.batches >= 300 // 64
+    restore(config, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(primary)
+
+
+def test_a_file_changed_or_deleted_before_the_helper_reads_it_is_never_recorded_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "HELPER_MIN_FILES", 1)
+    calls = Calls(monkeypatch)
+    primary = small_tree(tmp_path / "primary", 100)
+    changed, deleted = primary / "part-1" / "rec-00001.json", primary / "part-2" / "rec-00002.json"
+    expect = pipeline.ChunkPipeline.expect_small_files
+
+    def after_scan(self: pipeline.ChunkPipeline, source: Source, count: int) -> None:
+        changed.write_text("rewritten after the scan, before the read")
+        deleted.unlink()
+        expect(self, source, count)
+
+    monkeypatch.setattr(pipeline.ChunkPipeline, "expect_small_files", after_scan)
+    (tmp_path / "target").mkdir()
+    config = make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
+    sync(config)
+    assert calls.batches >= 1
+    restore(config, tmp_path / "restored")
+    restored = tmp_path / "restored"
+    assert (restored / "part-1" / "rec-00001.json").read_text() == "rewritten after the scan, before the read"
+    assert not (restored / "part-2" / "rec-00002.json").exists()
+    assert tree_digest(restored) == tree_digest(primary)
+
+
+def test_errors_cross_the_process_boundary_with_their_context(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    source = PosixSource("d", tmp_path, PathFilter())
+    (present,) = asyncio.run(source.scan())
+    gone = SourceFile("gone.txt", 1, present.mtime_ns, 0o644, "1:0:0:0")
+    coder = ChunkCoder(ChunkingConfig(), CompressionConfig(), [HashSpec("xxh3-128", 7)])
+
+    async def go() -> list[SmallFile | SourceError]:
+        helper = ReaderProcess()
+        try:
+            return await helper.read_small_files(coder, source, [present, gone])
+        finally:
+            helper.close()
+
+    ok, missing = asyncio.run(go())
+    assert ok == coder.read_whole(source, [present])[0]
+    assert isinstance(missing, FileChangedError)
+    assert (missing.operation, missing.key) == ("read", "gone.txt")
+
+
+def test_a_dead_helper_is_reported_and_reading_goes_on_in_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "HELPER_MIN_FILES", 1)
+    read = ReaderProcess.read_small_files
+    killed: list[int] = []
+
+    async def kill_first(
+        helper: ReaderProcess, coder: ChunkCoder, source: Source, files: Sequence[SourceFile]
+    ) -> list[SmallFile | SourceError]:
+        if not killed:  # the first batch starts the process; kill it before it answers
+            task = asyncio.ensure_future(read(helper, coder, source, files))
+            await asyncio.sleep(0)
+            for pid in list(helper._pool._processes or {}):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            return await task
+        return await read(helper, coder, source, files)
+
+    monkeypatch.setattr(ReaderProcess, "read_small_files", kill_first)
+    primary = small_tree(tmp_path / "primary", 200)
+    (tmp_path / "target").mkdir()
+    config = make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
+    sync(config)
+    assert killed
+    restore(config, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(primary)
