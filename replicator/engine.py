@@ -312,7 +312,7 @@ class Replicator:
         pipeline = self.pipeline
         records: list[FileRecord] = []
         small = [f for f in files if pipeline.is_small(f)]
-        pipeline.expect_small_files(source, len(small))
+        readers = pipeline.expect_small_files(source, len(small))
         queue: list[SourceFile | list[SourceFile]] = [f for f in files if not pipeline.is_small(f)]
         queue += _batches(small)
         queue.reverse()
@@ -358,7 +358,7 @@ class Replicator:
                     else:
                         self._unreadable(source, f, got, result)
 
-        await asyncio.gather(*(worker() for _ in range(source.read_concurrency)))
+        await asyncio.gather(*(worker() for _ in range(readers)))
         return records
 
     async def _read_one(

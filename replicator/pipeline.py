@@ -251,13 +251,18 @@ class ChunkPipeline:
         if spec not in self.specs:
             self.coder = ChunkCoder(self.chunking, self.coder.compression, (*self.specs, spec))
 
-    def expect_small_files(self, source: Source, count: int) -> None:
-        """About to read ``count`` small files from ``source``: start the helper process if it
-        pays off (see :mod:`replicator.reader_process`)."""
+    def expect_small_files(self, source: Source, count: int) -> int:
+        """About to read ``count`` small files from ``source``: start the helper processes if
+        they pay off (see :mod:`replicator.reader_process`). Returns how many files or batches
+        to read at once: two per helper process (one being read while the other's result is
+        recorded), else what the source asks for."""
         if self._helper is None and source.read_in_helper and count >= HELPER_MIN_FILES:
             from replicator.reader_process import ReaderProcess
 
             self._helper = ReaderProcess()
+        if self._helper is not None and source.read_in_helper:
+            return 2 * self._helper.processes
+        return source.read_concurrency
 
     def close(self) -> None:
         self._cpu.shutdown(wait=True, cancel_futures=True)

@@ -67,10 +67,10 @@ def test_a_file_changed_or_deleted_before_the_helper_reads_it_is_never_recorded_
     changed, deleted = primary / "part-1" / "rec-00001.json", primary / "part-2" / "rec-00002.json"
     expect = pipeline.ChunkPipeline.expect_small_files
 
-    def after_scan(self: pipeline.ChunkPipeline, source: Source, count: int) -> None:
+    def after_scan(self: pipeline.ChunkPipeline, source: Source, count: int) -> int:
         changed.write_text("rewritten after the scan, before the read")
         deleted.unlink()
-        expect(self, source, count)
+        return expect(self, source, count)
 
     monkeypatch.setattr(pipeline.ChunkPipeline, "expect_small_files", after_scan)
     (tmp_path / "target").mkdir()
