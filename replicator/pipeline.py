@@ -340,7 +340,7 @@ class ChunkPipeline:
                 return await helper.read_small_files(self.coder, source, files)
             except helper.Error as exc:
                 log.warning("reader_process.failed", error=str(exc))
-                helper.close()
+                helper.close(wait=False)
                 if self._helper is helper:
                     self._helper = None  # read in threads from now on
         return await asyncio.get_running_loop().run_in_executor(

@@ -56,8 +56,9 @@ class ReaderProcess:
         except BrokenProcessPool as exc:
             raise ReaderProcessError(f"reader process died ({exc})", operation="read") from None
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the helpers; ``wait=False`` after one died (joining a broken pool can hang)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 _coder: ChunkCoder | None = None
