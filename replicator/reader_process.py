@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -43,7 +44,9 @@ class ReaderProcess:
 
     def __init__(self) -> None:
         self.processes = PROCESSES
-        self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+        self._pool = ProcessPoolExecutor(
+            self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+        )
 
     async def read_small_files(
         self, coder: ChunkCoder, source: Source, files: Sequence[SourceFile]
@@ -59,6 +62,12 @@ class ReaderProcess:
     def close(self, *, wait: bool = True) -> None:
         """Stop the helpers; ``wait=False`` after one died (joining a broken pool can hang)."""
         self._pool.shutdown(wait=wait, cancel_futures=True)
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group: the parent handles it and stops the pool; a
+    # helper would only print a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 _coder: ChunkCoder | None = None
