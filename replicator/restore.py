@@ -59,6 +59,9 @@ log = get_logger(__name__)
 
 FILES_IN_PARALLEL = 4
 CHUNKS_IN_FLIGHT_PER_FILE = 8
+SMALL_FILE = 1 << 20
+SMALL_BATCH = 64
+"""Files of at most one chunk and SMALL_FILE bytes are restored SMALL_BATCH at a time."""
 
 
 class UnsafePathError(ReplicatorError):
@@ -163,6 +166,16 @@ class Destination(Protocol):
         ...
 
     async def create(self, entry: FileEntry) -> FileWriter: ...
+
+    async def current(self, entries: Sequence[FileEntry]) -> list[bool]:
+        """:meth:`is_current` for many small files at once."""
+        ...
+
+    async def write_whole(self, files: Sequence[tuple[FileEntry, Buffer]]) -> list[Exception | None]:
+        """Restore many small files, each as :meth:`create`, ``write`` and ``commit`` would
+        (their digests are already checked); per file None, or the OSError or ReplicatorError
+        that failed it (nothing of it is visible then)."""
+        ...
 
     async def flush(self) -> None:
         """Make every committed file durable across a power cut. :func:`restore_snapshot`
@@ -293,6 +306,30 @@ class LocalDestination:
         dir_fd, fd, tmp = await asyncio.to_thread(self._create_temp, entry.path)
         return _LocalFile(entry, dir_fd, fd, tmp, self.write_behind)
 
+    # Small files: one thread hop per batch, not four per file (20,000 small files spent most
+    # of their restore handing the GIL between threads).
+
+    async def current(self, entries: Sequence[FileEntry]) -> list[bool]:
+        return await asyncio.to_thread(lambda: [self._is_current(e) for e in entries])
+
+    async def write_whole(self, files: Sequence[tuple[FileEntry, Buffer]]) -> list[Exception | None]:
+        return await asyncio.to_thread(lambda: [self._write_whole(entry, data) for entry, data in files])
+
+    def _write_whole(self, entry: FileEntry, data: Buffer) -> Exception | None:
+        try:
+            dir_fd, fd, tmp = self._create_temp(entry.path)
+        except (OSError, ReplicatorError) as exc:
+            return exc
+        file = _LocalFile(entry, dir_fd, fd, tmp, self.write_behind)
+        try:
+            file.write_now(data)
+            file.commit_now()
+        except OSError as exc:
+            file.discard_now()
+            return exc
+        file.close()
+        return None
+
 
 class _LocalFile:
     """A file being restored under a temporary name.
@@ -309,19 +346,19 @@ class _LocalFile:
         self.written = 0
 
     async def write(self, data: Buffer) -> None:
-        await asyncio.to_thread(self._write, data)
+        await asyncio.to_thread(self.write_now, data)
 
-    def _write(self, data: Buffer) -> None:
+    def write_now(self, data: Buffer) -> None:
         view = memoryview(data)
         while view:  # os.write may write less than asked (a full disk, a signal)
             view = view[os.write(self.fd, view) :]
-        if self.start_writeback is not None:
+        if self.start_writeback is not None and len(data):
             # Only a hint (durability comes from the flush): its result is ignored, and a
             # writeback error shows in the final flush.
             self.start_writeback(self.fd, self.written, len(data), SYNC_FILE_RANGE_WRITE)
         self.written += len(data)
 
-    def _commit(self) -> None:
+    def commit_now(self) -> None:
         # Mode and mtime first, then the rename, which replaces (never follows) whatever is at
         # the final name. No fsync: the destination's flush makes every file durable at once.
         name = self.entry.path.rsplit("/", 1)[-1]
@@ -330,16 +367,19 @@ class _LocalFile:
         os.rename(self.tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
 
     async def commit(self) -> None:
-        await asyncio.to_thread(self._commit)
-        self._close()
+        await asyncio.to_thread(self.commit_now)
+        self.close()
 
     async def discard(self) -> None:
+        self.discard_now()
+
+    def discard_now(self) -> None:
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.unlink(self.tmp, dir_fd=self.dir_fd)
-            self._close()
+            self.close()
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             os.close(self.dir_fd)
@@ -422,22 +462,68 @@ async def restore_snapshot(
             if not committed:
                 await writer.discard()
 
-    queue: deque[FileEntry] = deque(files)
+    def fail(entry: FileEntry, exc: Exception) -> None:
+        if isinstance(exc, TargetError) and not isinstance(exc, NotFoundError):
+            raise exc  # unreachable or refused: every other file would fail the same way
+        message = str(exc) if isinstance(exc, ReplicatorError) else f"{getattr(exc, 'strerror', '') or exc}"
+        result.failures[entry.path] = message
+        log.error("restore.failed", path=entry.path, error=message)
+
+    async def restore_small(entries: list[FileEntry]) -> None:
+        """Files of at most one chunk, in one batch: one check of what is current, one fetch
+        (nearby packed chunks in one read), one write; each file still fails alone."""
+        total = sum(e.size for e in entries)
+        await budget.acquire(total)
+        try:
+            todo = []
+            for entry, current in zip(entries, await destination.current(entries), strict=True):
+                if current:
+                    result.skipped_existing += 1
+                    result.skipped_bytes += entry.size
+                    progress.advance(entry.size)
+                else:
+                    todo.append(entry)
+            got = await repo.get_chunks([(c, manifest.packed.get(c)) for e in todo for c, _ in e.chunks])
+            ready: list[tuple[FileEntry, Buffer]] = []
+            for entry in todo:
+                data = got[entry.chunks[0][0]] if entry.chunks else b""
+                if isinstance(data, Exception):
+                    fail(entry, data)
+                elif len(data) != entry.size:
+                    fail(entry, IntegrityError(f"chunk is {len(data)} bytes, manifest says {entry.size}"))
+                elif spec.digest(data).hex() != entry.digest:
+                    fail(
+                        entry,
+                        IntegrityError("restored bytes do not match the manifest digest", key=entry.path),
+                    )
+                else:
+                    ready.append((entry, data))
+            for (entry, _), error in zip(ready, await destination.write_whole(ready), strict=True):
+                if error is not None:
+                    fail(entry, error)
+                else:
+                    result.files += 1
+                    result.bytes += entry.size
+                progress.advance(entry.size)
+        finally:
+            budget.release(total)
+
+    queue: deque[FileEntry | list[FileEntry]] = deque()
+    small: list[FileEntry] = []
+    for f in files:
+        (small if len(f.chunks) <= 1 and f.size <= SMALL_FILE else queue).append(f)
+    queue.extend(small[i : i + SMALL_BATCH] for i in range(0, len(small), SMALL_BATCH))
 
     async def worker() -> None:
         while queue:
-            entry = queue.popleft()
+            work = queue.popleft()
+            if isinstance(work, list):
+                await restore_small(work)
+                continue
             try:
-                await restore_one(entry)
-            except TargetError as exc:
-                if not isinstance(exc, NotFoundError):
-                    raise  # unreachable or refused: every other file would fail the same way
-                result.failures[entry.path] = str(exc)
-                log.error("restore.failed", path=entry.path, error=str(exc))
+                await restore_one(work)
             except (ReplicatorError, OSError) as exc:
-                message = str(exc) if isinstance(exc, ReplicatorError) else f"{exc.strerror or exc}"
-                result.failures[entry.path] = message
-                log.error("restore.failed", path=entry.path, error=message)
+                fail(work, exc)
 
     try:
         async with asyncio.TaskGroup() as group:

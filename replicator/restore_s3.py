@@ -23,12 +23,12 @@ import base64
 import contextlib
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from replicator.codec import Buffer
 from replicator.config import S3Access
-from replicator.errors import NotFoundError, PermanentTargetError, TransientTargetError
+from replicator.errors import NotFoundError, PermanentTargetError, TargetError, TransientTargetError
 from replicator.manifest import FileEntry
 from replicator.restore import FileWriter
 from replicator.s3 import S3Location
@@ -119,6 +119,24 @@ class S3Destination:
 
     async def create(self, entry: FileEntry) -> FileWriter:
         return _S3Object(self, entry)
+
+    async def current(self, entries: Sequence[FileEntry]) -> list[bool]:
+        return list(await asyncio.gather(*(self.is_current(e) for e in entries)))
+
+    async def write_whole(self, files: Sequence[tuple[FileEntry, Buffer]]) -> list[Exception | None]:
+        async def one(entry: FileEntry, data: Buffer) -> Exception | None:
+            writer = _S3Object(self, entry)
+            try:
+                await writer.write(data)
+                await writer.commit()
+            except TargetError as exc:
+                await writer.discard()
+                if not isinstance(exc, NotFoundError):
+                    raise  # the bucket is unreachable or refuses us: stop, as for any file
+                return exc
+            return None
+
+        return list(await asyncio.gather(*(one(entry, data) for entry, data in files)))
 
     async def flush(self) -> None:
         """Nothing to do: S3 acknowledges a PUT or a completed multipart upload only once the

@@ -11,15 +11,17 @@ from typing import Any
 import pytest
 
 from replicator import fanout
+from replicator import restore as restore_module
 from replicator.config import Config
 from replicator.repository import Repository
 from replicator.restore import restore_snapshot
 from replicator.state import StateStore
 from replicator.sync import run_sync
 from replicator.targets import open_target
+from replicator.targets.posix import PosixTarget
 from replicator.verify import VerifyReport, verify_repository
 from tests.conftest import TargetSpec
-from tests.helpers import config_dict, tree_digest
+from tests.helpers import config_dict, stored_chunks, tree_digest
 
 
 def small_tree(root: Path, count: int, start: int = 0) -> Path:
@@ -136,3 +138,39 @@ def test_pack_locations_are_relearned_when_the_state_is_lost(tmp_path: Path) -> 
     assert verify(config).ok
     restore(config, tmp_path / "restored")
     assert tree_digest(tmp_path / "restored") == tree_digest(tmp_path / "primary")
+
+
+def test_small_files_restore_with_one_read_per_stretch_of_a_pack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = replicate_small_files(tmp_path, 300)
+    reads: list[str] = []
+    get = PosixTarget.get
+
+    async def counted(self: PosixTarget, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        reads.append(key)
+        return await get(self, key, offset=offset, length=length)
+
+    monkeypatch.setattr(PosixTarget, "get", counted)
+    restore(config, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(tmp_path / "primary")
+    pack_reads = [k for k in reads if k.startswith("packs/")]
+    assert 0 < len(pack_reads) <= -(-300 // restore_module.SMALL_BATCH), "one read per batch, not per file"
+
+
+def test_a_corrupt_packed_chunk_fails_only_its_file(tmp_path: Path) -> None:
+    config = replicate_small_files(tmp_path, 100)
+    victim = stored_chunks(tmp_path / "target")[0]
+    victim.flip(victim.length // 2)
+
+    async def go(repo: Repository) -> Any:
+        manifest = await repo.load_manifest("d", await repo.resolve("d"))
+        return await restore_snapshot(repo, manifest, tmp_path / "restored")
+
+    result = asyncio.run(_with_repo(config, go))
+    ((path, message),) = result.failures.items()
+    assert victim.key in message
+    restored, original = tree_digest(tmp_path / "restored"), tree_digest(tmp_path / "primary")
+    assert path not in restored and len(restored) == 99
+    assert all(original[p] == digest for p, digest in restored.items())
+    assert not list((tmp_path / "restored").rglob(".*restore-*")), "temporary files are cleaned up"
