@@ -34,7 +34,7 @@ from bench.data import small_files, training_steps
 from tests.servers import ACCESS_KEY, SECRET_KEY, RcloneServer, free_port
 
 REPLICATOR = [sys.executable, "-m", "replicator"]
-DURABLE_PEER = {("restore", "replicator"): "restic + sync"}
+DURABLE_PEER = {("restore", "replicator"): "restic + sync", ("small restore", "replicator"): "restic + sync"}
 """Rows compared with another peer than plain restic: like with like."""
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": ACCESS_KEY,
@@ -173,6 +173,7 @@ def main() -> None:
 
         files = small_files(work / "data" / "small", args.small_files)
         bench.backup_all("small", "posix", "small", files, du(files))
+        restore_scenario(bench, files, "small", "small restore")
         if args.big_gib:
             big_file_scenario(bench, work / "data" / "big", args.big_gib)
     finally:
@@ -180,12 +181,16 @@ def main() -> None:
     report(bench, args)
 
 
-def restore_scenario(bench: Bench, source: Path) -> None:
+def restore_scenario(bench: Bench, source: Path, name: str = "ckpt", scenario: str = "restore") -> None:
+    """Restore ``name``'s backups with each tool and check the trees. Each tool restores into a
+    fresh directory, deleted only after all ran: on ext4, creating files soon after deleting
+    thousands stalls in inode allocation (``recently_deleted``), which would slow whichever
+    tool ran after another's tree was deleted."""
     total = du(source)
     out = bench.work / "restore"
-    url, repo = bench.dest_cached("posix", "ckpt", "replicator")
-    restic_url, restic_repo = bench.dest_cached("posix", "ckpt", "restic")
-    rclone_url, rclone_copy = bench.dest_cached("posix", "ckpt", "rclone")
+    url, repo = bench.dest_cached("posix", name, "replicator")
+    restic_url, restic_repo = bench.dest_cached("posix", name, "restic")
+    rclone_url, rclone_copy = bench.dest_cached("posix", name, "rclone")
     ours = [*REPLICATOR, "restore", "-q", "--repo", url, "-s", "src", str(out)]
     theirs = [bench.restic, "restore", "latest", "--repo", restic_url, "--quiet", "--target", str(out)]
     # replicator's restore is durable when it returns (one syncfs); restic's is not: compare
@@ -201,13 +206,16 @@ def restore_scenario(bench: Bench, source: Path) -> None:
         ),
         "rclone": ([bench.rclone, "copy", "--config", "/dev/null", rclone_url, str(out)], out, rclone_copy),
     }
-    for tool, (cmd, restored, reads) in runs.items():
-        shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    for i, (tool, (cmd, restored, reads)) in enumerate(runs.items()):
+        moved = out.with_name(f"restore-{i}")  # the command names `out`: give it a fresh one
         out.mkdir(parents=True)
-        bench.run("restore", "posix", tool, cmd, out, total, reads)
+        bench.run(scenario, "posix", tool, cmd, out, total, reads)
         if not same_tree(source, restored):
             raise SystemExit(f"{tool} restored something other than the source")
-    shutil.rmtree(out, ignore_errors=True)
+        out.rename(moved)
+    for i in range(len(runs)):
+        shutil.rmtree(out.with_name(f"restore-{i}"), ignore_errors=True)
 
 
 def verify_scenario(bench: Bench, source: Path) -> None:
