@@ -20,6 +20,8 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -45,7 +47,7 @@ class ReaderProcess:
     def __init__(self) -> None:
         self.processes = PROCESSES
         self._pool = ProcessPoolExecutor(
-            self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+            self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_start_helper
         )
 
     async def read_small_files(
@@ -64,10 +66,24 @@ class ReaderProcess:
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
-def _ignore_sigint() -> None:
+def _start_helper() -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and stops the pool; a
     # helper would only print a KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent killed with SIGKILL (or by the OOM killer) cannot stop its helpers, and they
+    # would wait for work forever: every helper holds the task pipe's write end too, so none
+    # ever sees it close. Exit when the parent is gone.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+PARENT_CHECK_SECONDS = 1.0
 
 
 _coder: ChunkCoder | None = None

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -132,3 +135,37 @@ def test_a_dead_helper_is_reported_and_reading_goes_on_in_threads(
     assert killed
     restore(config, tmp_path / "restored")
     assert tree_digest(tmp_path / "restored") == tree_digest(primary)
+
+
+ORPHAN_SCRIPT = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from replicator.config import ChunkingConfig, CompressionConfig
+from replicator.globs import PathFilter
+from replicator.pipeline import ChunkCoder
+from replicator.reader_process import ReaderProcess
+from replicator.sources.posix import PosixSource
+
+async def main():
+    source = PosixSource("d", Path(sys.argv[1]), PathFilter())
+    helper = ReaderProcess()
+    coder = ChunkCoder(ChunkingConfig(), CompressionConfig(), [])
+    await helper.read_small_files(coder, source, await source.scan())
+    print(" ".join(map(str, helper._pool._processes)), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no chance to stop the pool
+
+asyncio.run(main())
+"""
+
+
+def test_helpers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    proc = subprocess.run(
+        [sys.executable, "-c", ORPHAN_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )  # returns once every holder of its stdout, the helpers too, has exited
+    pids = [int(p) for p in proc.stdout.split()]
+    assert proc.returncode == -signal.SIGKILL and pids, proc.stderr
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids), "helpers outlived their parent"
