@@ -2,10 +2,10 @@
 
 For each file, one I/O thread reads and cuts it (FastCDC, GIL released) and feeds the
 whole-file digests in order; a pool of CPU threads hashes each chunk for every hash spec
-the targets need (ids differ per repository seed), encodes it (codec probe + zstd, GIL
-released) and, unless disabled, decodes it again and checks the hash (restic#4523: a
-compressor can corrupt data). Encoded chunks are handed, in file order, to a *sink* (the
-fan-out to targets).
+the targets need (ids differ per repository seed) and encodes it (codec probe + zstd, GIL
+released); unless disabled, the encoder checks that every zstd frame it stores decompresses
+to exactly the bytes it compressed (restic#4523: a compressor can corrupt data). Encoded
+chunks are handed, in file order, to a *sink* (the fan-out to targets).
 
 Memory is bounded by :class:`ByteBudget`: a chunk's bytes are reserved before it is encoded
 and released only when every target it was offered to has uploaded or dropped it.
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from replicator.chunking import iter_chunks
-from replicator.codec import Buffer, ChunkEncoder, decode
+from replicator.codec import Buffer, ChunkEncoder
 from replicator.config import ChunkingConfig, CompressionConfig
-from replicator.errors import IntegrityError, SourceError
+from replicator.errors import SourceError
 from replicator.hashing import Hasher, HashSpec
 from replicator.log import get_logger
 from replicator.manifest import FileEntry
@@ -44,9 +44,6 @@ LARGE_FILE_READERS = 2
 with one reader that thread was the critical path whenever little needs encoding (a new
 checkpoint step that changed a tenth of its layers: two readers measured ~15 % faster).
 Each reader holds two blocks (4 x max_size) in memory, set aside from the budget."""
-
-_VERIFY_SPEC = HashSpec("xxh3-128")
-"""Used for the encode self-check only when no target asked for ids yet."""
 
 
 class ByteBudget:
@@ -159,7 +156,7 @@ class ChunkCoder:
         self, chunking: ChunkingConfig, compression: CompressionConfig, specs: Sequence[HashSpec]
     ) -> None:
         self.chunking, self.compression, self.specs = chunking, compression, tuple(specs)
-        self.encoder = ChunkEncoder(compression.level, compression.float_grouping)
+        self.encoder = ChunkEncoder(compression.level, compression.float_grouping, compression.verify)
 
     def __getstate__(self) -> tuple[ChunkingConfig, CompressionConfig, tuple[HashSpec, ...]]:
         return self.chunking, self.compression, self.specs
@@ -177,13 +174,7 @@ class ChunkCoder:
 
     def encode(self, data: Buffer, ids: dict[str, str] | None = None) -> tuple[dict[str, str], bytes]:
         ids = ids if ids is not None else self.ids(data)
-        stored = self.encoder.encode(data)
-        if self.compression.verify:
-            first = self.specs[0] if self.specs else _VERIFY_SPEC
-            expected = ids[first.key] if self.specs else first.digest(data).hex()
-            if first.digest(decode(stored)).hex() != expected:
-                raise IntegrityError("encoded chunk does not decode to its input", operation="encode")
-        return ids, stored
+        return ids, self.encoder.encode(data)
 
     def read_whole(self, source: Source, files: Sequence[SourceFile]) -> list[SmallFile | SourceError]:
         """Read each file whole, then encode its chunks; per file the result, or why it was not

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -21,9 +23,10 @@ from replicator.codec import (
     join_streams,
     split_streams,
 )
-from replicator.config import ChunkingConfig
+from replicator.config import ChunkingConfig, CompressionConfig
 from replicator.demo import bf16
 from replicator.errors import IntegrityError
+from replicator.hashing import HashSpec
 
 SMALL = ChunkingConfig(min_size=4096, avg_size=16384, max_size=65536)
 
@@ -65,6 +68,10 @@ def test_chunking_is_deterministic_across_read_sizes() -> None:
     ]
 
 
+def fp32(count: int) -> bytes:
+    return np.random.default_rng(count).normal(0, 0.02, count).astype(np.float32).tobytes()
+
+
 @pytest.mark.parametrize(
     ("name", "make", "codec"),
     [
@@ -74,12 +81,16 @@ def test_chunking_is_deterministic_across_read_sizes() -> None:
         ("zeros", lambda: bytes(1 << 20), ZSTD),
         ("tiny", lambda: b"abc", RAW),
         ("odd-length bf16", lambda: bf16(np.random.default_rng(2), (300001,)).tobytes()[1:], GROUPED),
+        ("fp32", lambda: fp32(1 << 18), GROUPED),
+        ("fp32 with a 3-byte tail", lambda: fp32(1 << 18)[:-1], GROUPED),
+        ("small fp32 with a tail", lambda: fp32(5000)[:-2], GROUPED),
     ],
 )
 def test_codec_roundtrip_and_choice(name: str, make: object, codec: int) -> None:
     data = make()  # type: ignore[operator]
     stored = ChunkEncoder(level=3).encode(data)
     assert stored[0] == codec, name
+    # The self-check covers only the zstd frames: round trips like these cover the rest.
     assert decode(stored) == data
     assert len(stored) <= len(data) + 1
 
@@ -132,6 +143,78 @@ def test_decode_bounds_decompression_bombs() -> None:
     with_size = zstandard.ZstdCompressor().compress(bytes(MAX_CHUNK_SIZE + 1))
     with pytest.raises(IntegrityError, match="declares"):
         decode(bytes([ZSTD]) + with_size)
+
+
+class Corrupting:
+    """A compressor with a bug: valid zstd frames of bytes that differ from its input."""
+
+    def __init__(self, mutate: Callable[[bytes], bytes]) -> None:
+        self.real = zstandard.ZstdCompressor(level=1)
+        self.mutate = mutate
+
+    def compress(self, data: Buffer) -> bytes:
+        return self.real.compress(self.mutate(bytes(data)))
+
+
+def flip_last(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+def text_chunk() -> bytes:
+    return b"".join(b"line %d of a log file\n" % i for i in range(100000))
+
+
+def bf16_chunk() -> bytes:
+    return bf16(np.random.default_rng(6), (1 << 20,)).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("make", "codec"),
+    [(text_chunk, ZSTD), (lambda: text_chunk()[:50_000], ZSTD), (bf16_chunk, GROUPED)],
+)
+@pytest.mark.parametrize(
+    "mutate",
+    [flip_last, lambda b: b[:-1], lambda b: b + b"x"],
+    ids=["flipped-byte", "shorter", "longer"],
+)
+def test_self_check_catches_a_compressor_bug(
+    make: Callable[[], bytes], codec: int, mutate: Callable[[bytes], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """restic#4523: an object that would not decode to its input is never returned."""
+    data = make()
+    assert ChunkEncoder().encode(data)[0] == codec  # the path under test
+    # Both compressors (whole chunks, grouped streams) have the bug, probes included.
+    bug = (Corrupting(mutate), Corrupting(mutate))
+    monkeypatch.setattr(ChunkEncoder, "_compressors", lambda self: bug)
+    with pytest.raises(IntegrityError, match="does not decode to its input"):
+        ChunkEncoder().encode(data)
+    # Without the check the bad object goes through: proof that the check is what caught it.
+    stored = ChunkEncoder(verify=False).encode(data)
+    assert stored[0] == codec
+    with contextlib.suppress(IntegrityError):  # a stream of the wrong length: caught too late
+        assert bytes(decode(stored)) != data
+
+
+def test_self_check_rejects_a_frame_that_does_not_decompress(monkeypatch: pytest.MonkeyPatch) -> None:
+    bug = Corrupting(lambda b: b)
+    bug.compress = lambda data: b"\x28\xb5\x2f\xfd" + bytes(len(data) // 10)  # type: ignore[method-assign]
+    monkeypatch.setattr(ChunkEncoder, "_compressors", lambda self: (bug, bug))
+    with pytest.raises(IntegrityError, match="does not decode to its input"):
+        ChunkEncoder().encode(text_chunk())
+
+
+def test_pipeline_coder_honours_verify_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from replicator.pipeline import ChunkCoder
+
+    bug = (Corrupting(flip_last), Corrupting(flip_last))
+    monkeypatch.setattr(ChunkEncoder, "_compressors", lambda self: bug)
+    for verify in (True, False):
+        coder = ChunkCoder(SMALL, CompressionConfig(verify=verify), [HashSpec("xxh3-128")])
+        if verify:
+            with pytest.raises(IntegrityError, match="does not decode to its input"):
+                coder.encode(bf16_chunk())
+        else:
+            assert coder.encode(bf16_chunk())[1][0] == GROUPED
 
 
 def test_encoder_refuses_oversized_chunks() -> None:
