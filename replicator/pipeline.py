@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from replicator.chunking import iter_chunks
+from replicator.chunking import BlockPool, iter_chunks
 from replicator.codec import Buffer, ChunkEncoder
 from replicator.config import ChunkingConfig, CompressionConfig
 from replicator.errors import SourceError
@@ -231,6 +231,9 @@ class ChunkPipeline:
         reserved = LARGE_FILE_READERS * 2 * (2 * chunking.max_size)
         self.budget = ByteBudget(max(memory_budget - reserved, 4 * chunking.max_size))
         self._large_file = asyncio.Semaphore(LARGE_FILE_READERS)
+        # As many free blocks as the readers hold at once: reusing them saves the kernel
+        # zeroing fresh pages, and they are within the memory set aside above.
+        self._blocks = BlockPool(2 * chunking.max_size, keep=LARGE_FILE_READERS * 2)
         self._helper: ReaderProcess | None = None
 
     @property
@@ -278,7 +281,11 @@ class ChunkPipeline:
                 raise result
             return result
         async with self._large_file:
-            return await self._read_file(source, file, sink, wanted)
+            self._blocks.enter()
+            try:
+                return await self._read_file(source, file, sink, wanted)
+            finally:
+                self._blocks.leave()
 
     def is_small(self, file: SourceFile) -> bool:
         """Read whole in one piece (see :meth:`read_small_files`) rather than streamed."""
@@ -368,7 +375,7 @@ class ChunkPipeline:
         handle: Readable = await loop.run_in_executor(self._io, source.open, file)
         hashers: dict[str, Hasher] = {s.key: s.hasher() for s in self.specs}
         lists: dict[str, list[tuple[str, int]]] = {s.key: [] for s in self.specs}
-        chunks = iter_chunks(handle, self.chunking, file.size)
+        chunks = iter_chunks(handle, self.chunking, file.size, self._blocks)
 
         def next_chunk() -> memoryview | None:
             data = next(chunks, None)

@@ -6,12 +6,13 @@ import contextlib
 import io
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import zstandard
 
-from replicator.chunking import iter_chunks
+from replicator.chunking import BlockPool, iter_chunks
 from replicator.codec import (
     GROUPED,
     MAX_CHUNK_SIZE,
@@ -254,3 +255,59 @@ def test_size_hint_never_changes_the_chunks(size: int, hint: int) -> None:
     expected = [bytes(c) for c in iter_chunks(io.BytesIO(data), SMALL)]
     assert [bytes(c) for c in iter_chunks(io.BytesIO(data), SMALL, size_hint=hint)] == expected
     assert b"".join(expected) == data
+
+
+def address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
+def test_block_pool_reuses_a_block_only_when_no_chunk_of_it_is_alive() -> None:
+    pool = BlockPool(1 << 20, keep=2)
+    pool.enter()
+    block = pool.take()
+    first = address(block)
+    chunk = block[10:20].toreadonly()
+    del block
+    assert address(pool.take()) != first  # the chunk still refers to the first block
+    as_array = np.frombuffer(chunk, dtype=np.uint8)[2:]  # numpy views keep it alive too
+    del chunk
+    assert address(pool.take()) != first
+    del as_array
+    assert address(pool.take()) == first
+
+
+def test_block_pool_keeps_few_blocks_and_none_when_idle() -> None:
+    pool = BlockPool(1 << 20, keep=1)
+    pool.enter()
+    blocks = [pool.take() for _ in range(3)]
+    addresses = {address(b) for b in blocks}
+    del blocks
+    assert pool.kept == 1
+    assert address(pool.take()) in addresses
+    kept = pool.take()
+    pool.leave()
+    del kept
+    assert pool.kept == 0  # no reader left: nothing is held
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_pooled_blocks_never_change_chunks_handed_out(seekable: bool) -> None:
+    """Chunks are released in other threads, out of order, while the reader reuses blocks:
+    every chunk must still hold its bytes when it is used."""
+    data = np.random.default_rng(7).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    expected = [bytes(c) for c in iter_chunks(io.BytesIO(data), SMALL)]
+
+    class Stream(io.BytesIO):
+        def seekable(self) -> bool:
+            return seekable
+
+    pool = BlockPool(2 * SMALL.max_size, keep=2)
+    pool.enter()
+    with ThreadPoolExecutor(4) as workers:
+        for _ in range(3):  # the later rounds start with blocks in the pool
+            chunks = iter_chunks(Stream(data), SMALL, len(data), pool)
+            got = list(workers.map(bytes, chunks))
+            assert got == expected
+            kept = list(iter_chunks(Stream(data), SMALL, len(data), pool))  # all alive at once
+            assert [bytes(c) for c in kept] == expected
+    assert pool.kept <= 2
