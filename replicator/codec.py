@@ -102,7 +102,7 @@ class ChunkEncoder:
             raise ValueError(f"chunk of {n} bytes exceeds the format's {MAX_CHUNK_SIZE}")
         if n < 256:
             return bytes([RAW]) + data
-        width, out = self._choose(data)
+        width, out, squeeze = self._choose(data)
         if width == 0:
             return bytes([RAW]) + data
         if width == 1:
@@ -110,12 +110,13 @@ class ChunkEncoder:
             if len(out) < n * _MIN_GAIN:
                 return bytes([ZSTD]) + self._checked(out, data)
             return bytes([RAW]) + data
-        return self._grouped(data, width) or bytes([RAW]) + data
+        return self._grouped(data, width, squeeze) or bytes([RAW]) + data
 
-    def _choose(self, data: Buffer) -> tuple[int, bytes]:
+    def _choose(self, data: Buffer) -> tuple[int, bytes, list[bool]]:
         """0 = raw, 1 = plain zstd, w >= 2 = grouped by width w; decided on samples. Also
         returns the plain zstd frame of the whole chunk when the sample was the whole chunk
-        (small chunks: saves compressing them twice), else b""."""
+        (small chunks: saves compressing them twice), else b""; and for grouping, which
+        streams shrank in the sample (the others are stored raw without trying)."""
         n = len(data)
         whole = n <= 3 * _SAMPLE
         if whole:
@@ -135,24 +136,31 @@ class ChunkEncoder:
         if size < len(sample) // 2:
             # Highly compressible (text, zeros, repeated records): plain zstd's long matches win,
             # and float tensors never get here (their plain ratio is ~1.1-1.3x).
-            return best_width, frame
+            return best_width, frame, []
         # Chunks below _SMALL are small files (JSON, configs, tokenizer files); a tensor that
         # small gains a few hundred bytes at most from grouping, and probing cost ~20 % of the
         # CPU of syncing 20,000 small files.
+        squeeze: list[bool] = []
         for w in self.widths if n >= _SMALL else ():
-            size = sum(len(entropy.compress(s)) for s in split_streams(sample, w))
-            if size < best * _MIN_GAIN:  # grouping must clearly beat plain zstd
-                best_width, best = w, size
-        return best_width, frame
+            streams = split_streams(sample, w)
+            sizes = [len(entropy.compress(s)) for s in streams]
+            if sum(sizes) < best * _MIN_GAIN:  # grouping must clearly beat plain zstd
+                best_width, best = w, sum(sizes)
+                squeeze = [z < len(s) for z, s in zip(sizes, streams, strict=True)]
+        return best_width, frame, squeeze
 
-    def _grouped(self, data: Buffer, width: int) -> bytes:
-        """The grouped form of ``data``, or b"" if it would not save enough to be kept."""
+    def _grouped(self, data: Buffer, width: int, squeeze: list[bool]) -> bytes:
+        """The grouped form of ``data``, or b"" if it would not save enough to be kept.
+
+        Streams that did not shrink in the sample are stored raw without compressing them:
+        for near-random bytes (bf16 mantissas) zstd spends a histogram and a copy for nothing.
+        On the benchmark's 1 GiB no stream that failed in its sample shrank as a whole."""
         entropy = self._compressors()[1]
         parts: list[Buffer] = [bytes([GROUPED, width])]
         frames: list[tuple[bytes, Buffer]] = []
-        for stream in split_streams(data, width):
-            packed = entropy.compress(stream)
-            if len(packed) < len(stream):
+        for stream, worth_trying in zip(split_streams(data, width), squeeze, strict=True):
+            packed = entropy.compress(stream) if worth_trying else b""
+            if worth_trying and len(packed) < len(stream):
                 parts += [_STREAM_HEADER.pack(ZSTD, len(packed)), packed]
                 frames.append((packed, stream))
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -216,6 +217,29 @@ def test_pipeline_coder_honours_verify_setting(monkeypatch: pytest.MonkeyPatch) 
                 coder.encode(bf16_chunk())
         else:
             assert coder.encode(bf16_chunk())[1][0] == GROUPED
+
+
+def test_streams_that_do_not_shrink_in_the_sample_are_not_compressed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 mantissa bytes are near-random: only the sign/exponent stream is worth compressing."""
+    data = bf16_chunk()
+    compressed: list[int] = []
+
+    class Recording:
+        real = zstandard.ZstdCompressor(level=1)
+
+        def compress(self, chunk: Buffer) -> bytes:
+            compressed.append(len(chunk))
+            return self.real.compress(chunk)
+
+    pair = (Recording(), Recording())
+    monkeypatch.setattr(ChunkEncoder, "_compressors", lambda self: pair)
+    stored = ChunkEncoder().encode(data)
+    assert stored[:2] == bytes([GROUPED, 2])
+    assert compressed.count(len(data) // 2) == 1  # one stream of the whole chunk, not both
+    low = struct.unpack_from("<BI", stored, 2)
+    assert low == (RAW, len(data) // 2)
+    assert struct.unpack_from("<B", stored, 2 + 5 + low[1]) == (ZSTD,)
+    assert decode(stored) == data
 
 
 def test_encoder_refuses_oversized_chunks() -> None:
