@@ -88,7 +88,8 @@ class CompressionConfig(_Model):
     float_grouping: bool = True
     """Try byte-grouped encodings (element width 2 and 4) that suit bf16/fp16/fp32 tensors."""
     verify: bool = True
-    """Decompress and re-hash every encoded chunk before it is uploaded (restic#4523)."""
+    """Decompress every zstd frame of an encoded chunk and compare it with the bytes it was
+    made from before the chunk is uploaded (restic#4523)."""
 
 
 class CompleteWhen(_Model):

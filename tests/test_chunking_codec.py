@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import struct
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import zstandard
 
-from replicator.chunking import iter_chunks
+from replicator.chunking import BlockPool, iter_chunks
 from replicator.codec import (
     GROUPED,
     MAX_CHUNK_SIZE,
@@ -21,9 +25,10 @@ from replicator.codec import (
     join_streams,
     split_streams,
 )
-from replicator.config import ChunkingConfig
+from replicator.config import ChunkingConfig, CompressionConfig
 from replicator.demo import bf16
 from replicator.errors import IntegrityError
+from replicator.hashing import HashSpec
 
 SMALL = ChunkingConfig(min_size=4096, avg_size=16384, max_size=65536)
 
@@ -65,6 +70,10 @@ def test_chunking_is_deterministic_across_read_sizes() -> None:
     ]
 
 
+def fp32(count: int) -> bytes:
+    return np.random.default_rng(count).normal(0, 0.02, count).astype(np.float32).tobytes()
+
+
 @pytest.mark.parametrize(
     ("name", "make", "codec"),
     [
@@ -74,12 +83,16 @@ def test_chunking_is_deterministic_across_read_sizes() -> None:
         ("zeros", lambda: bytes(1 << 20), ZSTD),
         ("tiny", lambda: b"abc", RAW),
         ("odd-length bf16", lambda: bf16(np.random.default_rng(2), (300001,)).tobytes()[1:], GROUPED),
+        ("fp32", lambda: fp32(1 << 18), GROUPED),
+        ("fp32 with a 3-byte tail", lambda: fp32(1 << 18)[:-1], GROUPED),
+        ("small fp32 with a tail", lambda: fp32(5000)[:-2], GROUPED),
     ],
 )
 def test_codec_roundtrip_and_choice(name: str, make: object, codec: int) -> None:
     data = make()  # type: ignore[operator]
     stored = ChunkEncoder(level=3).encode(data)
     assert stored[0] == codec, name
+    # The self-check covers only the zstd frames: round trips like these cover the rest.
     assert decode(stored) == data
     assert len(stored) <= len(data) + 1
 
@@ -134,6 +147,101 @@ def test_decode_bounds_decompression_bombs() -> None:
         decode(bytes([ZSTD]) + with_size)
 
 
+class Corrupting:
+    """A compressor with a bug: valid zstd frames of bytes that differ from its input."""
+
+    def __init__(self, mutate: Callable[[bytes], bytes]) -> None:
+        self.real = zstandard.ZstdCompressor(level=1)
+        self.mutate = mutate
+
+    def compress(self, data: Buffer) -> bytes:
+        return self.real.compress(self.mutate(bytes(data)))
+
+
+def flip_last(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+def text_chunk() -> bytes:
+    return b"".join(b"line %d of a log file\n" % i for i in range(100000))
+
+
+def bf16_chunk() -> bytes:
+    return bf16(np.random.default_rng(6), (1 << 20,)).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("make", "codec"),
+    [(text_chunk, ZSTD), (lambda: text_chunk()[:50_000], ZSTD), (bf16_chunk, GROUPED)],
+)
+@pytest.mark.parametrize(
+    "mutate",
+    [flip_last, lambda b: b[:-1], lambda b: b + b"x"],
+    ids=["flipped-byte", "shorter", "longer"],
+)
+def test_self_check_catches_a_compressor_bug(
+    make: Callable[[], bytes], codec: int, mutate: Callable[[bytes], bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """restic#4523: an object that would not decode to its input is never returned."""
+    data = make()
+    assert ChunkEncoder().encode(data)[0] == codec  # the path under test
+    # Both compressors (whole chunks, grouped streams) have the bug, probes included.
+    bug = (Corrupting(mutate), Corrupting(mutate))
+    monkeypatch.setattr(ChunkEncoder, "_compressors", lambda self: bug)
+    with pytest.raises(IntegrityError, match="does not decode to its input"):
+        ChunkEncoder().encode(data)
+    # Without the check the bad object goes through: proof that the check is what caught it.
+    stored = ChunkEncoder(verify=False).encode(data)
+    assert stored[0] == codec
+    with contextlib.suppress(IntegrityError):  # a stream of the wrong length: caught too late
+        assert bytes(decode(stored)) != data
+
+
+def test_self_check_rejects_a_frame_that_does_not_decompress(monkeypatch: pytest.MonkeyPatch) -> None:
+    bug = Corrupting(lambda b: b)
+    bug.compress = lambda data: b"\x28\xb5\x2f\xfd" + bytes(len(data) // 10)  # type: ignore[method-assign]
+    monkeypatch.setattr(ChunkEncoder, "_compressors", lambda self: (bug, bug))
+    with pytest.raises(IntegrityError, match="does not decode to its input"):
+        ChunkEncoder().encode(text_chunk())
+
+
+def test_pipeline_coder_honours_verify_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from replicator.pipeline import ChunkCoder
+
+    bug = (Corrupting(flip_last), Corrupting(flip_last))
+    monkeypatch.setattr(ChunkEncoder, "_compressors", lambda self: bug)
+    for verify in (True, False):
+        coder = ChunkCoder(SMALL, CompressionConfig(verify=verify), [HashSpec("xxh3-128")])
+        if verify:
+            with pytest.raises(IntegrityError, match="does not decode to its input"):
+                coder.encode(bf16_chunk())
+        else:
+            assert coder.encode(bf16_chunk())[1][0] == GROUPED
+
+
+def test_streams_that_do_not_shrink_in_the_sample_are_not_compressed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 mantissa bytes are near-random: only the sign/exponent stream is worth compressing."""
+    data = bf16_chunk()
+    compressed: list[int] = []
+
+    class Recording:
+        real = zstandard.ZstdCompressor(level=1)
+
+        def compress(self, chunk: Buffer) -> bytes:
+            compressed.append(len(chunk))
+            return self.real.compress(chunk)
+
+    pair = (Recording(), Recording())
+    monkeypatch.setattr(ChunkEncoder, "_compressors", lambda self: pair)
+    stored = ChunkEncoder().encode(data)
+    assert stored[:2] == bytes([GROUPED, 2])
+    assert compressed.count(len(data) // 2) == 1  # one stream of the whole chunk, not both
+    low = struct.unpack_from("<BI", stored, 2)
+    assert low == (RAW, len(data) // 2)
+    assert struct.unpack_from("<B", stored, 2 + 5 + low[1]) == (ZSTD,)
+    assert decode(stored) == data
+
+
 def test_encoder_refuses_oversized_chunks() -> None:
     with pytest.raises(ValueError):
         ChunkEncoder().encode(bytes(MAX_CHUNK_SIZE + 1))
@@ -171,3 +279,59 @@ def test_size_hint_never_changes_the_chunks(size: int, hint: int) -> None:
     expected = [bytes(c) for c in iter_chunks(io.BytesIO(data), SMALL)]
     assert [bytes(c) for c in iter_chunks(io.BytesIO(data), SMALL, size_hint=hint)] == expected
     assert b"".join(expected) == data
+
+
+def address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
+def test_block_pool_reuses_a_block_only_when_no_chunk_of_it_is_alive() -> None:
+    pool = BlockPool(1 << 20, keep=2)
+    pool.enter()
+    block = pool.take()
+    first = address(block)
+    chunk = block[10:20].toreadonly()
+    del block
+    assert address(pool.take()) != first  # the chunk still refers to the first block
+    as_array = np.frombuffer(chunk, dtype=np.uint8)[2:]  # numpy views keep it alive too
+    del chunk
+    assert address(pool.take()) != first
+    del as_array
+    assert address(pool.take()) == first
+
+
+def test_block_pool_keeps_few_blocks_and_none_when_idle() -> None:
+    pool = BlockPool(1 << 20, keep=1)
+    pool.enter()
+    blocks = [pool.take() for _ in range(3)]
+    addresses = {address(b) for b in blocks}
+    del blocks
+    assert pool.kept == 1
+    assert address(pool.take()) in addresses
+    kept = pool.take()
+    pool.leave()
+    del kept
+    assert pool.kept == 0  # no reader left: nothing is held
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_pooled_blocks_never_change_chunks_handed_out(seekable: bool) -> None:
+    """Chunks are released in other threads, out of order, while the reader reuses blocks:
+    every chunk must still hold its bytes when it is used."""
+    data = np.random.default_rng(7).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    expected = [bytes(c) for c in iter_chunks(io.BytesIO(data), SMALL)]
+
+    class Stream(io.BytesIO):
+        def seekable(self) -> bool:
+            return seekable
+
+    pool = BlockPool(2 * SMALL.max_size, keep=2)
+    pool.enter()
+    with ThreadPoolExecutor(4) as workers:
+        for _ in range(3):  # the later rounds start with blocks in the pool
+            chunks = iter_chunks(Stream(data), SMALL, len(data), pool)
+            got = list(workers.map(bytes, chunks))
+            assert got == expected
+            kept = list(iter_chunks(Stream(data), SMALL, len(data), pool))  # all alive at once
+            assert [bytes(c) for c in kept] == expected
+    assert pool.kept <= 2
