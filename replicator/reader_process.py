@@ -2,14 +2,15 @@
 
 Why a process: syncing 20,000 small files is per-file Python work, and in one process every
 step of it (open, read, hash, compress, confirm, then the bookkeeping on the event loop)
-takes turns holding one GIL. Reading and encoding in another process lets that half run on
-the second core while the event loop records and packs the previous batch: the read phase
-of a 20,000-file sync measured ~2.6 s in threads and ~2.0 s with the helper.
+takes turns holding one GIL. Reading and encoding in other processes lets that half run on
+the other core while the event loop records and packs the previous batches: the read phase
+of a 20,000-file sync measured ~2.85 s in threads and ~2.35 s with one helper (later, with
+the state writes fixed, ~2.0 s with one helper and ~1.7 s with two).
 
-Only sources whose reads are plain file system calls use it (``Source.read_in_helper``), and
-only for runs with at least :data:`replicator.pipeline.HELPER_MIN_FILES` small files:
-starting it costs ~0.25 s (a fresh interpreter importing the codec), spent on the other core
-while the first batches are read. It is started with ``spawn``, never ``fork``: the parent
+Only sources whose reads are plain file system calls use them (``Source.read_in_helper``),
+and only for runs with at least :data:`replicator.pipeline.HELPER_MIN_FILES` small files:
+starting a helper costs ~0.25 s (a fresh interpreter importing the codec), spent on the
+other core while the first batches are read. It is started with ``spawn``, never ``fork``: the parent
 has threads, and a forked child could inherit a lock some thread held. A helper that dies
 is reported and the pipeline goes on reading in threads.
 """
