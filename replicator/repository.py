@@ -215,15 +215,17 @@ class Repository:
         """The chunk's original bytes, decoded and re-hashed; IntegrityError if they disagree.
         ``at``: where in a pack the chunk is (the manifest's ``packed``); None: a loose object."""
         if at is None:
-            stored = await self.target.get(chunk_key(chunk_id))
-        else:
-            pack_id, offset, length = at
-            stored = await self.target.get(pack_key(pack_id), offset=offset, length=length)
-            if len(stored) != length:
-                raise IntegrityError(
-                    f"pack ends {length - len(stored)} bytes short of this chunk",
-                    key=stored_key(chunk_id, at),
-                )
+            return self.decode_chunk(chunk_id, await self.target.get(chunk_key(chunk_id)))
+        pack_id, offset, length = at
+        stored = await self.target.get(pack_key(pack_id), offset=offset, length=length)
+        return self._from_pack(chunk_id, stored, at)
+
+    def _from_pack(self, chunk_id: str, stored: bytes, at: PackedAt) -> Buffer:
+        """Decode a chunk read from a pack (a ranged read may come back short)."""
+        if len(stored) != at[2]:
+            raise IntegrityError(
+                f"pack ends {at[2] - len(stored)} bytes short of this chunk", key=stored_key(chunk_id, at)
+            )
         return self.decode_chunk(chunk_id, stored, at)
 
     async def get_chunks(
@@ -257,13 +259,10 @@ class Repository:
                 out.update((cid, exc) for _, _, cid in members)
                 return
             for offset, size, cid in members:
-                at = (pack_id, offset, size)
-                piece = stored[offset - start : offset - start + size]
-                if len(piece) != size:
-                    out[cid] = IntegrityError("pack ends short of this chunk", key=stored_key(cid, at))
-                    continue
                 try:
-                    out[cid] = self.decode_chunk(cid, piece, at)
+                    out[cid] = self._from_pack(
+                        cid, stored[offset - start : offset - start + size], (pack_id, offset, size)
+                    )
                 except IntegrityError as exc:
                     out[cid] = exc
 

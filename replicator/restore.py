@@ -490,7 +490,8 @@ async def restore_snapshot(
                 if isinstance(data, Exception):
                     fail(entry, data)
                 elif len(data) != entry.size:
-                    fail(entry, IntegrityError(f"chunk is {len(data)} bytes, manifest says {entry.size}"))
+                    message = f"chunk is {len(data)} bytes, manifest says {entry.size}"
+                    fail(entry, IntegrityError(message, key=entry.chunks[0][0]))
                 elif spec.digest(data).hex() != entry.digest:
                     fail(
                         entry,

@@ -124,6 +124,7 @@ class S3Destination:
         return list(await asyncio.gather(*(self.is_current(e) for e in entries)))
 
     async def write_whole(self, files: Sequence[tuple[FileEntry, Buffer]]) -> list[Exception | None]:
+        # Every failure is returned: restore_snapshot decides which of them stop the restore.
         async def one(entry: FileEntry, data: Buffer) -> Exception | None:
             writer = _S3Object(self, entry)
             try:
@@ -131,8 +132,6 @@ class S3Destination:
                 await writer.commit()
             except TargetError as exc:
                 await writer.discard()
-                if not isinstance(exc, NotFoundError):
-                    raise  # the bucket is unreachable or refuses us: stop, as for any file
                 return exc
             return None
 
