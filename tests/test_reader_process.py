@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from replicator import pipeline
-from replicator.config import ChunkingConfig, CompressionConfig
+from replicator.config import ChunkingConfig, CompressionConfig, Config
 from replicator.errors import FileChangedError, SourceError
 from replicator.globs import PathFilter
 from replicator.hashing import HashSpec
@@ -24,6 +24,18 @@ from replicator.sources.base import Source, SourceFile
 from replicator.sources.posix import PosixSource
 from tests.helpers import tree_digest
 from tests.test_packs import make_config, restore, small_tree, sync
+
+
+@pytest.fixture(autouse=True)
+def helper_for_any_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small trees go through the helper processes too."""
+    monkeypatch.setattr(pipeline, "HELPER_MIN_FILES", 1)
+
+
+def posix_target_config(tmp_path: Path) -> Config:
+    """tmp_path/primary (source ``d``) to a new POSIX target at tmp_path/target."""
+    (tmp_path / "target").mkdir()
+    return make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
 
 
 class Calls:
@@ -45,13 +57,11 @@ class Calls:
 def test_small_files_read_in_the_helper_restore_identically(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pipeline, "HELPER_MIN_FILES", 1)
     calls = Calls(monkeypatch)
     primary = small_tree(tmp_path / "primary", 300)
     (primary / "empty.txt").write_bytes(b"")
     (primary / "cut.bin").write_bytes(os.urandom(3 << 20))  # small (<= max_size) but cut in pieces
-    (tmp_path / "target").mkdir()
-    config = make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
+    config = posix_target_config(tmp_path)
     config = config.model_copy(
         update={"chunking": ChunkingConfig(min_size=64 << 10, avg_size=256 << 10, max_size=4 << 20)}
     )
@@ -64,7 +74,6 @@ def test_small_files_read_in_the_helper_restore_identically(
 def test_a_file_changed_or_deleted_before_the_helper_reads_it_is_never_recorded_stale(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pipeline, "HELPER_MIN_FILES", 1)
     calls = Calls(monkeypatch)
     primary = small_tree(tmp_path / "primary", 100)
     changed, deleted = primary / "part-1" / "rec-00001.json", primary / "part-2" / "rec-00002.json"
@@ -76,8 +85,7 @@ def test_a_file_changed_or_deleted_before_the_helper_reads_it_is_never_recorded_
         return expect(self, source, count)
 
     monkeypatch.setattr(pipeline.ChunkPipeline, "expect_small_files", after_scan)
-    (tmp_path / "target").mkdir()
-    config = make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
+    config = posix_target_config(tmp_path)
     sync(config)
     assert calls.batches >= 1
     restore(config, tmp_path / "restored")
@@ -110,7 +118,6 @@ def test_errors_cross_the_process_boundary_with_their_context(tmp_path: Path) ->
 def test_a_dead_helper_is_reported_and_reading_goes_on_in_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pipeline, "HELPER_MIN_FILES", 1)
     read = ReaderProcess.read_small_files
     killed: list[int] = []
 
@@ -129,8 +136,7 @@ def test_a_dead_helper_is_reported_and_reading_goes_on_in_threads(
 
     monkeypatch.setattr(ReaderProcess, "read_small_files", kill_first)
     primary = small_tree(tmp_path / "primary", 200)
-    (tmp_path / "target").mkdir()
-    config = make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
+    config = posix_target_config(tmp_path)
     sync(config)
     assert killed
     restore(config, tmp_path / "restored")
@@ -140,7 +146,7 @@ def test_a_dead_helper_is_reported_and_reading_goes_on_in_threads(
 ORPHAN_SCRIPT = """
 import asyncio, os, signal, sys
 from pathlib import Path
-from replicator.config import ChunkingConfig, CompressionConfig
+from replicator.config import ChunkingConfig, CompressionConfig, Config
 from replicator.globs import PathFilter
 from replicator.pipeline import ChunkCoder
 from replicator.reader_process import ReaderProcess
