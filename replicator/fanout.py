@@ -130,10 +130,14 @@ class Uploader:
         """Prime the presence cache and start the upload workers.
 
         The cache is filled from a full listing of the repository's chunks the first time this
-        state store sees the repository, and again when ``relist`` (after an unclean shutdown,
-        uploads may have completed without being recorded)."""
+        state store sees the repository, and again when ``relist``. After an unclean shutdown the
+        listing replaces what the state knew: uploads may have completed without being recorded,
+        and, after a power cut, chunks may have been recorded whose directory entries were not
+        yet durable on a POSIX target (they are fsynced before a manifest names them, not before
+        the state records them)."""
         repo_id = self.repo.config.id
         if relist or not self.state.repo_listed(repo_id):
+            self.state.forget_all_chunks(repo_id)
             count = 0
             batch: list[str] = []
             async for chunk_id, _ in self.repo.list_chunks():

@@ -325,13 +325,17 @@ class StateStore:
         self.commit()
 
     def forget_repo(self, repo: str) -> None:
+        self.forget_all_chunks(repo)
+        self.db.execute("DELETE FROM repos WHERE repo=?", (repo,))
+        self.db.execute("DELETE FROM published WHERE repo=?", (repo,))
+        self.commit()
+
+    def forget_all_chunks(self, repo: str) -> None:
+        """Drop what is known of the repository's chunks (before a listing replaces it)."""
         self._flush()
         self._absent.clear()
         self._present.clear()
-        self.db.execute("DELETE FROM repos WHERE repo=?", (repo,))
         self.db.execute("DELETE FROM chunks WHERE repo=?", (repo,))
-        self.db.execute("DELETE FROM published WHERE repo=?", (repo,))
-        self.commit()
 
     def has_chunk(self, repo: str, chunk_id: str) -> bool:
         if chunk_id in self._pending_chunks.get(repo, ()):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -125,6 +128,27 @@ def test_state_loss_rebuilds_from_target_without_resending(tmp_path: Path) -> No
     out = json.loads(res.stdout)["sources"][0]
     assert out["files_read"] == 4  # the file cache is gone, so files are read again...
     assert out["targets"][0]["uploads"]["chunks_sent"] == 0  # ...but no chunk is sent twice
+
+
+def test_after_an_unclean_shutdown_the_listing_replaces_recorded_chunks(tmp_path: Path) -> None:
+    """A power cut can leave the state naming chunks whose directory entries never became
+    durable on the target. The restart after it must not dedup against them."""
+    primary, target, cfg = local_setup(tmp_path)
+    (primary / "a.bin").write_bytes(random.Random(1).randbytes(3 << 20))
+    assert cli("sync", "-c", str(cfg)).returncode == 0
+    lost = [p for p in (target / "chunks").rglob("*") if p.is_file()]
+    assert lost
+    for p in lost:  # the entries the power cut took
+        p.unlink()
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "state.db")) as db, db:
+        db.execute("UPDATE meta SET value='0' WHERE key='clean'")  # the run never ended
+    (primary / "b.bin").write_bytes((primary / "a.bin").read_bytes())
+
+    res = cli("sync", "-c", str(cfg), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["sources"][0]["targets"][0]["uploads"]["chunks_sent"] == len(lost)
+    res = cli("verify", "-c", str(cfg), "--read-data")
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_two_targets_one_unreachable(tmp_path: Path, request: pytest.FixtureRequest) -> None:
