@@ -12,9 +12,11 @@ outage (Litestream learned this with the AWS SDK's retryer).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from replicator.config import S3Access
 
@@ -64,11 +66,30 @@ def client_kwargs(access: S3Access) -> dict[str, Any]:
     return kwargs
 
 
+def is_loopback(url: str) -> bool:
+    """Whether ``url`` names this machine (localhost, 127.0.0.0/8, ::1)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def config_kwargs(access: S3Access, max_connections: int = 10) -> dict[str, Any]:
     """Keyword arguments for botocore's ``Config`` / aiobotocore's ``AioConfig``."""
     style = access.addressing_style
     if style == "auto" and access.endpoint_url:
         style = "path"  # virtual-host addressing needs DNS the S3-compatible server rarely has
+    s3: dict[str, Any] = {"addressing_style": style}
+    if access.endpoint_url and is_loopback(access.endpoint_url):
+        # Over plain HTTP botocore signs a SHA-256 of every body so that nothing on the network
+        # can alter it; a loopback endpoint (a local gateway such as `rclone serve s3` or MinIO)
+        # has no network in between. The PUT's checksum header still lets the server reject a
+        # damaged body. Over HTTPS botocore already leaves bodies unsigned when a checksum
+        # header is present, as here.
+        s3["payload_signing_enabled"] = False
     return {
         "retries": {"max_attempts": 1, "mode": "standard"},
         "connect_timeout": access.timeout,
@@ -76,5 +97,5 @@ def config_kwargs(access: S3Access, max_connections: int = 10) -> dict[str, Any]
         "max_pool_connections": max_connections,
         "request_checksum_calculation": access.sdk_checksums,
         "response_checksum_validation": access.sdk_checksums,
-        "s3": {"addressing_style": style},
+        "s3": s3,
     }

@@ -8,6 +8,7 @@ minio client.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import os
@@ -20,14 +21,17 @@ from urllib.parse import urlparse
 import pytest
 from minio import Minio
 
-from replicator.config import TargetConfig
+from replicator.config import S3Access, TargetConfig
 from replicator.errors import (
     AlreadyExistsError,
     NotFoundError,
     PermanentTargetError,
     TargetUnreachableError,
 )
+from replicator.s3 import config_kwargs, is_loopback
 from replicator.targets import Target, open_target
+from replicator.targets.s3 import S3Target
+from replicator.targets.wrappers import unwrap
 from tests.conftest import TargetSpec
 from tests.servers import ACCESS_KEY, SECRET_KEY, free_port
 
@@ -215,6 +219,40 @@ def test_s3_checksum_modes_accepted_by_servers(s3_target_spec: TargetSpec) -> No
             return await t.get("obj")
 
         assert run(go, target_spec, checksum=checksum) == b"payload" * 100
+
+
+def test_s3_put_on_loopback_carries_checksum_and_no_payload_hash(s3_target_spec: TargetSpec) -> None:
+    """On a loopback endpoint the body is not SHA-256-signed (no network to guard against);
+    the server still checks it against Content-MD5, computed off the event loop when big."""
+    body = os.urandom(1 << 20)
+    sent: list[dict[str, str]] = []
+
+    def record(request: Any, **_: Any) -> None:
+        sent.append(
+            {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
+        )
+
+    async def go(t: Target) -> bytes:
+        s3 = unwrap(t, S3Target)
+        assert s3 is not None
+        s3._client.meta.events.register("before-send.s3.PutObject", record)
+        await t.put("big", body)
+        return await t.get("big")
+
+    assert run(go, s3_target_spec) == body
+    assert sent[0]["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    assert sent[0]["content-md5"] == base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
+def test_payload_signing_stays_on_for_plain_http_across_a_network() -> None:
+    assert [is_loopback(u) for u in ("http://127.0.0.1:9000", "http://localhost", "http://[::1]:80")] == [
+        True
+    ] * 3
+    assert not is_loopback("http://10.0.0.5:9000") and not is_loopback("http://minio.internal")
+    remote = config_kwargs(S3Access(endpoint_url="http://10.0.0.5:9000"))
+    assert "payload_signing_enabled" not in remote["s3"]
+    local = config_kwargs(S3Access(endpoint_url="http://127.0.0.1:9000"))
+    assert local["s3"]["payload_signing_enabled"] is False
 
 
 def test_bandwidth_cap_paces_uploads(tmp_path: Path) -> None:
