@@ -130,24 +130,27 @@ class Uploader:
         """Prime the presence cache and start the upload workers.
 
         The cache is filled from a full listing of the repository's chunks the first time this
-        state store sees the repository, and again when ``relist``. After an unclean shutdown the
-        listing replaces what the state knew: uploads may have completed without being recorded,
-        and, after a power cut, chunks may have been recorded whose directory entries were not
-        yet durable on a POSIX target (they are fsynced before a manifest names them, not before
-        the state records them)."""
+        state store sees the repository, and again when ``relist``. After an unclean shutdown,
+        uploads may have completed without being recorded; and after a power cut the state may
+        name chunks whose directory entries never became durable on a POSIX target (they are
+        fsynced before a manifest names them, not before the state records them). So the
+        listing replaces what the state knew: chunks it does not show are forgotten, and sent
+        again if needed."""
         repo_id = self.repo.config.id
         if relist or not self.state.repo_listed(repo_id):
-            self.state.forget_all_chunks(repo_id)
+            self.state.begin_listing(repo_id)
             count = 0
             batch: list[str] = []
             async for chunk_id, _ in self.repo.list_chunks():
                 batch.append(chunk_id)
                 count += 1
                 if len(batch) >= 10000:
-                    self.state.add_chunks(repo_id, batch)
+                    self.state.add_listed(repo_id, batch)
                     batch.clear()
-            self.state.add_chunks(repo_id, batch)
-            packed = await self._relearn_packed()
+            self.state.add_listed(repo_id, batch)
+            packs = {pack_id async for pack_id, _ in self.repo.list_packs()}
+            self.state.end_listing(repo_id, packs)
+            packed = await self._relearn_packed(packs)
             self.state.mark_repo_listed(repo_id, self.name)
             log.info("target.listed", target=self.name, chunks=count, packed=packed)
         self._workers = [
@@ -155,10 +158,10 @@ class Uploader:
         ]
         metrics.TARGET_UP.labels(self.name).set(1)
 
-    async def _relearn_packed(self) -> int:
+    async def _relearn_packed(self, packs: set[str]) -> int:
         """Pack locations cannot be listed: learn them from each source's latest manifest, for
-        packs that exist. Chunks known nowhere else are packed again (a few small duplicates)."""
-        packs = {pack_id async for pack_id, _ in self.repo.list_packs()}
+        ``packs`` (those that exist). Chunks known nowhere else are packed again (a few small
+        duplicates)."""
         if not packs:
             return 0
         found: list[tuple[str, PackedAt]] = []

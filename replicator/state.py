@@ -325,17 +325,50 @@ class StateStore:
         self.commit()
 
     def forget_repo(self, repo: str) -> None:
-        self.forget_all_chunks(repo)
-        self.db.execute("DELETE FROM repos WHERE repo=?", (repo,))
-        self.db.execute("DELETE FROM published WHERE repo=?", (repo,))
-        self.commit()
-
-    def forget_all_chunks(self, repo: str) -> None:
-        """Drop what is known of the repository's chunks (before a listing replaces it)."""
         self._flush()
         self._absent.clear()
         self._present.clear()
+        self.db.execute("DELETE FROM repos WHERE repo=?", (repo,))
         self.db.execute("DELETE FROM chunks WHERE repo=?", (repo,))
+        self.db.execute("DELETE FROM published WHERE repo=?", (repo,))
+        self.commit()
+
+    def begin_listing(self, repo: str) -> None:
+        """Start replacing what is known of ``repo``'s chunks with a listing of the repository:
+        :meth:`add_listed` for what it lists, then :meth:`end_listing`. The listed ids wait in
+        a temporary table, not in memory (a repository can hold millions of chunks)."""
+        self._flush()
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS listed (id BLOB PRIMARY KEY) WITHOUT ROWID")
+        self.db.execute("DELETE FROM temp.listed")
+
+    def add_listed(self, repo: str, chunk_ids: Sequence[str]) -> None:
+        """Loose chunk objects the listing found: stored."""
+        self.db.executemany(
+            "INSERT OR IGNORE INTO temp.listed VALUES (?)", [(bytes.fromhex(c),) for c in chunk_ids]
+        )
+        self.add_chunks(repo, chunk_ids)
+
+    def end_listing(self, repo: str, packs: Iterable[str]) -> None:
+        """Forget the chunks the listing did not show: loose ones it did not list, packed ones
+        whose pack it did not list."""
+        self._flush()
+        self.db.execute(
+            "DELETE FROM chunks WHERE repo=? AND pack IS NULL AND id NOT IN (SELECT id FROM temp.listed)",
+            (repo,),
+        )
+        self.db.execute("DELETE FROM temp.listed")
+        self.db.executemany(
+            "INSERT OR IGNORE INTO temp.listed VALUES (?)", [(bytes.fromhex(p),) for p in packs]
+        )
+        self.db.execute(
+            "DELETE FROM chunks WHERE repo=? AND pack IS NOT NULL "
+            "AND pack NOT IN (SELECT id FROM temp.listed)",
+            (repo,),
+        )
+        self.db.execute("DELETE FROM temp.listed")
+        self._absent.clear()
+        self._present.clear()
+        self.commit()
 
     def has_chunk(self, repo: str, chunk_id: str) -> bool:
         if chunk_id in self._pending_chunks.get(repo, ()):

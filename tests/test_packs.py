@@ -140,6 +140,25 @@ def test_pack_locations_are_relearned_when_the_state_is_lost(tmp_path: Path) -> 
     assert tree_digest(tmp_path / "restored") == tree_digest(tmp_path / "primary")
 
 
+def test_a_listing_replaces_what_the_state_knew_of_a_repositorys_chunks(tmp_path: Path) -> None:
+    """After an unclean shutdown: loose chunks the listing lacks, and packed chunks whose pack
+    it lacks, are forgotten (a power cut took them); the rest is kept, so nothing is re-sent."""
+    state = StateStore.open(tmp_path / "state")
+    a, b, c, d = (f"{i:032x}" for i in range(1, 5))
+    kept_pack, lost_pack = "ab" * 16, "cd" * 16
+    state.add_chunks("r", [a, b])
+    state.add_packed("r", [(c, (kept_pack, 0, 10)), (d, (lost_pack, 0, 10))])
+    state.add_chunks("other", [b])
+    state.commit()
+    state.begin_listing("r")
+    state.add_listed("r", [a])
+    state.end_listing("r", {kept_pack})
+    assert state.stored("r", [a, b, c, d]) == {a: None, c: (kept_pack, 0, 10)}
+    assert not state.has_chunk("r", b) and not state.has_chunk("r", d)
+    assert state.stored("other", [b]) == {b: None}, "other repositories are untouched"
+    state.close()
+
+
 def test_small_files_restore_with_one_read_per_stretch_of_a_pack(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
