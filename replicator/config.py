@@ -230,7 +230,9 @@ class TargetConfig(S3Access):
     """A POSIX directory or ``s3://bucket/prefix``."""
     concurrency: int = Field(8, ge=1, le=256)
     checksum: Literal["md5", "crc32", "crc32c", "sha256", "sha1"] = "md5"
-    """Integrity checksum sent with every PUT: Content-MD5 or an x-amz-checksum-* header."""
+    """Integrity checksum sent with every PUT: Content-MD5 or an x-amz-checksum-* header. MD5 is
+    verified by every S3 implementation; crc32 costs a fifth of its CPU where the server
+    verifies it (docs/PERFORMANCE.md)."""
     hash: Literal["xxh3-128", "blake3"] = "xxh3-128"
     """Chunk id algorithm for a repository created here; blake3 for untrusted sources."""
     retry: RetryConfig = Field(default_factory=RetryConfig)
