@@ -19,9 +19,7 @@ backoff policy.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -33,7 +31,7 @@ from replicator.manifest import FileEntry
 from replicator.restore import FileWriter
 from replicator.s3 import S3Location
 from replicator.s3_errors import SDK_ERRORS, convert_error, http_status
-from replicator.targets.s3 import connect
+from replicator.targets.s3 import connect, content_md5
 from replicator.targets.wrappers import RetryPolicy
 
 T = TypeVar("T")
@@ -52,10 +50,6 @@ def part_size_for(size: int) -> int:
     """Parts of at least PART_SIZE, whole MiB, few enough for S3's part limit."""
     need = -(-size // MAX_PARTS)
     return max(PART_SIZE, -(-need // (1 << 20)) << 20)
-
-
-def _md5(data: Buffer) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
 class S3Destination:
@@ -180,11 +174,12 @@ class _S3Object:
             )
             self.upload_id = str(started["UploadId"])
         number = len(self.parts) + 1
+        md5 = await content_md5(body)  # once, not again for every retry
         answer = await self.dest.call(
             "upload part",
             self.key,
             lambda: client.upload_part(
-                **self._args(), UploadId=self.upload_id, PartNumber=number, Body=body, ContentMD5=_md5(body)
+                **self._args(), UploadId=self.upload_id, PartNumber=number, Body=body, ContentMD5=md5
             ),
         )
         self.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
@@ -193,11 +188,12 @@ class _S3Object:
         client = self.dest.client
         if self.upload_id is None:
             body = bytes(self.buffer)
+            md5 = await content_md5(body)
             await self.dest.call(
                 "put",
                 self.key,
                 lambda: client.put_object(
-                    **self._args(), Body=body, ContentMD5=_md5(body), Metadata=self._metadata()
+                    **self._args(), Body=body, ContentMD5=md5, Metadata=self._metadata()
                 ),
             )
         else:
