@@ -343,32 +343,26 @@ class StateStore:
 
     def add_listed(self, repo: str, chunk_ids: Sequence[str]) -> None:
         """Loose chunk objects the listing found: stored."""
-        self.db.executemany(
-            "INSERT OR IGNORE INTO temp.listed VALUES (?)", [(bytes.fromhex(c),) for c in chunk_ids]
-        )
+        self._list(chunk_ids)
         self.add_chunks(repo, chunk_ids)
 
     def end_listing(self, repo: str, packs: Iterable[str]) -> None:
         """Forget the chunks the listing did not show: loose ones it did not list, packed ones
         whose pack it did not list."""
         self._flush()
-        self.db.execute(
-            "DELETE FROM chunks WHERE repo=? AND pack IS NULL AND id NOT IN (SELECT id FROM temp.listed)",
-            (repo,),
-        )
+        unlisted = "NOT IN (SELECT id FROM temp.listed)"
+        self.db.execute(f"DELETE FROM chunks WHERE repo=? AND pack IS NULL AND id {unlisted}", (repo,))
         self.db.execute("DELETE FROM temp.listed")
-        self.db.executemany(
-            "INSERT OR IGNORE INTO temp.listed VALUES (?)", [(bytes.fromhex(p),) for p in packs]
-        )
-        self.db.execute(
-            "DELETE FROM chunks WHERE repo=? AND pack IS NOT NULL "
-            "AND pack NOT IN (SELECT id FROM temp.listed)",
-            (repo,),
-        )
+        self._list(packs)
+        self.db.execute(f"DELETE FROM chunks WHERE repo=? AND pack IS NOT NULL AND pack {unlisted}", (repo,))
         self.db.execute("DELETE FROM temp.listed")
         self._absent.clear()
         self._present.clear()
         self.commit()
+
+    def _list(self, ids: Iterable[str]) -> None:
+        rows = [(bytes.fromhex(i),) for i in ids]
+        self.db.executemany("INSERT OR IGNORE INTO temp.listed VALUES (?)", rows)
 
     def has_chunk(self, repo: str, chunk_id: str) -> bool:
         if chunk_id in self._pending_chunks.get(repo, ()):
