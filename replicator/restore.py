@@ -386,6 +386,18 @@ class _LocalFile:
             self.fd = -1
 
 
+def _sized(data: Buffer, chunk_id: str, size: int) -> Buffer:
+    """``data``, once it has the length the manifest gives its chunk."""
+    if len(data) != size:
+        raise IntegrityError(f"chunk is {len(data)} bytes, manifest says {size}", key=chunk_id)
+    return data
+
+
+def _check_digest(digest: str, entry: FileEntry) -> None:
+    if digest != entry.digest:
+        raise IntegrityError("restored bytes do not match the manifest digest", key=entry.path)
+
+
 async def restore_snapshot(
     repo: Repository,
     manifest: Manifest,
@@ -412,11 +424,18 @@ async def restore_snapshot(
     spec = repo.hash
     progress.begin("restoring", sum(f.size for f in files))
 
+    def skip(entry: FileEntry) -> None:
+        result.skipped_existing += 1
+        result.skipped_bytes += entry.size
+        progress.advance(entry.size)
+
+    def restored(entry: FileEntry) -> None:
+        result.files += 1
+        result.bytes += entry.size
+
     async def restore_one(entry: FileEntry) -> None:
         if await destination.is_current(entry):
-            result.skipped_existing += 1
-            result.skipped_bytes += entry.size
-            progress.advance(entry.size)
+            skip(entry)
             return
         writer = await destination.create(entry)
         committed = False
@@ -425,10 +444,7 @@ async def restore_snapshot(
             window: deque[tuple[asyncio.Task[Buffer], int]] = deque()
 
             async def fetch(cid: str, size: int) -> Buffer:
-                data = await repo.get_chunk(cid, manifest.packed.get(cid))
-                if len(data) != size:
-                    raise IntegrityError(f"chunk is {len(data)} bytes, manifest says {size}", key=cid)
-                return data
+                return _sized(await repo.get_chunk(cid, manifest.packed.get(cid)), cid, size)
 
             async def drain_one() -> None:
                 task, size = window.popleft()
@@ -452,12 +468,10 @@ async def restore_snapshot(
                 for task, size in window:
                     task.cancel()
                     budget.release(size)
-            if hasher.digest().hex() != entry.digest:
-                raise IntegrityError("restored bytes do not match the manifest digest", key=entry.path)
+            _check_digest(hasher.digest().hex(), entry)
             await writer.commit()
             committed = True
-            result.files += 1
-            result.bytes += entry.size
+            restored(entry)
         finally:
             if not committed:
                 await writer.discard()
@@ -478,33 +492,28 @@ async def restore_snapshot(
             todo = []
             for entry, current in zip(entries, await destination.current(entries), strict=True):
                 if current:
-                    result.skipped_existing += 1
-                    result.skipped_bytes += entry.size
-                    progress.advance(entry.size)
+                    skip(entry)
                 else:
                     todo.append(entry)
             got = await repo.get_chunks([(c, manifest.packed.get(c)) for e in todo for c, _ in e.chunks])
             ready: list[tuple[FileEntry, Buffer]] = []
             for entry in todo:
                 data = got[entry.chunks[0][0]] if entry.chunks else b""
-                if isinstance(data, Exception):
-                    fail(entry, data)
-                elif len(data) != entry.size:
-                    message = f"chunk is {len(data)} bytes, manifest says {entry.size}"
-                    fail(entry, IntegrityError(message, key=entry.chunks[0][0]))
-                elif spec.digest(data).hex() != entry.digest:
-                    fail(
-                        entry,
-                        IntegrityError("restored bytes do not match the manifest digest", key=entry.path),
-                    )
+                try:
+                    if isinstance(data, ReplicatorError):
+                        raise data
+                    if entry.chunks:
+                        _sized(data, *entry.chunks[0])
+                    _check_digest(spec.digest(data).hex(), entry)
+                except ReplicatorError as exc:
+                    fail(entry, exc)
                 else:
                     ready.append((entry, data))
             for (entry, _), error in zip(ready, await destination.write_whole(ready), strict=True):
                 if error is not None:
                     fail(entry, error)
                 else:
-                    result.files += 1
-                    result.bytes += entry.size
+                    restored(entry)
                 progress.advance(entry.size)
         finally:
             budget.release(total)
