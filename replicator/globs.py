@@ -65,18 +65,15 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
     return re.compile(f"^{prefix}{body}(?:/.*)?$")
 
 
-def matches_any(path: str, patterns: Iterable[str]) -> bool:
-    return any(compile_glob(p).match(path) for p in patterns)
-
-
 class PathFilter:
     """include/exclude selection: a path is selected if it matches an include and no exclude."""
 
     def __init__(self, include: Iterable[str] = ("**",), exclude: Iterable[str] = ()) -> None:
         self.include = tuple(include) or ("**",)
         self.exclude = tuple(exclude)
-        for p in (*self.include, *self.exclude):
-            compile_glob(p)  # fail early on a bad pattern
+        # Compiled once (this also fails early on a bad pattern): the filter runs per file.
+        self._include = [compile_glob(p) for p in self.include]
+        self._exclude = [compile_glob(p) for p in self.exclude]
 
     def __call__(self, path: str) -> bool:
-        return matches_any(path, self.include) and not matches_any(path, self.exclude)
+        return any(p.match(path) for p in self._include) and not any(p.match(path) for p in self._exclude)

@@ -27,6 +27,11 @@ MAX_STORED_CHUNK = (16 << 20) + 64
 """A stored chunk object is its codec byte, at most 16 MiB of payload and a few record headers."""
 _HEX = re.compile(r"^[0-9a-f]{32}$|^[0-9a-f]{64}$")
 _TIME_FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
+_UNSAFE_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")
+"""Control characters and the backslash: one C-level scan (a per-character Python check was
+~40 % of scanning 20,000 files)."""
+_BAD_SEGMENT = re.compile(r"(?:^|/)\.{0,2}(?:/|\Z)")
+"""An empty, ``.`` or ``..`` path segment."""
 
 
 def check_relative_path(path: str) -> str:
@@ -35,11 +40,10 @@ def check_relative_path(path: str) -> str:
         raise ValueError("path is empty or too long")
     if path.startswith("/"):
         raise ValueError(f"absolute path {path!r}")
-    if "\\" in path or any(ord(c) < 0x20 or c == "\x7f" for c in path):
+    if _UNSAFE_CHAR.search(path):
         raise ValueError(f"path {path!r} contains a backslash or control character")
-    for seg in path.split("/"):
-        if seg in ("", ".", ".."):
-            raise ValueError(f"path {path!r} has an empty, '.' or '..' segment")
+    if _BAD_SEGMENT.search(path):
+        raise ValueError(f"path {path!r} has an empty, '.' or '..' segment")
     return path
 
 
