@@ -163,7 +163,7 @@ class SourceWorker:
             self.dirty.clear()
             interval = self.cfg.poll_interval if self.polled else self.cfg.rescan_interval
             self.rescan_due = now + interval
-            files = await source.scan()
+            files = await self.daemon.rep.scan(self.cfg)
             fresh = {f.path: f for f in files}
             changed = fresh != self.index
             log.info(

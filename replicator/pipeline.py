@@ -245,15 +245,40 @@ class ChunkPipeline:
         if spec not in self.specs:
             self.coder = ChunkCoder(self.chunking, self.coder.compression, (*self.specs, spec))
 
+    def _start_helpers(self, source: Source) -> None:
+        if self._helper is None and source.read_in_helper:
+            from replicator.reader_process import ReaderProcess
+
+            self._helper = ReaderProcess()
+
+    def helper_starter(self, source: Source, known: int) -> Callable[[SourceFile], None] | None:
+        """A ``found`` callback for :meth:`Source.scan` of ``source``, whose files the state
+        knows ``known`` of: once the scan has found HELPER_MIN_FILES more small files than
+        that, at least that many are new, so they will be read in the helper processes (see
+        :meth:`expect_small_files`). It starts them at once, and their start-up (~0.3 s)
+        overlaps the rest of the scan instead of delaying the first reads (20,000 new files:
+        ~0.15 s sooner done). None if there is nothing to start."""
+        if self._helper is not None or not source.read_in_helper:
+            return None
+        loop = asyncio.get_running_loop()
+        to_go = HELPER_MIN_FILES + known
+
+        def found(file: SourceFile) -> None:  # in the scanning thread
+            nonlocal to_go
+            if to_go > 0 and self.is_small(file):
+                to_go -= 1
+                if to_go == 0:
+                    loop.call_soon_threadsafe(self._start_helpers, source)
+
+        return found
+
     def expect_small_files(self, source: Source, count: int) -> int:
         """About to read ``count`` small files from ``source``: start the helper processes if
         they pay off (see :mod:`replicator.reader_process`). Returns how many files or batches
         to read at once: two per helper process (one being read while the other's result is
         recorded), else what the source asks for."""
-        if self._helper is None and source.read_in_helper and count >= HELPER_MIN_FILES:
-            from replicator.reader_process import ReaderProcess
-
-            self._helper = ReaderProcess()
+        if count >= HELPER_MIN_FILES:
+            self._start_helpers(source)
         if self._helper is not None and source.read_in_helper:
             return 2 * self._helper.processes
         return source.read_concurrency

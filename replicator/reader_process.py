@@ -48,8 +48,15 @@ class ReaderProcess:
     def __init__(self) -> None:
         self.processes = PROCESSES
         self._pool = ProcessPoolExecutor(
-            self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_start_helper
+            self.processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_helper,
+            initargs=(os.getpid(),),
         )
+        # The pool spawns a process per task while none is idle: start them all now, so that
+        # their start-up (~0.25 s of imports) runs while the caller scans or plans.
+        for _ in range(self.processes):
+            self._pool.submit(_ready)
 
     async def read_small_files(
         self, coder: ChunkCoder, source: Source, files: Sequence[SourceFile]
@@ -67,14 +74,15 @@ class ReaderProcess:
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
-def _start_helper() -> None:
+def _start_helper(parent: int) -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and stops the pool; a
     # helper would only print a KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A parent killed with SIGKILL (or by the OOM killer) cannot stop its helpers, and they
     # would wait for work forever: every helper holds the task pipe's write end too, so none
-    # ever sees it close. Exit when the parent is gone.
-    parent = os.getppid()
+    # ever sees it close. Exit when the parent is gone. Its pid comes from the parent: one
+    # that died while this helper was starting has already been replaced by a reaper, which
+    # os.getppid() here would take for the parent.
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -85,6 +93,10 @@ def _start_helper() -> None:
 
 
 PARENT_CHECK_SECONDS = 1.0
+
+
+def _ready() -> None:
+    """The warm-up task: a helper that ran it has started and imported the codec."""
 
 
 _coder: ChunkCoder | None = None

@@ -304,6 +304,10 @@ class StateStore:
         self._pending_files[(source, record.path)] = record
         self._buffered()
 
+    def count_files(self, source: str) -> int:
+        self._flush()
+        return int(self.db.execute("SELECT count(*) FROM files WHERE source=?", (source,)).fetchone()[0])
+
     def forget_files_except(self, source: str, keep: set[str]) -> None:
         """Drop records of files no longer present in the source."""
         self._flush()

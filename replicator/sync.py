@@ -25,7 +25,7 @@ async def sync_source(
     result = SourceResult(cfg.name)
     before = rep.stats_snapshot()
     if rep.open_targets:
-        files = await rep.source(cfg).scan()
+        files = await rep.scan(cfg)
         candidate = await rep.build_candidate(cfg, files, result, progress)
         rep.state.forget_files_except(cfg.name, {f.path for f in files})
         rep.state.commit()

@@ -13,7 +13,7 @@ import pytest
 
 from bench.common import timed
 from replicator import engine
-from replicator.config import ChunkingConfig, CompressionConfig, Config
+from replicator.config import ChunkingConfig, CompressionConfig, Config, SourceConfig
 from replicator.demo import bf16
 from replicator.engine import READ_ATTEMPTS
 from replicator.globs import PathFilter
@@ -21,11 +21,12 @@ from replicator.hashing import HashSpec
 from replicator.pipeline import LARGE_FILE_READERS, ChunkPipeline, EncodedChunk
 from replicator.repository import Repository
 from replicator.restore import restore_snapshot
-from replicator.sources import PosixSource, SourceFile
+from replicator.sources import PosixSource, SourceFile, open_source
 from replicator.state import StateStore
 from replicator.sync import run_sync
 from replicator.targets import PosixTarget
 from tests.helpers import config_dict, local_setup, tree_digest
+from tests.servers import MotoServer
 
 
 class WriterDuringRead(PosixSource):
@@ -174,3 +175,28 @@ def test_chunks_no_target_wants_are_hashed_but_not_encoded(tmp_path: Path) -> No
         pipe.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("kind", ["posix", "moto"])
+def test_a_scan_reports_each_selected_file_as_it_finds_it(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    bodies = {"a.txt": b"a", "sub/b.bin": b"bb", "sub/deeper/c.json": b"{}", "skip.tmp": b"x"}
+    if kind == "posix":
+        url, extra = str(tmp_path / "primary"), {}
+        for key, body in bodies.items():
+            (tmp_path / "primary" / key).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "primary" / key).write_bytes(body)
+    else:
+        server: MotoServer = request.getfixturevalue("moto")
+        bucket = server.new_bucket()
+        for key, body in bodies.items():
+            server.client().put_object(Bucket=bucket, Key=f"data/{key}", Body=body)
+        url, extra = f"s3://{bucket}/data", {"endpoint_url": server.endpoint}
+    source = open_source(
+        SourceConfig.model_validate({"name": "d", "url": url, "exclude": ["*.tmp"], **extra})
+    )
+    found: list[SourceFile] = []
+    files = asyncio.run(source.scan(found.append))
+    assert [f.path for f in files] == ["a.txt", "sub/b.bin", "sub/deeper/c.json"]
+    assert sorted(found, key=lambda f: f.path) == files

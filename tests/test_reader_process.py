@@ -15,6 +15,7 @@ import pytest
 
 from replicator import pipeline
 from replicator.config import ChunkingConfig, CompressionConfig, Config
+from replicator.engine import Replicator
 from replicator.errors import FileChangedError, SourceError
 from replicator.globs import PathFilter
 from replicator.hashing import HashSpec
@@ -93,6 +94,32 @@ def test_a_file_changed_or_deleted_before_the_helper_reads_it_is_never_recorded_
     assert (restored / "part-1" / "rec-00001.json").read_text() == "rewritten after the scan, before the read"
     assert not (restored / "part-2" / "rec-00002.json").exists()
     assert tree_digest(restored) == tree_digest(primary)
+
+
+def test_helpers_start_during_a_scan_that_finds_enough_new_small_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "HELPER_MIN_FILES", 40)
+    primary = small_tree(tmp_path / "primary", 60)
+    config = posix_target_config(tmp_path)
+
+    def helpers_started_by_the_scan() -> bool:
+        async def go() -> bool:
+            async with Replicator(config) as rep:
+                assert rep.pipeline is not None
+                files = await rep.scan(config.sources[0])
+                assert len(files) == len(list(primary.rglob("*.json")))
+                await asyncio.sleep(0)  # the scanning thread hands the start to the event loop
+                return rep.pipeline._helper is not None
+
+        return asyncio.run(go())
+
+    assert helpers_started_by_the_scan()  # 60 new files: 40 more than the 0 known
+    sync(config)
+    small_tree(primary, 30, start=60)
+    assert not helpers_started_by_the_scan()  # 90 files, 60 known: only 30 new
+    small_tree(primary, 10, start=90)
+    assert helpers_started_by_the_scan()  # 100 files, 60 known: 40 new
 
 
 def test_errors_cross_the_process_boundary_with_their_context(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ later, never recorded torn.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,9 +46,12 @@ class Source(Protocol):
     calls on a pickled copy of the source), so that many small files may be read and encoded
     in a helper process (:mod:`replicator.reader_process`)."""
 
-    async def scan(self) -> list[SourceFile]:
+    async def scan(self, found: Callable[[SourceFile], None] | None = None) -> list[SourceFile]:
         """Every selected (include/exclude) regular file, sorted by path. Raises SourceError if
-        the source itself cannot be listed: an unreadable source is not an empty one."""
+        the source itself cannot be listed: an unreadable source is not an empty one.
+
+        ``found`` is called with each file as the scan finds it, from the scanning thread (so
+        that work can start before a long scan ends)."""
         ...
 
     async def scan_below(self, path: str) -> list[SourceFile]:

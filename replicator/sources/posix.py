@@ -12,6 +12,7 @@ import asyncio
 import io
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from replicator.errors import FileChangedError, SourceError
@@ -45,7 +46,7 @@ class PosixSource:
         self.skipped: list[str] = []
         """Paths skipped by the last scan (symlinks, special files, unreadable directories)."""
 
-    async def scan(self) -> list[SourceFile]:
+    async def scan(self, found: Callable[[SourceFile], None] | None = None) -> list[SourceFile]:
         if not await asyncio.to_thread(self.root.is_dir):
             raise SourceError(
                 f"source directory {self.root} does not exist or is not a directory",
@@ -53,7 +54,7 @@ class PosixSource:
                 key=self.name,
             )
         self.skipped = []
-        return await asyncio.to_thread(self._walk, self.root)
+        return await asyncio.to_thread(self._walk, self.root, found)
 
     async def scan_below(self, path: str) -> list[SourceFile]:
         def scan() -> list[SourceFile]:
@@ -86,7 +87,7 @@ class PosixSource:
             return None
         return SourceFile(rel, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), signature_of(st))
 
-    def _walk(self, start: Path) -> list[SourceFile]:
+    def _walk(self, start: Path, found: Callable[[SourceFile], None] | None = None) -> list[SourceFile]:
         out: list[SourceFile] = []
 
         def walk_error(exc: OSError) -> None:
@@ -108,9 +109,11 @@ class PosixSource:
                     st = os.lstat(os.path.join(dirpath, fn))
                 except FileNotFoundError:
                     continue
-                found = self._describe(rel, st)
-                if found is not None:
-                    out.append(found)
+                file = self._describe(rel, st)
+                if file is not None:
+                    out.append(file)
+                    if found is not None:
+                        found(file)
             dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
         out.sort(key=lambda f: f.path)
         return out

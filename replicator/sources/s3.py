@@ -13,6 +13,7 @@ skipped with a warning; "directory marker" objects (keys ending in ``/``) are ig
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import boto3
@@ -88,11 +89,13 @@ class S3Source:
         size = int(obj.get("Size", obj.get("ContentLength", 0)))
         return SourceFile(rel, size, mtime_ns, 0o644, f"{etag}:{size}:{mtime_ns}")
 
-    async def scan(self) -> list[SourceFile]:
-        return await self.scan_below("")
+    async def scan(self, found: Callable[[SourceFile], None] | None = None) -> list[SourceFile]:
+        return await self._list("", found)
 
     async def scan_below(self, path: str) -> list[SourceFile]:
+        return await self._list(path)
 
+    async def _list(self, path: str, found: Callable[[SourceFile], None] | None = None) -> list[SourceFile]:
         def scan() -> list[SourceFile]:
             out = []
             paginator = self.client.get_paginator("list_objects_v2")
@@ -101,9 +104,11 @@ class S3Source:
                     Bucket=self.location.bucket, Prefix=self.location.prefix + path
                 ):
                     for obj in page.get("Contents", []):
-                        found = self._describe(obj)
-                        if found is not None:
-                            out.append(found)
+                        file = self._describe(obj)
+                        if file is not None:
+                            out.append(file)
+                            if found is not None:
+                                found(file)
             except SDK_ERRORS as exc:
                 raise self._error(exc, "scan", self.url) from exc
             out.sort(key=lambda f: f.path)
