@@ -19,19 +19,29 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from pyfastcdc import FastCDC
-
-from replicator.config import ChunkingConfig
-from replicator.sources.base import Readable
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
+    from replicator.config import ChunkingConfig
+    from replicator.sources.base import Readable
+
 NORMALIZED_CHUNKING: Literal[1] = 1
 """FastCDC's NC level (paper section 3.5); recorded in each repository's config."""
+
+
+class ChunkSizes(NamedTuple):
+    """FastCDC's size bounds as plain values (``chunking`` in the config is a pydantic model,
+    which the small-file helper processes do without)."""
+
+    min_size: int
+    avg_size: int
+    max_size: int
+
 
 _SMALL_BLOCK = 64 << 10
 """Up to this size a block is a bytearray: zeroing it costs under a microsecond (measured)."""
@@ -111,7 +121,10 @@ def _fill(stream: Readable, view: memoryview) -> int:
 
 
 def iter_chunks(
-    stream: Readable, params: ChunkingConfig, size_hint: int | None = None, blocks: BlockPool | None = None
+    stream: Readable,
+    params: ChunkingConfig | ChunkSizes,
+    size_hint: int | None = None,
+    blocks: BlockPool | None = None,
 ) -> Iterator[memoryview]:
     """Yield the chunks of ``stream`` in order, as read-only views that stay valid.
 

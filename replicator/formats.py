@@ -40,7 +40,7 @@ from typing import IO, Any, TypeGuard
 import numpy as np
 from numpy.lib import format as npy_format
 
-from replicator.manifest import check_relative_path
+from replicator.paths import check_relative_path
 
 JSON_LIMIT = 64 << 20
 """JSON documents larger than this are not parsed (a single document must be held in memory)."""

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from replicator.chunking import BlockPool, iter_chunks
-from replicator.codec import Buffer, ChunkEncoder
+from replicator.codec import Buffer
+from replicator.coder import ChunkCoder, SmallFile
 from replicator.config import ChunkingConfig, CompressionConfig
 from replicator.errors import SourceError
 from replicator.hashing import Hasher, HashSpec
@@ -142,72 +143,6 @@ Wanted = Callable[[dict[str, str]], bool]
 """Given a chunk's ids: does any target still need it? Called on the event loop."""
 
 
-SmallFile = tuple[list[tuple[int, dict[str, str], bytes]], dict[str, str]]
-"""A small file read whole and encoded: per chunk (length, ids per hash spec, stored form),
-and the file's digest per hash spec."""
-
-
-class ChunkCoder:
-    """The per-chunk CPU work (hash, encode, self-check) and reading small files whole. It owns
-    no threads or event loop, so it runs in worker threads or, pickled, in a helper process
-    (:mod:`replicator.reader_process`); its zstd compressors are per thread and not sent."""
-
-    def __init__(
-        self, chunking: ChunkingConfig, compression: CompressionConfig, specs: Sequence[HashSpec]
-    ) -> None:
-        self.chunking, self.compression, self.specs = chunking, compression, tuple(specs)
-        self.encoder = ChunkEncoder(compression.level, compression.float_grouping, compression.verify)
-
-    def __getstate__(self) -> tuple[ChunkingConfig, CompressionConfig, tuple[HashSpec, ...]]:
-        return self.chunking, self.compression, self.specs
-
-    def __setstate__(self, state: tuple[ChunkingConfig, CompressionConfig, tuple[HashSpec, ...]]) -> None:
-        self.__init__(*state)  # type: ignore[misc]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ChunkCoder) and self.__getstate__() == other.__getstate__()
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def ids(self, data: Buffer) -> dict[str, str]:
-        return {spec.key: spec.digest(data).hex() for spec in self.specs}
-
-    def encode(self, data: Buffer, ids: dict[str, str] | None = None) -> tuple[dict[str, str], bytes]:
-        ids = ids if ids is not None else self.ids(data)
-        return ids, self.encoder.encode(data)
-
-    def read_whole(self, source: Source, files: Sequence[SourceFile]) -> list[SmallFile | SourceError]:
-        """Read each file whole, then encode its chunks; per file the result, or why it was not
-        read (a FileChangedError, or another SourceError)."""
-        out: list[SmallFile | SourceError] = []
-        for file in files:
-            try:
-                pieces, digests = self._slurp(source, file)
-            except SourceError as exc:
-                out.append(exc)
-                continue
-            except OSError as exc:
-                out.append(
-                    SourceError(f"read failed: {exc.strerror or exc}", operation="read", key=file.path)
-                )
-                continue
-            out.append(([(len(p), *self.encode(p)) for p in pieces], digests))
-        return out
-
-    def _slurp(self, source: Source, file: SourceFile) -> tuple[list[memoryview], dict[str, str]]:
-        handle = source.open(file)
-        try:
-            pieces = list(iter_chunks(handle, self.chunking, file.size))
-            hashers = {s.key: s.hasher() for s in self.specs}
-            for h in hashers.values():
-                for piece in pieces:
-                    h.update(piece)
-            source.confirm(file, handle)
-        finally:
-            handle.close()
-        return pieces, {k: h.digest().hex() for k, h in hashers.items()}
-
-
 class ChunkPipeline:
     """Shared by all files of a run; owns the I/O and CPU thread pools."""
 
@@ -221,7 +156,7 @@ class ChunkPipeline:
         cpu_workers: int | None = None,
         io_workers: int = 4,
     ) -> None:
-        self.chunking = chunking
+        self.chunking, self.compression = chunking, compression
         self.coder = ChunkCoder(chunking, compression, list(dict.fromkeys(specs)))
         self.cpu_workers = cpu_workers or os.cpu_count() or 2
         self._cpu = ThreadPoolExecutor(self.cpu_workers, thread_name_prefix="encode")
@@ -243,7 +178,7 @@ class ChunkPipeline:
     def add_spec(self, spec: HashSpec) -> None:
         """Also compute ids for ``spec`` (a target attached later); files read before lack them."""
         if spec not in self.specs:
-            self.coder = ChunkCoder(self.chunking, self.coder.compression, (*self.specs, spec))
+            self.coder = ChunkCoder(self.chunking, self.compression, (*self.specs, spec))
 
     def _start_helpers(self, source: Source) -> None:
         if self._helper is None and source.read_in_helper:

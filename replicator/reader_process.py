@@ -9,10 +9,11 @@ the state writes fixed, ~2.0 s with one helper and ~1.7 s with two).
 
 Only sources whose reads are plain file system calls use them (``Source.read_in_helper``),
 and only for runs with at least :data:`replicator.pipeline.HELPER_MIN_FILES` small files:
-starting a helper costs ~0.25 s (a fresh interpreter importing the codec), spent on the
-other core while the first batches are read. It is started with ``spawn``, never ``fork``: the parent
-has threads, and a forked child could inherit a lock some thread held. A helper that dies
-is reported and the pipeline goes on reading in threads.
+starting a helper costs ~0.1 s (a fresh interpreter importing :mod:`replicator.reader_helper`
+and no more), spent while the source is still being scanned
+(:meth:`replicator.pipeline.ChunkPipeline.helper_starter`). It is started with ``spawn``,
+never ``fork``: the parent has threads, and a forked child could inherit a lock some thread
+held. A helper that dies is reported and the pipeline goes on reading in threads.
 """
 
 from __future__ import annotations
@@ -20,15 +21,13 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import signal
-import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+from replicator import reader_helper
+from replicator.coder import ChunkCoder, SmallFile
 from replicator.errors import ReplicatorError, SourceError
-from replicator.pipeline import ChunkCoder, SmallFile
 from replicator.sources.base import Source, SourceFile
 
 PROCESSES = min(os.cpu_count() or 1, 4)
@@ -50,13 +49,13 @@ class ReaderProcess:
         self._pool = ProcessPoolExecutor(
             self.processes,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_helper,
+            initializer=reader_helper.start,
             initargs=(os.getpid(),),
         )
         # The pool spawns a process per task while none is idle: start them all now, so that
         # their start-up (~0.25 s of imports) runs while the caller scans or plans.
         for _ in range(self.processes):
-            self._pool.submit(_ready)
+            self._pool.submit(reader_helper.ready)
 
     async def read_small_files(
         self, coder: ChunkCoder, source: Source, files: Sequence[SourceFile]
@@ -64,7 +63,7 @@ class ReaderProcess:
         """:meth:`ChunkCoder.read_whole` in the helper process."""
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._pool, _read_whole, coder, source, list(files)
+                self._pool, reader_helper.read_whole, coder, source, list(files)
             )
         except BrokenProcessPool as exc:
             raise ReaderProcessError(f"reader process died ({exc})", operation="read") from None
@@ -72,39 +71,3 @@ class ReaderProcess:
     def close(self, *, wait: bool = True) -> None:
         """Stop the helpers; ``wait=False`` after one died (joining a broken pool can hang)."""
         self._pool.shutdown(wait=wait, cancel_futures=True)
-
-
-def _start_helper(parent: int) -> None:
-    # Ctrl-C reaches the whole process group: the parent handles it and stops the pool; a
-    # helper would only print a KeyboardInterrupt traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A parent killed with SIGKILL (or by the OOM killer) cannot stop its helpers, and they
-    # would wait for work forever: every helper holds the task pipe's write end too, so none
-    # ever sees it close. Exit when the parent is gone. Its pid comes from the parent: one
-    # that died while this helper was starting has already been replaced by a reaper, which
-    # os.getppid() here would take for the parent.
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_SECONDS)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-PARENT_CHECK_SECONDS = 1.0
-
-
-def _ready() -> None:
-    """The warm-up task: a helper that ran it has started and imported the codec."""
-
-
-_coder: ChunkCoder | None = None
-"""The helper's coder, kept while the parent sends an equal one: its compressors are reused."""
-
-
-def _read_whole(coder: ChunkCoder, source: Source, files: list[SourceFile]) -> list[SmallFile | SourceError]:
-    global _coder
-    if _coder != coder:
-        _coder = coder
-    return _coder.read_whole(source, files)

@@ -50,7 +50,8 @@ from replicator.errors import IntegrityError, NotFoundError, ReplicatorError, Re
 from replicator.globs import PathFilter
 from replicator.hashing import HashSpec
 from replicator.log import get_logger
-from replicator.manifest import FileEntry, Manifest, check_relative_path
+from replicator.manifest import FileEntry, Manifest
+from replicator.paths import check_relative_path
 from replicator.pipeline import ByteBudget
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, snapshot_time

@@ -206,7 +206,7 @@ def test_self_check_rejects_a_frame_that_does_not_decompress(monkeypatch: pytest
 
 
 def test_pipeline_coder_honours_verify_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from replicator.pipeline import ChunkCoder
+    from replicator.coder import ChunkCoder
 
     bug = (Corrupting(flip_last), Corrupting(flip_last))
     monkeypatch.setattr(ChunkEncoder, "_compressors", lambda self: bug)

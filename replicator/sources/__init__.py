@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from replicator.config import SourceConfig
+from typing import TYPE_CHECKING
+
 from replicator.errors import ConfigError
 from replicator.globs import PathFilter
 from replicator.s3 import is_s3_url, parse_s3_url
 from replicator.sources.base import Source, SourceFile
 from replicator.sources.posix import PosixSource
+
+if TYPE_CHECKING:
+    from replicator.config import SourceConfig
 
 __all__ = ["PosixSource", "Source", "SourceFile", "open_source"]
 

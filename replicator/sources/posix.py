@@ -18,7 +18,7 @@ from pathlib import Path
 from replicator.errors import FileChangedError, SourceError
 from replicator.globs import PathFilter
 from replicator.log import get_logger
-from replicator.manifest import check_relative_path
+from replicator.paths import check_relative_path
 from replicator.sources.base import Readable, SourceFile
 
 log = get_logger(__name__)

@@ -23,7 +23,7 @@ from replicator.config import S3Access
 from replicator.errors import FileChangedError, SourceError
 from replicator.globs import PathFilter
 from replicator.log import get_logger
-from replicator.manifest import check_relative_path
+from replicator.paths import check_relative_path
 from replicator.s3 import S3Location, client_kwargs, config_kwargs
 from replicator.s3_errors import SDK_ERRORS, convert_error, http_status
 from replicator.sources.base import Readable, SourceFile
