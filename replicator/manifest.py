@@ -135,9 +135,15 @@ class Manifest(_Strict):
         return {cid for f in self.files for cid, _ in f.chunks}
 
 
+MANIFEST_ZSTD_LEVEL = 1
+"""A manifest is mostly hex ids, which no level compresses: on a 20,000-file manifest (5.4 MB
+of JSON) level 1 took 16 ms for 1.22 MB, level 3 36 ms for 1.31 MB, level 6 73 ms for 1.31 MB.
+Readers accept any level."""
+
+
 def encode_manifest(manifest: Manifest) -> bytes:
     """The stored form: zstd-compressed UTF-8 JSON."""
-    return zstandard.ZstdCompressor(level=6).compress(manifest.model_dump_json().encode())
+    return zstandard.ZstdCompressor(level=MANIFEST_ZSTD_LEVEL).compress(manifest.model_dump_json().encode())
 
 
 def parse_manifest(stored: bytes, *, where: str) -> Manifest:
