@@ -14,6 +14,12 @@ and no more), spent while the source is still being scanned
 (:meth:`replicator.pipeline.ChunkPipeline.helper_starter`). It is started with ``spawn``,
 never ``fork``: the parent has threads, and a forked child could inherit a lock some thread
 held. A helper that dies is reported and the pipeline goes on reading in threads.
+
+Each helper is reached over its own socket, read and written by the event loop itself
+(protocol in :mod:`replicator.reader_helper`). A ``ProcessPoolExecutor`` adds two threads to
+the parent (one pickles and sends tasks, one receives results), and every task woke one of
+them: on two busy cores the event loop then waited for the GIL ~1-2 ms per batch, often
+longer than the batch took to record.
 """
 
 from __future__ import annotations
@@ -21,53 +27,128 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import pickle
+import socket
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 from replicator import reader_helper
-from replicator.coder import ChunkCoder, SmallFile
-from replicator.errors import ReplicatorError, SourceError
+from replicator.coder import ChunkCoder
+from replicator.errors import ReplicatorError
+from replicator.reader_helper import FRAME, Reply
 from replicator.sources.base import Source, SourceFile
 
 PROCESSES = min(os.cpu_count() or 1, 4)
 """Helper processes. Even on two cores two beat one (20,000 files: read phase ~1.7 s vs ~2.0 s):
 the event loop's share of the work does not fill a core, and two helpers keep it fed."""
 
+STOP_SECONDS = 5.0
+"""How long :meth:`ReaderProcess.close` waits for a helper to exit before it kills it."""
+
 
 class ReaderProcessError(ReplicatorError):
     """The helper process died (killed, out of memory); the batch was not read."""
 
 
+class _Helper:
+    """One helper process and the parent's end of its socket."""
+
+    def __init__(self, context: multiprocessing.context.SpawnContext) -> None:
+        self.sock, theirs = socket.socketpair()
+        self.process = context.Process(
+            target=reader_helper.serve, args=(theirs,), name="replicator-reader", daemon=True
+        )
+        self.process.start()
+        theirs.close()
+        self.sock.setblocking(False)
+        self.waiting: deque[asyncio.Future[Reply]] = deque()
+        self._sending = asyncio.Lock()
+        self._receiver: asyncio.Task[None] | None = None
+        self.dead: str | None = None
+
+    async def call(self, request: tuple[ChunkCoder, Source, list[SourceFile]]) -> Reply:
+        if self.dead is not None:
+            raise self._died()
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Reply] = loop.create_future()
+        self.waiting.append(reply)
+        if self._receiver is None:
+            self._receiver = loop.create_task(self._receive())
+        frame = reader_helper.encode_frame(request)
+        try:
+            async with self._sending:  # frames must not interleave
+                await loop.sock_sendall(self.sock, frame)
+        except OSError as exc:
+            self._fail(f"cannot send to it: {exc}")
+        return await reply
+
+    async def _receive(self) -> None:
+        """Hand each reply, in order, to the oldest waiting call; fail them all at the end."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self.waiting:
+                header = await self._exactly(loop, FRAME.size)
+                body = await self._exactly(loop, FRAME.unpack(header)[0])
+                reply = self.waiting.popleft()
+                if not reply.done():
+                    reply.set_result(pickle.loads(body))
+        except (OSError, EOFError) as exc:
+            self._fail(str(exc) or type(exc).__name__)
+        finally:
+            self._receiver = None
+
+    async def _exactly(self, loop: asyncio.AbstractEventLoop, n: int) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = await loop.sock_recv_into(self.sock, view[got:])
+            if not k:
+                raise EOFError(f"exit code {self.process.exitcode}" if self.process.exitcode else "closed")
+            got += k
+        return buf
+
+    def _fail(self, why: str) -> None:
+        self.dead = self.dead or why
+        while self.waiting:
+            reply = self.waiting.popleft()
+            if not reply.done():
+                reply.set_exception(self._died())
+
+    def _died(self) -> ReaderProcessError:
+        return ReaderProcessError(f"reader process died ({self.dead})", operation="read")
+
+    def close(self, wait: bool) -> None:
+        if self._receiver is not None:
+            self._receiver.cancel()
+        self._fail("stopped")  # batches still waiting are read again in threads
+        self.sock.close()  # the helper sees the end of its socket and exits
+        if wait:
+            self.process.join(STOP_SECONDS)
+        if self.process.is_alive():
+            self.process.kill()
+
+
 class ReaderProcess:
-    """A pool of :data:`PROCESSES` helper processes (one per core, at most four)."""
+    """:data:`PROCESSES` helper processes (one per core, at most four), started at once, so
+    that their start-up runs while the caller scans or plans."""
 
     Error = ReaderProcessError
 
     def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
         self.processes = PROCESSES
-        self._pool = ProcessPoolExecutor(
-            self.processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=reader_helper.start,
-            initargs=(os.getpid(),),
-        )
-        # The pool spawns a process per task while none is idle: start them all now, so that
-        # their start-up (~0.25 s of imports) runs while the caller scans or plans.
-        for _ in range(self.processes):
-            self._pool.submit(reader_helper.ready)
+        self._helpers = [_Helper(context) for _ in range(self.processes)]
 
-    async def read_small_files(
-        self, coder: ChunkCoder, source: Source, files: Sequence[SourceFile]
-    ) -> list[SmallFile | SourceError]:
-        """:meth:`ChunkCoder.read_whole` in the helper process."""
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pool, reader_helper.read_whole, coder, source, list(files)
-            )
-        except BrokenProcessPool as exc:
-            raise ReaderProcessError(f"reader process died ({exc})", operation="read") from None
+    @property
+    def pids(self) -> list[int]:
+        return [h.process.pid for h in self._helpers if h.process.pid is not None]
+
+    async def read_small_files(self, coder: ChunkCoder, source: Source, files: Sequence[SourceFile]) -> Reply:
+        """:meth:`ChunkCoder.read_whole` in the least busy helper process."""
+        helper = min(self._helpers, key=lambda h: len(h.waiting))
+        return await helper.call((coder, source, list(files)))
 
     def close(self, *, wait: bool = True) -> None:
-        """Stop the helpers; ``wait=False`` after one died (joining a broken pool can hang)."""
-        self._pool.shutdown(wait=wait, cancel_futures=True)
+        """Stop the helpers; ``wait=False`` after one died."""
+        for helper in self._helpers:
+            helper.close(wait)

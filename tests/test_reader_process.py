@@ -154,9 +154,7 @@ def test_a_dead_helper_is_reported_and_reading_goes_on_in_threads(
     ) -> list[SmallFile | SourceError]:
         if not killed:  # the first batch starts the process; kill it before it answers
             task = asyncio.ensure_future(read(helper, coder, source, files))
-            while not helper._pool._processes:  # noqa: ASYNC110 (a process starting is no event)
-                await asyncio.sleep(0.01)
-            pid = next(iter(helper._pool._processes))  # one dies: the pool is broken
+            pid = helper.pids[0]  # one dies: reading goes on in threads
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
             return await task
@@ -209,7 +207,7 @@ async def main():
     helper = ReaderProcess()
     coder = ChunkCoder(ChunkingConfig(), CompressionConfig(), [])
     await helper.read_small_files(coder, source, await source.scan())
-    print(" ".join(map(str, helper._pool._processes)), flush=True)
+    print(" ".join(map(str, helper.pids)), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # no chance to stop the pool
 
 asyncio.run(main())
