@@ -73,7 +73,7 @@ class ChunkCoder:
         out: list[SmallFile | SourceError] = []
         for file in files:
             try:
-                pieces, digests = self._slurp(source, file)
+                pieces = self._slurp(source, file)
             except SourceError as exc:
                 out.append(exc)
                 continue
@@ -82,18 +82,25 @@ class ChunkCoder:
                     SourceError(f"read failed: {exc.strerror or exc}", operation="read", key=file.path)
                 )
                 continue
-            out.append(([(len(p), *self.encode(p)) for p in pieces], digests))
+            chunks = [(len(p), *self.encode(p)) for p in pieces]
+            # A file of one chunk has that chunk's id as its digest (same function, same seed).
+            out.append((chunks, dict(chunks[0][1]) if len(chunks) == 1 else self._digests(pieces)))
         return out
 
-    def _slurp(self, source: Source, file: SourceFile) -> tuple[list[memoryview], dict[str, str]]:
+    def _slurp(self, source: Source, file: SourceFile) -> list[memoryview]:
         handle = source.open(file)
         try:
             pieces = list(iter_chunks(handle, self.sizes, file.size))
-            hashers = {s.key: s.hasher() for s in self.specs}
-            for h in hashers.values():
-                for piece in pieces:
-                    h.update(piece)
             source.confirm(file, handle)
         finally:
             handle.close()
-        return pieces, {k: h.digest().hex() for k, h in hashers.items()}
+        return pieces
+
+    def _digests(self, pieces: list[memoryview]) -> dict[str, str]:
+        out = {}
+        for spec in self.specs:
+            hasher = spec.hasher()
+            for piece in pieces:
+                hasher.update(piece)
+            out[spec.key] = hasher.digest().hex()
+        return out

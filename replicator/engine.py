@@ -338,14 +338,17 @@ class Replicator:
             for t in targets:
                 t.uploader.prefetch([ids[t.uploader.key] for ids in chunk_ids])
 
+        files_read = metrics.READ_FILES.labels(source.name)  # looked up once, not per file
+        bytes_read = metrics.READ_BYTES.labels(source.name)
+
         def done(rec: FileRecord) -> None:
             assert self.state is not None
             self.state.put_file(source.name, rec)
             records.append(rec)
             result.files_read += 1
             result.bytes_read += rec.size
-            metrics.READ_FILES.labels(source.name).inc()
-            metrics.READ_BYTES.labels(source.name).inc(rec.size)
+            files_read.inc()
+            bytes_read.inc(rec.size)
 
         async def worker() -> None:
             while queue:

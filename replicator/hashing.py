@@ -9,6 +9,7 @@ choice when sources are untrusted and could craft collisions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, Protocol
 
 import blake3
@@ -34,7 +35,7 @@ class HashSpec:
         if not 0 <= self.seed < 1 << 64:
             raise ValueError("seed must be an unsigned 64-bit integer")
 
-    @property
+    @cached_property  # read several times per chunk
     def key(self) -> str:
         """Identifies this spec in the state store: two repositories with equal keys share ids."""
         return f"{self.algorithm}:{self.seed}" if self.algorithm == "xxh3-128" else self.algorithm
