@@ -24,7 +24,9 @@ from replicator.sources.base import Source, SourceFile
 FRAME = struct.Struct("<Q")
 
 Request = tuple[ChunkCoder, Source, list[SourceFile]]
+"""A batch to read: the coder (hash specs, chunk sizes, encoder settings), the source, its files."""
 Reply = list[SmallFile | SourceError]
+"""Per file of the batch, in order: the file read and encoded, or why it was not read."""
 
 
 def serve(sock: socket.socket) -> None:

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from replicator import reader_helper
 from replicator.coder import ChunkCoder
 from replicator.errors import ReplicatorError
-from replicator.reader_helper import FRAME, Reply
+from replicator.reader_helper import FRAME, Reply, Request
 from replicator.sources.base import Source, SourceFile
 
 PROCESSES = min(os.cpu_count() or 1, 4)
@@ -66,7 +66,7 @@ class _Helper:
         self._receiver: asyncio.Task[None] | None = None
         self.dead: str | None = None
 
-    async def call(self, request: tuple[ChunkCoder, Source, list[SourceFile]]) -> Reply:
+    async def call(self, request: Request) -> Reply:
         if self.dead is not None:
             raise self._died()
         loop = asyncio.get_running_loop()
