@@ -38,8 +38,10 @@ log = get_logger(__name__)
 
 HELPER_MIN_FILES = 4096
 """Runs with fewer small files than this read them in threads: a helper process costs ~0.1 s of
-CPU to start and saves ~30 us per file (:mod:`replicator.reader_process`). Set when a start
-cost ~0.25 s; not re-tuned since."""
+CPU to start and saves ~30 us per file (:mod:`replicator.reader_process`). Re-measured with
+the cheaper helpers (a fresh sync of N of the benchmark's JSON files, 3 runs each): threads
+0.23-0.24 s and helpers 0.35-0.37 s for 1,000 files, 0.35-0.38 s and 0.42-0.46 s for 2,000,
+both 0.58-0.63 s for 4,000."""
 
 LARGE_FILE_READERS = 2
 """Large files read at once. Reading, cutting and hashing take ~1.2 CPU-s per GiB in one thread:
