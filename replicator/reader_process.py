@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import pickle
 import socket
+import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -117,15 +118,12 @@ class _Helper:
     def _died(self) -> ReaderProcessError:
         return ReaderProcessError(f"reader process died ({self.dead})", operation="read")
 
-    def close(self, wait: bool) -> None:
+    def stop(self) -> None:
+        """Close the parent's end: the helper sees the end of its socket and exits."""
         if self._receiver is not None:
             self._receiver.cancel()
         self._fail("stopped")  # batches still waiting are read again in threads
-        self.sock.close()  # the helper sees the end of its socket and exits
-        if wait:
-            self.process.join(STOP_SECONDS)
-        if self.process.is_alive():
-            self.process.kill()
+        self.sock.close()
 
 
 class ReaderProcess:
@@ -149,6 +147,13 @@ class ReaderProcess:
         return await helper.call((coder, source, list(files)))
 
     def close(self, *, wait: bool = True) -> None:
-        """Stop the helpers; ``wait=False`` after one died."""
+        """Stop the helpers, waiting up to STOP_SECONDS for them to exit unless ``wait`` is
+        false (after one died), then kill any still running. All are told first, so that
+        they exit together (one after the other took ~0.1 s for two)."""
         for helper in self._helpers:
-            helper.close(wait)
+            helper.stop()
+        deadline = time.monotonic() + (STOP_SECONDS if wait else 0)
+        for helper in self._helpers:
+            helper.process.join(max(0.0, deadline - time.monotonic()))
+            if helper.process.is_alive():
+                helper.process.kill()
