@@ -187,7 +187,10 @@ class ChunkPipeline:
         if self._helper is None and source.read_in_helper:
             from replicator.reader_process import ReaderProcess
 
-            self._helper = ReaderProcess()
+            try:
+                self._helper = ReaderProcess()
+            except OSError as exc:  # out of processes or file descriptors: threads still work
+                log.warning("reader_process.unavailable", error=str(exc), hint="reading in threads")
 
     def helper_starter(self, source: Source, known: int) -> Callable[[SourceFile], None] | None:
         """A ``found`` callback for :meth:`Source.scan` of ``source``, whose files the state

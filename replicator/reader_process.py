@@ -56,11 +56,16 @@ class _Helper:
 
     def __init__(self, context: multiprocessing.context.SpawnContext) -> None:
         self.sock, theirs = socket.socketpair()
-        self.process = context.Process(
-            target=reader_helper.serve, args=(theirs,), name="replicator-reader", daemon=True
-        )
-        self.process.start()
-        theirs.close()
+        try:
+            self.process = context.Process(
+                target=reader_helper.serve, args=(theirs,), name="replicator-reader", daemon=True
+            )
+            self.process.start()
+        except BaseException:
+            self.sock.close()
+            raise
+        finally:
+            theirs.close()
         self.sock.setblocking(False)
         self.waiting: deque[asyncio.Future[Reply]] = deque()
         self._sending = asyncio.Lock()
@@ -135,7 +140,13 @@ class ReaderProcess:
     def __init__(self) -> None:
         context = multiprocessing.get_context("spawn")
         self.processes = PROCESSES
-        self._helpers = [_Helper(context) for _ in range(self.processes)]
+        self._helpers: list[_Helper] = []
+        try:
+            for _ in range(self.processes):
+                self._helpers.append(_Helper(context))
+        except BaseException:
+            self.close(wait=False)  # the ones already started
+            raise
 
     @property
     def pids(self) -> list[int]:

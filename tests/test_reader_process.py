@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import multiprocessing
 import os
 import pickle
 import signal
@@ -95,6 +97,27 @@ def test_a_file_changed_or_deleted_before_the_helper_reads_it_is_never_recorded_
     assert (restored / "part-1" / "rec-00001.json").read_text() == "rewritten after the scan, before the read"
     assert not (restored / "part-2" / "rec-00002.json").exists()
     assert tree_digest(restored) == tree_digest(primary)
+
+
+def test_helpers_that_cannot_be_started_leave_the_reading_to_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[multiprocessing.process.BaseProcess] = []
+    start = multiprocessing.context.SpawnProcess.start
+
+    def second_fails(process: multiprocessing.context.SpawnProcess) -> None:
+        if started:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        start(process)
+        started.append(process)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", second_fails)
+    primary = small_tree(tmp_path / "primary", 100)
+    config = posix_target_config(tmp_path)
+    sync(config)
+    assert started and not any(p.is_alive() for p in started)  # the one that started is stopped
+    restore(config, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(primary)
 
 
 def test_helpers_start_during_a_scan_that_finds_enough_new_small_files(
