@@ -48,7 +48,8 @@ STOP_SECONDS = 5.0
 
 
 class ReaderProcessError(ReplicatorError):
-    """The helper process died (killed, out of memory); the batch was not read."""
+    """A helper process died (killed, out of memory), was stopped, or sent a reply that could not
+    be read; the batch was not read there (the pipeline reads it in threads)."""
 
 
 class _Helper:
@@ -70,11 +71,11 @@ class _Helper:
         self.waiting: deque[asyncio.Future[Reply]] = deque()
         self._sending = asyncio.Lock()
         self._receiver: asyncio.Task[None] | None = None
-        self.dead: str | None = None
+        self.failure: str | None = None
 
     async def call(self, request: Request) -> Reply:
-        if self.dead is not None:
-            raise self._died()
+        if self.failure is not None:
+            raise self._failed()
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Reply] = loop.create_future()
         self.waiting.append(reply)
@@ -94,12 +95,12 @@ class _Helper:
         try:
             while self.waiting:
                 header = await self._exactly(loop, FRAME.size)
-                body = await self._exactly(loop, FRAME.unpack(header)[0])
-                reply = self.waiting.popleft()
+                result = pickle.loads(await self._exactly(loop, FRAME.unpack(header)[0]))
+                reply = self.waiting.popleft()  # only now: a reply that cannot be read fails below
                 if not reply.done():
-                    reply.set_result(pickle.loads(body))
-        except (OSError, EOFError) as exc:
-            self._fail(str(exc) or type(exc).__name__)
+                    reply.set_result(result)
+        except Exception as exc:  # the helper died, or a reply could not be read: never leave a call waiting
+            self._fail(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         finally:
             self._receiver = None
 
@@ -114,14 +115,14 @@ class _Helper:
         return buf
 
     def _fail(self, why: str) -> None:
-        self.dead = self.dead or why
+        self.failure = self.failure or why
         while self.waiting:
             reply = self.waiting.popleft()
             if not reply.done():
-                reply.set_exception(self._died())
+                reply.set_exception(self._failed())
 
-    def _died(self) -> ReaderProcessError:
-        return ReaderProcessError(f"reader process died ({self.dead})", operation="read")
+    def _failed(self) -> ReaderProcessError:
+        return ReaderProcessError(f"reader process failed ({self.failure})", operation="read")
 
     def stop(self) -> None:
         """Close the parent's end: the helper sees the end of its socket and exits."""
@@ -160,7 +161,7 @@ class ReaderProcess:
     def close(self, *, wait: bool = True) -> None:
         """Stop the helpers, waiting up to STOP_SECONDS for them to exit unless ``wait`` is
         false (after one died), then kill any still running. All are told first, so that
-        they exit together (one after the other took ~0.1 s for two)."""
+        they exit together (closing two one after the other took ~30 ms, together ~16 ms)."""
         for helper in self._helpers:
             helper.stop()
         deadline = time.monotonic() + (STOP_SECONDS if wait else 0)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from replicator import pipeline
+from replicator import pipeline, reader_helper, reader_process
 from replicator.coder import ChunkCoder, SmallFile
 from replicator.config import ChunkingConfig, CompressionConfig, Config
 from replicator.engine import Replicator
@@ -116,6 +116,30 @@ def test_helpers_that_cannot_be_started_leave_the_reading_to_threads(
     config = posix_target_config(tmp_path)
     sync(config)
     assert started and not any(p.is_alive() for p in started)  # the one that started is stopped
+    restore(config, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(primary)
+
+
+def test_a_reply_that_cannot_be_read_fails_its_batch_not_the_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exactly = reader_process._Helper._exactly
+    garbled: list[int] = []
+
+    async def first_body_garbled(
+        helper: reader_process._Helper, loop: asyncio.AbstractEventLoop, n: int
+    ) -> bytearray:
+        data = await exactly(helper, loop, n)
+        if n != reader_helper.FRAME.size and not garbled:  # a reply's body, not its length
+            garbled.append(n)
+            return bytearray(b"\xff" * n)
+        return data
+
+    monkeypatch.setattr(reader_process._Helper, "_exactly", first_body_garbled)
+    primary = small_tree(tmp_path / "primary", 200)
+    config = posix_target_config(tmp_path)
+    sync(config)
+    assert garbled
     restore(config, tmp_path / "restored")
     assert tree_digest(tmp_path / "restored") == tree_digest(primary)
 
