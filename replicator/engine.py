@@ -238,10 +238,8 @@ class Replicator:
         """The source's files (:meth:`Source.scan`), starting the pipeline's helper processes
         during the scan if it finds enough new small files (:meth:`ChunkPipeline.helper_starter`)."""
         assert self.state is not None and self.pipeline is not None
-        source = self.source(cfg)
-        if not source.read_in_helper:
-            return await source.scan()
-        return await source.scan(self.pipeline.helper_starter(source, self.state.count_files(cfg.name)))
+        state, source = self.state, self.source(cfg)
+        return await source.scan(self.pipeline.helper_starter(source, lambda: state.count_files(cfg.name)))
 
     # -- step 1: candidates -----------------------------------------------------------------
 

@@ -192,17 +192,18 @@ class ChunkPipeline:
             except OSError as exc:  # out of processes or file descriptors: threads still work
                 log.warning("reader_process.unavailable", error=str(exc), hint="reading in threads")
 
-    def helper_starter(self, source: Source, known: int) -> Callable[[SourceFile], None] | None:
+    def helper_starter(self, source: Source, known: Callable[[], int]) -> Callable[[SourceFile], None] | None:
         """A ``found`` callback for :meth:`Source.scan` of ``source``, whose files the state
-        knows ``known`` of: once the scan has found HELPER_MIN_FILES more small files than
-        that, at least that many are new, so they will be read in the helper processes (see
-        :meth:`expect_small_files`). It starts them at once, so that their start-up (~0.1 s
-        of imports each, :mod:`replicator.reader_helper`) overlaps the rest of the scan
-        instead of delaying the first reads. None if there is nothing to start."""
+        knows ``known()`` of (asked only when helpers could start): once the scan has found
+        HELPER_MIN_FILES more small files than that, at least that many are new, so they will
+        be read in the helper processes (see :meth:`expect_small_files`). It starts them at
+        once, so that their start-up (~0.1 s of imports each, :mod:`replicator.reader_helper`)
+        overlaps the rest of the scan instead of delaying the first reads. None if there is
+        nothing to start."""
         if self._helper is not None or not source.read_in_helper:
             return None
         loop = asyncio.get_running_loop()
-        to_go = HELPER_MIN_FILES + known
+        to_go = HELPER_MIN_FILES + known()
 
         def found(file: SourceFile) -> None:  # in the scanning thread
             nonlocal to_go
