@@ -42,6 +42,16 @@ def posix_target_config(tmp_path: Path) -> Config:
     return make_config(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
 
 
+def sync_and_restore_small_tree(tmp_path: Path, count: int) -> None:
+    """``count`` small files at tmp_path/primary synced to a new POSIX target; restored from
+    it, they match the primary."""
+    primary = small_tree(tmp_path / "primary", count)
+    config = posix_target_config(tmp_path)
+    sync(config)
+    restore(config, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(primary)
+
+
 class Calls:
     """Counts the batches that went through the helper process."""
 
@@ -112,12 +122,8 @@ def test_helpers_that_cannot_be_started_leave_the_reading_to_threads(
         started.append(process)
 
     monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", second_fails)
-    primary = small_tree(tmp_path / "primary", 100)
-    config = posix_target_config(tmp_path)
-    sync(config)
+    sync_and_restore_small_tree(tmp_path, 100)
     assert started and not any(p.is_alive() for p in started)  # the one that started is stopped
-    restore(config, tmp_path / "restored")
-    assert tree_digest(tmp_path / "restored") == tree_digest(primary)
 
 
 def test_a_reply_that_cannot_be_read_fails_its_batch_not_the_pass(
@@ -136,12 +142,8 @@ def test_a_reply_that_cannot_be_read_fails_its_batch_not_the_pass(
         return data
 
     monkeypatch.setattr(reader_process._Helper, "_exactly", first_body_garbled)
-    primary = small_tree(tmp_path / "primary", 200)
-    config = posix_target_config(tmp_path)
-    sync(config)
+    sync_and_restore_small_tree(tmp_path, 200)
     assert garbled
-    restore(config, tmp_path / "restored")
-    assert tree_digest(tmp_path / "restored") == tree_digest(primary)
 
 
 def test_helpers_start_during_a_scan_that_finds_enough_new_small_files(
@@ -208,12 +210,8 @@ def test_a_dead_helper_is_reported_and_reading_goes_on_in_threads(
         return await read(helper, coder, source, files)
 
     monkeypatch.setattr(ReaderProcess, "read_small_files", kill_first)
-    primary = small_tree(tmp_path / "primary", 200)
-    config = posix_target_config(tmp_path)
-    sync(config)
+    sync_and_restore_small_tree(tmp_path, 200)
     assert killed
-    restore(config, tmp_path / "restored")
-    assert tree_digest(tmp_path / "restored") == tree_digest(primary)
 
 
 LEAN_HELPER_SCRIPT = """
