@@ -1,6 +1,16 @@
 """The ``replicator`` command (console script and ``python -m replicator``)."""
 
+import atexit
+import gc
 import os
+
+GC_YOUNG_THRESHOLD = 50_000
+"""Container allocations between collections of the youngest generation (CPython's default:
+700). A sync allocates many long-lived small objects (file records, chunk lists, the S3 SDK's
+service model), and with the default thresholds the collector kept re-scanning them: 0.2 s of
+a 20,000-small-file sync (552 collections) and 0.09 s of a 1 GiB S3 increment went to garbage
+collection, measured with ``gc.callbacks``. Nothing we keep relies on the collector to free
+memory promptly; the cycles it finds are rare and small."""
 
 
 def main() -> None:
@@ -8,8 +18,14 @@ def main() -> None:
     # core and took ~4 % of the CPU time of a sync (perf, bench_sync data). Set before numpy
     # is imported; an explicit setting from the environment wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
     from replicator.cli import main as cli_main
 
+    # What is alive now lives for the whole process: never scan it again. At exit, freeze
+    # everything, so that interpreter shutdown does not run full collections over objects
+    # that are about to be freed anyway (~0.1 s after a 1 GiB S3 sync, `perf record`).
+    gc.freeze()
+    atexit.register(gc.freeze)
     cli_main()
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from replicator import __version__
 from tests.conftest import write_config
 
 NEVER_FOR_POSIX = {
@@ -75,3 +76,21 @@ def test_posix_sync_restore_verify_skip_the_heavy_modules(tmp_path: Path) -> Non
         assert not heavy, args
         assert "yaml" not in mods or "-c" in args  # --repo needs no YAML parser
     assert (tmp_path / "out" / "rec-9.json").read_bytes() == (src / "rec-9.json").read_bytes()
+
+
+def test_entry_point_tunes_the_garbage_collector() -> None:
+    """The console script raises the young-generation threshold and freezes what start-up
+    built (see replicator.__main__), and the command still runs and prints as usual."""
+    probe = (
+        "import gc, sys\n"
+        "sys.argv = ['replicator', '--version']\n"
+        "from replicator.__main__ import GC_YOUNG_THRESHOLD, main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print(gc.get_threshold()[0] == GC_YOUNG_THRESHOLD, gc.get_freeze_count() > 1000)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["replicator", __version__, "True", "True"]
