@@ -29,11 +29,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import ROOT, du, find_tool, peer_versions, same_tree, timed, warm_cache
+from bench.common import ROOT, du, find_tool, peer_versions, replicator_command, same_tree, timed, warm_cache
 from bench.data import small_files, training_steps
 from tests.servers import ACCESS_KEY, SECRET_KEY, RcloneServer, free_port
 
-REPLICATOR = [sys.executable, "-m", "replicator"]
 DURABLE_PEER = {("restore", "replicator"): "restic + sync", ("small restore", "replicator"): "restic + sync"}
 """Rows compared with another peer than plain restic: like with like."""
 S3_ENV = {
@@ -120,7 +119,7 @@ class Bench:
         """One backup by each tool of ``source`` into its ``name`` destination (created on first use)."""
         url, size = self.dest_cached(kind, name, "replicator")
         cfg = self.replicator_config(f"{name}-{kind}", source, url)
-        cmd = [*REPLICATOR, "sync", "-c", str(cfg), "-q"]
+        cmd = [*replicator_command(), "sync", "-c", str(cfg), "-q"]
         self.run(scenario, kind, "replicator", cmd, size, input_bytes, source)
 
         url, size = self.dest_cached(kind, name, "restic")
@@ -191,7 +190,7 @@ def restore_scenario(bench: Bench, source: Path, name: str = "ckpt", scenario: s
     url, repo = bench.dest_cached("posix", name, "replicator")
     restic_url, restic_repo = bench.dest_cached("posix", name, "restic")
     rclone_url, rclone_copy = bench.dest_cached("posix", name, "rclone")
-    ours = [*REPLICATOR, "restore", "-q", "--repo", url, "-s", "src", str(out)]
+    ours = [*replicator_command(), "restore", "-q", "--repo", url, "-s", "src", str(out)]
     theirs = [bench.restic, "restore", "latest", "--repo", restic_url, "--quiet", "--target", str(out)]
     # replicator's restore is durable when it returns (one syncfs); restic's is not: compare
     # each with its like, `--no-sync` with restic and the default with restic followed by sync.
@@ -225,7 +224,7 @@ def verify_scenario(bench: Bench, source: Path) -> None:
         "verify",
         "posix",
         "replicator",
-        [*REPLICATOR, "verify", "-q", "--repo", url, "--read-data"],
+        [*replicator_command(), "verify", "-q", "--repo", url, "--read-data"],
         size,
         total,
         size,
@@ -241,7 +240,7 @@ def big_file_scenario(bench: Bench, root: Path, gib: float) -> None:
     path = one_big_file(root, gib)
     url, size = bench.dest_cached("posix", "big", "replicator")
     cfg = bench.replicator_config("big", path.parent, url)
-    cmd = [*REPLICATOR, "sync", "-c", str(cfg), "-q"]
+    cmd = [*replicator_command(), "sync", "-c", str(cfg), "-q"]
     bench.run("big", "posix", "replicator", cmd, size, du(path.parent), path.parent)
     shutil.rmtree(size, ignore_errors=True)
 

@@ -32,10 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import ROOT
+from bench.common import ROOT, replicator_command
 from tests.helpers import chunks_written_since, loose_chunk_ids
-
-REPLICATOR = [sys.executable, "-m", "replicator"]
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -47,7 +45,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*REPLICATOR, *args], capture_output=True, text=True, check=False)
+    return subprocess.run([*replicator_command(), *args], capture_output=True, text=True, check=False)
 
 
 def write_config(work: Path, name: str, source: Path) -> tuple[Path, Path]:
@@ -93,7 +91,9 @@ def main() -> None:
         share = 0.0 if trial % 10 == 0 else rng.uniform(0.02, 0.98)
         cfg, target = write_config(work, "trial", source)
         log = open(work / "daemon.log", "wb")  # noqa: SIM115 - closed after the kill
-        daemon = subprocess.Popen([*REPLICATOR, "run", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+        daemon = subprocess.Popen(
+            [*replicator_command(), "run", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT
+        )
         started = time.monotonic()
         if share == 0.0:
             time.sleep(rng.uniform(0.05, 0.5))

@@ -23,19 +23,18 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT
+from bench.common import ROOT, replicator_command
 from replicator.demo import bf16, write_safetensors
 
 
 def start_daemon(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "replicator", "run", "-c", str(cfg)],
+        [*replicator_command(), "run", "-c", str(cfg)],
         stdout=open(log, "wb"),  # closed when the daemon exits
         stderr=subprocess.STDOUT,
     )

@@ -25,6 +25,7 @@ from bench.common import (
     find_tool,
     generate_checkpoints,
     peer_versions,
+    replicator_command,
     replicator_repo,
     same_tree,
     summarize,
@@ -49,13 +50,13 @@ def main() -> None:
     for d in (rrepo, rcopy):
         shutil.rmtree(d, ignore_errors=True)
     cfg = replicator_repo(repl, data)
-    timed([sys.executable, "-m", "replicator", "sync", "-c", str(cfg), "-q"])
+    timed([*replicator_command(), "sync", "-c", str(cfg), "-q"])
     timed([restic, "init", "--repo", str(rrepo)], env)
     timed([restic, "backup", "--repo", str(rrepo), "--quiet", str(data)], env)
     timed([rclone, "copy", "--config", "/dev/null", str(data), str(rcopy)])
 
     out = args.workdir / "out"
-    ours = [sys.executable, "-m", "replicator", "restore", "-q", "--repo", f"{repl}/target", "-s", "ckpt"]
+    ours = [*replicator_command(), "restore", "-q", "--repo", f"{repl}/target", "-s", "ckpt"]
     theirs = [restic, "restore", "latest", "--repo", str(rrepo), "--quiet", "--target", str(out)]
     # replicator's default restore is durable when it returns (one syncfs), restic's is not:
     # each is timed both ways (restic followed by `sync`; replicator --no-sync).

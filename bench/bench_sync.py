@@ -22,6 +22,7 @@ from bench.common import (
     find_tool,
     generate_checkpoints,
     peer_versions,
+    replicator_command,
     replicator_repo,
     summarize,
     timed,
@@ -43,7 +44,7 @@ def main() -> None:
     for i in range(args.runs):
         repl = args.workdir / "replicator"
         cfg = replicator_repo(repl, data)
-        secs, cpu, rss = timed([sys.executable, "-m", "replicator", "sync", "-c", str(cfg), "-q"])
+        secs, cpu, rss = timed([*replicator_command(), "sync", "-c", str(cfg), "-q"])
         runs.append(Run("replicator", secs, cpu, rss, du(repl / "target"), size))
 
         rrepo = args.workdir / "restic"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import functools
 import json
 import os
 import shutil
@@ -126,6 +127,30 @@ def generate_checkpoints(root: Path, total_gib: float, shards: int = 8, seed: in
     (d / "COMPLETE").write_text("")
     marker.write_text(json.dumps(want))
     return du(root)
+
+
+INSTALL_DIR = ROOT / "bench" / "out" / "venv"
+
+
+@functools.cache
+def replicator_command() -> list[str]:
+    """The ``replicator`` command as users install it, built from this checkout: a virtual
+    environment (``bench/out/venv``) with a regular ``pip install`` of the project, reinstalled
+    on every benchmark run so that it measures the current code.
+
+    Not ``python -m replicator`` from the development environment, which is an editable
+    install (an import hook on every start) with the test extras: ``httpx``, pulled in by a
+    test dependency, is imported by aiobotocore when present (~60 ms on every S3 command,
+    ``python -X importtime``), and with ``PYTHONDONTWRITEBYTECODE`` set no module of ours has
+    bytecode. A user's install has bytecode compiled by pip and none of the test extras."""
+    pip = INSTALL_DIR / "bin" / "pip"
+    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools would reuse stale files from it
+    if not pip.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(INSTALL_DIR)], check=True)
+        subprocess.run([str(pip), "install", "-q", str(ROOT)], check=True)
+    else:  # same version number, new code: reinstall the project alone
+        subprocess.run([str(pip), "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)], check=True)
+    return [str(INSTALL_DIR / "bin" / "replicator")]
 
 
 def find_tool(name: str) -> str:
