@@ -23,6 +23,7 @@ import sqlite3
 import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from replicator.errors import ConfigError, ReplicatorError
@@ -32,11 +33,13 @@ from replicator.pipeline import FileRecord
 
 log = get_logger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MIGRATIONS = {
     # 1 -> 2: pack locations (a packed chunk's row names its pack; loose chunks have NULLs).
     1: "ALTER TABLE chunks ADD COLUMN pack BLOB; ALTER TABLE chunks ADD COLUMN offset INTEGER; "
     "ALTER TABLE chunks ADD COLUMN length INTEGER;",
+    # 2 -> 3: publishes held by the mass-deletion guard (replicator.reconcile).
+    2: "ALTER TABLE rpo ADD COLUMN held TEXT;",
 }
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -54,7 +57,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     PRIMARY KEY (repo, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rpo (
     source TEXT NOT NULL, target TEXT NOT NULL, pending_since REAL, last_snapshot REAL,
-    last_error TEXT, breached INTEGER NOT NULL, last_alert REAL,
+    last_error TEXT, breached INTEGER NOT NULL, last_alert REAL, held TEXT,
     PRIMARY KEY (source, target)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS spend (
     target TEXT NOT NULL, day TEXT NOT NULL, bytes INTEGER NOT NULL, puts INTEGER NOT NULL,
@@ -65,6 +68,20 @@ CREATE TABLE IF NOT EXISTS published (
     published_at REAL NOT NULL, PRIMARY KEY (repo, source)) WITHOUT ROWID;
 """
 _SIZE = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class RpoRow:
+    """What the daemon leaves behind per source × target for a restart and for ``status``."""
+
+    pending_since: float | None
+    """Observation time of the oldest change the target lacks; None when caught up."""
+    last_snapshot: float | None
+    last_error: str | None
+    breached: bool
+    last_alert: float | None
+    held: str | None = None
+    """Why publishing waits for an operator (replicator.reconcile), or None."""
 
 
 class StateLockedError(ReplicatorError):
@@ -95,6 +112,24 @@ def _unpack(blob: bytes, id_len: int) -> tuple[tuple[str, int], ...]:
 
 def _id_len(hash_key: str) -> int:
     return 32 if hash_key == "blake3" else 16
+
+
+def holder_pid(state_dir: Path) -> int | None:
+    """The pid of the process that holds ``state_dir`` (a running daemon or command), or None."""
+    try:
+        fd = os.open(state_dir / "lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 class StateStore:
@@ -443,27 +478,26 @@ class StateStore:
 
     # -- recovery point (replicator.rpo) ----------------------------------------------------------
 
-    def load_rpo(
-        self,
-    ) -> dict[tuple[str, str], tuple[float | None, float | None, str | None, bool, float | None]]:
+    def load_rpo(self) -> dict[tuple[str, str], RpoRow]:
         rows = self.db.execute(
-            "SELECT source, target, pending_since, last_snapshot, last_error, breached, last_alert FROM rpo"
+            "SELECT source, target, pending_since, last_snapshot, last_error, breached, last_alert, held "
+            "FROM rpo"
         )
-        return {(r[0], r[1]): (r[2], r[3], r[4], bool(r[5]), r[6]) for r in rows}
+        return {(r[0], r[1]): RpoRow(r[2], r[3], r[4], bool(r[5]), r[6], r[7]) for r in rows}
 
-    def save_rpo(
-        self,
-        source: str,
-        target: str,
-        pending_since: float | None,
-        last_snapshot: float | None,
-        last_error: str | None,
-        breached: bool,
-        last_alert: float | None,
-    ) -> None:
+    def save_rpo(self, source: str, target: str, row: RpoRow) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO rpo VALUES (?,?,?,?,?,?,?)",
-            (source, target, pending_since, last_snapshot, last_error, int(breached), last_alert),
+            "INSERT OR REPLACE INTO rpo VALUES (?,?,?,?,?,?,?,?)",
+            (
+                source,
+                target,
+                row.pending_since,
+                row.last_snapshot,
+                row.last_error,
+                int(row.breached),
+                row.last_alert,
+                row.held,
+            ),
         )
         self.commit()
 

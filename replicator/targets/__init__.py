@@ -16,6 +16,7 @@ from replicator.targets.wrappers import (
     RequestHook,
     RetryingTarget,
     RetryPolicy,
+    TargetHealth,
     TargetWrapper,
     unwrap,
 )
@@ -28,11 +29,13 @@ __all__ = [
     "RetryPolicy",
     "RetryingTarget",
     "Target",
+    "TargetHealth",
     "TargetWrapper",
     "backend_of",
     "check_key",
     "open_backend",
     "open_target",
+    "retry_policy",
     "unwrap",
 ]
 
@@ -61,12 +64,30 @@ async def open_backend(cfg: TargetConfig) -> Target:
     return PosixTarget(cfg.name, Path(cfg.url.removeprefix("file://")), cfg.concurrency)
 
 
-async def open_target(cfg: TargetConfig, on_request: RequestHook | None = None) -> Target:
+def retry_policy(cfg: TargetConfig, *, interactive: bool = True) -> RetryPolicy:
+    """Each request stops retrying after ``retry.give_up_after`` (the daemon, which then keeps
+    retrying the work itself: replicator.daemon), or ``retry.command_give_up_after`` when
+    ``interactive`` (one-shot commands: they never hang on a dead endpoint)."""
+    give_up = cfg.retry.give_up_after
+    if interactive:
+        limit = cfg.retry.command_give_up_after
+        give_up = limit if give_up is None else min(give_up, limit)
+    return RetryPolicy(initial=cfg.retry.initial, max=cfg.retry.max, give_up_after=give_up)
+
+
+async def open_target(
+    cfg: TargetConfig,
+    on_request: RequestHook | None = None,
+    *,
+    policy: RetryPolicy | None = None,
+    health: TargetHealth | None = None,
+) -> Target:
     """The full stack for one configured target: retry -> limits -> metrics -> backend.
 
-    Each request stops retrying after ``retry.give_up_after``; the daemon keeps retrying the
-    work itself (replicator.daemon). ``on_request`` sees every request made (the spend ledger)."""
+    ``policy``: the retry policy (default :func:`retry_policy`, interactive). ``health``: the
+    object that follows whether the target answers, if the caller keeps one across attempts
+    to open it. ``on_request`` sees every request made (the spend ledger)."""
     backend = await open_backend(cfg)
-    policy = RetryPolicy(initial=cfg.retry.initial, max=cfg.retry.max, give_up_after=cfg.retry.give_up_after)
     metered = MeteredTarget(backend, on_request)
-    return RetryingTarget(LimitedTarget(metered, cfg.concurrency, cfg.max_bandwidth), policy)
+    limited = LimitedTarget(metered, cfg.concurrency, cfg.max_bandwidth)
+    return RetryingTarget(limited, policy or retry_policy(cfg), health)
