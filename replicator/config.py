@@ -257,6 +257,10 @@ class TargetConfig(S3Access):
     budget: BudgetConfig | None = None
     max_bandwidth: Annotated[int, BeforeValidator(parse_rate)] | None = None
     """Upload cap in bytes per second (``200MiB/s``), a token bucket independent of money."""
+    relist_interval: Duration = 86400.0
+    """``replicator run`` lists the repository's chunks again this often, so that a chunk
+    removed behind its back (lifecycle rules, a person) is noticed and sent again even when no
+    publish needs it (publishes confirm what they use anyway: docs/RELIABILITY.md)."""
 
 
 class AlertsConfig(_Model):

@@ -70,7 +70,7 @@ PROBE_MAX = 5.0
 """Longest pause between probes of a failing target: recovery within seconds of its return."""
 UNREADABLE_RETRY_MAX = 60.0
 """Longest pause before a source worker looks again at files it could not read."""
-RESTART_BACKOFF = RetryPolicy(initial=1.0, max=60.0, give_up_after=None)
+SLOW_BACKOFF = RetryPolicy(initial=1.0, max=60.0, give_up_after=None)
 """Pause before a background task that failed unexpectedly is started again."""
 
 
@@ -167,7 +167,7 @@ class SourceWorker:
             )
 
     async def run(self) -> None:
-        backoff = RetryPolicy(initial=1.0, max=60.0, give_up_after=None)
+        backoff = SLOW_BACKOFF
         failures = 0
         self.full_rescan = True  # also after a restart by the supervisor
         while not self.stopping.is_set():
@@ -369,18 +369,24 @@ class TargetPublisher:
 
     async def run(self) -> None:
         cfg = self.target.config
-        backoff = RetryPolicy(
-            initial=cfg.retry.initial, max=min(cfg.retry.max, PROBE_MAX), give_up_after=None
-        )
+        backoff = probe_backoff(cfg)
         failures = 0
+        relist_due = time.monotonic() + cfg.relist_interval
         while True:
             if not self.pending:
                 if self.sources_done.is_set():
                     return
                 self.wake.clear()
-                await self.wake.wait()
-                continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), max(0.0, relist_due - time.monotonic()))
+                if not self.pending and time.monotonic() < relist_due:
+                    continue
             ok = await self._probe() if not self.target.uploader.healthy else True
+            if ok and time.monotonic() >= relist_due:
+                ok = await self._relist()
+                relist_due = time.monotonic() + cfg.relist_interval
+            if not self.pending:
+                continue
             outcome = await self._publish_pending() if ok else "failed"
             if self.sources_done.is_set() and outcome != "ok":
                 return  # draining: one last attempt, then nothing more will be sent
@@ -402,6 +408,15 @@ class TargetPublisher:
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), wait)
+
+    async def _relist(self) -> bool:
+        """The scheduled reconciliation of the state's chunk claims (``relist_interval``)."""
+        try:
+            await self.target.uploader.relist()
+        except ReplicatorError as exc:
+            log.warning("target.relist_failed", target=self.name, error=str(exc))
+            return False
+        return True
 
     async def _probe(self) -> bool:
         """One cheap request straight to the backend (no retry layer): is the target back?"""
@@ -539,7 +554,7 @@ class Daemon:
                 if not restart or self.stopping.is_set():
                     log.error("daemon.task_failed", task=name, error=repr(exc), exc_info=exc)
                     return
-                delay = RESTART_BACKOFF.delay(failures)
+                delay = SLOW_BACKOFF.delay(failures)
                 log.error(
                     "daemon.task_failed", task=name, error=repr(exc), restart_in=round(delay, 2), exc_info=exc
                 )
@@ -704,9 +719,7 @@ class Daemon:
     async def _attach(self, cfg: TargetConfig) -> None:
         """Open the target, retrying forever with capped backoff, then start its publisher.
         Its health is followed from the first attempt (status, metrics, alerts)."""
-        backoff = RetryPolicy(
-            initial=cfg.retry.initial, max=min(cfg.retry.max, PROBE_MAX), give_up_after=None
-        )
+        backoff = probe_backoff(cfg)
         name, tracker = cfg.name, self.tracker
         health = TargetHealth(name)
         health.listeners.append(

@@ -549,6 +549,7 @@ class Replicator:
         try:
             ids = list(dict.fromkeys(candidate.chunk_ids(t.repo.hash)))
             await t.uploader.settle(ids)
+            await t.uploader.confirm(ids)  # never name a chunk the target lost behind our back
             stored = t.uploader.stored(ids)
             if len(stored) < len(ids):
                 if t.uploader.error is not None and self.fail_fast:

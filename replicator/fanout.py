@@ -41,8 +41,9 @@ from replicator.config import ChunkingConfig, Priority
 from replicator.errors import ReplicatorError, TargetError
 from replicator.log import get_logger
 from replicator.manifest import PackedAt
-from replicator.pipeline import EncodedChunk, Lease
-from replicator.repository import Repository
+from replicator.memory import Lease
+from replicator.pipeline import EncodedChunk
+from replicator.repository import Repository, chunk_key, pack_key
 from replicator.state import StateStore
 from replicator.targets import RetryingTarget, TargetHealth, unwrap
 
@@ -58,6 +59,8 @@ PACK_BELOW = 1 << 20
 FastCDC cuts no chunk that small except a whole small file or the tail of a file."""
 PACK_SIZE = 16 << 20
 """A pack is sealed and sent once its stored bytes reach this (restic's default pack size)."""
+CONFIRM_BY_HEAD = 64
+"""Up to this many objects, unconfirmed claims are checked one HEAD each (Uploader.confirm)."""
 
 
 @dataclass
@@ -148,28 +151,83 @@ class Uploader:
         fsynced before a manifest names them, not before the state records them). So the
         listing replaces what the state knew: chunks it does not show are forgotten, and sent
         again if needed."""
-        repo_id = self.repo.config.id
-        if relist or not self.state.repo_listed(repo_id):
-            self.state.begin_listing(repo_id)
-            count = 0
-            batch: list[str] = []
-            async for chunk_id, _ in self.repo.list_chunks():
-                batch.append(chunk_id)
-                count += 1
-                if len(batch) >= 10000:
-                    self.state.add_listed(repo_id, batch)
-                    batch.clear()
-            self.state.add_listed(repo_id, batch)
-            packs = {pack_id async for pack_id, _ in self.repo.list_packs()}
-            self.state.end_listing(repo_id, packs)
-            packed = await self._relearn_packed(packs)
-            self.state.mark_repo_listed(repo_id, self.name)
-            log.info("target.listed", target=self.name, chunks=count, packed=packed)
+        if relist or not self.state.repo_listed(self.repo.config.id):
+            await self.relist()
         self._workers = [
             asyncio.create_task(self._work(), name=f"upload-{self.name}-{i}") for i in range(self.concurrency)
         ]
         if self.health.ok:
             metrics.TARGET_UP.labels(self.name).set(1)
+
+    async def relist(self) -> None:
+        """Replace what the state knows of the repository's chunks with a full listing (which
+        also confirms them: :meth:`confirm`)."""
+        repo_id = self.repo.config.id
+        started = time.monotonic()
+        self.state.begin_listing(repo_id)
+        count = 0
+        batch: list[str] = []
+        async for chunk_id, _ in self.repo.list_chunks():
+            batch.append(chunk_id)
+            count += 1
+            if len(batch) >= 10000:
+                self.state.add_listed(repo_id, batch)
+                batch.clear()
+        self.state.add_listed(repo_id, batch)
+        packs = {pack_id async for pack_id, _ in self.repo.list_packs()}
+        self.state.end_listing(repo_id, packs)
+        packed = await self._relearn_packed(packs)
+        self.state.mark_repo_listed(repo_id, self.name)
+        seconds = round(time.monotonic() - started, 3)
+        log.info(
+            "target.listed", target=self.name, chunks=count, packs=len(packs), packed=packed, seconds=seconds
+        )
+
+    async def confirm(self, chunk_ids: Sequence[str]) -> list[str]:
+        """Make sure every claim the state makes about these chunks holds before a manifest
+        names them; return the ids found missing (forgotten, so that the caller sends them
+        again).
+
+        A claim holds when this process uploaded the chunk or saw it in a listing. Claims
+        inherited from an earlier process (or from before a target was changed behind our
+        back) are checked: by a HEAD of each object (a pack once for all its chunks) when
+        few, else by relisting the repository, whichever takes fewer requests (a listing
+        page names 1,000 objects)."""
+        repo_id = self.repo.config.id
+        stale = self.state.unconfirmed(repo_id, chunk_ids)
+        if not stale:
+            return []
+        loose = [c for c, at in stale.items() if at is None]
+        packs: dict[str, list[str]] = {}
+        for cid, at in stale.items():
+            if at is not None:
+                packs.setdefault(at[0], []).append(cid)
+        heads = len(loose) + len(packs)
+        pages = (self.state.count_chunks(repo_id) + self.state.count_packs(repo_id)) // 1000 + 2
+        if heads > max(CONFIRM_BY_HEAD, pages * self.concurrency):
+            await self.relist()
+            missing = [c for c in stale if not self.state.has_chunk(repo_id, c)]
+        else:
+            found = await asyncio.gather(
+                *(self.repo.target.stat(chunk_key(c)) for c in loose),
+                *(self.repo.target.stat(pack_key(p)) for p in packs),
+            )
+            missing = [c for c, info in zip(loose, found, strict=False) if info is None]
+            for members, info in zip(packs.values(), found[len(loose) :], strict=True):
+                if info is None:
+                    missing += members
+            gone = set(missing)
+            self.state.confirm_chunks(repo_id, [c for c in stale if c not in gone])
+            if missing:
+                self.state.forget_chunks(repo_id, missing)
+        if missing:
+            log.warning(
+                "target.chunks_missing",
+                target=self.name,
+                missing=len(missing),
+                hint="removed behind replicator's back; they are sent again from the source",
+            )
+        return missing
 
     async def _relearn_packed(self, packs: set[str]) -> int:
         """Pack locations cannot be listed: learn them from each source's latest manifest, for

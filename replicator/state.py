@@ -7,7 +7,11 @@ It is a cache that makes restarts cheap, never the source of truth about a targe
 * ``chunks``: per repository (by its id, not the target name) the chunk ids known to be
   stored, and for chunks inside a pack object where they are, so deduplication needs no
   request per chunk. A repository this store has never seen is listed once in full (and its
-  latest manifests read, for pack locations) before it is trusted;
+  latest manifests read, for pack locations) before it is trusted. Each row also says which
+  process last *confirmed* the chunk (uploaded it, or saw it in a listing): a publish relies
+  only on claims this process confirmed, and confirms the others first
+  (:meth:`replicator.fanout.Uploader.confirm`), so a chunk removed from a target behind our
+  back is sent again before any snapshot names it;
 * ``published``: the last snapshot written per repository and source, to skip no-op snapshots.
 
 If the file is lost or corrupt it is set aside and rebuilt from the targets and sources.
@@ -33,13 +37,15 @@ from replicator.pipeline import FileRecord
 
 log = get_logger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _MIGRATIONS = {
     # 1 -> 2: pack locations (a packed chunk's row names its pack; loose chunks have NULLs).
     1: "ALTER TABLE chunks ADD COLUMN pack BLOB; ALTER TABLE chunks ADD COLUMN offset INTEGER; "
     "ALTER TABLE chunks ADD COLUMN length INTEGER;",
     # 2 -> 3: publishes held by the mass-deletion guard (replicator.reconcile).
     2: "ALTER TABLE rpo ADD COLUMN held TEXT;",
+    # 3 -> 4: which process last confirmed a chunk is stored (StateStore.unconfirmed).
+    3: "ALTER TABLE chunks ADD COLUMN confirmed INTEGER;",
 }
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -53,7 +59,7 @@ CREATE TABLE IF NOT EXISTS file_chunks (
 CREATE TABLE IF NOT EXISTS repos (
     repo TEXT PRIMARY KEY, target TEXT NOT NULL, listed_at REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks (
-    repo TEXT NOT NULL, id BLOB NOT NULL, pack BLOB, offset INTEGER, length INTEGER,
+    repo TEXT NOT NULL, id BLOB NOT NULL, pack BLOB, offset INTEGER, length INTEGER, confirmed INTEGER,
     PRIMARY KEY (repo, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rpo (
     source TEXT NOT NULL, target TEXT NOT NULL, pending_since REAL, last_snapshot REAL,
@@ -148,6 +154,8 @@ class StateStore:
             self._lock_fd = self._lock(path.with_name("lock"))
             self.db = self._connect()
         self._dirty = 0
+        self.epoch = time.time_ns()
+        """This process's mark on the chunks it confirmed (uploaded, or saw in a listing)."""
         self._pending_files: dict[tuple[str, str], FileRecord] = {}
         self._pending_chunks: dict[str, dict[str, PackedAt | None]] = {}
         self._absent: dict[str, set[str]] = {}
@@ -273,24 +281,26 @@ class StateStore:
             )
         for repo, ids in chunks.items():
             self._rows(
-                "INSERT OR IGNORE INTO chunks VALUES",
+                "INSERT INTO chunks VALUES",
                 [
-                    (repo, bytes.fromhex(c), None, None, None)
+                    (repo, bytes.fromhex(c), None, None, None, self.epoch)
                     if at is None
-                    else (repo, bytes.fromhex(c), bytes.fromhex(at[0]), at[1], at[2])
+                    else (repo, bytes.fromhex(c), bytes.fromhex(at[0]), at[1], at[2], self.epoch)
                     for c, at in ids.items()
                 ],
+                # A chunk already known keeps its first location (any stored copy serves).
+                tail="ON CONFLICT (repo, id) DO UPDATE SET confirmed = excluded.confirmed",
             )
         self._dirty += len(files) + sum(map(len, chunks.values()))
 
-    def _rows(self, head: str, rows: Sequence[tuple[object, ...]]) -> None:
-        """``head (?,..),(?,..),..`` with up to 200 rows per statement. executemany steps
+    def _rows(self, head: str, rows: Sequence[tuple[object, ...]], tail: str = "") -> None:
+        """``head (?,..),(?,..),.. tail`` with up to 200 rows per statement. executemany steps
         once per row, and each step releases the GIL and waits to get it back while the
         pipeline's threads are busy: one statement per row cost ~50 us per small file."""
         for start in range(0, len(rows), 200):
             batch = rows[start : start + 200]
             values = ",".join([f"({','.join('?' * len(batch[0]))})"] * len(batch))
-            self.db.execute(f"{head} {values}", [v for row in batch for v in row])
+            self.db.execute(f"{head} {values} {tail}", [v for row in batch for v in row])
 
     def close(self) -> None:
         if self.read_only:
@@ -395,6 +405,9 @@ class StateStore:
         self._list(packs)
         self.db.execute(f"DELETE FROM chunks WHERE repo=? AND pack IS NOT NULL AND pack {unlisted}", (repo,))
         self.db.execute("DELETE FROM temp.listed")
+        self.db.execute(
+            "UPDATE chunks SET confirmed=? WHERE repo=?", (self.epoch, repo)
+        )  # what is left exists
         self._absent.clear()
         self._present.clear()
         self.commit()
@@ -456,6 +469,39 @@ class StateStore:
         for cid, at in chunks:
             pending.setdefault(cid, at)
         self._buffered()
+
+    def unconfirmed(self, repo: str, chunk_ids: Iterable[str]) -> dict[str, PackedAt | None]:
+        """Those of these chunks the store claims are stored but this process has not
+        confirmed (uploaded or seen in a listing), and where they would be."""
+        self._flush()
+        ids = list(dict.fromkeys(chunk_ids))
+        out: dict[str, PackedAt | None] = {}
+        for start in range(0, len(ids), 500):
+            batch = ids[start : start + 500]
+            query = (
+                "SELECT id, pack, offset, length FROM chunks WHERE repo=? AND confirmed IS NOT ? "
+                f"AND id IN ({','.join('?' * len(batch))})"
+            )
+            for cid, pack, offset, length in self.db.execute(
+                query, (repo, self.epoch, *map(bytes.fromhex, batch))
+            ):
+                out[cid.hex()] = None if pack is None else (pack.hex(), offset, length)
+        return out
+
+    def confirm_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
+        """These chunks were found stored just now."""
+        self._flush()
+        self.db.executemany(
+            "UPDATE chunks SET confirmed=? WHERE repo=? AND id=?",
+            [(self.epoch, repo, bytes.fromhex(c)) for c in chunk_ids],
+        )
+
+    def count_packs(self, repo: str) -> int:
+        self._flush()
+        row = self.db.execute(
+            "SELECT count(DISTINCT pack) FROM chunks WHERE repo=? AND pack IS NOT NULL", (repo,)
+        )
+        return int(row.fetchone()[0])
 
     def stored(self, repo: str, chunk_ids: Iterable[str]) -> dict[str, PackedAt | None]:
         """Which of these chunks are stored, and where: a pack location, or None for a loose
