@@ -677,6 +677,14 @@ def verify(
             "file on the CPU (needs torch installed).",
         ),
     ] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Send again every missing or damaged chunk that the sources still hold (read from "
+            "the files the snapshots name); say which could not be repaired. Needs --config.",
+        ),
+    ] = False,
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
     profile: ProfileOpt = None,
@@ -690,8 +698,11 @@ def verify(
     With --restore-drill, prove that training can resume from it (docs/DRILLS.md): run it
     before a failover drill and in the CI of a disaster-recovery runbook.
 
-    Names every bad object and file. Exit 0 pass, 1 verification failed, 2 usage/config
-    error, 3 target unreachable."""
+    With --repair, chunks found missing or damaged are uploaded again from the sources'
+    files where they still hold them (`verify --read-data --repair` finds and heals damage).
+
+    Names every bad object and file. Exit 0 pass (with --repair: everything found was
+    repaired), 1 verification failed, 2 usage/config error, 3 target unreachable."""
     from replicator.repository import Repository
     from replicator.state import StateLockedError, StateStore
     from replicator.targets import open_target
@@ -702,6 +713,8 @@ def verify(
         fail("--scratch and --load need --restore-drill", 2)
     if load_torch and importlib.util.find_spec("torch") is None:
         fail("--load needs PyTorch installed (pip install torch)", 2)
+    if repair and repo is not None:
+        fail("--repair reads the sources: give --config, not --repo", 2)
     if repo is not None:
         tcfg, config = repo_target_config(None, None, repo, endpoint_url, region, profile, log_level)
         tcfgs = [tcfg]
@@ -734,6 +747,11 @@ def verify(
                         state=state,
                     )
                     row: dict[str, Any] = {"verify": rep}
+                    if repair and rep.damaged:
+                        from replicator.repair import repair_chunks
+
+                        assert config is not None
+                        row["repair"] = await repair_chunks(r, config, rep.damaged, state)
                     if restore_drill:
                         from replicator.drill import run_drill  # format checks load numpy
 
@@ -761,6 +779,7 @@ def verify(
                 {
                     **dataclasses.asdict(row["verify"]),
                     **({"drill": _drill_json(row["drill"])} if "drill" in row else {}),
+                    **({"repair": dataclasses.asdict(row["repair"])} if "repair" in row else {}),
                 }
                 for row in rows
             ]
@@ -779,10 +798,24 @@ def verify(
             )
             for p in rep.problems:
                 typer.echo(f"  BAD {p.key}: {p.message}")
+            if "repair" in row:
+                fixed = row["repair"]
+                typer.echo(f"  repaired {len(fixed.repaired)} of {len(rep.damaged)} damaged chunks")
+                for key, why in fixed.unrepaired.items():
+                    typer.echo(f"  NOT REPAIRED {key}: {why}")
             if "drill" in row:
                 _print_drill(row["drill"])
-    if not all(row["verify"].ok and ("drill" not in row or row["drill"].ok) for row in rows):
+    if not all(_verified(row) and ("drill" not in row or row["drill"].ok) for row in rows):
         raise typer.Exit(1)
+
+
+def _verified(row: dict[str, Any]) -> bool:
+    """The verify passed, or every problem it found was a chunk that was then repaired."""
+    rep = row["verify"]
+    if rep.ok:
+        return True
+    fixed = row.get("repair")
+    return bool(fixed and fixed.ok and all(p.chunk for p in rep.problems))
 
 
 def _drill_json(report: Any) -> dict[str, Any]:

@@ -39,6 +39,8 @@ READ_PARALLELISM = 16
 class Problem:
     key: str
     message: str
+    chunk: str | None = None
+    """The id of the chunk it is about, when it is about one (a repair can fix those)."""
 
 
 @dataclass
@@ -55,6 +57,8 @@ class VerifyReport:
     chunks_read: int = 0
     bytes_read: int = 0
     problems: list[Problem] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    """Ids of referenced chunks found missing or corrupt (what ``verify --repair`` sends again)."""
     seconds: float = 0.0
 
     @property
@@ -119,7 +123,7 @@ async def verify_repository(
         if problem is None:
             present[ref] = loose[cid] if at is None else at[2]
         else:
-            report.problems.append(Problem(stored_key(cid, at), f"{problem} (needed by {needed_by})"))
+            report.problems.append(Problem(stored_key(cid, at), f"{problem} (needed by {needed_by})", cid))
             missing.append(cid)
 
     corrupt: list[str] = []
@@ -143,6 +147,7 @@ async def verify_repository(
         corrupt = await _read_chunks(repo, sample, present, report, progress)
         progress.end()
 
+    report.damaged = sorted({*missing, *corrupt})
     if state is not None and (missing or corrupt):
         state.forget_chunks(repo.config.id, [*missing, *corrupt])
         log.warning("state.chunks_forgotten", target=repo.target.name, count=len(missing) + len(corrupt))
@@ -158,6 +163,8 @@ def _absent(ref: tuple[str, PackedAt | None], loose: dict[str, int], packs: dict
             return "chunk is missing"
         return "chunk object is empty" if loose[cid] == 0 else None
     pack_id, offset, length = at
+    if loose.get(cid):
+        return None  # a loose copy serves it whatever its pack's state (repair writes these)
     if pack_id not in packs:
         return "pack is missing"
     if offset + length > packs[pack_id]:
@@ -266,7 +273,7 @@ async def _get(
     if data is None and ref not in bad:
         bad.add(ref)
         corrupt.append(cid)
-        report.problems.append(Problem(stored_key(cid, at), problem))
+        report.problems.append(Problem(stored_key(cid, at), problem, cid))
     return data
 
 

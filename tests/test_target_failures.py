@@ -17,7 +17,8 @@ from replicator.manifest import encode_manifest
 from replicator.repository import Repository, ref_key, snapshot_key
 from replicator.targets import open_target
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
-from tests.helpers import config_dict, make_checkpoint
+from tests.daemon_helpers import latest_manifest
+from tests.helpers import config_dict, make_checkpoint, stored_chunks, tree_digest
 
 SMALL_CHUNKS = {"min_size": "16KiB", "avg_size": "64KiB", "max_size": "256KiB"}
 
@@ -114,3 +115,43 @@ def test_verify_read_data_checks_that_chunks_reassemble_to_the_file_digest(
     assert [p["message"] for p in problems if p["key"].endswith(path)] == [
         "file digest differs from its re-assembled chunks"
     ]
+
+
+def test_verify_repair_heals_a_deleted_and_a_damaged_chunk_from_the_source(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A loose chunk deleted and a packed chunk damaged on the target: `verify --repair`
+    sends both again from the primary's files; a chunk whose file is gone from the primary is
+    named as not repairable."""
+    spec = make_target_spec(request, "posix", tmp_path)
+    assert spec.path is not None
+    primary = tmp_path / "primary"
+    make_checkpoint(primary, 1, hidden=192)
+    (primary / "notes.txt").write_text("only here")
+    data = config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [spec.config], chunking=SMALL_CHUNKS)
+    cfg = write_config(tmp_path / "r.yaml", data)
+    assert cli("sync", "-c", str(cfg)).returncode == 0
+    chunks = stored_chunks(spec.path)
+    loose = next(c for c in chunks if c.key.startswith("chunks/"))
+    packed = next(c for c in chunks if c.key.startswith("packs/"))
+    loose.path.unlink()
+    packed.flip(packed.length // 2)
+
+    res = cli("verify", "-c", str(cfg), "--read-data", "--repair")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "repaired 2 of 2 damaged chunks" in res.stdout
+    again = cli("verify", "-c", str(cfg), "--read-data")
+    assert again.returncode == 0, again.stdout
+    dest = tmp_path / "restored"
+    assert cli("restore", "--repo", str(spec.path), "-s", "d", str(dest)).returncode == 0
+    assert tree_digest(dest) == tree_digest(primary)
+
+    manifest = latest_manifest(spec.config, "d")
+    assert manifest is not None
+    notes_id = next(f.chunks[0][0] for f in manifest.files if f.path == "notes.txt")
+    notes = next(c for c in stored_chunks(spec.path) if c.id == notes_id)
+    notes.flip(notes.length // 2)  # its only copy damaged...
+    (primary / "notes.txt").unlink()  # ...and its file gone from the primary
+    res = cli("verify", "-c", str(cfg), "--read-data", "--repair")
+    assert res.returncode == 1, res.stdout
+    assert f"NOT REPAIRED chunks/{notes_id[:2]}/{notes_id}: d/notes.txt is gone from the source" in res.stdout
