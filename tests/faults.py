@@ -378,6 +378,8 @@ class Fault:
     def _matches(self, op: str, key: str) -> bool:
         if op not in self.ops or not key.startswith(self.prefix) or self.remaining == 0:
             return False
+        if self.kind == "hang" and self.gate is not None and self.gate.released:
+            return False  # a released hang no longer affects (nor is recorded against) calls
         return not (self.kind == "garble" and key in self.garbled)
 
     def _raise(self, target: str, op: str, key: str) -> None:
@@ -829,7 +831,8 @@ class FaultProxy:
 
     :meth:`cut` resets every open connection now, without changing the mode. The upstream may
     be stopped and started behind the proxy (``RcloneServer.stop()/start()`` keeps its port);
-    while it is down, new connections are accepted and reset. :attr:`stats` counts traffic.
+    while it is down, new connections are accepted and reset. ``upstream`` (host, port) may be
+    reassigned: new connections go there. :attr:`stats` counts traffic.
     """
 
     def __init__(self, upstream_port: int, *, upstream_host: str = "127.0.0.1", kind: str = "proxy") -> None:

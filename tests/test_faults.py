@@ -250,10 +250,14 @@ def test_hang_blocks_until_released_while_other_calls_proceed(memory_targets: Me
         assert fake.plan.calls_to("put", "refs/")[0].outcome == "pending"
         gate.release()
         await hung
+        await t.put("refs/src/latest", b"next")  # a released gate stays open
 
     run_with(fake.config(), go)
-    assert fake.plan.outcomes("put", "refs/") == ["ok"]
-    assert fake.store is not None and fake.store.objects["refs/src/latest"] == b"snap"
+    assert fake.plan.calls_to("put", "refs/") == [
+        Call("put", "refs/src/latest", "hang", "ok"),
+        Call("put", "refs/src/latest", None, "ok"),
+    ]
+    assert fake.store is not None and fake.store.objects["refs/src/latest"] == b"next"
 
 
 def test_hang_then_error_and_cancellation_are_recorded(memory_targets: MemoryTargets) -> None:
