@@ -92,7 +92,9 @@ def config_kwargs(access: S3Access, max_connections: int = 10) -> dict[str, Any]
         # header is present, as here.
         s3["payload_signing_enabled"] = False
     return {
-        "retries": {"max_attempts": 1, "mode": "standard"},
+        # total_max_attempts, not max_attempts: botocore counts the latter as retries, so 1
+        # made every request twice (a blackholed request took two timeouts).
+        "retries": {"total_max_attempts": 1, "mode": "standard"},
         "connect_timeout": access.timeout,
         "read_timeout": access.timeout,
         "max_pool_connections": max_connections,

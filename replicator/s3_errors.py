@@ -68,6 +68,10 @@ def convert_error(exc: BaseException, *, target: str, operation: str, key: str) 
         )
     if isinstance(exc, bex.EndpointConnectionError | bex.ConnectTimeoutError | aiohttp.ClientConnectorError):
         return TargetUnreachableError(f"cannot connect: {exc}", **ctx)
+    if isinstance(exc, bex.ReadTimeoutError | aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+        # Connected, then no answer: a hung server or a route that drops packets. For the
+        # user it is a target that cannot be reached (exit code 3), like a refused one.
+        return TargetUnreachableError(f"no answer within the timeout: {exc or type(exc).__name__}", **ctx)
     return TransientTargetError(f"{type(exc).__name__}: {exc}", **ctx)
 
 

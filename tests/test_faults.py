@@ -670,6 +670,26 @@ def test_blackholed_target_times_out_and_recovers(rclone: RcloneServer, fault_pr
     assert proxy.stats.dropped > 0
 
 
+def test_a_blackholed_request_is_one_attempt_and_unreachable(
+    rclone: RcloneServer, fault_proxy: ProxyFactory
+) -> None:
+    """The SDK makes one attempt per request (our RetryingTarget does the retrying), and a
+    server that never answers is reported as unreachable (exit code 3), like a refused one."""
+    proxy = fault_proxy(rclone)
+    bucket = rclone.new_bucket()
+    proxy.set_mode("blackhole")
+    before = proxy.stats.connections
+
+    async def go(t: Target) -> None:
+        with pytest.raises(TargetUnreachableError) as info:
+            await t.get("obj")
+        assert info.value.exit_code == 3
+
+    cfg = {**s3_config(proxy, bucket, timeout=1), "retry": {"give_up_after": 0, "command_give_up_after": 0}}
+    run_with(cfg, go)
+    assert proxy.stats.connections - before == 1
+
+
 def test_delay_mode_still_delivers(moto: MotoServer, fault_proxy: ProxyFactory) -> None:
     proxy = fault_proxy(moto)
     bucket = moto.new_bucket()
