@@ -68,6 +68,16 @@ EndpointOpt = Annotated[
 RegionOpt = Annotated[str | None, typer.Option("--region", help="S3 region for --repo.")]
 ProfileOpt = Annotated[str | None, typer.Option("--profile", help="AWS profile for --repo.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+GiveUpOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--give-up-after",
+        metavar="DURATION",
+        help="Stop retrying a target that does not answer after this long, and exit 3 "
+        "(default: the target's retry.command_give_up_after, 30s).",
+        show_default=False,
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 LogLevelOpt = Annotated[
     str | None,
@@ -130,9 +140,10 @@ def repo_target_config(
     region: str | None,
     profile: str | None,
     log_level: str | None,
+    give_up_after: str | None = None,
 ) -> tuple[TargetConfig, Config | None]:
     """Resolve ``--config/--target`` or ``--repo`` into one target's settings."""
-    from replicator.config import RetryConfig, TargetConfig
+    from replicator.config import TargetConfig
 
     if repo is not None:
         if config_path is not None and target is not None:
@@ -140,26 +151,32 @@ def repo_target_config(
         setup_logging(log_level)
         url = repo if "://" in repo else str(Path(repo).resolve())
         try:
-            cfg = TargetConfig(
-                name="repo",
-                url=url,
-                endpoint_url=endpoint,
-                region=region,
-                profile=profile,
-                retry=RetryConfig(give_up_after=60.0),
-            )
+            cfg = TargetConfig(name="repo", url=url, endpoint_url=endpoint, region=region, profile=profile)
         except ValueError as exc:
             fail(f"--repo: {exc}", 2)
-        return cfg, None
+        return with_give_up(cfg, give_up_after), None
     config = load(config_path, log_level)
     if target is None:
         if len(config.targets) != 1:
             fail("--target is required when the config has several targets (or use --repo)", 2)
-        return config.targets[0], config
+        return with_give_up(config.targets[0], give_up_after), config
     try:
-        return config.target(target), config
+        return with_give_up(config.target(target), give_up_after), config
     except ConfigError as exc:
         fail(str(exc), 2)
+
+
+def with_give_up(cfg: TargetConfig, give_up_after: str | None) -> TargetConfig:
+    """``cfg`` with ``--give-up-after`` as its one-shot retry limit, if given."""
+    if give_up_after is None:
+        return cfg
+    from replicator.units import parse_duration
+
+    try:
+        seconds = parse_duration(give_up_after)
+    except ValueError as exc:
+        fail(f"--give-up-after: {exc}", 2)
+    return cfg.model_copy(update={"retry": cfg.retry.model_copy(update={"command_give_up_after": seconds})})
 
 
 def emit_json(data: Any) -> None:
@@ -409,6 +426,7 @@ def snapshots(
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
     profile: ProfileOpt = None,
+    give_up_after: GiveUpOpt = None,
     as_json: JsonOpt = False,
     log_level: LogLevelOpt = None,
 ) -> None:
@@ -416,7 +434,9 @@ def snapshots(
     from replicator.repository import Repository
     from replicator.targets import open_target
 
-    tcfg, _ = repo_target_config(config_path, target, repo, endpoint_url, region, profile, log_level)
+    tcfg, _ = repo_target_config(
+        config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after
+    )
 
     async def go() -> list[dict[str, Any]]:
         t = await open_target(tcfg)
@@ -494,6 +514,7 @@ def restore(
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
     profile: ProfileOpt = None,
+    give_up_after: GiveUpOpt = None,
     dest_endpoint_url: Annotated[
         str | None,
         typer.Option("--dest-endpoint-url", help="S3 endpoint of an s3:// DEST (default: --endpoint-url)."),
@@ -535,7 +556,9 @@ def restore(
     from replicator.targets import open_target
     from replicator.units import parse_time_point
 
-    tcfg, _ = repo_target_config(config_path, target, repo, endpoint_url, region, profile, log_level)
+    tcfg, _ = repo_target_config(
+        config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after
+    )
     if at is not None and snapshot is not None:
         fail("give either --snapshot or --at, not both", 2)
     when = None
@@ -688,6 +711,7 @@ def verify(
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
     profile: ProfileOpt = None,
+    give_up_after: GiveUpOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     log_level: LogLevelOpt = None,
@@ -716,12 +740,15 @@ def verify(
     if repair and repo is not None:
         fail("--repair reads the sources: give --config, not --repo", 2)
     if repo is not None:
-        tcfg, config = repo_target_config(None, None, repo, endpoint_url, region, profile, log_level)
+        tcfg, config = repo_target_config(
+            None, None, repo, endpoint_url, region, profile, log_level, give_up_after
+        )
         tcfgs = [tcfg]
     else:
         config = load(config_path, log_level)
         try:
-            tcfgs = [config.target(n) for n in target] if target else list(config.targets)
+            chosen = [config.target(n) for n in target] if target else list(config.targets)
+            tcfgs = [with_give_up(t, give_up_after) for t in chosen]
         except ConfigError as exc:
             fail(str(exc), 2)
 

@@ -157,7 +157,9 @@ class S3Access(_Model):
     """botocore's own request/response checksum behaviour; some S3-compatible servers reject
     the CRC headers boto3 >= 1.36 sends by default (boto3#4392)."""
     timeout: Duration = 60.0
-    """Per-request connect/read timeout."""
+    """Per-request connect/read timeout, and the base of every request's deadline (plus 1 s
+    per MiB transferred): a request to a target that stopped answering fails, is retried,
+    and marks the target unhealthy, instead of hanging."""
 
 
 class SourceConfig(S3Access):

@@ -52,7 +52,13 @@ from replicator import metrics, release, status, systemd
 from replicator.alerts import WebhookNotifier
 from replicator.config import Config, SourceConfig, TargetConfig, load_config
 from replicator.engine import Candidate, OpenTarget, Replicator, SourceResult
-from replicator.errors import ConfigError, PermanentTargetError, ReplicatorError, SourceError
+from replicator.errors import (
+    ConfigError,
+    PermanentTargetError,
+    ReplicatorError,
+    SourceError,
+    TargetUnreachableError,
+)
 from replicator.http import HttpEndpoint
 from replicator.repository import CONFIG_KEY
 from replicator.rpo import LagTracker, RpoMonitor
@@ -68,6 +74,8 @@ PERMANENT_ERROR_PAUSE = 300.0
 checking, so a fix needs no restart, but it does not hammer the endpoint."""
 PROBE_MAX = 5.0
 """Longest pause between probes of a failing target: recovery within seconds of its return."""
+PROBE_TIMEOUT = 10.0
+"""A probe that gets no answer in this long has failed (the target's own timeout may be long)."""
 UNREADABLE_RETRY_MAX = 60.0
 """Longest pause before a source worker looks again at files it could not read."""
 SLOW_BACKOFF = RetryPolicy(initial=1.0, max=60.0, give_up_after=None)
@@ -419,9 +427,15 @@ class TargetPublisher:
         return True
 
     async def _probe(self) -> bool:
-        """One cheap request straight to the backend (no retry layer): is the target back?"""
+        """One cheap request straight to the backend (no retry layer): is the target back?
+        Bounded by PROBE_TIMEOUT, so a hung target does not delay noticing its return."""
         try:
-            await backend_of(self.target.target).stat(CONFIG_KEY)
+            try:
+                await asyncio.wait_for(backend_of(self.target.target).stat(CONFIG_KEY), PROBE_TIMEOUT)
+            except TimeoutError:
+                raise TargetUnreachableError(
+                    f"no answer to a probe within {PROBE_TIMEOUT:g}s", target=self.name, operation="stat"
+                ) from None
         except ReplicatorError as exc:
             log.debug("target.probe_failed", target=self.name, error=str(exc))
             self.probe_error = exc

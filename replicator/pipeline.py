@@ -222,10 +222,11 @@ class ChunkPipeline:
         reaches the sink (to look them all up at once). Returns, per file, its record or why it
         was not read (a FileChangedError, or another SourceError)."""
         total = sum(f.size for f in files)
+        coder = self.coder  # the same specs for the whole batch, even if a target attaches meanwhile
         await self.budget.acquire(total)
         lease = Lease(self.budget, total)
         try:
-            read = await self._read_small(source, files)
+            read = await self._read_small(coder, source, files)
             if preview is not None:
                 preview([ids for got in read if isinstance(got, tuple) for _, ids, _ in got[0]])
             results: list[FileRecord | SourceError] = []
@@ -234,7 +235,7 @@ class ChunkPipeline:
                     results.append(got)
                     continue
                 chunks, digests = got
-                lists: dict[str, list[tuple[str, int]]] = {s.key: [] for s in self.specs}
+                lists: dict[str, list[tuple[str, int]]] = {s.key: [] for s in coder.specs}
                 for size, ids, stored in chunks:
                     for key, cid in ids.items():
                         lists[key].append((cid, size))
@@ -248,19 +249,19 @@ class ChunkPipeline:
             lease.release()
         return results
 
-    async def _read_small(self, source: Source, files: Sequence[SourceFile]) -> list[SmallFile | SourceError]:
+    async def _read_small(
+        self, coder: ChunkCoder, source: Source, files: Sequence[SourceFile]
+    ) -> list[SmallFile | SourceError]:
         helper = self._helper
         if helper is not None and source.read_in_helper:
             try:
-                return await helper.read_small_files(self.coder, source, files)
+                return await helper.read_small_files(coder, source, files)
             except helper.Error as exc:
                 log.warning("reader_process.failed", error=str(exc))
                 helper.close(wait=False)
                 if self._helper is helper:
                     self._helper = None  # read in threads from now on
-        return await asyncio.get_running_loop().run_in_executor(
-            self._io, self.coder.read_whole, source, files
-        )
+        return await asyncio.get_running_loop().run_in_executor(self._io, coder.read_whole, source, files)
 
     @staticmethod
     def _record(
@@ -276,22 +277,27 @@ class ChunkPipeline:
             chunks={k: tuple(v) for k, v in lists.items()},
         )
 
-    async def _process(self, data: Buffer, wanted: Wanted | None) -> tuple[dict[str, str], bytes | None]:
+    async def _process(
+        self, coder: ChunkCoder, data: Buffer, wanted: Wanted | None
+    ) -> tuple[dict[str, str], bytes | None]:
         loop = asyncio.get_running_loop()
         if wanted is None:
-            return await loop.run_in_executor(self._cpu, self.coder.encode, data)
-        ids = await loop.run_in_executor(self._cpu, self.coder.ids, data)
+            return await loop.run_in_executor(self._cpu, coder.encode, data)
+        ids = await loop.run_in_executor(self._cpu, coder.ids, data)
         if not wanted(ids):
             return ids, None
-        return await loop.run_in_executor(self._cpu, self.coder.encode, data, ids)
+        return await loop.run_in_executor(self._cpu, coder.encode, data, ids)
 
     async def _read_file(
         self, source: Source, file: SourceFile, sink: ChunkSink, wanted: Wanted | None
     ) -> FileRecord:
         loop = asyncio.get_running_loop()
+        # One set of hash specs for the whole file, even if a target attaches meanwhile (its
+        # chunk ids would otherwise cover only part of the file, and its digest none of it).
+        coder = self.coder
         handle: Readable = await loop.run_in_executor(self._io, source.open, file)
-        hashers: dict[str, Hasher] = {s.key: s.hasher() for s in self.specs}
-        lists: dict[str, list[tuple[str, int]]] = {s.key: [] for s in self.specs}
+        hashers: dict[str, Hasher] = {s.key: s.hasher() for s in coder.specs}
+        lists: dict[str, list[tuple[str, int]]] = {s.key: [] for s in coder.specs}
         chunks = iter_chunks(handle, self.chunking, file.size, self._blocks)
 
         def next_chunk() -> memoryview | None:
@@ -326,7 +332,7 @@ class ChunkPipeline:
                         break
                     await emit()
                 lease = Lease(self.budget, len(data))
-                window.append((asyncio.ensure_future(self._process(data, wanted)), lease, len(data)))
+                window.append((asyncio.ensure_future(self._process(coder, data, wanted)), lease, len(data)))
                 del data
                 if len(window) > self.cpu_workers:
                     await emit()

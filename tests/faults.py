@@ -356,7 +356,7 @@ class Fault:
     remaining: int | None
     """Calls (for ``garble``: keys) still to affect; None: every matching call until cancelled."""
     plan: FaultPlan
-    error: type[TargetError] | None = None
+    error: type[Exception] | None = None
     message: str = "injected fault"
     gate: Gate | None = None
     seconds: float = 0.0
@@ -384,7 +384,9 @@ class Fault:
 
     def _raise(self, target: str, op: str, key: str) -> None:
         assert self.error is not None
-        raise self.error(self.message, target=target, operation=op, key=key)
+        if issubclass(self.error, TargetError):
+            raise self.error(self.message, target=target, operation=op, key=key)
+        raise self.error(self.message)  # a bug in a backend: not one of our errors
 
 
 @dataclass
@@ -456,15 +458,16 @@ class FaultPlan:
         op: Op | Iterable[Op] | None = None,
         *,
         times: int | None = 1,
-        error: type[TargetError] = TransientTargetError,
+        error: type[Exception] = TransientTargetError,
         prefix: str = "",
         message: str = "injected fault",
         after: int = 0,
     ) -> Fault:
         """The next ``times`` matching calls raise ``error`` (TransientTargetError,
-        TargetUnreachableError, PermanentTargetError, NotFoundError...) without reaching the
-        wrapped target; ``times=None``: every matching call until cancelled. For ``list``,
-        ``after`` items are yielded first: a listing that breaks part-way."""
+        TargetUnreachableError, PermanentTargetError, NotFoundError..., or any other exception
+        class, for a bug in a backend) without reaching the wrapped target; ``times=None``:
+        every matching call until cancelled. For ``list``, ``after`` items are yielded first: a
+        listing that breaks part-way."""
         return self._add(
             Fault("fail", _ops(op), prefix, times, self, error=error, message=message, after=after)
         )
@@ -774,6 +777,8 @@ class MemoryTargets:
 # --- FaultProxy ----------------------------------------------------------------------------
 
 ProxyMode = Literal["pass", "refuse", "reset", "blackhole", "delay"]
+ProxyFactory = Callable[[Any], "FaultProxy"]
+"""The ``fault_proxy`` fixture: ``fault_proxy(server)`` puts a proxy in front of an S3 server."""
 _CHUNK = 64 << 10
 _RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 

@@ -46,12 +46,12 @@ from tests.faults import (
     MemoryStore,
     MemoryTarget,
     MemoryTargets,
+    ProxyFactory,
 )
 from tests.servers import MotoServer, RcloneServer, S3Server, free_port
 
 T = TypeVar("T")
 FAST_RETRY = {"initial": 0.01, "max": 0.05, "give_up_after": 0.5}
-ProxyFactory = Callable[[S3Server], FaultProxy]
 
 
 async def with_target(cfg: dict[str, Any], fn: Callable[[Target], Awaitable[T]]) -> T:
@@ -197,7 +197,7 @@ def test_injected_errors_keep_their_kind_through_the_stack(
     memory_targets: MemoryTargets, error: type[Exception], attempts: str
 ) -> None:
     fake = memory_targets.add("m")
-    fake.plan.fail("get", times=None, error=error)  # type: ignore[arg-type]
+    fake.plan.fail("get", times=None, error=error)
 
     async def go(t: Target) -> bytes:
         await t.put("obj", b"x")

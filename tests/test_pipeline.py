@@ -16,9 +16,10 @@ from replicator import engine
 from replicator.config import ChunkingConfig, CompressionConfig, Config, SourceConfig
 from replicator.demo import bf16
 from replicator.engine import READ_ATTEMPTS
+from replicator.errors import SourceError
 from replicator.globs import PathFilter
 from replicator.hashing import HashSpec
-from replicator.pipeline import LARGE_FILE_READERS, ChunkPipeline, EncodedChunk
+from replicator.pipeline import LARGE_FILE_READERS, ChunkPipeline, EncodedChunk, FileRecord
 from replicator.repository import Repository
 from replicator.restore import restore_snapshot
 from replicator.sources import PosixSource, SourceFile, open_source
@@ -172,6 +173,37 @@ def test_chunks_no_target_wants_are_hashed_but_not_encoded(tmp_path: Path) -> No
         assert again == every  # same record whatever was encoded
         assert [c.ids[spec.key] for c in got] == first
         assert {c.ids[spec.key] for c in got if c.stored is not None} == wanted_ids
+        pipe.close()
+
+    asyncio.run(go())
+
+
+def test_a_target_attached_during_a_read_does_not_tear_the_record(tmp_path: Path) -> None:
+    """A target attached while files are being read (the daemon opens targets beside the
+    source workers) adds a hash spec mid-read: every record must carry either all of a spec
+    (digest and chunk list) or none of it, never the ids of part of the file (found by the
+    fault harness: a record without a digest for the new spec crashed the state store)."""
+    (tmp_path / "big.bin").write_bytes(os.urandom(4 << 20))
+    for i in range(3):
+        (tmp_path / f"small-{i}.txt").write_text(f"small {i}")
+    source = PosixSource("d", tmp_path, PathFilter())
+    chunking = ChunkingConfig(min_size=256 << 10, avg_size=512 << 10, max_size=1 << 20)
+    first, late = HashSpec("xxh3-128", 1), HashSpec("xxh3-128", 2)
+
+    async def go() -> None:
+        pipe = ChunkPipeline(chunking, CompressionConfig(), [first])
+        files = {f.path: f for f in (await source.scan()).files}
+
+        async def sink(chunk: EncodedChunk) -> None:
+            pipe.add_spec(late)  # the late target opens while this file is being read
+
+        records: list[FileRecord | SourceError] = [await pipe.read_file(source, files["big.bin"], sink)]
+        pipe.coder = type(pipe.coder)(chunking, CompressionConfig(), [first])  # drop it again
+        small = [files[f"small-{i}.txt"] for i in range(3)]
+        records += await pipe.read_small_files(source, small, sink)
+        for rec in records:
+            assert isinstance(rec, FileRecord)
+            assert set(rec.digests) == set(rec.chunks) == {first.key}, rec.path
         pipe.close()
 
     asyncio.run(go())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,11 @@ from replicator.manifest import encode_manifest
 from replicator.repository import Repository, ref_key, snapshot_key
 from replicator.targets import open_target
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
-from tests.daemon_helpers import latest_manifest
-from tests.helpers import config_dict, make_checkpoint, stored_chunks, tree_digest
+from tests.daemon_helpers import DaemonProcess, latest_manifest, set_names, wait_until
+from tests.faults import FaultProxy, ProxyFactory, ProxyMode
+from tests.helpers import checkpoint_source, config_dict, make_checkpoint, stored_chunks, tree_digest
+from tests.servers import RcloneServer, S3Server
+from tests.test_rpo import WebhookReceiver, get, metric, status_of
 
 SMALL_CHUNKS = {"min_size": "16KiB", "avg_size": "64KiB", "max_size": "256KiB"}
 
@@ -155,3 +159,210 @@ def test_verify_repair_heals_a_deleted_and_a_damaged_chunk_from_the_source(
     res = cli("verify", "-c", str(cfg), "--read-data", "--repair")
     assert res.returncode == 1, res.stdout
     assert f"NOT REPAIRED chunks/{notes_id[:2]}/{notes_id}: d/notes.txt is gone from the source" in res.stdout
+
+
+# --- the daemon, through the fault proxy ---------------------------------------------------
+
+FAST = {"initial": "100ms", "max": "1s", "give_up_after": "5s", "command_give_up_after": "5s"}
+
+
+def _two_targets(
+    tmp_path: Path, proxy: FaultProxy, server: S3Server, **source: Any
+) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A checkpoint source, a POSIX target `nfs` and an S3 target `s3` behind ``proxy``."""
+    primary = tmp_path / "primary"
+    primary.mkdir()
+    (tmp_path / "nfs").mkdir()
+    nfs = {"name": "nfs", "url": str(tmp_path / "nfs"), "retry": FAST}
+    s3 = {
+        "name": "s3",
+        "url": f"s3://{server.new_bucket()}/r",
+        "endpoint_url": proxy.endpoint,
+        "retry": FAST,
+        "timeout": "2s",
+    }
+    src = checkpoint_source(primary, **source)
+    data = config_dict(tmp_path, [src], [nfs, s3], shutdown_grace="5s")
+    return primary, nfs, s3, data
+
+
+def _direct(s3: dict[str, Any], server: S3Server) -> dict[str, Any]:
+    """The S3 target's config without the proxy: for the test's own reads."""
+    return {**s3, "endpoint_url": server.endpoint}
+
+
+def test_a_target_dead_at_start_never_delays_the_others_and_joins_when_it_answers(
+    tmp_path: Path, rclone: RcloneServer, fault_proxy: ProxyFactory
+) -> None:
+    """S3 is down when `replicator run` starts: the HTTP endpoint answers, the POSIX target
+    receives the set, the dead one is unhealthy with its error and alerts past its RPO,
+    SIGTERM is honoured at once; once S3 answers it catches up with no new change."""
+    proxy = fault_proxy(rclone)
+    proxy.set_mode("refuse")
+    primary, nfs, s3, data = _two_targets(tmp_path, proxy, rclone, rpo="2s")
+    hooks = WebhookReceiver()
+    data["alerts"] = {"webhooks": [hooks.url], "repeat": "1h"}
+    cfg = write_config(tmp_path / "r.yaml", data)
+    listen = data["listen"]
+    make_checkpoint(primary, 1)
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log")
+    try:
+        wait_until(lambda: get(listen, "/healthz")[0] == 200, what="the HTTP endpoint")
+        wait_until(lambda: set_names(latest_manifest(nfs, "ckpt")) == ["step-000001"], what="nfs")
+        assert metric(listen, "replicator_target_healthy", target="s3") == 0.0
+        assert metric(listen, "replicator_sent_bytes_total", target="s3") == 0.0  # exists at 0
+        wait_until(lambda: "rpo.breached" in hooks.kinds(), what="the breach alert for s3")
+        pair = status_of(listen)["s3"]
+        assert pair["breached"] and pair["lag_seconds"] > 2
+        assert "cannot connect" in (pair["last_error"] or ""), pair
+        assert status_of(listen)["nfs"]["lag_seconds"] == 0
+        assert get(listen, "/readyz")[0] == 200  # one target open: replicating
+    finally:
+        assert daemon.stop(timeout=60) == 0, daemon.log_text()  # while s3 is still down
+    assert "daemon.grace_expired" not in daemon.log_text()
+
+    daemon = DaemonProcess(cfg, tmp_path / "daemon2.log")  # again, and this time it comes back
+    try:
+        wait_until(lambda: get(listen, "/healthz")[0] == 200, what="the HTTP endpoint")
+        proxy.set_mode("pass")
+        wait_until(
+            lambda: set_names(latest_manifest(_direct(s3, rclone), "ckpt")) == ["step-000001"],
+            what="s3 joins without a new change",
+        )
+        wait_until(lambda: status_of(listen)["s3"]["last_error"] is None, what="the error clears")
+        assert metric(listen, "replicator_target_healthy", target="s3") == 1.0
+        wait_until(lambda: "rpo.resolved" in hooks.kinds(), what="the recovery alert")
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+        hooks.close()
+
+
+@pytest.mark.parametrize("mode", ["refuse", "reset", "blackhole"])
+def test_a_target_back_from_an_outage_catches_up_without_a_new_change(
+    tmp_path: Path, rclone: RcloneServer, fault_proxy: ProxyFactory, mode: ProxyMode
+) -> None:
+    """S3 goes away while checkpoints are written and comes back: it catches up on its own
+    (no new change, no restart), the POSIX target never waited, and no error stays behind."""
+    proxy = fault_proxy(rclone)
+    primary, nfs, s3, data = _two_targets(tmp_path, proxy, rclone)
+    cfg = write_config(tmp_path / "r.yaml", data)
+    listen = data["listen"]
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log")
+    direct = _direct(s3, rclone)
+    try:
+        make_checkpoint(primary, 1)
+        wait_until(lambda: set_names(latest_manifest(direct, "ckpt")) == ["step-000001"], what="s3, first")
+        proxy.set_mode(mode)
+        for step in (2, 3):
+            make_checkpoint(primary, step, hidden=384)
+            wait_until(lambda step=step: len(set_names(latest_manifest(nfs, "ckpt"))) == step, what="nfs")  # type: ignore[misc]
+        wait_until(
+            lambda: metric(listen, "replicator_target_healthy", target="s3") == 0.0, what="s3 unhealthy"
+        )
+        proxy.set_mode("pass")
+        wait_until(
+            lambda: len(set_names(latest_manifest(direct, "ckpt"))) == 3, timeout=90, what="s3 catches up"
+        )
+        wait_until(lambda: status_of(listen)["s3"]["lag_seconds"] == 0, what="lag back to 0")
+        wait_until(lambda: status_of(listen)["s3"]["last_error"] is None, what="no stale error")
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+    assert "daemon.task_failed" not in daemon.log_text()
+    assert (
+        cli(
+            "verify", "--repo", str(direct["url"]), "--endpoint-url", rclone.endpoint, "--read-data"
+        ).returncode
+        == 0
+    )
+
+
+def test_a_source_written_without_pause_shows_growing_lag_and_breaches(tmp_path: Path) -> None:
+    """A dataset file appended every 0.2 s: the lag is never 0 while it is written, grows past
+    the RPO and alerts; once the writer stops, the next snapshot brings it back to 0."""
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    primary.mkdir()
+    target.mkdir()
+    hooks = WebhookReceiver()
+    source = {"name": "d", "url": str(primary), "rpo": "2s", "debounce": "1s", "max_delay": "30s"}
+    data = config_dict(tmp_path, [source], [{"name": "t", "url": str(target)}])
+    data["alerts"] = {"webhooks": [hooks.url], "repeat": "1h"}
+    cfg = write_config(tmp_path / "r.yaml", data)
+    listen = data["listen"]
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log")
+    lags: list[float] = []
+    try:
+        wait_until(lambda: get(listen, "/healthz")[0] == 200, what="the endpoint")
+        log = primary / "train.log"
+        deadline = time.monotonic() + 120
+        while "rpo.breached" not in hooks.kinds() or max(lags, default=0) <= 2:
+            with log.open("a") as f:
+                f.write("step\n")
+            value = metric(listen, "replicator_rpo_lag_seconds", source="d", target="t")
+            if value is not None:
+                lags.append(value)
+            assert time.monotonic() < deadline, f"no breach; lags seen: {lags[-20:]}"
+            time.sleep(0.2)
+        assert lags and max(lags) > 2
+        assert all(v > 0 for v in lags[5:]), "lag read 0 while the file was being written"
+        wait_until(
+            lambda: metric(listen, "replicator_rpo_lag_seconds", source="d", target="t") == 0,
+            timeout=90,
+            what="lag back to 0 after the writer stopped",
+        )
+        wait_until(lambda: "rpo.resolved" in hooks.kinds(), what="the recovery alert")
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+        hooks.close()
+
+
+def test_status_ignores_a_daemon_that_runs_another_configuration(tmp_path: Path) -> None:
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    primary.mkdir()
+    target.mkdir()
+    data = config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}])
+    cfg = write_config(tmp_path / "r.yaml", data)
+    other_dir = tmp_path / "other"
+    (other_dir / "primary").mkdir(parents=True)
+    (other_dir / "target").mkdir()
+    other = config_dict(
+        other_dir,
+        [{"name": "elsewhere", "url": str(other_dir / "primary")}],
+        [{"name": "far", "url": str(other_dir / "target")}],
+        listen=data["listen"],
+    )
+    other_cfg = write_config(tmp_path / "other.yaml", other)
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log")
+    try:
+        wait_until(lambda: get(data["listen"], "/healthz")[0] == 200, what="the endpoint")
+        mine = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
+        assert mine["daemon_running"] and [p["target"] for p in mine["pairs"]] == ["t"]
+        res = cli("status", "-c", str(other_cfg), "--json")
+        theirs = json.loads(res.stdout)
+        assert not theirs["daemon_running"]
+        assert [(p["source"], p["target"]) for p in theirs["pairs"]] == [("elsewhere", "far")]
+        assert "another configuration" in theirs["warnings"][0]
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+def test_one_shot_commands_give_up_on_a_dead_target_with_exit_3(
+    tmp_path: Path, rclone: RcloneServer, fault_proxy: ProxyFactory
+) -> None:
+    """`sync` publishes the healthy target and exits 3; `snapshots`, `verify` and `restore`
+    against the dead endpoint give up after --give-up-after and exit 3."""
+    proxy = fault_proxy(rclone)
+    primary, _nfs, s3, data = _two_targets(tmp_path, proxy, rclone)
+    data["sources"] = [{"name": "d", "url": str(primary)}]
+    cfg = write_config(tmp_path / "r.yaml", data)
+    make_checkpoint(primary, 1)
+    assert cli("sync", "-c", str(cfg)).returncode == 0
+    proxy.set_mode("blackhole")
+    (primary / "new.bin").write_bytes(b"new")
+    res = cli("sync", "-c", str(cfg))
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "-> nfs: published" in res.stdout and "-> s3: FAILED" in res.stdout
+    repo = ["--repo", str(s3["url"]), "--endpoint-url", proxy.endpoint, "--give-up-after", "2s"]
+    for args in (["snapshots"], ["verify"], ["restore", "-s", "d", str(tmp_path / "dest")]):
+        res = cli(*args, *repo)
+        assert res.returncode == 3, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and "could not be reached" not in res.stdout

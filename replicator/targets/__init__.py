@@ -18,6 +18,7 @@ from replicator.s3 import parse_s3_url
 from replicator.targets.base import ObjectInfo, Target, check_key
 from replicator.targets.posix import PosixTarget
 from replicator.targets.wrappers import (
+    DeadlineTarget,
     LimitedTarget,
     MeteredTarget,
     RequestHook,
@@ -30,6 +31,7 @@ from replicator.targets.wrappers import (
 
 __all__ = [
     "BackendFactory",
+    "DeadlineTarget",
     "LimitedTarget",
     "MeteredTarget",
     "ObjectInfo",
@@ -126,12 +128,15 @@ async def open_target(
     policy: RetryPolicy | None = None,
     health: TargetHealth | None = None,
 ) -> Target:
-    """The full stack for one configured target: retry -> limits -> metrics -> backend.
+    """The full stack for one configured target: retry -> limits -> metrics -> deadline -> backend.
 
     ``policy``: the retry policy (default :func:`retry_policy`, interactive). ``health``: the
     object that follows whether the target answers, if the caller keeps one across attempts
     to open it. ``on_request`` sees every request made (the spend ledger)."""
+    policy = policy or retry_policy(cfg)
+    # No single attempt may outlast the whole retry budget (a one-shot command's give-up).
+    deadline = min(cfg.timeout, policy.give_up_after or cfg.timeout)
     backend = await open_backend(cfg)
-    metered = MeteredTarget(backend, on_request)
+    metered = MeteredTarget(DeadlineTarget(backend, deadline), on_request)
     limited = LimitedTarget(metered, cfg.concurrency, cfg.max_bandwidth)
-    return RetryingTarget(limited, policy or retry_policy(cfg), health)
+    return RetryingTarget(limited, policy, health)

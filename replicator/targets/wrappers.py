@@ -1,6 +1,6 @@
 """Cross-cutting concerns as Target wrappers, stacked in one place (:func:`replicator.targets.open_target`):
 
-    RetryingTarget -> LimitedTarget -> MeteredTarget -> backend
+    RetryingTarget -> LimitedTarget -> MeteredTarget -> DeadlineTarget -> backend
 
 Retry is outermost so that a request waiting out its backoff holds no concurrency slot.
 Each wrapper is a Target itself, can be tested alone, and is reachable with :func:`unwrap`.
@@ -244,6 +244,59 @@ class LimitedTarget(TargetWrapper):
     async def delete(self, key: str) -> None:
         async with self._slots:
             await self.inner.delete(key)
+
+
+MIN_UPLOAD_RATE = 1 << 20
+"""Bytes per second a transfer must average (beyond the timeout) before it counts as hung."""
+
+
+class DeadlineTarget(TargetWrapper):
+    """Gives every request a deadline: ``timeout`` plus its body at MIN_UPLOAD_RATE (16 MiB:
+    16 s more; a whole-object GET: twice the timeout). A request past it fails as unreachable,
+    is retried and marks the target failing, instead of waiting forever. The SDK's own
+    timeouts cover connecting and waiting for an answer, not sending: a PUT to a server that
+    stopped reading (a dead route, a hung gateway) blocked in the kernel's send buffer for
+    good (found by the fault proxy; the publisher hang of issue 18). A hung NFS write is
+    bounded the same way (its thread stays blocked in the kernel; the request does not)."""
+
+    def __init__(self, inner: Target, timeout: float) -> None:
+        super().__init__(inner)
+        self.timeout = timeout
+
+    async def _bounded(self, op: str, key: str, awaitable: Awaitable[T], nbytes: int | None = 0) -> T:
+        """``nbytes`` None: a whole-object GET of unknown size, allowed twice the timeout
+        (the SDK's read timeout already catches a server that stops sending)."""
+        limit = 2 * self.timeout if nbytes is None else self.timeout + nbytes / MIN_UPLOAD_RATE
+        try:
+            return await asyncio.wait_for(awaitable, limit)
+        except TimeoutError:
+            raise TargetUnreachableError(
+                f"no answer within the {limit:.0f}s timeout", target=self.name, operation=op, key=key
+            ) from None
+
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        await self._bounded("put", key, self.inner.put(key, data, if_absent=if_absent), len(data))
+
+    async def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        return await self._bounded("get", key, self.inner.get(key, offset=offset, length=length), length)
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        return await self._bounded("stat", key, self.inner.stat(key))
+
+    async def delete(self, key: str) -> None:
+        await self._bounded("delete", key, self.inner.delete(key))
+
+    async def flush(self) -> None:
+        await self._bounded("flush", "", self.inner.flush())
+
+    async def list(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
+        items = self.inner.list(prefix, start_after=start_after).__aiter__()
+        while True:  # each next item (a listing page on S3) within the timeout
+            try:
+                item = await self._bounded("list", prefix, anext(items))
+            except StopAsyncIteration:
+                return
+            yield item
 
 
 def _kind(exc: TargetError) -> str:
