@@ -157,6 +157,7 @@ async def _plan_source(
     source = open_source(cfg)
     try:
         selection = gate.select(cfg, await source.scan(), time.time_ns())
+        plan.skipped.update({f"{cfg.name}/{p}": why for p, why in source.refused.items()})
         plan.files += len(selection.files)
         plan.bytes_scanned += sum(f.size for f in selection.files)
         records: list[FileRecord] = []

@@ -27,6 +27,9 @@ async def sync_source(
     if rep.open_targets:
         files = await rep.scan(cfg)
         candidate = await rep.build_candidate(cfg, files, result, progress)
+        # Names the source could not take are not in `files`: say so, never drop them silently.
+        for path, why in rep.source(cfg).refused.items():
+            result.skipped.setdefault(path, why)
         rep.state.forget_files_except(cfg.name, {f.path for f in files})
         rep.state.commit()
         outcomes = await asyncio.gather(*(rep.publish(t, cfg, candidate) for t in rep.open_targets))

@@ -41,6 +41,11 @@ class Source(Protocol):
     """How many files (or batches of small files) to read at once. Reads from an object store
     wait on the network and gain from overlap; local reads are CPU work that contends for the
     GIL, where more than two at once only adds thread hand-offs."""
+    refused: dict[str, str]
+    """Names the last scan found but cannot replicate (path -> why; logged as
+    ``source.skipped``): a path no manifest may hold (``a//b`` or ``..`` in an S3 key, a path
+    longer than 4096 bytes). They are not in the scan's result; ``sync`` reports them in its
+    ``skipped``, so that no name is ever left out in silence (issue 17)."""
     read_in_helper: bool
     """Whether :meth:`open` and :meth:`confirm` work in another process (plain file system
     calls on a pickled copy of the source), so that many small files may be read and encoded

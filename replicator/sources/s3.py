@@ -6,8 +6,10 @@ listing diff finds every change (the daemon polls the listing). Reads stream the
 read, S3 answers 412 and the read is retried later, never recorded torn. S3 itself serves a
 GET from one version, so a read that completes is consistent.
 
-Keys that cannot be safe relative paths (``..``, ``//``, backslashes, control characters) are
-skipped with a warning; "directory marker" objects (keys ending in ``/``) are ignored.
+Keys are UTF-8 and may hold newlines, tabs and backslashes, which are kept as they are. Keys
+that cannot be safe relative paths (``..`` or ``.`` segments, ``//``, a segment over 255
+bytes) are skipped with a warning and named in :attr:`S3Source.refused`; "directory marker"
+objects (keys ending in ``/``) are ignored.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class S3Source:
         self.location = location
         self.url = location.url
         self.filter = path_filter
+        self.refused: dict[str, str] = {}
         session = (
             boto3.session.Session(profile_name=access.profile) if access.profile else boto3.session.Session()
         )
@@ -82,6 +85,7 @@ class S3Source:
         try:
             check_relative_path(rel)
         except ValueError as exc:
+            self.refused[rel] = str(exc)
             log.warning("source.skipped", source=self.name, path=rel, reason=str(exc))
             return None
         etag = str(obj["ETag"]).strip('"')
@@ -90,6 +94,7 @@ class S3Source:
         return SourceFile(rel, size, mtime_ns, 0o644, f"{etag}:{size}:{mtime_ns}")
 
     async def scan(self, found: Callable[[SourceFile], None] | None = None) -> list[SourceFile]:
+        self.refused = {}
         return await self._list("", found)
 
     async def scan_below(self, path: str) -> list[SourceFile]:
