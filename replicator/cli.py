@@ -25,6 +25,7 @@ import typer
 
 from replicator import __version__
 from replicator.errors import ConfigError, ReplicatorError
+from replicator.paths import display_path, one_line
 from replicator.progress import make_progress
 from replicator.units import format_duration, format_size
 
@@ -218,9 +219,9 @@ def sync(
                 line += f" ({format_size(r.bytes_read / r.seconds)}/s)"
             typer.echo(line)
             for name, why in sorted(r.held_back.items()):
-                typer.echo(f"  held back {name}: {why}")
+                typer.echo(f"  held back {display_path(name)}: {one_line(why)}")
             for path, why in sorted(r.skipped.items()):
-                typer.echo(f"  skipped {path}: {why}")
+                typer.echo(f"  skipped {display_path(path)}: {one_line(why)}")
             for t in r.targets:
                 u = t.uploads
                 if t.status == "failed":
@@ -308,7 +309,7 @@ def plan(
         spent, allowed = b.spent_today_usd, b.allowance_today_usd
         typer.echo(f"budget {b.scope} ({b.mode}): today ${spent:.4f} spent of ${allowed:.4f}")
     for path, why in sorted(result.skipped.items()):
-        typer.echo(f"  skipped {path}: {why}")
+        typer.echo(f"  skipped {display_path(path)}: {one_line(why)}")
 
 
 @app.command()
@@ -387,7 +388,7 @@ def snapshots(
         return
     for row in rows:
         mark = "*" if row["latest"] else " "
-        sets = f"  sets: {', '.join(row['sets'])}" if row["sets"] else ""
+        sets = f"  sets: {', '.join(map(display_path, row['sets']))}" if row["sets"] else ""
         typer.echo(
             f"{mark} {row['source']:<16} {row['snapshot']}  {row['files']:>6} files "
             f"{format_size(row['bytes']):>11}{sets}"
@@ -538,11 +539,11 @@ def restore(
     else:
         rate = f" ({format_size(res.bytes_per_second)}/s)" if res.bytes else ""
         typer.echo(
-            f"restored {res.files} files, {format_size(res.bytes)} from {source}/{sid} into {dest} "
+            f"restored {res.files} files, {format_size(res.bytes)} from {source}/{sid} into {one_line(dest)} "
             f"in {format_duration(res.seconds)}{rate} ({res.skipped_existing} already up to date)"
         )
         for path, why in sorted(res.failures.items()):
-            typer.echo(f"  FAILED {path}: {why}", err=True)
+            typer.echo(f"  FAILED {display_path(path)}: {one_line(why)}", err=True)
     if not res.ok:
         raise typer.Exit(1)
 
@@ -713,7 +714,7 @@ def verify(
                 f"{rep.chunks_read} read ({format_size(rep.bytes_read)}) in {format_duration(rep.seconds)}"
             )
             for p in rep.problems:
-                typer.echo(f"  BAD {p.key}: {p.message}")
+                typer.echo(f"  BAD {one_line(p.key)}: {one_line(p.message)}")
             if "drill" in row:
                 _print_drill(row["drill"])
     if not all(row["verify"].ok and ("drill" not in row or row["drill"].ok) for row in rows):
@@ -758,13 +759,14 @@ def _print_drill(report: Any) -> None:
         )
         if s.newest_restorable_set is not None:
             age = format_duration(max(s.newest_restorable_set_age_seconds or 0, 0))
-            typer.echo(f"    newest restorable checkpoint set: {s.newest_restorable_set} (written {age} ago)")
+            shown = display_path(s.newest_restorable_set)
+            typer.echo(f"    newest restorable checkpoint set: {shown} (written {age} ago)")
         for path, why in sorted(s.digest_failures.items()):
-            typer.echo(f"    DIGEST FAILED {path}: {why}")
+            typer.echo(f"    DIGEST FAILED {display_path(path)}: {one_line(why)}")
         for path, why in sorted(s.format_failures.items()):
-            typer.echo(f"    FORMAT FAILED {path}: {why}")
+            typer.echo(f"    FORMAT FAILED {display_path(path)}: {one_line(why)}")
         for why in s.problems:
-            typer.echo(f"    FAILED: {why}")
+            typer.echo(f"    FAILED: {one_line(why)}")
 
 
 @app.command()
