@@ -252,6 +252,35 @@ def test_restore_into_a_bucket_names_what_cannot_be_a_key(
     assert sorted(o["Key"] for o in listed) == ["r/ok/tab\tname", "r/plain.txt"]
 
 
+def test_a_path_too_long_for_any_manifest_is_named_in_skipped(tmp_path: Path) -> None:
+    """17 directories of 250 bytes: deeper than 4,096 bytes, which no manifest holds and
+    PATH_MAX cannot open. Built through directory descriptors, reported by name, exit 1; the
+    rest is published."""
+    primary, target = tmp_path / "primary", tmp_path / "target"
+    target.mkdir()
+    make_tree(primary, {b"ok.txt": b"fine"})
+    fd = os.open(primary, os.O_RDONLY | os.O_DIRECTORY)
+    for i in range(17):
+        segment = bytes([ord("a") + i]) * 250
+        os.mkdir(segment, dir_fd=fd)
+        next_fd = os.open(segment, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = next_fd
+    os.close(os.open("deep.bin", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+    cfg = write_config(
+        tmp_path / "r.yaml",
+        config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
+    )
+    res = cli("sync", "-c", str(cfg), "--json")
+    assert res.returncode == 1, res.stderr
+    out = json.loads(res.stdout)["sources"][0]
+    (skipped,) = out["skipped"]  # the directory that cannot be listed, or the file itself
+    assert skipped.startswith("a" * 250 + "/" + "b" * 250) and out["files"] == 1
+    assert out["targets"][0]["status"] == "published"
+    assert "source.unreadable_dir" in res.stderr or "source.skipped" in res.stderr
+
+
 def test_daemon_replicates_names_that_are_not_utf8(tmp_path: Path) -> None:
     """watchfiles cannot report such a name (it fails to decode it): the daemon must neither
     crash nor miss it."""
