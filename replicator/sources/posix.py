@@ -67,7 +67,7 @@ class PosixSource:
         def scan() -> list[SourceFile]:
             full = self.root / path
             try:
-                info = os.lstat(full)
+                info = _lstat(os.path.join(self.url, path))
             except FileNotFoundError:
                 return []
             if stat.S_ISDIR(info.st_mode):
