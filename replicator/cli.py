@@ -1,7 +1,8 @@
 """The ``replicator`` command line. Commands are thin: parse options, call the library, print.
 
 Exit codes (all commands): 0 success; 1 the operation failed or found problems; 2 usage or
-configuration error; 3 a target could not be reached. Errors are one line on stderr.
+configuration error; 3 a target could not be reached; 4 (sync) published, but some files could
+not be read; 130 interrupted. Errors are one line on stderr.
 
 Start-up time counts (a one-shot ``sync`` of a few files is mostly interpreter start-up), so
 this module imports only typer and light helpers; each command imports the library modules it
@@ -73,6 +74,10 @@ LogLevelOpt = Annotated[
     str | None,
     typer.Option("--log-level", help="debug, info, warning or error (default: from config, else warning)."),
 ]
+
+
+EXIT_SEVERITY = [0, 4, 3, 1]
+"""Exit codes of a pass from least to most severe: the worst outcome wins."""
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -183,6 +188,14 @@ def sync(
     target: Annotated[
         list[str] | None, typer.Option("--target", "-t", help="Only this target (repeatable).")
     ] = None,
+    allow_deletes: Annotated[
+        bool,
+        typer.Option(
+            "--allow-deletes",
+            help="Publish even if it drops more than the source's `max_delete` share of the "
+            "latest snapshot (check the primary first: this is how a wiped primary would look).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     log_level: LogLevelOpt = None,
@@ -190,8 +203,10 @@ def sync(
     """One replication pass: every source (or --source) to every target (or --target).
 
     Unchanged files are not read again; chunks a target already holds are not sent again.
-    A checkpoint set is published only when complete. Exits 1 if any target failed or any
-    file could not be read consistently (the rest is still published)."""
+    A checkpoint set is published only when complete, and a published set is never replaced
+    by a partial version of itself. Exit codes: 0 done; 4 published, but some files could not
+    be read (what an earlier snapshot holds of them is carried forward; they are listed);
+    3 a target could not be reached; 1 a target failed, or a mass deletion was held."""
     from replicator.sync import run_sync
 
     config = load(config_path, log_level)
@@ -205,7 +220,13 @@ def sync(
     except ConfigError as exc:
         fail(str(exc), 2)
     results, target_errors = run_coroutine(
-        lambda: run_sync(config, sources=source, targets=target, progress=make_progress(quiet or as_json))
+        lambda: run_sync(
+            config,
+            sources=source,
+            targets=target,
+            progress=make_progress(quiet or as_json),
+            allow_deletes=allow_deletes,
+        )
     )
     if as_json:
         emit_json({"sources": results, "target_errors": {k: str(v) for k, v in target_errors.items()}})
@@ -221,11 +242,28 @@ def sync(
             for name, why in sorted(r.held_back.items()):
                 typer.echo(f"  held back {display_path(name)}: {one_line(why)}")
             for path, why in sorted(r.skipped.items()):
-                typer.echo(f"  skipped {display_path(path)}: {one_line(why)}")
+                typer.echo(f"  unreadable {display_path(path)}: {one_line(why)}")
+            for path, why in sorted(r.ignored.items()):
+                typer.echo(f"  not replicated {display_path(path)}: {one_line(why)}")
             for t in r.targets:
                 u = t.uploads
+                for name, why in sorted(t.damaged.items()):
+                    typer.echo(
+                        f"  -> {t.target}: DAMAGED on the primary: {display_path(name)}: {one_line(why)}; "
+                        "its last complete version stays published"
+                    )
+                for name, why in sorted(t.carried.items()):
+                    if name not in t.damaged:
+                        shown = f"{display_path(name)} ({one_line(why)})"
+                        typer.echo(f"  -> {t.target}: kept from the previous snapshot: {shown}")
                 if t.status == "failed":
                     typer.echo(f"  -> {t.target}: FAILED: {t.error}")
+                    continue
+                if t.status == "held":
+                    typer.echo(
+                        f"  -> {t.target}: HELD: {t.error}; nothing published. Check the primary, then "
+                        "run again with --allow-deletes (or raise max_delete)"
+                    )
                     continue
                 if t.status == "deferred":
                     typer.echo(f"  -> {t.target}: DEFERRED: {t.error}; it resumes when the budget allows")
@@ -238,8 +276,9 @@ def sync(
                     f"sent {format_size(u.bytes_sent)}, dedup {ratio(r.bytes_read, u.bytes_new)}, "
                     f"compression {ratio(u.bytes_new, u.bytes_sent)}"
                 )
-    if not all(r.ok for r in results) or target_errors:
-        raise typer.Exit(1)
+    code = max((r.exit_code for r in results), key=EXIT_SEVERITY.index, default=0)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -261,6 +300,33 @@ def run(
         fail("the config needs at least one source and one target", 2)
     assert config_path is not None
     run_coroutine(lambda: run_daemon(config, config_path))
+
+
+@app.command()
+def release(
+    source: Annotated[str, typer.Option("--source", "-s", help="The source whose held publish to release.")],
+    config_path: ConfigOpt = None,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Release a publish the running daemon holds because it would delete too much.
+
+    When a pass would drop more than a source's `max_delete` share of the latest snapshot
+    (a wiped or half-deleted primary looks exactly like that), the daemon keeps the replica
+    as it is, alerts, and shows HELD in `replicator status`. Check the primary; if the
+    deletions are intended, this tells the daemon (by a note in state_dir and SIGHUP) to
+    publish them once on every target. Without a daemon, use `sync --allow-deletes`."""
+    from replicator.release import request
+
+    config = load(config_path, log_level)
+    try:
+        config.source(source)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    try:
+        pid = request(config.state_dir, source)
+    except ReplicatorError as exc:
+        fail(str(exc), exc.exit_code)
+    typer.echo(f"released {source}: the daemon (pid {pid}) publishes it now; see `replicator status`")
 
 
 @app.command()
@@ -613,6 +679,14 @@ def verify(
             "file on the CPU (needs torch installed).",
         ),
     ] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Send again every missing or damaged chunk that the sources still hold (read from "
+            "the files the snapshots name); say which could not be repaired. Needs --config.",
+        ),
+    ] = False,
     endpoint_url: EndpointOpt = None,
     region: RegionOpt = None,
     profile: ProfileOpt = None,
@@ -626,8 +700,11 @@ def verify(
     With --restore-drill, prove that training can resume from it (docs/DRILLS.md): run it
     before a failover drill and in the CI of a disaster-recovery runbook.
 
-    Names every bad object and file. Exit 0 pass, 1 verification failed, 2 usage/config
-    error, 3 target unreachable."""
+    With --repair, chunks found missing or damaged are uploaded again from the sources'
+    files where they still hold them (`verify --read-data --repair` finds and heals damage).
+
+    Names every bad object and file. Exit 0 pass (with --repair: everything found was
+    repaired), 1 verification failed, 2 usage/config error, 3 target unreachable."""
     from replicator.repository import Repository
     from replicator.state import StateLockedError, StateStore
     from replicator.targets import open_target
@@ -638,6 +715,8 @@ def verify(
         fail("--scratch and --load need --restore-drill", 2)
     if load_torch and importlib.util.find_spec("torch") is None:
         fail("--load needs PyTorch installed (pip install torch)", 2)
+    if repair and repo is not None:
+        fail("--repair reads the sources: give --config, not --repo", 2)
     if repo is not None:
         tcfg, config = repo_target_config(None, None, repo, endpoint_url, region, profile, log_level)
         tcfgs = [tcfg]
@@ -670,6 +749,11 @@ def verify(
                         state=state,
                     )
                     row: dict[str, Any] = {"verify": rep}
+                    if repair and rep.damaged:
+                        from replicator.repair import repair_chunks
+
+                        assert config is not None
+                        row["repair"] = await repair_chunks(r, config, rep.damaged, state)
                     if restore_drill:
                         from replicator.drill import run_drill  # format checks load numpy
 
@@ -697,6 +781,7 @@ def verify(
                 {
                     **dataclasses.asdict(row["verify"]),
                     **({"drill": _drill_json(row["drill"])} if "drill" in row else {}),
+                    **({"repair": dataclasses.asdict(row["repair"])} if "repair" in row else {}),
                 }
                 for row in rows
             ]
@@ -715,10 +800,24 @@ def verify(
             )
             for p in rep.problems:
                 typer.echo(f"  BAD {one_line(p.key)}: {one_line(p.message)}")
+            if "repair" in row:
+                fixed = row["repair"]
+                typer.echo(f"  repaired {len(fixed.repaired)} of {len(rep.damaged)} damaged chunks")
+                for key, why in fixed.unrepaired.items():
+                    typer.echo(f"  NOT REPAIRED {one_line(key)}: {one_line(why)}")
             if "drill" in row:
                 _print_drill(row["drill"])
-    if not all(row["verify"].ok and ("drill" not in row or row["drill"].ok) for row in rows):
+    if not all(_verified(row) and ("drill" not in row or row["drill"].ok) for row in rows):
         raise typer.Exit(1)
+
+
+def _verified(row: dict[str, Any]) -> bool:
+    """The verify passed, or every problem it found was a chunk that was then repaired."""
+    rep = row["verify"]
+    if rep.ok:
+        return True
+    fixed = row.get("repair")
+    return bool(fixed and fixed.ok and all(p.chunk for p in rep.problems))
 
 
 def _drill_json(report: Any) -> dict[str, Any]:

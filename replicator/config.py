@@ -26,12 +26,14 @@ from pydantic import (
 
 from replicator.errors import ConfigError
 from replicator.globs import compile_glob
-from replicator.units import parse_duration, parse_rate, parse_size
+from replicator.units import parse_duration, parse_rate, parse_share, parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 """A byte count written as ``4MiB``, ``1.5GB`` or a plain integer."""
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds written as ``15m``, ``1h30m``, ``500ms`` or a plain number."""
+Share = Annotated[float, BeforeValidator(parse_share)]
+"""A fraction written as a percentage, ``50%``."""
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Source and target names: they become object-key components, so they are kept plain."""
@@ -171,8 +173,14 @@ class SourceConfig(S3Access):
     complete_when: CompleteWhen | None = None
     """Checkpoint sources only. Default: quiet for 30 s."""
     keep_last: int | None = Field(None, ge=1)
-    """Keep only the newest N snapshot manifests on each target (default: keep all). Chunks are
-    never deleted: that needs its own safety design."""
+    """Retention on each target (default: keep everything). Datasets and embeddings: the
+    newest N snapshot manifests. Checkpoint sources: the newest N checkpoint *sets*, each in
+    the newest snapshot that holds it (replicator.retention). Chunks are never deleted."""
+    max_delete: Share = 0.5
+    """Hold a publish that would drop more than this share of the files or bytes of the
+    target's latest snapshot, until an operator releases it (``replicator release``, or
+    ``sync --allow-deletes``): a wiped primary must not wipe the replica. ``100%`` disables
+    the guard (for a trainer that keeps a single checkpoint and rotates it)."""
     watch: Literal["events", "poll"] = "events"
     """POSIX sources under ``replicator run``: inotify events, or polling for network mounts."""
     poll_interval: Duration = 30.0
@@ -187,6 +195,9 @@ class SourceConfig(S3Access):
     debounce: Duration | None = None
     """Wait for this much quiet after a change before snapshotting. Default: 2 s for datasets
     and embeddings, 0.2 s for checkpoints (whose sets have their own completion rule)."""
+    max_delay: Duration = 30.0
+    """A source that never falls quiet is still snapshotted at least this often (counted from
+    the first change not yet snapshotted), so its lag stays bounded."""
 
     _globs = field_validator("include", "exclude")(_check_globs)
 
@@ -194,6 +205,8 @@ class SourceConfig(S3Access):
     def _kind_rules(self) -> SourceConfig:
         if self.complete_when is not None and self.kind != "checkpoint":
             raise ValueError("complete_when applies to kind: checkpoint only")
+        if self.max_delay < self.quiet_before_snapshot:
+            raise ValueError(f"max_delay ({self.max_delay:g}s) must not be shorter than debounce")
         return self
 
     @property
@@ -220,8 +233,12 @@ class RetryConfig(_Model):
     initial: Duration = 0.5
     max: Duration = 30.0
     give_up_after: Duration | None = 300.0
-    """A request stops retrying after this. One-shot commands then fail the target; the
-    daemon marks it unhealthy and keeps retrying the snapshot itself, indefinitely."""
+    """``replicator run``: a request stops retrying after this; the daemon has marked the target
+    unhealthy long before (after 5 s of failures) and keeps probing it, indefinitely."""
+    command_give_up_after: Duration = 30.0
+    """One-shot commands (sync, snapshots, verify, restore, plan, status) stop retrying a
+    request after this, and report the target as failed (exit code 3 when it could not be
+    reached at all): an interactive command never hangs on a dead endpoint."""
 
 
 class TargetConfig(S3Access):
@@ -240,6 +257,10 @@ class TargetConfig(S3Access):
     budget: BudgetConfig | None = None
     max_bandwidth: Annotated[int, BeforeValidator(parse_rate)] | None = None
     """Upload cap in bytes per second (``200MiB/s``), a token bucket independent of money."""
+    relist_interval: Duration = 86400.0
+    """``replicator run`` lists the repository's chunks again this often, so that a chunk
+    removed behind its back (lifecycle rules, a person) is noticed and sent again even when no
+    publish needs it (publishes confirm what they use anyway: docs/RELIABILITY.md)."""
 
 
 class AlertsConfig(_Model):
@@ -270,6 +291,10 @@ class Config(_Model):
     """Default: info for ``replicator run``, warning for one-shot commands."""
     memory_budget: Size = 256 << 20
     """Upper bound on chunk bytes held in memory between reading and the last upload."""
+    catch_up_bandwidth: Annotated[int, BeforeValidator(parse_rate)] | None = 256 << 20
+    """``replicator run``: how fast a target returning from an outage may re-read what it
+    missed from the sources (bytes per second, e.g. ``256MiB/s``; null: unpaced). Catch-up also
+    waits whenever a new candidate is being read, so current targets never wait for it."""
     shutdown_grace: Duration = 30.0
     """``replicator run``: on SIGTERM/SIGINT, let in-flight work finish for this long."""
     listen: Annotated[str | None, BeforeValidator(_listen)] = "127.0.0.1:9464"
@@ -291,7 +316,32 @@ class Config(_Model):
             unknown = sorted(set(s.rpo_overrides) - targets)
             if unknown:
                 raise ValueError(f"source {s.name}: rpo_overrides names unknown target {unknown[0]!r}")
+        self._no_overlap()
         return self
+
+    def _no_overlap(self) -> None:
+        """A replica must never lie inside what it replicates, nor the reverse: the daemon would
+        copy its own repository (or its state) forever, a new snapshot every few seconds."""
+        for s in self.sources:
+            where = _location(s)
+            for t in self.targets:
+                there = _location(t)
+                if _within(there, where):
+                    raise ValueError(
+                        f"target {t.name} ({_show(there)}) is inside source {s.name} ({_show(where)}): "
+                        "it would replicate its own repository"
+                    )
+                if _within(where, there):
+                    raise ValueError(
+                        f"source {s.name} ({_show(where)}) is inside target {t.name} ({_show(there)}): "
+                        "it would replicate the repository"
+                    )
+            state = ("file", None, str(self.state_dir.expanduser().resolve()))
+            if _within(state, where):
+                raise ValueError(
+                    f"state_dir ({self.state_dir}) is inside source {s.name} ({_show(where)}): "
+                    "it would replicate its own state"
+                )
 
     def secret_values(self) -> list[str]:
         """Every credential in the config, for the log redactor."""
@@ -315,6 +365,25 @@ class Config(_Model):
             if t.name == name:
                 return t
         raise ConfigError(f"no target named {name!r} (known: {', '.join(t.name for t in self.targets)})")
+
+
+def _location(item: S3Access | SourceConfig | TargetConfig) -> tuple[str, str | None, str]:
+    """(scheme, endpoint, path) with a trailing ``/``: ``("s3", endpoint, "bucket/prefix/")``
+    or ``("file", None, "/abs/dir/")`` (symbolic links resolved)."""
+    url = getattr(item, "url", "")
+    if url.startswith("s3://"):
+        return "s3", item.endpoint_url, url.removeprefix("s3://").rstrip("/") + "/"
+    return "file", None, str(Path(url.removeprefix("file://")).expanduser().resolve()).rstrip("/") + "/"
+
+
+def _within(inner: tuple[str, str | None, str], outer: tuple[str, str | None, str]) -> bool:
+    inner_path = inner[2] if inner[2].endswith("/") else inner[2] + "/"
+    return inner[:2] == outer[:2] and inner_path.startswith(outer[2])
+
+
+def _show(location: tuple[str, str | None, str]) -> str:
+    path = location[2].rstrip("/")
+    return f"s3://{path}" if location[0] == "s3" else path
 
 
 def default_state_dir() -> Path:

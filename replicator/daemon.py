@@ -1,22 +1,37 @@
 """``replicator run``: the long-running daemon (a systemd service or a Kubernetes sidecar).
 
-One task group owns every background task:
+One task group owns every background task, each *supervised*: an unexpected exception (a
+bug) is logged with its traceback, counted (``replicator_task_failures_total``) and the task
+restarted after a backoff, so one bad file or source never takes the process down:
 
-* per source, a :class:`SourceWorker`: keeps an in-memory index of the source's files,
-  fed by change events (or polling) and a periodic full rescan; after ``debounce`` of quiet
-  it re-stats what changed and, if anything did, builds a candidate snapshot (reading changed
-  files once, fanned out to all healthy targets) and hands it to every target's publisher;
-* per target, a :class:`TargetPublisher`: publishes the newest candidate of each source on
-  its target, independently of the other targets. A target that fails is probed with capped,
-  jittered exponential backoff, indefinitely; when it answers again the publisher catches up
-  (missing chunks are re-read from the source) — nothing is lost, and the other targets never
-  wait for it. Targets that could not be opened at start are retried the same way.
+* per source, a :class:`SourceWorker`: keeps an in-memory index of the source's files, fed
+  by change events (or polling) and a periodic full rescan; after ``debounce`` of quiet (at
+  most ``max_delay`` after the first change) it re-stats what changed and, if anything did,
+  builds a candidate snapshot (reading changed files once, fanned out to all healthy
+  targets) and hands it to every target's publisher;
+* per target, an *attacher* that opens it (the repository, its listing), retried with capped
+  backoff forever, and then a :class:`TargetPublisher`: publishes the newest candidate of each
+  source on its target, independently of the other targets. A failing target is probed with
+  capped, jittered backoff (at most every ``PROBE_MAX`` seconds, so a target that returns
+  catches up within seconds, without a new change); its publisher then catches up (missing
+  chunks are re-read from the source, after fresh work) — nothing is lost, and the other
+  targets never wait for it;
+* the RPO monitor, the source watchers and the systemd watchdog.
 
-Lifecycle: SIGTERM/SIGINT stop the watchers, let workers and publishers finish what is in
-flight for up to ``shutdown_grace``, then exit 0. ``kill -9`` at any moment is safe: the
-repository write order keeps every ref on a complete snapshot, and the next start re-lists
-the targets (the previous run did not end cleanly) so chunks already uploaded are not sent
-again. systemd gets READY=1, WATCHDOG=1 pings and STOPPING=1 (no-ops outside systemd).
+Start-up never waits for a target: the HTTP endpoint, lag tracking and alerts are up before
+any target is contacted, and a target that is down at start is reported like one that fails
+later. ``/readyz`` answers 200 once at least one target is open.
+
+Lifecycle: SIGTERM/SIGINT stop the watchers and attachers at once, let workers and
+publishers finish what is in flight for up to ``shutdown_grace`` (a publisher whose target is
+failing makes one last attempt, no more), then exit 0. ``kill -9`` at any moment is safe:
+the repository write order keeps every ref on a complete snapshot, and the next start
+re-lists the targets (the previous run did not end cleanly) so chunks already uploaded are
+not sent again. systemd gets READY=1, WATCHDOG=1 pings and STOPPING=1 (no-ops elsewhere).
+
+SIGHUP re-reads the config file and applies what can change live (LIVE_SOURCE_FIELDS,
+LIVE_TARGET_FIELDS, budgets, alerts), and picks up releases of publishes held by the
+mass-deletion guard (``replicator release``).
 """
 
 from __future__ import annotations
@@ -24,14 +39,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from replicator import log as logging_setup
-from replicator import status, systemd
+from replicator import metrics, release, status, systemd
 from replicator.alerts import WebhookNotifier
 from replicator.config import Config, SourceConfig, TargetConfig, load_config
 from replicator.engine import Candidate, OpenTarget, Replicator, SourceResult
@@ -41,7 +58,7 @@ from replicator.repository import CONFIG_KEY
 from replicator.rpo import LagTracker, RpoMonitor
 from replicator.s3 import is_s3_url
 from replicator.sources import SourceFile
-from replicator.targets import RetryPolicy, backend_of
+from replicator.targets import RetryPolicy, TargetHealth, backend_of
 from replicator.watch import watch_posix
 
 log = logging_setup.get_logger(__name__)
@@ -49,28 +66,67 @@ log = logging_setup.get_logger(__name__)
 PERMANENT_ERROR_PAUSE = 300.0
 """Retry interval for errors a human must fix (credentials, missing bucket): the daemon keeps
 checking, so a fix needs no restart, but it does not hammer the endpoint."""
+PROBE_MAX = 5.0
+"""Longest pause between probes of a failing target: recovery within seconds of its return."""
+UNREADABLE_RETRY_MAX = 60.0
+"""Longest pause before a source worker looks again at files it could not read."""
+SLOW_BACKOFF = RetryPolicy(initial=1.0, max=60.0, give_up_after=None)
+"""Pause before a background task that failed unexpectedly is started again."""
+
+
+def probe_backoff(cfg: TargetConfig) -> RetryPolicy:
+    """Pauses between attempts to reach a failing target: its retry settings, capped at PROBE_MAX."""
+    return RetryPolicy(initial=cfg.retry.initial, max=min(cfg.retry.max, PROBE_MAX), give_up_after=None)
+
+
+class LiveConfig:
+    """The one owner of the running configuration: every worker and publisher reads settings
+    through it, so a SIGHUP reaches all of them at once (a copy kept by a worker once made it
+    admit chunks at an old priority while publishing at the new one)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def source(self, name: str) -> SourceConfig:
+        return self.config.source(name)
+
+    def reload(self, new: Config) -> list[str]:
+        """Take the live-reloadable settings of ``new``; return the changes that need a restart."""
+        self.config, ignored = merge_live_settings(self.config, new)
+        return ignored
 
 
 @dataclass
 class SourceWorker:
     """Watches one source and turns its changes into candidates for every publisher."""
 
-    daemon: Daemon
-    cfg: SourceConfig
+    name: str
+    live: LiveConfig
+    rep: Replicator
+    tracker: LagTracker
+    submit: Callable[[Candidate], None]
+    stopping: asyncio.Event
     index: dict[str, SourceFile] = field(default_factory=dict)
+    unreadable: dict[str, str] = field(default_factory=dict)
+    """Paths the scans could not examine: unknown, not deleted (replicator.reconcile)."""
     dirty: set[str] = field(default_factory=set)
     full_rescan: bool = True
     last_change: float = 0.0
     first_change: float | None = None
-    """Oldest change not yet taken into a round: bounds the debounce under constant writes."""
+    """Oldest change not yet taken into a round (monotonic): bounds the debounce under
+    constant writes (``max_delay``)."""
     last_candidate: Candidate | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     rescan_due: float = 0.0
     recheck_due: float | None = None
-    retry_round: bool = False
-    unsubmitted_since: float | None = None
-    """Observation time of changes not yet carried by a candidate."""
+    retry_due: float | None = None
+    """When to run a round even without a change (monotonic), or None."""
+    unreadable_rounds: int = 0
     seq: int = 0
+
+    @property
+    def cfg(self) -> SourceConfig:
+        return self.live.source(self.name)
 
     def changed(self, paths: set[str] | None) -> None:
         """Watcher callback: these paths (None: anything) may have changed."""
@@ -81,107 +137,123 @@ class SourceWorker:
         self.last_change = time.monotonic()
         if self.first_change is None:
             self.first_change = self.last_change
+        if self.cfg.kind != "checkpoint":
+            # A dataset's change is pending from now; a checkpoint's only once it completes a
+            # set (replicator.rpo), which the round decides.
+            self.tracker.observed(self.name, self.tracker.clock())
+        self.wake.set()
+
+    def request_round(self, delay: float = 0.0) -> None:
+        """Run a round in ``delay`` seconds even without a change (a target was attached, a
+        publisher's candidate went stale, a file could not be read)."""
+        due = time.monotonic() + delay
+        self.retry_due = due if self.retry_due is None else min(self.retry_due, due)
         self.wake.set()
 
     @property
     def polled(self) -> bool:
         return is_s3_url(self.cfg.url)
 
-    async def run(self) -> None:
-        stop = self.daemon.stopping
+    async def watch(self) -> None:
+        """Feed :meth:`changed` from filesystem events (POSIX sources; S3 sources are polled)."""
+        cfg = self.cfg
         if not self.polled:
-            self.daemon.spawn(
-                watch_posix(
-                    Path(self.cfg.url.removeprefix("file://")),
-                    self.changed,
-                    stop,
-                    poll=self.cfg.watch == "poll",
-                    poll_interval=self.cfg.poll_interval,
-                ),
-                f"watch-{self.cfg.name}",
+            await watch_posix(
+                Path(cfg.url.removeprefix("file://")),
+                self.changed,
+                self.stopping,
+                poll=cfg.watch == "poll",
+                poll_interval=cfg.poll_interval,
             )
-        backoff = RetryPolicy(initial=1.0, max=60.0, give_up_after=None)
+
+    async def run(self) -> None:
+        backoff = SLOW_BACKOFF
         failures = 0
-        while not stop.is_set():
+        self.full_rescan = True  # also after a restart by the supervisor
+        while not self.stopping.is_set():
             await self._wait_for_work()
-            if stop.is_set():
+            if self.stopping.is_set():
                 break
             try:
                 changed = await self._refresh_index()
-                if changed or self.retry_round or self._recheck_passed():
+                if changed or self._due(self.retry_due) or self._due(self.recheck_due):
                     await self._round()
                 failures = 0
             except SourceError as exc:
                 failures += 1
-                log.error("source.failed", source=self.cfg.name, error=str(exc))
+                log.error("source.failed", source=self.name, error=str(exc))
+                metrics.SOURCE_ERRORS.labels(self.name, "scan_failed").inc()
                 self.full_rescan = True
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff.delay(failures))
+                    await asyncio.wait_for(self.stopping.wait(), backoff.delay(failures))
 
     async def _wait_for_work(self) -> None:
         """Sleep until a change has been quiet for ``debounce``, or a timer is due."""
-        while not self.daemon.stopping.is_set():
+        while not self.stopping.is_set():
             now = time.monotonic()
-            quiet = self.cfg.quiet_before_snapshot
+            cfg = self.cfg
+            quiet = cfg.quiet_before_snapshot
             deadlines = [self.rescan_due]
             if self.dirty or (self.full_rescan and self.last_change):
-                # Wait for `quiet` seconds without changes, but never more than 10x that (or
-                # 30 s) after the first change: a file appended to forever must still be copied.
-                latest = max(10 * quiet, 30.0) + (self.first_change or now)
+                # Wait for `quiet` seconds without changes, but never more than max_delay after
+                # the first change: a file appended to forever must still be copied.
+                latest = cfg.max_delay + (self.first_change or now)
                 if now - self.last_change >= quiet or now >= latest:
                     return
                 deadlines += [self.last_change + quiet, latest]
-            if self.recheck_due is not None:
-                deadlines.append(self.recheck_due)
-            if self.retry_round:
-                deadlines.append(now + self.cfg.quiet_before_snapshot + 1.0)
+            deadlines += [t for t in (self.recheck_due, self.retry_due) if t is not None]
             if min(deadlines) <= now:
                 return
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), min(deadlines) - now)
 
-    def _recheck_passed(self) -> bool:
-        return self.recheck_due is not None and time.monotonic() >= self.recheck_due
+    @staticmethod
+    def _due(when: float | None) -> bool:
+        return when is not None and time.monotonic() >= when
 
     async def _refresh_index(self) -> bool:
         """Bring the index up to date; True if any file was added, changed or removed."""
+        first = self.first_change
+        self.first_change = None
         changed = await self._apply_changes()
         if changed:
             # When the change was observed: the first event of this burst (or now, for a
-            # rescan); kept until a candidate carries it (replicator.rpo).
-            observed = time.time() - (time.monotonic() - (self.first_change or time.monotonic()))
-            self.unsubmitted_since = min(self.unsubmitted_since or observed, observed)
-        self.first_change = None
+            # rescan). Datasets were counted from the event already (SourceWorker.changed).
+            observed = self.tracker.clock() - (time.monotonic() - (first or time.monotonic()))
+            self.tracker.observed(self.name, observed)
         return changed
 
     async def _apply_changes(self) -> bool:
-        source = self.daemon.rep.source(self.cfg)
+        cfg = self.cfg
         now = time.monotonic()
         if self.full_rescan or now >= self.rescan_due:
             self.full_rescan = False
             self.dirty.clear()
-            interval = self.cfg.poll_interval if self.polled else self.cfg.rescan_interval
+            interval = cfg.poll_interval if self.polled else cfg.rescan_interval
             self.rescan_due = now + interval
-            files = await self.daemon.rep.scan(self.cfg)
-            fresh = {f.path: f for f in files}
-            changed = fresh != self.index
+            listing = await self.rep.scan(cfg)
+            fresh = {f.path: f for f in listing.files}
+            changed = fresh != self.index or listing.unreadable != self.unreadable
             log.info(
                 "source.rescanned",
-                source=self.cfg.name,
+                source=self.name,
                 files=len(fresh),
+                unreadable=len(listing.unreadable),
                 changed=changed,
                 seconds=round(time.monotonic() - now, 3),
             )
-            self.index = fresh
-            assert self.daemon.rep.state is not None
-            self.daemon.rep.state.forget_files_except(self.cfg.name, set(fresh))
+            self.index, self.unreadable = fresh, dict(listing.unreadable)
+            assert self.rep.state is not None
+            self.rep.state.forget_files_except(self.name, set(fresh))
             return changed
+        source = self.rep.source(cfg)
         dirty, self.dirty = self.dirty, set()
         changed = False
         for path in sorted(dirty):
+            listing = await source.scan_below(path)
             below = {p for p in self.index if p == path or p.startswith(path + "/")}
-            found = {f.path: f for f in await source.scan_below(path)}
+            found = {f.path: f for f in listing.files}
             for p in below - found.keys():
                 del self.index[p]
                 changed = True
@@ -189,65 +261,91 @@ class SourceWorker:
                 if self.index.get(p) != f:
                     self.index[p] = f
                     changed = True
+            stale = {p for p in self.unreadable if p == path or p.startswith(path + "/")}
+            if stale != listing.unreadable.keys():
+                changed = True
+            for p in stale:
+                del self.unreadable[p]
+            self.unreadable.update(listing.unreadable)
         return changed
 
     async def _round(self) -> None:
-        rep = self.daemon.rep
-        self.retry_round = False
-        if not rep.open_targets:
-            # Nothing to send to yet: try again once a target is attached, but let lag count
-            # from now, under the number the next candidate will carry.
-            self.retry_round = True
-            if self.unsubmitted_since is not None:
-                size = sum(f.size for f in self.index.values())
-                for t in self.daemon.config.targets:
-                    self.daemon.tracker.submitted(
-                        self.cfg.name, t.name, self.seq + 1, self.unsubmitted_since, size, len(self.index)
-                    )
+        self.retry_due = None
+        if not self.rep.open_targets:
+            # Nothing to send to yet: observations stay pending (lag grows on every target)
+            # until a target is attached, which asks for a round.
             return
-        result = SourceResult(self.cfg.name)
-        files = sorted(self.index.values(), key=lambda f: f.path)
-        candidate = await rep.build_candidate(self.cfg, files, result, prestage=True)
+        cfg = self.cfg
+        observed = self.tracker.begin_round(self.name)
+        try:
+            result = SourceResult(self.name)
+            files = sorted(self.index.values(), key=lambda f: f.path)
+            candidate = await self.rep.build_candidate(
+                cfg, files, result, unreadable=self.unreadable, prestage=True
+            )
+        except BaseException:
+            self.tracker.end_round(self.name, failed=True)
+            raise
         self.recheck_due = None
         if candidate.recheck_at_ns is not None:
             self.recheck_due = time.monotonic() + max(0.0, (candidate.recheck_at_ns - time.time_ns()) / 1e9)
         if result.skipped:
-            self.retry_round = True  # a file kept changing or was unreadable: look again soon
+            # Something could not be read (it kept changing, or a permission): look again soon,
+            # then less and less often while it lasts.
+            self.unreadable_rounds += 1
+            delay = min(
+                UNREADABLE_RETRY_MAX, (cfg.quiet_before_snapshot + 1.0) * 2 ** (self.unreadable_rounds - 1)
+            )
+            self.request_round(delay)
+        else:
+            self.unreadable_rounds = 0
         if candidate.same_content(self.last_candidate):
-            self.unsubmitted_since = None
+            self.tracker.end_round(self.name)
             return
         self.seq += 1
         candidate = dataclasses.replace(
-            candidate, seq=self.seq, observed_at=self.unsubmitted_since or time.time()
+            candidate, seq=self.seq, observed_at=observed if observed is not None else self.tracker.clock()
         )
-        self.unsubmitted_since = None
         self.last_candidate = candidate
         log.info(
             "candidate.ready",
-            source=self.cfg.name,
+            source=self.name,
             files=result.files,
             read=result.files_read,
             bytes_read=result.bytes_read,
             held_back=sorted(result.held_back),
+            unreadable=sorted(result.skipped),
         )
-        self.daemon.submit(candidate)
+        self.submit(candidate)
+        self.tracker.end_round(self.name)
 
 
 @dataclass
 class TargetPublisher:
     """Publishes the newest candidate of every source on one target, retrying forever."""
 
-    daemon: Daemon
     target: OpenTarget
+    live: LiveConfig
+    rep: Replicator
+    tracker: LagTracker
+    sources_done: asyncio.Event
+    """Set once stopping and every source worker has finished: no candidate can follow."""
+    request_round: Callable[[str], None]
+    approvals: dict[str, set[str]]
+    """Source -> targets that may still publish a mass deletion an operator released."""
     pending: dict[str, Candidate] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     delivered: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per source, path -> digest of the last snapshot durable on this target."""
     probe_error: ReplicatorError | None = None
 
+    @property
+    def name(self) -> str:
+        return self.target.config.name
+
     async def load_delivered(self) -> None:
         """What each source's latest snapshot on the target holds, to measure pending work."""
-        for cfg in self.daemon.config.sources:
+        for cfg in self.live.config.sources:
             with contextlib.suppress(ReplicatorError):
                 latest = await self.target.repo.latest(cfg.name)
                 if latest is not None:
@@ -263,82 +361,112 @@ class TargetPublisher:
             for r in candidate.records
             if spec.key not in r.digests or have.get(r.path) != r.digests[spec.key]
         ]
-        self.daemon.tracker.submitted(
-            candidate.source, self.target.config.name, candidate.seq, candidate.observed_at,
+        self.tracker.submitted(
+            candidate.source, self.name, candidate.seq, candidate.observed_at,
             sum(r.size for r in changed), len(changed),
         )  # fmt: skip
         self.wake.set()
 
     async def run(self) -> None:
         cfg = self.target.config
-        backoff = RetryPolicy(initial=cfg.retry.initial, max=cfg.retry.max, give_up_after=None)
+        backoff = probe_backoff(cfg)
         failures = 0
+        relist_due = time.monotonic() + cfg.relist_interval
         while True:
             if not self.pending:
-                if self.daemon.sources_done.is_set():
+                if self.sources_done.is_set():
                     return
                 self.wake.clear()
-                await self.wake.wait()
-                continue
-            ok = await self._probe() if not self.target.uploader.healthy else True
-            outcome = await self._publish_pending() if ok else "failed"
-            if outcome == "deferred":
-                # Waiting for budget: a new day, a raised budget (SIGHUP wakes us) or spend
-                # freed by a change of prices. Look again at least every minute.
-                wait = min(60.0, self.daemon.rep.budget.seconds_to_next_period())
-                self.wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), wait)
-            if outcome != "failed":
-                failures = 0
-                if self.daemon.sources_done.is_set() and outcome == "deferred":
-                    return  # nothing more will be sent before we exit
+                    await asyncio.wait_for(self.wake.wait(), max(0.0, relist_due - time.monotonic()))
+                if not self.pending and time.monotonic() < relist_due:
+                    continue
+            ok = await self._probe() if not self.target.uploader.healthy else True
+            if ok and time.monotonic() >= relist_due:
+                ok = await self._relist()
+                relist_due = time.monotonic() + cfg.relist_interval
+            if not self.pending:
                 continue
-            failures += 1
-            delay = backoff.delay(failures)
-            if isinstance(self.probe_error or self.target.uploader.error, PermanentTargetError):
-                delay = max(delay, PERMANENT_ERROR_PAUSE)  # needs a human: report, don't spin
-            log.info("target.backoff", target=cfg.name, seconds=round(delay, 2), attempt=failures)
-            await asyncio.sleep(delay)
+            outcome = await self._publish_pending() if ok else "failed"
+            if self.sources_done.is_set() and outcome != "ok":
+                return  # draining: one last attempt, then nothing more will be sent
+            if outcome == "ok":
+                failures = 0
+                continue
+            if outcome == "waiting":
+                # Deferred by the budget (a new day, a raised budget or new prices release it)
+                # or held for an operator (SIGHUP after `replicator release`): look again on a
+                # wake-up, at least every minute.
+                failures = 0
+                wait = min(60.0, self.rep.budget.seconds_to_next_period())
+            else:
+                failures += 1
+                wait = backoff.delay(failures)
+                if isinstance(self.probe_error or self.target.uploader.error, PermanentTargetError):
+                    wait = max(wait, PERMANENT_ERROR_PAUSE)  # needs a human: report, don't spin
+                log.info("target.backoff", target=self.name, seconds=round(wait, 2), attempt=failures)
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), wait)
+
+    async def _relist(self) -> bool:
+        """The scheduled reconciliation of the state's chunk claims (``relist_interval``)."""
+        try:
+            await self.target.uploader.relist()
+        except ReplicatorError as exc:
+            log.warning("target.relist_failed", target=self.name, error=str(exc))
+            return False
+        return True
 
     async def _probe(self) -> bool:
         """One cheap request straight to the backend (no retry layer): is the target back?"""
         try:
             await backend_of(self.target.target).stat(CONFIG_KEY)
         except ReplicatorError as exc:
-            log.debug("target.probe_failed", target=self.target.config.name, error=str(exc))
+            log.debug("target.probe_failed", target=self.name, error=str(exc))
             self.probe_error = exc
-            for source in self.pending:
-                self.daemon.tracker.failed(source, self.target.config.name, str(exc))
+            self.tracker.target_failed(self.name, str(exc))
             return False
         self.probe_error = None
         self.target.uploader.mark_healthy()
-        self.daemon.reached.add(self.target.config.name)
+        self.tracker.target_ok(self.name)
         return True
 
     async def _publish_pending(self) -> str:
-        """Try every pending candidate: "failed" if any failed, else "deferred" if the budget
-        holds any back, else "ok"."""
+        """Try every pending candidate: "failed" if any failed, else "waiting" if the budget or
+        an operator holds any back, else "ok"."""
         outcome = "ok"
-        target = self.target.config.name
-        for name, candidate in list(self.pending.items()):
-            result = await self.daemon.rep.publish(self.target, self.daemon.config.source(name), candidate)
+        for source, candidate in list(self.pending.items()):
+            allow = self.name in self.approvals.get(source, ())
+            result = await self.rep.publish(
+                self.target, self.live.source(source), candidate, allow_deletes=allow
+            )
             if result.status == "failed":
-                self.daemon.tracker.failed(name, target, result.error or "failed")
+                self.tracker.failed(source, self.name, result.error or "failed")
                 outcome = "failed"
                 continue
-            if result.status == "deferred":
-                self.daemon.tracker.deferred(name, target, result.error or "deferred by the budget")
-                outcome = "deferred" if outcome == "ok" else outcome
+            if result.status in ("deferred", "held"):
+                if result.status == "deferred":
+                    self.tracker.deferred(source, self.name, result.error or "deferred by the budget")
+                else:
+                    self.tracker.held(source, self.name, result.error or "held")
+                outcome = "waiting" if outcome == "ok" else outcome
                 continue
-            if result.status in ("published", "unchanged", "empty"):
+            if result.status == "superseded":
+                # A newer candidate is usually on its way; ask for one in case it is not (a
+                # file this one names is gone from the primary, and no event said so).
+                self.tracker.failed(source, self.name, f"superseded: {result.error}")
+                self.request_round(source)
+            else:  # published, unchanged, empty
                 if result.status == "empty":
-                    log.warning("source.empty_not_published", source=name, target=target)
+                    log.warning("source.empty_not_published", source=source, target=self.name)
                 spec = self.target.repo.hash
-                self.delivered[name] = {r.path: r.digests.get(spec.key, "") for r in candidate.records}
-                self.daemon.tracker.durable(name, target, candidate.seq, time.time())
-            if self.pending.get(name) is candidate:
-                del self.pending[name]
+                self.delivered[source] = {r.path: r.digests.get(spec.key, "") for r in candidate.records}
+                self.tracker.durable(source, self.name, candidate.seq, self.tracker.clock(), result.damaged)
+                metrics.CARRIED_ENTRIES.labels(source, self.name).set(len(result.carried))
+                self.approvals.get(source, set()).discard(self.name)
+            if self.pending.get(source) is candidate:
+                del self.pending[source]
         return outcome
 
 
@@ -370,33 +498,75 @@ def merge_live_settings(old: Config, new: Config) -> tuple[Config, list[str]]:
     return old.model_copy(update=update), ignored_s + ignored_t
 
 
-LIVE_SOURCE_FIELDS = ("priority", "rpo", "rpo_overrides")
+LIVE_SOURCE_FIELDS = ("priority", "rpo", "rpo_overrides", "max_delete", "keep_last", "max_delay")
 LIVE_TARGET_FIELDS = ("cost", "budget")
+
+T = TypeVar("T")
 
 
 class Daemon:
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
-        self.config = config
+        self.live = LiveConfig(config)
         self.config_path = config_path
+        self.fingerprint = status.config_fingerprint(config)
         self.monitor: RpoMonitor | None = None
         self.rep = Replicator(config, fail_fast=False)
         self.stopping = asyncio.Event()
         self.sources_done = asyncio.Event()
         """Set once stopping and every source worker has finished: no candidate can follow."""
-        self.workers = {s.name: SourceWorker(self, s) for s in config.sources}
+        self.workers: dict[str, SourceWorker] = {}
         self.publishers: dict[str, TargetPublisher] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.crashed = False
-        self.reached: set[str] = set()
-        """Targets reached at least once (readiness)."""
+        self.approvals: dict[str, set[str]] = {}
+        self.started = False
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
         self.notifier = WebhookNotifier(config.alerts)
         self._tracker: LagTracker | None = None
         self.http: HttpEndpoint | None = None
 
     @property
+    def config(self) -> Config:
+        return self.live.config
+
+    @property
     def tracker(self) -> LagTracker:
         assert self._tracker is not None, "the tracker exists once the state store is open"
         return self._tracker
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def spawn(self, name: str, factory: Callable[[], Awaitable[None]], *, restart: bool = True) -> None:
+        """Run ``factory()`` as a task of the daemon's task group. With ``restart``, an
+        unexpected exception is logged, counted, and the task started again after a backoff
+        (module docstring); a task that returns is done."""
+        assert self._group is not None
+        self._tasks[name] = self._group.create_task(self._supervise(name, factory, restart), name=name)
+
+    async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]], restart: bool) -> None:
+        failures = 0
+        while True:
+            try:
+                await factory()
+                return
+            except Exception as exc:
+                failures += 1
+                metrics.TASK_FAILURES.labels(name).inc()
+                if not restart or self.stopping.is_set():
+                    log.error("daemon.task_failed", task=name, error=repr(exc), exc_info=exc)
+                    return
+                delay = SLOW_BACKOFF.delay(failures)
+                log.error(
+                    "daemon.task_failed", task=name, error=repr(exc), restart_in=round(delay, 2), exc_info=exc
+                )
+                await self._pause(delay)
+                if self.stopping.is_set():
+                    return
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    # -- candidates, approvals, reload ---------------------------------------------------------
 
     def submit(self, candidate: Candidate) -> None:
         """Hand a new candidate to every target: its publisher, or just the lag tracker for a
@@ -416,6 +586,11 @@ class Daemon:
                     len(candidate.records),
                 )
 
+    def request_round(self, source: str) -> None:
+        worker = self.workers.get(source)
+        if worker is not None:
+            worker.request_round()
+
     def deferred_bytes(self) -> dict[tuple[str, str], int]:
         """(target, priority) -> bytes of pending work the budget holds back."""
         out: dict[tuple[str, str], int] = {}
@@ -425,9 +600,19 @@ class Daemon:
                 out[key] = out.get(key, 0) + self.tracker.pending_bytes(pair)[0]
         return out
 
+    def take_releases(self) -> None:
+        """Operators' releases of held publishes (``replicator release`` wrote them)."""
+        for source in release.take(self.config.state_dir, [s.name for s in self.config.sources]):
+            self.approvals[source] = {t.name for t in self.config.targets}
+            log.warning("deletion.released", source=source)
+            for publisher in self.publishers.values():
+                publisher.wake.set()
+
     def reload(self) -> None:
         """SIGHUP: re-read the config file and apply what can change live — budgets, costs,
-        priorities, RPOs and alerts. Other changes are reported and wait for a restart."""
+        priorities, RPOs, retention, the deletion guard and alerts; other changes are reported
+        and wait for a restart. Then take any releases of held publishes."""
+        self.take_releases()
         if self.config_path is None:
             log.warning("config.reload_skipped", reason="no config file")
             return
@@ -436,8 +621,8 @@ class Daemon:
         except ConfigError as exc:
             log.error("config.reload_failed", error=str(exc))
             return
-        merged, ignored = merge_live_settings(self.config, new)
-        self.config = merged
+        ignored = self.live.reload(new)
+        merged = self.config
         self.rep.config = merged
         self.rep.budget.reconfigure(merged)
         for s in merged.sources:
@@ -451,24 +636,18 @@ class Daemon:
         logging_setup.REDACTOR.add(merged.secret_values())
         log.info("config.reloaded", needs_restart=ignored)
         for publisher in self.publishers.values():
-            publisher.wake.set()  # a raised budget may release deferred work
+            publisher.wake.set()  # a raised budget or max_delete may release waiting work
+
+    def status_json(self) -> dict[str, object]:
+        return status.from_tracker(self.tracker, self.rep.budget, self.fingerprint).to_json()
 
     def unready(self) -> list[str]:
-        return [f"target {t.name} not reached yet" for t in self.config.targets if t.name not in self.reached]
-
-    def spawn(self, coro: object, name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("daemon.task_crashed", task=task.get_name(), error=repr(exc), exc_info=exc)
-            self.crashed = True
-            self.stop()  # a bug: stop cleanly and let the supervisor restart us
+        """Why ``/readyz`` is not 200: ready once started with at least one target open."""
+        if not self.started:
+            return ["starting"]
+        if self.publishers:
+            return []
+        return [f"no target open yet ({', '.join(t.name for t in self.config.targets)})"]
 
     def stop(self) -> None:
         if not self.stopping.is_set():
@@ -480,6 +659,8 @@ class Daemon:
             for publisher in self.publishers.values():
                 publisher.wake.set()
 
+    # -- lifecycle -------------------------------------------------------------------------------
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -488,81 +669,98 @@ class Daemon:
         async with self.rep:
             assert self.rep.state is not None
             self._tracker = LagTracker(self.config, self.rep.state)
+            metrics.initialize([s.name for s in self.config.sources], [t.name for t in self.config.targets])
             self.rep.budget.on_exceeded = self.notifier.send
             if self.config.listen:
                 self.http = HttpEndpoint(
                     self.config.listen,
-                    status=lambda: status.from_tracker(self.tracker, self.rep.budget).to_json(),
+                    status=lambda: status.from_tracker(
+                        self.tracker, self.rep.budget, self.fingerprint
+                    ).to_json(),
                     unready=self.unready,
                 )
                 try:
                     await self.http.start()
                 except OSError as exc:
                     raise ConfigError(f"listen {self.config.listen}: {exc.strerror or exc}") from None
-            self.spawn(self._monitor(), "rpo-monitor")
-            for t in self.rep.open_targets:
-                await self._start_publisher(t)
-            for name in list(self.rep.target_errors):
-                self.spawn(self._attach_later(self.config.target(name)), f"attach-{name}")
-            worker_tasks = [self.spawn(w.run(), f"source-{w.cfg.name}") for w in self.workers.values()]
-            interval = systemd.watchdog_interval()
-            if interval:
-                self.spawn(self._watchdog(interval), "watchdog")
-            systemd.notify("READY=1")
-            log.info(
-                "daemon.ready",
-                sources=list(self.workers),
-                targets=[t.config.name for t in self.rep.open_targets],
-            )
-            await self.stopping.wait()
-            await self._drain(worker_tasks)
-            await self.notifier.close()
-            if self.http is not None:
-                await self.http.stop()
+            self.take_releases()
+            try:
+                async with asyncio.TaskGroup() as group:
+                    self._group = group
+                    self._start_tasks()
+                    await self.stopping.wait()
+                    await self._drain()
+            finally:
+                self._group = None
+                if self.monitor is not None:
+                    self.monitor.evaluate()
+                self.rep.ledger.flush()
+                await self.notifier.close()
+                if self.http is not None:
+                    await self.http.stop()
         log.info("daemon.stopped")
 
+    def _start_tasks(self) -> None:
+        self.spawn("monitor", self._monitor)
+        for t in self.config.targets:
+            self.spawn(f"attach-{t.name}", functools.partial(self._attach, t))
+        for s in self.config.sources:
+            worker = SourceWorker(s.name, self.live, self.rep, self.tracker, self.submit, self.stopping)
+            self.workers[s.name] = worker
+            self.spawn(f"watch-{s.name}", worker.watch)
+            self.spawn(f"source-{s.name}", worker.run)
+        interval = systemd.watchdog_interval()
+        if interval:
+            self.spawn("watchdog", lambda: self._watchdog(interval))
+        self.started = True
+        systemd.notify("READY=1")
+        log.info("daemon.ready", sources=list(self.workers), targets=[t.name for t in self.config.targets])
+
+    async def _attach(self, cfg: TargetConfig) -> None:
+        """Open the target, retrying forever with capped backoff, then start its publisher.
+        Its health is followed from the first attempt (status, metrics, alerts)."""
+        backoff = probe_backoff(cfg)
+        name, tracker = cfg.name, self.tracker
+        health = TargetHealth(name)
+        health.listeners.append(
+            lambda ok: tracker.target_ok(name) if ok else tracker.target_failed(name, str(health.last_error))
+        )
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                opened = await self.rep.attach(cfg, health)
+            except ReplicatorError as exc:
+                attempt += 1
+                log.warning("target.unavailable", target=cfg.name, error=str(exc), attempt=attempt)
+                self.tracker.target_failed(cfg.name, str(exc))
+                permanent = isinstance(exc, PermanentTargetError)  # reported, not spun on
+                await self._pause(PERMANENT_ERROR_PAUSE if permanent else backoff.delay(attempt))
+                continue
+            log.info("target.attached", target=cfg.name, attempts=attempt + 1)
+            self.tracker.target_ok(cfg.name)
+            await self._start_publisher(opened)
+            return
+
     async def _start_publisher(self, t: OpenTarget) -> None:
-        self.reached.add(t.config.name)
-        publisher = TargetPublisher(self, t)
+        name = t.config.name
+        publisher = TargetPublisher(
+            t, self.live, self.rep, self.tracker, self.sources_done, self.request_round, self.approvals
+        )
         await publisher.load_delivered()
-        self.publishers[t.config.name] = publisher
+        self.publishers[name] = publisher
         for worker in self.workers.values():
             if worker.last_candidate is not None and worker.last_candidate.covers(t.repo.hash):
                 publisher.submit(worker.last_candidate)
-        self.spawn(publisher.run(), f"publish-{t.config.name}")
-
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
-
-    async def _attach_later(self, cfg: TargetConfig) -> None:
-        backoff = RetryPolicy(initial=cfg.retry.initial, max=cfg.retry.max, give_up_after=None)
-        attempt = 0
-        while not self.stopping.is_set():
-            await asyncio.sleep(backoff.delay(attempt))
-            attempt += 1
-            try:
-                opened = await self.rep.attach(cfg)
-            except ReplicatorError as exc:
-                log.info("target.still_unavailable", target=cfg.name, error=str(exc), attempt=attempt)
-                for s in self.config.sources:
-                    self.tracker.failed(s.name, cfg.name, str(exc))
-                if isinstance(exc, PermanentTargetError):
-                    await self._pause(PERMANENT_ERROR_PAUSE)  # reported, not spun on
-                continue
-            log.info("target.attached", target=cfg.name)
-            await self._start_publisher(opened)
-            for worker in self.workers.values():
-                worker.retry_round = True  # new ids may be needed for this target's hash
-                worker.wake.set()
-            return
+            else:
+                worker.request_round()  # a round builds chunk ids for this target's hash too
+        self.spawn(f"publish-{name}", publisher.run)
 
     async def _monitor(self) -> None:
         """Every second: lag gauges and alerts; liveness heartbeat; state heartbeat every 10 s."""
         monitor = RpoMonitor(self.tracker, self.notifier, self.config.alerts.repeat)
         self.monitor = monitor
         beats = 0
-        while True:
+        while not self.stopping.is_set():
             monitor.evaluate()
             self.rep.ledger.flush()
             self.rep.budget.export(self.deferred_bytes())
@@ -571,47 +769,51 @@ class Daemon:
             if beats % 10 == 0 and self.rep.state is not None:
                 self.rep.state.heartbeat()
             beats += 1
-            if self.stopping.is_set():
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), 1.0)
+            await self._pause(1.0)
 
     async def _watchdog(self, interval: float) -> None:
         while not self.stopping.is_set():
             systemd.notify("WATCHDOG=1")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), interval)
+            await self._pause(interval)
 
-    async def _drain(self, worker_tasks: list[asyncio.Task[None]]) -> None:
+    async def _drain(self) -> None:
         """Let in-flight rounds and publications finish within the grace period: first the
         source workers (a round under way ends in a candidate), then the publishers, which
-        publish what the workers handed them before they return."""
+        publish what the workers handed them before they return. Everything else (watchers,
+        attachers still trying, the monitor) stops at once."""
         deadline = time.monotonic() + self.config.shutdown_grace
-        workers = [t for t in worker_tasks if not t.done()]
+        keep = {f"source-{n}" for n in self.workers} | {f"publish-{t.name}" for t in self.config.targets}
+        for name, task in self._tasks.items():
+            if name not in keep and name != "watchdog":
+                task.cancel()
+        workers = [t for n, t in self._tasks.items() if n.startswith("source-") and not t.done()]
         if workers:
             await asyncio.wait(workers, timeout=max(0.0, deadline - time.monotonic()))
         self.sources_done.set()
         for publisher in self.publishers.values():
             publisher.wake.set()
-        pending = [t for t in self._tasks if not t.done()]
+        pending = [t for n, t in self._tasks.items() if n in keep and not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
-        leftovers = [t for t in self._tasks if not t.done()]
+        leftovers = [t for t in self._tasks.values() if not t.done()]
         for task in leftovers:
             task.cancel()
-        await asyncio.gather(*leftovers, return_exceptions=True)
-        if leftovers:
-            log.warning("daemon.grace_expired", cancelled=sorted(t.get_name() for t in leftovers))
+        cancelled = sorted(t.get_name() for t in leftovers if t.get_name() in keep)
+        if cancelled:
+            log.warning("daemon.grace_expired", cancelled=cancelled)
 
 
 class DaemonCrashedError(ReplicatorError):
-    """A background task failed unexpectedly; the daemon stopped so that it can be restarted."""
+    """The daemon's task group failed (a bug outside any supervised task)."""
 
 
 async def run_daemon(config: Config, config_path: Path | None = None) -> None:
     daemon = Daemon(config, config_path)
-    await daemon.run()
-    if daemon.crashed:
+    try:
+        await daemon.run()
+    except ExceptionGroup as group:  # the task group itself failed: a bug outside any task
+        first = group.exceptions[0]
+        log.error("daemon.crashed", error=repr(first), exc_info=first)
         raise DaemonCrashedError(
-            "a background task crashed (see the log); exiting so the supervisor restarts us"
-        )
+            f"the daemon failed unexpectedly ({first!r}; see the log); exiting so the supervisor restarts it"
+        ) from None

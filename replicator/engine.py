@@ -22,27 +22,38 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from replicator import gate, metrics
+from replicator import gate, metrics, retention
 from replicator.budget import PRIORITY, Budget, BudgetExceededError, Clock, Ledger, utc_now
 from replicator.config import Config, Priority, SourceConfig, TargetConfig
-from replicator.errors import FileChangedError, ReplicatorError, SourceError, TargetError
-from replicator.fanout import Admission, Uploader, UploadStats
+from replicator.errors import (
+    FileChangedError,
+    ReplicatorError,
+    RepositoryError,
+    SourceError,
+    TargetError,
+    TargetUnreachableError,
+)
+from replicator.fanout import FAILING_GRACE, Admission, Uploader, UploadStats
 from replicator.hashing import HashSpec
 from replicator.log import get_logger
 from replicator.manifest import Manifest, PackedAt, SetInfo, format_time, manifest_json, now_utc
 from replicator.pipeline import ChunkPipeline, ChunkSink, EncodedChunk, FileRecord, Wanted
 from replicator.progress import NoProgress, ProgressSink
+from replicator.reconcile import describe, reconcile, set_name
 from replicator.repository import Repository
-from replicator.sources import Source, SourceFile, open_source
+from replicator.sources import Listing, Source, SourceFile, open_source
 from replicator.state import StateStore
-from replicator.targets import Target, open_target
+from replicator.targets import RetryingTarget, Target, TargetHealth, open_target, retry_policy, unwrap
+from replicator.targets.wrappers import TokenBucket
 
 log = get_logger(__name__)
 
+ATTACH_SETTLE = 2.0
+"""See :meth:`Replicator.attach_all`."""
 READ_ATTEMPTS = 3
 """How often a file that keeps changing is re-read before it is skipped for this pass."""
 SMALL_BATCH_FILES = 64
@@ -53,10 +64,16 @@ SMALL_BATCH_BYTES = 8 << 20
 @dataclass
 class TargetResult:
     target: str
-    status: Literal["published", "unchanged", "empty", "failed", "superseded", "deferred"]
+    status: Literal["published", "unchanged", "empty", "failed", "superseded", "deferred", "held"]
     snapshot: str | None = None
     error: str | None = None
     uploads: UploadStats = field(default_factory=UploadStats)
+    carried: dict[str, str] = field(default_factory=dict)
+    """Sets and files kept from the target's previous snapshot, and why (replicator.reconcile)."""
+    damaged: dict[str, str] = field(default_factory=dict)
+    """Checkpoint sets damaged on the primary, kept whole from the previous snapshot."""
+    unreachable: bool = False
+    """The failure is that the target could not be contacted at all."""
 
 
 @dataclass
@@ -67,6 +84,12 @@ class SourceResult:
     files_read: int = 0
     bytes_read: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
+    """Paths that could not be read or examined this pass, and why: the snapshot is
+    incomplete (what an earlier snapshot holds of them is carried forward)."""
+    ignored: dict[str, str] = field(default_factory=dict)
+    """Entries not replicated by design (symbolic links, special files), and why."""
+    vanished: list[str] = field(default_factory=list)
+    """Files deleted between the scan and their read."""
     held_back: dict[str, str] = field(default_factory=dict)
     sets: list[str] = field(default_factory=list)
     targets: list[TargetResult] = field(default_factory=list)
@@ -75,6 +98,17 @@ class SourceResult:
     @property
     def ok(self) -> bool:
         return not self.skipped and all(t.status in ("published", "unchanged", "empty") for t in self.targets)
+
+    @property
+    def exit_code(self) -> int:
+        """0 done; 4 published but incomplete (files unreadable); 3 a target could not be
+        reached; 1 anything else failed or was held (README, "Exit codes")."""
+        failed = [t for t in self.targets if t.status not in ("published", "unchanged", "empty")]
+        if any(not t.unreachable for t in failed):
+            return 1
+        if failed:
+            return 3
+        return 4 if self.skipped else 0
 
 
 @dataclass(frozen=True)
@@ -92,13 +126,22 @@ class Candidate:
     """The daemon numbers each source's candidates (replicator.rpo)."""
     observed_at: float = 0.0
     """When the oldest change this candidate brings was observed (Unix time)."""
+    present_sets: frozenset[str] = frozenset()
+    """Checkpoint set directories on the primary, complete or not (replicator.reconcile)."""
+    held_back: tuple[tuple[str, str], ...] = ()
+    """Sets the gate held back, and why."""
+    unknown: tuple[tuple[str, str], ...] = ()
+    """Paths that could not be examined or read this time, and why: carried forward."""
 
     def covers(self, spec: HashSpec) -> bool:
         """Whether every record has chunk ids for ``spec`` (a target attached later may need more)."""
         return all(spec.key in r.chunks for r in self.records)
 
     def same_content(self, other: Candidate | None) -> bool:
-        return other is not None and (self.records, self.sets) == (other.records, other.sets)
+        return other is not None and self._content() == other._content()
+
+    def _content(self) -> tuple[object, ...]:
+        return (self.records, self.sets, self.present_sets, self.unknown)
 
     def chunk_ids(self, spec: HashSpec) -> list[str]:
         return [c for r in self.records for c, _ in r.chunks[spec.key]]
@@ -124,6 +167,10 @@ class OpenTarget:
     target: Target
     repo: Repository
     uploader: Uploader
+    latest: dict[str, tuple[str, Manifest]] = field(default_factory=dict)
+    """Per source, the latest snapshot this process wrote or read (replicator.reconcile)."""
+    summaries: retention.SummaryCache = field(default_factory=dict)
+    """What each snapshot holds, for retention (manifests are immutable)."""
 
 
 def content_key(manifest: Manifest) -> str:
@@ -155,6 +202,8 @@ class Replicator:
         self.fail_fast = fail_fast
         self.open_targets: list[OpenTarget] = []
         self.target_errors: dict[str, ReplicatorError] = {}
+        self.opening: dict[str, asyncio.Task[OpenTarget | None]] = {}
+        """Targets still being opened by :meth:`attach_all` after it returned."""
         self.state: StateStore | None = None
         self.pipeline: ChunkPipeline | None = None
         self.recovered_from_crash = False
@@ -162,8 +211,16 @@ class Replicator:
         self.budget: Budget
         self._sources: dict[str, Source] = {}
         self._stack = contextlib.AsyncExitStack()
+        self._fresh_reads = 0
+        self._fresh_idle = asyncio.Event()
+        self._fresh_idle.set()
+        self._catch_up_bandwidth = (
+            TokenBucket(config.catch_up_bandwidth) if config.catch_up_bandwidth else None
+        )
 
     async def __aenter__(self) -> Replicator:
+        """Open the state store and the pipeline; targets are opened by :meth:`attach_all`
+        (one-shot commands) or one by one (the daemon), so that none waits for another."""
         try:
             self.state = StateStore.open(self.config.state_dir)
             self._stack.callback(self.state.close)
@@ -177,25 +234,58 @@ class Replicator:
                 self.config.chunking, self.config.compression, memory_budget=self.config.memory_budget
             )
             self._stack.callback(self.pipeline.close)
-            results = await asyncio.gather(
-                *(self.attach(t) for t in self.target_configs), return_exceptions=True
-            )
-            for cfg, res in zip(self.target_configs, results, strict=True):
-                if isinstance(res, ReplicatorError):
-                    self.target_errors[cfg.name] = res
-                    log.error("target.unavailable", target=cfg.name, error=str(res))
-                elif isinstance(res, BaseException):
-                    raise res
+            self._stack.push_async_callback(self._stop_opening)
         except BaseException:
             await self._stack.aclose()
             raise
         return self
 
-    async def attach(self, cfg: TargetConfig) -> OpenTarget:
+    async def attach_all(self) -> None:
+        """Open every selected target at once (one-shot commands). Returns when all are open or
+        have failed (``target_errors``), or ATTACH_SETTLE seconds after the first one opened:
+        a target still trying then goes on in :attr:`opening`, so a dead one never delays the
+        others (issue 18: ``sync`` published a healthy target only after ~300 s)."""
+        tasks = [
+            asyncio.create_task(self._attach_or_record(cfg), name=f"attach-{cfg.name}")
+            for cfg in self.target_configs
+        ]
+        pending: set[asyncio.Task[OpenTarget | None]] = set(tasks)
+        first_open: float | None = None
+        while pending:
+            timeout = None if first_open is None else max(0.0, first_open + ATTACH_SETTLE - time.monotonic())
+            done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            for task in done:
+                task.result()  # a bug surfaces here, not later
+            if first_open is None and any(task.result() is not None for task in done):
+                first_open = time.monotonic()
+        for cfg, task in zip(self.target_configs, tasks, strict=True):
+            if not task.done():
+                log.info("target.still_opening", target=cfg.name)
+                self.opening[cfg.name] = task
+
+    async def _attach_or_record(self, cfg: TargetConfig) -> OpenTarget | None:
+        try:
+            return await self.attach(cfg)
+        except ReplicatorError as exc:
+            self.target_errors[cfg.name] = exc
+            log.error("target.unavailable", target=cfg.name, error=str(exc))
+            return None
+
+    async def _stop_opening(self) -> None:
+        for task in self.opening.values():
+            task.cancel()
+        await asyncio.gather(*self.opening.values(), return_exceptions=True)
+
+    async def attach(self, cfg: TargetConfig, health: TargetHealth | None = None) -> OpenTarget:
         """Open a target, its repository and its upload queue (again, for one that failed to
-        open before). Raises ReplicatorError if the target cannot be used now."""
+        open before). Raises ReplicatorError if the target cannot be used now, after at most
+        ``retry.command_give_up_after`` per request. ``health``: see :func:`open_target`.
+
+        Once open, a daemon's target retries each request for ``retry.give_up_after``."""
         assert self.state is not None and self.pipeline is not None
-        target = await open_target(cfg, on_request=self.budget.charge)
+        target = await open_target(cfg, on_request=self.budget.charge, health=health)
         try:
             repo = await Repository.open_or_create(
                 target, algorithm=cfg.hash, chunking=self.config.chunking, compression=self.config.compression
@@ -206,11 +296,21 @@ class Replicator:
                     target=cfg.name,
                     hint="dedup against data written with other chunk sizes will be lower",
                 )
-            uploader = Uploader(cfg.name, repo, self.state, cfg.concurrency, admit=self._admission(cfg.name))
+            uploader = Uploader(
+                cfg.name,
+                repo,
+                self.state,
+                cfg.concurrency,
+                admit=self._admission(cfg.name),
+                failing_grace=cfg.retry.command_give_up_after if self.fail_fast else FAILING_GRACE,
+            )
             await uploader.start(relist=self.recovered_from_crash)
         except BaseException:
             await target.close()
             raise
+        retrying = unwrap(target, RetryingTarget)
+        if retrying is not None and not self.fail_fast:
+            retrying.policy = retry_policy(cfg, interactive=False)
         self._stack.push_async_callback(target.close)
         self._stack.push_async_callback(uploader.close)
         opened = OpenTarget(cfg, target, repo, uploader)
@@ -237,7 +337,7 @@ class Replicator:
             self._sources[cfg.name] = open_source(cfg)
         return self._sources[cfg.name]
 
-    async def scan(self, cfg: SourceConfig) -> list[SourceFile]:
+    async def scan(self, cfg: SourceConfig) -> Listing:
         """The source's files (:meth:`Source.scan`), starting the pipeline's helper processes
         during the scan if it finds enough new small files (:meth:`ChunkPipeline.helper_starter`)."""
         assert self.state is not None and self.pipeline is not None
@@ -253,19 +353,25 @@ class Replicator:
         result: SourceResult,
         progress: ProgressSink | None = None,
         *,
+        unreadable: Mapping[str, str] | None = None,
         prestage: bool = False,
     ) -> Candidate:
         """Gate, then read what changed (fanned out to every healthy target); never raises for
         one bad file: it is skipped (and its checkpoint set held back) and named in ``result``.
+        ``unreadable``: what the scan could not examine (Listing.unreadable).
 
         With ``prestage``, quiet files of incomplete checkpoint sets are read and uploaded too,
         but left out of the candidate (see :mod:`replicator.gate`)."""
         progress = progress or NoProgress()
-        selection = gate.select(cfg, files, time.time_ns())
+        unreadable = unreadable or {}
+        result.skipped.update(unreadable)
+        selection = gate.select(cfg, files, time.time_ns(), unreadable)
         result.held_back = selection.held_back
         healthy = [t for t in self.open_targets if t.uploader.healthy]
         records, to_read = self._plan(cfg.name, selection.files, healthy)
         progress.begin(f"{cfg.name}: reading", sum(f.size for f in to_read))
+        self._fresh_reads += 1
+        self._fresh_idle.clear()
         try:
             priority = cfg.effective_priority
             records += await self._read_all(self.source(cfg), to_read, healthy, priority, result, progress)
@@ -278,13 +384,24 @@ class Replicator:
                     log.info("source.prestaged", source=cfg.name, files=len(staged))
         finally:
             progress.end()
+            self._fresh_reads -= 1
+            if not self._fresh_reads:
+                self._fresh_idle.set()
         records.sort(key=lambda r: r.path)
-        records, sets = _drop_incomplete_sets(records, selection.sets, result.skipped)
+        records, sets = _drop_incomplete_sets(records, selection.sets, result, result.held_back)
         result.files = len(records)
         result.bytes_total = sum(r.size for r in records)
         result.sets = [s.name for s in sets]
         return Candidate(
-            cfg.name, cfg.kind, tuple(records), tuple(sets), format_time(now_utc()), selection.recheck_at_ns
+            cfg.name,
+            cfg.kind,
+            tuple(records),
+            tuple(sets),
+            format_time(now_utc()),
+            selection.recheck_at_ns,
+            present_sets=frozenset(selection.present),
+            held_back=tuple(sorted(result.held_back.items())),
+            unknown=tuple(sorted(result.skipped.items())),
         )
 
     def _plan(
@@ -387,9 +504,16 @@ class Replicator:
                 if attempt == READ_ATTEMPTS:
                     result.skipped[f.path] = f"kept changing while read ({exc.message})"
                     return None
-                refreshed = await source.stat(f.path)
+                try:
+                    refreshed = await source.stat(f.path)
+                except SourceError as err:
+                    self._unreadable(source, f, err, result)
+                    return None
                 if refreshed is None:
-                    return None  # deleted: simply not part of this snapshot
+                    # Deleted: not part of this snapshot (a checkpoint set that lost it is
+                    # incomplete for this pass: see _drop_incomplete_sets).
+                    result.vanished.append(f.path)
+                    return None
                 f = refreshed
                 continue
             except SourceError as exc:
@@ -406,14 +530,17 @@ class Replicator:
 
     # -- step 2: publishing -----------------------------------------------------------------
 
-    async def publish(self, t: OpenTarget, cfg: SourceConfig, candidate: Candidate) -> TargetResult:
-        """Make ``candidate`` the latest snapshot of its source on ``t`` (see module docstring)."""
+    async def publish(
+        self, t: OpenTarget, cfg: SourceConfig, candidate: Candidate, *, allow_deletes: bool = False
+    ) -> TargetResult:
+        """Make ``candidate`` the latest snapshot of its source on ``t`` (see module docstring).
+
+        The manifest is first reconciled with the target's latest snapshot
+        (replicator.reconcile): sets and files the primary damaged or could not show are
+        carried forward, and a publish that would drop more than ``max_delete`` of the
+        previous snapshot is *held* unless ``allow_deletes``."""
         assert self.state is not None
         name = t.config.name
-        if not candidate.records:
-            # Never publish "nothing": a wiped primary, or one between deleting its old
-            # checkpoint and completing the next, must not become a target's latest snapshot.
-            return TargetResult(name, "empty", error="no complete files to publish")
         if not candidate.covers(t.repo.hash):
             return TargetResult(name, "superseded", error="built before this target was attached")
         priority = cfg.effective_priority
@@ -425,6 +552,7 @@ class Replicator:
         try:
             ids = list(dict.fromkeys(candidate.chunk_ids(t.repo.hash)))
             await t.uploader.settle(ids)
+            await t.uploader.confirm(ids)  # never name a chunk the target lost behind our back
             stored = t.uploader.stored(ids)
             if len(stored) < len(ids):
                 if t.uploader.error is not None and self.fail_fast:
@@ -443,18 +571,49 @@ class Replicator:
                         f"{len(still)} chunks could not be uploaded", target=name
                     )
             packed = {c: at for c, at in stored.items() if at is not None}
-            manifest = candidate.manifest(t.repo.hash, packed)
+            latest_id, previous = await self._latest_manifest(t, cfg.name)
+            merged = reconcile(
+                candidate.manifest(t.repo.hash, packed),
+                previous,
+                present_sets=candidate.present_sets,
+                held_back=dict(candidate.held_back),
+                unknown=dict(candidate.unknown),
+            )
+            outcome = TargetResult(name, "published", carried=merged.carried, damaged=merged.damaged)
+            if merged.damaged:
+                log.warning(
+                    "set.damaged_on_primary",
+                    source=cfg.name,
+                    target=name,
+                    sets=describe(merged.damaged.items()),
+                    hint="the last complete version stays published until the set directory is removed",
+                )
+            manifest = merged.manifest
+            if not manifest.files:
+                # Never publish "nothing": a wiped primary, or one between deleting its old
+                # checkpoint and completing the next, must not become a target's latest snapshot.
+                return TargetResult(name, "empty", error="no complete files to publish")
+            if merged.deletion_share > cfg.max_delete and not allow_deletes:
+                outcome.status = "held"
+                outcome.error = (
+                    f"would delete {merged.deletion_summary()} of the latest snapshot, more than "
+                    f"max_delete {cfg.max_delete:.0%}"
+                )
+                log.error("snapshot.deletion_held", source=cfg.name, target=name, error=outcome.error)
+                return outcome
             key = content_key(manifest)
-            previous = self.state.get_published(t.repo.config.id, cfg.name)
-            if previous is not None and previous[1] == key and await t.repo.latest(cfg.name) == previous[0]:
-                log.info("snapshot.unchanged", source=cfg.name, target=name, snapshot=previous[0])
-                return TargetResult(name, "unchanged", snapshot=previous[0])
+            known = self.state.get_published(t.repo.config.id, cfg.name)
+            if known is not None and known[1] == key and latest_id == known[0]:
+                log.info("snapshot.unchanged", source=cfg.name, target=name, snapshot=known[0])
+                outcome.status, outcome.snapshot = "unchanged", known[0]
+                return outcome
             PRIORITY.set(priority)
             try:
                 snapshot_id = await t.repo.publish(manifest)
             except BudgetExceededError:
                 log.info("snapshot.deferred", source=cfg.name, target=name, priority=priority)
                 return deferred
+            t.latest[cfg.name] = (snapshot_id, manifest)
             self.state.set_published(t.repo.config.id, cfg.name, snapshot_id, key)
             log.info(
                 "snapshot.published",
@@ -462,29 +621,67 @@ class Replicator:
                 target=name,
                 snapshot=snapshot_id,
                 files=len(manifest.files),
+                carried=len(merged.carried),
+                deleted_files=merged.removed_files,
             )
             if cfg.keep_last:
-                await self._apply_retention(t, cfg.name, snapshot_id, cfg.keep_last)
-            return TargetResult(name, "published", snapshot=snapshot_id)
+                await retention.apply(t.repo, cfg, snapshot_id, t.summaries)
+            outcome.snapshot = snapshot_id
+            return outcome
         except TargetError as exc:
             log.error("snapshot.failed", source=cfg.name, target=name, error=str(exc))
-            return TargetResult(name, "failed", error=str(exc))
+            return TargetResult(
+                name, "failed", error=str(exc), unreachable=isinstance(exc, TargetUnreachableError)
+            )
+
+    async def _latest_manifest(self, t: OpenTarget, source: str) -> tuple[str | None, Manifest | None]:
+        """The id and manifest of the source's latest snapshot on ``t`` (cached: manifests are
+        immutable, so only the ref is read again). A manifest that cannot be parsed is logged
+        and treated as absent: refusing to publish would leave the target stuck on it."""
+        latest_id = await t.repo.latest(source)
+        if latest_id is None:
+            return None, None
+        cached = t.latest.get(source)
+        if cached is not None and cached[0] == latest_id:
+            return cached
+        try:
+            manifest = await t.repo.load_manifest(source, latest_id)
+        except TargetError:
+            raise
+        except RepositoryError as exc:
+            log.error("snapshot.previous_unreadable", source=source, target=t.config.name, error=str(exc))
+            return latest_id, None
+        t.latest[source] = (latest_id, manifest)
+        return latest_id, manifest
 
     async def _catch_up(self, t: OpenTarget, cfg: SourceConfig, candidate: Candidate) -> str | None:
         """Re-read from the source the files whose chunks ``t`` lacks, offering them to ``t``
-        only. Returns the path of a file that changed meanwhile (candidate superseded)."""
+        only. Returns the path of a file that changed meanwhile (candidate superseded).
+
+        Catch-up never delays fresh work: each file waits until no candidate is being read,
+        and its reads are paced at ``catch_up_bandwidth``, so a target returning from an
+        outage does not slow down the targets that are current (issue 18). The pause sits
+        between files and in the time-bounded pacing only, never while holding chunk memory
+        that a fresh read might wait for."""
         assert self.pipeline is not None
         spec = t.repo.hash
         source = self.source(cfg)
+        priority = cfg.effective_priority
         t.uploader.mark_healthy()  # the caller decided to try; a failure marks it again
+        bucket = self._catch_up_bandwidth
+
+        async def offer(chunk: EncodedChunk) -> None:
+            if bucket is not None:
+                await bucket.take(chunk.size)
+            await t.uploader.offer(chunk, priority)
+
         for rec in candidate.records:
             if not t.uploader.missing(c for c, _ in rec.chunks[spec.key]):
                 continue
+            await self._fresh_idle.wait()
             current = SourceFile(rec.path, rec.size, rec.mtime_ns, rec.mode, rec.signature)
             try:
-                again = await self.pipeline.read_file(
-                    source, current, lambda c: t.uploader.offer(c, cfg.effective_priority)
-                )
+                again = await self.pipeline.read_file(source, current, offer)
             except (FileChangedError, SourceError):
                 return rec.path
             if again.digests[spec.key] != rec.digests[spec.key]:
@@ -492,17 +689,6 @@ class Replicator:
             if t.uploader.error is not None:
                 raise t.uploader.error
         return None
-
-    async def _apply_retention(self, t: OpenTarget, source: str, latest: str, keep: int) -> None:
-        ids = await t.repo.list_snapshots(source)
-        if latest not in ids:
-            # A listing that misses what we just wrote is not to be trusted with deletions
-            # (restic#4612): keep everything and try again next time.
-            log.warning("retention.suspicious_listing", source=source, target=t.config.name)
-            return
-        for old in [i for i in ids if i != latest][: max(0, len(ids) - keep)]:
-            await t.repo.delete_snapshot(source, old)
-            log.info("retention.deleted", source=source, target=t.config.name, snapshot=old)
 
     def stats_snapshot(self) -> dict[str, UploadStats]:
         return {t.config.name: dataclasses.replace(t.uploader.stats) for t in self.open_targets}
@@ -528,10 +714,18 @@ def _batches(files: list[SourceFile]) -> list[list[SourceFile]]:
 
 
 def _drop_incomplete_sets(
-    records: list[FileRecord], sets: list[SetInfo], skipped: dict[str, str]
+    records: list[FileRecord], sets: list[SetInfo], result: SourceResult, held_back: dict[str, str]
 ) -> tuple[list[FileRecord], list[SetInfo]]:
-    """A checkpoint set with an unreadable or ever-changing file is incomplete for this pass."""
-    bad = {p.split("/", 1)[0] for p in skipped if "/" in p} & {s.name for s in sets}
+    """A checkpoint set with an unreadable, ever-changing or vanished file is incomplete for
+    this pass (and held back, with the reason)."""
+    names = {s.name for s in sets}
+    bad: dict[str, str] = {}
+    problems = [*result.skipped.items(), *((p, "vanished while it was read") for p in result.vanished)]
+    for path, why in problems:
+        name = set_name(path)
+        if name in names:
+            bad.setdefault(name, f"cannot read {path}: {why}")
     if not bad:
         return records, sets
-    return [r for r in records if r.path.split("/", 1)[0] not in bad], [s for s in sets if s.name not in bad]
+    held_back.update(bad)
+    return [r for r in records if set_name(r.path) not in bad], [s for s in sets if s.name not in bad]

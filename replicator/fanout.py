@@ -6,10 +6,15 @@ and sources. Others are queued; the bounded queue is the backpressure that keeps
 within the pipeline's byte budget.
 
 A slow or dead target must never stall the others. An uploader turns *unhealthy* when an
-upload fails for good, when its target has been failing for a few seconds, or when its queue
-stays full for ``stall_timeout``; it then drops its queue and every further offer, and the
-target's publisher catches up later by reading the missing chunks again from the source. In
-one-shot commands the publisher reports the failure instead.
+upload fails for good, when its target has been failing for ``failing_grace`` seconds, or when
+its queue stays full for ``stall_timeout``; it then drops its queue, the uploads in flight and
+every further offer, so that nothing waits on a dead target (a publish waiting for its chunks
+returns at once), and the target's publisher catches up later by reading the missing chunks
+again from the source. In one-shot commands the publisher reports the failure instead.
+
+An unexpected exception while uploading (a bug) is logged with its traceback, counted
+(``replicator_task_failures_total``) and turns the target unhealthy like a failure: the
+worker goes on, and the publisher's catch-up redoes the work.
 
 Small chunks (whole small files, the tails of large ones) are not sent one object each: they
 are appended to an open *pack* that is sealed and sent as one object when it reaches
@@ -36,10 +41,11 @@ from replicator.config import ChunkingConfig, Priority
 from replicator.errors import ReplicatorError, TargetError
 from replicator.log import get_logger
 from replicator.manifest import PackedAt
-from replicator.pipeline import EncodedChunk, Lease
-from replicator.repository import Repository
+from replicator.memory import Lease
+from replicator.pipeline import EncodedChunk
+from replicator.repository import Repository, chunk_key, pack_key
 from replicator.state import StateStore
-from replicator.targets import RetryingTarget, unwrap
+from replicator.targets import RetryingTarget, TargetHealth, unwrap
 
 log = get_logger(__name__)
 
@@ -47,12 +53,14 @@ Admission = Callable[[Priority, int], bool]
 """May a chunk of this priority and this many encoded bytes be sent now? (the budget)"""
 
 FAILING_GRACE = 5.0
-"""Seconds a target may keep failing requests before offers to it are dropped."""
+"""Seconds a target may keep failing requests before its uploads are dropped (the daemon)."""
 PACK_BELOW = 1 << 20
 """Chunks whose original size is below this and below the chunker's ``min_size`` go into packs:
 FastCDC cuts no chunk that small except a whole small file or the tail of a file."""
 PACK_SIZE = 16 << 20
 """A pack is sealed and sent once its stored bytes reach this (restic's default pack size)."""
+CONFIRM_BY_HEAD = 64
+"""Up to this many objects, unconfirmed claims are checked one HEAD each (Uploader.confirm)."""
 
 
 @dataclass
@@ -106,6 +114,7 @@ class Uploader:
         *,
         admit: Admission | None = None,
         stall_timeout: float = 10.0,
+        failing_grace: float = FAILING_GRACE,
     ) -> None:
         self.name = name
         self.repo = repo
@@ -115,10 +124,16 @@ class Uploader:
         self.admit = admit
         """The budget's say (replicator.budget); None: no budget."""
         self.stall_timeout = stall_timeout
+        self.failing_grace = failing_grace
         self.stats = UploadStats()
         self.error: TargetError | None = None
         """Why the target is unhealthy; None while it is healthy."""
-        self._retrying = unwrap(repo.target, RetryingTarget)
+        retrying = unwrap(repo.target, RetryingTarget)
+        self.health = retrying.health if retrying is not None else TargetHealth(name)
+        self.health.listeners.append(self._health_changed)
+        self._grace_timer: asyncio.TimerHandle | None = None
+        self._sends: set[asyncio.Task[None]] = set()
+        """Uploads in flight, cancelled when the target turns unhealthy."""
         self._queue: asyncio.Queue[_Upload] = asyncio.Queue(maxsize=2 * concurrency)
         self._packs: dict[Priority, _Upload] = {}
         """Packs being filled, one per priority (the budget charges a request at one priority)."""
@@ -136,27 +151,83 @@ class Uploader:
         fsynced before a manifest names them, not before the state records them). So the
         listing replaces what the state knew: chunks it does not show are forgotten, and sent
         again if needed."""
-        repo_id = self.repo.config.id
-        if relist or not self.state.repo_listed(repo_id):
-            self.state.begin_listing(repo_id)
-            count = 0
-            batch: list[str] = []
-            async for chunk_id, _ in self.repo.list_chunks():
-                batch.append(chunk_id)
-                count += 1
-                if len(batch) >= 10000:
-                    self.state.add_listed(repo_id, batch)
-                    batch.clear()
-            self.state.add_listed(repo_id, batch)
-            packs = {pack_id async for pack_id, _ in self.repo.list_packs()}
-            self.state.end_listing(repo_id, packs)
-            packed = await self._relearn_packed(packs)
-            self.state.mark_repo_listed(repo_id, self.name)
-            log.info("target.listed", target=self.name, chunks=count, packed=packed)
+        if relist or not self.state.repo_listed(self.repo.config.id):
+            await self.relist()
         self._workers = [
             asyncio.create_task(self._work(), name=f"upload-{self.name}-{i}") for i in range(self.concurrency)
         ]
-        metrics.TARGET_UP.labels(self.name).set(1)
+        if self.health.ok:
+            metrics.TARGET_UP.labels(self.name).set(1)
+
+    async def relist(self) -> None:
+        """Replace what the state knows of the repository's chunks with a full listing (which
+        also confirms them: :meth:`confirm`)."""
+        repo_id = self.repo.config.id
+        started = time.monotonic()
+        self.state.begin_listing(repo_id)
+        count = 0
+        batch: list[str] = []
+        async for chunk_id, _ in self.repo.list_chunks():
+            batch.append(chunk_id)
+            count += 1
+            if len(batch) >= 10000:
+                self.state.add_listed(repo_id, batch)
+                batch.clear()
+        self.state.add_listed(repo_id, batch)
+        packs = {pack_id async for pack_id, _ in self.repo.list_packs()}
+        self.state.end_listing(repo_id, packs)
+        packed = await self._relearn_packed(packs)
+        self.state.mark_repo_listed(repo_id, self.name)
+        seconds = round(time.monotonic() - started, 3)
+        log.info(
+            "target.listed", target=self.name, chunks=count, packs=len(packs), packed=packed, seconds=seconds
+        )
+
+    async def confirm(self, chunk_ids: Sequence[str]) -> list[str]:
+        """Make sure every claim the state makes about these chunks holds before a manifest
+        names them; return the ids found missing (forgotten, so that the caller sends them
+        again).
+
+        A claim holds when this process uploaded the chunk or saw it in a listing. Claims
+        inherited from an earlier process (or from before a target was changed behind our
+        back) are checked: by a HEAD of each object (a pack once for all its chunks) when
+        few, else by relisting the repository, whichever takes fewer requests (a listing
+        page names 1,000 objects)."""
+        repo_id = self.repo.config.id
+        stale = self.state.unconfirmed(repo_id, chunk_ids)
+        if not stale:
+            return []
+        loose = [c for c, at in stale.items() if at is None]
+        packs: dict[str, list[str]] = {}
+        for cid, at in stale.items():
+            if at is not None:
+                packs.setdefault(at[0], []).append(cid)
+        heads = len(loose) + len(packs)
+        pages = (self.state.count_chunks(repo_id) + self.state.count_packs(repo_id)) // 1000 + 2
+        if heads > max(CONFIRM_BY_HEAD, pages * self.concurrency):
+            await self.relist()
+            missing = [c for c in stale if not self.state.has_chunk(repo_id, c)]
+        else:
+            found = await asyncio.gather(
+                *(self.repo.target.stat(chunk_key(c)) for c in loose),
+                *(self.repo.target.stat(pack_key(p)) for p in packs),
+            )
+            missing = [c for c, info in zip(loose, found, strict=False) if info is None]
+            for members, info in zip(packs.values(), found[len(loose) :], strict=True):
+                if info is None:
+                    missing += members
+            gone = set(missing)
+            self.state.confirm_chunks(repo_id, [c for c in stale if c not in gone])
+            if missing:
+                self.state.forget_chunks(repo_id, missing)
+        if missing:
+            log.warning(
+                "target.chunks_missing",
+                target=self.name,
+                missing=len(missing),
+                hint="removed behind replicator's back; they are sent again from the source",
+            )
+        return missing
 
     async def _relearn_packed(self, packs: set[str]) -> int:
         """Pack locations cannot be listed: learn them from each source's latest manifest, for
@@ -183,15 +254,32 @@ class Uploader:
     def healthy(self) -> bool:
         if self.error is not None:
             return False
-        since = self._retrying.failing_since if self._retrying else None
-        return since is None or time.monotonic() - since < FAILING_GRACE
+        since = self.health.failing_since
+        return since is None or time.monotonic() - since < self.failing_grace
+
+    def _health_changed(self, ok: bool) -> None:
+        """The target started failing (``ok`` False): give it ``failing_grace`` to recover
+        before its uploads are dropped."""
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        if not ok:
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing is uploading
+                loop = asyncio.get_running_loop()
+                self._grace_timer = loop.call_later(self.failing_grace, self._grace_expired)
+
+    def _grace_expired(self) -> None:
+        self._grace_timer = None
+        error = self.health.last_error
+        if not self.health.ok and error is not None:
+            self.mark_unhealthy(error)
 
     def mark_unhealthy(self, error: TargetError) -> None:
         if self.error is None:
             log.warning("target.unhealthy", target=self.name, error=str(error))
         self.error = error
-        metrics.TARGET_UP.labels(self.name).set(0)
-        # Give the memory back; catch-up re-reads these later.
+        self.health.failed(error)
+        # Give the memory back and let nobody wait for these; catch-up re-reads them later.
         dropped = [*self._packs.values()]
         self._packs.clear()
         while not self._queue.empty():
@@ -200,14 +288,15 @@ class Uploader:
         for item in dropped:
             self._finish(item)
             self.stats.chunks_dropped += len(item.chunks)
+        for send in self._sends:
+            send.cancel()  # its worker finishes the item (Uploader._work)
 
     def mark_healthy(self) -> None:
+        """The caller just reached the target (a probe): uploads are accepted again."""
         if self.error is not None:
             log.info("target.healthy", target=self.name)
         self.error = None
-        if self._retrying is not None:
-            self._retrying.failing_since = None  # the caller just reached the target
-        metrics.TARGET_UP.labels(self.name).set(1)
+        self.health.succeeded()
 
     # -- uploading ----------------------------------------------------------------------------
 
@@ -282,20 +371,36 @@ class Uploader:
         while True:
             item = await self._queue.get()
             try:
-                if self.error is not None:
-                    pass  # an unhealthy target's queue is dropped, not sent
-                else:
-                    PRIORITY.set(item.priority)  # the budget decides at the request (Budget.charge)
-                    await self._send(item)
+                if self.error is None:  # an unhealthy target's queue is dropped, not sent
+                    await self._send_cancellable(item)
             except BudgetExceededError:
                 self._deferred(len(item.data))  # the budget ran out while it waited in the queue
             except TargetError as exc:
                 if self.error is None:
                     log.error("target.upload_failed", target=self.name, error=str(exc))
                 self.mark_unhealthy(exc)
+            except Exception as exc:  # a bug: never a silent stall (module docstring)
+                log.error("target.upload_crashed", target=self.name, error=repr(exc), exc_info=exc)
+                metrics.TASK_FAILURES.labels(f"upload-{self.name}").inc()
+                self.mark_unhealthy(TargetError(f"internal error while uploading: {exc!r}", target=self.name))
             finally:
                 self._finish(item)
                 self._queue.task_done()
+
+    async def _send_cancellable(self, item: _Upload) -> None:
+        """Send ``item`` as a task of its own, which :meth:`mark_unhealthy` may cancel."""
+        PRIORITY.set(item.priority)  # the budget decides at the request (Budget.charge)
+        send = asyncio.create_task(self._send(item))
+        self._sends.add(send)
+        try:
+            await send
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the worker itself is being stopped
+            self.stats.chunks_dropped += len(item.chunks)  # dropped by mark_unhealthy
+        finally:
+            self._sends.discard(send)
 
     def _finish(self, item: _Upload) -> None:
         """Sent or dropped: free its memory and wake whoever waits for its chunks."""
@@ -329,12 +434,20 @@ class Uploader:
         self.stats.bytes_sent += len(item.data)
 
     async def settle(self, chunk_ids: Iterable[str]) -> None:
-        """Wait until none of ``chunk_ids`` is queued or being uploaded (sealing open packs)."""
-        for priority in list(self._packs):
-            await self._seal(priority)
-        for cid in set(chunk_ids):
-            event = self._inflight.get(cid)
-            if event is not None:
+        """Wait until none of ``chunk_ids`` is queued or being uploaded (sealing open packs).
+
+        Offers go on while this waits, and may put one of these chunks into a pack opened
+        after the first sealing (another source's candidate dedups against it, or a catch-up
+        re-offers it): so seal and wait again until none is in flight, or this would wait for
+        a pack nothing seals (issue 18: a publisher hung with every upload worker idle)."""
+        ids = set(chunk_ids)
+        while True:
+            for priority in list(self._packs):
+                await self._seal(priority)
+            waiting = {self._inflight[c] for c in ids if c in self._inflight}
+            if not waiting:
+                return
+            for event in waiting:
                 await event.wait()
 
     def stored(self, chunk_ids: Iterable[str]) -> dict[str, PackedAt | None]:
@@ -347,6 +460,9 @@ class Uploader:
         return [c for c in ids if c not in stored]
 
     async def close(self) -> None:
+        self.health.listeners.remove(self._health_changed)
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)

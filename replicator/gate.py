@@ -9,10 +9,15 @@ set and pass as they are. Quiet files of incomplete sets may be *prestaged*: the
 uploaded ahead of time, which makes nothing visible (only a manifest does) but means that
 publishing a 780 GiB checkpoint after its marker appears sends only what was written last.
 Datasets and embeddings pass whole; their debounce is the daemon's.
+
+A set with a path the scan could not examine (an unreadable directory or file) is held back
+too: whether it is complete is unknown. Held-back sets that an earlier snapshot holds are
+carried forward by replicator.reconcile, so the gate never removes a published set.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from replicator.config import SourceConfig
@@ -30,6 +35,8 @@ class Selection:
     sets: list[SetInfo] = field(default_factory=list)
     held_back: dict[str, str] = field(default_factory=dict)
     """Incomplete set name -> why it is held back."""
+    present: set[str] = field(default_factory=set)
+    """Every set directory that holds anything on the primary, complete or not."""
     prestage: list[SourceFile] = field(default_factory=list)
     """Files of held-back sets that have been quiet for PRESTAGE_QUIET: the daemon uploads
     their chunks early (invisible until the set is published), so that when the marker
@@ -43,7 +50,10 @@ class Selection:
         self.recheck_at_ns = due_ns if self.recheck_at_ns is None else min(self.recheck_at_ns, due_ns)
 
 
-def select(cfg: SourceConfig, files: list[SourceFile], now_ns: int) -> Selection:
+def select(
+    cfg: SourceConfig, files: list[SourceFile], now_ns: int, unreadable: Mapping[str, str] | None = None
+) -> Selection:
+    """``unreadable``: paths the scan could not examine (Listing.unreadable)."""
     if cfg.kind != "checkpoint":
         return Selection(files=list(files))
     rule = cfg.completion
@@ -56,7 +66,16 @@ def select(cfg: SourceConfig, files: list[SourceFile], now_ns: int) -> Selection
             groups.setdefault(top, []).append(f)
         else:
             out.files.append(f)
+    blind: dict[str, str] = {}
+    for path, why in (unreadable or {}).items():
+        top = path.partition("/")[0]
+        blind.setdefault(top, f"cannot read {path}: {why}")
+        groups.setdefault(top, [])
+    out.present = set(groups)
     for name, members in sorted(groups.items()):
+        if name in blind or not members:
+            out.held_back[name] = blind.get(name, "empty")
+            continue
         newest = max(f.mtime_ns for f in members)
         reasons = []
         if marker is not None and not any(marker.match(f.path.partition("/")[2]) for f in members):

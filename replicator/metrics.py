@@ -113,7 +113,39 @@ SOURCE_ERRORS = Counter(
     registry=REGISTRY,
 )
 TARGET_UP = Gauge(
-    "replicator_target_healthy", "1 while the target accepts uploads, else 0.", ["target"], registry=REGISTRY
+    "replicator_target_healthy",
+    "0 from the first failed request to the target until the next success, else 1.",
+    ["target"],
+    registry=REGISTRY,
+)
+TASK_FAILURES = Counter(
+    "replicator_task_failures_total",
+    "Unexpected exceptions (bugs) in a background task, which was restarted: task is "
+    "source-<name>, publish-<name>, upload-<name>, attach-<name>, watch-<name> or monitor.",
+    ["task"],
+    registry=REGISTRY,
+)
+
+# -- the primary (replicator.reconcile) -------------------------------------------------------
+DELETION_HELD = Gauge(
+    "replicator_deletion_held",
+    "1 while a publish that would drop more than max_delete of the latest snapshot waits for "
+    "an operator (replicator release), else 0.",
+    ["source", "target"],
+    registry=REGISTRY,
+)
+DAMAGED_SETS = Gauge(
+    "replicator_damaged_sets",
+    "Checkpoint sets that lost files on the primary, kept whole from an earlier snapshot.",
+    ["source", "target"],
+    registry=REGISTRY,
+)
+CARRIED_ENTRIES = Gauge(
+    "replicator_carried_entries",
+    "Sets and files the latest publish kept from the previous snapshot because the primary "
+    "could not show them complete (unreadable, held back, damaged).",
+    ["source", "target"],
+    registry=REGISTRY,
 )
 
 # -- budget (replicator.budget) --------------------------------------------------------------
@@ -135,3 +167,35 @@ DEFERRED_BYTES = Gauge(
     ["target", "priority"],
     registry=REGISTRY,
 )
+
+
+REQUEST_OPS = ("put", "get", "stat", "list", "delete")
+ERROR_KINDS = ("transient", "unreachable", "permanent", "not_found")
+SOURCE_ERROR_KINDS = ("changed_while_read", "unreadable", "scan_failed")
+
+
+def initialize(sources: list[str], targets: list[str]) -> None:
+    """Create every labelled series at 0 (targets unhealthy until reached), so that dashboards
+    and alert rules see 0 rather than "no data" before the first event."""
+    for s in sources:
+        READ_BYTES.labels(s)
+        READ_FILES.labels(s)
+        TASK_FAILURES.labels(f"source-{s}")
+        TASK_FAILURES.labels(f"watch-{s}")
+        for kind in SOURCE_ERROR_KINDS:
+            SOURCE_ERRORS.labels(s, kind)
+        for t in targets:
+            for gauge in (RPO_LAG, RPO_BREACHED, PENDING_BYTES, PENDING_FILES, DELETION_HELD, DAMAGED_SETS):
+                gauge.labels(s, t)
+            CARRIED_ENTRIES.labels(s, t)
+    for t in targets:
+        for counter in (SENT_BYTES, CHUNKS_SENT, DEDUP_BYTES):
+            counter.labels(t)
+        for op in REQUEST_OPS:
+            REQUESTS.labels(t, op)
+        for kind in ERROR_KINDS:
+            TARGET_ERRORS.labels(t, kind)
+        for task in ("attach", "publish", "upload"):
+            TASK_FAILURES.labels(f"{task}-{t}")
+        TARGET_UP.labels(t).set(0)
+    TASK_FAILURES.labels("monitor")

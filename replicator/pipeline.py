@@ -29,6 +29,7 @@ from replicator.errors import SourceError
 from replicator.hashing import Hasher, HashSpec
 from replicator.log import get_logger
 from replicator.manifest import FileEntry
+from replicator.memory import ByteBudget, Lease
 from replicator.sources.base import Readable, Source, SourceFile
 
 if TYPE_CHECKING:
@@ -48,57 +49,6 @@ LARGE_FILE_READERS = 2
 with one reader that thread was the critical path whenever little needs encoding (a new
 checkpoint step that changed a tenth of its layers: two readers measured ~15 % faster).
 Each reader holds two blocks (4 x max_size) in memory, set aside from the budget."""
-
-
-class ByteBudget:
-    """An async counting semaphore over bytes. A request larger than the whole budget is
-    admitted alone, so a single huge chunk can never deadlock."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._cond = asyncio.Condition()
-
-    def _fits(self, n: int) -> bool:
-        return self.used == 0 or self.used + n <= self.limit
-
-    def try_acquire(self, n: int) -> bool:
-        if self._fits(n):
-            self.used += n
-            return True
-        return False
-
-    async def acquire(self, n: int) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self._fits(n))
-            self.used += n
-
-    def release(self, n: int) -> None:
-        self.used -= n
-
-        async def wake() -> None:
-            async with self._cond:
-                self._cond.notify_all()
-
-        asyncio.get_running_loop().create_task(wake())
-
-
-class Lease:
-    """Reference count on a chunk's reservation in a :class:`ByteBudget`."""
-
-    __slots__ = ("_budget", "_refs", "_size")
-
-    def __init__(self, budget: ByteBudget, size: int) -> None:
-        self._budget, self._size, self._refs = budget, size, 1
-
-    def retain(self) -> None:
-        self._refs += 1
-
-    def release(self) -> None:
-        self._refs -= 1
-        if self._refs == 0:
-            self._budget.release(self._size)
-        assert self._refs >= 0, "lease released too often"
 
 
 @dataclass

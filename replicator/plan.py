@@ -156,8 +156,8 @@ async def _plan_source(
 
     source = open_source(cfg)
     try:
-        selection = gate.select(cfg, await source.scan(), time.time_ns())
-        plan.skipped.update({f"{cfg.name}/{p}": why for p, why in source.refused.items()})
+        listing = await source.scan()
+        selection = gate.select(cfg, listing.files, time.time_ns(), listing.unreadable)
         plan.files += len(selection.files)
         plan.bytes_scanned += sum(f.size for f in selection.files)
         records: list[FileRecord] = []

@@ -213,12 +213,31 @@ class Repository:
 
     async def get_chunk(self, chunk_id: str, at: PackedAt | None = None) -> Buffer:
         """The chunk's original bytes, decoded and re-hashed; IntegrityError if they disagree.
-        ``at``: where in a pack the chunk is (the manifest's ``packed``); None: a loose object."""
+        ``at``: where in a pack the chunk is (the manifest's ``packed``); None: a loose object.
+        A packed chunk whose pack is missing or damaged is read from its loose copy, if
+        there is one (a repair writes those: docs/FORMAT.md 4.1)."""
         if at is None:
             return self.decode_chunk(chunk_id, await self.target.get(chunk_key(chunk_id)))
         pack_id, offset, length = at
-        stored = await self.target.get(pack_key(pack_id), offset=offset, length=length)
-        return self._from_pack(chunk_id, stored, at)
+        try:
+            stored = await self.target.get(pack_key(pack_id), offset=offset, length=length)
+            return self._from_pack(chunk_id, stored, at)
+        except (NotFoundError, IntegrityError) as exc:
+            return await self._loose_copy(chunk_id, exc)
+
+    async def _loose_or(self, chunk_id: str, failure: ReplicatorError) -> Buffer | ReplicatorError:
+        try:
+            return await self._loose_copy(chunk_id, failure)
+        except (NotFoundError, IntegrityError) as exc:
+            return exc
+
+    async def _loose_copy(self, chunk_id: str, failure: ReplicatorError) -> Buffer:
+        """A packed chunk's loose copy, or the pack's ``failure`` if there is none."""
+        try:
+            stored = await self.target.get(chunk_key(chunk_id))
+        except NotFoundError:
+            raise failure from None
+        return self.decode_chunk(chunk_id, stored)
 
     def _from_pack(self, chunk_id: str, stored: bytes, at: PackedAt) -> Buffer:
         """Decode a chunk read from a pack (a ranged read may come back short)."""
@@ -256,7 +275,8 @@ class Repository:
             try:
                 stored = await self.target.get(pack_key(pack_id), offset=start, length=length)
             except NotFoundError as exc:
-                out.update((cid, exc) for _, _, cid in members)
+                for _, _, cid in members:
+                    out[cid] = await self._loose_or(cid, exc)
                 return
             for offset, size, cid in members:
                 try:
@@ -264,7 +284,7 @@ class Repository:
                         cid, stored[offset - start : offset - start + size], (pack_id, offset, size)
                     )
                 except IntegrityError as exc:
-                    out[cid] = exc
+                    out[cid] = await self._loose_or(cid, exc)
 
         jobs = [one(cid) for cid in loose]
         for pack_id, members in by_pack.items():

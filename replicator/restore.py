@@ -51,8 +51,8 @@ from replicator.globs import PathFilter
 from replicator.hashing import HashSpec
 from replicator.log import get_logger
 from replicator.manifest import FileEntry, Manifest
+from replicator.memory import ByteBudget
 from replicator.paths import check_relative_path, decode_path, encode_path
-from replicator.pipeline import ByteBudget
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, snapshot_time
 

@@ -9,7 +9,11 @@ It is a cache that makes restarts cheap, never the source of truth about a targe
 * ``chunks``: per repository (by its id, not the target name) the chunk ids known to be
   stored, and for chunks inside a pack object where they are, so deduplication needs no
   request per chunk. A repository this store has never seen is listed once in full (and its
-  latest manifests read, for pack locations) before it is trusted;
+  latest manifests read, for pack locations) before it is trusted. Each row also says which
+  process last *confirmed* the chunk (uploaded it, or saw it in a listing): a publish relies
+  only on claims this process confirmed, and confirms the others first
+  (:meth:`replicator.fanout.Uploader.confirm`), so a chunk removed from a target behind our
+  back is sent again before any snapshot names it;
 * ``published``: the last snapshot written per repository and source, to skip no-op snapshots.
 
 If the file is lost or corrupt it is set aside and rebuilt from the targets and sources.
@@ -25,6 +29,7 @@ import sqlite3
 import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from replicator.errors import ConfigError, ReplicatorError
@@ -35,7 +40,7 @@ from replicator.pipeline import FileRecord
 
 log = get_logger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 _FILE_TABLES = """
 CREATE TABLE IF NOT EXISTS files (
     source TEXT NOT NULL, path BLOB NOT NULL, signature TEXT NOT NULL,
@@ -51,9 +56,13 @@ _MIGRATIONS = {
     # 1 -> 2: pack locations (a packed chunk's row names its pack; loose chunks have NULLs).
     1: "ALTER TABLE chunks ADD COLUMN pack BLOB; ALTER TABLE chunks ADD COLUMN offset INTEGER; "
     "ALTER TABLE chunks ADD COLUMN length INTEGER;",
-    # 2 -> 3: paths as BLOBs of their exact bytes (issue 17). The file cache is rebuilt by
+    # 2 -> 3: publishes held by the mass-deletion guard (replicator.reconcile).
+    2: "ALTER TABLE rpo ADD COLUMN held TEXT;",
+    # 3 -> 4: which process last confirmed a chunk is stored (StateStore.unconfirmed).
+    3: "ALTER TABLE chunks ADD COLUMN confirmed INTEGER;",
+    # 4 -> 5: paths as BLOBs of their exact bytes (issue 17). The file cache is rebuilt by
     # reading the sources once more; what targets hold (chunks) is kept.
-    2: "DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS file_chunks;" + _FILE_TABLES,
+    4: "DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS file_chunks;" + _FILE_TABLES,
 }
 _SCHEMA = (
     _FILE_TABLES
@@ -61,11 +70,11 @@ _SCHEMA = (
 CREATE TABLE IF NOT EXISTS repos (
     repo TEXT PRIMARY KEY, target TEXT NOT NULL, listed_at REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks (
-    repo TEXT NOT NULL, id BLOB NOT NULL, pack BLOB, offset INTEGER, length INTEGER,
+    repo TEXT NOT NULL, id BLOB NOT NULL, pack BLOB, offset INTEGER, length INTEGER, confirmed INTEGER,
     PRIMARY KEY (repo, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rpo (
     source TEXT NOT NULL, target TEXT NOT NULL, pending_since REAL, last_snapshot REAL,
-    last_error TEXT, breached INTEGER NOT NULL, last_alert REAL,
+    last_error TEXT, breached INTEGER NOT NULL, last_alert REAL, held TEXT,
     PRIMARY KEY (source, target)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS spend (
     target TEXT NOT NULL, day TEXT NOT NULL, bytes INTEGER NOT NULL, puts INTEGER NOT NULL,
@@ -77,6 +86,20 @@ CREATE TABLE IF NOT EXISTS published (
 """
 )
 _SIZE = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class RpoRow:
+    """What the daemon leaves behind per source × target for a restart and for ``status``."""
+
+    pending_since: float | None
+    """Observation time of the oldest change the target lacks; None when caught up."""
+    last_snapshot: float | None
+    last_error: str | None
+    breached: bool
+    last_alert: float | None
+    held: str | None = None
+    """Why publishing waits for an operator (replicator.reconcile), or None."""
 
 
 class StateLockedError(ReplicatorError):
@@ -109,6 +132,24 @@ def _id_len(hash_key: str) -> int:
     return 32 if hash_key == "blake3" else 16
 
 
+def holder_pid(state_dir: Path) -> int | None:
+    """The pid of the process that holds ``state_dir`` (a running daemon or command), or None."""
+    try:
+        fd = os.open(state_dir / "lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class StateStore:
     def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
@@ -125,6 +166,8 @@ class StateStore:
             self._lock_fd = self._lock(path.with_name("lock"))
             self.db = self._connect()
         self._dirty = 0
+        self.epoch = time.time_ns()
+        """This process's mark on the chunks it confirmed (uploaded, or saw in a listing)."""
         self._pending_files: dict[tuple[str, str], FileRecord] = {}
         self._pending_chunks: dict[str, dict[str, PackedAt | None]] = {}
         self._absent: dict[str, set[str]] = {}
@@ -258,24 +301,26 @@ class StateStore:
             )
         for repo, ids in chunks.items():
             self._rows(
-                "INSERT OR IGNORE INTO chunks VALUES",
+                "INSERT INTO chunks VALUES",
                 [
-                    (repo, bytes.fromhex(c), None, None, None)
+                    (repo, bytes.fromhex(c), None, None, None, self.epoch)
                     if at is None
-                    else (repo, bytes.fromhex(c), bytes.fromhex(at[0]), at[1], at[2])
+                    else (repo, bytes.fromhex(c), bytes.fromhex(at[0]), at[1], at[2], self.epoch)
                     for c, at in ids.items()
                 ],
+                # A chunk already known keeps its first location (any stored copy serves).
+                tail="ON CONFLICT (repo, id) DO UPDATE SET confirmed = excluded.confirmed",
             )
         self._dirty += len(files) + sum(map(len, chunks.values()))
 
-    def _rows(self, head: str, rows: Sequence[tuple[object, ...]]) -> None:
-        """``head (?,..),(?,..),..`` with up to 200 rows per statement. executemany steps
+    def _rows(self, head: str, rows: Sequence[tuple[object, ...]], tail: str = "") -> None:
+        """``head (?,..),(?,..),.. tail`` with up to 200 rows per statement. executemany steps
         once per row, and each step releases the GIL and waits to get it back while the
         pipeline's threads are busy: one statement per row cost ~50 us per small file."""
         for start in range(0, len(rows), 200):
             batch = rows[start : start + 200]
             values = ",".join([f"({','.join('?' * len(batch[0]))})"] * len(batch))
-            self.db.execute(f"{head} {values}", [v for row in batch for v in row])
+            self.db.execute(f"{head} {values} {tail}", [v for row in batch for v in row])
 
     def close(self) -> None:
         if self.read_only:
@@ -383,6 +428,9 @@ class StateStore:
         self._list(packs)
         self.db.execute(f"DELETE FROM chunks WHERE repo=? AND pack IS NOT NULL AND pack {unlisted}", (repo,))
         self.db.execute("DELETE FROM temp.listed")
+        self.db.execute(
+            "UPDATE chunks SET confirmed=? WHERE repo=?", (self.epoch, repo)
+        )  # what is left exists
         self._absent.clear()
         self._present.clear()
         self.commit()
@@ -445,6 +493,39 @@ class StateStore:
             pending.setdefault(cid, at)
         self._buffered()
 
+    def unconfirmed(self, repo: str, chunk_ids: Iterable[str]) -> dict[str, PackedAt | None]:
+        """Those of these chunks the store claims are stored but this process has not
+        confirmed (uploaded or seen in a listing), and where they would be."""
+        self._flush()
+        ids = list(dict.fromkeys(chunk_ids))
+        out: dict[str, PackedAt | None] = {}
+        for start in range(0, len(ids), 500):
+            batch = ids[start : start + 500]
+            query = (
+                "SELECT id, pack, offset, length FROM chunks WHERE repo=? AND confirmed IS NOT ? "
+                f"AND id IN ({','.join('?' * len(batch))})"
+            )
+            for cid, pack, offset, length in self.db.execute(
+                query, (repo, self.epoch, *map(bytes.fromhex, batch))
+            ):
+                out[cid.hex()] = None if pack is None else (pack.hex(), offset, length)
+        return out
+
+    def confirm_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
+        """These chunks were found stored just now."""
+        self._flush()
+        self.db.executemany(
+            "UPDATE chunks SET confirmed=? WHERE repo=? AND id=?",
+            [(self.epoch, repo, bytes.fromhex(c)) for c in chunk_ids],
+        )
+
+    def count_packs(self, repo: str) -> int:
+        self._flush()
+        row = self.db.execute(
+            "SELECT count(DISTINCT pack) FROM chunks WHERE repo=? AND pack IS NOT NULL", (repo,)
+        )
+        return int(row.fetchone()[0])
+
     def stored(self, repo: str, chunk_ids: Iterable[str]) -> dict[str, PackedAt | None]:
         """Which of these chunks are stored, and where: a pack location, or None for a loose
         object. 500 ids per query (one per chunk cost ~4 us each on 20,000 chunks)."""
@@ -466,27 +547,26 @@ class StateStore:
 
     # -- recovery point (replicator.rpo) ----------------------------------------------------------
 
-    def load_rpo(
-        self,
-    ) -> dict[tuple[str, str], tuple[float | None, float | None, str | None, bool, float | None]]:
+    def load_rpo(self) -> dict[tuple[str, str], RpoRow]:
         rows = self.db.execute(
-            "SELECT source, target, pending_since, last_snapshot, last_error, breached, last_alert FROM rpo"
+            "SELECT source, target, pending_since, last_snapshot, last_error, breached, last_alert, held "
+            "FROM rpo"
         )
-        return {(r[0], r[1]): (r[2], r[3], r[4], bool(r[5]), r[6]) for r in rows}
+        return {(r[0], r[1]): RpoRow(r[2], r[3], r[4], bool(r[5]), r[6], r[7]) for r in rows}
 
-    def save_rpo(
-        self,
-        source: str,
-        target: str,
-        pending_since: float | None,
-        last_snapshot: float | None,
-        last_error: str | None,
-        breached: bool,
-        last_alert: float | None,
-    ) -> None:
+    def save_rpo(self, source: str, target: str, row: RpoRow) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO rpo VALUES (?,?,?,?,?,?,?)",
-            (source, target, pending_since, last_snapshot, last_error, int(breached), last_alert),
+            "INSERT OR REPLACE INTO rpo VALUES (?,?,?,?,?,?,?,?)",
+            (
+                source,
+                target,
+                row.pending_since,
+                row.last_snapshot,
+                row.last_error,
+                int(row.breached),
+                row.last_alert,
+                row.held,
+            ),
         )
         self.commit()
 

@@ -11,6 +11,7 @@ seen alive (its heartbeat) — an overestimate, the safe side for alerting.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from replicator.errors import ReplicatorError
 from replicator.repository import Repository
 from replicator.rpo import LagTracker
 from replicator.sources import open_source
-from replicator.state import StateStore
+from replicator.state import RpoRow, StateStore
 from replicator.targets import open_target
 from replicator.units import format_duration, format_size
 
@@ -42,6 +43,10 @@ class PairStatus:
     last_error: str | None
     deferred: bool = False
     """The budget holds this pending work back."""
+    held: str | None = None
+    """Why publishing waits for an operator (a mass deletion on the primary), or None."""
+    damaged: dict[str, str] = field(default_factory=dict)
+    """Checkpoint sets damaged on the primary, kept whole from an earlier snapshot."""
 
 
 @dataclass
@@ -61,10 +66,13 @@ class StatusReport:
     daemon_running: bool
     pairs: list[PairStatus] = field(default_factory=list)
     budgets: list[BudgetStatus] = field(default_factory=list)
+    config_fingerprint: str | None = None
+    """Identifies the configuration the daemon runs (config_fingerprint)."""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not any(p.breached for p in self.pairs)
+        return not any(p.breached or p.held for p in self.pairs)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
@@ -76,7 +84,17 @@ class StatusReport:
             doc["daemon_running"],
             [PairStatus(**p) for p in doc["pairs"]],
             [BudgetStatus(**b) for b in doc.get("budgets", [])],
+            doc.get("config_fingerprint"),
+            list(doc.get("warnings", [])),
         )
+
+
+def config_fingerprint(config: Config) -> str:
+    """What makes two processes the same replicator: its state, sources and targets. Lets
+    ``status`` tell its own daemon from another one answering on ``listen``. Secrets are
+    masked in the dump, and only a digest leaves the process."""
+    doc = config.model_dump_json(include={"state_dir", "sources", "targets"})
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
 def _iso(t: float | None) -> str | None:
@@ -101,12 +119,16 @@ def budget_rows(budget: Budget) -> list[BudgetStatus]:
     return rows
 
 
-def from_tracker(tracker: LagTracker, budget: Budget, now: float | None = None) -> StatusReport:
+def from_tracker(
+    tracker: LagTracker, budget: Budget, fingerprint: str | None = None, now: float | None = None
+) -> StatusReport:
     """The daemon's live view."""
-    now = time.time() if now is None else now
-    report = StatusReport(_iso(now) or "", daemon_running=True, budgets=budget_rows(budget))
+    now = tracker.clock() if now is None else now
+    report = StatusReport(
+        _iso(now) or "", daemon_running=True, budgets=budget_rows(budget), config_fingerprint=fingerprint
+    )
     for pair in tracker.pairs.values():
-        lag = pair.lag(now)
+        lag = tracker.lag(pair, now)
         nbytes, files = tracker.pending_bytes(pair)
         report.pairs.append(
             PairStatus(
@@ -118,8 +140,10 @@ def from_tracker(tracker: LagTracker, budget: Budget, now: float | None = None) 
                 pair.rpo is not None and lag > pair.rpo,
                 nbytes,
                 files,
-                pair.last_error,
+                tracker.error(pair),
                 pair.deferred,
+                pair.held,
+                dict(pair.damaged),
             )
         )
     return report
@@ -157,7 +181,8 @@ async def offline(config: Config) -> StatusReport:
     for s in config.sources:
         source = open_source(s)
         try:
-            files = gate.select(s, await source.scan(), time.time_ns()).files
+            listing = await source.scan()
+            files = gate.select(s, listing.files, time.time_ns(), listing.unreadable).files
             current[s.name] = {f.path: (f.size, f.mtime_ns) for f in files}
         except ReplicatorError as exc:
             scan_errors[s.name] = str(exc)
@@ -180,9 +205,8 @@ async def offline(config: Config) -> StatusReport:
         except ReplicatorError as exc:
             target_error = str(exc)
         for s in config.sources:
-            pending_since, last_snapshot, last_error, _, _ = saved.get(
-                (s.name, t.name), (None, None, None, False, None)
-            )
+            row = saved.get((s.name, t.name), RpoRow(None, None, None, False, None))
+            pending_since, last_snapshot, last_error = row.pending_since, row.last_snapshot, row.last_error
             manifest = manifests.get(s.name)
             have = {f.path: (f.size, f.mtime_ns) for f in manifest.files} if manifest else {}
             now_files = current.get(s.name, {})
@@ -209,6 +233,7 @@ async def offline(config: Config) -> StatusReport:
                     sum(now_files.get(p, (0, 0))[0] for p in changed),
                     len(changed),
                     target_error or scan_errors.get(s.name) or last_error,
+                    held=row.held,
                 )
             )
     return report
@@ -218,8 +243,13 @@ def render(report: StatusReport) -> str:
     rows = [("SOURCE", "TARGET", "LAST SNAPSHOT", "LAG", "RPO", "PENDING", "STATE / LAST ERROR")]
     for p in report.pairs:
         state = "BREACHED" if p.breached else "ok"
+        if p.held:
+            state = ("BREACHED, " if p.breached else "") + "HELD (replicator release to publish)"
         if p.deferred:
             state += " (deferred by budget)"
+        if p.damaged:
+            state += f" [{len(p.damaged)} set(s) damaged on the primary, last complete version kept: "
+            state += ", ".join(sorted(p.damaged)) + "]"
         if p.last_error:
             state += f": {p.last_error}"
         rows.append(
@@ -244,12 +274,22 @@ def render(report: StatusReport) -> str:
             f"budget {b.scope} ({b.mode}): today ${b.spent_today_usd:.2f} of ${b.allowance_today_usd:.2f} "
             f"(paced), month {month}"
         )
-    return "\n".join([f"status at {report.generated} ({where})", *lines])
+    warnings = [f"warning: {w}" for w in report.warnings]
+    return "\n".join([*warnings, f"status at {report.generated} ({where})", *lines])
 
 
 async def gather_status(config: Config) -> StatusReport:
+    """Ask the daemon on ``listen`` if it serves this configuration; else read state and targets."""
+    warnings = []
     if config.listen:
         live = await from_daemon(config.listen)
-        if live is not None:
+        if live is not None and live.config_fingerprint == config_fingerprint(config):
             return live
-    return await offline(config)
+        if live is not None:
+            warnings.append(
+                f"the daemon answering on {config.listen} runs another configuration; "
+                "showing this configuration's state and targets instead"
+            )
+    report = await offline(config)
+    report.warnings += warnings
+    return report

@@ -50,6 +50,20 @@ def parse_size(value: str | int | float) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def parse_share(value: str | int | float) -> float:
+    """A share written as a percentage, ``50%`` or ``50``; returned as a fraction (0.5)."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid share {value!r}")
+    text = str(value).strip().removesuffix("%").strip()
+    try:
+        percent = float(text)
+    except ValueError:
+        raise ValueError(f"invalid share {value!r}: write a percentage, e.g. 50%") from None
+    if not 0 <= percent <= 100:
+        raise ValueError(f"invalid share {value!r}: must be within 0%..100%")
+    return percent / 100
+
+
 def parse_rate(value: str | int | float) -> int:
     """A rate in bytes per second: ``200MiB/s``, ``1.5GB/s`` or a plain number of bytes."""
     if isinstance(value, str):

@@ -2,9 +2,12 @@
 
 Structural check (always): the config parses; every ref points at an existing snapshot; every
 manifest matches the digest in its id and parses as a safe manifest; every chunk a manifest
-references exists, as a loose object or inside a pack long enough to hold it. With
-``read_data`` (a fraction, 1.0 = all), referenced chunks are also downloaded, decoded and
-re-hashed. Every problem names the object it concerns.
+references exists, as a loose object or inside a pack long enough to hold it; a one-chunk
+file's digest is its chunk's id. With ``read_data``, referenced chunks are also downloaded,
+decoded and re-hashed: all of them (1.0), file by file, each file's chunks re-assembled in
+order and hashed against the file's digest (a manifest whose digest and chunk list disagree
+would otherwise pass here and fail only at restore: issue 18); or a random sample of that
+fraction of the chunks. Every problem names the object it concerns.
 
 Verify is also how the local state store learns that a target lost chunks: missing ones are
 dropped from its presence cache so the next sync uploads them again.
@@ -18,9 +21,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from replicator.errors import IntegrityError, NotFoundError, RepositoryError, TargetError
+from replicator.codec import Buffer
+from replicator.errors import IntegrityError, NotFoundError, RepositoryError
 from replicator.log import get_logger
 from replicator.manifest import PackedAt
+from replicator.memory import ByteBudget
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, ref_key, snapshot_key, stored_key
 from replicator.state import StateStore
@@ -34,6 +39,8 @@ READ_PARALLELISM = 16
 class Problem:
     key: str
     message: str
+    chunk: str | None = None
+    """The id of the chunk it is about, when it is about one (a repair can fix those)."""
 
 
 @dataclass
@@ -50,6 +57,8 @@ class VerifyReport:
     chunks_read: int = 0
     bytes_read: int = 0
     problems: list[Problem] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    """Ids of referenced chunks found missing or corrupt (what ``verify --repair`` sends again)."""
     seconds: float = 0.0
 
     @property
@@ -73,6 +82,8 @@ async def verify_repository(
     names = list(sources) if sources else await repo.list_sources()
     # (chunk id, pack location or None for a loose object) -> first "snapshot:path" needing it
     referenced: dict[tuple[str, PackedAt | None], str] = {}
+    # multi-chunk files' contents: (digest, chunk refs in order) -> first "snapshot:path"
+    files: dict[tuple[str, tuple[ChunkRef, ...]], str] = {}
 
     for source in names:
         ids = await _snapshots_to_check(repo, source, snapshot, report)
@@ -89,8 +100,14 @@ async def verify_repository(
                 continue
             report.files += len(manifest.files)
             for entry in manifest.files:
-                for cid, _ in entry.chunks:
-                    referenced.setdefault((cid, manifest.packed.get(cid)), f"{source}/{sid}:{entry.path}")
+                where = f"{source}/{sid}:{entry.path}"
+                refs = tuple((cid, manifest.packed.get(cid)) for cid, _ in entry.chunks)
+                for ref in refs:
+                    referenced.setdefault(ref, where)
+                if len(refs) == 1 and refs[0][0] != entry.digest:
+                    report.problems.append(Problem(where, "digest differs from its only chunk's id"))
+                if len(refs) > 1:
+                    files.setdefault((entry.digest, refs), where)
 
     loose = {cid: size async for cid, size in repo.list_chunks()}
     packs = {pack_id: size async for pack_id, size in repo.list_packs()}
@@ -106,18 +123,31 @@ async def verify_repository(
         if problem is None:
             present[ref] = loose[cid] if at is None else at[2]
         else:
-            report.problems.append(Problem(stored_key(cid, at), f"{problem} (needed by {needed_by})"))
+            report.problems.append(Problem(stored_key(cid, at), f"{problem} (needed by {needed_by})", cid))
             missing.append(cid)
 
     corrupt: list[str] = []
-    if read_data:
-        refs = list(present)
-        count = len(refs) if read_data >= 1 else max(1, round(len(refs) * read_data)) if refs else 0
-        sample = random.Random(seed).sample(refs, count) if count < len(refs) else refs
+    if read_data and read_data >= 1:
+        # Every chunk, and every multi-chunk file re-assembled: the chunks of those files are
+        # read in order (a chunk shared by two different files is read for each); the rest
+        # one by one.
+        whole = [(d, refs, where) for (d, refs), where in files.items() if all(r in present for r in refs)]
+        in_files = {r for _, refs, _ in whole for r in refs}
+        single = [r for r in present if r not in in_files]
+        total = sum(present[r] for r in single) + sum(present[r] for _, refs, _ in whole for r in refs)
+        progress.begin("reading chunks", total)
+        corrupt = await _read_files(repo, whole, present, report, progress)
+        corrupt += await _read_chunks(repo, single, present, report, progress)
+        progress.end()
+    elif read_data:
+        chunks = list(present)
+        count = max(1, round(len(chunks) * read_data)) if chunks else 0
+        sample = random.Random(seed).sample(chunks, count) if count < len(chunks) else chunks
         progress.begin("reading chunks", sum(present[r] for r in sample))
         corrupt = await _read_chunks(repo, sample, present, report, progress)
         progress.end()
 
+    report.damaged = sorted({*missing, *corrupt})
     if state is not None and (missing or corrupt):
         state.forget_chunks(repo.config.id, [*missing, *corrupt])
         log.warning("state.chunks_forgotten", target=repo.target.name, count=len(missing) + len(corrupt))
@@ -133,6 +163,8 @@ def _absent(ref: tuple[str, PackedAt | None], loose: dict[str, int], packs: dict
             return "chunk is missing"
         return "chunk object is empty" if loose[cid] == 0 else None
     pack_id, offset, length = at
+    if loose.get(cid):
+        return None  # a loose copy serves it whatever its pack's state (repair writes these)
     if pack_id not in packs:
         return "pack is missing"
     if offset + length > packs[pack_id]:
@@ -160,6 +192,91 @@ async def _snapshots_to_check(
         return []
 
 
+ChunkRef = tuple[str, PackedAt | None]
+FILE_WINDOW_BYTES = 256 << 20
+"""Stored bytes read ahead of the file being hashed (verify's memory bound)."""
+
+
+async def _read_files(
+    repo: Repository,
+    files: list[tuple[str, tuple[ChunkRef, ...], str]],
+    stored: dict[ChunkRef, int],
+    report: VerifyReport,
+    progress: ProgressSink,
+) -> list[str]:
+    """Read the chunks of ``files`` in order, READ_PARALLELISM at a time and at most
+    FILE_WINDOW_BYTES ahead of the file being hashed; check each chunk and each file's
+    digest. Returns the ids of chunks found corrupt or gone."""
+    corrupt: list[str] = []
+    bad: set[ChunkRef] = set()
+    budget = ByteBudget(FILE_WINDOW_BYTES)
+    order: list[tuple[int, ChunkRef]] = [(i, ref) for i, (_, refs, _) in enumerate(files) for ref in refs]
+    results: dict[int, list[asyncio.Future[Buffer | None]]] = {
+        i: [asyncio.get_running_loop().create_future() for _ in refs] for i, (_, refs, _) in enumerate(files)
+    }
+    slots = {i: iter(futures) for i, futures in results.items()}
+    queue = list(reversed(order))
+
+    async def reader() -> None:
+        while queue:
+            i, ref = queue.pop()
+            future = next(slots[i])
+            await budget.acquire(stored[ref])
+            try:
+                future.set_result(await _get(repo, ref, stored, report, corrupt, bad))
+            except BaseException as exc:
+                budget.release(stored[ref])
+                future.set_exception(exc)
+                raise
+
+    async def hasher() -> None:
+        for i, (digest, refs, where) in enumerate(files):
+            h = repo.hash.hasher()
+            whole = True
+            for ref, future in zip(refs, results[i], strict=True):
+                data = await future
+                budget.release(stored[ref])
+                if data is None:
+                    whole = False
+                else:
+                    h.update(data)
+            if whole and h.digest().hex() != digest:
+                report.problems.append(Problem(where, "file digest differs from its re-assembled chunks"))
+
+    tasks = [asyncio.create_task(reader()) for _ in range(READ_PARALLELISM)]
+    try:
+        await asyncio.gather(hasher(), *tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return corrupt
+
+
+async def _get(
+    repo: Repository,
+    ref: ChunkRef,
+    stored: dict[ChunkRef, int],
+    report: VerifyReport,
+    corrupt: list[str],
+    bad: set[ChunkRef],
+) -> Buffer | None:
+    """One chunk's bytes, checked; None (and a problem, once per chunk) if it is bad."""
+    cid, at = ref
+    try:
+        data = await repo.get_chunk(cid, at)
+    except IntegrityError as exc:
+        data, problem = None, exc.message
+    except NotFoundError:
+        data, problem = None, "chunk disappeared while verifying"
+    report.chunks_read += 1
+    report.bytes_read += stored[ref]
+    if data is None and ref not in bad:
+        bad.add(ref)
+        corrupt.append(cid)
+        report.problems.append(Problem(stored_key(cid, at), problem, cid))
+    return data
+
+
 async def _read_chunks(
     repo: Repository,
     refs: list[tuple[str, PackedAt | None]],
@@ -169,23 +286,12 @@ async def _read_chunks(
 ) -> list[str]:
     queue = list(reversed(refs))
     corrupt: list[str] = []
+    bad: set[ChunkRef] = set()
 
     async def worker() -> None:
         while queue:
             ref = queue.pop()
-            cid, at = ref
-            try:
-                await repo.get_chunk(cid, at)
-            except IntegrityError as exc:
-                corrupt.append(cid)
-                report.problems.append(Problem(stored_key(cid, at), exc.message))
-            except NotFoundError:
-                corrupt.append(cid)
-                report.problems.append(Problem(stored_key(cid, at), "chunk disappeared while verifying"))
-            except TargetError:
-                raise
-            report.chunks_read += 1
-            report.bytes_read += stored[ref]
+            await _get(repo, ref, stored, report, corrupt, bad)
             progress.advance(stored[ref])
 
     await asyncio.gather(*(worker() for _ in range(READ_PARALLELISM)))

@@ -1,11 +1,12 @@
-"""Shared fixtures: real S3 servers, target factories for the conformance suite, CLI runner."""
+"""Shared fixtures: real S3 servers, target factories for the conformance suite, CLI runner, and the
+fault harness (tests/faults.py): ``memory_targets`` and ``fault_proxy``."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,14 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.faults import FaultProxy, MemoryStore, MemoryTargets
 from tests.servers import MotoServer, RcloneServer, S3Server, isolate_aws_environment
 
 isolate_aws_environment()
 
 TARGET_KINDS = ["posix", "rclone", "moto"]
+"""Target kinds any test can use, in-process or through a ``replicator`` subprocess. The
+conformance suite adds ``memory`` (tests/faults.py), which exists in the test process only."""
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -53,6 +57,7 @@ class TargetSpec:
     server: S3Server | None = None
     bucket: str | None = None
     path: Path | None = None
+    store: MemoryStore | None = None
 
 
 @pytest.fixture(params=TARGET_KINDS)
@@ -72,10 +77,36 @@ def make_target_spec(
         path = tmp_path / f"target-{name}"
         path.mkdir()
         return TargetSpec(kind, {"name": name, "url": str(path)}, path=path)
+    if kind == "memory":
+        fake = request.getfixturevalue("memory_targets").add(name)
+        return TargetSpec(kind, fake.config(), store=fake.store)
     server: S3Server = request.getfixturevalue(kind)
     bucket = server.new_bucket()
     cfg = {"name": name, "url": f"s3://{bucket}/replica", "endpoint_url": server.endpoint}
     return TargetSpec(kind, cfg, server=server, bucket=bucket)
+
+
+@pytest.fixture
+def memory_targets() -> Iterator[MemoryTargets]:
+    """``memory://NAME`` and ``faulty://NAME`` target urls for this test (tests.faults.MemoryTargets)."""
+    with MemoryTargets() as registry:
+        yield registry
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[[S3Server], FaultProxy]]:
+    """A factory: ``fault_proxy(server)`` starts a FaultProxy in front of an S3 server; every
+    proxy it made is closed after the test."""
+    proxies: list[FaultProxy] = []
+
+    def make(upstream: S3Server) -> FaultProxy:
+        proxy = FaultProxy.for_server(upstream)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:

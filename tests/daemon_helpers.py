@@ -23,11 +23,19 @@ T = TypeVar("T")
 class DaemonProcess:
     """``python -m replicator run -c CONFIG`` with its log in a file."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, log: Path, env: dict[str, str] | None = None, *, as_unprivileged: bool = False
+    ) -> None:
+        """``as_unprivileged``: see :func:`tests.conftest.cli`."""
         self.config, self.log = config, log
         self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        prefix = (
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+            if as_unprivileged and os.geteuid() == 0
+            else []
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "replicator", "run", "-c", str(config)],
+            [*prefix, sys.executable, "-m", "replicator", "run", "-c", str(config)],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

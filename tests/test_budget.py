@@ -126,6 +126,7 @@ def two_source_config(tmp_path: Path, **budget: Any) -> dict[str, Any]:
 
 async def one_pass(config: Config, clock: Clock) -> dict[str, SourceResult]:
     async with Replicator(config, clock=clock) as rep:
+        await rep.attach_all()
         return {s.name: await sync_source(rep, s) for s in config.sources}
 
 

@@ -76,11 +76,13 @@ def test_checkpoint_set_appears_whole_on_both_targets_and_never_partial(
 
 
 def test_sigterm_and_sigint_drain_and_exit_zero(tmp_path: Path) -> None:
+    """A signal right after a candidate is handed to the publishers: its publication is in
+    flight, and the drain lets it finish."""
     primary, target, cfg = local_setup(tmp_path, checkpoint=True)
     make_checkpoint(primary, 1)
     for sig in (signal.SIGTERM, signal.SIGINT):
         daemon = DaemonProcess(cfg, tmp_path / f"daemon-{sig}.log")
-        wait_until(daemon.ready, what="ready")
+        wait_until(lambda d=daemon: "candidate.ready" in d.log_text(), what="a candidate")  # type: ignore[misc]
         assert daemon.stop(sig) == 0, daemon.log_text()
         assert "daemon.stopped" in daemon.log_text()
     assert set_names(latest_manifest({"name": "t", "url": str(target)}, "ckpt")) == ["step-000001"]

@@ -192,19 +192,19 @@ def test_s3_source_keys_with_control_characters_round_trip(
     assert cli("restore", "--repo", str(target), "-s", "s", str(dest)).returncode == 0
     assert byte_tree(dest) == {k.encode(): v for k, v in good.items()}
 
-    # Keys no relative path can hold are named in `skipped`, with a warning, and exit 1; the
-    # rest is still published.
+    # Keys no relative path can hold are named in `skipped`, with a warning; the rest is still
+    # published, and the exit code says the snapshot is incomplete (4).
     bad = ["a//b", "../escape", "y" * 256, "dot/./x"]
     for key in bad:
         s3.put_object(Bucket=src.bucket, Key=f"data/{key}", Body=b"?")
     res = cli("sync", "-c", str(cfg), "--json")
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == 4, res.stderr
     out = json.loads(res.stdout)["sources"][0]
     assert sorted(out["skipped"]) == sorted(bad) and out["files"] == len(good)
     assert out["targets"][0]["status"] in ("published", "unchanged")
     assert res.stderr.count("source.skipped") == len(bad)
     text = cli("sync", "-c", str(cfg))
-    assert "  skipped a//b: path 'a//b' has an empty, '.' or '..' segment" in text.stdout.splitlines()
+    assert "  unreadable a//b: path 'a//b' has an empty, '.' or '..' segment" in text.stdout.splitlines()
 
 
 def test_s3_source_takes_a_newline_in_a_key() -> None:
@@ -212,15 +212,17 @@ def test_s3_source_takes_a_newline_in_a_key() -> None:
 
     from replicator.config import SourceConfig
     from replicator.sources import open_source
+    from replicator.sources.base import Listing
 
     source = open_source(SourceConfig(name="s", url="s3://bucket/data/"))
     listed = {"ETag": '"e"', "LastModified": datetime.now(UTC), "Size": 1}
+    listing = Listing()
     for key in ("data/new\nline", "data/dir\nname/inner", "data/\r\n\t\\"):
-        found = source._describe({**listed, "Key": key})  # type: ignore[attr-defined]
+        found = source._describe({**listed, "Key": key}, listing)  # type: ignore[attr-defined]
         assert found is not None and found.path == key.removeprefix("data/")
-    assert source.refused == {}
-    assert source._describe({**listed, "Key": "data/a/../b"}) is None  # type: ignore[attr-defined]
-    assert list(source.refused) == ["a/../b"]
+    assert listing.unreadable == {} and listing.ignored == {}
+    assert source._describe({**listed, "Key": "data/a/../b"}, listing) is None  # type: ignore[attr-defined]
+    assert list(listing.unreadable) == ["a/../b"]
 
 
 def test_restore_into_a_bucket_names_what_cannot_be_a_key(
@@ -254,8 +256,8 @@ def test_restore_into_a_bucket_names_what_cannot_be_a_key(
 
 def test_a_path_too_long_for_any_manifest_is_named_in_skipped(tmp_path: Path) -> None:
     """17 directories of 250 bytes: deeper than 4,096 bytes, which no manifest holds and
-    PATH_MAX cannot open. Built through directory descriptors, reported by name, exit 1; the
-    rest is published."""
+    PATH_MAX cannot open. Built through directory descriptors, reported by name, exit 4
+    (published, incomplete)."""
     primary, target = tmp_path / "primary", tmp_path / "target"
     target.mkdir()
     make_tree(primary, {b"ok.txt": b"fine"})
@@ -273,7 +275,7 @@ def test_a_path_too_long_for_any_manifest_is_named_in_skipped(tmp_path: Path) ->
         config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [{"name": "t", "url": str(target)}]),
     )
     res = cli("sync", "-c", str(cfg), "--json")
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == 4, res.stderr
     out = json.loads(res.stdout)["sources"][0]
     (skipped,) = out["skipped"]  # the directory that cannot be listed, or the file itself
     assert skipped.startswith("a" * 250 + "/" + "b" * 250) and out["files"] == 1

@@ -123,7 +123,7 @@ def test_pipeline_respects_its_memory_budget(tmp_path: Path) -> None:
             if len(held) > 2:
                 held.pop(0).lease.release()
 
-        (file,) = await source.scan()
+        (file,) = (await source.scan()).files
         record = await pipe.read_file(source, file, slow_sink)
         assert sum(s for _, s in record.chunks["blake3"]) == 24 << 20
         assert pipe._blocks.kept == 0  # read blocks are reused during a read, not held after
@@ -157,7 +157,7 @@ def test_chunks_no_target_wants_are_hashed_but_not_encoded(tmp_path: Path) -> No
 
     async def go() -> None:
         pipe = ChunkPipeline(chunking, CompressionConfig(), [spec])
-        (file,) = await source.scan()
+        (file,) = (await source.scan()).files
         got: list[EncodedChunk] = []
 
         async def sink(chunk: EncodedChunk) -> None:
@@ -197,6 +197,6 @@ def test_a_scan_reports_each_selected_file_as_it_finds_it(
         SourceConfig.model_validate({"name": "d", "url": url, "exclude": ["*.tmp"], **extra})
     )
     found: list[SourceFile] = []
-    files = asyncio.run(source.scan(found.append))
+    files = asyncio.run(source.scan(found.append)).files
     assert [f.path for f in files] == ["a.txt", "sub/b.bin", "sub/deeper/c.json"]
     assert sorted(found, key=lambda f: f.path) == files

@@ -157,7 +157,7 @@ def test_helpers_start_during_a_scan_that_finds_enough_new_small_files(
         async def go() -> bool:
             async with Replicator(config) as rep:
                 assert rep.pipeline is not None
-                files = await rep.scan(config.sources[0])
+                files = (await rep.scan(config.sources[0])).files
                 assert len(files) == len(list(primary.rglob("*.json")))
                 await asyncio.sleep(0)  # the scanning thread hands the start to the event loop
                 return rep.pipeline._helper is not None
@@ -175,7 +175,7 @@ def test_helpers_start_during_a_scan_that_finds_enough_new_small_files(
 def test_errors_cross_the_process_boundary_with_their_context(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("a")
     source = PosixSource("d", tmp_path, PathFilter())
-    (present,) = asyncio.run(source.scan())
+    (present,) = asyncio.run(source.scan()).files
     gone = SourceFile("gone.txt", 1, present.mtime_ns, 0o644, "1:0:0:0")
     coder = ChunkCoder(ChunkingConfig(), CompressionConfig(), [HashSpec("xxh3-128", 7)])
 
@@ -251,7 +251,7 @@ async def main():
     source = PosixSource("d", Path(sys.argv[1]), PathFilter())
     helper = ReaderProcess()
     coder = ChunkCoder(ChunkingConfig(), CompressionConfig(), [])
-    await helper.read_small_files(coder, source, await source.scan())
+    await helper.read_small_files(coder, source, (await source.scan()).files)
     print(" ".join(map(str, helper.pids)), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # no chance to stop the pool
 

@@ -160,7 +160,7 @@ def test_two_targets_one_unreachable(tmp_path: Path, request: pytest.FixtureRequ
         tmp_path / "r.yaml", config_dict(tmp_path, [{"name": "d", "url": str(primary)}], [good.config, dead])
     )
     res = cli("sync", "-c", str(cfg))
-    assert res.returncode == 1
+    assert res.returncode == 3  # a target could not be reached; the other one is published
     assert "-> good: published" in res.stdout
     assert "-> dead: FAILED" in res.stdout and "cannot connect" in res.stdout
 
@@ -206,7 +206,7 @@ def test_unreadable_file_is_skipped_and_reported(tmp_path: Path) -> None:
     make_checkpoint(primary, 6)
     (primary / "step-000006" / "trainer_state.json").chmod(0o000)
     res = cli("sync", "-c", str(cfg), "--json", as_unprivileged=True)
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == 4, res.stderr  # published, but incomplete
     out = json.loads(res.stdout)["sources"][0]
     assert "Permission denied" in out["skipped"]["step-000006/trainer_state.json"]
     assert out["files"] == 3 and out["targets"][0]["status"] == "published"

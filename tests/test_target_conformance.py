@@ -1,4 +1,6 @@
-"""One conformance suite for every target kind: POSIX, rclone serve s3, moto server.
+"""One conformance suite for every target kind: POSIX, rclone serve s3, moto server, and the
+in-memory target of the fault harness (tests/faults.py, which other tests rely on to behave
+like a real store).
 
 Each test drives the full production stack (retry -> limits -> backend) from
 ``open_target`` against a real store, and S3 results are read back with the independent
@@ -32,10 +34,16 @@ from replicator.s3 import config_kwargs, is_loopback
 from replicator.targets import Target, open_target
 from replicator.targets.s3 import S3Target
 from replicator.targets.wrappers import unwrap
-from tests.conftest import TargetSpec
+from tests.conftest import TARGET_KINDS, TargetSpec, make_target_spec
 from tests.servers import ACCESS_KEY, SECRET_KEY, free_port
 
 T = TypeVar("T")
+
+
+@pytest.fixture(params=[*TARGET_KINDS, "memory"])
+def target_spec(request: pytest.FixtureRequest, tmp_path: Path) -> TargetSpec:
+    """The conformance suite's own kinds: the shared ones plus the in-process memory target."""
+    return make_target_spec(request, request.param, tmp_path)
 
 
 def run(fn: Callable[[Target], Awaitable[T]], spec: TargetSpec, **overrides: Any) -> T:
@@ -75,6 +83,8 @@ def test_put_get_roundtrip_and_independent_readback(target_spec: TargetSpec) -> 
             hashlib.sha256(minio_get(target_spec, "chunks/ab/abcdef")).digest()
             == hashlib.sha256(payload).digest()
         )
+    elif target_spec.store is not None:
+        assert target_spec.store.objects["chunks/ab/abcdef"] == payload
     else:
         assert target_spec.path is not None
         assert (target_spec.path / "chunks/ab/abcdef").read_bytes() == payload
@@ -176,6 +186,8 @@ def test_missing_container_is_permanent(target_spec: TargetSpec) -> None:
     if target_spec.kind == "posix":
         assert target_spec.path is not None
         overrides = {"url": str(target_spec.path / "does-not-exist")}
+    elif target_spec.kind == "memory":
+        overrides = {"url": "memory://does-not-exist"}
     else:
         overrides = {"url": "s3://no-such-bucket-here/x"}
 

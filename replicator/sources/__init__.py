@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING
 from replicator.errors import ConfigError
 from replicator.globs import PathFilter
 from replicator.s3 import is_s3_url, parse_s3_url
-from replicator.sources.base import Source, SourceFile
+from replicator.sources.base import Listing, Source, SourceFile
 from replicator.sources.posix import PosixSource
 
 if TYPE_CHECKING:
     from replicator.config import SourceConfig
 
-__all__ = ["PosixSource", "Source", "SourceFile", "open_source"]
+__all__ = ["Listing", "PosixSource", "Source", "SourceFile", "open_source"]
 
 
 def open_source(cfg: SourceConfig) -> Source:

@@ -10,7 +10,7 @@ later, never recorded torn.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -34,6 +34,23 @@ class SourceFile:
     """Changes whenever the content may have changed."""
 
 
+@dataclass
+class Listing:
+    """What a scan found: the selected regular files, and what it could not look at.
+
+    ``unreadable`` names directories that could not be listed and files that could not be
+    examined: their contents are *unknown* this time, not deleted, so whatever an earlier
+    snapshot holds below them is carried forward (replicator.reconcile). ``ignored`` names
+    entries replicator does not copy by design (symbolic links, FIFOs, sockets, devices):
+    reported, and never an error."""
+
+    files: list[SourceFile] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)
+    """Path -> why it could not be examined."""
+    ignored: dict[str, str] = field(default_factory=dict)
+    """Path -> why it is not replicated."""
+
+
 class Source(Protocol):
     name: str
     url: str
@@ -41,26 +58,23 @@ class Source(Protocol):
     """How many files (or batches of small files) to read at once. Reads from an object store
     wait on the network and gain from overlap; local reads are CPU work that contends for the
     GIL, where more than two at once only adds thread hand-offs."""
-    refused: dict[str, str]
-    """Names the last scan found but cannot replicate (path -> why; logged as
-    ``source.skipped``): a path no manifest may hold (``a//b`` or ``..`` in an S3 key, a path
-    longer than 4096 bytes). They are not in the scan's result; ``sync`` reports them in its
-    ``skipped``, so that no name is ever left out in silence (issue 17)."""
     read_in_helper: bool
     """Whether :meth:`open` and :meth:`confirm` work in another process (plain file system
     calls on a pickled copy of the source), so that many small files may be read and encoded
     in a helper process (:mod:`replicator.reader_process`)."""
 
-    async def scan(self, found: Callable[[SourceFile], None] | None = None) -> list[SourceFile]:
-        """Every selected (include/exclude) regular file, sorted by path. Raises SourceError if
-        the source itself cannot be listed: an unreadable source is not an empty one.
+    async def scan(self, found: Callable[[SourceFile], None] | None = None) -> Listing:
+        """Every selected (include/exclude) regular file, sorted by path, and what could not be
+        examined. Raises SourceError if the source itself cannot be listed: an unreadable
+        source is not an empty one. A problem below the root never raises: it is reported in
+        the listing, and the rest of the scan goes on.
 
         ``found`` is called with each file as the scan finds it, from the scanning thread (so
         that work can start before a long scan ends)."""
         ...
 
-    async def scan_below(self, path: str) -> list[SourceFile]:
-        """The selected files at ``path`` (a file) or below it (a directory); empty if it does
+    async def scan_below(self, path: str) -> Listing:
+        """The same for ``path`` (a file) or what is below it (a directory); empty if it does
         not exist. Used to refresh the daemon's index from change events."""
         ...
 

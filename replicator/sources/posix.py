@@ -3,7 +3,8 @@
 Symbolic links are skipped (with a warning): following them could leave the source tree, and
 restoring them would be an attack surface. Any name POSIX allows is taken (bytes that are not
 UTF-8, newlines, backslashes; paths are surrogateescape strs, see :mod:`replicator.paths`); a
-path no manifest may hold, or a directory too deep to be listed, is named in :attr:`refused`.
+path no manifest may hold (over 4096 bytes) is in the listing's ``unreadable``, so that sync
+reports it in ``skipped``.
 
 Signatures combine size, mtime_ns, ctime_ns and the inode number, so a file replaced by rename
 (the usual atomic-write idiom) is seen as changed even when size and mtime happen to match.
@@ -24,7 +25,7 @@ from replicator.errors import FileChangedError, SourceError
 from replicator.globs import PathFilter
 from replicator.log import get_logger
 from replicator.paths import check_relative_path
-from replicator.sources.base import Readable, SourceFile
+from replicator.sources.base import Listing, Readable, SourceFile
 
 log = get_logger(__name__)
 
@@ -39,64 +40,66 @@ class PosixSource:
     ~20 % faster than with four at once, which spent a third of the run in futex hand-offs."""
     read_in_helper = True
 
-    def __getstate__(self) -> dict[str, object]:
-        # A copy sent to the reader process only opens and confirms files: not the skip list.
-        return {**self.__dict__, "skipped": [], "refused": {}}
-
     def __init__(self, name: str, root: str | Path, path_filter: PathFilter) -> None:
         self.name = name
         self.root = Path(root)
         self.url = str(self.root)
         self.filter = path_filter
-        self.skipped: list[str] = []
-        """Paths skipped by the last scan (symlinks, special files, unreadable directories)."""
-        self.refused: dict[str, str] = {}
 
-    async def scan(self, found: Callable[[SourceFile], None] | None = None) -> list[SourceFile]:
+    async def scan(self, found: Callable[[SourceFile], None] | None = None) -> Listing:
         if not await asyncio.to_thread(self.root.is_dir):
             raise SourceError(
                 f"source directory {self.root} does not exist or is not a directory",
                 operation="scan",
                 key=self.name,
             )
-        self.skipped = []
-        self.refused = {}
         return await asyncio.to_thread(self._walk, self.root, found)
 
-    async def scan_below(self, path: str) -> list[SourceFile]:
-        def scan() -> list[SourceFile]:
+    async def scan_below(self, path: str) -> Listing:
+        def scan() -> Listing:
             full = self.root / path
             try:
                 info = _lstat(os.path.join(self.url, path))
             except FileNotFoundError:
-                return []
+                return Listing()
+            except OSError as exc:
+                return Listing(unreadable={path: exc.strerror or str(exc)})
             if stat.S_ISDIR(info.st_mode):
                 return self._walk(full)
-            found = self._describe(path, info)
-            return [found] if found is not None else []
+            listing = Listing()
+            self._add(listing, path, info)
+            return listing
 
         return await asyncio.to_thread(scan)
 
-    def _describe(self, rel: str, st: os.stat_result) -> SourceFile | None:
-        """The SourceFile for a selected regular file; None (with a warning) for anything else."""
+    def _add(
+        self,
+        listing: Listing,
+        rel: str,
+        st: os.stat_result,
+        found: Callable[[SourceFile], None] | None = None,
+    ) -> None:
+        """Add a selected entry to ``listing``: a regular file, or (with a warning) what is not one."""
         if not self.filter(rel):
-            return None
+            return
         try:
             check_relative_path(rel)  # a name no manifest may hold (a path over 4096 bytes)
         except ValueError as exc:
-            self.skipped.append(rel)
-            self.refused[rel] = str(exc)
+            listing.unreadable[rel] = str(exc)  # in sync's skipped: never left out in silence
             log.warning("source.skipped", source=self.name, path=rel, reason=str(exc))
-            return None
+            return
         if not stat.S_ISREG(st.st_mode):
-            self.skipped.append(rel)
             reason = "symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            listing.ignored[rel] = reason
             log.warning("source.skipped", source=self.name, path=rel, reason=reason)
-            return None
-        return SourceFile(rel, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), signature_of(st))
+            return
+        file = SourceFile(rel, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), signature_of(st))
+        listing.files.append(file)
+        if found is not None:
+            found(file)
 
-    def _walk(self, start: Path, found: Callable[[SourceFile], None] | None = None) -> list[SourceFile]:
-        out: list[SourceFile] = []
+    def _walk(self, start: Path, found: Callable[[SourceFile], None] | None = None) -> Listing:
+        listing = Listing()
 
         def walk_error(exc: OSError) -> None:
             if isinstance(exc, FileNotFoundError):
@@ -105,11 +108,9 @@ class PosixSource:
                 raise SourceError(
                     f"cannot list source directory: {exc.strerror}", operation="scan", key=self.url
                 )
-            rel = os.path.relpath(exc.filename or "?", self.root)
-            self.skipped.append(rel)
-            if exc.errno == errno.ENAMETOOLONG:  # deeper than PATH_MAX with the root: a name we cannot take
-                self.refused[rel] = f"cannot list the directory: {exc.strerror}"
-            log.warning("source.unreadable_dir", source=self.name, path=exc.filename, error=exc.strerror)
+            rel = os.path.relpath(exc.filename or "?", self.root).replace(os.sep, "/")
+            listing.unreadable[rel] = f"cannot list directory: {exc.strerror or exc}"
+            log.warning("source.unreadable_dir", source=self.name, path=rel, error=exc.strerror)
 
         for dirpath, dirnames, filenames in os.walk(start, onerror=walk_error):
             rel_dir = os.path.relpath(dirpath, self.root)
@@ -120,14 +121,15 @@ class PosixSource:
                     st = _lstat(os.path.join(dirpath, fn))
                 except FileNotFoundError:
                     continue
-                file = self._describe(rel, st)
-                if file is not None:
-                    out.append(file)
-                    if found is not None:
-                        found(file)
+                except OSError as exc:
+                    if self.filter(rel):
+                        listing.unreadable[rel] = f"cannot examine: {exc.strerror or exc}"
+                        log.warning("source.unreadable", source=self.name, path=rel, error=exc.strerror)
+                    continue
+                self._add(listing, rel, st, found)
             dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
-        out.sort(key=lambda f: f.path)
-        return out
+        listing.files.sort(key=lambda f: f.path)
+        return listing
 
     async def stat(self, path: str) -> SourceFile | None:
         def st() -> SourceFile | None:
@@ -135,7 +137,11 @@ class PosixSource:
                 info = _lstat(os.path.join(self.url, path))
             except FileNotFoundError:
                 return None
-            return self._describe(path, info) if stat.S_ISREG(info.st_mode) else None
+            if not stat.S_ISREG(info.st_mode) or not self.filter(path):
+                return None
+            return SourceFile(
+                path, info.st_size, info.st_mtime_ns, stat.S_IMODE(info.st_mode), signature_of(info)
+            )
 
         return await asyncio.to_thread(st)
 

@@ -8,8 +8,9 @@ GET from one version, so a read that completes is consistent.
 
 Keys are UTF-8 and may hold newlines, tabs and backslashes, which are kept as they are. Keys
 that cannot be safe relative paths (``..`` or ``.`` segments, ``//``, a segment over 255
-bytes) are skipped with a warning and named in :attr:`S3Source.refused`; "directory marker"
-objects (keys ending in ``/``) are ignored.
+bytes) are skipped with a warning and named in the listing's ``unreadable`` (sync's
+``skipped``: a name is never left out in silence); "directory marker" objects (keys ending
+in ``/``) are ignored.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from replicator.log import get_logger
 from replicator.paths import check_relative_path
 from replicator.s3 import S3Location, client_kwargs, config_kwargs
 from replicator.s3_errors import SDK_ERRORS, convert_error, http_status
-from replicator.sources.base import Readable, SourceFile
+from replicator.sources.base import Listing, Readable, SourceFile
 
 log = get_logger(__name__)
 
@@ -66,7 +67,6 @@ class S3Source:
         self.location = location
         self.url = location.url
         self.filter = path_filter
-        self.refused: dict[str, str] = {}
         session = (
             boto3.session.Session(profile_name=access.profile) if access.profile else boto3.session.Session()
         )
@@ -78,38 +78,39 @@ class S3Source:
         err = convert_error(exc, target=self.name, operation=op, key=key)
         return SourceError(err.message, operation=op, key=key, hint=err.hint, retryable=err.retryable)
 
-    def _describe(self, obj: dict[str, Any]) -> SourceFile | None:
+    def _describe(self, obj: dict[str, Any], listing: Listing | None = None) -> SourceFile | None:
         rel = obj["Key"][len(self.location.prefix) :]
         if not rel or rel.endswith("/") or not self.filter(rel):
             return None
         try:
             check_relative_path(rel)
         except ValueError as exc:
-            self.refused[rel] = str(exc)
             log.warning("source.skipped", source=self.name, path=rel, reason=str(exc))
+            if listing is not None:
+                listing.unreadable[rel] = str(exc)  # in sync's skipped: never left out in silence
             return None
         etag = str(obj["ETag"]).strip('"')
         mtime_ns = int(obj["LastModified"].timestamp() * 1_000_000_000)
         size = int(obj.get("Size", obj.get("ContentLength", 0)))
         return SourceFile(rel, size, mtime_ns, 0o644, f"{etag}:{size}:{mtime_ns}")
 
-    async def scan(self, found: Callable[[SourceFile], None] | None = None) -> list[SourceFile]:
-        self.refused = {}
+    async def scan(self, found: Callable[[SourceFile], None] | None = None) -> Listing:
         return await self._list("", found)
 
-    async def scan_below(self, path: str) -> list[SourceFile]:
+    async def scan_below(self, path: str) -> Listing:
         return await self._list(path)
 
-    async def _list(self, path: str, found: Callable[[SourceFile], None] | None = None) -> list[SourceFile]:
-        def scan() -> list[SourceFile]:
-            out = []
+    async def _list(self, path: str, found: Callable[[SourceFile], None] | None = None) -> Listing:
+        def scan() -> Listing:
+            listing = Listing()
+            out = listing.files
             paginator = self.client.get_paginator("list_objects_v2")
             try:
                 for page in paginator.paginate(
                     Bucket=self.location.bucket, Prefix=self.location.prefix + path
                 ):
                     for obj in page.get("Contents", []):
-                        file = self._describe(obj)
+                        file = self._describe(obj, listing)
                         if file is not None:
                             out.append(file)
                             if found is not None:
@@ -117,7 +118,7 @@ class S3Source:
             except SDK_ERRORS as exc:
                 raise self._error(exc, "scan", self.url) from exc
             out.sort(key=lambda f: f.path)
-            return out
+            return listing
 
         return await asyncio.to_thread(scan)
 

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from replicator import metrics
 from replicator.errors import (
+    AlreadyExistsError,
     NotFoundError,
     TargetError,
     TargetUnreachableError,
@@ -84,24 +85,56 @@ class RetryPolicy:
         return random.uniform(0, min(self.max, self.initial * 2 ** min(attempt, 30)))
 
 
+class TargetHealth:
+    """Whether a target answers, as its requests find out: *failing* from the first failed
+    attempt (transient or permanent; "not found" is an answer) to the next success.
+
+    Exported as ``replicator_target_healthy``; listeners (the upload queue) hear each change."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.failing_since: float | None = None
+        """Monotonic time of the first failure of the current failing period."""
+        self.last_error: TargetError | None = None
+        """The latest failure; None while healthy."""
+        self.listeners: list[Callable[[bool], None]] = []
+
+    @property
+    def ok(self) -> bool:
+        return self.failing_since is None
+
+    def failed(self, exc: TargetError) -> None:
+        self.last_error = exc
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            metrics.TARGET_UP.labels(self.name).set(0)
+            for listener in list(self.listeners):
+                listener(False)
+
+    def succeeded(self) -> None:
+        self.last_error = None
+        if self.failing_since is not None:
+            self.failing_since = None
+            metrics.TARGET_UP.labels(self.name).set(1)
+            for listener in list(self.listeners):
+                listener(True)
+
+
 class RetryingTarget(TargetWrapper):
     """Retries transient errors; permanent ones and NotFound pass straight through.
 
-    ``failing_since`` (monotonic seconds) is set while the target keeps failing and cleared by
-    the next success, so schedulers can tell a dead target from a slow one."""
+    Every attempt's outcome feeds :attr:`health`, so schedulers can tell a dead target from a
+    slow one."""
 
-    def __init__(self, inner: Target, policy: RetryPolicy) -> None:
+    def __init__(self, inner: Target, policy: RetryPolicy, health: TargetHealth | None = None) -> None:
         super().__init__(inner)
         self.policy = policy
-        self.failing_since: float | None = None
-        self.last_error: TransientTargetError | None = None
+        self.health = health or TargetHealth(inner.name)
 
     async def _wait_before_retry(self, exc: TransientTargetError, started: float, attempt: int) -> None:
         """Sleep before attempt ``attempt + 1``, or re-raise ``exc`` once the budget is spent."""
         now = time.monotonic()
-        if self.failing_since is None:
-            self.failing_since = now
-        self.last_error = exc
+        self.health.failed(exc)
         delay = self.policy.delay(attempt)
         limit = self.policy.give_up_after
         if limit is not None and now - started + delay > limit:
@@ -120,7 +153,13 @@ class RetryingTarget(TargetWrapper):
                 await self._wait_before_retry(exc, started, attempt)
                 attempt += 1
                 continue
-            self.failing_since = None
+            except (NotFoundError, AlreadyExistsError):
+                self.health.succeeded()  # an answer: the target is there
+                raise
+            except TargetError as exc:
+                self.health.failed(exc)
+                raise
+            self.health.succeeded()
             return result
 
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
@@ -150,7 +189,10 @@ class RetryingTarget(TargetWrapper):
                 await self._wait_before_retry(exc, started, attempt)
                 attempt += 1
                 continue
-            self.failing_since = None
+            except TargetError as exc:
+                self.health.failed(exc)
+                raise
+            self.health.succeeded()
             return
 
 
