@@ -336,7 +336,7 @@ def test_names_are_displayed_on_one_line_without_ambiguity(name: str, shown: str
 
 # -- the state store keeps exact names ------------------------------------------------------------
 
-V2_FILE_TABLES = """
+V4_SCHEMA = """
 CREATE TABLE files (
     source TEXT NOT NULL, path TEXT NOT NULL, signature TEXT NOT NULL,
     size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL,
@@ -345,11 +345,24 @@ CREATE TABLE file_chunks (
     source TEXT NOT NULL, path TEXT NOT NULL, hash_key TEXT NOT NULL,
     digest TEXT NOT NULL, chunks BLOB NOT NULL,
     PRIMARY KEY (source, path, hash_key)) WITHOUT ROWID;
+CREATE TABLE repos (
+    repo TEXT PRIMARY KEY, target TEXT NOT NULL, listed_at REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE chunks (
-    repo TEXT NOT NULL, id BLOB NOT NULL, pack BLOB, offset INTEGER, length INTEGER,
+    repo TEXT NOT NULL, id BLOB NOT NULL, pack BLOB, offset INTEGER, length INTEGER, confirmed INTEGER,
     PRIMARY KEY (repo, id)) WITHOUT ROWID;
+CREATE TABLE rpo (
+    source TEXT NOT NULL, target TEXT NOT NULL, pending_since REAL, last_snapshot REAL,
+    last_error TEXT, breached INTEGER NOT NULL, last_alert REAL, held TEXT,
+    PRIMARY KEY (source, target)) WITHOUT ROWID;
+CREATE TABLE spend (
+    target TEXT NOT NULL, day TEXT NOT NULL, bytes INTEGER NOT NULL, puts INTEGER NOT NULL,
+    gets INTEGER NOT NULL, PRIMARY KEY (target, day)) WITHOUT ROWID;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE published (
+    repo TEXT NOT NULL, source TEXT NOT NULL, snapshot TEXT NOT NULL, content TEXT NOT NULL,
+    published_at REAL NOT NULL, PRIMARY KEY (repo, source)) WITHOUT ROWID;
 """
-"""What a state store of schema version 2 held for files and chunks."""
+"""A state store of schema version 4, the last whose paths were TEXT."""
 
 
 def record(path: str, signature: str = "sig") -> FileRecord:
@@ -373,17 +386,22 @@ def test_the_state_store_keeps_names_as_their_exact_bytes(tmp_path: Path) -> Non
         state.close()
 
 
-def test_a_version_2_state_store_is_migrated_keeping_what_targets_hold(tmp_path: Path) -> None:
+def test_a_version_4_state_store_is_migrated_keeping_what_targets_hold(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as db, db:
-        db.executescript(V2_FILE_TABLES)
+        db.executescript(V4_SCHEMA)
         db.execute("INSERT INTO files VALUES ('s', 'old', 'sig', 1, 2, 420)")
-        db.execute("INSERT INTO chunks VALUES ('repo', x'01', NULL, NULL, NULL)")
-        db.execute("PRAGMA user_version=2")
+        db.execute("INSERT INTO chunks VALUES ('repo', x'01', NULL, NULL, NULL, 1)")
+        db.execute("INSERT INTO published VALUES ('repo', 's', 'snap', 'key', 1.0)")
+        db.execute("PRAGMA user_version=4")
     state = StateStore.open(tmp_path)
     try:
-        assert state.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert state.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert (
+            sorted(p.name for p in tmp_path.iterdir() if "corrupt" in p.name) == []
+        )  # migrated, not rebuilt
         assert state.count_files("s") == 0  # the file cache is rebuilt from the sources
         assert state.has_chunk("repo", "01")  # what a target holds is still known
+        assert state.get_published("repo", "s") == ("snap", "key")
         types = {row[1]: row[2] for row in state.db.execute("PRAGMA table_info(files)")}
         assert types["path"] == "BLOB"
         state.put_file("s", record(os.fsdecode(b"\xff")))
