@@ -26,6 +26,7 @@ import typer
 
 from replicator import __version__
 from replicator.errors import ConfigError, ReplicatorError
+from replicator.paths import display_path, one_line
 from replicator.progress import make_progress
 from replicator.units import format_duration, format_size
 
@@ -256,21 +257,22 @@ def sync(
                 line += f" ({format_size(r.bytes_read / r.seconds)}/s)"
             typer.echo(line)
             for name, why in sorted(r.held_back.items()):
-                typer.echo(f"  held back {name}: {why}")
+                typer.echo(f"  held back {display_path(name)}: {one_line(why)}")
             for path, why in sorted(r.skipped.items()):
-                typer.echo(f"  unreadable {path}: {why}")
+                typer.echo(f"  unreadable {display_path(path)}: {one_line(why)}")
             for path, why in sorted(r.ignored.items()):
-                typer.echo(f"  not replicated {path}: {why}")
+                typer.echo(f"  not replicated {display_path(path)}: {one_line(why)}")
             for t in r.targets:
                 u = t.uploads
                 for name, why in sorted(t.damaged.items()):
                     typer.echo(
-                        f"  -> {t.target}: DAMAGED on the primary: {name}: {why}; "
+                        f"  -> {t.target}: DAMAGED on the primary: {display_path(name)}: {one_line(why)}; "
                         "its last complete version stays published"
                     )
                 for name, why in sorted(t.carried.items()):
                     if name not in t.damaged:
-                        typer.echo(f"  -> {t.target}: kept from the previous snapshot: {name} ({why})")
+                        shown = f"{display_path(name)} ({one_line(why)})"
+                        typer.echo(f"  -> {t.target}: kept from the previous snapshot: {shown}")
                 if t.status == "failed":
                     typer.echo(f"  -> {t.target}: FAILED: {t.error}")
                     continue
@@ -390,7 +392,7 @@ def plan(
         spent, allowed = b.spent_today_usd, b.allowance_today_usd
         typer.echo(f"budget {b.scope} ({b.mode}): today ${spent:.4f} spent of ${allowed:.4f}")
     for path, why in sorted(result.skipped.items()):
-        typer.echo(f"  skipped {path}: {why}")
+        typer.echo(f"  skipped {display_path(path)}: {one_line(why)}")
 
 
 @app.command()
@@ -472,7 +474,7 @@ def snapshots(
         return
     for row in rows:
         mark = "*" if row["latest"] else " "
-        sets = f"  sets: {', '.join(row['sets'])}" if row["sets"] else ""
+        sets = f"  sets: {', '.join(map(display_path, row['sets']))}" if row["sets"] else ""
         typer.echo(
             f"{mark} {row['source']:<16} {row['snapshot']}  {row['files']:>6} files "
             f"{format_size(row['bytes']):>11}{sets}"
@@ -626,11 +628,11 @@ def restore(
     else:
         rate = f" ({format_size(res.bytes_per_second)}/s)" if res.bytes else ""
         typer.echo(
-            f"restored {res.files} files, {format_size(res.bytes)} from {source}/{sid} into {dest} "
+            f"restored {res.files} files, {format_size(res.bytes)} from {source}/{sid} into {one_line(dest)} "
             f"in {format_duration(res.seconds)}{rate} ({res.skipped_existing} already up to date)"
         )
         for path, why in sorted(res.failures.items()):
-            typer.echo(f"  FAILED {path}: {why}", err=True)
+            typer.echo(f"  FAILED {display_path(path)}: {one_line(why)}", err=True)
     if not res.ok:
         raise typer.Exit(1)
 
@@ -824,12 +826,12 @@ def verify(
                 f"{rep.chunks_read} read ({format_size(rep.bytes_read)}) in {format_duration(rep.seconds)}"
             )
             for p in rep.problems:
-                typer.echo(f"  BAD {p.key}: {p.message}")
+                typer.echo(f"  BAD {one_line(p.key)}: {one_line(p.message)}")
             if "repair" in row:
                 fixed = row["repair"]
                 typer.echo(f"  repaired {len(fixed.repaired)} of {len(rep.damaged)} damaged chunks")
                 for key, why in fixed.unrepaired.items():
-                    typer.echo(f"  NOT REPAIRED {key}: {why}")
+                    typer.echo(f"  NOT REPAIRED {one_line(key)}: {one_line(why)}")
             if "drill" in row:
                 _print_drill(row["drill"])
     if not all(_verified(row) and ("drill" not in row or row["drill"].ok) for row in rows):
@@ -883,13 +885,14 @@ def _print_drill(report: Any) -> None:
         )
         if s.newest_restorable_set is not None:
             age = format_duration(max(s.newest_restorable_set_age_seconds or 0, 0))
-            typer.echo(f"    newest restorable checkpoint set: {s.newest_restorable_set} (written {age} ago)")
+            shown = display_path(s.newest_restorable_set)
+            typer.echo(f"    newest restorable checkpoint set: {shown} (written {age} ago)")
         for path, why in sorted(s.digest_failures.items()):
-            typer.echo(f"    DIGEST FAILED {path}: {why}")
+            typer.echo(f"    DIGEST FAILED {display_path(path)}: {one_line(why)}")
         for path, why in sorted(s.format_failures.items()):
-            typer.echo(f"    FORMAT FAILED {path}: {why}")
+            typer.echo(f"    FORMAT FAILED {display_path(path)}: {one_line(why)}")
         for why in s.problems:
-            typer.echo(f"    FAILED: {why}")
+            typer.echo(f"    FAILED: {one_line(why)}")
 
 
 @app.command()

@@ -40,7 +40,7 @@ from replicator.errors import (
 from replicator.fanout import FAILING_GRACE, Admission, Uploader, UploadStats
 from replicator.hashing import HashSpec
 from replicator.log import get_logger
-from replicator.manifest import Manifest, PackedAt, SetInfo, format_time, now_utc
+from replicator.manifest import Manifest, PackedAt, SetInfo, format_time, manifest_json, now_utc
 from replicator.pipeline import ChunkPipeline, ChunkSink, EncodedChunk, FileRecord, Wanted
 from replicator.progress import NoProgress, ProgressSink
 from replicator.reconcile import describe, reconcile, set_name
@@ -175,8 +175,11 @@ class OpenTarget:
 
 def content_key(manifest: Manifest) -> str:
     """Digest of what a snapshot holds, ignoring when it was taken: equal keys = no-op."""
-    body = manifest.model_dump_json(include={"kind", "files"}) + json.dumps([s.name for s in manifest.sets])
-    return HashSpec("blake3").digest(body.encode()).hex()
+    body = (
+        manifest_json(manifest, include={"kind", "files"})
+        + json.dumps([s.name for s in manifest.sets]).encode()
+    )
+    return HashSpec("blake3").digest(body).hex()
 
 
 class Replicator:

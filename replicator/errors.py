@@ -9,6 +9,8 @@ like "not found": only a backend that positively answered "no such object" raise
 
 from __future__ import annotations
 
+from replicator.paths import one_line
+
 
 class ReplicatorError(Exception):
     """Base class. ``exit_code`` is what the CLI exits with when this error ends a command."""
@@ -36,7 +38,7 @@ class ReplicatorError(Exception):
         if self.operation:
             parts.append(self.operation)
         if self.key:
-            parts.append(self.key)
+            parts.append(one_line(self.key))  # a file's name may hold a newline or raw bytes
         head = " ".join(parts)
         text = f"{head}: {self.message}" if head else self.message
         if self.hint:

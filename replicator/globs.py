@@ -61,8 +61,10 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
     pattern = pattern.strip("/") if anchored else pattern.rstrip("/")
     body = _translate(pattern)
     prefix = "" if anchored else "(?:.*/)?"
-    # '(?:/.*)?' lets a pattern naming a directory select everything below it.
-    return re.compile(f"^{prefix}{body}(?:/.*)?$")
+    # '(?:/.*)?' lets a pattern naming a directory select everything below it. DOTALL and \Z:
+    # names may hold newlines, which '.' and '$' would otherwise treat as the end (issue 17:
+    # a name with a newline was silently left out by the default include '**').
+    return re.compile(f"^{prefix}{body}(?:/.*)?\\Z", re.DOTALL)
 
 
 class PathFilter:

@@ -1,7 +1,12 @@
 """Logging: structlog events, readable on a terminal and JSON otherwise, always on stderr.
 
 Event names are stable (``snapshot.published``, ``target.retry``...) so that alerting and log
-queries can rely on them. Secrets never reach the output: every event and every stdlib record
+queries can rely on them. An event is one line whatever names it carries (issue 17): a
+``path`` is shown as :func:`~replicator.paths.display_path` shows it, and on a terminal any
+other value holding a newline or another unprintable character is quoted the same way;
+bytes of names that are not UTF-8 never reach the stream as lone surrogates.
+
+Secrets never reach the output: every event and every stdlib record
 (botocore's DEBUG logging included) passes through :class:`Redactor`, which masks the
 configured secret values, AWS credentials in the environment, Authorization headers,
 presigned-URL signatures and credentials embedded in URLs.
@@ -20,6 +25,8 @@ import sys
 from collections.abc import Iterable, MutableMapping
 from types import ModuleType
 from typing import Any
+
+from replicator.paths import display_path
 
 _PATTERNS = [
     (re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)[^'\",}\n]+"), r"\1***"),
@@ -68,6 +75,34 @@ class Redactor:
 
 
 REDACTOR = Redactor()
+
+
+class LineSafe:
+    """Processor: every event stays one line and encodable (see the module docstring).
+
+    JSON escapes control characters itself, so there only ``path`` values and strs holding
+    lone surrogates (which no UTF-8 encoder or strict JSON parser takes) are rewritten.
+    Tracebacks (``exception``, ``stack``) keep their lines."""
+
+    def __init__(self, json_output: bool) -> None:
+        self.json_output = json_output
+
+    def __call__(
+        self, _logger: Any, _method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for k, v in event.items():
+            if not isinstance(v, str) or v.isprintable():
+                if k == "path" and isinstance(v, str):
+                    event[k] = display_path(v)
+                continue
+            if k in ("exception", "stack"):
+                event[k] = v.encode("utf-8", "backslashreplace").decode("utf-8")
+            elif k == "path" or not self.json_output or _SURROGATE.search(v):
+                event[k] = display_path(v)
+        return event
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 _threshold = logging.NOTSET
@@ -158,7 +193,12 @@ class _Formatter(logging.Formatter):
                 else structlog.dev.ConsoleRenderer(colors=self.colors)
             )
             self._formatter = structlog.stdlib.ProcessorFormatter(
-                processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, REDACTOR, renderer],
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    REDACTOR,
+                    LineSafe(self.json_output),
+                    renderer,
+                ],
                 foreign_pre_chain=[
                     structlog.stdlib.add_log_level,
                     structlog.stdlib.ExtraAdder(),

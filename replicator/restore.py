@@ -52,7 +52,7 @@ from replicator.hashing import HashSpec
 from replicator.log import get_logger
 from replicator.manifest import FileEntry, Manifest
 from replicator.memory import ByteBudget
-from replicator.paths import check_relative_path
+from replicator.paths import check_relative_path, decode_path, encode_path
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, snapshot_time
 
@@ -162,6 +162,11 @@ class Destination(Protocol):
 
     url: str
 
+    def cannot_hold(self, path: str) -> str | None:
+        """Why this destination cannot hold a file named ``path`` (a safe relative path), or
+        None if it can. Such a file fails alone, by name, before anything is fetched."""
+        ...
+
     async def is_current(self, entry: FileEntry) -> bool:
         """True if the destination already holds this entry's exact bytes."""
         ...
@@ -230,6 +235,9 @@ class LocalDestination:
     async def close(self) -> None:
         os.close(self.root_fd)
 
+    def cannot_hold(self, path: str) -> str | None:
+        return None  # POSIX takes any safe relative path: names are bytes, written as they are
+
     def _open_parent(self, path: str, create: bool) -> tuple[int, str]:
         """Return (fd of the parent directory, final name). The caller closes the fd."""
         check_relative_path(path)
@@ -291,7 +299,7 @@ class LocalDestination:
     def _create_temp(self, path: str) -> tuple[int, int, str]:
         """Create an empty temporary file next to ``path``: (dir fd, file fd, temp name)."""
         dir_fd, name = self._open_parent(path, create=True)
-        tmp = f".{name}.restore-{secrets.token_hex(6)}"
+        tmp = temporary_name(name, "restore")
         try:
             fd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
@@ -385,6 +393,15 @@ class _LocalFile:
             os.close(self.fd)
             os.close(self.dir_fd)
             self.fd = -1
+
+
+def temporary_name(name: str, tag: str) -> str:
+    """``.<name>.<tag>-<random>``, next to ``name``: hidden, recognisable, unique. The name is
+    cut (by bytes) so that the whole stays within 255 bytes: a 255-byte name is legal."""
+    suffix = f".{tag}-{secrets.token_hex(6)}"
+    room = 255 - 1 - len(suffix)
+    raw = encode_path(name)
+    return "." + (name if len(raw) <= room else decode_path(raw[:room])) + suffix
 
 
 def _sized(data: Buffer, chunk_id: str, size: int) -> Buffer:
@@ -522,6 +539,12 @@ async def restore_snapshot(
     queue: deque[FileEntry | list[FileEntry]] = deque()
     small: list[FileEntry] = []
     for f in files:
+        why = destination.cannot_hold(f.path)
+        if why is not None:
+            result.failures[f.path] = why
+            log.error("restore.unsupported_name", path=f.path, error=why)
+            progress.advance(f.size)
+            continue
         (small if len(f.chunks) <= 1 and f.size <= SMALL_FILE else queue).append(f)
     queue.extend(small[i : i + SMALL_BATCH] for i in range(0, len(small), SMALL_BATCH))
 

@@ -1,8 +1,11 @@
 """Restore into a bucket: each file becomes one plain object a training job can read directly.
 
 ``s3://bucket/prefix`` + the file's path is the key (the manifest path is already proven safe:
-relative, no ``..``, no backslash, no control character, so no key escapes the prefix even
-on servers that map keys to files). An object appears atomically: a small file is one PUT;
+relative, no ``.`` or ``..`` segment, no empty segment, so no key escapes the prefix on
+servers that map keys to POSIX files; a backslash is an ordinary character there, as in S3).
+A key is UTF-8 text of at most 1024 bytes: a file whose name is not valid UTF-8, or whose key
+would be longer, cannot be restored into a bucket and fails alone, by name
+(:meth:`S3Destination.cannot_hold`). An object appears atomically: a small file is one PUT;
 a larger one is a multipart upload whose parts are streamed as chunks arrive (memory per
 file is one part), and it becomes visible only when the upload is completed, after the
 whole file's digest was checked. A failed file's upload is aborted.
@@ -28,6 +31,7 @@ from replicator.codec import Buffer
 from replicator.config import S3Access
 from replicator.errors import NotFoundError, PermanentTargetError, TargetError, TransientTargetError
 from replicator.manifest import FileEntry
+from replicator.paths import encode_path
 from replicator.restore import FileWriter
 from replicator.s3 import S3Location
 from replicator.s3_errors import SDK_ERRORS, convert_error, http_status
@@ -44,6 +48,8 @@ DIGEST_META = "replicator-digest"
 MTIME_META = "replicator-mtime-ns"
 NAME = "destination"
 """How the destination is named in errors and logs."""
+MAX_KEY_BYTES = 1024
+"""S3's limit on the UTF-8 length of a key."""
 
 
 def part_size_for(size: int) -> int:
@@ -82,6 +88,17 @@ class S3Destination:
 
     def key(self, path: str) -> str:
         return self.location.prefix + path
+
+    def cannot_hold(self, path: str) -> str | None:
+        raw = encode_path(path)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "not valid UTF-8: an S3 key cannot hold this name (restore it to a directory)"
+        size = len(encode_path(self.location.prefix)) + len(raw)
+        if size > MAX_KEY_BYTES:
+            return f"a key of {size} bytes: S3 keys are at most {MAX_KEY_BYTES} bytes"
+        return None
 
     async def call(self, operation: str, key: str, request: Callable[[], Awaitable[T]]) -> T:
         """One S3 request, its errors converted and transient ones retried within the policy."""

@@ -3,7 +3,9 @@
 It is a cache that makes restarts cheap, never the source of truth about a target:
 
 * ``files``: per source file its signature, digests and chunk lists, so an unchanged file is
-  not read again;
+  not read again. Paths are BLOBs of the name's exact bytes: a name that is not UTF-8 is a
+  str with lone surrogates in memory (:mod:`replicator.paths`), which SQLite cannot bind as
+  TEXT;
 * ``chunks``: per repository (by its id, not the target name) the chunk ids known to be
   stored, and for chunks inside a pack object where they are, so deduplication needs no
   request per chunk. A repository this store has never seen is listed once in full (and its
@@ -33,12 +35,24 @@ from pathlib import Path
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.log import get_logger
 from replicator.manifest import PackedAt
+from replicator.paths import decode_path, encode_path
 from replicator.pipeline import FileRecord
 
 log = get_logger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+_FILE_TABLES = """
+CREATE TABLE IF NOT EXISTS files (
+    source TEXT NOT NULL, path BLOB NOT NULL, signature TEXT NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL,
+    PRIMARY KEY (source, path)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS file_chunks (
+    source TEXT NOT NULL, path BLOB NOT NULL, hash_key TEXT NOT NULL,
+    digest TEXT NOT NULL, chunks BLOB NOT NULL,
+    PRIMARY KEY (source, path, hash_key)) WITHOUT ROWID;
+"""
 _MIGRATIONS = {
+    # Version n -> n + 1, applied in turn.
     # 1 -> 2: pack locations (a packed chunk's row names its pack; loose chunks have NULLs).
     1: "ALTER TABLE chunks ADD COLUMN pack BLOB; ALTER TABLE chunks ADD COLUMN offset INTEGER; "
     "ALTER TABLE chunks ADD COLUMN length INTEGER;",
@@ -46,16 +60,13 @@ _MIGRATIONS = {
     2: "ALTER TABLE rpo ADD COLUMN held TEXT;",
     # 3 -> 4: which process last confirmed a chunk is stored (StateStore.unconfirmed).
     3: "ALTER TABLE chunks ADD COLUMN confirmed INTEGER;",
+    # 4 -> 5: paths as BLOBs of their exact bytes (issue 17). The file cache is rebuilt by
+    # reading the sources once more; what targets hold (chunks) is kept.
+    4: "DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS file_chunks;" + _FILE_TABLES,
 }
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    source TEXT NOT NULL, path TEXT NOT NULL, signature TEXT NOT NULL,
-    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL,
-    PRIMARY KEY (source, path)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS file_chunks (
-    source TEXT NOT NULL, path TEXT NOT NULL, hash_key TEXT NOT NULL,
-    digest TEXT NOT NULL, chunks BLOB NOT NULL,
-    PRIMARY KEY (source, path, hash_key)) WITHOUT ROWID;
+_SCHEMA = (
+    _FILE_TABLES
+    + """
 CREATE TABLE IF NOT EXISTS repos (
     repo TEXT PRIMARY KEY, target TEXT NOT NULL, listed_at REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks (
@@ -73,6 +84,7 @@ CREATE TABLE IF NOT EXISTS published (
     repo TEXT NOT NULL, source TEXT NOT NULL, snapshot TEXT NOT NULL, content TEXT NOT NULL,
     published_at REAL NOT NULL, PRIMARY KEY (repo, source)) WITHOUT ROWID;
 """
+)
 _SIZE = struct.Struct("<I")
 
 
@@ -259,12 +271,16 @@ class StateStore:
         if chunks:
             self._absent.clear()
         if files:
+            raw = [encode_path(r.path) for _, r in files]
             self._rows(
                 "INSERT OR REPLACE INTO files VALUES",
-                [(s, r.path, r.signature, r.size, r.mtime_ns, r.mode) for (s, _), r in files],
+                [
+                    (s, p, r.signature, r.size, r.mtime_ns, r.mode)
+                    for ((s, _), r), p in zip(files, raw, strict=True)
+                ],
             )
-            by_source: dict[str, list[str]] = {}
-            for source, path in (k for k, _ in files):
+            by_source: dict[str, list[bytes]] = {}
+            for ((source, _), _), path in zip(files, raw, strict=True):
                 by_source.setdefault(source, []).append(path)
             for source, paths in by_source.items():
                 # Not "(source, path) IN (VALUES ...)": SQLite scans the whole table for that
@@ -277,7 +293,11 @@ class StateStore:
                     )
             self._rows(
                 "INSERT INTO file_chunks VALUES",
-                [(s, r.path, k, r.digests[k], _pack(v)) for (s, _), r in files for k, v in r.chunks.items()],
+                [
+                    (s, p, k, r.digests[k], _pack(v))
+                    for ((s, _), r), p in zip(files, raw, strict=True)
+                    for k, v in r.chunks.items()
+                ],
             )
         for repo, ids in chunks.items():
             self._rows(
@@ -327,7 +347,7 @@ class StateStore:
             elif pending.signature == signature:
                 out[path] = pending
         for start in range(0, len(lookup), 500):
-            batch = lookup[start : start + 500]
+            batch = [encode_path(p) for p in lookup[start : start + 500]]
             rows = self.db.execute(
                 "SELECT f.path, f.signature, f.size, f.mtime_ns, f.mode, c.hash_key, c.digest, c.chunks "
                 "FROM files f JOIN file_chunks c ON c.source = f.source AND c.path = f.path "
@@ -335,7 +355,8 @@ class StateStore:
                 (source, *batch),
             )
             found: dict[str, tuple[tuple[int, int, int], dict[str, str], dict[str, ChunkList]]] = {}
-            for path, signature, size, mtime_ns, mode, key, digest, blob in rows:
+            for raw, signature, size, mtime_ns, mode, key, digest, blob in rows:
+                path = decode_path(raw)
                 if signature != signatures[path]:
                     continue
                 meta, digests, chunks = found.setdefault(path, ((size, mtime_ns, mode), {}, {}))
@@ -357,7 +378,9 @@ class StateStore:
         """Drop records of files no longer present in the source."""
         self._flush()
         gone = [
-            p for (p,) in self.db.execute("SELECT path FROM files WHERE source=?", (source,)) if p not in keep
+            raw
+            for (raw,) in self.db.execute("SELECT path FROM files WHERE source=?", (source,))
+            if decode_path(raw) not in keep
         ]
         for p in gone:
             self.db.execute("DELETE FROM files WHERE source=? AND path=?", (source, p))

@@ -9,7 +9,9 @@
 Events are hints, never the truth: the daemon re-stats every reported path, and a full
 rescan every ``rescan_interval`` (default 10 min) repairs anything dropped (inotify queue
 overflow, events during a restart). A watcher that fails asks for a full rescan and is
-restarted after a pause.
+restarted after a pause. watchfiles (1.x) cannot report a name that is not valid UTF-8: its
+watcher fails on the first such event (issue 17); that is treated the same way, with a
+short pause, so such a name costs a rescan, never the daemon.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ async def watch_posix(
 
     prefix = str(root).rstrip(os.sep) + os.sep
     while not stop.is_set():
+        pause = 10.0
         try:
             async for changes in awatch(
                 root,
@@ -50,11 +53,29 @@ async def watch_posix(
             ):
                 paths = {p[len(prefix) :].replace(os.sep, "/") for _, p in changes if p.startswith(prefix)}
                 on_change(paths if paths else None)
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, ExceptionGroup) as exc:
             # The root vanished (unmounted?) or the watcher died: fall back to rescans, retry later.
-            log.warning("watch.failed", root=str(root), error=str(exc))
+            # watchfiles runs its watcher in an anyio task group, which wraps its errors.
+            error = _watcher_error(exc)
+            if "decode path" in str(error):  # a name that is not UTF-8: nothing else is wrong
+                pause = 0.5
+            log.warning("watch.failed", root=str(root), error=str(error))
             on_change(None)
             try:
-                await asyncio.wait_for(stop.wait(), 10)
+                await asyncio.wait_for(stop.wait(), pause)
             except TimeoutError:
                 continue
+
+
+def _watcher_error(exc: BaseException) -> BaseException:
+    """The error inside (possibly nested) groups, if they hold only OSError or RuntimeError;
+    anything else is re-raised as it came."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    matched, rest = exc.split((OSError, RuntimeError))
+    if rest is not None or matched is None:
+        raise exc
+    inner: BaseException = matched
+    while isinstance(inner, BaseExceptionGroup):
+        inner = inner.exceptions[0]
+    return inner

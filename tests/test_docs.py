@@ -45,3 +45,16 @@ def test_every_metric_is_documented() -> None:
     names = {m.name for m in REGISTRY.collect() if m.name.startswith("replicator_")}
     missing = sorted(n for n in names if n not in doc and f"{n}_total" not in doc)
     assert not missing, f"undocumented metrics: {missing}"
+
+
+def test_the_format_document_describes_the_manifest_version_written() -> None:
+    from replicator.manifest import MANIFEST_VERSION, READABLE_VERSIONS
+
+    doc = (ROOT / "docs" / "FORMAT.md").read_text()
+    assert doc.splitlines()[0].endswith(f"manifest version {MANIFEST_VERSION})")
+    assert f'"version": {MANIFEST_VERSION},' in doc  # the example manifest
+    assert f"Manifest version {MANIFEST_VERSION} added" in doc  # the history
+    for field in ("path_b64", "name_b64"):  # names that are not UTF-8 (section 5.1)
+        assert f"`{field}`" in doc
+    reference = (ROOT / "tools" / "restore_reference.py").read_text()
+    assert f'm.get("version") not in {READABLE_VERSIONS}' in reference

@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import importlib.util
 import json
+import os
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from replicator import manifest as manifest_module
 from replicator.config import ChunkingConfig, CompressionConfig
 from replicator.errors import IntegrityError, RepositoryError, TargetError, UnsupportedFormatError
-from replicator.manifest import Manifest, encode_manifest, format_time, now_utc, parse_manifest
+from replicator.manifest import (
+    FileEntry,
+    Manifest,
+    SetInfo,
+    encode_manifest,
+    format_time,
+    manifest_json,
+    now_utc,
+    parse_manifest,
+)
 from replicator.repository import CONFIG_KEY, Repository, ref_key
 from replicator.targets import PosixTarget, TargetWrapper
 
@@ -60,8 +76,9 @@ def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
         ([entry("../etc/passwd")], "'..'"),
         ([entry("/etc/passwd")], "absolute"),
         ([entry("a/../../x")], "'..'"),
-        ([entry("a\\..\\x")], "backslash"),
-        ([entry("a\x00b")], "control"),
+        ([entry("a\x00b")], "NUL"),
+        ([entry("a/" + "x" * 256)], "longer than 255 bytes"),
+        ([entry("/".join(["x" * 200] * 21))], "4220 bytes long"),
         ([entry("./a")], "'.'"),
         ([entry("a//b")], "empty"),
         ([entry("")], "empty"),
@@ -195,3 +212,168 @@ def test_manifest_is_authenticated_by_its_id(tmp_path: Path) -> None:
     path.write_bytes(other)
     with pytest.raises(IntegrityError, match="digest"):
         asyncio.run(repo.load_manifest("s", sid))
+
+
+# -- version 3: any name POSIX allows (issue 17) -------------------------------------------------
+
+ODD = os.fsdecode(b"\xff\xfe.bin")
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def odd_entry(raw: bytes, shown: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        **entry(raw.decode("utf-8", "replace") if shown is None else shown),
+        "path_b64": b64(raw),
+        **extra,
+    }
+
+
+def stored_doc(m: Manifest) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(zstandard.ZstdDecompressor().decompress(encode_manifest(m)))
+    return doc
+
+
+def test_names_that_are_valid_utf8_are_plain_json_strings_even_with_control_characters() -> None:
+    names = ["new\nline", "tab\there", "back\\slash", "-rf", "caf\u00e9", "x" * 255, "\u00fd" * 127]
+    m = Manifest(
+        source="s", kind="dataset", created=format_time(now_utc()),
+        files=tuple(FileEntry(path=n, size=0, mode=0, mtime_ns=0, digest=ID, chunks=()) for n in names),
+    )  # fmt: skip
+    doc = stored_doc(m)
+    assert doc["version"] == 3
+    assert [f["path"] for f in doc["files"]] == names and not any("path_b64" in f for f in doc["files"])
+    assert parse_manifest(encode_manifest(m), where="x") == m
+
+
+def test_a_name_that_is_not_utf8_carries_its_bytes_in_base64() -> None:
+    sets = (SetInfo(name=os.fsdecode(b"step\xff"), files=1, bytes=0, newest_mtime_ns=0),)
+    files = (
+        FileEntry(path=ODD, size=0, mode=0, mtime_ns=0, digest=ID, chunks=()),
+        FileEntry(path=os.fsdecode(b"step\xff/m.bin"), size=0, mode=0, mtime_ns=0, digest=ID, chunks=()),
+        FileEntry(path="plain", size=0, mode=0, mtime_ns=0, digest=ID, chunks=()),
+    )
+    m = Manifest(source="s", kind="checkpoint", created=format_time(now_utc()), files=files, sets=sets)
+    doc = stored_doc(m)
+    assert doc["files"][0] == {**doc["files"][0], "path": "\ufffd\ufffd.bin", "path_b64": "//4uYmlu"}
+    assert list(doc["files"][0])[:2] == ["path", "path_b64"]
+    assert doc["files"][2]["path"] == "plain" and "path_b64" not in doc["files"][2]
+    assert doc["sets"][0]["name"] == "step\ufffd" and doc["sets"][0]["name_b64"] == b64(b"step\xff")
+    back = parse_manifest(encode_manifest(m), where="x")
+    assert back == m and back.files[0].path == ODD and back.files[0].path_b64 is None
+    assert os.fsencode(back.sets[0].name) == b"step\xff"
+
+
+def test_a_name_that_is_not_utf8_is_found_without_slowing_the_usual_manifest() -> None:
+    """encode_manifest's fast path (one pydantic call) must refuse such a name rather than
+    write it some other way: that refusal is how the per-entry path is chosen."""
+    m = Manifest.model_construct(
+        source="s", kind="dataset", created=format_time(now_utc()), sets=(), packed={},
+        files=(FileEntry.model_construct(path=ODD, size=0, mode=0, mtime_ns=0, digest=ID, chunks=()),),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="surrogates not allowed"):
+        m.model_dump_json()
+    assert b'"path_b64":"//4uYmlu"' in manifest_json(m)
+
+
+@pytest.mark.parametrize(
+    ("files", "needle"),
+    [
+        ([odd_entry(b"\xff", path_b64="not base64!")], "is not base64"),
+        ([odd_entry(b"\xff", path_b64="/w")], "is not base64"),  # no padding
+        ([odd_entry(b"\xff", path_b64="/x==")], "not canonical"),  # stray bits in the padding
+        ([odd_entry(b"plain")], "valid UTF-8"),  # one canonical form per name
+        ([odd_entry(b"../\xff")], "'..'"),  # the true name is what is checked
+        ([odd_entry(b"/etc/\xff")], "absolute"),
+        ([odd_entry(b"a\x00\xff")], "NUL"),
+        ([odd_entry(b"\xff" * 256)], "longer than 255 bytes"),
+        ([odd_entry(b"\xff", shown="innocent")], "display form"),
+        ([odd_entry(b"a\xff"), odd_entry(b"a\xff")], "duplicate"),
+        ([odd_entry(b"d\xff"), odd_entry(b"d\xff/f")], "both a file and a directory"),
+        ([{**entry("x"), "path_b64": 7}], "string"),
+    ],
+)
+def test_malformed_base64_names_are_refused(files: list[dict[str, Any]], needle: str) -> None:
+    with pytest.raises(RepositoryError) as info:
+        parse_manifest(manifest_bytes(files, version=3), where="snapshots/s/x")
+    assert needle in str(info.value) and "snapshots/s/x" in str(info.value)
+
+
+def test_display_forms_may_collide_while_true_names_differ() -> None:
+    files = [odd_entry(b"a\xff"), odd_entry(b"a\xfe"), entry("a\ufffd")]
+    m = parse_manifest(manifest_bytes(files, version=3), where="x")
+    assert [os.fsencode(f.path) for f in m.files] == [b"a\xff", b"a\xfe", "a\ufffd".encode()]
+
+
+def test_a_set_name_in_base64_is_checked_like_a_path() -> None:
+    sets = [{"name": "\ufffd", "name_b64": b64(b"\xff"), "files": 1, "bytes": 3, "newest_mtime_ns": 1}]
+    m = parse_manifest(manifest_bytes([entry("x")], version=3, sets=sets), where="x")
+    assert os.fsencode(m.sets[0].name) == b"\xff"
+    bad = [{**sets[0], "name": "\ufffd/x", "name_b64": b64(b"\xff/x")}]
+    with pytest.raises(RepositoryError, match="not a top-level name"):
+        parse_manifest(manifest_bytes([entry("x")], version=3, sets=bad), where="x")
+
+
+def test_version_2_manifests_are_still_read() -> None:
+    m = parse_manifest(
+        manifest_bytes([entry("step-1/a")], version=2, packed={ID: ["1" * 32, 0, 9]}), where="x"
+    )
+    assert m.version == 2 and m.files[0].path == "step-1/a"
+
+
+def test_a_reader_of_versions_1_and_2_refuses_version_3_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a release before issue 17 does with what this one writes (its version check,
+    which this build shares, with the versions it knew)."""
+    monkeypatch.setattr(manifest_module, "READABLE_VERSIONS", (1, 2))
+    stored = encode_manifest(Manifest(source="s", kind="dataset", created=format_time(now_utc()), files=()))
+    with pytest.raises(UnsupportedFormatError) as info:
+        parse_manifest(stored, where="snapshots/s/x")
+    assert str(info.value) == (
+        "snapshots/s/x: manifest version 3 is not supported (this build reads 1, 2) "
+        "(hint: upgrade replicator)"
+    )
+    assert info.value.exit_code == 2
+
+
+def load_reference_reader() -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "tools" / "restore_reference.py"
+    spec = importlib.util.spec_from_file_location("restore_reference", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REFERENCE = load_reference_reader()
+SEGMENT = st.binary(min_size=1, max_size=255).filter(
+    lambda b: b"\x00" not in b and b"/" not in b and b not in (b".", b"..")
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    st.lists(st.lists(SEGMENT, min_size=1, max_size=4), min_size=1, max_size=6, unique_by=lambda s: tuple(s))
+)
+def test_any_byte_name_round_trips_through_the_manifest_and_the_reference_reader(
+    trees: list[list[bytes]],
+) -> None:
+    """Arbitrary names (any bytes but NUL and '/', 1 to 255 per segment) come back exactly
+    from our encoding, through our parser and through the reference reader's decoding."""
+    names = [b"/".join(segments) for segments in trees]
+    if any(len(n) > 4096 for n in names):
+        return
+    prefixes = {b"/".join(s[:i]) for s in trees for i in range(1, len(s))}
+    names = [n for n in names if n not in prefixes]  # a file cannot also be a directory
+    files = tuple(
+        FileEntry(path=os.fsdecode(n), size=0, mode=0o644, mtime_ns=0, digest=ID, chunks=())
+        for n in sorted(set(names))
+    )
+    m = Manifest(source="s", kind="dataset", created=format_time(now_utc()), files=files)
+    stored = encode_manifest(m)
+    back = parse_manifest(stored, where="x")
+    assert back == m
+    assert [os.fsencode(f.path) for f in back.files] == sorted(set(names))
+    doc = json.loads(zstandard.ZstdDecompressor().decompress(stored))
+    assert [raw for raw, _ in REFERENCE.check_manifest(doc, "s")] == sorted(set(names))

@@ -81,3 +81,27 @@ def test_reference_reader_refuses_a_corrupt_chunk_and_a_forged_manifest(tmp_path
     res = run_reference_reader(target, "d", "latest", tmp_path / "out2", cwd=tmp_path)
     assert res.returncode == 1 and "does not match the digest in its id" in res.stderr
     assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
+def test_reference_reader_reads_versions_1_to_3_and_refuses_newer(tmp_path: Path, version: int) -> None:
+    from tests.test_format import new_repo
+    from tests.test_restore_safety import PAYLOAD, b64_entry, publish_raw
+
+    repo = tmp_path / "repo"
+    new_repo(repo)
+    files = [{"path": "plain/new\nline"}]
+    if version >= 3:
+        files.append(b64_entry(b"\xff\xfe.bin"))
+    publish_raw(repo, files, version=version)
+    res = run_reference_reader(repo, "src", "latest", tmp_path / "out", cwd=tmp_path)
+    if version == 4:
+        assert res.returncode == 1 and "manifest version 4 is not supported" in res.stderr
+        return
+    assert res.returncode == 0, res.stderr
+    out = os.fsencode(tmp_path / "out")
+    names = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    assert names == sorted([b"plain/new\nline", b"\xff\xfe.bin"][: len(files)])
+    for n in names:
+        with open(os.path.join(out, n), "rb") as f:
+            assert f.read() == PAYLOAD

@@ -4,6 +4,7 @@ written outside DEST, whether through `replicator restore`, the drill or the ref
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -24,7 +25,9 @@ PAYLOAD = b"attacker-controlled bytes\n"
 TOOLS = ["restore", "drill", "reference"]
 
 
-def publish_raw(repo_dir: Path, files: list[dict[str, Any]], ref: str | None = None) -> None:
+def publish_raw(
+    repo_dir: Path, files: list[dict[str, Any]], ref: str | None = None, version: int = 1
+) -> None:
     """Store a hand-crafted manifest of source ``src`` with a valid id, as an attacker with
     write access to the target could, and point the ref at it (or at ``ref``)."""
 
@@ -36,7 +39,7 @@ def publish_raw(repo_dir: Path, files: list[dict[str, Any]], ref: str | None = N
         created = datetime.now(UTC)
         doc = {
             "format": "replicator-snapshot",
-            "version": 1,
+            "version": version,
             "source": "src",
             "kind": "dataset",
             "created": created.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
@@ -101,16 +104,32 @@ def site(tmp_path: Path) -> tuple[Path, Path, Path]:
     return repo_dir, tmp_path / "dest", outside
 
 
-def malicious_paths(outside: Path) -> list[str]:
-    return [
+def b64_entry(raw: bytes) -> dict[str, str]:
+    return {"path": raw.decode("utf-8", "replace"), "path_b64": base64.b64encode(raw).decode()}
+
+
+def malicious_paths(outside: Path) -> list[dict[str, str]]:
+    plain = [
         "../outside/escape.txt",
         "a/../../outside/escape.txt",
         f"{outside}/absolute.txt",
-        "a\\..\\..\\outside\\escape.txt",
         "a/\x00/escape.txt",
         "./../outside/escape.txt",
         "a//escape.txt",
-        "a/\n/escape.txt",
+        "a/" + "x" * 256,
+    ]
+    in_base64 = [  # the bytes are the truth, and are checked as strictly
+        b"../outside/\xff",
+        b"a/../../outside/\xff",
+        os.fsencode(outside) + b"/\xff",
+        b"a/\x00/\xff",
+        b"\xff/./../escape",
+    ]
+    return [
+        *({"path": p} for p in plain),
+        *map(b64_entry, in_base64),
+        {"path": "innocent\ufffd", "path_b64": base64.b64encode(b"../outside/escape.txt").decode()},
+        {"path": "\ufffd", "path_b64": base64.b64encode(b"\xff").decode() + "=="},
     ]
 
 
@@ -120,7 +139,7 @@ def test_malicious_manifest_paths_are_refused_and_nothing_is_written(
 ) -> None:
     repo_dir, dest, outside = site
     for i, bad in enumerate(malicious_paths(outside)):
-        publish_raw(repo_dir, [{"path": "innocent.txt"}, {"path": bad}])
+        publish_raw(repo_dir, [{"path": "innocent.txt"}, bad], version=3)
         before = tree(tmp_path, skip=dest)
         code, err, _ = run(tool, repo_dir, dest, tmp_path)
         assert code == 1, f"{bad!r}: {err}"
@@ -163,3 +182,48 @@ def test_symlinks_and_hard_links_planted_in_dest_are_never_written_through(
         assert not p.is_symlink() and p.read_bytes() == PAYLOAD, name
     assert (root / "link").is_symlink() and not (outside / "escape.txt").exists()
     assert not list(root.rglob(".*restore-*")) and not list(root.rglob(".*.ref-*")), "temp files left"
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_names_posix_allows_are_restored_inside_dest_as_literal_names(
+    tmp_path: Path, site: tuple[Path, Path, Path], tool: str
+) -> None:
+    """Newlines, backslashes, leading dashes, bytes that are not UTF-8 and names that only
+    look like traversals are ordinary names on POSIX: each lands inside DEST, byte for byte,
+    and nothing is written anywhere else."""
+    repo_dir, dest, _outside = site
+    names = [
+        b"a\\..\\..\\outside\\escape.txt",  # a traversal on Windows, one name here
+        b"a/\n/escape.txt",
+        b"..\n",
+        b"...",
+        b" ..",
+        b"-rf",
+        b"tab\t/\r",
+        b"\xff\xfe.bin",
+        b"d\xe9j\xe0/..\xff",
+        b"x" * 255,
+    ]
+    publish_raw(
+        repo_dir,
+        [b64_entry(n) if not _utf8(n) else {"path": n.decode()} for n in names],
+        version=3,
+    )
+    before = tree(tmp_path, skip=dest)
+    code, err, root = run(tool, repo_dir, dest, tmp_path)
+    assert code == 0, err
+    assert tree(tmp_path, skip=dest) == before, "something was written outside DEST"
+    base = os.fsencode(root)
+    found = sorted(os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs)
+    assert found == sorted(names)
+    for n in names:
+        with open(base + b"/" + n, "rb") as f:
+            assert f.read() == PAYLOAD
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -9,12 +9,15 @@ proof that the format is open, and a way out should replicator ever be unavailab
 
 Like any reader it treats the repository as untrusted (FORMAT.md section 5): it refuses
 unsafe paths, never follows a symlink in DEST, checks every chunk and file against its hash,
-and makes each file appear only once complete (temporary name, then rename).
+and makes each file appear only once complete (temporary name, then rename). Names are
+handled as bytes throughout, so a name that is not UTF-8 (``path_b64``) is restored exactly.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import contextlib
 import json
 import os
@@ -114,14 +117,54 @@ def decode_chunk(stored: bytes) -> bytes:
     return bytes(out)
 
 
-def safe_path(path: object) -> str:
-    """Section 5: relative, '/'-separated, no empty/./.. segment, no backslash or control char."""
-    if not isinstance(path, str) or not path or path.startswith("/"):
-        raise Refused(f"unsafe path {path!r}")
-    if "\\" in path or any(ord(c) < 0x20 or c == "\x7f" for c in path):
-        raise Refused(f"unsafe path {path!r}")
-    if any(seg in ("", ".", "..") for seg in path.split("/")):
-        raise Refused(f"unsafe path {path!r}")
+def shown(raw: bytes) -> str:
+    """A name for a one-line message: as it is if printable UTF-8, else Python's bytes repr."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return repr(raw)
+    return text if text.isprintable() and "\\" not in text else repr(raw)
+
+
+def name_bytes(entry: dict[str, Any], key: str) -> bytes:
+    """Section 5: the exact bytes of a name: ``<key>_b64`` when present (after checking that it
+    is canonical base64 of bytes that are not valid UTF-8 and that ``<key>`` is their display
+    form), else ``<key>`` encoded as UTF-8."""
+    text, b64 = entry.get(key), entry.get(f"{key}_b64")
+    if not isinstance(text, str):
+        raise Refused(f"{key} is not a string: {text!r}")
+    if b64 is None:
+        return text.encode("utf-8")
+    if not isinstance(b64, str):
+        raise Refused(f"{key}_b64 is not a string: {b64!r}")
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise Refused(f"{key}_b64 {b64!r} is not base64") from None
+    if base64.b64encode(raw).decode("ascii") != b64:
+        raise Refused(f"{key}_b64 {b64!r} is not canonical base64")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        raise Refused(f"{key}_b64 {b64!r} is valid UTF-8: it must not be there")
+    if raw.decode("utf-8", "replace") != text:
+        raise Refused(f"{key} {text!r} is not the display form of {key}_b64")
+    return raw
+
+
+def safe_path(path: bytes) -> bytes:
+    """Section 5: relative, '/'-separated, not empty, no NUL, no empty/./.. segment, segments
+    of at most 255 bytes, at most 4096 bytes in all."""
+    segments = path.split(b"/")
+    if (
+        not path
+        or len(path) > 4096
+        or b"\x00" in path
+        or any(seg in (b"", b".", b"..") or len(seg) > 255 for seg in segments)
+    ):
+        raise Refused(f"unsafe path {shown(path)}")
     return path
 
 
@@ -148,19 +191,21 @@ def check_packed(m: dict[str, Any]) -> dict[str, list[Any]]:
     return packed
 
 
-def check_manifest(m: Any, source: str) -> list[dict[str, Any]]:
-    """Section 5: validate every field a restore acts on; return the file entries."""
+def check_manifest(m: Any, source: str) -> list[tuple[bytes, dict[str, Any]]]:
+    """Section 5: validate every field a restore acts on; return (name bytes, entry) per file."""
     if not isinstance(m, dict) or m.get("format") != "replicator-snapshot":
         raise Refused("not a snapshot manifest")
-    if m.get("version") not in (1, 2):
+    if m.get("version") not in (1, 2, 3):
         raise Refused(f"manifest version {m.get('version')!r} is not supported")
     if m.get("source") != source or not isinstance(m.get("files"), list):
         raise Refused("manifest belongs to another source or has no file list")
-    paths: set[str] = set()
+    paths: set[bytes] = set()
+    out = []
     for f in m["files"]:
         if not isinstance(f, dict):
             raise Refused("file entry is not an object")
-        path = safe_path(f.get("path"))
+        raw = safe_path(name_bytes(f, "path"))
+        path = shown(raw)
         chunks = f.get("chunks")
         if not (
             is_int(f.get("size"), 0)
@@ -178,19 +223,20 @@ def check_manifest(m: Any, source: str) -> list[dict[str, Any]]:
                 raise Refused(f"{path}: malformed chunk length")
         if sum(c[1] for c in chunks) != f["size"]:
             raise Refused(f"{path}: chunk lengths do not add up to the size")
-        if path in paths:
+        if raw in paths:
             raise Refused(f"{path}: listed twice")
-        paths.add(path)
-    for path in paths:  # no path may be a directory prefix of another
-        parts = path.split("/")
-        if any("/".join(parts[:i]) in paths for i in range(1, len(parts))):
-            raise Refused(f"{path}: a parent of it is also a file")
-    return list(m["files"])
+        paths.add(raw)
+        out.append((raw, f))
+    for raw in paths:  # no path may be a directory prefix of another
+        parts = raw.split(b"/")
+        if any(b"/".join(parts[:i]) in paths for i in range(1, len(parts))):
+            raise Refused(f"{shown(raw)}: a parent of it is also a file")
+    return out
 
 
-def open_parent(root_fd: int, path: str) -> tuple[int, str]:
+def open_parent(root_fd: int, path: bytes) -> tuple[int, bytes]:
     """Open (creating) the directories of ``path`` below ``root_fd``, refusing symlinks."""
-    *dirs, name = path.split("/")
+    *dirs, name = path.split(b"/")
     fd = os.dup(root_fd)
     try:
         for d in dirs:
@@ -231,12 +277,12 @@ def restore(repo: Path, source: str, snapshot: str, dest: Path) -> int:
     root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     failed = 0
     try:
-        for f in files:
+        for raw, f in files:
             try:
-                restore_file(repo, root_fd, f, packed, new_hash)
+                restore_file(repo, root_fd, raw, f, packed, new_hash)
             except (Refused, OSError) as exc:
                 failed += 1
-                print(f"FAILED {f['path']}: {exc}", file=sys.stderr)
+                print(f"FAILED {shown(raw)}: {exc}", file=sys.stderr)
     finally:
         os.close(root_fd)
     print(f"restored {len(files) - failed} of {len(files)} files of {source}/{snapshot}")
@@ -255,10 +301,16 @@ def read_chunk(repo: Path, cid: str, packed: dict[str, list[Any]]) -> tuple[byte
 
 
 def restore_file(
-    repo: Path, root_fd: int, f: dict[str, Any], packed: dict[str, list[Any]], new_hash: Callable[[], Any]
+    repo: Path,
+    root_fd: int,
+    path: bytes,
+    f: dict[str, Any],
+    packed: dict[str, list[Any]],
+    new_hash: Callable[[], Any],
 ) -> None:
-    dir_fd, name = open_parent(root_fd, f["path"])
-    tmp = f".{name}.ref-{secrets.token_hex(6)}"
+    dir_fd, name = open_parent(root_fd, path)
+    suffix = f".ref-{secrets.token_hex(6)}".encode()
+    tmp = b"." + name[: 254 - len(suffix)] + suffix  # a temporary name of at most 255 bytes
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
         try:

@@ -1,18 +1,24 @@
 """A source directory on a POSIX filesystem.
 
 Symbolic links are skipped (with a warning): following them could leave the source tree, and
-restoring them would be an attack surface. Signatures combine size, mtime_ns, ctime_ns and the
-inode number, so a file replaced by rename (the usual atomic-write idiom) is seen as changed
-even when size and mtime happen to match.
+restoring them would be an attack surface. Any name POSIX allows is taken (bytes that are not
+UTF-8, newlines, backslashes; paths are surrogateescape strs, see :mod:`replicator.paths`); a
+path no manifest may hold (over 4096 bytes) is in the listing's ``unreadable``, so that sync
+reports it in ``skipped``.
+
+Signatures combine size, mtime_ns, ctime_ns and the inode number, so a file replaced by rename
+(the usual atomic-write idiom) is seen as changed even when size and mtime happen to match.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import io
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from replicator.errors import FileChangedError, SourceError
@@ -53,7 +59,7 @@ class PosixSource:
         def scan() -> Listing:
             full = self.root / path
             try:
-                info = os.lstat(full)
+                info = _lstat(os.path.join(self.url, path))
             except FileNotFoundError:
                 return Listing()
             except OSError as exc:
@@ -77,9 +83,9 @@ class PosixSource:
         if not self.filter(rel):
             return
         try:
-            check_relative_path(rel)  # a name no manifest may hold (control characters, backslash)
+            check_relative_path(rel)  # a name no manifest may hold (a path over 4096 bytes)
         except ValueError as exc:
-            listing.ignored[rel] = str(exc)
+            listing.unreadable[rel] = str(exc)  # in sync's skipped: never left out in silence
             log.warning("source.skipped", source=self.name, path=rel, reason=str(exc))
             return
         if not stat.S_ISREG(st.st_mode):
@@ -112,7 +118,7 @@ class PosixSource:
             for fn in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
                 rel = fn if rel_dir == "." else f"{rel_dir}/{fn}".replace(os.sep, "/")
                 try:
-                    st = os.lstat(os.path.join(dirpath, fn))
+                    st = _lstat(os.path.join(dirpath, fn))
                 except FileNotFoundError:
                     continue
                 except OSError as exc:
@@ -128,7 +134,7 @@ class PosixSource:
     async def stat(self, path: str) -> SourceFile | None:
         def st() -> SourceFile | None:
             try:
-                info = os.lstat(self.root / path)
+                info = _lstat(os.path.join(self.url, path))
             except FileNotFoundError:
                 return None
             if not stat.S_ISREG(info.st_mode) or not self.filter(path):
@@ -142,7 +148,7 @@ class PosixSource:
     def open(self, file: SourceFile) -> io.FileIO:
         path = os.path.join(self.url, file.path)  # str, not Path: this runs once per file
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = _open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise FileChangedError(
                 "file disappeared before it could be read", operation="read", key=file.path
@@ -159,7 +165,7 @@ class PosixSource:
         assert isinstance(handle, io.FileIO), "handles come from PosixSource.open"
         after = os.fstat(handle.fileno())
         try:
-            current = os.lstat(os.path.join(self.url, file.path))
+            current = _lstat(os.path.join(self.url, file.path))
         except FileNotFoundError:
             current = None
         # The open descriptor proves the bytes are unchanged; the path check proves the file we
@@ -173,3 +179,45 @@ class PosixSource:
 
     async def close(self) -> None:
         return None
+
+
+# A path of up to 4096 bytes below the root can be longer than PATH_MAX once joined to it:
+# then the call is made relative to the parent directory's descriptor (only then: the usual
+# path costs nothing more).
+
+
+def _lstat(path: str) -> os.stat_result:
+    try:
+        return os.lstat(path)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    with _parent(path) as (dir_fd, name):
+        return os.lstat(name, dir_fd=dir_fd)
+
+
+def _open(path: str, flags: int) -> int:
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    with _parent(path) as (dir_fd, name):
+        return os.open(name, flags, dir_fd=dir_fd)
+
+
+@contextlib.contextmanager
+def _parent(path: str) -> Iterator[tuple[int, str]]:
+    """The open parent directory of ``path``, reached one component at a time (resolving them
+    as the kernel would for the whole path), and the final name."""
+    parent, name = os.path.split(path)
+    fd = os.open("/" if path.startswith("/") else ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parent.split("/"):
+            if part:
+                next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+                os.close(fd)
+                fd = next_fd
+        yield fd, name
+    finally:
+        os.close(fd)

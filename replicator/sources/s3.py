@@ -6,8 +6,11 @@ listing diff finds every change (the daemon polls the listing). Reads stream the
 read, S3 answers 412 and the read is retried later, never recorded torn. S3 itself serves a
 GET from one version, so a read that completes is consistent.
 
-Keys that cannot be safe relative paths (``..``, ``//``, backslashes, control characters) are
-skipped with a warning; "directory marker" objects (keys ending in ``/``) are ignored.
+Keys are UTF-8 and may hold newlines, tabs and backslashes, which are kept as they are. Keys
+that cannot be safe relative paths (``..`` or ``.`` segments, ``//``, a segment over 255
+bytes) are skipped with a warning and named in the listing's ``unreadable`` (sync's
+``skipped``: a name is never left out in silence); "directory marker" objects (keys ending
+in ``/``) are ignored.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class S3Source:
         except ValueError as exc:
             log.warning("source.skipped", source=self.name, path=rel, reason=str(exc))
             if listing is not None:
-                listing.ignored[rel] = str(exc)
+                listing.unreadable[rel] = str(exc)  # in sync's skipped: never left out in silence
             return None
         etag = str(obj["ETag"]).strip('"')
         mtime_ns = int(obj["LastModified"].timestamp() * 1_000_000_000)
