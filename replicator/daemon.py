@@ -524,7 +524,7 @@ class Daemon:
         self.config_path = config_path
         self.fingerprint = status.config_fingerprint(config)
         self.monitor: RpoMonitor | None = None
-        self.rep = Replicator(config, fail_fast=False)
+        self.rep = Replicator(config, interactive=False)
         self.stopping = asyncio.Event()
         self.sources_done = asyncio.Event()
         """Set once stopping and every source worker has finished: no candidate can follow."""

@@ -185,21 +185,23 @@ def content_key(manifest: Manifest) -> str:
 class Replicator:
     """Targets, repositories, upload queues, sources, pipeline and state for one process.
 
-    ``fail_fast``: one-shot commands give a failing target up for the rest of the run; the
-    daemon keeps it and lets its publisher recover it."""
+    ``interactive``: a one-shot command, whose requests give up after
+    ``retry.command_give_up_after`` and whose targets count as failed after that long; else
+    the daemon, whose targets turn unhealthy after FAILING_GRACE of failures and are probed
+    and caught up by their publishers."""
 
     def __init__(
         self,
         config: Config,
         *,
         targets: Sequence[str] | None = None,
-        fail_fast: bool = True,
+        interactive: bool = True,
         clock: Clock = utc_now,
     ) -> None:
         self.config = config
         self.clock = clock
         self.target_configs = [config.target(n) for n in targets] if targets else list(config.targets)
-        self.fail_fast = fail_fast
+        self.interactive = interactive
         self.open_targets: list[OpenTarget] = []
         self.target_errors: dict[str, ReplicatorError] = {}
         self.opening: dict[str, asyncio.Task[OpenTarget | None]] = {}
@@ -302,14 +304,14 @@ class Replicator:
                 self.state,
                 cfg.concurrency,
                 admit=self._admission(cfg.name),
-                failing_grace=cfg.retry.command_give_up_after if self.fail_fast else FAILING_GRACE,
+                failing_grace=cfg.retry.command_give_up_after if self.interactive else FAILING_GRACE,
             )
             await uploader.start(relist=self.recovered_from_crash)
         except BaseException:
             await target.close()
             raise
         retrying = unwrap(target, RetryingTarget)
-        if retrying is not None and not self.fail_fast:
+        if retrying is not None and not self.interactive:
             retrying.policy = retry_policy(cfg, interactive=False)
         self._stack.push_async_callback(target.close)
         self._stack.push_async_callback(uploader.close)
@@ -555,7 +557,9 @@ class Replicator:
             await t.uploader.confirm(ids)  # never name a chunk the target lost behind our back
             stored = t.uploader.stored(ids)
             if len(stored) < len(ids):
-                if t.uploader.error is not None and self.fail_fast:
+                if t.uploader.error is not None:
+                    # Failing: report it. The daemon's publisher catches up once a probe says
+                    # the target answers again (re-reading now would only fail again).
                     raise t.uploader.error
                 changed = await self._catch_up(t, cfg, candidate)
                 if changed is not None:
@@ -667,7 +671,6 @@ class Replicator:
         spec = t.repo.hash
         source = self.source(cfg)
         priority = cfg.effective_priority
-        t.uploader.mark_healthy()  # the caller decided to try; a failure marks it again
         bucket = self._catch_up_bandwidth
 
         async def offer(chunk: EncodedChunk) -> None:

@@ -366,3 +366,35 @@ def test_one_shot_commands_give_up_on_a_dead_target_with_exit_3(
         res = cli(*args, *repo)
         assert res.returncode == 3, (args, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1 and "could not be reached" not in res.stdout
+
+
+def test_catch_up_for_a_returning_target_never_delays_the_current_one(
+    tmp_path: Path, rclone: RcloneServer, fault_proxy: ProxyFactory
+) -> None:
+    """While S3 was away, 48 MiB of checkpoints were written; it returns and catches up at a
+    paced 4 MiB/s. A new checkpoint written meanwhile reaches the current target (nfs) long
+    before that catch-up is over: fresh work first."""
+    proxy = fault_proxy(rclone)
+    primary, nfs, s3, data = _two_targets(tmp_path, proxy, rclone)
+    data["catch_up_bandwidth"] = "4MiB/s"
+    cfg = write_config(tmp_path / "r.yaml", data)
+    direct = _direct(s3, rclone)
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log")
+    try:
+        make_checkpoint(primary, 1)
+        wait_until(lambda: set_names(latest_manifest(direct, "ckpt")) == ["step-000001"], what="s3, first")
+        proxy.set_mode("refuse")
+        for step in (2, 3, 4):
+            make_checkpoint(primary, step, hidden=1024)  # 16 MiB each
+        wait_until(lambda: len(set_names(latest_manifest(nfs, "ckpt"))) == 4, timeout=60, what="nfs")
+        wait_until(lambda: "target.unhealthy" in daemon.log_text(), what="s3's uploads dropped")
+        proxy.set_mode("pass")
+        wait_until(lambda: "target.healthy" in daemon.log_text(), what="s3 answers again")
+        make_checkpoint(primary, 5)  # fresh work, during the catch-up
+        wait_until(lambda: "step-000005" in set_names(latest_manifest(nfs, "ckpt")), timeout=60, what="nfs")
+        assert len(set_names(latest_manifest(direct, "ckpt"))) < 4, "the catch-up was not under way"
+        wait_until(
+            lambda: len(set_names(latest_manifest(direct, "ckpt"))) == 5, timeout=120, what="s3 catches up"
+        )
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
