@@ -17,7 +17,14 @@ import statistics
 import time
 from collections.abc import Callable
 
-from replicator.manifest import FileEntry, Manifest, encode_manifest, format_time, now_utc, parse_manifest
+from replicator.format.manifest import (
+    FileEntry,
+    Manifest,
+    encode_manifest,
+    format_time,
+    now_utc,
+    parse_manifest,
+)
 
 
 def build(files: int, odd: int) -> Manifest:

@@ -553,8 +553,8 @@ def restore(
     Nothing is written outside DEST: manifest paths are untrusted and symlinks in DEST are never
     followed. Prints the measured throughput."""
     from replicator.repository import Repository
-    from replicator.restore import Destination, restore_snapshot, snapshot_at
-    from replicator.s3 import is_s3_url, parse_s3_url
+    from replicator.restore.core import Destination, restore_snapshot, snapshot_at
+    from replicator.s3.settings import is_s3_url, parse_s3_url
     from replicator.targets import open_target
     from replicator.units import parse_time_point
 
@@ -598,7 +598,7 @@ def restore(
                 sid = await r.resolve(source, snapshot)
             manifest = await r.load_manifest(source, sid)
             if location is not None:
-                from replicator.restore_s3 import S3Destination
+                from replicator.restore.s3 import S3Destination
                 from replicator.targets import RetryPolicy
 
                 retry = tcfg.retry
@@ -732,7 +732,7 @@ def verify(
     from replicator.repository import Repository
     from replicator.state import StateLockedError, StateStore
     from replicator.targets import open_target
-    from replicator.verify import verify_repository
+    from replicator.verify.check import verify_repository
 
     fraction = _parse_pct(read_data)
     if (scratch is not None or load_torch) and not restore_drill:
@@ -777,12 +777,12 @@ def verify(
                     )
                     row: dict[str, Any] = {"verify": rep}
                     if repair and rep.damaged:
-                        from replicator.repair import repair_chunks
+                        from replicator.verify.repair import repair_chunks
 
                         assert config is not None
                         row["repair"] = await repair_chunks(r, config, rep.damaged, state)
                     if restore_drill:
-                        from replicator.drill import run_drill  # format checks load numpy
+                        from replicator.verify.drill import run_drill  # format checks load numpy
 
                         row["drill"] = await run_drill(
                             r,

@@ -259,6 +259,13 @@ class TargetConfig(S3Access):
     budget: BudgetConfig | None = None
     max_bandwidth: Annotated[int, BeforeValidator(parse_rate)] | None = None
     """Upload cap in bytes per second (``200MiB/s``), a token bucket independent of money."""
+    confirm_window: Duration = 0.0
+    """The local state's claims that a chunk is stored are trusted by a new process (a
+    ``sync``) when confirmed (by an upload or a listing) within this long; older ones are
+    checked against the target before a snapshot names them (a HEAD each, or a listing).
+    0: every process checks what it relies on. A repository of millions of chunks synced
+    every few minutes may want e.g. ``1h``: a chunk deleted behind replicator's back is then
+    noticed within that long (docs/RELIABILITY.md)."""
     relist_interval: Duration = 86400.0
     """``replicator run`` lists the repository's chunks again this often, so that a chunk
     removed behind its back (lifecycle rules, a person) is noticed and sent again even when no

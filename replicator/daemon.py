@@ -62,10 +62,10 @@ from replicator.errors import (
 from replicator.http import HttpEndpoint
 from replicator.repository import CONFIG_KEY
 from replicator.rpo import LagTracker, RpoMonitor
-from replicator.s3 import is_s3_url
+from replicator.s3.settings import is_s3_url
 from replicator.sources import SourceFile
+from replicator.sources.watch import watch_posix
 from replicator.targets import RetryPolicy, TargetHealth, backend_of
-from replicator.watch import watch_posix
 
 log = logging_setup.get_logger(__name__)
 

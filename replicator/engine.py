@@ -38,11 +38,11 @@ from replicator.errors import (
     TargetUnreachableError,
 )
 from replicator.fanout import FAILING_GRACE, Admission, Uploader, UploadStats
+from replicator.format.manifest import Manifest, PackedAt, SetInfo, format_time, manifest_json, now_utc
 from replicator.hashing import HashSpec
 from replicator.log import get_logger
-from replicator.manifest import Manifest, PackedAt, SetInfo, format_time, manifest_json, now_utc
-from replicator.pipeline import ChunkPipeline, ChunkSink, EncodedChunk, FileRecord, Wanted
 from replicator.progress import NoProgress, ProgressSink
+from replicator.read.pipeline import ChunkPipeline, ChunkSink, EncodedChunk, FileRecord, Wanted
 from replicator.reconcile import describe, reconcile, set_name
 from replicator.repository import Repository
 from replicator.sources import Listing, Source, SourceFile, open_source
@@ -305,6 +305,7 @@ class Replicator:
                 cfg.concurrency,
                 admit=self._admission(cfg.name),
                 failing_grace=cfg.retry.command_give_up_after if self.interactive else FAILING_GRACE,
+                confirm_window=cfg.confirm_window,
             )
             await uploader.start(relist=self.recovered_from_crash)
         except BaseException:

@@ -39,10 +39,10 @@ from replicator import metrics
 from replicator.budget import PRIORITY, BudgetExceededError
 from replicator.config import ChunkingConfig, Priority
 from replicator.errors import ReplicatorError, TargetError
+from replicator.format.manifest import PackedAt
 from replicator.log import get_logger
-from replicator.manifest import PackedAt
 from replicator.memory import Lease
-from replicator.pipeline import EncodedChunk
+from replicator.read.pipeline import EncodedChunk
 from replicator.repository import Repository, chunk_key, pack_key
 from replicator.state import StateStore
 from replicator.targets import RetryingTarget, TargetHealth, unwrap
@@ -115,6 +115,7 @@ class Uploader:
         admit: Admission | None = None,
         stall_timeout: float = 10.0,
         failing_grace: float = FAILING_GRACE,
+        confirm_window: float = 0.0,
     ) -> None:
         self.name = name
         self.repo = repo
@@ -125,6 +126,7 @@ class Uploader:
         """The budget's say (replicator.budget); None: no budget."""
         self.stall_timeout = stall_timeout
         self.failing_grace = failing_grace
+        self.confirm_window = confirm_window
         self.stats = UploadStats()
         self.error: TargetError | None = None
         """Why the target is unhealthy; None while it is healthy."""
@@ -188,13 +190,13 @@ class Uploader:
         names them; return the ids found missing (forgotten, so that the caller sends them
         again).
 
-        A claim holds when this process uploaded the chunk or saw it in a listing. Claims
-        inherited from an earlier process (or from before a target was changed behind our
-        back) are checked: by a HEAD of each object (a pack once for all its chunks) when
-        few, else by relisting the repository, whichever takes fewer requests (a listing
-        page names 1,000 objects)."""
+        A claim holds when this process uploaded the chunk or saw it in a listing (or anyone
+        did within ``confirm_window``). Claims inherited from an earlier process are checked:
+        by a HEAD of each object (a pack once for all its chunks) when few, else by relisting
+        the repository, whichever takes fewer requests (a listing page names 1,000 objects)."""
         repo_id = self.repo.config.id
-        stale = self.state.unconfirmed(repo_id, chunk_ids)
+        since = min(self.state.started, time.time() - self.confirm_window)
+        stale = self.state.unconfirmed(repo_id, chunk_ids, since)
         if not stale:
             return []
         loose = [c for c, at in stale.items() if at is None]

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from replicator.config import SourceConfig
+from replicator.format.manifest import SetInfo
 from replicator.globs import compile_glob
-from replicator.manifest import SetInfo
 from replicator.sources.base import SourceFile
 
 PRESTAGE_QUIET_NS = 2_000_000_000

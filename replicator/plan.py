@@ -23,10 +23,10 @@ from replicator.config import ChunkingConfig, Config, SourceConfig
 from replicator.engine import Candidate, content_key
 from replicator.errors import FileChangedError, SourceError
 from replicator.fanout import PACK_SIZE, pack_below
+from replicator.format.manifest import encode_manifest, format_time, now_utc
 from replicator.hashing import HashSpec
-from replicator.manifest import encode_manifest, format_time, now_utc
-from replicator.pipeline import ChunkPipeline, EncodedChunk, FileRecord
 from replicator.progress import NoProgress, ProgressSink
+from replicator.read.pipeline import ChunkPipeline, EncodedChunk, FileRecord
 from replicator.repository import Repository, RepositoryNotFoundError
 from replicator.sources import open_source
 from replicator.state import StateStore

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from replicator.manifest import FileEntry, Manifest, PackedAt, SetInfo
+from replicator.format.manifest import FileEntry, Manifest, PackedAt, SetInfo
 
 
 def set_name(path: str) -> str | None:

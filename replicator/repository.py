@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from replicator import __version__
-from replicator.codec import Buffer, decode
 from replicator.config import NAME_RE, ChunkingConfig, CompressionConfig
 from replicator.errors import (
     AlreadyExistsError,
@@ -34,8 +33,16 @@ from replicator.errors import (
     RepositoryError,
     UnsupportedFormatError,
 )
+from replicator.format.chunks import Buffer, decode
+from replicator.format.manifest import (
+    Manifest,
+    PackedAt,
+    encode_manifest,
+    format_time,
+    now_utc,
+    parse_manifest,
+)
 from replicator.hashing import HashSpec
-from replicator.manifest import Manifest, PackedAt, encode_manifest, format_time, now_utc, parse_manifest
 from replicator.targets.base import Target
 
 FORMAT_VERSION = 1

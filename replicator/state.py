@@ -9,11 +9,11 @@ It is a cache that makes restarts cheap, never the source of truth about a targe
 * ``chunks``: per repository (by its id, not the target name) the chunk ids known to be
   stored, and for chunks inside a pack object where they are, so deduplication needs no
   request per chunk. A repository this store has never seen is listed once in full (and its
-  latest manifests read, for pack locations) before it is trusted. Each row also says which
-  process last *confirmed* the chunk (uploaded it, or saw it in a listing): a publish relies
-  only on claims this process confirmed, and confirms the others first
-  (:meth:`replicator.fanout.Uploader.confirm`), so a chunk removed from a target behind our
-  back is sent again before any snapshot names it;
+  latest manifests read, for pack locations) before it is trusted. Each row also says when
+  the chunk was last *confirmed* (uploaded, or seen in a listing): a publish relies only on
+  claims confirmed by this process (or within the target's ``confirm_window``), and confirms
+  the others first (:meth:`replicator.fanout.Uploader.confirm`), so a chunk removed from a
+  target behind our back is sent again before any snapshot names it;
 * ``published``: the last snapshot written per repository and source, to skip no-op snapshots.
 
 If the file is lost or corrupt it is set aside and rebuilt from the targets and sources.
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replicator.errors import ConfigError, ReplicatorError
+from replicator.format.manifest import PackedAt
 from replicator.log import get_logger
-from replicator.manifest import PackedAt
 from replicator.paths import decode_path, encode_path
-from replicator.pipeline import FileRecord
+from replicator.read.pipeline import FileRecord
 
 log = get_logger(__name__)
 
@@ -59,7 +59,7 @@ _MIGRATIONS = {
     # 2 -> 3: publishes held by the mass-deletion guard (replicator.reconcile).
     2: "ALTER TABLE rpo ADD COLUMN held TEXT;",
     # 3 -> 4: which process last confirmed a chunk is stored (StateStore.unconfirmed).
-    3: "ALTER TABLE chunks ADD COLUMN confirmed INTEGER;",
+    3: "ALTER TABLE chunks ADD COLUMN confirmed REAL;",
     # 4 -> 5: paths as BLOBs of their exact bytes (issue 17). The file cache is rebuilt by
     # reading the sources once more; what targets hold (chunks) is kept.
     4: "DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS file_chunks;" + _FILE_TABLES,
@@ -70,7 +70,7 @@ _SCHEMA = (
 CREATE TABLE IF NOT EXISTS repos (
     repo TEXT PRIMARY KEY, target TEXT NOT NULL, listed_at REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks (
-    repo TEXT NOT NULL, id BLOB NOT NULL, pack BLOB, offset INTEGER, length INTEGER, confirmed INTEGER,
+    repo TEXT NOT NULL, id BLOB NOT NULL, pack BLOB, offset INTEGER, length INTEGER, confirmed REAL,
     PRIMARY KEY (repo, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rpo (
     source TEXT NOT NULL, target TEXT NOT NULL, pending_since REAL, last_snapshot REAL,
@@ -166,8 +166,8 @@ class StateStore:
             self._lock_fd = self._lock(path.with_name("lock"))
             self.db = self._connect()
         self._dirty = 0
-        self.epoch = time.time_ns()
-        """This process's mark on the chunks it confirmed (uploaded, or saw in a listing)."""
+        self.started = time.time()
+        """When this process opened the store: chunks confirmed since are its own doing."""
         self._pending_files: dict[tuple[str, str], FileRecord] = {}
         self._pending_chunks: dict[str, dict[str, PackedAt | None]] = {}
         self._absent: dict[str, set[str]] = {}
@@ -299,13 +299,14 @@ class StateStore:
                     for k, v in r.chunks.items()
                 ],
             )
+        now = time.time()
         for repo, ids in chunks.items():
             self._rows(
                 "INSERT INTO chunks VALUES",
                 [
-                    (repo, bytes.fromhex(c), None, None, None, self.epoch)
+                    (repo, bytes.fromhex(c), None, None, None, now)
                     if at is None
-                    else (repo, bytes.fromhex(c), bytes.fromhex(at[0]), at[1], at[2], self.epoch)
+                    else (repo, bytes.fromhex(c), bytes.fromhex(at[0]), at[1], at[2], now)
                     for c, at in ids.items()
                 ],
                 # A chunk already known keeps its first location (any stored copy serves).
@@ -429,7 +430,7 @@ class StateStore:
         self.db.execute(f"DELETE FROM chunks WHERE repo=? AND pack IS NOT NULL AND pack {unlisted}", (repo,))
         self.db.execute("DELETE FROM temp.listed")
         self.db.execute(
-            "UPDATE chunks SET confirmed=? WHERE repo=?", (self.epoch, repo)
+            "UPDATE chunks SET confirmed=? WHERE repo=?", (time.time(), repo)
         )  # what is left exists
         self._absent.clear()
         self._present.clear()
@@ -493,20 +494,20 @@ class StateStore:
             pending.setdefault(cid, at)
         self._buffered()
 
-    def unconfirmed(self, repo: str, chunk_ids: Iterable[str]) -> dict[str, PackedAt | None]:
-        """Those of these chunks the store claims are stored but this process has not
-        confirmed (uploaded or seen in a listing), and where they would be."""
+    def unconfirmed(self, repo: str, chunk_ids: Iterable[str], since: float) -> dict[str, PackedAt | None]:
+        """Those of these chunks the store claims are stored but nobody confirmed (uploaded
+        them, or saw them in a listing) since ``since`` (Unix time), and where they would be."""
         self._flush()
         ids = list(dict.fromkeys(chunk_ids))
         out: dict[str, PackedAt | None] = {}
         for start in range(0, len(ids), 500):
             batch = ids[start : start + 500]
             query = (
-                "SELECT id, pack, offset, length FROM chunks WHERE repo=? AND confirmed IS NOT ? "
+                "SELECT id, pack, offset, length FROM chunks WHERE repo=? AND coalesce(confirmed, 0) < ? "
                 f"AND id IN ({','.join('?' * len(batch))})"
             )
             for cid, pack, offset, length in self.db.execute(
-                query, (repo, self.epoch, *map(bytes.fromhex, batch))
+                query, (repo, since, *map(bytes.fromhex, batch))
             ):
                 out[cid.hex()] = None if pack is None else (pack.hex(), offset, length)
         return out
@@ -516,7 +517,7 @@ class StateStore:
         self._flush()
         self.db.executemany(
             "UPDATE chunks SET confirmed=? WHERE repo=? AND id=?",
-            [(self.epoch, repo, bytes.fromhex(c)) for c in chunk_ids],
+            [(time.time(), repo, bytes.fromhex(c)) for c in chunk_ids],
         )
 
     def count_packs(self, repo: str) -> int:

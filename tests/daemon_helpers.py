@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from replicator.config import TargetConfig
-from replicator.manifest import Manifest
+from replicator.format.manifest import Manifest
 from replicator.repository import Repository
 from replicator.targets import open_target
 

@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from replicator.demo import bf16, write_safetensors
-from replicator.manifest import Manifest, PackedAt, parse_manifest
+from replicator.format.manifest import Manifest, PackedAt, parse_manifest
 from replicator.repository import chunk_key, pack_key, stored_key
 from tests.servers import free_port
 

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import zstandard
 
-from replicator.chunking import BlockPool, iter_chunks
-from replicator.codec import (
+from replicator.config import ChunkingConfig, CompressionConfig
+from replicator.demo import bf16
+from replicator.errors import IntegrityError
+from replicator.format.chunks import (
     GROUPED,
     MAX_CHUNK_SIZE,
     RAW,
@@ -25,10 +27,8 @@ from replicator.codec import (
     join_streams,
     split_streams,
 )
-from replicator.config import ChunkingConfig, CompressionConfig
-from replicator.demo import bf16
-from replicator.errors import IntegrityError
 from replicator.hashing import HashSpec
+from replicator.read.chunking import BlockPool, iter_chunks
 
 SMALL = ChunkingConfig(min_size=4096, avg_size=16384, max_size=65536)
 
@@ -206,7 +206,7 @@ def test_self_check_rejects_a_frame_that_does_not_decompress(monkeypatch: pytest
 
 
 def test_pipeline_coder_honours_verify_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from replicator.coder import ChunkCoder
+    from replicator.read.encode import ChunkCoder
 
     bug = (Corrupting(flip_last), Corrupting(flip_last))
     monkeypatch.setattr(ChunkEncoder, "_compressors", lambda self: bug)

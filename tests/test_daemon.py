@@ -15,9 +15,9 @@ import pytest
 
 from replicator.config import Config
 from replicator.repository import Repository
-from replicator.restore import restore_snapshot
+from replicator.restore.core import restore_snapshot
 from replicator.targets import open_target
-from replicator.verify import verify_repository
+from replicator.verify.check import verify_repository
 from tests.conftest import cli, make_target_spec, write_config
 from tests.daemon_helpers import (
     DaemonProcess,

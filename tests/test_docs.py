@@ -48,7 +48,7 @@ def test_every_metric_is_documented() -> None:
 
 
 def test_the_format_document_describes_the_manifest_version_written() -> None:
-    from replicator.manifest import MANIFEST_VERSION, READABLE_VERSIONS
+    from replicator.format.manifest import MANIFEST_VERSION, READABLE_VERSIONS
 
     doc = (ROOT / "docs" / "FORMAT.md").read_text()
     assert doc.splitlines()[0].endswith(f"manifest version {MANIFEST_VERSION})")

@@ -12,7 +12,7 @@ from replicator.config import ChunkingConfig, CompressionConfig, TargetConfig
 from replicator.fanout import Uploader
 from replicator.hashing import HashSpec
 from replicator.memory import ByteBudget, Lease
-from replicator.pipeline import EncodedChunk
+from replicator.read.pipeline import EncodedChunk
 from replicator.repository import Repository
 from replicator.state import StateStore
 from replicator.targets import RetryPolicy, open_target

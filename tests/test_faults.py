@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from replicator.codec import ChunkEncoder
 from replicator.config import ChunkingConfig, CompressionConfig, TargetConfig, parse_config
 from replicator.errors import (
     ConfigError,
@@ -23,6 +22,7 @@ from replicator.errors import (
     TargetUnreachableError,
     TransientTargetError,
 )
+from replicator.format.chunks import ChunkEncoder
 from replicator.repository import Repository
 from replicator.sync import run_sync
 from replicator.targets import (

@@ -16,10 +16,10 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replicator import manifest as manifest_module
 from replicator.config import ChunkingConfig, CompressionConfig
 from replicator.errors import IntegrityError, RepositoryError, TargetError, UnsupportedFormatError
-from replicator.manifest import (
+from replicator.format import manifest as manifest_module
+from replicator.format.manifest import (
     FileEntry,
     Manifest,
     SetInfo,

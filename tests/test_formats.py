@@ -19,7 +19,7 @@ import torch
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from replicator.demo import bf16, write_safetensors
-from replicator.formats import FormatCheck, check_file, format_of, torch_load
+from replicator.verify.formats import FormatCheck, check_file, format_of, torch_load
 
 
 def check(path: Path, root: Path | None = None) -> FormatCheck | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from replicator.paths import display_path
-from replicator.pipeline import FileRecord
+from replicator.read.pipeline import FileRecord
 from replicator.state import SCHEMA_VERSION, StateStore
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
 from tests.daemon_helpers import DaemonProcess, latest_manifest, wait_until

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 
 from replicator import fanout
-from replicator import restore as restore_module
 from replicator.config import Config
 from replicator.repository import Repository
-from replicator.restore import restore_snapshot
+from replicator.restore import core as restore_module
+from replicator.restore.core import restore_snapshot
 from replicator.state import StateStore
 from replicator.sync import run_sync
 from replicator.targets import open_target
 from replicator.targets.posix import PosixTarget
-from replicator.verify import VerifyReport, verify_repository
+from replicator.verify.check import VerifyReport, verify_repository
 from tests.conftest import TargetSpec
 from tests.helpers import config_dict, stored_chunks, tree_digest
 

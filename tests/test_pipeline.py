@@ -19,9 +19,9 @@ from replicator.engine import READ_ATTEMPTS
 from replicator.errors import SourceError
 from replicator.globs import PathFilter
 from replicator.hashing import HashSpec
-from replicator.pipeline import LARGE_FILE_READERS, ChunkPipeline, EncodedChunk, FileRecord
+from replicator.read.pipeline import LARGE_FILE_READERS, ChunkPipeline, EncodedChunk, FileRecord
 from replicator.repository import Repository
-from replicator.restore import restore_snapshot
+from replicator.restore.core import restore_snapshot
 from replicator.sources import PosixSource, SourceFile, open_source
 from replicator.state import StateStore
 from replicator.sync import run_sync

@@ -1,4 +1,4 @@
-"""Small local files read and encoded in a helper process (replicator.reader_process)."""
+"""Small local files read and encoded in a helper process (replicator.read.helpers)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from replicator import pipeline, reader_helper, reader_process
-from replicator.coder import ChunkCoder, SmallFile
 from replicator.config import ChunkingConfig, CompressionConfig, Config
 from replicator.engine import Replicator
 from replicator.errors import FileChangedError, SourceError
 from replicator.globs import PathFilter
 from replicator.hashing import HashSpec
-from replicator.reader_process import ReaderProcess
+from replicator.read import helper_main as reader_helper
+from replicator.read import helpers as reader_process
+from replicator.read import pipeline
+from replicator.read.encode import ChunkCoder, SmallFile
+from replicator.read.helpers import ReaderProcess
 from replicator.sources.base import Source, SourceFile
 from replicator.sources.posix import PosixSource
 from tests.helpers import tree_digest
@@ -216,10 +218,10 @@ def test_a_dead_helper_is_reported_and_reading_goes_on_in_threads(
 
 LEAN_HELPER_SCRIPT = """
 import pickle, sys
-from replicator import reader_helper
+from replicator.read import helper_main as reader_helper
 coder, source = pickle.loads(sys.stdin.buffer.read())
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("pydantic", "yaml", "structlog", "numpy"))
-print(" ".join(heavy + [m for m in ("replicator.config", "replicator.manifest") if m in sys.modules]))
+print(" ".join(heavy + [m for m in ("replicator.config", "replicator.format.manifest") if m in sys.modules]))
 """
 
 
@@ -243,8 +245,8 @@ import asyncio, os, signal, sys
 from pathlib import Path
 from replicator.config import ChunkingConfig, CompressionConfig, Config
 from replicator.globs import PathFilter
-from replicator.coder import ChunkCoder
-from replicator.reader_process import ReaderProcess
+from replicator.read.encode import ChunkCoder
+from replicator.read.helpers import ReaderProcess
 from replicator.sources.posix import PosixSource
 
 async def main():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from replicator.repository import chunk_key
-from replicator.restore_s3 import DIGEST_META, PART_SIZE
+from replicator.restore.s3 import DIGEST_META, PART_SIZE
 from tests.conftest import cli, make_target_spec
 from tests.daemon_helpers import latest_manifest
 from tests.helpers import local_setup, make_checkpoint, tree_digest

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from replicator import restore
-from replicator.drill import DrillReport, run_drill
 from replicator.errors import ReplicatorError
 from replicator.repository import Repository
-from replicator.restore import Destination, LocalDestination, RestoreResult, restore_snapshot
+from replicator.restore import core as restore
+from replicator.restore.core import Destination, LocalDestination, RestoreResult, restore_snapshot
 from replicator.targets import PosixTarget
+from replicator.verify.drill import DrillReport, run_drill
 from tests.conftest import cli
 from tests.helpers import local_setup, make_checkpoint, tree_digest
 
@@ -193,7 +193,7 @@ def test_a_torn_file_of_the_right_size_and_mtime_is_rewritten_by_a_rerun(
 # Runs the real CLI in a child process, counting the calls to syncfs.
 COUNT_SYNCFS = """
 import atexit, sys
-from replicator import restore
+from replicator.restore import core as restore
 from replicator.cli import app
 calls = []
 real = restore._syncfs

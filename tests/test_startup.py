@@ -26,8 +26,8 @@ NEVER_FOR_POSIX = {
     "boto3",
     "aiohttp",
     "watchfiles",
-    "replicator.drill",
-    "replicator.formats",
+    "replicator.verify.drill",
+    "replicator.verify.formats",
     "replicator.daemon",
 }
 

@@ -30,7 +30,7 @@ from replicator.errors import (
     PermanentTargetError,
     TargetUnreachableError,
 )
-from replicator.s3 import config_kwargs, is_loopback
+from replicator.s3.settings import config_kwargs, is_loopback
 from replicator.targets import Target, open_target
 from replicator.targets.s3 import S3Target
 from replicator.targets.wrappers import unwrap

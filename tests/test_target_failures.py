@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from replicator.config import TargetConfig
-from replicator.manifest import encode_manifest
+from replicator.format.manifest import encode_manifest
 from replicator.repository import Repository, ref_key, snapshot_key
 from replicator.targets import open_target
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config

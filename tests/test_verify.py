@@ -13,7 +13,7 @@ from replicator.repository import Repository, chunk_key, ref_key
 from replicator.state import StateStore
 from replicator.sync import run_sync
 from replicator.targets import open_target
-from replicator.verify import VerifyReport, verify_repository
+from replicator.verify.check import VerifyReport, verify_repository
 from tests.conftest import TargetSpec, make_target_spec
 from tests.helpers import config_dict, make_checkpoint, stored_chunks
 from tests.servers import RcloneServer

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from replicator.errors import ConfigError
 from replicator.globs import PathFilter
-from replicator.s3 import is_s3_url, parse_s3_url
+from replicator.s3.settings import is_s3_url, parse_s3_url
 from replicator.sources.base import Listing, Source, SourceFile
 from replicator.sources.posix import PosixSource
 

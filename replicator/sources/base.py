@@ -61,7 +61,7 @@ class Source(Protocol):
     read_in_helper: bool
     """Whether :meth:`open` and :meth:`confirm` work in another process (plain file system
     calls on a pickled copy of the source), so that many small files may be read and encoded
-    in a helper process (:mod:`replicator.reader_process`)."""
+    in a helper process (:mod:`replicator.read.helpers`)."""
 
     async def scan(self, found: Callable[[SourceFile], None] | None = None) -> Listing:
         """Every selected (include/exclude) regular file, sorted by path, and what could not be

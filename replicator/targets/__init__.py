@@ -14,7 +14,7 @@ from pathlib import Path
 
 from replicator.config import TargetConfig
 from replicator.errors import ConfigError
-from replicator.s3 import parse_s3_url
+from replicator.s3.settings import parse_s3_url
 from replicator.targets.base import ObjectInfo, Target, check_key
 from replicator.targets.posix import PosixTarget
 from replicator.targets.wrappers import (
@@ -50,6 +50,9 @@ __all__ = [
     "unregister_backend",
     "unwrap",
 ]
+
+MIN_DEADLINE = 5.0
+"""Seconds every request is allowed, whatever the give-up (DeadlineTarget)."""
 
 BackendFactory = Callable[[TargetConfig], Awaitable[Target]]
 """Opens the bare, connected backend for a target config whose url has the registered scheme."""
@@ -134,8 +137,10 @@ async def open_target(
     object that follows whether the target answers, if the caller keeps one across attempts
     to open it. ``on_request`` sees every request made (the spend ledger)."""
     policy = policy or retry_policy(cfg)
-    # No single attempt may outlast the whole retry budget (a one-shot command's give-up).
-    deadline = min(cfg.timeout, policy.give_up_after or cfg.timeout)
+    # No single attempt may outlast the whole retry budget (a one-shot command's give-up), but
+    # none is cut shorter than MIN_DEADLINE: a request waiting for a pooled connection on a
+    # busy machine is slow, not hung.
+    deadline = max(MIN_DEADLINE, min(cfg.timeout, policy.give_up_after or cfg.timeout))
     backend = await open_backend(cfg)
     metered = MeteredTarget(DeadlineTarget(backend, deadline), on_request)
     limited = LimitedTarget(metered, cfg.concurrency, cfg.max_bandwidth)

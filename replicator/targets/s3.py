@@ -3,7 +3,7 @@
 Every PUT carries an integrity checksum the server verifies before it stores anything:
 Content-MD5 by default (understood by every S3 implementation), or an x-amz-checksum-*
 header. A PUT is atomic on S3, so partial objects are never visible. Bodies are also
-SHA-256-signed over plain HTTP, except to a loopback endpoint (see ``replicator.s3``).
+SHA-256-signed over plain HTTP, except to a loopback endpoint (see ``replicator.s3.settings``).
 
 HEAD answers carry no error code, so to ``stat`` a missing bucket looks like a missing key;
 the repository therefore always starts with a GET of its config object, which does tell
@@ -22,11 +22,11 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
-from replicator.codec import Buffer
 from replicator.config import S3Access
 from replicator.errors import AlreadyExistsError, NotFoundError, PermanentTargetError, TransientTargetError
-from replicator.s3 import S3Location, client_kwargs, config_kwargs
-from replicator.s3_errors import SDK_ERRORS, convert_error, http_status
+from replicator.format.chunks import Buffer
+from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
+from replicator.s3.settings import S3Location, client_kwargs, config_kwargs
 from replicator.targets.base import ObjectInfo, check_key
 
 _HASH_IN_THREAD = 256 << 10

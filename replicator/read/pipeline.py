@@ -21,25 +21,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from replicator.chunking import BlockPool, iter_chunks
-from replicator.codec import Buffer
-from replicator.coder import ChunkCoder, SmallFile
 from replicator.config import ChunkingConfig, CompressionConfig
 from replicator.errors import SourceError
+from replicator.format.chunks import Buffer
+from replicator.format.manifest import FileEntry
 from replicator.hashing import Hasher, HashSpec
 from replicator.log import get_logger
-from replicator.manifest import FileEntry
 from replicator.memory import ByteBudget, Lease
+from replicator.read.chunking import BlockPool, iter_chunks
+from replicator.read.encode import ChunkCoder, SmallFile
 from replicator.sources.base import Readable, Source, SourceFile
 
 if TYPE_CHECKING:
-    from replicator.reader_process import ReaderProcess
+    from replicator.read.helpers import ReaderProcess
 
 log = get_logger(__name__)
 
 HELPER_MIN_FILES = 4096
 """Runs with fewer small files than this read them in threads: a helper process costs ~0.1 s of
-CPU to start and saves ~30 us per file (:mod:`replicator.reader_process`). Re-measured with
+CPU to start and saves ~30 us per file (:mod:`replicator.read.helpers`). Re-measured with
 the cheaper helpers (a fresh sync of N of the benchmark's JSON files, 3 runs each): threads
 0.23-0.24 s and helpers 0.35-0.37 s for 1,000 files, 0.35-0.38 s and 0.42-0.46 s for 2,000,
 both 0.58-0.63 s for 4,000."""
@@ -135,7 +135,7 @@ class ChunkPipeline:
 
     def _start_helpers(self, source: Source) -> None:
         if self._helper is None and source.read_in_helper:
-            from replicator.reader_process import ReaderProcess
+            from replicator.read.helpers import ReaderProcess
 
             try:
                 self._helper = ReaderProcess()
@@ -147,7 +147,7 @@ class ChunkPipeline:
         knows ``known()`` of (asked only when helpers could start): once the scan has found
         HELPER_MIN_FILES more small files than that, at least that many are new, so they will
         be read in the helper processes (see :meth:`expect_small_files`). It starts them at
-        once, so that their start-up (~0.1 s of imports each, :mod:`replicator.reader_helper`)
+        once, so that their start-up (~0.1 s of imports each, :mod:`replicator.read.helper_main`)
         overlaps the rest of the scan instead of delaying the first reads. None if there is
         nothing to start."""
         if self._helper is not None or not source.read_in_helper:
@@ -166,7 +166,7 @@ class ChunkPipeline:
 
     def expect_small_files(self, source: Source, count: int) -> int:
         """About to read ``count`` small files from ``source``: start the helper processes if
-        they pay off (see :mod:`replicator.reader_process`). Returns how many files or batches
+        they pay off (see :mod:`replicator.read.helpers`). Returns how many files or batches
         to read at once: two per helper process (one being read while the other's result is
         recorded), else what the source asks for."""
         if count >= HELPER_MIN_FILES:

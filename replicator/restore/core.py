@@ -24,7 +24,7 @@ directory) skips both and leaves writeback to the OS, as restic and rclone do.
 Chunks are fetched in parallel (a window per file, several files at once, bounded by a byte
 budget) and verified against their ids before they are written. A destination is a small
 protocol (:class:`Destination`): a local directory here, or plain objects in a bucket
-(:mod:`replicator.restore_s3`). A file whose chunk is missing or corrupt fails alone; a
+(:mod:`replicator.restore.s3`). A file whose chunk is missing or corrupt fails alone; a
 target that cannot be reached (or refuses us) stops the whole restore: every further file
 would fail the same way, slowly.
 """
@@ -45,12 +45,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from replicator.codec import Buffer
 from replicator.errors import IntegrityError, NotFoundError, ReplicatorError, RepositoryError, TargetError
+from replicator.format.chunks import Buffer
+from replicator.format.manifest import FileEntry, Manifest
 from replicator.globs import PathFilter
 from replicator.hashing import HashSpec
 from replicator.log import get_logger
-from replicator.manifest import FileEntry, Manifest
 from replicator.memory import ByteBudget
 from replicator.paths import check_relative_path, decode_path, encode_path
 from replicator.progress import NoProgress, ProgressSink

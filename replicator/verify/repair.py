@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from replicator.config import Config
 from replicator.errors import RepositoryError, SourceError, TargetError
 from replicator.log import get_logger
-from replicator.pipeline import ChunkPipeline, EncodedChunk
+from replicator.read.pipeline import ChunkPipeline, EncodedChunk
 from replicator.repository import Repository, chunk_key
 from replicator.sources import open_source
 from replicator.state import StateStore

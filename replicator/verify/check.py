@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from replicator.codec import Buffer
 from replicator.errors import IntegrityError, NotFoundError, RepositoryError
+from replicator.format.chunks import Buffer
+from replicator.format.manifest import PackedAt
 from replicator.log import get_logger
-from replicator.manifest import PackedAt
 from replicator.memory import ByteBudget
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, ref_key, snapshot_key, stored_key
@@ -210,17 +211,17 @@ async def _read_files(
     corrupt: list[str] = []
     bad: set[ChunkRef] = set()
     budget = ByteBudget(FILE_WINDOW_BYTES)
-    order: list[tuple[int, ChunkRef]] = [(i, ref) for i, (_, refs, _) in enumerate(files) for ref in refs]
-    results: dict[int, list[asyncio.Future[Buffer | None]]] = {
-        i: [asyncio.get_running_loop().create_future() for _ in refs] for i, (_, refs, _) in enumerate(files)
-    }
-    slots = {i: iter(futures) for i, futures in results.items()}
-    queue = list(reversed(order))
+    loop = asyncio.get_running_loop()
+    slots: list[list[asyncio.Future[Buffer | None] | None]] = [
+        [loop.create_future() for _ in refs] for _, refs, _ in files
+    ]
+    work = deque((i, j) for i, (_, refs, _) in enumerate(files) for j in range(len(refs)))
 
     async def reader() -> None:
-        while queue:
-            i, ref = queue.pop()
-            future = next(slots[i])
+        while work:
+            i, j = work.popleft()
+            ref, future = files[i][1][j], slots[i][j]
+            assert future is not None
             await budget.acquire(stored[ref])
             try:
                 future.set_result(await _get(repo, ref, stored, report, corrupt, bad))
@@ -233,9 +234,13 @@ async def _read_files(
         for i, (digest, refs, where) in enumerate(files):
             h = repo.hash.hasher()
             whole = True
-            for ref, future in zip(refs, results[i], strict=True):
+            for j, ref in enumerate(refs):
+                future = slots[i][j]
+                assert future is not None
+                slots[i][j] = None  # its bytes are dropped once hashed: bounded memory
                 data = await future
                 budget.release(stored[ref])
+                progress.advance(stored[ref])
                 if data is None:
                     whole = False
                 else:

@@ -3,7 +3,7 @@
 For each source the drill restores the chosen snapshot (default: the latest) from the
 target into a scratch directory with the ordinary restore code (so every chunk and every
 file is checked against its digest, and every path is confined to the scratch directory),
-then checks the format of each known artifact (:mod:`replicator.formats`) and, with
+then checks the format of each known artifact (:mod:`replicator.verify.formats`) and, with
 ``load``, loads each PyTorch checkpoint file with ``torch.load(weights_only=True)``.
 
 The report gives, per source: the snapshot and its age, what was restored, digest and
@@ -26,12 +26,12 @@ from pathlib import Path
 
 from replicator.config import NAME_RE
 from replicator.errors import NotFoundError, RepositoryError
-from replicator.formats import FormatCheck, FormatProblem, check_file, torch_load
+from replicator.format.manifest import Manifest, now_utc
 from replicator.log import get_logger
-from replicator.manifest import Manifest, now_utc
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository
-from replicator.restore import LocalDestination, restore_snapshot
+from replicator.restore.core import LocalDestination, restore_snapshot
+from replicator.verify.formats import FormatCheck, FormatProblem, check_file, torch_load
 
 log = get_logger(__name__)
 

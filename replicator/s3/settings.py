@@ -1,7 +1,7 @@
 """S3 settings shared by S3 targets and S3 sources: URLs and client configuration.
 
 Kept free of SDK imports so that commands on POSIX-only configs start fast; the SDK-facing
-half (error conversion) is :mod:`replicator.s3_errors`.
+half (error conversion) is :mod:`replicator.s3.errors`.
 
 Credentials always come from botocore's standard chain (environment, shared profile, web
 identity, instance metadata) unless the config gives ``${ENV}``-expanded keys. botocore's own

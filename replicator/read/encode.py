@@ -1,9 +1,9 @@
 """The per-chunk CPU work of the read pipeline: hash, encode, self-check; and reading small
 files whole.
 
-Kept apart from :mod:`replicator.pipeline` (asyncio, the config models) because it also runs
+Kept apart from :mod:`replicator.read.pipeline` (asyncio, the config models) because it also runs
 in the small-file helper processes, which import only this, the codec and the source: a
-helper then starts in ~0.1 s rather than ~0.25 s (:mod:`replicator.reader_helper`).
+helper then starts in ~0.1 s rather than ~0.25 s (:mod:`replicator.read.helper_main`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from replicator.chunking import ChunkSizes, iter_chunks
-from replicator.codec import Buffer, ChunkEncoder
 from replicator.errors import SourceError
+from replicator.format.chunks import Buffer, ChunkEncoder
 from replicator.hashing import HashSpec
+from replicator.read.chunking import ChunkSizes, iter_chunks
 
 if TYPE_CHECKING:
     from replicator.config import ChunkingConfig, CompressionConfig
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class EncoderSettings(NamedTuple):
-    """:class:`~replicator.codec.ChunkEncoder`'s arguments (from ``compression`` in the config)."""
+    """:class:`~replicator.format.chunks.ChunkEncoder`'s arguments (from ``compression`` in the config)."""
 
     level: int
     float_grouping: bool
@@ -37,7 +37,7 @@ and the file's digest per hash spec."""
 class ChunkCoder:
     """The per-chunk CPU work (hash, encode, self-check) and reading small files whole. It owns
     no threads or event loop, so it runs in worker threads or, pickled, in a helper process
-    (:mod:`replicator.reader_helper`); its zstd compressors are per thread and not sent."""
+    (:mod:`replicator.read.helper_main`); its zstd compressors are per thread and not sent."""
 
     def __init__(
         self, chunking: ChunkingConfig, compression: CompressionConfig, specs: Sequence[HashSpec]

@@ -27,14 +27,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from replicator.codec import Buffer
 from replicator.config import S3Access
 from replicator.errors import NotFoundError, PermanentTargetError, TargetError, TransientTargetError
-from replicator.manifest import FileEntry
+from replicator.format.chunks import Buffer
+from replicator.format.manifest import FileEntry
 from replicator.paths import encode_path
-from replicator.restore import FileWriter
-from replicator.s3 import S3Location
-from replicator.s3_errors import SDK_ERRORS, convert_error, http_status
+from replicator.restore.core import FileWriter
+from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
+from replicator.s3.settings import S3Location
 from replicator.targets.s3 import connect, content_md5
 from replicator.targets.wrappers import RetryPolicy
 
@@ -59,7 +59,7 @@ def part_size_for(size: int) -> int:
 
 
 class S3Destination:
-    """A :class:`~replicator.restore.Destination` in an S3-compatible bucket."""
+    """A :class:`~replicator.restore.core.Destination` in an S3-compatible bucket."""
 
     def __init__(self, location: S3Location, access: S3Access, retry: RetryPolicy) -> None:
         self.location = location

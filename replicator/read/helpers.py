@@ -8,15 +8,15 @@ of a 20,000-file sync measured ~2.85 s in threads and ~2.35 s with one helper (l
 the state writes fixed, ~2.0 s with one helper and ~1.7 s with two).
 
 Only sources whose reads are plain file system calls use them (``Source.read_in_helper``),
-and only for runs with at least :data:`replicator.pipeline.HELPER_MIN_FILES` small files:
-starting a helper costs ~0.1 s (a fresh interpreter importing :mod:`replicator.reader_helper`
+and only for runs with at least :data:`replicator.read.pipeline.HELPER_MIN_FILES` small files:
+starting a helper costs ~0.1 s (a fresh interpreter importing :mod:`replicator.read.helper_main`
 and no more), spent while the source is still being scanned
-(:meth:`replicator.pipeline.ChunkPipeline.helper_starter`). It is started with ``spawn``,
+(:meth:`replicator.read.pipeline.ChunkPipeline.helper_starter`). It is started with ``spawn``,
 never ``fork``: the parent has threads, and a forked child could inherit a lock some thread
 held. A helper that dies is reported and the pipeline goes on reading in threads.
 
 Each helper is reached over its own socket, read and written by the event loop itself
-(protocol in :mod:`replicator.reader_helper`). A ``ProcessPoolExecutor`` adds two threads to
+(protocol in :mod:`replicator.read.helper_main`). A ``ProcessPoolExecutor`` adds two threads to
 the parent (one pickles and sends tasks, one receives results), and every task woke one of
 them: on two busy cores the event loop then waited for the GIL ~1-2 ms per batch, often
 longer than the batch took to record.
@@ -33,10 +33,10 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from replicator import reader_helper
-from replicator.coder import ChunkCoder
 from replicator.errors import ReplicatorError
-from replicator.reader_helper import FRAME, Reply, Request
+from replicator.read import helper_main as reader_helper
+from replicator.read.encode import ChunkCoder
+from replicator.read.helper_main import FRAME, Reply, Request
 from replicator.sources.base import Source, SourceFile
 
 PROCESSES = min(os.cpu_count() or 1, 4)

@@ -1,6 +1,6 @@
-"""What runs inside a small-file helper process (:mod:`replicator.reader_process` starts them).
+"""What runs inside a small-file helper process (:mod:`replicator.read.helpers` starts them).
 
-A helper imports only this, :mod:`replicator.coder` and the file system source: no asyncio
+A helper imports only this, :mod:`replicator.read.encode` and the file system source: no asyncio
 pipeline, no pydantic. It starts in ~0.1 s instead of ~0.25 s, and two of them starting
 during a scan take less of the CPU the scan needs.
 
@@ -17,8 +17,8 @@ import signal
 import socket
 import struct
 
-from replicator.coder import ChunkCoder, SmallFile
 from replicator.errors import SourceError
+from replicator.read.encode import ChunkCoder, SmallFile
 from replicator.sources.base import Source, SourceFile
 
 FRAME = struct.Struct("<Q")

@@ -1,0 +1,10 @@
+"""Restore: a snapshot's files back, byte-identical, each appearing atomically, into a place a
+training job can read.
+
+    core       the algorithm over any destination: which files, what is already correct,
+               reading chunks (packed ones together), bounded memory, one failure per file
+    s3         a destination that is a bucket (each file a plain object)
+
+Every path is checked again here (a manifest from a target is untrusted), and nothing is ever
+written through a symbolic link or outside the destination.
+"""

@@ -1,0 +1,8 @@
+"""Proving a repository copy is whole and usable, and healing it.
+
+check      `verify`: structure, and with --read-data every chunk re-hashed and every file
+           re-assembled against its digest
+repair     `verify --repair`: missing or damaged chunks sent again from the sources
+drill      `verify --restore-drill`: restore into scratch space and prove training resumes
+formats    the drill's checks of known artifacts (safetensors, torch, DCP, NumPy, Parquet, JSON)
+"""
