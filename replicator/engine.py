@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from replicator import gate, metrics, retention
-from replicator.budget import PRIORITY, Budget, BudgetExceededError, Clock, Ledger, utc_now
+from replicator.budget import Budget, Clock, Ledger, TargetBudget, utc_now
 from replicator.config import Config, Priority, SourceConfig, TargetConfig
 from replicator.errors import (
     FileChangedError,
@@ -37,8 +37,16 @@ from replicator.errors import (
     TargetError,
     TargetUnreachableError,
 )
-from replicator.fanout import FAILING_GRACE, Admission, Uploader, UploadStats
-from replicator.format.manifest import Manifest, PackedAt, SetInfo, format_time, manifest_json, now_utc
+from replicator.fanout import FAILING_GRACE, Uploader, UploadStats
+from replicator.format.manifest import (
+    Manifest,
+    PackedAt,
+    SetInfo,
+    encode_manifest,
+    format_time,
+    manifest_json,
+    now_utc,
+)
 from replicator.hashing import HashSpec
 from replicator.log import get_logger
 from replicator.progress import NoProgress, ProgressSink
@@ -52,6 +60,8 @@ from replicator.targets.wrappers import TokenBucket
 
 log = get_logger(__name__)
 
+REF_BYTES = 128
+"""About what a ref object weighs (a JSON line): budgeted with its manifest."""
 ATTACH_SETTLE = 2.0
 """See :meth:`Replicator.attach_all`."""
 READ_ATTEMPTS = 3
@@ -167,6 +177,8 @@ class OpenTarget:
     target: Target
     repo: Repository
     uploader: Uploader
+    budget: TargetBudget | None
+    """What the budget lets this target spend (None: no budget)."""
     latest: dict[str, tuple[str, Manifest]] = field(default_factory=dict)
     """Per source, the latest snapshot this process wrote or read (replicator.reconcile)."""
     summaries: retention.SummaryCache = field(default_factory=dict)
@@ -287,7 +299,7 @@ class Replicator:
 
         Once open, a daemon's target retries each request for ``retry.give_up_after``."""
         assert self.state is not None and self.pipeline is not None
-        target = await open_target(cfg, on_request=self.budget.charge, health=health)
+        target = await open_target(cfg, on_request=self.ledger.record, health=health)
         try:
             repo = await Repository.open_or_create(
                 target, algorithm=cfg.hash, chunking=self.config.chunking, compression=self.config.compression
@@ -298,12 +310,13 @@ class Replicator:
                     target=cfg.name,
                     hint="dedup against data written with other chunk sizes will be lower",
                 )
+            budget = self.budget.for_target(cfg.name) if self.budget.active else None
             uploader = Uploader(
                 cfg.name,
                 repo,
                 self.state,
                 cfg.concurrency,
-                admit=self._admission(cfg.name),
+                budget=budget,
                 failing_grace=cfg.retry.command_give_up_after if self.interactive else FAILING_GRACE,
                 confirm_window=cfg.confirm_window,
             )
@@ -316,7 +329,7 @@ class Replicator:
             retrying.policy = retry_policy(cfg, interactive=False)
         self._stack.push_async_callback(target.close)
         self._stack.push_async_callback(uploader.close)
-        opened = OpenTarget(cfg, target, repo, uploader)
+        opened = OpenTarget(cfg, target, repo, uploader, budget)
         self.pipeline.add_spec(repo.hash)
         self.open_targets.append(opened)
         self.target_errors.pop(cfg.name, None)
@@ -328,12 +341,6 @@ class Replicator:
         if self.state is not None:
             self.state.end_run()
         await self._stack.aclose()
-
-    def _admission(self, target: str) -> Admission:
-        def admit(priority: Priority, nbytes: int) -> bool:
-            return self.budget.allows(target, priority, self.budget.cost_of(target, nbytes))
-
-        return admit
 
     def source(self, cfg: SourceConfig) -> Source:
         if cfg.name not in self._sources:
@@ -548,7 +555,7 @@ class Replicator:
             return TargetResult(name, "superseded", error="built before this target was attached")
         priority = cfg.effective_priority
         deferred = TargetResult(name, "deferred", error=f"budget: {priority} work is deferred")
-        if not self.budget.allows(name, priority):
+        if t.budget is not None and not t.budget.allows(priority):
             log.info("snapshot.deferred", source=cfg.name, target=name, priority=priority)
             return deferred
         deferred_before = t.uploader.stats.chunks_deferred
@@ -612,12 +619,18 @@ class Replicator:
                 log.info("snapshot.unchanged", source=cfg.name, target=name, snapshot=known[0])
                 outcome.status, outcome.snapshot = "unchanged", known[0]
                 return outcome
-            PRIORITY.set(priority)
+            stored_manifest = encode_manifest(manifest)
+            reservation = None
+            if t.budget is not None:  # the manifest and the ref: two PUTs
+                reservation = t.budget.reserve(priority, len(stored_manifest) + REF_BYTES, puts=2)
+                if reservation is None:
+                    log.info("snapshot.deferred", source=cfg.name, target=name, priority=priority)
+                    return deferred
             try:
-                snapshot_id = await t.repo.publish(manifest)
-            except BudgetExceededError:
-                log.info("snapshot.deferred", source=cfg.name, target=name, priority=priority)
-                return deferred
+                snapshot_id = await t.repo.publish(manifest, stored_manifest)
+            finally:
+                if reservation is not None:
+                    reservation.release()
             t.latest[cfg.name] = (snapshot_id, manifest)
             self.state.set_published(t.repo.config.id, cfg.name, snapshot_id, key)
             log.info(
