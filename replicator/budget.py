@@ -25,14 +25,15 @@ before each chunk or pack (replicator.fanout) and the publisher before a manifes
 ref (replicator.engine), through a :class:`TargetBudget`. An admitted request holds a
 *reservation* of its cost until it is made, so concurrent uploads cannot all pass the check
 before any is counted (hard mode never overshoots by more than what is in flight at once).
-The metering wrapper (replicator.targets.wrappers.MeteredTarget) only records what was sent.
+The metering wrapper (replicator.targets.wrappers.MeteredTarget) only records what was sent
+(Budget.record), which ends the reservation of the request it recognises.
 """
 
 from __future__ import annotations
 
 import calendar
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from replicator import metrics
@@ -144,8 +145,8 @@ class Budget:
         self.ledger = ledger
         self.clock = clock
         self.reconfigure(config)
-        self._reserved: dict[str, float] = {}
-        """Target -> USD of admitted requests not yet made (Reservation)."""
+        self._open: dict[str, list[Reservation]] = {}
+        """Target -> admitted requests not yet made (their cost counts as spent)."""
         self._alerted: set[tuple[str, str]] = set()
         self.on_exceeded: Callable[[dict[str, object]], None] | None = None
         """Called once per scope and day when soft mode lets critical work past the budget."""
@@ -197,9 +198,7 @@ class Budget:
             a = self.allowance(scope)
             if a is None:
                 continue
-            cost_now = cost + (
-                sum(self._reserved.values()) if scope == GLOBAL else self._reserved.get(scope, 0.0)
-            )
+            cost_now = cost + self._reserved(None if scope == GLOBAL else scope)
             within_day = a.spent_today + cost_now <= HEADROOM[priority] * a.today
             within_month = a.spent_month + cost_now <= a.month_limit
             if within_day and within_month:
@@ -217,8 +216,25 @@ class Budget:
         cost = self.cost_of(target, nbytes, puts)
         if not self.allows(target, priority, cost):
             return None
-        self._reserved[target] = self._reserved.get(target, 0.0) + cost
-        return Reservation(self, target, cost)
+        reservation = Reservation(self, target, cost, nbytes)
+        self._open.setdefault(target, []).append(reservation)
+        return reservation
+
+    def _reserved(self, target: str | None) -> float:
+        """USD of admitted requests not yet made, for one target or all (None)."""
+        scopes = self._open.values() if target is None else [self._open.get(target, [])]
+        return sum(r.cost for rs in scopes for r in rs)
+
+    def record(self, target: str, op: str, nbytes: int = 0) -> None:
+        """The MeteredTarget hook: one request made, into the ledger. A PUT of exactly the size
+        a reservation was made for is that reservation's request: it now counts as spent in
+        the ledger, so the reservation stops counting (no double count)."""
+        self.ledger.record(target, op, nbytes)
+        if op == "put":
+            for reservation in self._open.get(target, ()):
+                if reservation.nbytes == nbytes:
+                    reservation.release()
+                    break
 
     def cost_of(self, target: str, nbytes: int, puts: int = 1) -> float:
         return Usage(nbytes, puts, 0).usd(self.costs[target])
@@ -276,20 +292,22 @@ class Budget:
         return max(1.0, tomorrow - now.timestamp())
 
 
-@dataclass
+@dataclass(eq=False)
 class Reservation:
-    """The cost of one admitted request, held until the request has been made (it is then in
-    the ledger) or abandoned. A context manager: ``with reservation: await put(...)``."""
+    """The cost of one admitted request, counted as spent until the request is made (it is
+    then in the ledger: Budget.record) or abandoned (:meth:`release`). A context manager:
+    ``with reservation: await put(...)``."""
 
     budget: Budget
     target: str
     cost: float
-    released: bool = field(default=False)
+    nbytes: int
+    """The request's body size, by which Budget.record recognises it."""
 
     def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.budget._reserved[self.target] -= self.cost
+        pending = self.budget._open.get(self.target, [])
+        if self in pending:
+            pending.remove(self)
 
     def __enter__(self) -> Reservation:
         return self

@@ -85,6 +85,28 @@ def test_priorities_are_deferred_lowest_first(tmp_path: Path) -> None:
     state.close()
 
 
+def test_admission_reserves_until_the_request_is_recorded(tmp_path: Path) -> None:
+    """Senders reserve before sending: concurrent uploads cannot all pass the check before
+    any is counted, and a request the meter has recorded is not counted twice."""
+    clock = Clock(datetime(2026, 11, 22, 12, tzinfo=UTC))
+    state = StateStore.open(tmp_path)
+    budget = Budget(budget_config(usd_per_day=4.0, mode="hard"), Ledger(state, ["t"], clock), clock)
+    sender = budget.for_target("t")
+    first = sender.reserve("critical", 3 * GIB)  # $3 of $4
+    assert first is not None
+    assert sender.reserve("critical", 2 * GIB) is None  # would pass on recorded spend alone
+    budget.record("t", "put", 3 * GIB)  # the meter saw the first request: not counted twice
+    part = 3 * GIB // 4
+    assert sender.allows("critical", part)
+    second = sender.reserve("critical", part)  # $3.75 of $4
+    assert second is not None and sender.reserve("critical", part) is None
+    second.release()  # abandoned, never sent
+    assert sender.reserve("critical", part) is not None  # room again
+    first.release()  # releasing a consumed reservation changes nothing
+    assert sender.reserve("critical", GIB) is None
+    state.close()
+
+
 def test_ledger_is_exact_and_survives_a_restart(tmp_path: Path) -> None:
     clock = Clock(datetime(2026, 11, 22, 12, tzinfo=UTC))
     state = StateStore.open(tmp_path)
