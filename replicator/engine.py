@@ -747,6 +747,8 @@ class Replicator:
                 again = await self.pipeline.read_file(source, current, offer)
             except (FileChangedError, SourceError):
                 return rec.path
+            metrics.READ_FILES.labels(source.name).inc()  # every read of the primary counts
+            metrics.READ_BYTES.labels(source.name).inc(again.size)
             if again.digests[spec.key] != rec.digests[spec.key]:
                 return rec.path
             if t.uploader.error is not None:
