@@ -542,6 +542,16 @@ class StateStore:
         )
         self.commit()
 
+    def forget_packs(self, repo: str, pack_ids: Iterable[str]) -> None:
+        """Forget every chunk stored in these packs (a collector deleted them)."""
+        self._flush()
+        self._absent.clear()
+        self._present.clear()
+        self.db.executemany(
+            "DELETE FROM chunks WHERE repo=? AND pack=?", [(repo, bytes.fromhex(p)) for p in pack_ids]
+        )
+        self.commit()
+
     def count_chunks(self, repo: str) -> int:
         self._flush()
         return int(self.db.execute("SELECT count(*) FROM chunks WHERE repo=?", (repo,)).fetchone()[0])

@@ -157,7 +157,8 @@ def test_modification_time_in_stat_and_list(target_spec: TargetSpec) -> None:
         listed = [o async for o in t.list("gc/")]
         await asyncio.sleep(1.1)  # S3's LastModified has whole seconds on some servers
         await t.put("gc/a", b"1")
-        return first, listed[0], await t.stat("gc/a"), [o async for o in t.list("gc/")][0]
+        again = [o async for o in t.list("gc/")]
+        return first, listed[0], await t.stat("gc/a"), again[0]
 
     started = time.time()
     first, listed, again, listed_again = run(go, target_spec)

@@ -16,8 +16,8 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-from datetime import datetime
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 from aiobotocore.config import AioConfig
