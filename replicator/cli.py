@@ -482,6 +482,67 @@ def snapshots(
 
 
 @app.command()
+def prune(
+    config_path: ConfigOpt = None,
+    target: Annotated[
+        list[str] | None, typer.Option("--target", "-t", help="Only this target (repeatable).")
+    ] = None,
+    repo: RepoOpt = None,
+    grace: Annotated[
+        str,
+        typer.Option(
+            "--grace",
+            metavar="DURATION",
+            help="Delete an unreferenced object only in a run at least this long after the run "
+            "that planned it (docs/FORMAT.md section 10).",
+        ),
+    ] = "1h",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Write and delete nothing; report what a run would do.")
+    ] = False,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+    profile: ProfileOpt = None,
+    give_up_after: GiveUpOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Garbage collection: delete chunk objects and packs no snapshot manifest references.
+
+    Two phases, safe against crashes and concurrent writers: each run deletes what a run at
+    least --grace earlier planned and is still unreferenced, then plans what is unreferenced
+    now. Run it after retention (keep_last) removed manifests: the first run plans, a run
+    after the grace period deletes. Refuses (exit 1, nothing deleted) when a listing fails or a
+    manifest cannot be read."""
+    from replicator.gc.prune import PruneOptions, prune_target, render
+    from replicator.progress import make_progress
+    from replicator.units import parse_duration
+
+    try:
+        options = PruneOptions(grace=parse_duration(grace), dry_run=dry_run)
+    except ValueError as exc:
+        fail(f"--grace: {exc}", 2)
+    if repo is not None:
+        tcfgs = [
+            repo_target_config(None, None, repo, endpoint_url, region, profile, log_level, give_up_after)[0]
+        ]
+    else:
+        config = load(config_path, log_level)
+        try:
+            chosen = [config.target(n) for n in target] if target else list(config.targets)
+        except ConfigError as exc:
+            fail(str(exc), 2)
+        tcfgs = [with_give_up(c, give_up_after) for c in chosen]
+    progress = make_progress(quiet or as_json)
+    results = [run_coroutine(lambda c=c: prune_target(c, options, progress)) for c in tcfgs]  # type: ignore[misc]
+    if as_json:
+        emit_json([r.to_json() for r in results])
+    else:
+        typer.echo("\n".join(render(r) for r in results))
+
+
+@app.command()
 def restore(
     dest: Annotated[
         str,

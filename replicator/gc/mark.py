@@ -23,10 +23,15 @@ _SUFFIX = ".json.zst"
 @dataclass
 class Marks:
     live: set[str] = field(default_factory=set)
-    """Keys of the chunk objects and packs some manifest references. A packed chunk marks
-    its pack *and* its loose key: a loose copy may be what keeps it readable (FORMAT.md 4.1)."""
+    """Keys of the chunk objects and packs some manifest references."""
+    copies: set[str] = field(default_factory=set)
+    """Loose keys of packed chunks: usually absent, but a loose copy (``verify --repair``)
+    may be what keeps a chunk readable when its pack is damaged (FORMAT.md 4.1), so kept."""
     manifests: int = 0
     sources: int = 0
+
+    def keeps(self, key: str) -> bool:
+        return key in self.live or key in self.copies
 
 
 async def mark(repo: Repository, progress: ProgressSink | None = None, *, concurrency: int = 8) -> Marks:
@@ -46,6 +51,7 @@ async def mark(repo: Repository, progress: ProgressSink | None = None, *, concur
         if latest is not None:
             refs[parts[1]] = latest
     found: list[tuple[str, str]] = []
+    sizes: dict[tuple[str, str], int] = {}
     async for info in target.list("snapshots/"):
         parts = info.key.split("/")
         name = parts[-1]
@@ -57,6 +63,7 @@ async def mark(repo: Repository, progress: ProgressSink | None = None, *, concur
         ):
             raise GcRefusedError("unrecognized object under snapshots/", key=info.key, hint=_HINT)
         found.append((parts[1], name[: -len(_SUFFIX)]))
+        sizes[found[-1]] = info.size
     listed = set(found)
     for source, sid in refs.items():
         if (source, sid) not in listed:
@@ -67,7 +74,7 @@ async def mark(repo: Repository, progress: ProgressSink | None = None, *, concur
             )
     marks = Marks(manifests=len(found), sources=len({s for s, _ in found} | set(refs)))
     sem = asyncio.Semaphore(concurrency)
-    progress.begin("reading manifests", len(found))
+    progress.begin("reading manifests", sum(sizes.values()))
 
     async def one(source: str, sid: str) -> None:
         async with sem:
@@ -81,16 +88,19 @@ async def mark(repo: Repository, progress: ProgressSink | None = None, *, concur
                 ) from None
         for f in manifest.files:
             for cid, _ in f.chunks:
-                marks.live.add(chunk_key(cid))
                 at = manifest.packed.get(cid)
-                if at is not None:
+                if at is None:
+                    marks.live.add(chunk_key(cid))
+                else:
                     marks.live.add(pack_key(at[0]))
-        progress.advance(1)
+                    marks.copies.add(chunk_key(cid))
+        progress.advance(sizes[source, sid])
 
     try:
         await asyncio.gather(*(one(s, i) for s, i in found))
     finally:
         progress.end()
+    marks.copies -= marks.live
     return marks
 
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+from replicator.config import TargetConfig
 from replicator.errors import (
     AlreadyExistsError,
     GcBusyError,
@@ -55,7 +56,9 @@ from replicator.gc.protocol import (
 from replicator.log import get_logger
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository
+from replicator.targets import open_target
 from replicator.targets.base import ObjectInfo, Target
+from replicator.units import format_size
 
 log = get_logger(__name__)
 
@@ -184,8 +187,8 @@ async def _run(
     # Phase 1: plan what is unreferenced now and not already waiting in a plan.
     marks, objects = await evidence.get()
     planned = {k for _, keys in waiting.values() for k in keys}
-    live = [info for k, info in objects.items() if k in marks.live]
-    garbage = {k: info for k, info in objects.items() if k not in marks.live}
+    live = [info for k, info in objects.items() if marks.keeps(k)]
+    garbage = {k: info for k, info in objects.items() if not marks.keeps(k)}
     new = sorted(k for k in garbage if k not in planned)
     if new and lock is not None:
         await target.put(f"{PLANS}{run_id}.json", encode_keys("plan", new))
@@ -232,7 +235,7 @@ async def _phase2(
                 info = objects.get(key)
                 if (
                     info is not None
-                    and key not in marks.live
+                    and not marks.keeps(key)
                     and info.mtime is not None
                     and plan_info.mtime is not None
                     and info.mtime < plan_info.mtime  # written again since the plan: keep
@@ -329,3 +332,39 @@ async def _release_lock(target: Target, lock: Heartbeat) -> None:
     with contextlib.suppress(TargetError):
         if await target.get(LOCK_KEY) == lock.body:  # never release a lock taken over from us
             await target.delete(LOCK_KEY)
+
+
+async def prune_target(
+    cfg: TargetConfig, options: PruneOptions | None = None, progress: ProgressSink | None = None
+) -> PruneResult:
+    """Open the repository at ``cfg`` and :func:`prune` it."""
+    target = await open_target(cfg)
+    try:
+        return await prune(await Repository.open(target), options, progress)
+    finally:
+        await target.close()
+
+
+def render(result: PruneResult) -> str:
+    """The text form of a prune result (``--json`` prints :meth:`PruneResult.to_json`)."""
+    would = "would be " if result.dry_run else ""
+    lines = [
+        f"{result.target}: {result.manifests} manifests of {result.sources} sources reference "
+        f"{result.live_objects} objects ({format_size(result.live_bytes)})",
+        f"  deleted:  {result.deleted_objects} objects, {format_size(result.deleted_bytes)} reclaimed"
+        if not result.dry_run
+        else f"  {would}deleted: {result.deleted_objects} objects, {format_size(result.deleted_bytes)}",
+        f"  {would}planned: {result.planned_objects} unreferenced objects "
+        f"({format_size(result.planned_bytes)}), deleted by a run after the grace period",
+        f"  garbage left: {result.garbage_objects} objects ({format_size(result.garbage_bytes)}); "
+        f"plans waiting: {result.waiting_plans}",
+    ]
+    if result.deferred:
+        lines.append(f"  deferred: {result.deferred}")
+    if result.missing:
+        lines.append(f"  warning: {result.missing} referenced objects are missing (run `replicator verify`)")
+    if result.upgraded:
+        lines.append("  repository upgraded to version 2 (writers older than the GC protocol now refuse it)")
+    lines += [f"  note: {n}" for n in result.notes]
+    lines.append(f"  took {result.seconds:.1f}s")
+    return "\n".join(lines)
