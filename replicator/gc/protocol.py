@@ -173,8 +173,13 @@ async def alive(target: Target, info: ObjectInfo, now: float, lease: float) -> b
 
 
 async def server_now(target: Target, key: str) -> float:
-    """The storage's clock: the modification time of ``key``, just written by the caller."""
-    info = await target.stat(key)
+    """The storage's clock: the modification time of ``key``, just written by the caller.
+    Read from a listing, like every time it is compared with (an S3 HEAD's Last-Modified has
+    whole seconds where a listing has milliseconds)."""
+    info = None
+    async for found in target.list(key):
+        if found.key == key:
+            info = found
     if info is None or info.mtime is None:
         raise RepositoryError(
             "the target reports no modification times; garbage collection needs them",
