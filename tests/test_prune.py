@@ -428,6 +428,7 @@ def test_writers_and_a_looping_prune_never_leave_a_dangling_reference(
     stop.set()
     gc_thread.join(timeout=600)
     assert not failures, failures
+    assert len(results) >= 3, "the collector ran while the writers wrote"
     assert not [e for e in errors if not isinstance(e, GcRefusedError)], errors
     for _ in range(2):  # finish what the loop planned
         results.append(run(lambda: prune_target(tcfg, PruneOptions(grace=0))))

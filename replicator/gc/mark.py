@@ -13,7 +13,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from replicator.config import NAME_RE
-from replicator.errors import GcRefusedError, RepositoryError
+from replicator.errors import GcRefusedError, NotFoundError, RepositoryError
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, chunk_key, is_snapshot_id, pack_key
 
@@ -34,8 +34,29 @@ class Marks:
         return key in self.live or key in self.copies
 
 
+MARK_ATTEMPTS = 3
+
+
+class _Vanished(Exception):
+    """A listed manifest was deleted before it was read (a writer's retention)."""
+
+
 async def mark(repo: Repository, progress: ProgressSink | None = None, *, concurrency: int = 8) -> Marks:
-    progress = progress or NoProgress()
+    """Refs, then one listing of ``snapshots/``, then every manifest it shows. A manifest
+    deleted between the listing and its read (retention, by a writer that published a newer
+    one after the listing) starts the whole mark again: the newer manifest must be read too."""
+    for attempt in range(1, MARK_ATTEMPTS + 1):
+        try:
+            return await _mark(repo, progress or NoProgress(), concurrency)
+        except _Vanished as exc:
+            if attempt == MARK_ATTEMPTS:
+                raise GcRefusedError(
+                    "manifests keep disappearing while they are read", key=str(exc), hint=_HINT
+                ) from None
+    raise AssertionError("unreachable")
+
+
+async def _mark(repo: Repository, progress: ProgressSink, concurrency: int) -> Marks:
     target = repo.target
     # Refs first, then the manifests: a manifest is written before the ref that names it, so
     # a ref read earlier names a manifest the later listing must show.
@@ -80,6 +101,8 @@ async def mark(repo: Repository, progress: ProgressSink | None = None, *, concur
         async with sem:
             try:
                 manifest = await repo.load_manifest(source, sid)
+            except NotFoundError:
+                raise _Vanished(f"snapshots/{source}/{sid}{_SUFFIX}") from None
             except RepositoryError as exc:  # damaged, forged or unknown version: never guess
                 raise GcRefusedError(
                     f"cannot read a manifest ({exc.message})",
