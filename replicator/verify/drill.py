@@ -30,7 +30,8 @@ from replicator.format.manifest import Manifest, now_utc
 from replicator.log import get_logger
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository
-from replicator.restore.core import LocalDestination, restore_snapshot
+from replicator.restore.core import restore_snapshot
+from replicator.restore.local import LocalDestination
 from replicator.verify.formats import FormatCheck, FormatProblem, check_file, torch_load
 
 log = get_logger(__name__)
