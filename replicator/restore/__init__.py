@@ -1,6 +1,8 @@
 """Restore: a snapshot's files back, byte-identical, each appearing atomically, into a place a
 training job can read.
 
+    run        `replicator restore`: open the repository, pick the snapshot (an id, 'latest'
+               or the newest at a time), open the destination, restore
     core       the algorithm over any destination: which files, what is already correct,
                reading chunks (packed ones together), bounded memory, one failure per file;
                the Destination protocol

@@ -21,8 +21,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from replicator.config import NAME_RE
 from replicator.errors import NotFoundError, RepositoryError
@@ -91,6 +92,14 @@ class DrillReport:
     @property
     def ok(self) -> bool:
         return bool(self.sources) and all(s.ok for s in self.sources)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON, with the verdicts (``ok``) of the drill and of each source."""
+        out = asdict(self)
+        out["ok"] = self.ok
+        for src, row in zip(self.sources, out["sources"], strict=True):
+            row["ok"] = src.ok
+        return out
 
 
 async def run_drill(
