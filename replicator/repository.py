@@ -344,9 +344,10 @@ class Repository:
         stamp = manifest.created_at.strftime(_ID_TIME)
         return f"{stamp}-{self.hash.digest(stored).hex()}"
 
-    async def put_snapshot(self, manifest: Manifest) -> str:
-        """Store a manifest; return its snapshot id. Its chunks must already be stored."""
-        stored = encode_manifest(manifest)
+    async def put_snapshot(self, manifest: Manifest, stored: bytes | None = None) -> str:
+        """Store a manifest; return its snapshot id. Its chunks must already be stored.
+        ``stored``: the manifest already encoded (:func:`encode_manifest`)."""
+        stored = encode_manifest(manifest) if stored is None else stored
         snapshot_id = self.new_snapshot_id(manifest, stored)
         await self.target.flush()  # the chunks are durable before anything names them
         await self.target.put(snapshot_key(manifest.source, snapshot_id), stored)
@@ -358,9 +359,9 @@ class Repository:
         await self.target.put(ref_key(source), json.dumps(body).encode() + b"\n")
         await self.target.flush()
 
-    async def publish(self, manifest: Manifest) -> str:
+    async def publish(self, manifest: Manifest, stored: bytes | None = None) -> str:
         """Manifest, then ref: the snapshot becomes the source's latest only once complete."""
-        snapshot_id = await self.put_snapshot(manifest)
+        snapshot_id = await self.put_snapshot(manifest, stored)
         await self.set_latest(manifest.source, snapshot_id)
         return snapshot_id
 
