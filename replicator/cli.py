@@ -253,46 +253,30 @@ def snapshots(
 
 @app.command()
 def prune(
-    config_path: ConfigOpt = None,
-    target: Annotated[
-        list[str] | None, typer.Option("--target", "-t", help="Only this target (repeatable).")
-    ] = None,
-    repo: RepoOpt = None,
-    grace: Annotated[
-        str,
-        typer.Option(
-            "--grace",
-            metavar="DURATION",
-            help="Delete an unreferenced object only in a run at least this long after the run "
-            "that planned it (docs/FORMAT.md section 10).",
-        ),
-    ] = "1h",
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Write and delete nothing; report what a run would do.")
-    ] = False,
-    endpoint_url: EndpointOpt = None,
-    region: RegionOpt = None,
-    profile: ProfileOpt = None,
-    give_up_after: GiveUpOpt = None,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-    log_level: LogLevelOpt = None,
+    config_path: opt.ConfigPath = None,
+    target: opt.Targets = None,
+    repo: opt.Repo = None,
+    grace: opt.Grace = "1h",
+    dry_run: opt.DryRun = False,
+    endpoint_url: opt.Endpoint = None,
+    region: opt.Region = None,
+    profile: opt.Profile = None,
+    give_up_after: opt.GiveUp = None,
+    as_json: opt.Json = False,
+    quiet: opt.Quiet = False,
+    log_level: opt.LogLevel = None,
 ) -> None:
     """Garbage collection: delete chunk objects and packs no snapshot manifest references.
 
-    Two phases, safe against crashes and concurrent writers: each run deletes what a run at
-    least --grace earlier planned and is still unreferenced, then plans what is unreferenced
-    now. Run it after retention (keep_last) removed manifests: the first run plans, a run
-    after the grace period deletes. Refuses (exit 1, nothing deleted) when a listing fails or a
-    manifest cannot be read."""
-    from replicator.gc.prune import PruneOptions, prune_target, render
-    from replicator.progress import make_progress
+    Two phases, safe against crashes and concurrent writers (docs/FORMAT.md section 10): each
+    run deletes what a run at least --grace earlier planned and is still unreferenced, then
+    plans what is unreferenced now. Run it after retention removed manifests: the first run
+    plans, a run after the grace period deletes. Refuses (exit 1, nothing deleted) when a
+    listing fails or a manifest cannot be read."""
+    from replicator.gc.prune import PruneOptions, run_prune
     from replicator.units import parse_duration
 
-    try:
-        options = PruneOptions(grace=parse_duration(grace), dry_run=dry_run)
-    except ValueError as exc:
-        fail(f"--grace: {exc}", 2)
+    options = PruneOptions(grace=parse_option("--grace", grace, parse_duration), dry_run=dry_run)
     if repo is not None:
         tcfgs = [
             repo_target_config(None, None, repo, endpoint_url, region, profile, log_level, give_up_after)[0]
@@ -305,11 +289,8 @@ def prune(
             fail(str(exc), 2)
         tcfgs = [with_give_up(c, give_up_after) for c in chosen]
     progress = make_progress(quiet or as_json)
-    results = [run_coroutine(lambda c=c: prune_target(c, options, progress)) for c in tcfgs]  # type: ignore[misc]
-    if as_json:
-        emit_json([r.to_json() for r in results])
-    else:
-        typer.echo("\n".join(render(r) for r in results))
+    results = run_coroutine(lambda: run_prune(tcfgs, options, progress))
+    emit(as_json, [r.to_json() for r in results], lambda: render.prune_lines(results))
 
 
 @app.command()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from replicator.config import TargetConfig
@@ -58,7 +58,6 @@ from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository
 from replicator.targets import open_target
 from replicator.targets.base import ObjectInfo, Target
-from replicator.units import format_size
 
 log = get_logger(__name__)
 
@@ -334,6 +333,13 @@ async def _release_lock(target: Target, lock: Heartbeat) -> None:
             await target.delete(LOCK_KEY)
 
 
+async def run_prune(
+    cfgs: Sequence[TargetConfig], options: PruneOptions | None = None, progress: ProgressSink | None = None
+) -> list[PruneResult]:
+    """``replicator prune``: each target in turn; the first refusal or failure ends it."""
+    return [await prune_target(cfg, options, progress) for cfg in cfgs]
+
+
 async def prune_target(
     cfg: TargetConfig, options: PruneOptions | None = None, progress: ProgressSink | None = None
 ) -> PruneResult:
@@ -343,28 +349,3 @@ async def prune_target(
         return await prune(await Repository.open(target), options, progress)
     finally:
         await target.close()
-
-
-def render(result: PruneResult) -> str:
-    """The text form of a prune result (``--json`` prints :meth:`PruneResult.to_json`)."""
-    would = "would be " if result.dry_run else ""
-    lines = [
-        f"{result.target}: {result.manifests} manifests of {result.sources} sources reference "
-        f"{result.live_objects} objects ({format_size(result.live_bytes)})",
-        f"  deleted:  {result.deleted_objects} objects, {format_size(result.deleted_bytes)} reclaimed"
-        if not result.dry_run
-        else f"  {would}deleted: {result.deleted_objects} objects, {format_size(result.deleted_bytes)}",
-        f"  {would}planned: {result.planned_objects} unreferenced objects "
-        f"({format_size(result.planned_bytes)}), deleted by a run after the grace period",
-        f"  garbage left: {result.garbage_objects} objects ({format_size(result.garbage_bytes)}); "
-        f"plans waiting: {result.waiting_plans}",
-    ]
-    if result.deferred:
-        lines.append(f"  deferred: {result.deferred}")
-    if result.missing:
-        lines.append(f"  warning: {result.missing} referenced objects are missing (run `replicator verify`)")
-    if result.upgraded:
-        lines.append("  repository upgraded to version 2 (writers older than the GC protocol now refuse it)")
-    lines += [f"  note: {n}" for n in result.notes]
-    lines.append(f"  took {result.seconds:.1f}s")
-    return "\n".join(lines)
