@@ -292,15 +292,20 @@ class PublishWindow:
             await self.heartbeat.write()
             listing = await list_gc(self.target)
             me = listing.infos.get(self.key)
-            if me is None or me.mtime is None:
+            if me is None:
                 raise TargetError(
                     "the writer's intent is missing from the listing that follows it",
                     target=self.target.name,
                     key=self.key,
                     hint="the store's listings are not consistent; garbage collection is unsafe on it",
                 )
-            now = me.mtime
-            busy = [i for i in listing.deleting.values() if await alive(self.target, i, now, WRITER_LEASE)]
+            # A store that reports no times makes every flag look fresh: wait, never guess.
+            now = me.mtime if me.mtime is not None else float("inf")
+            busy = [
+                i
+                for i in listing.deleting.values()
+                if me.mtime is None or await alive(self.target, i, now, WRITER_LEASE)
+            ]
             if not busy:
                 break
             if time.monotonic() - started > self.max_wait:
