@@ -409,26 +409,32 @@ class StateStore:
     def begin_listing(self, repo: str) -> None:
         """Start replacing what is known of ``repo``'s chunks with a listing of the repository:
         :meth:`add_listed` for what it lists, then :meth:`end_listing`. The listed ids wait in
-        a temporary table, not in memory (a repository can hold millions of chunks)."""
+        a temporary table, not in memory (a repository can hold millions of chunks), under the
+        repository's id: targets are opened, and listed, at once."""
         self._flush()
-        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS listed (id BLOB PRIMARY KEY) WITHOUT ROWID")
-        self.db.execute("DELETE FROM temp.listed")
+        self.db.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS listed (repo TEXT NOT NULL, id BLOB NOT NULL, "
+            "PRIMARY KEY (repo, id)) WITHOUT ROWID"
+        )
+        self.db.execute("DELETE FROM temp.listed WHERE repo=?", (repo,))
 
     def add_listed(self, repo: str, chunk_ids: Sequence[str]) -> None:
         """Loose chunk objects the listing found: stored."""
-        self._list(chunk_ids)
+        self._list(repo, chunk_ids)
         self.add_chunks(repo, chunk_ids)
 
     def end_listing(self, repo: str, packs: Iterable[str]) -> None:
         """Forget the chunks the listing did not show: loose ones it did not list, packed ones
         whose pack it did not list."""
         self._flush()
-        unlisted = "NOT IN (SELECT id FROM temp.listed)"
-        self.db.execute(f"DELETE FROM chunks WHERE repo=? AND pack IS NULL AND id {unlisted}", (repo,))
-        self.db.execute("DELETE FROM temp.listed")
-        self._list(packs)
-        self.db.execute(f"DELETE FROM chunks WHERE repo=? AND pack IS NOT NULL AND pack {unlisted}", (repo,))
-        self.db.execute("DELETE FROM temp.listed")
+        unlisted = "NOT IN (SELECT id FROM temp.listed WHERE repo=?)"
+        self.db.execute(f"DELETE FROM chunks WHERE repo=? AND pack IS NULL AND id {unlisted}", (repo, repo))
+        self.db.execute("DELETE FROM temp.listed WHERE repo=?", (repo,))
+        self._list(repo, packs)
+        self.db.execute(
+            f"DELETE FROM chunks WHERE repo=? AND pack IS NOT NULL AND pack {unlisted}", (repo, repo)
+        )
+        self.db.execute("DELETE FROM temp.listed WHERE repo=?", (repo,))
         self.db.execute(
             "UPDATE chunks SET confirmed=? WHERE repo=?", (time.time(), repo)
         )  # what is left exists
@@ -436,9 +442,9 @@ class StateStore:
         self._present.clear()
         self.commit()
 
-    def _list(self, ids: Iterable[str]) -> None:
-        rows = [(bytes.fromhex(i),) for i in ids]
-        self.db.executemany("INSERT OR IGNORE INTO temp.listed VALUES (?)", rows)
+    def _list(self, repo: str, ids: Iterable[str]) -> None:
+        rows = [(repo, bytes.fromhex(i)) for i in ids]
+        self.db.executemany("INSERT OR IGNORE INTO temp.listed VALUES (?,?)", rows)
 
     def has_chunk(self, repo: str, chunk_id: str) -> bool:
         if chunk_id in self._pending_chunks.get(repo, ()):
