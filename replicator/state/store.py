@@ -1,25 +1,5 @@
-"""The local state store: a SQLite database (WAL) under ``state_dir``.
-
-It is a cache that makes restarts cheap, never the source of truth about a target:
-
-* ``files``: per source file its signature, digests and chunk lists, so an unchanged file is
-  not read again. Paths are BLOBs of the name's exact bytes: a name that is not UTF-8 is a
-  str with lone surrogates in memory (:mod:`replicator.paths`), which SQLite cannot bind as
-  TEXT;
-* ``chunks``: per repository (by its id, not the target name) the chunk ids known to be
-  stored, and for chunks inside a pack object where they are, so deduplication needs no
-  request per chunk. A repository this store has never seen is listed once in full (and its
-  latest manifests read, for pack locations) before it is trusted. Each row also says when
-  the chunk was last *confirmed* (uploaded, or seen in a listing): a publish relies only on
-  claims confirmed by this process (or within the target's ``confirm_window``), and confirms
-  the others first (:meth:`replicator.fanout.Uploader.confirm`), so a chunk removed from a
-  target behind our back is sent again before any snapshot names it;
-* ``published``: the last snapshot written per repository and source, to skip no-op snapshots.
-
-If the file is lost or corrupt it is set aside and rebuilt from the targets and sources.
-The store is used from the event loop thread only; writes are buffered in memory (and
-visible to reads at once) and written in batches, inside transactions.
-"""
+"""The state store's database: opening, the one-process lock, write batching, and (until
+they move to typed stores of their own) every table's rows."""
 
 from __future__ import annotations
 
@@ -37,54 +17,10 @@ from replicator.format.manifest import PackedAt
 from replicator.log import get_logger
 from replicator.paths import decode_path, encode_path
 from replicator.read.pipeline import FileRecord
+from replicator.state.schema import LISTED, SCHEMA, migrate
 
 log = get_logger(__name__)
 
-SCHEMA_VERSION = 5
-_FILE_TABLES = """
-CREATE TABLE IF NOT EXISTS files (
-    source TEXT NOT NULL, path BLOB NOT NULL, signature TEXT NOT NULL,
-    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL,
-    PRIMARY KEY (source, path)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS file_chunks (
-    source TEXT NOT NULL, path BLOB NOT NULL, hash_key TEXT NOT NULL,
-    digest TEXT NOT NULL, chunks BLOB NOT NULL,
-    PRIMARY KEY (source, path, hash_key)) WITHOUT ROWID;
-"""
-_MIGRATIONS = {
-    # Version n -> n + 1, applied in turn.
-    # 1 -> 2: pack locations (a packed chunk's row names its pack; loose chunks have NULLs).
-    1: "ALTER TABLE chunks ADD COLUMN pack BLOB; ALTER TABLE chunks ADD COLUMN offset INTEGER; "
-    "ALTER TABLE chunks ADD COLUMN length INTEGER;",
-    # 2 -> 3: publishes held by the mass-deletion guard (replicator.reconcile).
-    2: "ALTER TABLE rpo ADD COLUMN held TEXT;",
-    # 3 -> 4: which process last confirmed a chunk is stored (StateStore.unconfirmed).
-    3: "ALTER TABLE chunks ADD COLUMN confirmed REAL;",
-    # 4 -> 5: paths as BLOBs of their exact bytes (issue 17). The file cache is rebuilt by
-    # reading the sources once more; what targets hold (chunks) is kept.
-    4: "DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS file_chunks;" + _FILE_TABLES,
-}
-_SCHEMA = (
-    _FILE_TABLES
-    + """
-CREATE TABLE IF NOT EXISTS repos (
-    repo TEXT PRIMARY KEY, target TEXT NOT NULL, listed_at REAL NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS chunks (
-    repo TEXT NOT NULL, id BLOB NOT NULL, pack BLOB, offset INTEGER, length INTEGER, confirmed REAL,
-    PRIMARY KEY (repo, id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rpo (
-    source TEXT NOT NULL, target TEXT NOT NULL, pending_since REAL, last_snapshot REAL,
-    last_error TEXT, breached INTEGER NOT NULL, last_alert REAL, held TEXT,
-    PRIMARY KEY (source, target)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS spend (
-    target TEXT NOT NULL, day TEXT NOT NULL, bytes INTEGER NOT NULL, puts INTEGER NOT NULL,
-    gets INTEGER NOT NULL, PRIMARY KEY (target, day)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS published (
-    repo TEXT NOT NULL, source TEXT NOT NULL, snapshot TEXT NOT NULL, content TEXT NOT NULL,
-    published_at REAL NOT NULL, PRIMARY KEY (repo, source)) WITHOUT ROWID;
-"""
-)
 _SIZE = struct.Struct("<I")
 
 
@@ -161,7 +97,7 @@ class StateStore:
                 self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
             else:
                 self.db = sqlite3.connect(":memory:", isolation_level=None)
-                self.db.executescript(_SCHEMA)
+                self.db.executescript(SCHEMA)
         else:
             self._lock_fd = self._lock(path.with_name("lock"))
             self.db = self._connect()
@@ -233,17 +169,7 @@ class StateStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
         db.execute("PRAGMA busy_timeout=5000")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        while version in _MIGRATIONS:
-            db.executescript(_MIGRATIONS[version])
-            version += 1
-            db.execute(f"PRAGMA user_version={version}")
-        if version not in (0, SCHEMA_VERSION):
-            log.warning("state.schema_reset", found=version, expected=SCHEMA_VERSION)
-            for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
-                db.execute(f'DROP TABLE "{table}"')
-        db.executescript(_SCHEMA)
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        migrate(db)
         db.execute("BEGIN")
         return db
 
@@ -412,10 +338,7 @@ class StateStore:
         a temporary table, not in memory (a repository can hold millions of chunks), under the
         repository's id: targets are opened, and listed, at once."""
         self._flush()
-        self.db.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS listed (repo TEXT NOT NULL, id BLOB NOT NULL, "
-            "PRIMARY KEY (repo, id)) WITHOUT ROWID"
-        )
+        self.db.execute(LISTED)
         self.db.execute("DELETE FROM temp.listed WHERE repo=?", (repo,))
 
     def add_listed(self, repo: str, chunk_ids: Sequence[str]) -> None:
