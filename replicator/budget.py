@@ -34,6 +34,7 @@ from replicator.config import PRIORITIES, BudgetConfig, Config, CostConfig, Prio
 from replicator.errors import ReplicatorError
 from replicator.log import get_logger
 from replicator.state import StateStore
+from replicator.state.spend import Spent
 
 log = get_logger(__name__)
 
@@ -91,7 +92,7 @@ class Ledger:
     def _day(self, target: str, day: str) -> Usage:
         key = (target, day)
         if key not in self._days:
-            self._days[key] = Usage(*self.state.spend(target, day, day))
+            self._days[key] = Usage(*self.state.spend.total(target, day, day))
         return self._days[key]
 
     def record(self, target: str, op: str, nbytes: int = 0) -> None:
@@ -104,7 +105,7 @@ class Ledger:
 
     def flush(self) -> None:
         for (target, day), u in self._unsaved.items():
-            self.state.add_spend(target, day, u.bytes, u.puts, u.gets)
+            self.state.spend.add(target, day, Spent(u.bytes, u.puts, u.gets))
         if self._unsaved:
             self._unsaved.clear()
             self.state.commit()

@@ -162,7 +162,7 @@ async def _plan_source(
         plan.bytes_scanned += sum(f.size for f in selection.files)
         records: list[FileRecord] = []
         to_read = []
-        known = state.get_files(cfg.name, [(f.path, f.signature) for f in selection.files])
+        known = state.files.get(cfg.name, [(f.path, f.signature) for f in selection.files])
         for f in selection.files:
             rec = known.get(f.path)
             if rec is not None and all(
@@ -227,8 +227,8 @@ def _add_snapshot_requests(
     """The manifest and ref a sync would write, unless the target already has this content."""
     manifest = candidate.manifest(t.spec)
     if t.repo is not None:
-        previous = state.get_published(t.repo.config.id, source)
-        if previous is not None and previous[1] == content_key(manifest):
+        previous = state.published.get(t.repo.config.id, source)
+        if previous is not None and previous.content == content_key(manifest):
             sp.gets += 1  # sync reads the ref to confirm, and writes nothing
             return
     sp.bytes += len(encode_manifest(manifest)) + 100  # + the ref object (~100 bytes of JSON)

@@ -25,7 +25,8 @@ from replicator.errors import ReplicatorError
 from replicator.repository import Repository
 from replicator.rpo import LagTracker
 from replicator.sources import open_source
-from replicator.state import RpoRow, StateStore
+from replicator.state import StateStore
+from replicator.state.rpo import RpoRow
 from replicator.targets import open_target
 from replicator.units import format_duration, format_size
 
@@ -170,7 +171,7 @@ async def offline(config: Config) -> StatusReport:
     now = time.time()
     state = StateStore.open(config.state_dir, read_only=True)
     try:
-        saved = state.load_rpo()
+        saved = state.rpo.load()
         heartbeat = state.last_heartbeat()
         budgets = budget_rows(Budget(config, Ledger(state, [t.name for t in config.targets])))
     finally:
@@ -205,7 +206,7 @@ async def offline(config: Config) -> StatusReport:
         except ReplicatorError as exc:
             target_error = str(exc)
         for s in config.sources:
-            row = saved.get((s.name, t.name), RpoRow(None, None, None, False, None))
+            row = saved.get((s.name, t.name), RpoRow())
             pending_since, last_snapshot, last_error = row.pending_since, row.last_snapshot, row.last_error
             manifest = manifests.get(s.name)
             have = {f.path: (f.size, f.mtime_ns) for f in manifest.files} if manifest else {}

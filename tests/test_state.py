@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from replicator.state import SCHEMA_VERSION, RpoRow, StateStore
+from replicator.state import SCHEMA_VERSION, StateStore
+from replicator.state.published import Published
+from replicator.state.rpo import RpoRow
+from replicator.state.spend import Spent
 
 _UNCHANGED = """
 CREATE TABLE files (
@@ -92,12 +95,20 @@ def test_a_state_store_of_each_earlier_version_opens_keeping_what_targets_hold(
         expected = {LOOSE: None, **({PACKED: (PACK, 0, 10)} if version >= 2 else {})}
         assert state.stored("repo", [LOOSE, PACKED]) == expected
         assert state.unconfirmed("repo", [LOOSE], since=0.5) == {LOOSE: None}, "confirmed by nobody yet"
-        assert state.load_rpo() == {
-            ("s", "t"): RpoRow(5.0, 4.0, "boom", True, 3.0, "held" if version >= 3 else None)
+        held = "held" if version >= 3 else None
+        assert state.rpo.load() == {
+            ("s", "t"): RpoRow(
+                pending_since=5.0,
+                last_snapshot=4.0,
+                last_error="boom",
+                breached=True,
+                last_alert=3.0,
+                held=held,
+            )
         }
-        assert state.spend("t", "2026-12-01", "2026-12-01") == (100, 2, 3)
-        assert state.get_published("repo", "s") == ("snap", "key")
-        assert state.count_files("s") == 0, "the file cache is rebuilt by reading the sources"
+        assert state.spend.total("t", "2026-12-01", "2026-12-01") == Spent(100, 2, 3)
+        assert state.published.get("repo", "s") == Published("snap", "key")
+        assert state.files.count("s") == 0, "the file cache is rebuilt by reading the sources"
     finally:
         state.close()
 

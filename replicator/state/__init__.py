@@ -22,6 +22,6 @@ visible to reads at once) and written in batches, inside transactions.
 """
 
 from replicator.state.schema import SCHEMA_VERSION
-from replicator.state.store import WRITE_BATCH, RpoRow, StateLockedError, StateStore, holder_pid
+from replicator.state.store import StateLockedError, StateStore, holder_pid
 
-__all__ = ["SCHEMA_VERSION", "WRITE_BATCH", "RpoRow", "StateLockedError", "StateStore", "holder_pid"]
+__all__ = ["SCHEMA_VERSION", "StateLockedError", "StateStore", "holder_pid"]

@@ -1,71 +1,60 @@
-"""The state store's database: opening, the one-process lock, write batching, and (until
-they move to typed stores of their own) every table's rows."""
+"""The core of the state store: the database, its lock, write batching and the run marker.
+
+:class:`StateStore` opens ``state_dir/state.db`` (SQLite, WAL), holds ``state_dir/lock`` so
+that one process at a time uses it, brings the schema up to date (replicator.state.schema),
+and hands out the typed stores that read and write the rows (module docstring of
+replicator.state). It is used from the event-loop thread only.
+
+Writes are batched: a typed store that buffers rows registers as a :class:`Buffer`; the
+store writes every buffer when together they hold WRITE_BATCH rows, before a read that needs
+them (:meth:`StateStore.flush`), and at each commit. Rows are written many per statement
+(:meth:`StateStore.insert`). A transaction is always open; it is committed every ~5,000 rows
+written, and by the stores whose contract says so.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import os
 import sqlite3
-import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.format.manifest import PackedAt
 from replicator.log import get_logger
-from replicator.paths import decode_path, encode_path
-from replicator.read.pipeline import FileRecord
+from replicator.state.files import FileCache
+from replicator.state.published import PublishedSnapshots
+from replicator.state.rpo import RpoStore
 from replicator.state.schema import LISTED, SCHEMA, migrate
+from replicator.state.spend import SpendStore
 
 log = get_logger(__name__)
 
-_SIZE = struct.Struct("<I")
-
-
-@dataclass(frozen=True)
-class RpoRow:
-    """What the daemon leaves behind per source × target for a restart and for ``status``."""
-
-    pending_since: float | None
-    """Observation time of the oldest change the target lacks; None when caught up."""
-    last_snapshot: float | None
-    last_error: str | None
-    breached: bool
-    last_alert: float | None
-    held: str | None = None
-    """Why publishing waits for an operator (replicator.reconcile), or None."""
+WRITE_BATCH = 1000
+"""Rows buffered before they are written. Each sqlite3 call releases and re-takes the GIL;
+while the pipeline's threads are busy that hand-off, not SQLite, cost ~100-250 us per
+single-row statement (measured on 10,000 small files)."""
+COMMIT_EVERY = 5000
+"""Rows written before the open transaction is committed."""
 
 
 class StateLockedError(ReplicatorError):
     exit_code = 2
 
 
-WRITE_BATCH = 1000
-"""Rows buffered before they are written. Each sqlite3 call releases and re-takes the GIL;
-while the pipeline's threads are busy that hand-off, not SQLite, cost ~100-250 us per
-single-row statement (measured on 10,000 small files)."""
+class Buffer(Protocol):
+    """Rows a typed store keeps in memory until the store writes them."""
 
+    def pending(self) -> int:
+        """How many rows are waiting to be written."""
+        ...
 
-ChunkList = tuple[tuple[str, int], ...]
-"""A file's chunks as (chunk id, length) in file order."""
-
-
-def _pack(chunks: Iterable[tuple[str, int]]) -> bytes:
-    return b"".join(bytes.fromhex(cid) + _SIZE.pack(size) for cid, size in chunks)
-
-
-def _unpack(blob: bytes, id_len: int) -> tuple[tuple[str, int], ...]:
-    step = id_len + _SIZE.size
-    return tuple(
-        (blob[i : i + id_len].hex(), _SIZE.unpack_from(blob, i + id_len)[0])
-        for i in range(0, len(blob), step)
-    )
-
-
-def _id_len(hash_key: str) -> int:
-    return 32 if hash_key == "blake3" else 16
+    def write(self) -> int:
+        """Write them, inside the open transaction; return how many were written."""
+        ...
 
 
 def holder_pid(state_dir: Path) -> int | None:
@@ -87,6 +76,9 @@ def holder_pid(state_dir: Path) -> int | None:
 
 
 class StateStore:
+    """The state database of one ``state_dir`` (module docstring). Typed stores: :attr:`files`,
+    :attr:`published`, :attr:`rpo`, :attr:`spend`."""
+
     def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
         self.read_only = read_only
@@ -102,15 +94,19 @@ class StateStore:
             self._lock_fd = self._lock(path.with_name("lock"))
             self.db = self._connect()
         self._dirty = 0
+        self._buffers: list[Buffer] = []
         self.started = time.time()
         """When this process opened the store: chunks confirmed since are its own doing."""
-        self._pending_files: dict[tuple[str, str], FileRecord] = {}
         self._pending_chunks: dict[str, dict[str, PackedAt | None]] = {}
         self._absent: dict[str, set[str]] = {}
         """Per repository, chunk ids the database was asked about in one batch (:meth:`prefetch`)
         and does not hold. Valid until the next write to the chunks table, which clears it."""
         self._present: dict[str, set[str]] = {}
         """Likewise, the ids it does hold; valid until chunks are forgotten."""
+        self.files = FileCache(self)
+        self.published = PublishedSnapshots(self)
+        self.rpo = RpoStore(self)
+        self.spend = SpendStore(self)
 
     @classmethod
     def open(cls, state_dir: Path, *, read_only: bool = False) -> StateStore:
@@ -139,17 +135,6 @@ class StateStore:
         os.write(fd, str(os.getpid()).encode())
         return fd
 
-    def begin_run(self) -> bool:
-        """Mark the store as in use; return False if the previous run did not end cleanly."""
-        row = self.db.execute("SELECT value FROM meta WHERE key='clean'").fetchone()
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', '0')")
-        self.commit()
-        return row is None or row[0] == "1"
-
-    def end_run(self) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', '1')")
-        self.commit()
-
     def _connect(self) -> sqlite3.Connection:
         try:
             db = self._init(sqlite3.connect(self.path, isolation_level=None))
@@ -173,61 +158,51 @@ class StateStore:
         db.execute("BEGIN")
         return db
 
-    def commit(self) -> None:
-        self._flush()
-        self.db.execute("COMMIT")
-        self.db.execute("BEGIN")
-        self._dirty = 0
+    # -- run marker and liveness (the meta table) ----------------------------------------------
 
-    def _touch(self, n: int = 1) -> None:
-        self._dirty += n
-        if self._dirty >= 5000:
-            self.commit()
+    def begin_run(self) -> bool:
+        """Mark the store as in use; return False if the previous run did not end cleanly."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='clean'").fetchone()
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', '0')")
+        self.commit()
+        return row is None or row[0] == "1"
 
-    def _buffered(self) -> None:
-        if len(self._pending_files) + sum(map(len, self._pending_chunks.values())) >= WRITE_BATCH:
-            self._flush()
-            if self._dirty >= 5000:
+    def end_run(self) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', '1')")
+        self.commit()
+
+    def heartbeat(self) -> None:
+        """The daemon is alive and watching (``replicator status`` uses it when it is not)."""
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('heartbeat', ?)", (str(time.time()),))
+        self.commit()
+
+    def last_heartbeat(self) -> float | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key='heartbeat'").fetchone()
+        return float(row[0]) if row else None
+
+    # -- write batching ---------------------------------------------------------------------
+
+    def register(self, buffer: Buffer) -> None:
+        """Have the store write ``buffer``'s rows in its batches (module docstring)."""
+        self._buffers.append(buffer)
+
+    def buffered(self) -> None:
+        """A buffer took rows: write every buffer once they hold WRITE_BATCH."""
+        waiting = sum(map(len, self._pending_chunks.values()))
+        if waiting + sum(b.pending() for b in self._buffers) >= WRITE_BATCH:
+            self.flush()
+            if self._dirty >= COMMIT_EVERY:
                 self.commit()
 
-    def _flush(self) -> None:
-        """Write buffered rows, many per statement (see WRITE_BATCH and :meth:`_rows`)."""
-        files, chunks = list(self._pending_files.items()), self._pending_chunks
-        self._pending_files, self._pending_chunks = {}, {}
+    def flush(self) -> None:
+        """Write every buffered row (before a read that must see them all)."""
+        chunks = self._pending_chunks
+        self._pending_chunks = {}
         if chunks:
             self._absent.clear()
-        if files:
-            raw = [encode_path(r.path) for _, r in files]
-            self._rows(
-                "INSERT OR REPLACE INTO files VALUES",
-                [
-                    (s, p, r.signature, r.size, r.mtime_ns, r.mode)
-                    for ((s, _), r), p in zip(files, raw, strict=True)
-                ],
-            )
-            by_source: dict[str, list[bytes]] = {}
-            for ((source, _), _), path in zip(files, raw, strict=True):
-                by_source.setdefault(source, []).append(path)
-            for source, paths in by_source.items():
-                # Not "(source, path) IN (VALUES ...)": SQLite scans the whole table for that
-                # (quadratic in the number of files; 20,000 files: ~0.3 s).
-                for start in range(0, len(paths), 500):
-                    batch = paths[start : start + 500]
-                    self.db.execute(
-                        f"DELETE FROM file_chunks WHERE source=? AND path IN ({','.join('?' * len(batch))})",
-                        (source, *batch),
-                    )
-            self._rows(
-                "INSERT INTO file_chunks VALUES",
-                [
-                    (s, p, k, r.digests[k], _pack(v))
-                    for ((s, _), r), p in zip(files, raw, strict=True)
-                    for k, v in r.chunks.items()
-                ],
-            )
         now = time.time()
         for repo, ids in chunks.items():
-            self._rows(
+            self.insert(
                 "INSERT INTO chunks VALUES",
                 [
                     (repo, bytes.fromhex(c), None, None, None, now)
@@ -238,9 +213,23 @@ class StateStore:
                 # A chunk already known keeps its first location (any stored copy serves).
                 tail="ON CONFLICT (repo, id) DO UPDATE SET confirmed = excluded.confirmed",
             )
-        self._dirty += len(files) + sum(map(len, chunks.values()))
+        self._dirty += sum(map(len, chunks.values()))
+        for buffer in self._buffers:
+            self._dirty += buffer.write()
 
-    def _rows(self, head: str, rows: Sequence[tuple[object, ...]], tail: str = "") -> None:
+    def touch(self, n: int = 1) -> None:
+        """``n`` rows were written directly (not buffered): commit once many were."""
+        self._dirty += n
+        if self._dirty >= COMMIT_EVERY:
+            self.commit()
+
+    def commit(self) -> None:
+        self.flush()
+        self.db.execute("COMMIT")
+        self.db.execute("BEGIN")
+        self._dirty = 0
+
+    def insert(self, head: str, rows: Sequence[tuple[object, ...]], tail: str = "") -> None:
         """``head (?,..),(?,..),.. tail`` with up to 200 rows per statement. executemany steps
         once per row, and each step releases the GIL and waits to get it back while the
         pipeline's threads are busy: one statement per row cost ~50 us per small file."""
@@ -253,66 +242,10 @@ class StateStore:
         if self.read_only:
             self.db.close()
             return
-        self._flush()
+        self.flush()
         self.db.execute("COMMIT")
         self.db.close()
         os.close(self._lock_fd)
-
-    # -- files --------------------------------------------------------------------------------
-
-    def get_files(self, source: str, wanted: Sequence[tuple[str, str]]) -> dict[str, FileRecord]:
-        """path -> cached record, for those of these (path, signature) pairs whose signature
-        still matches. 500 paths per query: one query per file cost ~25 us each on 20,000 files,
-        mostly GIL hand-offs."""
-        out: dict[str, FileRecord] = {}
-        signatures = dict(wanted)
-        lookup: list[str] = []
-        for path, signature in wanted:
-            pending = self._pending_files.get((source, path))
-            if pending is None:
-                lookup.append(path)
-            elif pending.signature == signature:
-                out[path] = pending
-        for start in range(0, len(lookup), 500):
-            batch = [encode_path(p) for p in lookup[start : start + 500]]
-            rows = self.db.execute(
-                "SELECT f.path, f.signature, f.size, f.mtime_ns, f.mode, c.hash_key, c.digest, c.chunks "
-                "FROM files f JOIN file_chunks c ON c.source = f.source AND c.path = f.path "
-                f"WHERE f.source=? AND f.path IN ({','.join('?' * len(batch))})",
-                (source, *batch),
-            )
-            found: dict[str, tuple[tuple[int, int, int], dict[str, str], dict[str, ChunkList]]] = {}
-            for raw, signature, size, mtime_ns, mode, key, digest, blob in rows:
-                path = decode_path(raw)
-                if signature != signatures[path]:
-                    continue
-                meta, digests, chunks = found.setdefault(path, ((size, mtime_ns, mode), {}, {}))
-                digests[key] = digest
-                chunks[key] = _unpack(blob, _id_len(key))
-            for path, (meta, digests, chunks) in found.items():
-                out[path] = FileRecord(path, *meta, signatures[path], digests, chunks)
-        return out
-
-    def put_file(self, source: str, record: FileRecord) -> None:
-        self._pending_files[(source, record.path)] = record
-        self._buffered()
-
-    def count_files(self, source: str) -> int:
-        self._flush()
-        return int(self.db.execute("SELECT count(*) FROM files WHERE source=?", (source,)).fetchone()[0])
-
-    def forget_files_except(self, source: str, keep: set[str]) -> None:
-        """Drop records of files no longer present in the source."""
-        self._flush()
-        gone = [
-            raw
-            for (raw,) in self.db.execute("SELECT path FROM files WHERE source=?", (source,))
-            if decode_path(raw) not in keep
-        ]
-        for p in gone:
-            self.db.execute("DELETE FROM files WHERE source=? AND path=?", (source, p))
-            self.db.execute("DELETE FROM file_chunks WHERE source=? AND path=?", (source, p))
-        self._touch(len(gone))
 
     # -- chunk presence -----------------------------------------------------------------------
 
@@ -323,21 +256,12 @@ class StateStore:
         self.db.execute("INSERT OR REPLACE INTO repos VALUES (?,?,?)", (repo, target, time.time()))
         self.commit()
 
-    def forget_repo(self, repo: str) -> None:
-        self._flush()
-        self._absent.clear()
-        self._present.clear()
-        self.db.execute("DELETE FROM repos WHERE repo=?", (repo,))
-        self.db.execute("DELETE FROM chunks WHERE repo=?", (repo,))
-        self.db.execute("DELETE FROM published WHERE repo=?", (repo,))
-        self.commit()
-
     def begin_listing(self, repo: str) -> None:
         """Start replacing what is known of ``repo``'s chunks with a listing of the repository:
         :meth:`add_listed` for what it lists, then :meth:`end_listing`. The listed ids wait in
         a temporary table, not in memory (a repository can hold millions of chunks), under the
         repository's id: targets are opened, and listed, at once."""
-        self._flush()
+        self.flush()
         self.db.execute(LISTED)
         self.db.execute("DELETE FROM temp.listed WHERE repo=?", (repo,))
 
@@ -349,7 +273,7 @@ class StateStore:
     def end_listing(self, repo: str, packs: Iterable[str]) -> None:
         """Forget the chunks the listing did not show: loose ones it did not list, packed ones
         whose pack it did not list."""
-        self._flush()
+        self.flush()
         unlisted = "NOT IN (SELECT id FROM temp.listed WHERE repo=?)"
         self.db.execute(f"DELETE FROM chunks WHERE repo=? AND pack IS NULL AND id {unlisted}", (repo, repo))
         self.db.execute("DELETE FROM temp.listed WHERE repo=?", (repo,))
@@ -413,7 +337,7 @@ class StateStore:
         pending = self._pending_chunks.setdefault(repo, {})
         for cid in chunk_ids:
             pending.setdefault(cid, None)
-        self._buffered()
+        self.buffered()
 
     def add_packed(self, repo: str, chunks: Iterable[tuple[str, PackedAt]]) -> None:
         """Record chunks stored inside pack objects, with where they are. A chunk already known
@@ -421,12 +345,12 @@ class StateStore:
         pending = self._pending_chunks.setdefault(repo, {})
         for cid, at in chunks:
             pending.setdefault(cid, at)
-        self._buffered()
+        self.buffered()
 
     def unconfirmed(self, repo: str, chunk_ids: Iterable[str], since: float) -> dict[str, PackedAt | None]:
         """Those of these chunks the store claims are stored but nobody confirmed (uploaded
         them, or saw them in a listing) since ``since`` (Unix time), and where they would be."""
-        self._flush()
+        self.flush()
         ids = list(dict.fromkeys(chunk_ids))
         out: dict[str, PackedAt | None] = {}
         for start in range(0, len(ids), 500):
@@ -443,14 +367,14 @@ class StateStore:
 
     def confirm_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
         """These chunks were found stored just now."""
-        self._flush()
+        self.flush()
         self.db.executemany(
             "UPDATE chunks SET confirmed=? WHERE repo=? AND id=?",
             [(time.time(), repo, bytes.fromhex(c)) for c in chunk_ids],
         )
 
     def count_packs(self, repo: str) -> int:
-        self._flush()
+        self.flush()
         row = self.db.execute(
             "SELECT count(DISTINCT pack) FROM chunks WHERE repo=? AND pack IS NOT NULL", (repo,)
         )
@@ -459,11 +383,11 @@ class StateStore:
     def stored(self, repo: str, chunk_ids: Iterable[str]) -> dict[str, PackedAt | None]:
         """Which of these chunks are stored, and where: a pack location, or None for a loose
         object. 500 ids per query (one per chunk cost ~4 us each on 20,000 chunks)."""
-        self._flush()
+        self.flush()
         return dict(self._select_chunks(repo, list(dict.fromkeys(chunk_ids))))
 
     def forget_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
-        self._flush()
+        self.flush()
         self._absent.clear()
         self._present.clear()
         self.db.executemany(
@@ -472,75 +396,5 @@ class StateStore:
         self.commit()
 
     def count_chunks(self, repo: str) -> int:
-        self._flush()
+        self.flush()
         return int(self.db.execute("SELECT count(*) FROM chunks WHERE repo=?", (repo,)).fetchone()[0])
-
-    # -- recovery point (replicator.rpo) ----------------------------------------------------------
-
-    def load_rpo(self) -> dict[tuple[str, str], RpoRow]:
-        rows = self.db.execute(
-            "SELECT source, target, pending_since, last_snapshot, last_error, breached, last_alert, held "
-            "FROM rpo"
-        )
-        return {(r[0], r[1]): RpoRow(r[2], r[3], r[4], bool(r[5]), r[6], r[7]) for r in rows}
-
-    def save_rpo(self, source: str, target: str, row: RpoRow) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO rpo VALUES (?,?,?,?,?,?,?,?)",
-            (
-                source,
-                target,
-                row.pending_since,
-                row.last_snapshot,
-                row.last_error,
-                int(row.breached),
-                row.last_alert,
-                row.held,
-            ),
-        )
-        self.commit()
-
-    # -- spend ledger (replicator.budget) ---------------------------------------------------------
-
-    def add_spend(self, target: str, day: str, nbytes: int, puts: int, gets: int) -> None:
-        self.db.execute(
-            "INSERT INTO spend VALUES (?,?,?,?,?) ON CONFLICT (target, day) DO UPDATE SET "
-            "bytes = bytes + excluded.bytes, puts = puts + excluded.puts, gets = gets + excluded.gets",
-            (target, day, nbytes, puts, gets),
-        )
-
-    def spend(self, target: str | None, first_day: str, last_day: str) -> tuple[int, int, int]:
-        """(bytes, puts, gets) of one target, or of all (None), over an inclusive day range."""
-        where = "day BETWEEN ? AND ?" + ("" if target is None else " AND target = ?")
-        args = (first_day, last_day) if target is None else (first_day, last_day, target)
-        row = self.db.execute(
-            "SELECT coalesce(sum(bytes),0), coalesce(sum(puts),0), coalesce(sum(gets),0) "
-            f"FROM spend WHERE {where}",
-            args,
-        ).fetchone()
-        return int(row[0]), int(row[1]), int(row[2])
-
-    def heartbeat(self) -> None:
-        """The daemon is alive and watching (``replicator status`` uses it when it is not)."""
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('heartbeat', ?)", (str(time.time()),))
-        self.commit()
-
-    def last_heartbeat(self) -> float | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key='heartbeat'").fetchone()
-        return float(row[0]) if row else None
-
-    # -- published snapshots ------------------------------------------------------------------
-
-    def get_published(self, repo: str, source: str) -> tuple[str, str] | None:
-        row = self.db.execute(
-            "SELECT snapshot, content FROM published WHERE repo=? AND source=?", (repo, source)
-        )
-        found = row.fetchone()
-        return (found[0], found[1]) if found else None
-
-    def set_published(self, repo: str, source: str, snapshot: str, content: str) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO published VALUES (?,?,?,?,?)",
-            (repo, source, snapshot, content, time.time()),
-        )
-        self.commit()
