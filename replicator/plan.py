@@ -119,7 +119,7 @@ async def make_plan(config: Config, progress: ProgressSink | None = None) -> Pla
 
 
 def _has(t: _Target, state: StateStore, cid: str) -> bool:
-    if t.repo_id is not None and state.has_chunk(t.repo_id, cid):
+    if t.repo_id is not None and state.chunks(t.repo_id).has(cid):
         return True
     return cid in t.present or cid in t.counted
 
@@ -211,7 +211,7 @@ async def _open(config: Config, name: str, state: StateStore) -> _Target:
             return _Target(plan, None, HashSpec(cfg.hash), set(), None, config.chunking)
         present: set[str] = set()
         repo_id: str | None = repo.config.id
-        if not state.repo_listed(repo.config.id):
+        if not state.chunks(repo.config.id).listed:
             listed = [cid async for cid, _ in repo.list_chunks()]
             present = set(listed)
             plan.puts += 2 + len(listed) // 1000  # LIST requests (chunks, packs), as sync will make them

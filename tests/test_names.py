@@ -400,7 +400,7 @@ def test_a_version_4_state_store_is_migrated_keeping_what_targets_hold(tmp_path:
             sorted(p.name for p in tmp_path.iterdir() if "corrupt" in p.name) == []
         )  # migrated, not rebuilt
         assert state.files.count("s") == 0  # the file cache is rebuilt from the sources
-        assert state.has_chunk("repo", "01")  # what a target holds is still known
+        assert state.chunks("repo").has("01")  # what a target holds is still known
         assert state.published.get("repo", "s") == ("snap", "key")
         types = {row[1]: row[2] for row in state.db.execute("PRAGMA table_info(files)")}
         assert types["path"] == "BLOB"

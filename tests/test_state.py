@@ -91,10 +91,11 @@ def test_a_state_store_of_each_earlier_version_opens_keeping_what_targets_hold(
         assert state.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert not [p for p in tmp_path.iterdir() if "corrupt" in p.name], "migrated, not rebuilt"
         assert state.begin_run(), "the previous run ended cleanly"
-        assert state.repo_listed("repo")
+        chunks = state.chunks("repo")
+        assert chunks.listed
         expected = {LOOSE: None, **({PACKED: (PACK, 0, 10)} if version >= 2 else {})}
-        assert state.stored("repo", [LOOSE, PACKED]) == expected
-        assert state.unconfirmed("repo", [LOOSE], since=0.5) == {LOOSE: None}, "confirmed by nobody yet"
+        assert chunks.stored([LOOSE, PACKED]) == expected
+        assert chunks.unconfirmed([LOOSE]) == {LOOSE: None}, "confirmed by nobody yet"
         held = "held" if version >= 3 else None
         assert state.rpo.load() == {
             ("s", "t"): RpoRow(
@@ -122,8 +123,8 @@ def test_a_state_store_of_a_newer_version_is_reset(tmp_path: Path) -> None:
     state = StateStore.open(tmp_path)
     try:
         assert state.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert not state.repo_listed("repo")
-        assert state.stored("repo", [LOOSE]) == {}
+        assert not state.chunks("repo").listed
+        assert state.chunks("repo").stored([LOOSE]) == {}
     finally:
         state.close()
 
@@ -132,7 +133,7 @@ def test_a_damaged_state_file_is_set_aside_and_rebuilt(tmp_path: Path) -> None:
     (tmp_path / "state.db").write_bytes(b"not a database" * 100)
     state = StateStore.open(tmp_path)
     try:
-        assert not state.repo_listed("repo")
+        assert not state.chunks("repo").listed
         (aside,) = [p.name for p in tmp_path.iterdir() if "corrupt" in p.name]
         assert aside.startswith("state.db.corrupt-")
     finally:

@@ -18,17 +18,17 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 from replicator.errors import ConfigError, ReplicatorError
-from replicator.format.manifest import PackedAt
 from replicator.log import get_logger
+from replicator.state.chunks import ChunkIndex
 from replicator.state.files import FileCache
 from replicator.state.published import PublishedSnapshots
 from replicator.state.rpo import RpoStore
-from replicator.state.schema import LISTED, SCHEMA, migrate
+from replicator.state.schema import SCHEMA, migrate
 from replicator.state.spend import SpendStore
 
 log = get_logger(__name__)
@@ -77,7 +77,7 @@ def holder_pid(state_dir: Path) -> int | None:
 
 class StateStore:
     """The state database of one ``state_dir`` (module docstring). Typed stores: :attr:`files`,
-    :attr:`published`, :attr:`rpo`, :attr:`spend`."""
+    :attr:`published`, :attr:`rpo`, :attr:`spend`, and :meth:`chunks` per repository."""
 
     def __init__(self, path: Path, read_only: bool = False) -> None:
         self.path = path
@@ -97,16 +97,19 @@ class StateStore:
         self._buffers: list[Buffer] = []
         self.started = time.time()
         """When this process opened the store: chunks confirmed since are its own doing."""
-        self._pending_chunks: dict[str, dict[str, PackedAt | None]] = {}
-        self._absent: dict[str, set[str]] = {}
-        """Per repository, chunk ids the database was asked about in one batch (:meth:`prefetch`)
-        and does not hold. Valid until the next write to the chunks table, which clears it."""
-        self._present: dict[str, set[str]] = {}
-        """Likewise, the ids it does hold; valid until chunks are forgotten."""
+        self._indexes: dict[str, ChunkIndex] = {}
         self.files = FileCache(self)
         self.published = PublishedSnapshots(self)
         self.rpo = RpoStore(self)
         self.spend = SpendStore(self)
+
+    def chunks(self, repo: str) -> ChunkIndex:
+        """What the repository with id ``repo`` is known to hold; one object per repository, so
+        that every user of it sees the same prefetch caches and buffered claims."""
+        index = self._indexes.get(repo)
+        if index is None:
+            index = self._indexes[repo] = ChunkIndex(self, repo)
+        return index
 
     @classmethod
     def open(cls, state_dir: Path, *, read_only: bool = False) -> StateStore:
@@ -188,32 +191,13 @@ class StateStore:
 
     def buffered(self) -> None:
         """A buffer took rows: write every buffer once they hold WRITE_BATCH."""
-        waiting = sum(map(len, self._pending_chunks.values()))
-        if waiting + sum(b.pending() for b in self._buffers) >= WRITE_BATCH:
+        if sum(b.pending() for b in self._buffers) >= WRITE_BATCH:
             self.flush()
             if self._dirty >= COMMIT_EVERY:
                 self.commit()
 
     def flush(self) -> None:
         """Write every buffered row (before a read that must see them all)."""
-        chunks = self._pending_chunks
-        self._pending_chunks = {}
-        if chunks:
-            self._absent.clear()
-        now = time.time()
-        for repo, ids in chunks.items():
-            self.insert(
-                "INSERT INTO chunks VALUES",
-                [
-                    (repo, bytes.fromhex(c), None, None, None, now)
-                    if at is None
-                    else (repo, bytes.fromhex(c), bytes.fromhex(at[0]), at[1], at[2], now)
-                    for c, at in ids.items()
-                ],
-                # A chunk already known keeps its first location (any stored copy serves).
-                tail="ON CONFLICT (repo, id) DO UPDATE SET confirmed = excluded.confirmed",
-            )
-        self._dirty += sum(map(len, chunks.values()))
         for buffer in self._buffers:
             self._dirty += buffer.write()
 
@@ -246,155 +230,3 @@ class StateStore:
         self.db.execute("COMMIT")
         self.db.close()
         os.close(self._lock_fd)
-
-    # -- chunk presence -----------------------------------------------------------------------
-
-    def repo_listed(self, repo: str) -> bool:
-        return self.db.execute("SELECT 1 FROM repos WHERE repo=?", (repo,)).fetchone() is not None
-
-    def mark_repo_listed(self, repo: str, target: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO repos VALUES (?,?,?)", (repo, target, time.time()))
-        self.commit()
-
-    def begin_listing(self, repo: str) -> None:
-        """Start replacing what is known of ``repo``'s chunks with a listing of the repository:
-        :meth:`add_listed` for what it lists, then :meth:`end_listing`. The listed ids wait in
-        a temporary table, not in memory (a repository can hold millions of chunks), under the
-        repository's id: targets are opened, and listed, at once."""
-        self.flush()
-        self.db.execute(LISTED)
-        self.db.execute("DELETE FROM temp.listed WHERE repo=?", (repo,))
-
-    def add_listed(self, repo: str, chunk_ids: Sequence[str]) -> None:
-        """Loose chunk objects the listing found: stored."""
-        self._list(repo, chunk_ids)
-        self.add_chunks(repo, chunk_ids)
-
-    def end_listing(self, repo: str, packs: Iterable[str]) -> None:
-        """Forget the chunks the listing did not show: loose ones it did not list, packed ones
-        whose pack it did not list."""
-        self.flush()
-        unlisted = "NOT IN (SELECT id FROM temp.listed WHERE repo=?)"
-        self.db.execute(f"DELETE FROM chunks WHERE repo=? AND pack IS NULL AND id {unlisted}", (repo, repo))
-        self.db.execute("DELETE FROM temp.listed WHERE repo=?", (repo,))
-        self._list(repo, packs)
-        self.db.execute(
-            f"DELETE FROM chunks WHERE repo=? AND pack IS NOT NULL AND pack {unlisted}", (repo, repo)
-        )
-        self.db.execute("DELETE FROM temp.listed WHERE repo=?", (repo,))
-        self.db.execute(
-            "UPDATE chunks SET confirmed=? WHERE repo=?", (time.time(), repo)
-        )  # what is left exists
-        self._absent.clear()
-        self._present.clear()
-        self.commit()
-
-    def _list(self, repo: str, ids: Iterable[str]) -> None:
-        rows = [(repo, bytes.fromhex(i)) for i in ids]
-        self.db.executemany("INSERT OR IGNORE INTO temp.listed VALUES (?,?)", rows)
-
-    def has_chunk(self, repo: str, chunk_id: str) -> bool:
-        if chunk_id in self._pending_chunks.get(repo, ()):
-            return True
-        if chunk_id in self._present.get(repo, ()):
-            return True
-        if chunk_id in self._absent.get(repo, ()):
-            return False
-        return (
-            self.db.execute(
-                "SELECT 1 FROM chunks WHERE repo=? AND id=?", (repo, bytes.fromhex(chunk_id))
-            ).fetchone()
-            is not None
-        )
-
-    def prefetch(self, repo: str, chunk_ids: Sequence[str]) -> None:
-        """Look up many chunk ids in one query, so that :meth:`has_chunk` answers them from
-        memory. Each sqlite3 call releases the GIL and, while the pipeline's threads are busy,
-        waits to get it back: one call per chunk cost ~80 us per small file."""
-        absent = self._absent.setdefault(repo, set())
-        present = self._present.setdefault(repo, set())
-        for known in (absent, present):
-            if len(known) > 100_000:
-                known.clear()
-        found = {cid for cid, _ in self._select_chunks(repo, chunk_ids)}
-        absent.update(c for c in chunk_ids if c not in found)
-        present.update(found)
-
-    def _select_chunks(self, repo: str, chunk_ids: Sequence[str]) -> Iterator[tuple[str, PackedAt | None]]:
-        """The stored ones of ``chunk_ids`` (as written, not pending), with where they are;
-        500 per query (SQLite's limit on host parameters)."""
-        for start in range(0, len(chunk_ids), 500):
-            batch = chunk_ids[start : start + 500]
-            query = (
-                "SELECT id, pack, offset, length FROM chunks "
-                f"WHERE repo=? AND id IN ({','.join('?' * len(batch))})"
-            )
-            for cid, pack, offset, length in self.db.execute(query, (repo, *map(bytes.fromhex, batch))):
-                yield cid.hex(), None if pack is None else (pack.hex(), offset, length)
-
-    def add_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
-        """Record loose chunk objects as stored."""
-        pending = self._pending_chunks.setdefault(repo, {})
-        for cid in chunk_ids:
-            pending.setdefault(cid, None)
-        self.buffered()
-
-    def add_packed(self, repo: str, chunks: Iterable[tuple[str, PackedAt]]) -> None:
-        """Record chunks stored inside pack objects, with where they are. A chunk already known
-        keeps its first location (any stored copy serves)."""
-        pending = self._pending_chunks.setdefault(repo, {})
-        for cid, at in chunks:
-            pending.setdefault(cid, at)
-        self.buffered()
-
-    def unconfirmed(self, repo: str, chunk_ids: Iterable[str], since: float) -> dict[str, PackedAt | None]:
-        """Those of these chunks the store claims are stored but nobody confirmed (uploaded
-        them, or saw them in a listing) since ``since`` (Unix time), and where they would be."""
-        self.flush()
-        ids = list(dict.fromkeys(chunk_ids))
-        out: dict[str, PackedAt | None] = {}
-        for start in range(0, len(ids), 500):
-            batch = ids[start : start + 500]
-            query = (
-                "SELECT id, pack, offset, length FROM chunks WHERE repo=? AND coalesce(confirmed, 0) < ? "
-                f"AND id IN ({','.join('?' * len(batch))})"
-            )
-            for cid, pack, offset, length in self.db.execute(
-                query, (repo, since, *map(bytes.fromhex, batch))
-            ):
-                out[cid.hex()] = None if pack is None else (pack.hex(), offset, length)
-        return out
-
-    def confirm_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
-        """These chunks were found stored just now."""
-        self.flush()
-        self.db.executemany(
-            "UPDATE chunks SET confirmed=? WHERE repo=? AND id=?",
-            [(time.time(), repo, bytes.fromhex(c)) for c in chunk_ids],
-        )
-
-    def count_packs(self, repo: str) -> int:
-        self.flush()
-        row = self.db.execute(
-            "SELECT count(DISTINCT pack) FROM chunks WHERE repo=? AND pack IS NOT NULL", (repo,)
-        )
-        return int(row.fetchone()[0])
-
-    def stored(self, repo: str, chunk_ids: Iterable[str]) -> dict[str, PackedAt | None]:
-        """Which of these chunks are stored, and where: a pack location, or None for a loose
-        object. 500 ids per query (one per chunk cost ~4 us each on 20,000 chunks)."""
-        self.flush()
-        return dict(self._select_chunks(repo, list(dict.fromkeys(chunk_ids))))
-
-    def forget_chunks(self, repo: str, chunk_ids: Iterable[str]) -> None:
-        self.flush()
-        self._absent.clear()
-        self._present.clear()
-        self.db.executemany(
-            "DELETE FROM chunks WHERE repo=? AND id=?", [(repo, bytes.fromhex(c)) for c in chunk_ids]
-        )
-        self.commit()
-
-    def count_chunks(self, repo: str) -> int:
-        self.flush()
-        return int(self.db.execute("SELECT count(*) FROM chunks WHERE repo=?", (repo,)).fetchone()[0])
