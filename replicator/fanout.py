@@ -23,8 +23,9 @@ of many small files this turns one create + fsync (or PUT) per file into one per
 (docs/FORMAT.md, pack objects). The state store remembers where each packed chunk is, and
 the publisher writes those locations into the manifest.
 
-Under a budget, each chunk is admitted (or deferred) by its source's priority before it is
-queued and again before it is sent (replicator.budget).
+Under a budget, each chunk is checked by its source's priority before it is queued, and
+admitted (its cost reserved) right before it is sent (replicator.budget); what the budget
+defers is counted and sent later, when the publisher finds it missing.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from replicator import metrics
-from replicator.budget import PRIORITY, BudgetExceededError
+from replicator.budget import TargetBudget
 from replicator.config import ChunkingConfig, Priority
 from replicator.errors import ReplicatorError, TargetError
 from replicator.format.manifest import PackedAt
@@ -49,8 +50,6 @@ from replicator.targets import RetryingTarget, TargetHealth, unwrap
 
 log = get_logger(__name__)
 
-Admission = Callable[[Priority, int], bool]
-"""May a chunk of this priority and this many encoded bytes be sent now? (the budget)"""
 
 FAILING_GRACE = 5.0
 """Seconds a target may keep failing requests before its uploads are dropped (the daemon)."""
@@ -112,7 +111,7 @@ class Uploader:
         state: StateStore,
         concurrency: int,
         *,
-        admit: Admission | None = None,
+        budget: TargetBudget | None = None,
         stall_timeout: float = 10.0,
         failing_grace: float = FAILING_GRACE,
         confirm_window: float = 0.0,
@@ -124,7 +123,7 @@ class Uploader:
         """What the repository is known to hold."""
         self.key = repo.hash.key
         self.concurrency = concurrency
-        self.admit = admit
+        self.budget = budget
         """The budget's say (replicator.budget); None: no budget."""
         self.stall_timeout = stall_timeout
         self.failing_grace = failing_grace
@@ -334,7 +333,7 @@ class Uploader:
             # it failed. The snapshot's publish finds it missing and re-reads the file.
             self.stats.chunks_dropped += 1
             return
-        if self.admit is not None and not self.admit(priority, len(chunk.stored)):
+        if self.budget is not None and not self.budget.allows(priority, len(chunk.stored)):
             self._deferred(len(chunk.stored))
             return
         if chunk.size < self.pack_below:
@@ -373,9 +372,7 @@ class Uploader:
             item = await self._queue.get()
             try:
                 if self.error is None:  # an unhealthy target's queue is dropped, not sent
-                    await self._send_cancellable(item)
-            except BudgetExceededError:
-                self._deferred(len(item.data))  # the budget ran out while it waited in the queue
+                    await self._send_admitted(item)
             except TargetError as exc:
                 if self.error is None:
                     log.error("target.upload_failed", target=self.name, error=str(exc))
@@ -388,9 +385,15 @@ class Uploader:
                 self._finish(item)
                 self._queue.task_done()
 
-    async def _send_cancellable(self, item: _Upload) -> None:
-        """Send ``item`` as a task of its own, which :meth:`mark_unhealthy` may cancel."""
-        PRIORITY.set(item.priority)  # the budget decides at the request (Budget.charge)
+    async def _send_admitted(self, item: _Upload) -> None:
+        """Send ``item`` if the budget admits it (else it is deferred), as a task of its own,
+        which :meth:`mark_unhealthy` may cancel."""
+        reservation = None
+        if self.budget is not None:
+            reservation = self.budget.reserve(item.priority, len(item.data))
+            if reservation is None:
+                self._deferred(len(item.data))  # the budget ran out while it waited in the queue
+                return
         send = asyncio.create_task(self._send(item))
         self._sends.add(send)
         try:
@@ -402,6 +405,8 @@ class Uploader:
             self.stats.chunks_dropped += len(item.chunks)  # dropped by mark_unhealthy
         finally:
             self._sends.discard(send)
+            if reservation is not None:
+                reservation.release()
 
     def _finish(self, item: _Upload) -> None:
         """Sent or dropped: free its memory and wake whoever waits for its chunks."""
