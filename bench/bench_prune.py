@@ -81,10 +81,23 @@ def main() -> None:
     check = subprocess.run([*ours, "verify", "-c", str(cfg), "--read-data"], capture_output=True, text=True)
     if check.returncode != 0:
         raise SystemExit(f"replicator verify failed after prune: {check.stdout}{check.stderr}")
-    runs.append(Run("replicator prune (plan + delete)", plan[0] + sweep[0], plan[1] + sweep[1],
-                    max(plan[2], sweep[2]), after, live))
-    extra["replicator"] = {"before": before, "after": after, "reclaimed": before - after,
-                           "plan_seconds": plan[0], "delete_seconds": sweep[0]}
+    runs.append(
+        Run(
+            "replicator prune (plan + delete)",
+            plan[0] + sweep[0],
+            plan[1] + sweep[1],
+            max(plan[2], sweep[2]),
+            after,
+            live,
+        )
+    )
+    extra["replicator"] = {
+        "before": before,
+        "after": after,
+        "reclaimed": before - after,
+        "plan_seconds": plan[0],
+        "delete_seconds": sweep[0],
+    }
 
     before = du(rrepo)
     forget = [restic, "forget", "--repo", str(rrepo), "--quiet", "--keep-last", str(args.keep), "--prune"]
@@ -96,17 +109,23 @@ def main() -> None:
 
     versions_info = peer_versions(restic, find_tool("rclone"))
     params = {"steps": args.steps, "step_mib": args.step_mib, "changed": args.changed, "keep": args.keep}
-    path = write_results("prune", runs, {**extra, "params": params, "live_bytes": live, "versions": versions_info})
-    print(f"\n{args.steps} steps of {args.step_mib:g} MiB, {args.changed:.0%} of layers changed per step, "
-          f"keep {args.keep}; kept snapshots hold {live / 2**20:.0f} MiB; {versions_info}\n")
+    path = write_results(
+        "prune", runs, {**extra, "params": params, "live_bytes": live, "versions": versions_info}
+    )
+    print(
+        f"\n{args.steps} steps of {args.step_mib:g} MiB, {args.changed:.0%} of layers changed per step, "
+        f"keep {args.keep}; kept snapshots hold {live / 2**20:.0f} MiB; {versions_info}\n"
+    )
     print("| tool | wall time | CPU time | peak RSS | reclaimed | repository after |")
     print("|---|---|---|---|---|---|")
     for run in runs:
         key = "replicator" if run.tool.startswith("replicator") else "restic"
         info = extra[key]
         assert isinstance(info, dict)
-        print(f"| {run.tool} | {run.seconds:.2f} s | {run.cpu_seconds:.2f} s | {run.peak_rss_mib:.0f} MiB | "
-              f"{info['reclaimed'] / 2**20:.1f} MiB | {info['after'] / 2**20:.1f} MiB |")
+        print(
+            f"| {run.tool} | {run.seconds:.2f} s | {run.cpu_seconds:.2f} s | {run.peak_rss_mib:.0f} MiB | "
+            f"{info['reclaimed'] / 2**20:.1f} MiB | {info['after'] / 2**20:.1f} MiB |"
+        )
     print(f"(raw results: {path}; {json.dumps(params)})")
 
 
