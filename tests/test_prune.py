@@ -202,6 +202,9 @@ def test_prune_deletes_exactly_what_retention_left_unreferenced(
     second = prune_cli(spec)  # phase 2: deletes exactly the garbage
     assert (second.deleted_objects, second.deleted_bytes) == (dry.deleted_objects, dry.deleted_bytes)
     assert second.live_bytes == dry.live_bytes and second.garbage_objects == 0
+    assert (
+        (second.planned_objects, second.waiting_plans) == (dry.planned_objects, dry.waiting_plans) == (0, 0)
+    )
     after = run(lambda: stored_objects(tcfg))
     assert set(after) == set(before) - garbage
     verify_clean(spec)
@@ -361,6 +364,7 @@ def test_deletion_waits_for_a_writer_in_its_window_and_a_writer_waits_for_deleti
 
     deferred = run(writer_inside_window)
     assert deferred.deferred and deferred.deleted_objects == 0
+    assert deferred.planned_objects == 0 and deferred.waiting_plans == 1  # the due plan waits, not copied
     assert run(lambda: stored_objects(tcfg)) == before
     assert run(lambda: _list_gc(tcfg))[2] == []  # the writer's intent is gone with its window
 

@@ -180,8 +180,8 @@ async def _run(
     waiting = {pid: p for pid, p in plans.items() if pid not in due}
     evidence = _Evidence(repo, progress)
 
-    if due:
-        await _phase2(repo, opts, progress, result, evidence, due, run_id)
+    if due and not await _phase2(repo, opts, progress, result, evidence, due, run_id):
+        waiting.update(due)  # deferred: they stay, and their candidates are not planned again
 
     # Phase 1: plan what is unreferenced now and not already waiting in a plan.
     marks, objects = await evidence.get()
@@ -210,7 +210,9 @@ async def _phase2(
     evidence: _Evidence,
     due: dict[str, tuple[ObjectInfo, list[str]]],
     run_id: str,
-) -> None:
+) -> bool:
+    """Delete the due plans' doomed objects (with ``dry_run``: only count them, and take them
+    out of the evidence as a real run would). False if writers made it wait."""
     target = repo.target
     flag = None
     if not opts.dry_run:
@@ -226,7 +228,7 @@ async def _phase2(
             busy = [w for w in gc.writers.values() if await alive(target, w, now, opts.writer_lease)]
             if busy:
                 result.deferred = f"{len(busy)} writer(s) publishing; the due plans wait for the next run"
-                return
+                return False
         marks, objects = await evidence.get()
         doomed: dict[str, int] = {}
         for plan_info, keys in due.values():
@@ -241,18 +243,18 @@ async def _phase2(
                 ):
                     doomed[key] = info.size
         result.deleted_objects, result.deleted_bytes = len(doomed), sum(doomed.values())
-        if flag is None:
-            return
-        if doomed:
+        if flag is not None and doomed:
             # Announced before done: a writer that cached any of these learns it from here.
             await target.put(f"{RECORDS}{run_id}.json", encode_keys("record", doomed))
             await target.flush()
             await _delete(target, doomed, flag, opts.concurrency, progress)
-        for info, _ in due.values():
-            await target.delete(info.key)
+        if flag is not None:
+            for info, _ in due.values():
+                await target.delete(info.key)
+            await target.flush()
         for key in doomed:
             objects.pop(key, None)
-        await target.flush()
+        return True
     finally:
         if flag is not None:
             await flag.stop()
