@@ -5,6 +5,7 @@
     packs/<2 hex>/<pack id>              small chunk objects, concatenated (one write for many)
     snapshots/<source>/<snapshot-id>.json.zst   snapshot manifests
     refs/<source>/latest                 the newest complete snapshot of a source
+    gc/...                               garbage collection's coordination (replicator.gc)
 
 Write order is the consistency protocol: chunks, then the manifest, then the ref. Readers go
 the other way. So a crash at any moment leaves refs pointing only at complete snapshots.

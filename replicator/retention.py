@@ -8,7 +8,8 @@
   it holds is either held by a retained snapshot too, or older than the ``keep_last`` newest
   sets: retention removes sets deliberately and whole, never the last copy of a kept one.
 
-Only manifests are deleted here; chunks are never removed by retention. Safety rules: a
+Only manifests are deleted here; chunks are never removed by retention (``replicator prune``
+deletes what no manifest references any more: replicator.gc). Safety rules: a
 listing that does not show the snapshot just published is not trusted with deletions
 (restic#4612); a manifest that cannot be read is kept, never deleted on a guess; a failure
 is logged and retried after the next publish (the publish itself has succeeded).
