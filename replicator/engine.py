@@ -565,9 +565,17 @@ class Replicator:
                 if isinstance(stored, TargetResult):
                     return stored
                 packed = {c: at for c, at in stored.items() if at is not None}
+                outcome, manifest, latest_id = await self._reconciled(
+                    t, cfg, candidate, packed, allow_deletes
+                )
+                if manifest is None:
+                    return outcome
+                if self._unchanged(t, cfg, manifest, latest_id, outcome):
+                    return outcome
                 # The writer's rule of the garbage-collection protocol (docs/FORMAT.md 10.3):
                 # no collector deletes while the manifest is written, and chunks a collector
-                # deleted before are sent again first.
+                # deleted before are sent again first. (What the reconciled manifest carries
+                # forward, the latest manifest references: a collector keeps it.)
                 async with t.uploader.window() as window:
                     lost = window.lost(_object_keys(stored))
                     if lost:
@@ -575,13 +583,8 @@ class Replicator:
                             "snapshot.gc_collected_chunks", source=cfg.name, target=name, objects=len(lost)
                         )
                         continue
-                    outcome, manifest, latest_id = await self._reconciled(
-                        t, cfg, candidate, packed, allow_deletes
-                    )
-                    if manifest is None:
-                        return outcome
                     window.check()
-                    return await self._write(t, cfg, manifest, latest_id, outcome)
+                    return await self._write(t, cfg, manifest, outcome)
             raise TargetError(
                 f"garbage collection deleted chunks this snapshot needs {GC_ATTEMPTS} times in a row",
                 target=name,
@@ -676,23 +679,30 @@ class Replicator:
         outcome.deleted_files = merged.removed_files
         return outcome, merged.manifest, latest_id
 
-    async def _write(
+    def _unchanged(
         self,
         t: OpenTarget,
         cfg: SourceConfig,
         manifest: Manifest,
         latest_id: str | None,
         outcome: TargetResult,
-    ) -> TargetResult:
-        """Write the manifest and the ref (unless the target already holds this content), then
-        apply retention."""
+    ) -> bool:
+        """Whether the target already holds this content as its latest snapshot (then
+        ``outcome`` says so, and nothing is written)."""
         assert self.state is not None
-        key = content_key(manifest)
         known = self.state.published.get(t.repo.config.id, cfg.name)
-        if known is not None and known.content == key and latest_id == known.snapshot:
+        if known is not None and known.content == content_key(manifest) and latest_id == known.snapshot:
             log.info("snapshot.unchanged", source=cfg.name, target=t.config.name, snapshot=known.snapshot)
             outcome.status, outcome.snapshot = "unchanged", known.snapshot
-            return outcome
+            return True
+        return False
+
+    async def _write(
+        self, t: OpenTarget, cfg: SourceConfig, manifest: Manifest, outcome: TargetResult
+    ) -> TargetResult:
+        """Write the manifest and the ref, then apply retention."""
+        assert self.state is not None
+        key = content_key(manifest)
         stored = encode_manifest(manifest)
         reservation = None
         if t.budget is not None:  # the manifest and the ref: two PUTs

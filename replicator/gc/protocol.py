@@ -58,6 +58,9 @@ HEARTBEAT_SHARE = 3.0
 RECORD_RETENTION = 7 * 86400.0
 """Deletion records stay this long: a writer that has not looked at ``gc/`` for half of it
 re-lists the repository instead of trusting its cache."""
+GC_PUTS = 2
+"""PUT-class requests the writer's rule adds to each manifest written: the intent and one
+LIST of ``gc/`` (its DELETE is free on S3; a new record costs a GET)."""
 WAIT_POLL = 0.5
 """How often a writer looks again while a collector is deleting."""
 
