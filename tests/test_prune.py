@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ import pytest
 from replicator.config import Config, TargetConfig, load_config
 from replicator.engine import Replicator, SourceResult
 from replicator.errors import GcRefusedError, ReplicatorError, TargetError
-from replicator.gc.protocol import DELETING, PLANS, RECORDS, Heartbeat, list_gc
+from replicator.gc.protocol import DELETING, LOCK_KEY, PLANS, RECORDS, Heartbeat, list_gc
 from replicator.gc.prune import PruneOptions, PruneResult, prune_target
 from replicator.repository import Repository, chunk_key, pack_key, snapshot_key
 from replicator.targets import open_target
@@ -481,3 +482,35 @@ def test_kill_9_at_any_point_of_a_prune_leaves_every_snapshot_restorable(tmp_pat
     assert list((spec.path / RECORDS).glob("*.json"))
     verify_clean(spec)
     history.check_restores(tmp_path)
+
+
+def test_a_live_lock_of_another_prune_is_refused_and_a_dead_ones_taken_over(tmp_path: Path) -> None:
+    spec = TargetSpec("posix", {"name": "t1", "url": str(tmp_path / "t")}, path=tmp_path / "t")
+    (tmp_path / "t").mkdir()
+    history = History(tmp_path, spec)
+    for _ in range(2):
+        history.advance()
+    tcfg = target_config(spec)
+
+    async def hold_lock(body: bytes | None = None) -> None:
+        target = await open_target(tcfg)
+        try:
+            lock = Heartbeat(target, LOCK_KEY, "collector", 900)  # held by this (live) process
+            await target.put(LOCK_KEY, body or lock.body)
+        finally:
+            await target.close()
+
+    run(hold_lock)
+    res = cli("prune", *repo_args(spec), "--grace", "0")
+    assert res.returncode == 1 and "another prune holds gc/lock" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    # A holder on this host whose process is gone: taken over at once.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    body = json.dumps(
+        {"role": "collector", "host": socket.gethostname(), "pid": int(dead.stdout), "token": "x"}
+    )
+    run(lambda: hold_lock(body.encode()))
+    assert prune_cli(spec).manifests == 2
+    assert spec.path is not None and not (spec.path / LOCK_KEY).exists()
