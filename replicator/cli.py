@@ -599,7 +599,7 @@ def restore(
             manifest = await r.load_manifest(source, sid)
             if location is not None:
                 from replicator.restore.s3 import S3Destination
-                from replicator.targets import RetryPolicy
+                from replicator.retry import RetryPolicy
 
                 retry = tcfg.retry
                 out = await S3Destination.open(

@@ -14,8 +14,9 @@ from replicator.hashing import HashSpec
 from replicator.memory import ByteBudget, Lease
 from replicator.read.pipeline import EncodedChunk
 from replicator.repository import Repository
+from replicator.retry import RetryPolicy
 from replicator.state import StateStore
-from replicator.targets import RetryPolicy, open_target
+from replicator.targets import open_target
 from tests.faults import FakeTarget, MemoryTargets
 
 PATIENCE = 60.0

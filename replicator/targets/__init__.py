@@ -14,6 +14,7 @@ from pathlib import Path
 
 from replicator.config import TargetConfig
 from replicator.errors import ConfigError
+from replicator.retry import RetryPolicy
 from replicator.s3.settings import parse_s3_url
 from replicator.targets.base import ObjectInfo, Target, check_key
 from replicator.targets.posix import PosixTarget
@@ -23,7 +24,6 @@ from replicator.targets.wrappers import (
     MeteredTarget,
     RequestHook,
     RetryingTarget,
-    RetryPolicy,
     TargetHealth,
     TargetWrapper,
     unwrap,
