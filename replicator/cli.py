@@ -144,17 +144,23 @@ def repo_target_config(
     give_up_after: str | None = None,
 ) -> tuple[TargetConfig, Config | None]:
     """Resolve ``--config/--target`` or ``--repo`` into one target's settings."""
-    from replicator.config import TargetConfig
+    from replicator.backends import TARGETS
+    from replicator.config import target_config
 
     if repo is not None:
         if config_path is not None and target is not None:
             fail("give either --repo or --config with --target, not both", 2)
         setup_logging(log_level)
         url = repo if "://" in repo else str(Path(repo).resolve())
+        # The S3 options also serve restore's s3:// DEST, so a directory --repo ignores them.
+        backend = TARGETS.get(url)
+        fields = backend.config.model_fields if backend is not None else {}
+        options = {"endpoint_url": endpoint, "region": region, "profile": profile}
+        given = {k: v for k, v in options.items() if v is not None and k in fields}
         try:
-            cfg = TargetConfig(name="repo", url=url, endpoint_url=endpoint, region=region, profile=profile)
-        except ValueError as exc:
-            fail(f"--repo: {exc}", 2)
+            cfg = target_config({"name": "repo", "url": url, **given}, origin="--repo")
+        except ConfigError as exc:
+            fail(str(exc), 2)
         return with_give_up(cfg, give_up_after), None
     config = load(config_path, log_level)
     if target is None:
@@ -579,11 +585,18 @@ def restore(
             fail(f"DEST: {exc}", 2)
     # The destination bucket may live elsewhere than the repository; only the endpoint, region
     # and profile are overridable, everything else (timeouts, checksums) follows the target.
-    dest_access = tcfg.model_copy(
+    from replicator.config import S3Access, S3TargetConfig
+
+    repo_access = (
+        tcfg
+        if isinstance(tcfg, S3TargetConfig)
+        else S3Access(endpoint_url=endpoint_url, region=region, profile=profile, timeout=tcfg.timeout)
+    )
+    dest_access = repo_access.model_copy(
         update={
-            "endpoint_url": dest_endpoint_url or tcfg.endpoint_url,
-            "region": dest_region or tcfg.region,
-            "profile": dest_profile or tcfg.profile,
+            "endpoint_url": dest_endpoint_url or repo_access.endpoint_url,
+            "region": dest_region or repo_access.region,
+            "profile": dest_profile or repo_access.profile,
         }
     )
 

@@ -50,6 +50,7 @@ from typing import TypeVar
 from replicator import log as logging_setup
 from replicator import metrics, release, status, systemd
 from replicator.alerts import WebhookNotifier
+from replicator.backends import source_backend
 from replicator.config import Config, SourceConfig, TargetConfig, load_config
 from replicator.engine import Candidate, OpenTarget, Replicator, SourceResult
 from replicator.errors import (
@@ -63,9 +64,7 @@ from replicator.http import HttpEndpoint
 from replicator.repository import CONFIG_KEY
 from replicator.retry import RetryPolicy, pause
 from replicator.rpo import LagTracker, RpoMonitor
-from replicator.s3.settings import is_s3_url
 from replicator.sources import SourceFile
-from replicator.sources.watch import watch_posix
 from replicator.targets import TargetHealth, backend_of
 
 log = logging_setup.get_logger(__name__)
@@ -161,19 +160,15 @@ class SourceWorker:
 
     @property
     def polled(self) -> bool:
-        return is_s3_url(self.cfg.url)
+        """Listed every ``poll_interval`` (S3), not watched (directories): its backend says."""
+        return source_backend(self.cfg).watch is None
 
     async def watch(self) -> None:
-        """Feed :meth:`changed` from filesystem events (POSIX sources; S3 sources are polled)."""
+        """Feed :meth:`changed` from the source backend's watcher, if it has one."""
         cfg = self.cfg
-        if not self.polled:
-            await watch_posix(
-                Path(cfg.url.removeprefix("file://")),
-                self.changed,
-                self.stopping,
-                poll=cfg.watch == "poll",
-                poll_interval=cfg.poll_interval,
-            )
+        watch = source_backend(cfg).watch
+        if watch is not None:
+            await watch(cfg, self.changed, self.stopping)
 
     async def run(self) -> None:
         backoff = SLOW_BACKOFF.backoff()

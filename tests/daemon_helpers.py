@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from replicator.config import TargetConfig
+from replicator.config import target_config
 from replicator.format.manifest import Manifest
 from replicator.repository import Repository
 from replicator.targets import open_target
@@ -80,7 +80,7 @@ def latest_manifest(target: dict[str, Any], source: str) -> Manifest | None:
     """The manifest the source's ref points at on a target, or None (no repository or ref yet)."""
 
     async def go() -> Manifest | None:
-        t = await open_target(TargetConfig.model_validate({**target, "retry": {"give_up_after": 1}}))
+        t = await open_target(target_config({**target, "retry": {"give_up_after": 1}}))
         try:
             try:
                 repo = await Repository.open(t)
@@ -96,7 +96,7 @@ def latest_manifest(target: dict[str, Any], source: str) -> Manifest | None:
 
 def all_manifests(target: dict[str, Any], source: str) -> list[Manifest]:
     async def go() -> list[Manifest]:
-        t = await open_target(TargetConfig.model_validate(target))
+        t = await open_target(target_config(target))
         try:
             repo = await Repository.open(t)
             return [await repo.load_manifest(source, sid) for sid in await repo.list_snapshots(source)]

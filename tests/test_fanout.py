@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from replicator.config import ChunkingConfig, CompressionConfig, TargetConfig
+from replicator.config import ChunkingConfig, CompressionConfig, target_config
 from replicator.fanout import Uploader
 from replicator.hashing import HashSpec
 from replicator.memory import ByteBudget, Lease
@@ -37,7 +37,7 @@ def healthy(up: Uploader) -> bool:
 @asynccontextmanager
 async def uploader(fake: FakeTarget, tmp_path: Path, **kwargs: float) -> AsyncIterator[Uploader]:
     """An Uploader on ``fake`` whose requests retry for ever (the daemon's case)."""
-    cfg = TargetConfig.model_validate(fake.config(retry={"initial": "10ms", "max": "50ms"}))
+    cfg = target_config(fake.config(retry={"initial": "10ms", "max": "50ms"}))
     target = await open_target(cfg, policy=RetryPolicy(initial=0.01, max=0.05, give_up_after=None))
     repo = await Repository.open_or_create(
         target, algorithm="xxh3-128", chunking=ChunkingConfig(), compression=CompressionConfig()

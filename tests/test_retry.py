@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from replicator.retry import RetryPolicy, pause
+from replicator.retry import Backoff, RetryPolicy, pause
 
 
 class Clock:
@@ -25,29 +25,34 @@ def test_delays_grow_capped_with_full_jitter() -> None:
     assert policy.delay(10_000) <= 4.0  # no overflow on a daemon that retried for weeks
 
 
+def failure(backoff: Backoff) -> tuple[float, bool]:
+    """(the pause, whether the policy gives up) for one more failure."""
+    return backoff.next_delay(), backoff.exhausted
+
+
 def test_backoff_gives_up_when_the_next_attempt_would_start_past_the_budget() -> None:
     clock = Clock()
     backoff = RetryPolicy(initial=1.0, max=1.0, give_up_after=10.0).backoff(clock)
-    assert backoff.next_delay() <= 1.0 and not backoff.exhausted and backoff.failures == 1
+    delay, exhausted = failure(backoff)
+    assert delay <= 1.0 and not exhausted and backoff.failures == 1
     clock.now += 9.5
     for _ in range(20):
-        delay = backoff.next_delay()
-        assert backoff.exhausted == (delay > 0.5)  # 9.5 s spent: would the attempt start past 10 s?
+        delay, exhausted = failure(backoff)
+        assert exhausted == (delay > 0.5)  # 9.5 s spent: would the attempt start past 10 s?
     assert backoff.failures == 21
     clock.now += 1.0
-    backoff.next_delay()
-    assert backoff.exhausted  # past the budget: every attempt would
+    assert failure(backoff)[1]  # past the budget: every attempt would
     backoff.reset()
-    assert backoff.failures == 0 and not backoff.exhausted
-    assert backoff.next_delay() <= 1.0 and not backoff.exhausted  # a full budget again
+    assert backoff.failures == 0
+    delay, exhausted = failure(backoff)
+    assert delay <= 1.0 and not exhausted  # a full budget again
 
 
 def test_a_policy_without_give_up_retries_forever() -> None:
     clock = Clock()
     backoff = RetryPolicy(initial=0.01, max=0.01, give_up_after=None).backoff(clock)
     clock.now += 1e9
-    backoff.next_delay()
-    assert not backoff.exhausted
+    assert not failure(backoff)[1]
 
     async def go() -> None:
         assert await backoff.wait()  # the pause happens, and the caller tries again

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from replicator.config import TargetConfig
+from replicator.config import target_config
 from replicator.format.manifest import encode_manifest
 from replicator.repository import Repository, ref_key, snapshot_key
 from replicator.targets import open_target
@@ -93,7 +93,7 @@ def test_verify_read_data_checks_that_chunks_reassemble_to_the_file_digest(
     assert cli("verify", *_repo_args(spec), "--read-data").returncode == 0
 
     async def forge() -> str:
-        target = await open_target(TargetConfig.model_validate(spec.config))
+        target = await open_target(target_config(spec.config))
         try:
             repo = await Repository.open(target)
             sid = await repo.resolve("d")
