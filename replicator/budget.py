@@ -19,21 +19,28 @@ dropped: it stays pending (its lag grows, RPO alerts fire) and resumes when a ne
 begins or when the budget is raised (SIGHUP reloads it).
 
 A global ``budget`` applies the same rules to the sum of all targets' spend.
+
+**Admission.** Sending is admitted explicitly, by whoever is about to send: the upload queue
+before each chunk or pack (replicator.fanout) and the publisher before a manifest and its
+ref (replicator.engine), through a :class:`TargetBudget`. An admitted request holds a
+*reservation* of its cost until it is made, so concurrent uploads cannot all pass the check
+before any is counted (hard mode never overshoots by more than what is in flight at once).
+The metering wrapper (replicator.targets.wrappers.MeteredTarget) only records what was sent
+(Budget.record), which ends the reservation of the request it recognises.
 """
 
 from __future__ import annotations
 
 import calendar
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from replicator import metrics
 from replicator.config import PRIORITIES, BudgetConfig, Config, CostConfig, Priority
-from replicator.errors import ReplicatorError
 from replicator.log import get_logger
 from replicator.state import StateStore
+from replicator.state.spend import Spent
 
 log = get_logger(__name__)
 
@@ -45,14 +52,6 @@ PUT_CLASS = {"put", "list"}
 GET_CLASS = {"get", "stat"}
 
 Clock = Callable[[], datetime]
-
-PRIORITY: ContextVar[Priority | None] = ContextVar("replicator_priority", default=None)
-"""The priority of the work the current task is sending; set around uploads so that the
-budget check and the charge happen together, right before a request is made."""
-
-
-class BudgetExceededError(ReplicatorError):
-    """The budget does not allow this request now; the work is deferred, not failed."""
 
 
 def utc_now() -> datetime:
@@ -91,7 +90,7 @@ class Ledger:
     def _day(self, target: str, day: str) -> Usage:
         key = (target, day)
         if key not in self._days:
-            self._days[key] = Usage(*self.state.spend(target, day, day))
+            self._days[key] = Usage(*self.state.spend.total(target, day, day))
         return self._days[key]
 
     def record(self, target: str, op: str, nbytes: int = 0) -> None:
@@ -104,7 +103,7 @@ class Ledger:
 
     def flush(self) -> None:
         for (target, day), u in self._unsaved.items():
-            self.state.add_spend(target, day, u.bytes, u.puts, u.gets)
+            self.state.spend.add(target, day, Spent(u.bytes, u.puts, u.gets))
         if self._unsaved:
             self._unsaved.clear()
             self.state.commit()
@@ -147,6 +146,8 @@ class Budget:
         self.ledger = ledger
         self.clock = clock
         self.reconfigure(config)
+        self._open: dict[str, list[Reservation]] = {}
+        """Target -> admitted requests not yet made (their cost counts as spent)."""
         self._alerted: set[tuple[str, str]] = set()
         self.on_exceeded: Callable[[dict[str, object]], None] | None = None
         """Called once per scope and day when soft mode lets critical work past the budget."""
@@ -192,13 +193,15 @@ class Budget:
         )
 
     def allows(self, target: str, priority: Priority, cost: float = 0.0) -> bool:
-        """May ``target`` spend ``cost`` more USD now on work of ``priority``?"""
+        """May ``target`` spend ``cost`` more USD now on work of ``priority``? Reservations of
+        requests admitted and not yet made count as spent."""
         for scope in (target, GLOBAL):
             a = self.allowance(scope)
             if a is None:
                 continue
-            within_day = a.spent_today + cost <= HEADROOM[priority] * a.today
-            within_month = a.spent_month + cost <= a.month_limit
+            cost_now = cost + self._reserved(None if scope == GLOBAL else scope)
+            within_day = a.spent_today + cost_now <= HEADROOM[priority] * a.today
+            within_month = a.spent_month + cost_now <= a.month_limit
             if within_day and within_month:
                 continue
             if a.mode == "soft" and priority == "critical":
@@ -207,21 +210,38 @@ class Budget:
             return False
         return True
 
-    def charge(self, target: str, op: str, nbytes: int) -> None:
-        """The MeteredTarget hook: admit (or refuse) and record one request. Checking and
-        recording with no await in between keeps concurrent uploads from all passing the check
-        before any is counted, so hard mode never overshoots by more than one request."""
-        priority = PRIORITY.get()
-        if (
-            op == "put"
-            and priority is not None
-            and not self.allows(target, priority, self.cost_of(target, nbytes))
-        ):
-            raise BudgetExceededError(f"{priority} work is deferred by the budget", key=target)
+    def reserve(self, target: str, priority: Priority, nbytes: int, puts: int = 1) -> Reservation | None:
+        """Admit a request of ``nbytes`` (and ``puts`` PUT-class requests) to ``target`` for
+        work of ``priority``: its cost is reserved until :meth:`Reservation.release`. None:
+        the budget defers it."""
+        cost = self.cost_of(target, nbytes, puts)
+        if not self.allows(target, priority, cost):
+            return None
+        reservation = Reservation(self, target, cost, nbytes)
+        self._open.setdefault(target, []).append(reservation)
+        return reservation
+
+    def _reserved(self, target: str | None) -> float:
+        """USD of admitted requests not yet made, for one target or all (None)."""
+        scopes = self._open.values() if target is None else [self._open.get(target, [])]
+        return sum(r.cost for rs in scopes for r in rs)
+
+    def record(self, target: str, op: str, nbytes: int = 0) -> None:
+        """The MeteredTarget hook: one request made, into the ledger. A PUT of exactly the size
+        a reservation was made for is that reservation's request: it now counts as spent in
+        the ledger, so the reservation stops counting (no double count)."""
         self.ledger.record(target, op, nbytes)
+        if op == "put":
+            for reservation in self._open.get(target, ()):
+                if reservation.nbytes == nbytes:
+                    reservation.release()
+                    break
 
     def cost_of(self, target: str, nbytes: int, puts: int = 1) -> float:
         return Usage(nbytes, puts, 0).usd(self.costs[target])
+
+    def for_target(self, target: str) -> TargetBudget:
+        return TargetBudget(self, target)
 
     def _alert_once(self, a: Allowance) -> None:
         key = (a.scope, self.clock().strftime("%Y-%m-%d"))
@@ -271,3 +291,44 @@ class Budget:
         now = self.clock()
         tomorrow = datetime(now.year, now.month, now.day, tzinfo=UTC).timestamp() + 86400
         return max(1.0, tomorrow - now.timestamp())
+
+
+@dataclass(eq=False)
+class Reservation:
+    """The cost of one admitted request, counted as spent until the request is made (it is
+    then in the ledger: Budget.record) or abandoned (:meth:`release`). A context manager:
+    ``with reservation: await put(...)``."""
+
+    budget: Budget
+    target: str
+    cost: float
+    nbytes: int
+    """The request's body size, by which Budget.record recognises it."""
+
+    def release(self) -> None:
+        pending = self.budget._open.get(self.target, [])
+        if self in pending:
+            pending.remove(self)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass(frozen=True)
+class TargetBudget:
+    """The budget as one target's senders see it (the upload queue, the publisher)."""
+
+    budget: Budget
+    target: str
+
+    def allows(self, priority: Priority, nbytes: int = 0) -> bool:
+        """Would a request of ``nbytes`` be admitted now? (A cheap early check: nothing reserved.)"""
+        return self.budget.allows(
+            self.target, priority, self.budget.cost_of(self.target, nbytes) if nbytes else 0.0
+        )
+
+    def reserve(self, priority: Priority, nbytes: int, puts: int = 1) -> Reservation | None:
+        return self.budget.reserve(self.target, priority, nbytes, puts)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from replicator import gate, metrics, retention
-from replicator.budget import PRIORITY, Budget, BudgetExceededError, Clock, Ledger, utc_now
+from replicator.budget import Budget, Clock, Ledger, TargetBudget, utc_now
 from replicator.config import Config, Priority, SourceConfig, TargetConfig
 from replicator.errors import (
     FileChangedError,
@@ -37,8 +37,16 @@ from replicator.errors import (
     TargetError,
     TargetUnreachableError,
 )
-from replicator.fanout import FAILING_GRACE, Admission, Uploader, UploadStats
-from replicator.format.manifest import Manifest, PackedAt, SetInfo, format_time, manifest_json, now_utc
+from replicator.fanout import FAILING_GRACE, Uploader, UploadStats
+from replicator.format.manifest import (
+    Manifest,
+    PackedAt,
+    SetInfo,
+    encode_manifest,
+    format_time,
+    manifest_json,
+    now_utc,
+)
 from replicator.hashing import HashSpec
 from replicator.log import get_logger
 from replicator.progress import NoProgress, ProgressSink
@@ -52,6 +60,8 @@ from replicator.targets.wrappers import TokenBucket
 
 log = get_logger(__name__)
 
+REF_BYTES = 128
+"""About what a ref object weighs (a JSON line): budgeted with its manifest."""
 ATTACH_SETTLE = 2.0
 """See :meth:`Replicator.attach_all`."""
 READ_ATTEMPTS = 3
@@ -74,6 +84,8 @@ class TargetResult:
     """Checkpoint sets damaged on the primary, kept whole from the previous snapshot."""
     unreachable: bool = False
     """The failure is that the target could not be contacted at all."""
+    deleted_files: int = 0
+    """Files of the target's previous snapshot this one no longer holds."""
 
 
 @dataclass
@@ -167,6 +179,8 @@ class OpenTarget:
     target: Target
     repo: Repository
     uploader: Uploader
+    budget: TargetBudget | None
+    """What the budget lets this target spend (None: no budget)."""
     latest: dict[str, tuple[str, Manifest]] = field(default_factory=dict)
     """Per source, the latest snapshot this process wrote or read (replicator.reconcile)."""
     summaries: retention.SummaryCache = field(default_factory=dict)
@@ -287,7 +301,7 @@ class Replicator:
 
         Once open, a daemon's target retries each request for ``retry.give_up_after``."""
         assert self.state is not None and self.pipeline is not None
-        target = await open_target(cfg, on_request=self.budget.charge, health=health)
+        target = await open_target(cfg, on_request=self.budget.record, health=health)
         try:
             repo = await Repository.open_or_create(
                 target, algorithm=cfg.hash, chunking=self.config.chunking, compression=self.config.compression
@@ -298,12 +312,13 @@ class Replicator:
                     target=cfg.name,
                     hint="dedup against data written with other chunk sizes will be lower",
                 )
+            budget = self.budget.for_target(cfg.name) if self.budget.active else None
             uploader = Uploader(
                 cfg.name,
                 repo,
                 self.state,
                 cfg.concurrency,
-                admit=self._admission(cfg.name),
+                budget=budget,
                 failing_grace=cfg.retry.command_give_up_after if self.interactive else FAILING_GRACE,
                 confirm_window=cfg.confirm_window,
             )
@@ -316,7 +331,7 @@ class Replicator:
             retrying.policy = retry_policy(cfg, interactive=False)
         self._stack.push_async_callback(target.close)
         self._stack.push_async_callback(uploader.close)
-        opened = OpenTarget(cfg, target, repo, uploader)
+        opened = OpenTarget(cfg, target, repo, uploader, budget)
         self.pipeline.add_spec(repo.hash)
         self.open_targets.append(opened)
         self.target_errors.pop(cfg.name, None)
@@ -329,12 +344,6 @@ class Replicator:
             self.state.end_run()
         await self._stack.aclose()
 
-    def _admission(self, target: str) -> Admission:
-        def admit(priority: Priority, nbytes: int) -> bool:
-            return self.budget.allows(target, priority, self.budget.cost_of(target, nbytes))
-
-        return admit
-
     def source(self, cfg: SourceConfig) -> Source:
         if cfg.name not in self._sources:
             self._sources[cfg.name] = open_source(cfg)
@@ -345,7 +354,7 @@ class Replicator:
         during the scan if it finds enough new small files (:meth:`ChunkPipeline.helper_starter`)."""
         assert self.state is not None and self.pipeline is not None
         state, source = self.state, self.source(cfg)
-        return await source.scan(self.pipeline.helper_starter(source, lambda: state.count_files(cfg.name)))
+        return await source.scan(self.pipeline.helper_starter(source, lambda: state.files.count(cfg.name)))
 
     # -- step 1: candidates -----------------------------------------------------------------
 
@@ -412,7 +421,7 @@ class Replicator:
     ) -> tuple[list[FileRecord], list[SourceFile]]:
         """Split files into cached records every healthy target can use, and files to read."""
         assert self.state is not None and self.pipeline is not None
-        known = self.state.get_files(source, [(f.path, f.signature) for f in files])
+        known = self.state.files.get(source, [(f.path, f.signature) for f in files])
         specs = self.pipeline.specs
         usable = {p: r for p, r in known.items() if r.covers(specs)}
         for t in healthy:  # one lookup for all their chunks, not one per chunk
@@ -464,7 +473,7 @@ class Replicator:
 
         def done(rec: FileRecord) -> None:
             assert self.state is not None
-            self.state.put_file(source.name, rec)
+            self.state.files.put(source.name, rec)
             records.append(rec)
             result.files_read += 1
             result.bytes_read += rec.size
@@ -536,108 +545,158 @@ class Replicator:
     async def publish(
         self, t: OpenTarget, cfg: SourceConfig, candidate: Candidate, *, allow_deletes: bool = False
     ) -> TargetResult:
-        """Make ``candidate`` the latest snapshot of its source on ``t`` (see module docstring).
-
-        The manifest is first reconciled with the target's latest snapshot
-        (replicator.reconcile): sets and files the primary damaged or could not show are
-        carried forward, and a publish that would drop more than ``max_delete`` of the
-        previous snapshot is *held* unless ``allow_deletes``."""
-        assert self.state is not None
+        """Make ``candidate`` the latest snapshot of its source on ``t`` (see module docstring),
+        in three steps: its chunks durable there (:meth:`_chunks_durable`), its manifest
+        reconciled with the target's latest snapshot (:meth:`_reconciled`: sets and files the
+        primary damaged or could not show are carried forward; a publish that would drop more
+        than ``max_delete`` of it is *held* unless ``allow_deletes``), then written
+        (:meth:`_write`)."""
         name = t.config.name
         if not candidate.covers(t.repo.hash):
             return TargetResult(name, "superseded", error="built before this target was attached")
         priority = cfg.effective_priority
-        deferred = TargetResult(name, "deferred", error=f"budget: {priority} work is deferred")
-        if not self.budget.allows(name, priority):
-            log.info("snapshot.deferred", source=cfg.name, target=name, priority=priority)
-            return deferred
-        deferred_before = t.uploader.stats.chunks_deferred
+        if t.budget is not None and not t.budget.allows(priority):
+            return self._deferred(t, cfg)
         try:
-            ids = list(dict.fromkeys(candidate.chunk_ids(t.repo.hash)))
-            await t.uploader.settle(ids)
-            await t.uploader.confirm(ids)  # never name a chunk the target lost behind our back
-            stored = t.uploader.stored(ids)
-            if len(stored) < len(ids):
-                if t.uploader.error is not None:
-                    # Failing: report it. The daemon's publisher catches up once a probe says
-                    # the target answers again (re-reading now would only fail again).
-                    raise t.uploader.error
-                changed = await self._catch_up(t, cfg, candidate)
-                if changed is not None:
-                    return TargetResult(name, "superseded", error=f"{changed} changed since it was read")
-                await t.uploader.settle(ids)
-                stored = t.uploader.stored(ids)
-                still = [c for c in ids if c not in stored]
-                if still and t.uploader.error is None and t.uploader.stats.chunks_deferred > deferred_before:
-                    log.info("snapshot.deferred", source=cfg.name, target=name, priority=priority)
-                    return deferred  # the budget ran out part way: the rest waits
-                if still:
-                    raise t.uploader.error or TargetError(
-                        f"{len(still)} chunks could not be uploaded", target=name
-                    )
+            stored = await self._chunks_durable(t, cfg, candidate)
+            if isinstance(stored, TargetResult):
+                return stored
             packed = {c: at for c, at in stored.items() if at is not None}
-            latest_id, previous = await self._latest_manifest(t, cfg.name)
-            merged = reconcile(
-                candidate.manifest(t.repo.hash, packed),
-                previous,
-                present_sets=candidate.present_sets,
-                held_back=dict(candidate.held_back),
-                unknown=dict(candidate.unknown),
-            )
-            outcome = TargetResult(name, "published", carried=merged.carried, damaged=merged.damaged)
-            if merged.damaged:
-                log.warning(
-                    "set.damaged_on_primary",
-                    source=cfg.name,
-                    target=name,
-                    sets=describe(merged.damaged.items()),
-                    hint="the last complete version stays published until the set directory is removed",
-                )
-            manifest = merged.manifest
-            if not manifest.files:
-                # Never publish "nothing": a wiped primary, or one between deleting its old
-                # checkpoint and completing the next, must not become a target's latest snapshot.
-                return TargetResult(name, "empty", error="no complete files to publish")
-            if merged.deletion_share > cfg.max_delete and not allow_deletes:
-                outcome.status = "held"
-                outcome.error = (
-                    f"would delete {merged.deletion_summary()} of the latest snapshot, more than "
-                    f"max_delete {cfg.max_delete:.0%}"
-                )
-                log.error("snapshot.deletion_held", source=cfg.name, target=name, error=outcome.error)
+            outcome, manifest, latest_id = await self._reconciled(t, cfg, candidate, packed, allow_deletes)
+            if manifest is None:
                 return outcome
-            key = content_key(manifest)
-            known = self.state.get_published(t.repo.config.id, cfg.name)
-            if known is not None and known[1] == key and latest_id == known[0]:
-                log.info("snapshot.unchanged", source=cfg.name, target=name, snapshot=known[0])
-                outcome.status, outcome.snapshot = "unchanged", known[0]
-                return outcome
-            PRIORITY.set(priority)
-            try:
-                snapshot_id = await t.repo.publish(manifest)
-            except BudgetExceededError:
-                log.info("snapshot.deferred", source=cfg.name, target=name, priority=priority)
-                return deferred
-            t.latest[cfg.name] = (snapshot_id, manifest)
-            self.state.set_published(t.repo.config.id, cfg.name, snapshot_id, key)
-            log.info(
-                "snapshot.published",
-                source=cfg.name,
-                target=name,
-                snapshot=snapshot_id,
-                files=len(manifest.files),
-                carried=len(merged.carried),
-                deleted_files=merged.removed_files,
-            )
-            if cfg.keep_last:
-                await retention.apply(t.repo, cfg, snapshot_id, t.summaries)
-            outcome.snapshot = snapshot_id
-            return outcome
+            return await self._write(t, cfg, manifest, latest_id, outcome)
         except TargetError as exc:
             log.error("snapshot.failed", source=cfg.name, target=name, error=str(exc))
             return TargetResult(
                 name, "failed", error=str(exc), unreachable=isinstance(exc, TargetUnreachableError)
             )
+
+    @staticmethod
+    def _deferred(t: OpenTarget, cfg: SourceConfig) -> TargetResult:
+        priority = cfg.effective_priority
+        log.info("snapshot.deferred", source=cfg.name, target=t.config.name, priority=priority)
+        return TargetResult(t.config.name, "deferred", error=f"budget: {priority} work is deferred")
+
+    async def _chunks_durable(
+        self, t: OpenTarget, cfg: SourceConfig, candidate: Candidate
+    ) -> dict[str, PackedAt | None] | TargetResult:
+        """Wait until every chunk of ``candidate`` is durable on ``t`` (confirming what the
+        state claims, catching up what is missing); where each is (a pack location, or None:
+        loose). Or why not: superseded (a file changed since it was read) or deferred (the
+        budget ran out part way). Raises TargetError if the target fails."""
+        ids = list(dict.fromkeys(candidate.chunk_ids(t.repo.hash)))
+        deferred_before = t.uploader.stats.chunks_deferred
+        await t.uploader.settle(ids)
+        await t.uploader.confirm(ids)  # never name a chunk the target lost behind our back
+        stored = t.uploader.stored(ids)
+        if len(stored) == len(ids):
+            return stored
+        if t.uploader.error is not None:
+            # Failing: report it. The daemon's publisher catches up once a probe says the
+            # target answers again (re-reading now would only fail again).
+            raise t.uploader.error
+        changed = await self._catch_up(t, cfg, candidate)
+        if changed is not None:
+            return TargetResult(t.config.name, "superseded", error=f"{changed} changed since it was read")
+        await t.uploader.settle(ids)
+        stored = t.uploader.stored(ids)
+        still = [c for c in ids if c not in stored]
+        if not still:
+            return stored
+        if t.uploader.error is None and t.uploader.stats.chunks_deferred > deferred_before:
+            return self._deferred(t, cfg)  # the budget ran out part way: the rest waits
+        raise t.uploader.error or TargetError(
+            f"{len(still)} chunks could not be uploaded", target=t.config.name
+        )
+
+    async def _reconciled(
+        self,
+        t: OpenTarget,
+        cfg: SourceConfig,
+        candidate: Candidate,
+        packed: dict[str, PackedAt],
+        allow_deletes: bool,
+    ) -> tuple[TargetResult, Manifest | None, str | None]:
+        """The manifest to publish (replicator.reconcile), the outcome so far, and the id of the
+        target's latest snapshot; no manifest when there is nothing to publish (empty) or the
+        deletion guard holds it."""
+        name = t.config.name
+        latest_id, previous = await self._latest_manifest(t, cfg.name)
+        merged = reconcile(
+            candidate.manifest(t.repo.hash, packed),
+            previous,
+            present_sets=candidate.present_sets,
+            held_back=dict(candidate.held_back),
+            unknown=dict(candidate.unknown),
+        )
+        outcome = TargetResult(name, "published", carried=merged.carried, damaged=merged.damaged)
+        if merged.damaged:
+            log.warning(
+                "set.damaged_on_primary",
+                source=cfg.name,
+                target=name,
+                sets=describe(merged.damaged.items()),
+                hint="the last complete version stays published until the set directory is removed",
+            )
+        if not merged.manifest.files:
+            # Never publish "nothing": a wiped primary, or one between deleting its old
+            # checkpoint and completing the next, must not become a target's latest snapshot.
+            return TargetResult(name, "empty", error="no complete files to publish"), None, latest_id
+        if merged.deletion_share > cfg.max_delete and not allow_deletes:
+            outcome.status = "held"
+            outcome.error = (
+                f"would delete {merged.deletion_summary()} of the latest snapshot, more than "
+                f"max_delete {cfg.max_delete:.0%}"
+            )
+            log.error("snapshot.deletion_held", source=cfg.name, target=name, error=outcome.error)
+            return outcome, None, latest_id
+        outcome.deleted_files = merged.removed_files
+        return outcome, merged.manifest, latest_id
+
+    async def _write(
+        self,
+        t: OpenTarget,
+        cfg: SourceConfig,
+        manifest: Manifest,
+        latest_id: str | None,
+        outcome: TargetResult,
+    ) -> TargetResult:
+        """Write the manifest and the ref (unless the target already holds this content), then
+        apply retention."""
+        assert self.state is not None
+        key = content_key(manifest)
+        known = self.state.published.get(t.repo.config.id, cfg.name)
+        if known is not None and known.content == key and latest_id == known.snapshot:
+            log.info("snapshot.unchanged", source=cfg.name, target=t.config.name, snapshot=known.snapshot)
+            outcome.status, outcome.snapshot = "unchanged", known.snapshot
+            return outcome
+        stored = encode_manifest(manifest)
+        reservation = None
+        if t.budget is not None:  # the manifest and the ref: two PUTs
+            reservation = t.budget.reserve(cfg.effective_priority, len(stored) + REF_BYTES, puts=2)
+            if reservation is None:
+                return self._deferred(t, cfg)
+        try:
+            snapshot_id = await t.repo.publish(manifest, stored)
+        finally:
+            if reservation is not None:
+                reservation.release()
+        t.latest[cfg.name] = (snapshot_id, manifest)
+        self.state.published.set(t.repo.config.id, cfg.name, snapshot_id, key)
+        log.info(
+            "snapshot.published",
+            source=cfg.name,
+            target=t.config.name,
+            snapshot=snapshot_id,
+            files=len(manifest.files),
+            carried=len(outcome.carried),
+            deleted_files=outcome.deleted_files,
+        )
+        if cfg.keep_last:
+            await retention.apply(t.repo, cfg, snapshot_id, t.summaries)
+        outcome.snapshot = snapshot_id
+        return outcome
 
     async def _latest_manifest(self, t: OpenTarget, source: str) -> tuple[str | None, Manifest | None]:
         """The id and manifest of the source's latest snapshot on ``t`` (cached: manifests are
@@ -688,6 +747,8 @@ class Replicator:
                 again = await self.pipeline.read_file(source, current, offer)
             except (FileChangedError, SourceError):
                 return rec.path
+            metrics.READ_FILES.labels(source.name).inc()  # every read of the primary counts
+            metrics.READ_BYTES.labels(source.name).inc(again.size)
             if again.digests[spec.key] != rec.digests[spec.key]:
                 return rec.path
             if t.uploader.error is not None:

@@ -23,8 +23,9 @@ of many small files this turns one create + fsync (or PUT) per file into one per
 (docs/FORMAT.md, pack objects). The state store remembers where each packed chunk is, and
 the publisher writes those locations into the manifest.
 
-Under a budget, each chunk is admitted (or deferred) by its source's priority before it is
-queued and again before it is sent (replicator.budget).
+Under a budget, each chunk is checked by its source's priority before it is queued, and
+admitted (its cost reserved) right before it is sent (replicator.budget); what the budget
+defers is counted and sent later, when the publisher finds it missing.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from replicator import metrics
-from replicator.budget import PRIORITY, BudgetExceededError
+from replicator.budget import TargetBudget
 from replicator.config import ChunkingConfig, Priority
 from replicator.errors import ReplicatorError, TargetError
 from replicator.format.manifest import PackedAt
@@ -49,8 +50,6 @@ from replicator.targets import RetryingTarget, TargetHealth, unwrap
 
 log = get_logger(__name__)
 
-Admission = Callable[[Priority, int], bool]
-"""May a chunk of this priority and this many encoded bytes be sent now? (the budget)"""
 
 FAILING_GRACE = 5.0
 """Seconds a target may keep failing requests before its uploads are dropped (the daemon)."""
@@ -112,7 +111,7 @@ class Uploader:
         state: StateStore,
         concurrency: int,
         *,
-        admit: Admission | None = None,
+        budget: TargetBudget | None = None,
         stall_timeout: float = 10.0,
         failing_grace: float = FAILING_GRACE,
         confirm_window: float = 0.0,
@@ -120,9 +119,11 @@ class Uploader:
         self.name = name
         self.repo = repo
         self.state = state
+        self.chunks = state.chunks(repo.config.id)
+        """What the repository is known to hold."""
         self.key = repo.hash.key
         self.concurrency = concurrency
-        self.admit = admit
+        self.budget = budget
         """The budget's say (replicator.budget); None: no budget."""
         self.stall_timeout = stall_timeout
         self.failing_grace = failing_grace
@@ -153,7 +154,7 @@ class Uploader:
         fsynced before a manifest names them, not before the state records them). So the
         listing replaces what the state knew: chunks it does not show are forgotten, and sent
         again if needed."""
-        if relist or not self.state.repo_listed(self.repo.config.id):
+        if relist or not self.chunks.listed:
             await self.relist()
         self._workers = [
             asyncio.create_task(self._work(), name=f"upload-{self.name}-{i}") for i in range(self.concurrency)
@@ -164,22 +165,21 @@ class Uploader:
     async def relist(self) -> None:
         """Replace what the state knows of the repository's chunks with a full listing (which
         also confirms them: :meth:`confirm`)."""
-        repo_id = self.repo.config.id
         started = time.monotonic()
-        self.state.begin_listing(repo_id)
+        self.chunks.begin_listing()
         count = 0
         batch: list[str] = []
         async for chunk_id, _ in self.repo.list_chunks():
             batch.append(chunk_id)
             count += 1
             if len(batch) >= 10000:
-                self.state.add_listed(repo_id, batch)
+                self.chunks.add_listed(batch)
                 batch.clear()
-        self.state.add_listed(repo_id, batch)
+        self.chunks.add_listed(batch)
         packs = {pack_id async for pack_id, _ in self.repo.list_packs()}
-        self.state.end_listing(repo_id, packs)
+        self.chunks.end_listing(packs)
         packed = await self._relearn_packed(packs)
-        self.state.mark_repo_listed(repo_id, self.name)
+        self.chunks.mark_listed(self.name)
         seconds = round(time.monotonic() - started, 3)
         log.info(
             "target.listed", target=self.name, chunks=count, packs=len(packs), packed=packed, seconds=seconds
@@ -194,9 +194,7 @@ class Uploader:
         did within ``confirm_window``). Claims inherited from an earlier process are checked:
         by a HEAD of each object (a pack once for all its chunks) when few, else by relisting
         the repository, whichever takes fewer requests (a listing page names 1,000 objects)."""
-        repo_id = self.repo.config.id
-        since = min(self.state.started, time.time() - self.confirm_window)
-        stale = self.state.unconfirmed(repo_id, chunk_ids, since)
+        stale = self.chunks.unconfirmed(chunk_ids, self.confirm_window)
         if not stale:
             return []
         loose = [c for c, at in stale.items() if at is None]
@@ -205,10 +203,10 @@ class Uploader:
             if at is not None:
                 packs.setdefault(at[0], []).append(cid)
         heads = len(loose) + len(packs)
-        pages = (self.state.count_chunks(repo_id) + self.state.count_packs(repo_id)) // 1000 + 2
+        pages = (self.chunks.count() + self.chunks.count_packs()) // 1000 + 2
         if heads > max(CONFIRM_BY_HEAD, pages * self.concurrency):
             await self.relist()
-            missing = [c for c in stale if not self.state.has_chunk(repo_id, c)]
+            missing = [c for c in stale if not self.chunks.has(c)]
         else:
             found = await asyncio.gather(
                 *(self.repo.target.stat(chunk_key(c)) for c in loose),
@@ -219,9 +217,9 @@ class Uploader:
                 if info is None:
                     missing += members
             gone = set(missing)
-            self.state.confirm_chunks(repo_id, [c for c in stale if c not in gone])
+            self.chunks.confirm([c for c in stale if c not in gone])
             if missing:
-                self.state.forget_chunks(repo_id, missing)
+                self.chunks.forget(missing)
         if missing:
             log.warning(
                 "target.chunks_missing",
@@ -247,7 +245,7 @@ class Uploader:
                 continue
             if manifest is not None:
                 found += [(cid, at) for cid, at in manifest.packed.items() if at[0] in packs]
-        self.state.add_packed(self.repo.config.id, found)
+        self.chunks.add_packed(found)
         return len(found)
 
     # -- health -------------------------------------------------------------------------------
@@ -303,11 +301,11 @@ class Uploader:
     # -- uploading ----------------------------------------------------------------------------
 
     def prefetch(self, chunk_ids: Sequence[str]) -> None:
-        """Look these ids up in one batch before they are offered (StateStore.prefetch)."""
-        self.state.prefetch(self.repo.config.id, chunk_ids)
+        """Look these ids up in one batch before they are offered (ChunkIndex.prefetch)."""
+        self.chunks.prefetch(chunk_ids)
 
     def has(self, chunk_id: str) -> bool:
-        return self.state.has_chunk(self.repo.config.id, chunk_id)
+        return self.chunks.has(chunk_id)
 
     def wants(self, chunk_id: str) -> bool:
         """Would :meth:`offer` upload this chunk now?"""
@@ -335,7 +333,7 @@ class Uploader:
             # it failed. The snapshot's publish finds it missing and re-reads the file.
             self.stats.chunks_dropped += 1
             return
-        if self.admit is not None and not self.admit(priority, len(chunk.stored)):
+        if self.budget is not None and not self.budget.allows(priority, len(chunk.stored)):
             self._deferred(len(chunk.stored))
             return
         if chunk.size < self.pack_below:
@@ -374,9 +372,7 @@ class Uploader:
             item = await self._queue.get()
             try:
                 if self.error is None:  # an unhealthy target's queue is dropped, not sent
-                    await self._send_cancellable(item)
-            except BudgetExceededError:
-                self._deferred(len(item.data))  # the budget ran out while it waited in the queue
+                    await self._send_admitted(item)
             except TargetError as exc:
                 if self.error is None:
                     log.error("target.upload_failed", target=self.name, error=str(exc))
@@ -389,9 +385,15 @@ class Uploader:
                 self._finish(item)
                 self._queue.task_done()
 
-    async def _send_cancellable(self, item: _Upload) -> None:
-        """Send ``item`` as a task of its own, which :meth:`mark_unhealthy` may cancel."""
-        PRIORITY.set(item.priority)  # the budget decides at the request (Budget.charge)
+    async def _send_admitted(self, item: _Upload) -> None:
+        """Send ``item`` if the budget admits it (else it is deferred), as a task of its own,
+        which :meth:`mark_unhealthy` may cancel."""
+        reservation = None
+        if self.budget is not None:
+            reservation = self.budget.reserve(item.priority, len(item.data))
+            if reservation is None:
+                self._deferred(len(item.data))  # the budget ran out while it waited in the queue
+                return
         send = asyncio.create_task(self._send(item))
         self._sends.add(send)
         try:
@@ -403,6 +405,8 @@ class Uploader:
             self.stats.chunks_dropped += len(item.chunks)  # dropped by mark_unhealthy
         finally:
             self._sends.discard(send)
+            if reservation is not None:
+                reservation.release()
 
     def _finish(self, item: _Upload) -> None:
         """Sent or dropped: free its memory and wake whoever waits for its chunks."""
@@ -413,14 +417,12 @@ class Uploader:
         item.done.set()
 
     async def _send(self, item: _Upload) -> None:
-        repo_id = self.repo.config.id
         # Batched commits: after a crash the next start re-lists the target anyway.
         if item.packed:
             data = bytes(item.data)
             pack_id = await self.repo.put_pack(data)
             ends = [offset for _, _, offset in item.chunks[1:]] + [len(data)]
-            self.state.add_packed(
-                repo_id,
+            self.chunks.add_packed(
                 [
                     (cid, (pack_id, offset, end - offset))
                     for (cid, _, offset), end in zip(item.chunks, ends, strict=True)
@@ -429,7 +431,7 @@ class Uploader:
         else:
             cid = item.chunks[0][0]
             await self.repo.put_chunk(cid, bytes(item.data))
-            self.state.add_chunks(repo_id, (cid,))
+            self.chunks.add_loose((cid,))
         self.stats.chunks_sent += len(item.chunks)
         metrics.CHUNKS_SENT.labels(self.name).inc(len(item.chunks))
         self.stats.bytes_new += sum(size for _, size, _ in item.chunks)
@@ -454,7 +456,7 @@ class Uploader:
 
     def stored(self, chunk_ids: Iterable[str]) -> dict[str, PackedAt | None]:
         """The stored ones of these chunks, and where: a pack location, or None (loose)."""
-        return self.state.stored(self.repo.config.id, chunk_ids)
+        return self.chunks.stored(chunk_ids)
 
     def missing(self, chunk_ids: Iterable[str]) -> list[str]:
         ids = list(dict.fromkeys(chunk_ids))

@@ -93,56 +93,11 @@ def reconcile(
     directories) that could not be examined this time, with why."""
     if previous is None:
         return Reconciled(new)
-    held_back = held_back or {}
-    unknown = unknown or {}
+    result = Reconciled(new)
     files: dict[str, FileEntry] = {f.path: f for f in new.files}
     sets: dict[str, SetInfo] = {s.name: s for s in new.sets}
-    result = Reconciled(new)
-    carried: list[FileEntry] = []
-
-    previous_sets = {s.name: s for s in previous.sets}
-    members: dict[str, list[FileEntry]] = {name: [] for name in previous_sets}
-    plain: list[FileEntry] = []
-    for f in previous.files:
-        name = set_name(f.path)
-        if name is not None and name in members:
-            members[name].append(f)
-        else:
-            plain.append(f)
-
-    if previous_sets:
-        now_members: dict[str, set[str]] = {}
-        for path in files:
-            name = set_name(path)
-            if name is not None and name in previous_sets:
-                now_members.setdefault(name, set()).add(path)
-        for name, info in previous_sets.items():
-            old = members[name]
-            if name in sets:
-                have = now_members.get(name, set())
-                missing = [f.path for f in old if f.path not in have]
-                if not missing:
-                    continue  # the candidate's version supersedes it
-                why = f"{len(missing)} of {len(old)} files missing on the primary (e.g. {missing[0]!r})"
-                result.damaged[name] = why
-            elif name in present_sets:
-                why = held_back.get(name, "incomplete on the primary")
-            else:
-                continue  # nothing of it is left on the primary: removed as a unit
-            for path in now_members.get(name, ()):
-                del files[path]
-            carried += old
-            sets[name] = info
-            result.carried[name] = why
-
-    if unknown:
-        for f in plain:
-            if f.path not in files:
-                where = _under(f.path, unknown)
-                if where is not None:
-                    carried.append(f)
-                    result.carried[f.path] = unknown[where]
-
+    carried = _carry_sets(previous, files, sets, present_sets, held_back or {}, result)
+    carried += _carry_unknown(previous, files, unknown or {}, result)
     for f in carried:
         files[f.path] = f
     for f in previous.files:
@@ -151,24 +106,86 @@ def reconcile(
             result.removed_bytes += f.size
     result.previous_files = len(previous.files)
     result.previous_bytes = previous.total_bytes
-    if not carried:
-        return result
-
-    packed = dict(new.packed)
-    for f in carried:
-        for cid, _ in f.chunks:
-            at: PackedAt | None = previous.packed.get(cid)
-            if at is not None:
-                packed.setdefault(cid, at)
-    result.manifest = Manifest.model_construct(
-        **{
-            **dict(new),
-            "files": tuple(files[p] for p in sorted(files)),
-            "sets": tuple(sets[n] for n in sorted(sets)),
-            "packed": packed,
-        }
-    ).check_tree()
+    if carried:
+        packed = dict(new.packed)
+        for f in carried:
+            for cid, _ in f.chunks:
+                at: PackedAt | None = previous.packed.get(cid)
+                if at is not None:
+                    packed.setdefault(cid, at)
+        result.manifest = Manifest.model_construct(
+            **{
+                **dict(new),
+                "files": tuple(files[p] for p in sorted(files)),
+                "sets": tuple(sets[n] for n in sorted(sets)),
+                "packed": packed,
+            }
+        ).check_tree()
     return result
+
+
+def _carry_sets(
+    previous: Manifest,
+    files: dict[str, FileEntry],
+    sets: dict[str, SetInfo],
+    present_sets: Collection[str],
+    held_back: Mapping[str, str],
+    result: Reconciled,
+) -> list[FileEntry]:
+    """Carry forward the sets of ``previous`` the new manifest must not replace (module
+    docstring): their candidate files are taken out of ``files``, their SetInfo put back in
+    ``sets``; returns their file entries, to add back."""
+    previous_sets = {s.name: s for s in previous.sets}
+    if not previous_sets:
+        return []
+    members: dict[str, list[FileEntry]] = {name: [] for name in previous_sets}
+    for f in previous.files:
+        name = set_name(f.path)
+        if name is not None and name in members:
+            members[name].append(f)
+    now_members: dict[str, set[str]] = {}
+    for path in files:
+        name = set_name(path)
+        if name is not None and name in previous_sets:
+            now_members.setdefault(name, set()).add(path)
+    carried: list[FileEntry] = []
+    for name, info in previous_sets.items():
+        old = members[name]
+        if name in sets:
+            missing = [f.path for f in old if f.path not in now_members.get(name, ())]
+            if not missing:
+                continue  # the candidate's version supersedes it
+            why = f"{len(missing)} of {len(old)} files missing on the primary (e.g. {missing[0]!r})"
+            result.damaged[name] = why
+        elif name in present_sets:
+            why = held_back.get(name, "incomplete on the primary")
+        else:
+            continue  # nothing of it is left on the primary: removed as a unit
+        for path in now_members.get(name, ()):
+            del files[path]
+        carried += old
+        sets[name] = info
+        result.carried[name] = why
+    return carried
+
+
+def _carry_unknown(
+    previous: Manifest, files: dict[str, FileEntry], unknown: Mapping[str, str], result: Reconciled
+) -> list[FileEntry]:
+    """The files of ``previous`` outside its sets that the candidate lacks because they
+    could not be examined this time: carried forward, not deleted."""
+    if not unknown:
+        return []
+    in_sets = {s.name for s in previous.sets}
+    carried = []
+    for f in previous.files:
+        if f.path in files or set_name(f.path) in in_sets:
+            continue
+        where = _under(f.path, unknown)
+        if where is not None:
+            carried.append(f)
+            result.carried[f.path] = unknown[where]
+    return carried
 
 
 def describe(items: Iterable[tuple[str, str]], limit: int = 3) -> str:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -21,6 +22,7 @@ from replicator.sync import sync_source
 from tests.conftest import cli, write_config
 from tests.daemon_helpers import DaemonProcess, latest_manifest, wait_until
 from tests.helpers import config_dict, make_checkpoint
+from tests.test_rpo import metric
 
 GIB = 1 << 30
 
@@ -82,6 +84,28 @@ def test_priorities_are_deferred_lowest_first(tmp_path: Path) -> None:
     # A new UTC day starts a new allowance.
     clock.now += timedelta(days=1)
     assert budget.allows("t", "low", 1.0)
+    state.close()
+
+
+def test_admission_reserves_until_the_request_is_recorded(tmp_path: Path) -> None:
+    """Senders reserve before sending: concurrent uploads cannot all pass the check before
+    any is counted, and a request the meter has recorded is not counted twice."""
+    clock = Clock(datetime(2026, 11, 22, 12, tzinfo=UTC))
+    state = StateStore.open(tmp_path)
+    budget = Budget(budget_config(usd_per_day=4.0, mode="hard"), Ledger(state, ["t"], clock), clock)
+    sender = budget.for_target("t")
+    first = sender.reserve("critical", 3 * GIB)  # $3 of $4
+    assert first is not None
+    assert sender.reserve("critical", 2 * GIB) is None  # would pass on recorded spend alone
+    budget.record("t", "put", 3 * GIB)  # the meter saw the first request: not counted twice
+    part = 3 * GIB // 4
+    assert sender.allows("critical", part)
+    second = sender.reserve("critical", part)  # $3.75 of $4
+    assert second is not None and sender.reserve("critical", part) is None
+    second.release()  # abandoned, never sent
+    assert sender.reserve("critical", part) is not None  # room again
+    first.release()  # releasing a consumed reservation changes nothing
+    assert sender.reserve("critical", GIB) is None
     state.close()
 
 
@@ -208,6 +232,39 @@ def test_sighup_with_a_raised_budget_resumes_deferred_work(tmp_path: Path) -> No
         assert "config.reloaded" in daemon.log_text()
     finally:
         assert daemon.stop() == 0, daemon.log_text()
+
+
+def test_sighup_priority_reaches_the_chunks_of_the_next_candidate(tmp_path: Path) -> None:
+    """A SIGHUP that raises a source's priority applies to the chunks its worker offers next,
+    not only to the publish (a copy of the config kept by the worker once admitted them at the
+    old priority: deferred, then read a second time by the publisher's catch-up)."""
+    data = two_source_config(tmp_path, mode="hard")
+    data["sources"] = data["sources"][1:]  # the dataset: ~0.7 MiB stored, $1 per MiB
+    data["targets"][0]["budget"]["usd_per_day"] = 0.9  # low may spend 70 %: $0.63; critical all
+    cfg = write_config(tmp_path / "r.yaml", data)
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log")
+    t = {"name": "t", "url": str(tmp_path / "target")}
+    listen = data["listen"]
+    try:
+        wait_until(lambda: "snapshot.deferred" in daemon.log_text(), what="deferral at low priority")
+        data["sources"][0]["priority"] = "critical"
+        cfg.write_text(yaml.safe_dump(data))
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: latest_manifest(t, "data"), timeout=60, what="published after SIGHUP")
+        before = metric(listen, "replicator_read_bytes_total", source="data")
+        assert before is not None
+        fresh = tmp_path / "data" / "fresh.bin"
+        fresh.write_bytes(np.random.default_rng(7).bytes(100_000))  # $0.1: fits at critical only
+        wait_until(lambda: _has(t, "fresh.bin"), timeout=60, what="the next candidate")
+        after = metric(listen, "replicator_read_bytes_total", source="data")
+        assert after == before + fresh.stat().st_size, "the fresh file was read twice (admitted at low)"
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+def _has(target: dict[str, Any], path: str) -> bool:
+    m = latest_manifest(target, "data")
+    return m is not None and any(f.path == path for f in m.files)
 
 
 def _deferred(cfg: Path) -> bool:

@@ -292,7 +292,8 @@ def _kind(exc: TargetError) -> str:
 
 
 RequestHook = Callable[[str, str, int], None]
-"""(target, op, bytes uploaded) for every request made: the spend ledger (replicator.budget)."""
+"""(target, op, bytes uploaded) for every request made: the spend ledger (replicator.budget),
+which records; admission happens before a request, where its priority is known."""
 
 
 class MeteredTarget(TargetWrapper):
