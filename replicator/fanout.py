@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from replicator import metrics
@@ -43,7 +43,8 @@ from replicator.errors import ReplicatorError, TargetError
 from replicator.format.manifest import PackedAt
 from replicator.log import get_logger
 from replicator.memory import Lease
-from replicator.read.pipeline import EncodedChunk
+from replicator.progress import NoProgress, ProgressSink
+from replicator.read.pipeline import ChunkConsumer, EncodedChunk
 from replicator.repository import Repository, chunk_key, pack_key
 from replicator.state import StateStore
 from replicator.targets import RetryingTarget, TargetHealth, unwrap
@@ -477,3 +478,38 @@ class Uploader:
             self._queue.get_nowait().release()
         with contextlib.suppress(Exception):
             self.state.commit()
+
+
+class FanOut(ChunkConsumer):
+    """The read stage's consumer in a sync or a daemon round: each chunk goes to every one of
+    ``uploaders`` (each keeps what its target lacks), at its source's ``priority``.
+
+    ``pace``: awaited with each chunk's size before it is offered (catch-up's bandwidth cap);
+    ``progress``: advanced by each chunk's size."""
+
+    def __init__(
+        self,
+        uploaders: Sequence[Uploader],
+        priority: Priority,
+        *,
+        progress: ProgressSink | None = None,
+        pace: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        self.uploaders = list(uploaders)
+        self.priority = priority
+        self.progress = progress or NoProgress()
+        self.pace = pace
+
+    def wants(self, ids: dict[str, str]) -> bool:
+        return any(u.wants(ids[u.key]) for u in self.uploaders)
+
+    def expect(self, ids: list[dict[str, str]]) -> None:
+        for u in self.uploaders:
+            u.prefetch([i[u.key] for i in ids])
+
+    async def take(self, chunk: EncodedChunk) -> None:
+        self.progress.advance(chunk.size)
+        if self.pace is not None:
+            await self.pace(chunk.size)
+        for u in self.uploaders:
+            await u.offer(chunk, self.priority)

@@ -26,7 +26,7 @@ from replicator.fanout import PACK_SIZE, pack_below
 from replicator.format.manifest import encode_manifest, format_time, now_utc
 from replicator.hashing import HashSpec
 from replicator.progress import NoProgress, ProgressSink
-from replicator.read.pipeline import ChunkPipeline, EncodedChunk, FileRecord
+from replicator.read.pipeline import ChunkConsumer, ChunkPipeline, EncodedChunk, FileRecord
 from replicator.repository import Repository, RepositoryNotFoundError
 from replicator.sources import open_source
 from replicator.state import StateStore
@@ -124,6 +124,39 @@ def _has(t: _Target, state: StateStore, cid: str) -> bool:
     return cid in t.present or cid in t.counted
 
 
+class _Counter(ChunkConsumer):
+    """Counts, per target, the chunks it lacks and the bytes and requests sending them takes."""
+
+    def __init__(
+        self,
+        targets: list[_Target],
+        state: StateStore,
+        per_target: dict[str, SourcePlan],
+        progress: ProgressSink,
+    ) -> None:
+        self.targets, self.state, self.per_target, self.progress = targets, state, per_target, progress
+        self.packed = dict.fromkeys(per_target, 0)
+        """Stored bytes of small chunks, sent in packs."""
+
+    def wants(self, ids: dict[str, str]) -> bool:
+        return any(not _has(t, self.state, ids[t.spec.key]) for t in self.targets)
+
+    async def take(self, chunk: EncodedChunk) -> None:
+        self.progress.advance(chunk.size)
+        for t in self.targets:
+            cid = chunk.ids[t.spec.key]
+            if not _has(t, self.state, cid):
+                assert chunk.stored is not None, "wants() said no target needs it"
+                t.counted.add(cid)
+                sp = self.per_target[t.plan.target]
+                sp.bytes += len(chunk.stored)
+                sp.chunks += 1
+                if chunk.size < pack_below(t.chunking):
+                    self.packed[t.plan.target] += len(chunk.stored)
+                else:
+                    sp.puts += 1
+
+
 async def _plan_source(
     cfg: SourceConfig,
     targets: list[_Target],
@@ -134,26 +167,8 @@ async def _plan_source(
 ) -> tuple[Candidate, dict[str, SourcePlan]]:
     """Read what a sync would read; count, per target, the chunks it lacks."""
     per_target = {t.plan.target: SourcePlan(cfg.name, cfg.effective_priority) for t in targets}
-    packed = dict.fromkeys(per_target, 0)  # stored bytes of small chunks, sent in packs
 
-    async def count(chunk: EncodedChunk) -> None:
-        progress.advance(chunk.size)
-        for t in targets:
-            cid = chunk.ids[t.spec.key]
-            if not _has(t, state, cid):
-                assert chunk.stored is not None, "wanted() said no target needs it"
-                t.counted.add(cid)
-                sp = per_target[t.plan.target]
-                sp.bytes += len(chunk.stored)
-                sp.chunks += 1
-                if chunk.size < pack_below(t.chunking):
-                    packed[t.plan.target] += len(chunk.stored)
-                else:
-                    sp.puts += 1
-
-    def wanted(ids: dict[str, str]) -> bool:
-        return any(not _has(t, state, ids[t.spec.key]) for t in targets)
-
+    counter = _Counter(targets, state, per_target, progress)
     source = open_source(cfg)
     try:
         listing = await source.scan()
@@ -175,7 +190,7 @@ async def _plan_source(
         progress.begin(f"{cfg.name}: planning", sum(f.size for f in to_read))
         for f in to_read:
             try:
-                rec = await pipeline.read_file(source, f, count, wanted)
+                rec = await pipeline.read_file(source, f, counter)
             except (FileChangedError, SourceError) as exc:
                 plan.skipped[f"{cfg.name}/{f.path}"] = exc.message
                 continue
@@ -185,7 +200,7 @@ async def _plan_source(
         progress.end()
     finally:
         await source.close()
-    for name, nbytes in packed.items():
+    for name, nbytes in counter.packed.items():
         per_target[name].puts += -(-nbytes // PACK_SIZE)  # packs are sealed at PACK_SIZE or publish
     records.sort(key=lambda r: r.path)
     return Candidate(
