@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -426,17 +426,11 @@ class Replicator:
         usable = {p: r for p, r in known.items() if r.covers(specs)}
         for t in healthy:  # one lookup for all their chunks, not one per chunk
             t.uploader.prefetch([c for r in usable.values() for c, _ in r.chunks[t.repo.hash.key]])
-        cached: list[FileRecord] = []
-        to_read: list[SourceFile] = []
-        for f in files:
-            rec = usable.get(f.path)
-            if rec is not None and all(
-                t.uploader.has_all(c for c, _ in rec.chunks[t.repo.hash.key]) for t in healthy
-            ):
-                cached.append(rec)
-            else:
-                to_read.append(f)
-        return cached, to_read
+        return split_cached(
+            files,
+            usable,
+            lambda rec: all(t.uploader.has_all(c for c, _ in rec.chunks[t.repo.hash.key]) for t in healthy),
+        )
 
     async def _read_all(
         self,
@@ -747,6 +741,23 @@ def stats_diff(after: UploadStats, before: UploadStats) -> UploadStats:
     return UploadStats(
         **{f.name: getattr(after, f.name) - getattr(before, f.name) for f in dataclasses.fields(UploadStats)}
     )
+
+
+def split_cached(
+    files: list[SourceFile], known: Mapping[str, FileRecord], held: Callable[[FileRecord], bool]
+) -> tuple[list[FileRecord], list[SourceFile]]:
+    """The planning step ``sync`` and ``plan`` share: files whose record from the file cache
+    (``known``: same path and signature) every target ``held`` all the chunks of are not read
+    again; the rest are read."""
+    cached: list[FileRecord] = []
+    to_read: list[SourceFile] = []
+    for f in files:
+        rec = known.get(f.path)
+        if rec is not None and held(rec):
+            cached.append(rec)
+        else:
+            to_read.append(f)
+    return cached, to_read
 
 
 def _batches(files: list[SourceFile]) -> list[list[SourceFile]]:

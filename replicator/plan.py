@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from replicator import gate
 from replicator.budget import Budget, Ledger, Usage
 from replicator.config import ChunkingConfig, Config, SourceConfig
-from replicator.engine import Candidate, content_key
+from replicator.engine import Candidate, content_key, split_cached
 from replicator.errors import FileChangedError, SourceError
 from replicator.fanout import PACK_SIZE, pack_below
 from replicator.format.manifest import encode_manifest, format_time, now_utc
 from replicator.hashing import HashSpec
 from replicator.progress import NoProgress, ProgressSink
-from replicator.read.pipeline import ChunkConsumer, ChunkPipeline, EncodedChunk, FileRecord
+from replicator.read.pipeline import ChunkConsumer, ChunkPipeline, EncodedChunk
 from replicator.repository import Repository, RepositoryNotFoundError
 from replicator.sources import open_source
 from replicator.state import StateStore
@@ -175,18 +175,15 @@ async def _plan_source(
         selection = gate.select(cfg, listing.files, time.time_ns(), listing.unreadable)
         plan.files += len(selection.files)
         plan.bytes_scanned += sum(f.size for f in selection.files)
-        records: list[FileRecord] = []
-        to_read = []
         known = state.files.get(cfg.name, [(f.path, f.signature) for f in selection.files])
-        for f in selection.files:
-            rec = known.get(f.path)
-            if rec is not None and all(
+        records, to_read = split_cached(
+            selection.files,
+            known,
+            lambda rec: all(
                 t.spec.key in rec.chunks and all(_has(t, state, c) for c, _ in rec.chunks[t.spec.key])
                 for t in targets
-            ):
-                records.append(rec)
-            else:
-                to_read.append(f)
+            ),
+        )
         progress.begin(f"{cfg.name}: planning", sum(f.size for f in to_read))
         for f in to_read:
             try:
