@@ -569,7 +569,7 @@ class Replicator:
         ids = list(dict.fromkeys(candidate.chunk_ids(t.repo.hash)))
         deferred_before = t.uploader.stats.chunks_deferred
         await t.uploader.settle(ids)
-        await t.uploader.confirm(ids)  # never name a chunk the target lost behind our back
+        await t.uploader.presence.confirm(ids)  # never name a chunk the target lost behind our back
         stored = t.uploader.stored(ids)
         if len(stored) == len(ids):
             return stored

@@ -8,7 +8,7 @@ seen in a listing); and per repository when it was last listed in full.
 
 The claims are a cache, never the truth about a target. A repository this store has never
 listed is listed before it is trusted, and a publish relies only on claims confirmed by this
-process (or within the target's ``confirm_window``): replicator.state.presence decides when
+process (or within the target's ``confirm_window``): replicator.presence decides when
 to list and how to confirm; this module keeps the answers.
 
 Look-ups are the hot path of a sync: a chunk offered to a target is looked up once per
