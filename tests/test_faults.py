@@ -641,7 +641,7 @@ def test_refused_target_is_unreachable_and_recovers(rclone: RcloneServer, fault_
         assert await roundtrip(t) == b"hello"  # a pooled connection now exists
         proxy.set_mode("refuse")
         with pytest.raises(TargetUnreachableError) as info:
-            await (t.get("obj") if op == "get" else t.stat("obj"))
+            await t.get("obj")
         assert info.value.exit_code == 3 and "cannot connect" in str(info.value)
         proxy.set_mode("pass")
         return await t.get("obj")
