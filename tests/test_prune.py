@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import pytest
 
 from replicator.config import Config, TargetConfig, load_config
+from replicator.config import target_config as parse_target
 from replicator.engine import Replicator, SourceResult
 from replicator.errors import GcRefusedError, ReplicatorError, TargetError
 from replicator.gc.protocol import DELETING, LOCK_KEY, PLANS, RECORDS, Heartbeat, list_gc
@@ -54,7 +55,7 @@ def repo_args(spec: TargetSpec) -> list[str]:
 
 
 def target_config(spec: TargetSpec) -> TargetConfig:
-    return TargetConfig.model_validate({**spec.config, "retry": FAST_RETRY})
+    return parse_target({**spec.config, "retry": FAST_RETRY})
 
 
 async def stored_objects(tcfg: TargetConfig) -> dict[str, int]:
@@ -272,7 +273,7 @@ def test_a_listing_that_fails_midway_deletes_nothing(tmp_path: Path, prefix: str
     with MemoryTargets() as fakes:
         fake = fakes.wrap("f", str(spec.path))
         fake.plan.fail("list", prefix=prefix, times=None, after=1)
-        tcfg = TargetConfig.model_validate({"name": "f", "url": "faulty://f", "retry": FAST_RETRY})
+        tcfg = parse_target({"name": "f", "url": "faulty://f", "retry": FAST_RETRY})
         with pytest.raises(TargetError) as err:
             run(lambda: prune_target(tcfg, PruneOptions(grace=0)))
         assert "list" in str(err.value) and "\n" not in str(err.value)
