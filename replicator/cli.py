@@ -97,6 +97,15 @@ def repo_target_config(
         fail(str(exc), 2)
 
 
+def only_source(config: Config | None, source: str | None) -> str | None:
+    """``--source``, else the config's only source; None leaves it to the repository (its only
+    source). A given name is not checked against the config: a repository keeps the snapshots
+    of sources since removed from it (the repository names what it holds)."""
+    if source is None and config is not None and len(config.sources) == 1:
+        return config.sources[0].name
+    return source
+
+
 def with_give_up(cfg: TargetConfig, give_up_after: str | None) -> TargetConfig:
     """``cfg`` with ``--give-up-after`` as its one-shot retry limit, if given."""
     if give_up_after is None:
@@ -260,7 +269,7 @@ def snapshots(
 @app.command()
 def restore(
     dest: opt.Dest,
-    source: opt.RestoreSource,
+    source: opt.RestoreSource = None,
     config_path: opt.ConfigPath = None,
     target: opt.Target = None,
     repo: opt.Repo = None,
@@ -274,6 +283,10 @@ def restore(
     dest_endpoint_url: opt.DestEndpoint = None,
     dest_region: opt.DestRegion = None,
     dest_profile: opt.DestProfile = None,
+    dest_sse: opt.DestSse = None,
+    dest_kms_key_id: opt.DestKmsKey = None,
+    dest_storage_class: opt.DestStorageClass = None,
+    dest_tags: opt.DestTags = None,
     no_sync: opt.NoSync = False,
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
@@ -289,17 +302,24 @@ def restore(
     correct in DEST are skipped, so an interrupted restore is resumed by running it again.
     Nothing is written outside DEST: manifest paths are untrusted and symlinks in DEST are never
     followed. Prints the measured throughput."""
-    from replicator.restore.run import DestAccess, parse_destination, run_restore
+    from replicator.restore.run import DestAccess, dest_object_options, parse_destination, run_restore
     from replicator.units import parse_time_point
 
-    tcfg, _ = repo_target_config(
+    tcfg, config = repo_target_config(
         config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after
     )
+    source = only_source(config, source)
     if at is not None and snapshot is not None:
         fail("give either --snapshot or --at, not both", 2)
     when = None if at is None else parse_option("--at", at, lambda v: parse_time_point(v, datetime.now(UTC)))
     where = parse_option(None, dest, parse_destination)
-    access = DestAccess(dest_endpoint_url, dest_region, dest_profile)
+    try:
+        objects = dest_object_options(dest_sse, dest_kms_key_id, dest_storage_class, dest_tags or ())
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    if objects is not None and isinstance(where, Path):
+        fail("--dest-sse, --dest-kms-key-id, --dest-storage-class and --dest-tag need an s3:// DEST", 2)
+    access = DestAccess(dest_endpoint_url, dest_region, dest_profile, objects)
     progress = make_progress(quiet or as_json)
     outcome = run_coroutine(
         lambda: run_restore(

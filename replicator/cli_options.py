@@ -70,7 +70,16 @@ AllowDeletes = Annotated[
 
 # -- restore ----------------------------------------------------------------------------------
 
-RestoreSource = Annotated[str, typer.Option("--source", "-s", help="Source whose snapshot to restore.")]
+RestoreSource = Annotated[
+    str | None,
+    typer.Option(
+        "--source",
+        "-s",
+        help="Source whose snapshot to restore (default: the only source of the config, or of the "
+        "repository).",
+        show_default=False,
+    ),
+]
 
 Dest = Annotated[
     str,
@@ -107,6 +116,33 @@ DestRegion = Annotated[
 ]
 DestProfile = Annotated[
     str | None, typer.Option("--dest-profile", help="AWS profile for an s3:// DEST (default: --profile).")
+]
+# restore into a bucket: how its objects are stored (issue 22)
+DestSse = Annotated[
+    str | None,
+    typer.Option(
+        "--dest-sse",
+        metavar="TYPE",
+        help="Server-side encryption of the restored objects: aes256, kms or customer (SSE-C, "
+        "the base64 key from the environment variable REPLICATOR_DEST_SSE_CUSTOMER_KEY).",
+        show_default=False,
+    ),
+]
+DestKmsKey = Annotated[
+    str | None,
+    typer.Option(
+        "--dest-kms-key-id", help="With --dest-sse kms: the KMS key id, ARN or alias.", show_default=False
+    ),
+]
+DestStorageClass = Annotated[
+    str | None,
+    typer.Option(
+        "--dest-storage-class", help="S3 storage class of the restored objects.", show_default=False
+    ),
+]
+DestTags = Annotated[
+    list[str] | None,
+    typer.Option("--dest-tag", metavar="KEY=VALUE", help="Tag every restored object (repeatable)."),
 ]
 NoSync = Annotated[
     bool,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,7 +35,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from replicator.errors import ConfigError
+from replicator.errors import ConfigError, did_you_mean
 from replicator.globs import PathFilter, compile_glob
 from replicator.s3.settings import S3Location, parse_s3_url
 from replicator.units import parse_duration, parse_rate, parse_share, parse_size
@@ -52,7 +53,7 @@ Share = Annotated[float, BeforeValidator(parse_share)]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Source and target names: they become object-key components, so they are kept plain."""
 
-SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
+SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token", "customer_key")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -356,7 +357,111 @@ class PosixTargetConfig(TargetConfig):
         return posix_path(self.url)
 
 
-class S3TargetConfig(_S3Endpoint, TargetConfig):
+# --- S3 object options: encryption, storage class, tags (issue 22) -------------------------
+
+S3_STORAGE_CLASSES = (
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "EXPRESS_ONEZONE",
+    "OUTPOSTS",
+    "SNOW",
+)
+"""S3's storage classes whose objects can be read at once (GetObject answers)."""
+S3_ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+"""Refused: their objects need a restore request before a GET, so the repository's manifests
+and chunks could not be read (a lifecycle rule can still move old objects there)."""
+_TAG_CHARS = re.compile(r"^[\w .:/=+\-@]*$", re.UNICODE)
+
+
+class SseConfig(_Model):
+    """Server-side encryption of every object written: ``aes256`` (SSE-S3), ``kms`` (SSE-KMS,
+    with ``kms_key_id`` or the account's default key) or ``customer`` (SSE-C: a 256-bit key
+    given base64-encoded through ``${ENV}``, sent with every PUT, GET and HEAD)."""
+
+    type: Literal["aes256", "kms", "customer"]
+    kms_key_id: str | None = None
+    """kms only: a key id, ARN or alias (default: the aws/s3 managed key)."""
+    customer_key: SecretStr | None = None
+    """customer only: ``${ENV}`` holding the key, base64 (``openssl rand -base64 32``)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SseConfig:
+        if self.kms_key_id is not None and self.type != "kms":
+            raise ValueError("kms_key_id applies to type: kms only")
+        if self.type != "customer":
+            if self.customer_key is not None:
+                raise ValueError("customer_key applies to type: customer only")
+            return self
+        if self.customer_key is None:
+            raise ValueError("type: customer needs customer_key: ${SOME_ENV_VAR} (a base64 256-bit key)")
+        self.customer_key_bytes()  # raises ValueError for a malformed key
+        return self
+
+    def customer_key_bytes(self) -> bytes:
+        """The SSE-C key (32 bytes), decoded."""
+        import base64
+        import binascii
+
+        assert self.customer_key is not None
+        try:
+            key = base64.b64decode(self.customer_key.get_secret_value(), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("customer_key must be base64 (e.g. openssl rand -base64 32)") from None
+        if len(key) != 32:
+            raise ValueError(f"customer_key must decode to 32 bytes (a 256-bit key), not {len(key)}")
+        return key
+
+
+def _check_storage_class(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.upper()
+    if value in S3_ARCHIVE_CLASSES:
+        raise ValueError(
+            f"{value} objects cannot be read without a restore request, so the repository could "
+            "not be read; use GLACIER_IR, or a lifecycle rule on the bucket"
+        )
+    if value not in S3_STORAGE_CLASSES:
+        raise ValueError(f"unknown S3 storage class (use one of {', '.join(S3_STORAGE_CLASSES)})")
+    return value
+
+
+def _check_tags(tags: dict[str, str]) -> dict[str, str]:
+    # S3's object tag limits: at most 10 tags, keys up to 128 and values up to 256 characters.
+    if len(tags) > 10:
+        raise ValueError(f"S3 allows at most 10 tags per object (got {len(tags)})")
+    for key, value in tags.items():
+        if not 1 <= len(key) <= 128 or len(value) > 256:
+            raise ValueError(f"tag {key!r}: keys are 1-128 characters, values at most 256")
+        if key.lower().startswith("aws:"):
+            raise ValueError(f"tag {key!r}: the aws: prefix is reserved")
+        if not _TAG_CHARS.match(key) or not _TAG_CHARS.match(value):
+            raise ValueError(f"tag {key!r}: use letters, digits, spaces and _ . : / = + - @")
+    return tags
+
+
+class S3ObjectOptions(_Model):
+    """How every object replicator writes to a bucket is stored: encryption, storage class and
+    tags. Set on an ``s3://`` target; a restore into a bucket takes its own (``--dest-*``)."""
+
+    sse: SseConfig | None = None
+    storage_class: Annotated[str | None, BeforeValidator(_check_storage_class)] = None
+    """Default: the bucket's (STANDARD)."""
+    tags: Annotated[dict[str, str], AfterValidator(_check_tags)] = Field(default_factory=dict)
+    """Object tags (``{team: ml, retention: dr}``): for lifecycle rules, cost allocation and
+    IAM conditions."""
+
+    @property
+    def object_options(self) -> S3ObjectOptions:
+        """These options alone (of a target that holds them with its other settings)."""
+        return S3ObjectOptions(sse=self.sse, storage_class=self.storage_class, tags=self.tags)
+
+
+class S3TargetConfig(_S3Endpoint, S3ObjectOptions, TargetConfig):
     """A target bucket, ``s3://bucket/prefix``, on AWS or any S3-compatible server."""
 
     checksum: Literal["md5", "crc32", "crc32c", "sha256", "sha1"] = "md5"
@@ -434,6 +539,14 @@ def target_config(data: Mapping[str, Any], origin: str = "target") -> TargetConf
     except ValidationError as exc:
         raise ConfigError(f"{origin}: {_describe(exc)}") from None
     return entry
+
+
+def object_options(data: Mapping[str, Any], origin: str = "options") -> S3ObjectOptions:
+    """S3 object options validated as a target's are (a restore's ``--dest-*``)."""
+    try:
+        return S3ObjectOptions.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_describe(exc)}") from None
 
 
 class AlertsConfig(_Model):
@@ -525,19 +638,26 @@ class Config(_Model):
             for name in type(item).model_fields
             if isinstance(value := getattr(item, name), SecretStr)
         ]
+        keys += [
+            t.sse.customer_key.get_secret_value()
+            for t in self.targets
+            if isinstance(t, S3TargetConfig) and t.sse is not None and t.sse.customer_key is not None
+        ]
         return keys + [w.get_secret_value() for w in self.alerts.webhooks]
 
     def source(self, name: str) -> SourceConfig:
         for s in self.sources:
             if s.name == name:
                 return s
-        raise ConfigError(f"no source named {name!r} (known: {', '.join(s.name for s in self.sources)})")
+        known = [s.name for s in self.sources]
+        raise ConfigError(f"no source named {name!r}{did_you_mean(name, known)} (known: {', '.join(known)})")
 
     def target(self, name: str) -> TargetConfig:
         for t in self.targets:
             if t.name == name:
                 return t
-        raise ConfigError(f"no target named {name!r} (known: {', '.join(t.name for t in self.targets)})")
+        known = [t.name for t in self.targets]
+        raise ConfigError(f"no target named {name!r}{did_you_mean(name, known)} (known: {', '.join(known)})")
 
 
 def _within(inner: Location, outer: Location) -> bool:

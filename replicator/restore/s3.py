@@ -34,7 +34,7 @@ from replicator.paths import encode_path
 from replicator.restore.core import FileWriter
 from replicator.retry import RetryPolicy
 from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
-from replicator.s3.settings import S3Location
+from replicator.s3.settings import ObjectParams, S3Location
 from replicator.targets.s3 import connect, content_md5
 
 T = TypeVar("T")
@@ -60,20 +60,29 @@ def part_size_for(size: int) -> int:
 class S3Destination:
     """A :class:`~replicator.restore.core.Destination` in an S3-compatible bucket."""
 
-    def __init__(self, location: S3Location, access: S3Access, retry: RetryPolicy) -> None:
+    def __init__(
+        self, location: S3Location, access: S3Access, retry: RetryPolicy, params: ObjectParams | None = None
+    ) -> None:
         self.location = location
         self.url = location.url
         self.access = access
         self.retry = retry
+        self.params = params or ObjectParams()
+        """Encryption, storage class and tags of every object written (``--dest-*``)."""
         self._stack = contextlib.AsyncExitStack()
         self.client: Any = None
 
     @classmethod
     async def open(
-        cls, location: S3Location, access: S3Access, retry: RetryPolicy, max_connections: int
+        cls,
+        location: S3Location,
+        access: S3Access,
+        retry: RetryPolicy,
+        max_connections: int,
+        params: ObjectParams | None = None,
     ) -> S3Destination:
         """Connect and check that the bucket exists and is reachable."""
-        self = cls(location, access, retry)
+        self = cls(location, access, retry, params)
         self.client = await connect(self._stack, access, max_connections, name=NAME, url=location.url)
         try:
             await self.client.head_bucket(Bucket=location.bucket)
@@ -114,7 +123,9 @@ class S3Destination:
         key = self.key(entry.path)
         try:
             head = await self.call(
-                "stat", key, lambda: self.client.head_object(Bucket=self.location.bucket, Key=key)
+                "stat",
+                key,
+                lambda: self.client.head_object(Bucket=self.location.bucket, Key=key, **self.params.read),
             )
         except NotFoundError:
             return False
@@ -181,7 +192,9 @@ class _S3Object:
             started = await self.dest.call(
                 "create multipart upload",
                 self.key,
-                lambda: client.create_multipart_upload(**self._args(), Metadata=self._metadata()),
+                lambda: client.create_multipart_upload(
+                    **self._args(), **self.dest.params.write, Metadata=self._metadata()
+                ),
             )
             self.upload_id = str(started["UploadId"])
         number = len(self.parts) + 1
@@ -190,7 +203,12 @@ class _S3Object:
             "upload part",
             self.key,
             lambda: client.upload_part(
-                **self._args(), UploadId=self.upload_id, PartNumber=number, Body=body, ContentMD5=md5
+                **self._args(),
+                **self.dest.params.read,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=body,
+                ContentMD5=md5,
             ),
         )
         self.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
@@ -204,7 +222,11 @@ class _S3Object:
                 "put",
                 self.key,
                 lambda: client.put_object(
-                    **self._args(), Body=body, ContentMD5=md5, Metadata=self._metadata()
+                    **self._args(),
+                    **self.dest.params.write,
+                    Body=body,
+                    ContentMD5=md5,
+                    Metadata=self._metadata(),
                 ),
             )
         else:
@@ -215,7 +237,7 @@ class _S3Object:
                 "complete multipart upload",
                 self.key,
                 lambda: client.complete_multipart_upload(
-                    **self._args(), UploadId=upload_id, MultipartUpload=parts
+                    **self._args(), **self.dest.params.read, UploadId=upload_id, MultipartUpload=parts
                 ),
             )
             self.upload_id = None

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 if TYPE_CHECKING:
-    from replicator.config import S3Access
+    from replicator.config import S3Access, S3ObjectOptions
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -102,3 +102,42 @@ def config_kwargs(access: S3Access, max_connections: int = 10) -> dict[str, Any]
         "response_checksum_validation": access.sdk_checksums,
         "s3": s3,
     }
+
+
+@dataclass(frozen=True)
+class ObjectParams:
+    """Request parameters that :class:`~replicator.config.S3ObjectOptions` add to the requests
+    on the objects replicator writes. Holds an SSE-C key: never log it."""
+
+    write: dict[str, Any] = field(default_factory=dict)
+    """PutObject and CreateMultipartUpload: encryption, storage class, tags."""
+    read: dict[str, Any] = field(default_factory=dict)
+    """GetObject, HeadObject, UploadPart and CompleteMultipartUpload: the SSE-C key, without
+    which S3 refuses to serve (or extend) an object encrypted with it."""
+
+    def __repr__(self) -> str:
+        return f"ObjectParams(write={sorted(self.write)}, read={sorted(self.read)})"
+
+
+def object_params(options: S3ObjectOptions | None) -> ObjectParams:
+    """The request parameters for ``options`` (none for None: the bucket's defaults)."""
+    if options is None:
+        return ObjectParams()
+    write: dict[str, Any] = {}
+    read: dict[str, Any] = {}
+    sse = options.sse
+    if sse is not None and sse.type == "aes256":
+        write["ServerSideEncryption"] = "AES256"
+    elif sse is not None and sse.type == "kms":
+        write["ServerSideEncryption"] = "aws:kms"
+        if sse.kms_key_id:
+            write["SSEKMSKeyId"] = sse.kms_key_id
+    elif sse is not None:
+        # botocore adds the key's base64 and its MD5 (SSECustomerKeyMD5) to each request.
+        read = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": sse.customer_key_bytes()}
+        write.update(read)
+    if options.storage_class:
+        write["StorageClass"] = options.storage_class
+    if options.tags:
+        write["Tagging"] = urlencode(options.tags)  # the x-amz-tagging header: a URL query string
+    return ObjectParams(write, read)
