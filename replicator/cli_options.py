@@ -211,6 +211,18 @@ Repair = Annotated[
 ]
 
 
+# -- config check -----------------------------------------------------------------------------
+
+Online = Annotated[
+    bool,
+    typer.Option(
+        "--online",
+        help="Also reach every source and target and check the permissions replicator needs "
+        "(a scratch object is written to each target and deleted).",
+    ),
+]
+
+
 def optional_values(args: list[str]) -> list[str]:
     """Let ``--read-data`` stand alone meaning 100 %: click options cannot take an optional
     value, so a bare ``--read-data`` gets its default spelled out before parsing."""

@@ -732,19 +732,78 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 item["url"] = fix(item["url"])
 
 
-def _describe(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = tuple(first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    text = f"{_loc(loc)}: {msg}" if loc else msg
-    if first["type"] not in ("missing",) and "input" in first and not isinstance(first["input"], dict | list):
-        field = loc[-1] if loc else None
-        shown = "***" if field in SECRET_FIELDS else repr(first["input"])
-        text += f" (got {shown})"
-    more = len(err.errors()) - 1
+def _describe(err: ValidationError, data: Any = None, root: type[BaseModel] | None = None) -> str:
+    """The first problem as one line, and how many more there are. ``data`` (what was
+    validated) and ``root`` (its model) let a misspelt field name suggest the right one."""
+    problems = err.errors()
+    text = _describe_one(problems[0], data, root)
+    more = len(problems) - 1
     if more:
         text += f" (and {more} more problem{'s' if more > 1 else ''})"
     return text
+
+
+def _describe_one(error: Any, data: Any, root: type[BaseModel] | None) -> str:
+    loc = tuple(error["loc"])
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden" and loc:
+        model = _model_at(loc[:-1], data, root) if root is not None else None
+        msg = "unknown setting"
+        if model is not None:
+            msg += did_you_mean(str(loc[-1]), model.model_fields)
+    text = f"{_loc(loc)}: {msg}" if loc else msg
+    shows_input = error["type"] not in ("missing", "extra_forbidden") and "input" in error
+    if shows_input and not isinstance(error["input"], dict | list):
+        field = loc[-1] if loc else None
+        shown = "***" if field in SECRET_FIELDS else repr(error["input"])
+        text += f" (got {shown})"
+    return text
+
+
+def _model_at(loc: tuple[str | int, ...], data: Any, model: type[BaseModel]) -> type[BaseModel] | None:
+    """The model that validates the mapping at ``loc`` of ``data`` (validated by ``model``):
+    the backend's for a ``sources``/``targets`` entry, by its url. None when unknown."""
+    from replicator.backends import SOURCES, TARGETS
+
+    node = data
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        if part not in model.model_fields:
+            return None
+        node = node.get(part) if isinstance(node, Mapping) else None
+        if model is Config and part in ("sources", "targets"):
+            index = loc[i + 1] if i + 1 < len(loc) else None
+            in_list = isinstance(node, list) and isinstance(index, int) and index < len(node)
+            entry = node[index] if in_list else None  # type: ignore[index]
+            url = entry.get("url") if isinstance(entry, Mapping) and index is not None else None
+            registry: Registry[Any] = SOURCES if part == "sources" else TARGETS
+            backend = registry.get(url) if isinstance(url, str) else None
+            if backend is None:
+                return None
+            model = backend.config
+            continue
+        sub = _submodel(model.model_fields[part].annotation)
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds (``X``, ``X | None``), or None."""
+    import typing
+
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def describe_all(err: ValidationError, data: Any = None, root: type[BaseModel] | None = None) -> list[str]:
+    """Every problem, one line each (``replicator config check``)."""
+    return [_describe_one(e, data, root) for e in err.errors()]
 
 
 def parse_config(data: Any, base_dir: Path, origin: str = "config") -> Config:
@@ -758,14 +817,39 @@ def parse_config(data: Any, base_dir: Path, origin: str = "config") -> Config:
     try:
         return Config.model_validate(expanded)
     except ValidationError as exc:
-        raise ConfigError(f"{origin}: {_describe(exc)}") from None
+        raise ConfigError(f"{origin}: {_describe(exc, expanded, Config)}") from None
 
 
 def load_config(path: str | Path) -> Config:
     """Read, expand and validate a configuration file."""
+    p = Path(path)
+    return parse_config(_read_yaml(p), p.resolve().parent, str(p))
+
+
+def check_config_file(path: str | Path) -> tuple[Config | None, list[str]]:
+    """As :func:`load_config`, but every validation problem is reported, one line each
+    (``replicator config check``): the config, or None and its problems. Problems found before
+    validation (YAML syntax, an unset ``${VAR}``, a secret in the file) stop at the first."""
+    p = Path(path)
+    try:
+        data = _read_yaml(p)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}")
+        expanded = _expand(data, ())
+        _resolve_paths(expanded, p.resolve().parent)
+    except ConfigError as exc:
+        return None, [str(exc)]
+    try:
+        return Config.model_validate(expanded), []
+    except ValidationError as exc:
+        return None, describe_all(exc, expanded, Config)
+
+
+def _read_yaml(p: Path) -> Any:
     import yaml  # ~15 ms to import (it compiles its resolver regexes): only for a config file
 
-    p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -773,10 +857,9 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{p}: {problem}{where}") from None
-    return parse_config(data, p.resolve().parent, str(p))

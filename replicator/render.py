@@ -19,6 +19,7 @@ from replicator.paths import display_path, one_line
 from replicator.units import format_duration, format_size
 
 if TYPE_CHECKING:
+    from replicator.config_check import ConfigReport
     from replicator.engine import SourceResult, TargetResult
     from replicator.plan import Plan
     from replicator.repository import SnapshotRow
@@ -235,4 +236,31 @@ def _source_drill_lines(s: SourceDrill) -> list[str]:
         for p, why in sorted(s.format_failures.items())
     ]
     lines += [f"    FAILED: {one_line(why)}" for why in s.problems]
+    return lines
+
+
+# -- config check -----------------------------------------------------------------------------
+
+
+def config_check_lines(report: ConfigReport) -> list[str]:
+    """The verdict, every problem, the sources and targets, and each online check."""
+    if report.problems:
+        n = len(report.problems)
+        lines = [f"{report.path}: INVALID: {n} problem{'s' if n > 1 else ''}"]
+        return lines + [f"  {one_line(p)}" for p in report.problems]
+    sources = sum(e.kind == "source" for e in report.endpoints)
+    targets = len(report.endpoints) - sources
+    verdict = "valid" if not report.online else ("OK" if report.ok else "FAILED")
+    lines = [f"{report.path}: {verdict}: {sources} sources, {targets} targets"]
+    width = max((len(e.name) for e in report.endpoints), default=0)
+    for e in report.endpoints:
+        settings = ", ".join(f"{k}: {v}" for k, v in e.settings.items())
+        lines.append(
+            f"  {e.kind} {e.name:<{width}}  {one_line(e.url)}" + (f"  ({settings})" if settings else "")
+        )
+    for c in report.checks:
+        if c.ok:
+            lines.append(f"  {c.subject}: {c.check} ok" + (f" ({one_line(c.error)})" if c.error else ""))
+        else:
+            lines.append(f"  {c.subject}: {c.check} FAILED: {one_line(c.error or 'unknown error')}")
     return lines

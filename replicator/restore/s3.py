@@ -83,7 +83,9 @@ class S3Destination:
     ) -> S3Destination:
         """Connect and check that the bucket exists and is reachable."""
         self = cls(location, access, retry, params)
-        self.client = await connect(self._stack, access, max_connections, name=NAME, url=location.url)
+        self.client = await connect(
+            self._stack, access, max_connections, name=NAME, url=location.url, kind="restore"
+        )
         try:
             await self.client.head_bucket(Bucket=location.bucket)
         except SDK_ERRORS as exc:

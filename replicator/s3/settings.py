@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 if TYPE_CHECKING:
-    from replicator.config import S3Access, S3ObjectOptions
+    from replicator.config import Config, S3Access, S3ObjectOptions
+    from replicator.errors import ConfigError
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -141,3 +142,34 @@ def object_params(options: S3ObjectOptions | None) -> ObjectParams:
     if options.tags:
         write["Tagging"] = urlencode(options.tags)  # the x-amz-tagging header: a URL query string
     return ObjectParams(write, read)
+
+
+def check_profiles(config: Config) -> None:
+    """A ConfigError for the first S3 source or target whose ``profile:`` the AWS config files
+    do not define: ``replicator run`` checks before it starts (its loops would retry it
+    forever). One-shot commands meet it where the client is made
+    (:func:`replicator.s3.errors.profile_error`)."""
+    missing = missing_profiles(config)
+    if missing:
+        raise missing[0]
+
+
+def missing_profiles(config: Config) -> list[ConfigError]:
+    """A ConfigError for each S3 source or target whose ``profile:`` the AWS config files do
+    not define (``replicator config check`` lists them all)."""
+    from replicator.config import S3SourceConfig, S3TargetConfig
+
+    named = [
+        (kind, item.name, item.profile)
+        for kind, items in (("source", config.sources), ("target", config.targets))
+        for item in items
+        if isinstance(item, S3SourceConfig | S3TargetConfig) and item.profile
+    ]
+    if not named:
+        return []  # no SDK import for configs without profiles
+    import botocore.session
+
+    from replicator.s3.errors import profile_error
+
+    available = set(botocore.session.Session().available_profiles)
+    return [profile_error(kind, name, profile) for kind, name, profile in named if profile not in available]

@@ -19,13 +19,14 @@ import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import botocore.exceptions
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
 from replicator.config import S3Access
 from replicator.errors import AlreadyExistsError, NotFoundError, PermanentTargetError, TransientTargetError
 from replicator.format.chunks import Buffer
-from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
+from replicator.s3.errors import SDK_ERRORS, convert_error, http_status, profile_error
 from replicator.s3.settings import ObjectParams, S3Location, client_kwargs, config_kwargs
 from replicator.targets.base import ObjectInfo, check_key
 
@@ -47,9 +48,16 @@ def _content_md5(data: Buffer) -> str:
 
 
 async def connect(
-    stack: contextlib.AsyncExitStack, access: S3Access, max_connections: int, *, name: str, url: str
+    stack: contextlib.AsyncExitStack,
+    access: S3Access,
+    max_connections: int,
+    *,
+    name: str,
+    url: str,
+    kind: str = "target",
 ) -> Any:
-    """An aiobotocore S3 client entered into ``stack`` (closed with it); errors name ``name``."""
+    """An aiobotocore S3 client entered into ``stack`` (closed with it); errors name ``kind
+    name``. A profile the AWS config does not define is a ConfigError (exit code 2)."""
     session = AioSession(profile=access.profile) if access.profile else AioSession()
     try:
         return await stack.enter_async_context(
@@ -57,6 +65,8 @@ async def connect(
                 "s3", config=AioConfig(**config_kwargs(access, max_connections)), **client_kwargs(access)
             )
         )
+    except botocore.exceptions.ProfileNotFound:
+        raise profile_error(kind, name, access.profile or "") from None
     except SDK_ERRORS as exc:
         raise convert_error(exc, target=name, operation="connect", key=url) from exc
 
