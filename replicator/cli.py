@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,9 +81,11 @@ def repo_target_config(
         backend = TARGETS.get(url)
         fields = backend.config.model_fields if backend is not None else {}
         options = {"endpoint_url": endpoint, "region": region, "profile": profile}
-        given = {k: v for k, v in options.items() if v is not None and k in fields}
+        given: dict[str, object] = {k: v for k, v in options.items() if v is not None and k in fields}
+        given.update(repo_sse_from_env(fields))
         try:
-            cfg = target_config({"name": "repo", "url": url, **given}, origin="--repo")
+            origin = f"--repo (with {REPO_CUSTOMER_KEY_ENV})" if "sse" in given else "--repo"
+            cfg = target_config({"name": "repo", "url": url, **given}, origin=origin)
         except ConfigError as exc:
             fail(str(exc), 2)
         return with_give_up(cfg, give_up_after), None
@@ -95,6 +98,24 @@ def repo_target_config(
         return with_give_up(config.target(target), give_up_after), config
     except ConfigError as exc:
         fail(str(exc), 2)
+
+
+REPO_CUSTOMER_KEY_ENV = "REPLICATOR_SSE_CUSTOMER_KEY"
+"""``--repo s3://...`` of a repository written with ``sse: {type: customer}``: its SSE-C key
+(base64), from the environment only (a command line is visible in ``ps``)."""
+
+
+def repo_sse_from_env(fields: Mapping[str, object]) -> dict[str, object]:
+    """The ``sse`` setting of a ``--repo`` target whose SSE-C key is in the environment."""
+    import os
+
+    from replicator import log
+
+    key = os.environ.get(REPO_CUSTOMER_KEY_ENV)
+    if not key or "sse" not in fields:
+        return {}
+    log.REDACTOR.add([key])
+    return {"sse": {"type": "customer", "customer_key": key}}
 
 
 def only_source(config: Config | None, source: str | None) -> str | None:

@@ -261,3 +261,26 @@ def test_customer_key_must_come_from_the_environment(tmp_path: Path, monkeypatch
     cfg = load_config(path)
     assert key in cfg.secret_values()  # the log redactor masks it
     assert key not in repr(cfg) and key not in cfg.model_dump_json()
+
+
+def test_repo_url_of_an_sse_c_repository_takes_its_key_from_the_environment(
+    tmp_path: Path, moto: MotoServer
+) -> None:
+    key = base64.b64encode(os.urandom(32)).decode()
+    bucket = moto.new_bucket()
+    primary, cfg = setup(
+        tmp_path, s3_target(moto, bucket, sse={"type": "customer", "customer_key": "${DR_KEY}"})
+    )
+    assert invoke("sync", "-q", "-c", cfg, env={"DR_KEY": key}).exit_code == 0
+
+    args = ["--repo", f"s3://{bucket}/replica", "--endpoint-url", moto.endpoint]
+    res = invoke("restore", *args, "--no-sync", tmp_path / "out", env={"REPLICATOR_SSE_CUSTOMER_KEY": key})
+    assert res.exit_code == 0, res.output
+    assert tree_digest(tmp_path / "out") == tree_digest(primary)
+
+    bad = invoke("snapshots", *args, env={"REPLICATOR_SSE_CUSTOMER_KEY": "not-a-key"})
+    assert (
+        bad.exit_code == 2
+        and "--repo (with REPLICATOR_SSE_CUSTOMER_KEY): sse: customer_key must be" in bad.stderr
+    )
+    assert "not-a-key" not in bad.stderr
