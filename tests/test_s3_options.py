@@ -141,6 +141,7 @@ def test_sse_c_key_goes_with_every_put_get_and_head(moto: MotoServer) -> None:
 def test_restore_into_a_bucket_with_dest_options(tmp_path: Path, moto: MotoServer) -> None:
     primary, cfg = setup(tmp_path, {"name": "t", "url": str(tmp_path / "target")})
     (tmp_path / "target").mkdir()
+    (primary / "big.bin").write_bytes(os.urandom((16 << 20) + 4096))  # a multipart upload
     assert invoke("sync", "-q", "-c", cfg).exit_code == 0
     bucket = moto.new_bucket()
     res = invoke(
@@ -164,7 +165,7 @@ def test_restore_into_a_bucket_with_dest_options(tmp_path: Path, moto: MotoServe
     assert res.exit_code == 0, res.output
     objects = heads(moto, bucket, "restored/")
     files = [p for p in primary.rglob("*") if p.is_file()]
-    assert len(objects) == len(files)
+    assert len(objects) == len(files) and objects["restored/big.bin"]["ContentLength"] == (16 << 20) + 4096
     for key, head in objects.items():
         assert (head["ServerSideEncryption"], head["SSEKMSKeyId"]) == ("aws:kms", "alias/training"), key
         assert head["StorageClass"] == "INTELLIGENT_TIERING"
