@@ -14,6 +14,7 @@ is an error that says so ("region: does not apply to a directory").
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Mapping
@@ -403,7 +404,6 @@ class SseConfig(_Model):
 
     def customer_key_bytes(self) -> bytes:
         """The SSE-C key (32 bytes), decoded."""
-        import base64
         import binascii
 
         assert self.customer_key is not None
@@ -419,7 +419,7 @@ class SseConfig(_Model):
 def _check_storage_class(value: str | None) -> str | None:
     if value is None:
         return None
-    value = value.upper()
+    value = value.upper()  # S3 spells them in capitals; standard_ia is meant the same
     if value in S3_ARCHIVE_CLASSES:
         raise ValueError(
             f"{value} objects cannot be read without a restore request, so the repository could "
@@ -449,7 +449,7 @@ class S3ObjectOptions(_Model):
     tags. Set on an ``s3://`` target; a restore into a bucket takes its own (``--dest-*``)."""
 
     sse: SseConfig | None = None
-    storage_class: Annotated[str | None, BeforeValidator(_check_storage_class)] = None
+    storage_class: Annotated[str | None, AfterValidator(_check_storage_class)] = None
     """Default: the bucket's (STANDARD)."""
     tags: Annotated[dict[str, str], AfterValidator(_check_tags)] = Field(default_factory=dict)
     """Object tags (``{team: ml, retention: dr}``): for lifecycle rules, cost allocation and
@@ -638,11 +638,12 @@ class Config(_Model):
             for name in type(item).model_fields
             if isinstance(value := getattr(item, name), SecretStr)
         ]
-        keys += [
-            t.sse.customer_key.get_secret_value()
-            for t in self.targets
-            if isinstance(t, S3TargetConfig) and t.sse is not None and t.sse.customer_key is not None
-        ]
+        for t in self.targets:
+            if isinstance(t, S3TargetConfig) and t.sse is not None and t.sse.customer_key is not None:
+                # as written, and as botocore sends it (its own base64 of the key: the header a
+                # --log-level debug request log would show)
+                keys.append(t.sse.customer_key.get_secret_value())
+                keys.append(base64.b64encode(t.sse.customer_key_bytes()).decode())
         return keys + [w.get_secret_value() for w in self.alerts.webhooks]
 
     def source(self, name: str) -> SourceConfig:

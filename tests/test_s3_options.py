@@ -222,6 +222,7 @@ def target(**options: Any) -> dict[str, Any]:
         ({"storage_class": "GLACIER"}, "GLACIER objects cannot be read without a restore request"),
         ({"storage_class": "DEEP_ARCHIVE"}, "use GLACIER_IR"),
         ({"storage_class": "COLD"}, "unknown S3 storage class (use one of STANDARD,"),
+        ({"storage_class": 3}, "storage_class: Input should be a valid string"),
         ({"sse": {"type": "aes256", "kms_key_id": "k"}}, "kms_key_id applies to type: kms only"),
         ({"sse": {"type": "customer"}}, "type: customer needs customer_key"),
         ({"sse": {"type": "customer", "customer_key": "c2hvcnQ="}}, "must decode to 32 bytes"),
@@ -285,3 +286,22 @@ def test_repo_url_of_an_sse_c_repository_takes_its_key_from_the_environment(
         and "--repo (with REPLICATOR_SSE_CUSTOMER_KEY): sse: customer_key must be" in bad.stderr
     )
     assert "not-a-key" not in bad.stderr
+
+
+def test_sse_c_key_never_reaches_the_log(tmp_path: Path, moto: MotoServer) -> None:
+    """Not even botocore's request log at --log-level debug, which shows request headers."""
+    key = base64.b64encode(os.urandom(32)).decode()
+    bucket = moto.new_bucket()
+    _, cfg = setup(tmp_path, s3_target(moto, bucket, sse={"type": "customer", "customer_key": "${DR_KEY}"}))
+    assert invoke("sync", "-q", "-c", cfg, env={"DR_KEY": key}).exit_code == 0
+    for how, env in (
+        (["-c", cfg], {"DR_KEY": key}),
+        (
+            ["--repo", f"s3://{bucket}/replica", "--endpoint-url", moto.endpoint],
+            {"REPLICATOR_SSE_CUSTOMER_KEY": key},
+        ),
+    ):
+        res = invoke("snapshots", "--log-level", "debug", *how, env=env)
+        assert res.exit_code == 0, res.output
+        assert "x-amz-server-side-encryption-customer-key" in res.stderr.lower()  # headers were logged
+        assert key not in res.output and key not in res.stderr

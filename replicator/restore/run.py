@@ -139,7 +139,7 @@ async def run_restore(
 
 async def _pick_source(repo: Repository, source: str | None) -> str:
     """``source``, or the repository's only one when None; a ConfigError (exit 2) that lists
-    them, with the closest name first, when it holds several or not ``source``."""
+    them (and suggests the closest name) when it holds several, or not ``source``."""
     from replicator.errors import did_you_mean
 
     if source is not None and await repo.latest(source) is not None:
