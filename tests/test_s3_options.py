@@ -13,6 +13,7 @@ import asyncio
 import base64
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from tests.servers import MotoServer, RcloneServer
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
-def invoke(*args: str | Path, env: dict[str, str | None] | None = None) -> Result:
+def invoke(*args: str | Path, env: Mapping[str, str | None] | None = None) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args], env={"REPLICATOR_CONFIG": None, **(env or {})})
 
 
