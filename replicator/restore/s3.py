@@ -34,7 +34,8 @@ from replicator.paths import encode_path
 from replicator.restore.core import FileWriter
 from replicator.retry import RetryPolicy
 from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
-from replicator.s3.settings import ObjectParams, S3Location
+from replicator.s3.location import S3Location
+from replicator.s3.settings import ObjectParams
 from replicator.targets.s3 import connect, content_md5
 
 T = TypeVar("T")

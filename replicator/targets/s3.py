@@ -27,7 +27,8 @@ from replicator.config import S3Access
 from replicator.errors import AlreadyExistsError, NotFoundError, PermanentTargetError, TransientTargetError
 from replicator.format.chunks import Buffer
 from replicator.s3.errors import SDK_ERRORS, convert_error, http_status, profile_error
-from replicator.s3.settings import ObjectParams, S3Location, client_kwargs, config_kwargs
+from replicator.s3.location import S3Location
+from replicator.s3.settings import ObjectParams, client_kwargs, config_kwargs
 from replicator.targets.base import ObjectInfo, check_key
 
 _HASH_IN_THREAD = 256 << 10
