@@ -97,8 +97,6 @@ def check_offline(path: Path) -> tuple[ConfigReport, Config | None]:
     report.problems += [str(e) for e in missing_profiles(config)]
     report.endpoints = [_summary("source", s) for s in config.sources]
     report.endpoints += [_summary("target", t) for t in config.targets]
-    if not config.sources or not config.targets:
-        report.problems.append("the config needs at least one source and one target")
     return report, config
 
 

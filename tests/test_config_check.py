@@ -310,3 +310,23 @@ def test_restore_without_source_from_a_repository_of_several(tmp_path: Path) -> 
             2,
             f"--source is required: {target} holds snapshots of several sources (d, e)",
         )
+
+
+def test_check_a_dr_site_config_without_sources_and_a_broken_file(tmp_path: Path) -> None:
+    """A disaster-recovery site's config names targets only (verify, restore): valid."""
+    cfg = tmp_path / "dr.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"state_dir": str(tmp_path / "s"), "targets": [{"name": "t", "url": "/srv/r"}]})
+    )
+    res = invoke("config", "check", "-c", cfg)
+    assert res.exit_code == 0 and res.stdout.splitlines() == [
+        f"{cfg}: valid: 0 sources, 1 targets",
+        "  target t  /srv/r",
+    ]
+
+    cfg.write_text("targets: [\n")
+    res = invoke("config", "check", "-c", cfg)
+    assert res.exit_code == 2 and res.stdout.splitlines()[0] == f"{cfg}: INVALID: 1 problem"
+    assert res.stdout.splitlines()[1].startswith(f"  {cfg}: ") and "line 2" in res.stdout
+    res = invoke("config", "check", "-c", tmp_path / "none.yaml")
+    assert res.exit_code == 2 and "does not exist" in res.stdout
