@@ -156,7 +156,7 @@ def restore_line(outcome: RestoreOutcome, dest: str) -> str:
     res = outcome.result
     conflicts = f", {len(res.replaced)} replaced" if res.replaced else ""
     if res.kept:
-        conflicts += f", {len(res.kept)} kept as they are (--overwrite never)"
+        conflicts += f", {len(res.kept)} existing kept, not restored"
     if res.dry_run:
         return (
             f"dry run: would restore {res.files} files, {format_size(res.bytes)} from "
@@ -321,13 +321,11 @@ def diff_lines(result: SnapshotDiff) -> list[str]:
     if result.sets:
         for s in result.sets:
             title = f"set {display_path(s.name)}" if s.name is not None else "not in a checkpoint set"
-            what = "" if s.status == "changed" else f" {s.status.upper()}"
-            lines.append(f"{title}{what}: {len(s.changes)} files changed")
+            size = format_size(sum(c.size for c in s.changes))
+            lines.append(f"{title} ({s.status}): {len(s.changes)} files, {size}")
             lines += ["  " + _change_line(c) for c in s.changes]
     else:
         lines += [_change_line(c) for c in result.changes]
     t = result.totals()
-    lines.append(
-        ", ".join(f"{k} {v.files} files ({format_size(v.bytes)})" for k, v in t.items())
-    )
+    lines.append("totals: " + ", ".join(f"{v.files} {k} ({format_size(v.bytes)})" for k, v in t.items()))
     return lines
