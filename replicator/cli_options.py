@@ -187,6 +187,7 @@ def optional_values(args: list[str]) -> list[str]:
                 out.append("100")
     return out
 
+
 # -- ls, diff, and restore's overwrite rules (issue 22) ---------------------------------------
 
 InspectSource = Annotated[
@@ -197,7 +198,7 @@ LsGlobs = Annotated[
     typer.Argument(
         help="Only paths matching these globs (as restore's --include: `*.safetensors`, "
         "`step-000200`, `step-*/model-*`).",
-        metavar="[GLOB]...",
+        metavar="GLOB",
         show_default=False,
     ),
 ]

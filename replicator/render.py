@@ -19,13 +19,13 @@ from replicator.paths import display_path, one_line
 from replicator.units import format_duration, format_size
 
 if TYPE_CHECKING:
+    from replicator.contents import Change, Listing, SnapshotDiff
     from replicator.engine import SourceResult, TargetResult
     from replicator.plan import Plan
     from replicator.repository import SnapshotRow
     from replicator.restore.run import RestoreOutcome
     from replicator.verify.drill import DrillReport, SourceDrill
     from replicator.verify.run import TargetVerification
-    from replicator.contents import Change, Listing, SnapshotDiff
 
 
 def to_json(data: Any) -> str:

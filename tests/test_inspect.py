@@ -62,17 +62,27 @@ def two_snapshots(tmp_path: Path) -> tuple[Path, Path, list[str]]:
 def test_ls_lists_a_snapshot_with_globs_and_odd_names(two_snapshots: tuple[Path, Path, list[str]]) -> None:
     primary, target, (first, second) = two_snapshots
     doc = json.loads(ok("ls", "--repo", target, "-s", "ckpt", "--json").stdout)
-    assert (doc["snapshot"], doc["kind"], doc["sets"]) == (second, "checkpoint", ["step-000001", "step-000002"])
+    assert (doc["snapshot"], doc["kind"], doc["sets"]) == (
+        second,
+        "checkpoint",
+        ["step-000001", "step-000002"],
+    )
     on_disk = tree_digest(primary)
     by_path = {f["path"]: f for f in doc["files"]}
     assert len(by_path) == len(on_disk) == doc["total_files"] == 9
     state = by_path["step-000001/trainer_state.json"]
     st = (primary / "step-000001/trainer_state.json").stat()
-    assert (state["size"], state["mode"], state["mtime_ns"]) == (st.st_size, st.st_mode & 0o777, st.st_mtime_ns)
+    assert (state["size"], state["mode"], state["mtime_ns"]) == (
+        st.st_size,
+        st.st_mode & 0o777,
+        st.st_mtime_ns,
+    )
     assert state["set"] == "step-000001" and by_path["step-000002/COMPLETE"]["set"] == "step-000002"
 
     # A glob, an older snapshot by a prefix of its id: the odd name carries its exact bytes.
-    doc = json.loads(ok("ls", "--repo", target, "-s", "ckpt", "--snapshot", first[:20], "*.bin", "--json").stdout)
+    doc = json.loads(
+        ok("ls", "--repo", target, "-s", "ckpt", "--snapshot", first[:20], "*.bin", "--json").stdout
+    )
     assert doc["snapshot"] == first
     [odd] = doc["files"]
     assert base64.b64decode(odd["path_b64"]) == b"step-000001/odd\nna\xffme.bin"
@@ -149,9 +159,19 @@ def test_restore_dry_run_writes_nothing(tmp_path: Path) -> None:
     ("mode", "replaced", "kept", "up_to_date"),
     [
         ("if-changed", ["step-000001/trainer_state.json"], [], 3),
-        ("always", sorted(f"step-000001/{n}" for n in ["COMPLETE", "trainer_state.json", *[
-            f"model-0000{r}-of-00002.safetensors" for r in (0, 1)
-        ]]), [], 0),
+        (
+            "always",
+            sorted(
+                f"step-000001/{n}"
+                for n in [
+                    "COMPLETE",
+                    "trainer_state.json",
+                    *[f"model-0000{r}-of-00002.safetensors" for r in (0, 1)],
+                ]
+            ),
+            [],
+            0,
+        ),
         ("never", [], ["step-000001/trainer_state.json"], 3),
     ],
 )
@@ -165,7 +185,9 @@ def test_restore_overwrite_modes(
     before = conflicted(target, dest)
     expected = tree_digest(primary)
 
-    plan = json.loads(ok("restore", "--repo", target, "-s", "d", "-n", "--overwrite", mode, "--json", dest).stdout)
+    plan = json.loads(
+        ok("restore", "--repo", target, "-s", "d", "-n", "--overwrite", mode, "--json", dest).stdout
+    )
     doc = json.loads(ok("restore", "--repo", target, "-s", "d", "--overwrite", mode, "--json", dest).stdout)
     for d in (plan, doc):  # the dry run said what the restore then did
         assert sorted(p["path"] for p in d["replaced"]) == replaced
@@ -227,7 +249,17 @@ def test_restore_into_a_bucket_dry_run_and_never(tmp_path: Path, request: pytest
     dest = make_target_spec(request, "rclone", tmp_path, "dest")
     assert dest.server is not None and dest.bucket is not None
     url = f"s3://{dest.bucket}/restored"
-    args = ["restore", "--repo", target, "-s", "d", url, "--dest-endpoint-url", dest.server.endpoint, "--json"]
+    args: list[str | Path] = [
+        "restore",
+        "--repo",
+        target,
+        "-s",
+        "d",
+        url,
+        "--dest-endpoint-url",
+        dest.server.endpoint,
+        "--json",
+    ]
     s3 = dest.server.client()
 
     plan = json.loads(ok(*args, "--dry-run").stdout)

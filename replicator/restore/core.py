@@ -1,7 +1,8 @@
 """Restore: bring back a snapshot's files, byte-identical, with their mode and mtime.
 
 The algorithm, over any destination: select the files (``include`` globs), skip those the
-destination already holds exactly, fetch the chunks of the others in parallel (a window per
+destination already holds exactly (and, with ``overwrite="never"``, those whose name holds
+anything else: :data:`Overwrite`), fetch the chunks of the others in parallel (a window per
 file, several files at once, bounded by a byte budget), verify every chunk against its id and
 every file against its digest before it becomes visible, and make the whole durable once at
 the end. Files of one small chunk are restored in batches: one check of what is current, one

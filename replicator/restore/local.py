@@ -41,7 +41,6 @@ from replicator.format.manifest import FileEntry
 from replicator.hashing import HashSpec
 from replicator.paths import check_relative_path, decode_path, display_path, encode_path
 
-
 Found = Literal["absent", "same", "different"]
 """What a destination holds at a file's name: nothing; exactly the entry's bytes (checked by
 hashing them); or something else (other bytes, or, unless its content was asked about,
@@ -97,9 +96,7 @@ def sync_filesystem(fd: int) -> None:
 class LocalDestination:
     """A destination directory written through directory descriptors (see module docstring)."""
 
-    def __init__(
-        self, root: Path, spec: HashSpec, *, write_behind: bool = True, create: bool = True
-    ) -> None:
+    def __init__(self, root: Path, spec: HashSpec, *, write_behind: bool = True, create: bool = True) -> None:
         """``write_behind``: start writing each file's pages to disk as they are written (see
         :class:`_LocalFile`), for a restore that will be flushed. ``create=False`` (a dry run):
         never create ``root``; a missing ``root`` holds nothing, and nothing may be written."""
@@ -314,15 +311,16 @@ class _LocalFile:
         # Never replace: a hard link fails if the name exists, even if it appeared after the
         # restore looked (a rename would silently replace it). Where hard links are not
         # supported, check and rename (a file appearing in between is then replaced).
+        appeared = f"{display_path(self.entry.path)} appeared during the restore: left as it is"
         try:
             os.link(self.tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd, follow_symlinks=False)
         except FileExistsError:
-            raise ExistsError(f"{display_path(self.entry.path)} appeared during the restore: left as it is") from None
+            raise ExistsError(appeared) from None
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
                 raise
             if _exists(name, self.dir_fd):
-                raise ExistsError(f"{display_path(self.entry.path)} appeared during the restore: left as it is") from None
+                raise ExistsError(appeared) from None
             os.rename(self.tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
             return
         os.unlink(self.tmp, dir_fd=self.dir_fd)
