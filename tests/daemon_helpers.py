@@ -64,6 +64,11 @@ class DaemonProcess:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def crashes(self) -> list[str]:
+        """The log lines of tasks that crashed (``daemon.task_failed``, tracebacks): each names
+        the task and carries its traceback, so a failing assertion shows why."""
+        return [line for line in self.log_text().splitlines() if "task_failed" in line or "Traceback" in line]
+
 
 def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> T:
     deadline = time.monotonic() + timeout

@@ -682,11 +682,14 @@ def test_blackholed_target_times_out_and_recovers(rclone: RcloneServer, fault_pr
     assert proxy.stats.dropped > 0
 
 
+@pytest.mark.parametrize("op", ["get", "stat"])
 def test_a_blackholed_request_is_one_attempt_and_unreachable(
-    rclone: RcloneServer, fault_proxy: ProxyFactory
+    rclone: RcloneServer, fault_proxy: ProxyFactory, op: str
 ) -> None:
     """The SDK makes one attempt per request (our RetryingTarget does the retrying), and a
-    server that never answers is reported as unreachable (exit code 3), like a refused one."""
+    server that never answers is reported as unreachable (exit code 3), like a refused one.
+    (A read timeout in ``stat``, the daemon's probe, once crashed the publisher: the SDK's
+    transport errors carry ``response = None``.)"""
     proxy = fault_proxy(rclone)
     bucket = rclone.new_bucket()
     proxy.set_mode("blackhole")
@@ -694,7 +697,7 @@ def test_a_blackholed_request_is_one_attempt_and_unreachable(
 
     async def go(t: Target) -> None:
         with pytest.raises(TargetUnreachableError) as info:
-            await t.get("obj")
+            await (t.get("obj") if op == "get" else t.stat("obj"))
         assert info.value.exit_code == 3
 
     cfg = {**s3_config(proxy, bucket, timeout=1), "retry": {"give_up_after": 0, "command_give_up_after": 0}}
