@@ -154,6 +154,12 @@ def test_restore_dry_run_writes_nothing(tmp_path: Path) -> None:
         assert res.stdout.splitlines()[-1].endswith("; nothing was written"), res.stdout
     assert not [p for p in dest.rglob(".*") if p.name.startswith(".")]  # no temporary left
 
+    a_file = dest / "notes.txt"  # DEST is a file: one line, no traceback, with and without -n
+    for extra in (["-n"], []):
+        res = invoke("restore", "--repo", target, "-s", "d", *extra, a_file)
+        assert res.exit_code == 1 and res.stderr.startswith("replicator: error: open destination")
+        assert res.stderr.count("\n") == 1 and a_file.read_text() == "mine"
+
 
 @pytest.mark.parametrize(
     ("mode", "replaced", "kept", "up_to_date"),

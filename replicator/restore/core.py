@@ -201,7 +201,7 @@ async def restore_snapshot(
         else dest
     )
     run = _Restore(repo, manifest, destination, progress, ByteBudget(memory_budget), overwrite, dry_run)
-    progress.begin("restoring", sum(f.size for f in files))
+    progress.begin("checking" if dry_run else "restoring", sum(f.size for f in files))
     queue = run.plan(files)
     try:
         async with asyncio.TaskGroup() as group:

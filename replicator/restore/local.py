@@ -104,16 +104,20 @@ class LocalDestination:
         self.url = str(root)
         self.spec = spec
         self.write_behind = write_behind
-        if create:
-            root.mkdir(parents=True, exist_ok=True)
-        elif not root.exists():
-            self.root_fd = -1  # nothing there yet: every file is absent
-            self._root_dev = -1
-            self._other_filesystem = False
-            return
-        # Opened before anything is written, so that syncfs on it reports every writeback error
-        # of this restore.
-        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.root_fd = self._root_dev = -1
+        try:
+            if create:
+                root.mkdir(parents=True, exist_ok=True)
+            elif not root.exists():
+                self._other_filesystem = False
+                return  # nothing there yet (a dry run): every file is absent
+            # Opened before anything is written, so that syncfs on it reports every writeback
+            # error of this restore.
+            self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:  # a file where the directory should be, no permission, ...
+            raise ReplicatorError(
+                exc.strerror or str(exc), operation="open destination directory", key=self.url
+            ) from exc
         self._root_dev = os.fstat(self.root_fd).st_dev
         # Set when a file is created on another device than the root (a filesystem mounted
         # below it), which syncfs on the root's filesystem may not reach.
