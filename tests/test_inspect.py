@@ -213,7 +213,9 @@ def test_restore_overwrite_modes(
     text = ok("restore", "--repo", target, "-s", "d", "--overwrite", "never", dest).stdout
     if mode == "never":
         assert text.startswith(f"  kept {conflict}\nrestored 0 files")
-        assert text.rstrip().endswith("(3 already up to date, 1 existing kept, not restored)")
+        assert text.endswith("(3 already up to date, 1 existing kept, not restored)\n")
+    else:
+        assert text.startswith("restored 0 files") and text.endswith("(4 already up to date)\n")
 
 
 def test_never_does_not_replace_a_file_that_appears_during_the_restore(tmp_path: Path) -> None:

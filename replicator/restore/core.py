@@ -53,7 +53,6 @@ Overwrite = Literal["always", "if-changed", "never"]
 hash to the snapshot's digest; ``always`` writes every file again, even one that is already
 identical (fixing its mode and mtime too); ``never`` leaves anything already there untouched
 and reports it. A name that holds nothing is written in every mode."""
-OVERWRITE_MODES: tuple[Overwrite, ...] = ("always", "if-changed", "never")
 
 
 @dataclass
