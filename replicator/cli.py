@@ -68,8 +68,7 @@ def repo_target_config(
     give_up_after: str | None = None,
 ) -> tuple[TargetConfig, Config | None]:
     """Resolve ``--config/--target`` or ``--repo`` into one target's settings."""
-    from replicator.backends import TARGETS
-    from replicator.config import target_config
+    from replicator.config import TARGET_URLS, target_config
 
     if repo is not None:
         if config_path is not None and target is not None:
@@ -77,8 +76,8 @@ def repo_target_config(
         setup_logging(log_level)
         url = repo if "://" in repo else str(Path(repo).resolve())
         # --endpoint, --region and --profile apply to s3:// repositories only.
-        backend = TARGETS.get(url)
-        fields = backend.config.model_fields if backend is not None else {}
+        kind = TARGET_URLS.get(url)
+        fields = kind.model.model_fields if kind is not None else {}
         options = {"endpoint_url": endpoint, "region": region, "profile": profile}
         given = {k: v for k, v in options.items() if v is not None and k in fields}
         try:

@@ -6,19 +6,21 @@ resolve relative paths against the config file's directory; validate. Any failur
 :class:`~replicator.errors.ConfigError` naming the field and the bad value (exit code 2).
 
 Sources and targets are unions discriminated by their url's scheme: each entry is validated
-by the model :mod:`replicator.backends` registered for it (:class:`PosixSourceConfig`,
-:class:`S3TargetConfig`...), which holds the common fields of :class:`SourceConfig` or
-:class:`TargetConfig` and its backend's own, so a setting of one backend given to another
-is an error that says so ("region: does not apply to a directory").
+by the model registered for its scheme in :data:`SOURCE_URLS` / :data:`TARGET_URLS`
+(:class:`PosixSourceConfig`, :class:`S3TargetConfig`...), which holds the common fields of
+:class:`SourceConfig` or :class:`TargetConfig` and its backend's own, so a setting of one
+backend given to another is an error that says so ("region: does not apply to a directory").
+The code that opens each scheme is registered beside it in :mod:`replicator.backends`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -36,11 +38,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from replicator.errors import ConfigError
 from replicator.globs import PathFilter, compile_glob
-from replicator.s3.settings import S3Location, parse_s3_url
+from replicator.s3.location import S3Location, parse_s3_url
 from replicator.units import parse_duration, parse_rate, parse_share, parse_size
-
-if TYPE_CHECKING:
-    from replicator.backends import Registry
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 """A byte count written as ``4MiB``, ``1.5GB`` or a plain integer."""
@@ -378,38 +377,104 @@ def _fail(field: str, message: str, value: Any) -> ValidationError:
     return ValidationError.from_exception_data("entry", [detail])
 
 
-def _by_scheme(registry: Registry[Any], base: type[_Endpoint], value: Any) -> Any:
+SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
+"""RFC 3986, lower case."""
+
+
+def scheme_of(url: str) -> str:
+    """``s3`` for ``s3://...``; ``file`` for a plain path (what precedes ``://`` otherwise,
+    valid scheme or not: it then names no backend)."""
+    scheme, sep, _ = url.partition("://")
+    return scheme if sep else "file"
+
+
+@dataclass(frozen=True)
+class UrlKind:
+    """What one url scheme means to the configuration."""
+
+    scheme: str
+    model: type[_Endpoint]
+    """Validates an entry with such a url: the common fields and the backend's own."""
+    what: str
+    """How messages name one: "a directory", "an s3:// bucket"."""
+    example: str
+    """How hints show its url: "a directory", "s3://bucket/prefix"."""
+
+
+class UrlKinds:
+    """The url schemes that ``sources`` (or ``targets``) entries accept."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._kinds: dict[str, UrlKind] = {}
+        self._builtin: set[str] = set()
+
+    def add(self, kind: UrlKind, *, builtin: bool = False) -> None:
+        """Accept ``kind.scheme``. Built-in schemes cannot be replaced, and a scheme is added
+        once: a second registration (a leak from an earlier test) raises."""
+        if not SCHEME.match(kind.scheme) or kind.scheme in self._kinds:
+            raise ValueError(f"cannot register {self.kind} url scheme {kind.scheme!r}")
+        self._kinds[kind.scheme] = kind
+        if builtin:
+            self._builtin.add(kind.scheme)
+
+    def remove(self, scheme: str) -> None:
+        """Undo :meth:`add`; unknown schemes are ignored, built-in ones refused."""
+        if scheme in self._builtin:
+            raise ValueError(f"cannot unregister built-in {self.kind} url scheme {scheme!r}")
+        self._kinds.pop(scheme, None)
+
+    def get(self, url: str) -> UrlKind | None:
+        return self._kinds.get(scheme_of(url))
+
+    def __iter__(self) -> Iterator[UrlKind]:
+        return iter(list(self._kinds.values()))
+
+    def examples(self) -> str:
+        """The accepted kinds of url, for hints: "a directory or s3://bucket/prefix"."""
+        shown = [k.example for k in self._kinds.values()]
+        return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+    def unsupported(self, name: str, url: str) -> ConfigError:
+        return ConfigError(f"{self.kind} {name}: unsupported url {url!r} (use {self.examples()})")
+
+
+SOURCE_URLS = UrlKinds("source")
+TARGET_URLS = UrlKinds("target")
+for _urls, _posix, _s3 in (
+    (SOURCE_URLS, PosixSourceConfig, S3SourceConfig),
+    (TARGET_URLS, PosixTargetConfig, S3TargetConfig),
+):
+    _urls.add(UrlKind("file", _posix, "a directory", "a directory"), builtin=True)
+    _urls.add(UrlKind("s3", _s3, "an s3:// bucket", "s3://bucket/prefix"), builtin=True)
+
+
+def _by_scheme(urls: UrlKinds, base: type[_Endpoint], value: Any) -> Any:
     """Validate one ``sources``/``targets`` entry with the model registered for its url's scheme."""
     if isinstance(value, base):
         return value  # built in code (or a model_copy), already validated
     if not isinstance(value, Mapping) or not isinstance(value.get("url"), str):
         return base.model_validate(value)  # reports what is missing or wrong
-    backend = registry.get(value["url"])
-    if backend is None:
-        raise _fail("url", f"unsupported url (use {registry.examples()})", value["url"])
-    fields = backend.config.model_fields
+    kind = urls.get(value["url"])
+    if kind is None:
+        raise _fail("url", f"unsupported url (use {urls.examples()})", value["url"])
+    fields = kind.model.model_fields
     for key in value:
         if key in fields:
             continue
-        owners = [b.scheme for b in registry if key in b.config.model_fields]
+        owners = [k.scheme for k in urls if key in k.model.model_fields]
         if owners:
             where = " or ".join(f"{scheme}://" for scheme in owners)
-            raise _fail(
-                key, f"does not apply to {backend.what} (only to {where} {registry.kind}s)", value[key]
-            )
-    return backend.config.model_validate(value)
+            raise _fail(key, f"does not apply to {kind.what} (only to {where} {urls.kind}s)", value[key])
+    return kind.model.model_validate(value)
 
 
 def _source_entry(value: Any) -> Any:
-    from replicator.backends import SOURCES
-
-    return _by_scheme(SOURCES, SourceConfig, value)
+    return _by_scheme(SOURCE_URLS, SourceConfig, value)
 
 
 def _target_entry(value: Any) -> Any:
-    from replicator.backends import TARGETS
-
-    return _by_scheme(TARGETS, TargetConfig, value)
+    return _by_scheme(TARGET_URLS, TargetConfig, value)
 
 
 SourceEntry = Annotated[SerializeAsAny[SourceConfig], PlainValidator(_source_entry)]

@@ -22,7 +22,7 @@ from replicator.format.manifest import wire_name
 from replicator.progress import ProgressSink
 from replicator.repository import open_repository
 from replicator.restore.core import Destination, Overwrite, RestoreResult, restore_snapshot, snapshot_at
-from replicator.s3.settings import S3Location, is_s3_url, parse_s3_url
+from replicator.s3.location import S3Location, is_s3_url, parse_s3_url
 
 
 @dataclass

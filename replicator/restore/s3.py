@@ -35,7 +35,7 @@ from replicator.restore.core import FileWriter
 from replicator.restore.local import Found
 from replicator.retry import RetryPolicy
 from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
-from replicator.s3.settings import S3Location
+from replicator.s3.location import S3Location
 from replicator.targets.s3 import connect, content_md5
 
 T = TypeVar("T")

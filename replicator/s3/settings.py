@@ -1,4 +1,4 @@
-"""S3 settings shared by S3 targets and S3 sources: URLs and client configuration.
+"""S3 client settings shared by S3 targets and S3 sources (URLs: :mod:`replicator.s3.location`).
 
 Kept free of SDK imports so that commands on POSIX-only configs start fast; the SDK-facing
 half (error conversion) is :mod:`replicator.s3.errors`.
@@ -13,41 +13,11 @@ outage (Litestream learned this with the AWS SDK's retryer).
 from __future__ import annotations
 
 import ipaddress
-import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from replicator.config import S3Access
-
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-
-
-@dataclass(frozen=True)
-class S3Location:
-    bucket: str
-    prefix: str
-    """Empty, or ends with ``/``."""
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
-
-
-def is_s3_url(url: str) -> bool:
-    return url.startswith("s3://")
-
-
-def parse_s3_url(url: str) -> S3Location:
-    if not is_s3_url(url):
-        raise ValueError(f"not an s3:// url: {url!r}")
-    rest = url[len("s3://") :]
-    bucket, _, prefix = rest.partition("/")
-    if not _BUCKET_RE.match(bucket):
-        raise ValueError(f"invalid bucket name {bucket!r} in {url!r}")
-    prefix = prefix.strip("/")
-    return S3Location(bucket, f"{prefix}/" if prefix else "")
 
 
 def client_kwargs(access: S3Access) -> dict[str, Any]:

@@ -28,7 +28,8 @@ from replicator.globs import PathFilter
 from replicator.log import get_logger
 from replicator.paths import check_relative_path
 from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
-from replicator.s3.settings import S3Location, client_kwargs, config_kwargs
+from replicator.s3.location import S3Location
+from replicator.s3.settings import client_kwargs, config_kwargs
 from replicator.sources.base import Listing, Readable, SourceFile
 
 log = get_logger(__name__)

@@ -26,7 +26,8 @@ from replicator.config import S3Access
 from replicator.errors import AlreadyExistsError, NotFoundError, PermanentTargetError, TransientTargetError
 from replicator.format.chunks import Buffer
 from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
-from replicator.s3.settings import S3Location, client_kwargs, config_kwargs
+from replicator.s3.location import S3Location
+from replicator.s3.settings import client_kwargs, config_kwargs
 from replicator.targets.base import ObjectInfo, check_key
 
 _HASH_IN_THREAD = 256 << 10
