@@ -313,6 +313,8 @@ def restore(
     dest_storage_class: opt.DestStorageClass = None,
     dest_tags: opt.DestTags = None,
     no_sync: opt.NoSync = False,
+    overwrite: opt.Overwrite = "if-changed",
+    dry_run: opt.DryRun = False,
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
     log_level: opt.LogLevel = None,
@@ -326,7 +328,16 @@ def restore(
     disk at once (one syncfs), so success means durable; --no-sync skips that. Files already
     correct in DEST are skipped, so an interrupted restore is resumed by running it again.
     Nothing is written outside DEST: manifest paths are untrusted and symlinks in DEST are never
-    followed. Prints the measured throughput."""
+    followed. Prints the measured throughput.
+
+    Into a directory that already holds files, look first, then choose what may be replaced
+    (files DEST has that the snapshot does not are never touched):
+
+        replicator restore --repo s3://bkt/repo -s ckpt --dry-run ./run-7
+
+        replicator restore --repo s3://bkt/repo -s ckpt --overwrite never ./run-7
+
+    See what a snapshot holds with `replicator ls`."""
     from replicator.restore.run import DestAccess, dest_object_options, parse_destination, run_restore
     from replicator.units import parse_time_point
 
@@ -348,16 +359,103 @@ def restore(
     progress = make_progress(quiet or as_json)
     outcome = run_coroutine(
         lambda: run_restore(
-            tcfg, source, where, when or snapshot, include or (), access, sync=not no_sync, progress=progress
+            tcfg,
+            source,
+            where,
+            when or snapshot,
+            include or (),
+            access,
+            sync=not no_sync,
+            progress=progress,
+            overwrite=overwrite,
+            dry_run=dry_run,
         )
     )
     if as_json:
         emit_json(outcome.to_json())
     else:
+        show(render.restore_conflict_lines(outcome))
         typer.echo(render.restore_line(outcome, dest))
         show(render.restore_failure_lines(outcome), err=True)
     if not outcome.result.ok:
         raise typer.Exit(1)
+
+
+# -- looking inside snapshots (issue 22) ------------------------------------------------------
+
+
+@app.command()
+def ls(
+    source: opt.InspectSource,
+    globs: opt.LsGlobs = None,
+    config_path: opt.ConfigPath = None,
+    target: opt.Target = None,
+    repo: opt.Repo = None,
+    snapshot: opt.RestoreSnapshot = None,
+    endpoint_url: opt.Endpoint = None,
+    region: opt.Region = None,
+    profile: opt.Profile = None,
+    give_up_after: opt.GiveUp = None,
+    as_json: opt.Json = False,
+    log_level: opt.LogLevel = None,
+) -> None:
+    """List the files of a snapshot (default: the latest) without restoring anything: mode,
+    size, modification time (UTC) and path; for a checkpoint source, grouped by checkpoint set.
+
+    GLOBs select files as restore's --include does, so `ls` shows what such a restore would
+    write. Only the manifest is read. Names that are not printable or not UTF-8 are shown
+    quoted ($'...'); --json carries their exact bytes (path_b64).
+
+        replicator ls --repo s3://bkt/repo -s ckpt
+
+        replicator ls -c replicator.yaml -t offsite -s ckpt --snapshot 20261207 'step-0002*'"""
+    from replicator.contents import list_snapshot
+
+    tcfg, _ = repo_target_config(
+        config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after
+    )
+    for g in globs or ():
+        parse_option("GLOB", g, _check_glob)
+    listing = run_coroutine(lambda: list_snapshot(tcfg, source, snapshot, globs or ()))
+    emit(as_json, listing.to_json(), lambda: render.listing_lines(listing))
+
+
+@app.command()
+def diff(
+    source: opt.InspectSource,
+    old: opt.DiffOld,
+    new: opt.DiffNew,
+    config_path: opt.ConfigPath = None,
+    target: opt.Target = None,
+    repo: opt.Repo = None,
+    endpoint_url: opt.Endpoint = None,
+    region: opt.Region = None,
+    profile: opt.Profile = None,
+    give_up_after: opt.GiveUp = None,
+    as_json: opt.Json = False,
+    log_level: opt.LogLevel = None,
+) -> None:
+    """What changed between two snapshots of a source: files added (+), removed (-) and changed
+    (M: other bytes, by digest), with sizes and totals; for a checkpoint source, grouped by
+    checkpoint set (a set added or removed as a whole says so).
+
+    Only the two manifests are read.
+
+        replicator diff --repo /mnt/dr/repo -s ckpt 20261206 latest"""
+    from replicator.contents import diff_snapshots
+
+    tcfg, _ = repo_target_config(
+        config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after
+    )
+    result = run_coroutine(lambda: diff_snapshots(tcfg, source, old, new))
+    emit(as_json, result.to_json(), lambda: render.diff_lines(result))
+
+
+def _check_glob(pattern: str) -> str:
+    from replicator.globs import compile_glob
+
+    compile_glob(pattern)
+    return pattern
 
 
 @app.command()

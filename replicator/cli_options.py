@@ -6,7 +6,7 @@ alone. Imports only typer: ``replicator --help`` must stay fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -234,3 +234,47 @@ def optional_values(args: list[str]) -> list[str]:
             if nxt is None or nxt.startswith("-") or not nxt.rstrip("%").replace(".", "", 1).isdigit():
                 out.append("100")
     return out
+
+
+# -- ls, diff, and restore's overwrite rules (issue 22) ---------------------------------------
+
+InspectSource = Annotated[
+    str, typer.Option("--source", "-s", help="The source whose snapshots to look at.", show_default=False)
+]
+LsGlobs = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Only paths matching these globs (as restore's --include: `*.safetensors`, "
+        "`step-000200`, `step-*/model-*`).",
+        metavar="GLOB",
+        show_default=False,
+    ),
+]
+DiffOld = Annotated[
+    str,
+    typer.Argument(help="The older snapshot: an id, a unique prefix, or 'latest'.", metavar="SNAP1"),
+]
+DiffNew = Annotated[
+    str,
+    typer.Argument(help="The newer snapshot: an id, a unique prefix, or 'latest'.", metavar="SNAP2"),
+]
+Overwrite = Annotated[
+    Literal["always", "if-changed", "never"],
+    typer.Option(
+        "--overwrite",
+        help="What to do with a file DEST already has: if-changed (the default) leaves it "
+        "alone if its bytes already match the snapshot (hashed, never judged by size or "
+        "mtime) and replaces it otherwise; always writes it again, identical or not; never "
+        "leaves every existing file untouched and lists it. Files DEST has that the snapshot "
+        "does not are never touched.",
+    ),
+]
+DryRun = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        "-n",
+        help="Write nothing (not even DEST): list what would be restored new, what would be "
+        "replaced and what would be left alone or kept. Existing files are read (hashed) to tell.",
+    ),
+]

@@ -19,9 +19,10 @@ from typing import Any
 
 from replicator.config import S3ObjectOptions, TargetConfig
 from replicator.errors import ConfigError
+from replicator.format.manifest import wire_name
 from replicator.progress import ProgressSink
 from replicator.repository import Repository, open_repository
-from replicator.restore.core import Destination, RestoreResult, restore_snapshot, snapshot_at
+from replicator.restore.core import Destination, Overwrite, RestoreResult, restore_snapshot, snapshot_at
 from replicator.s3.location import S3Location, is_s3_url, parse_s3_url
 
 
@@ -35,7 +36,12 @@ class RestoreOutcome:
 
     def to_json(self) -> dict[str, Any]:
         res = self.result
-        return {"snapshot": self.snapshot, **asdict(res), "bytes_per_second": res.bytes_per_second}
+        doc = {"snapshot": self.snapshot, **asdict(res), "bytes_per_second": res.bytes_per_second}
+        # Names as the manifest carries them: a name that is not UTF-8 has its exact bytes in
+        # path_b64 (a lone surrogate in JSON is not text any strict parser takes).
+        for name in ("replaced", "kept", "created"):
+            doc[name] = [path_json(p) for p in doc[name]]
+        return doc
 
 
 @dataclass(frozen=True)
@@ -110,12 +116,15 @@ async def run_restore(
     *,
     sync: bool = True,
     progress: ProgressSink | None = None,
+    overwrite: Overwrite = "if-changed",
+    dry_run: bool = False,
 ) -> RestoreOutcome:
     """Restore a snapshot of ``source`` from ``target``'s repository into ``dest`` (None: the
     repository's only source).
     ``snapshot``: an id (or a unique prefix of one), 'latest' or None for the latest, or a
     time: the newest snapshot taken at or before it. ``include``: only paths matching these
-    globs. ``sync``: see :func:`~replicator.restore.core.restore_snapshot`."""
+    globs. ``sync``, ``overwrite``, ``dry_run``: see
+    :func:`~replicator.restore.core.restore_snapshot`."""
     async with open_repository(target) as repo:
         source = await _pick_source(repo, source)
         if isinstance(snapshot, datetime):
@@ -124,7 +133,14 @@ async def run_restore(
             sid = await repo.resolve(source, snapshot)
         manifest = await repo.load_manifest(source, sid)
         restore = functools.partial(
-            restore_snapshot, repo, manifest, include=include, progress=progress, sync=sync
+            restore_snapshot,
+            repo,
+            manifest,
+            include=include,
+            progress=progress,
+            sync=sync,
+            overwrite=overwrite,
+            dry_run=dry_run,
         )
         if isinstance(dest, Path):
             result = await restore(dest)
@@ -160,6 +176,14 @@ async def _pick_source(repo: Repository, source: str | None) -> str:
         f"no source named {source!r} in {repo.target.url}{did_you_mean(source, known)}"
         f" (known: {', '.join(known) or 'none'})"
     )
+
+
+def path_json(path: str) -> dict[str, str]:
+    """A name for JSON output, the way a manifest writes it (docs/FORMAT.md 5.1): ``path``,
+    and for a name that is not valid UTF-8 its display form there and its exact bytes,
+    base64, in ``path_b64``."""
+    shown, b64 = wire_name(path)
+    return {"path": shown} if b64 is None else {"path": shown, "path_b64": b64}
 
 
 async def _open_bucket(location: S3Location, target: TargetConfig, access: DestAccess) -> Destination:

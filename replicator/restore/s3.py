@@ -32,6 +32,7 @@ from replicator.format.chunks import Buffer
 from replicator.format.manifest import FileEntry
 from replicator.paths import encode_path
 from replicator.restore.core import FileWriter
+from replicator.restore.local import Found
 from replicator.retry import RetryPolicy
 from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
 from replicator.s3.location import S3Location
@@ -122,7 +123,7 @@ class S3Destination:
                 if not isinstance(err, TransientTargetError) or not await backoff.wait():
                     raise err from exc
 
-    async def is_current(self, entry: FileEntry) -> bool:
+    async def examine(self, entry: FileEntry, content: bool = True) -> Found:
         key = self.key(entry.path)
         try:
             head = await self.call(
@@ -131,18 +132,23 @@ class S3Destination:
                 lambda: self.client.head_object(Bucket=self.location.bucket, Key=key, **self.params.read),
             )
         except NotFoundError:
-            return False
+            return "absent"
         # Metadata names are case-insensitive HTTP headers; some servers (rclone) capitalize them.
         meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
-        return int(head.get("ContentLength", -1)) == entry.size and meta.get(DIGEST_META) == entry.digest
+        same = int(head.get("ContentLength", -1)) == entry.size and meta.get(DIGEST_META) == entry.digest
+        return "same" if content and same else "different"
 
-    async def create(self, entry: FileEntry) -> FileWriter:
+    async def create(self, entry: FileEntry, replace: bool = True) -> FileWriter:
+        # ``replace=False`` relies on the check made just before (examine): not every
+        # S3-compatible server honours a conditional PUT (If-None-Match), so none is sent.
         return _S3Object(self, entry)
 
-    async def current(self, entries: Sequence[FileEntry]) -> list[bool]:
-        return list(await asyncio.gather(*(self.is_current(e) for e in entries)))
+    async def examine_many(self, entries: Sequence[FileEntry], content: bool = True) -> list[Found]:
+        return list(await asyncio.gather(*(self.examine(e, content) for e in entries)))
 
-    async def write_whole(self, files: Sequence[tuple[FileEntry, Buffer]]) -> list[Exception | None]:
+    async def write_whole(
+        self, files: Sequence[tuple[FileEntry, Buffer]], replace: bool = True
+    ) -> list[Exception | None]:
         # Every failure is returned: restore_snapshot decides which of them stop the restore.
         async def one(entry: FileEntry, data: Buffer) -> Exception | None:
             writer = _S3Object(self, entry)
