@@ -140,9 +140,11 @@ async def _open_posix_target(cfg: PosixTargetConfig) -> Target:
 
 
 async def _open_s3_target(cfg: S3TargetConfig) -> Target:
+    from replicator.s3.settings import object_params
     from replicator.targets.s3 import S3Target  # the SDK costs ~0.2 s to import: only when used
 
-    return await S3Target.open(cfg.name, cfg.s3_location, cfg, cfg.concurrency + 4, cfg.checksum)
+    params = object_params(cfg.object_options)
+    return await S3Target.open(cfg.name, cfg.s3_location, cfg, cfg.concurrency + 4, cfg.checksum, params)
 
 
 def _open_posix_source(cfg: PosixSourceConfig) -> Source:
