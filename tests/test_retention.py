@@ -126,7 +126,8 @@ T0 = at("2026-12-01T00:00")
 def history(steps: list[int], window: int = 2) -> tuple[list[str], dict[str, Summary]]:
     """A trainer that writes set ``step-N`` at hour N and keeps ``window`` sets on disk; one
     snapshot per new set, each holding the sets then on disk."""
-    ids, summaries = [], {}
+    ids: list[str] = []
+    summaries: dict[str, Summary] = {}
     for i, step in enumerate(steps):
         snap = sid(T0 + timedelta(hours=step), i)
         ids.append(snap)
@@ -228,7 +229,9 @@ def repositories(draw: st.DrawFn) -> tuple[list[str], str, dict[str, Summary]]:
     some unreadable, and a latest among them."""
     n = draw(st.integers(1, 12))
     gaps = draw(st.lists(st.integers(1, 24 * 40), min_size=n, max_size=n))
-    ids, summaries, when = [], {}, T0
+    ids: list[str] = []
+    summaries: dict[str, Summary] = {}
+    when = T0
     names = [f"s-{i}" for i in range(16)]
     for i, gap in enumerate(gaps):
         when += timedelta(hours=gap)
@@ -266,8 +269,8 @@ def test_a_kept_set_is_never_lost_and_the_latest_always_stays(
             assert verdict.keep, f"{verdict.name} is kept by {verdict.reasons} but no kept manifest holds it"
         # The report is true: a set is "kept" exactly when a kept manifest still holds it.
         assert verdict.keep == (verdict.name in held_after)
-    for verdict in result.snapshots:
-        assert verdict.keep == bool(verdict.reasons), "every kept snapshot says why, no dropped one does"
+    for snap in result.snapshots:
+        assert snap.keep == bool(snap.reasons), "every kept snapshot says why, no dropped one does"
 
 
 @settings(max_examples=300, deadline=None)
