@@ -1,0 +1,184 @@
+"""``replicator forget`` end to end: a trainer's history replicated to a POSIX directory and to
+a real S3 server (rclone), then a retention policy applied, per target."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TargetSpec, cli, make_target_spec, write_config
+from tests.helpers import checkpoint_source, config_dict, make_checkpoint
+
+STEPS = [500, 1000, 1500, 2000, 2500, 3000]
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def set_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def train(primary: Path, config: Path, steps: list[int] = STEPS, window: int = 2) -> None:
+    """A trainer writing one checkpoint set a day and keeping ``window`` on disk, each state
+    replicated by ``replicator sync``: snapshot i holds the sets of steps i-1 and i."""
+    for day, step in enumerate(steps):
+        d = make_checkpoint(primary, step, shards=1, hidden=32)
+        when = (T0 + timedelta(days=day)).timestamp()
+        for f in d.iterdir():
+            os.utime(f, (when, when))
+        for old in sorted(primary.iterdir())[:-window]:
+            shutil.rmtree(old)
+        r = cli("sync", "-c", str(config), "-q")
+        assert r.returncode == 0, r.stderr
+
+
+def snapshot_sets(config: Path, target: str) -> dict[str, list[str]]:
+    """snapshot id -> the sets it holds, as ``replicator snapshots`` lists them."""
+    r = cli("snapshots", "-c", str(config), "-t", target, "--json")
+    assert r.returncode == 0, r.stderr
+    return {row["snapshot"]: row["sets"] for row in json.loads(r.stdout)}
+
+
+def forget(config: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+    r = cli("forget", "-c", str(config), "--json", *args)
+    assert r.stdout, r.stderr
+    return r.returncode, json.loads(r.stdout), r.stderr
+
+
+def entry(report: dict[str, Any], target: str, source: str = "ckpt") -> dict[str, Any]:
+    (found,) = [e for e in report["entries"] if e["target"] == target and e["source"] == source]
+    return found
+
+
+def setup(tmp_path: Path, targets: list[TargetSpec], **source: Any) -> tuple[Path, Path, dict[str, Any]]:
+    primary = tmp_path / "primary"
+    primary.mkdir()
+    data = config_dict(
+        tmp_path,
+        [checkpoint_source(primary, max_delete="100%")],
+        [t.config for t in targets],
+    )
+    config = write_config(tmp_path / "r.yaml", data)
+    train(primary, config)
+    data["sources"][0].update(source)
+    return primary, write_config(tmp_path / "r.yaml", data), data
+
+
+@pytest.mark.parametrize("kind", ["posix", "rclone"])
+def test_dry_run_gives_reasons_and_deletes_nothing_then_forget_deletes_exactly_that(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> None:
+    spec = make_target_spec(request, kind, tmp_path)
+    _, config, _ = setup(tmp_path, [spec], retention={"keep_last": 1, "keep_sets": ["step-*000"]})
+    before = snapshot_sets(config, "t1")
+    ids = sorted(before)
+    assert len(ids) == 6
+
+    code, report, err = forget(config, "--dry-run")
+    assert code == 0, err
+    e = entry(report, "t1")
+    assert report["dry_run"] and e["status"] == "ok" and e["deleted"] == []
+    assert snapshot_sets(config, "t1") == before, "--dry-run deleted something"
+    # Snapshot i holds steps i-1 and i: each milestone (step-*000) is kept in its newest holder.
+    assert {k["snapshot"]: k["reasons"] for k in e["keep"]} == {
+        ids[2]: ["holds kept set step-001000"],
+        ids[4]: ["holds kept set step-002000"],
+        ids[5]: ["latest", "holds kept set step-003000"],
+    }
+    assert [d["snapshot"] for d in e["drop"]] == [ids[0], ids[1], ids[3]]
+    sets = {s["name"]: s for s in e["sets"]}
+    assert sets["step-001000"]["reasons"] == ["keep_sets step-*000"]
+    assert sets["step-003000"]["reasons"] == ["in latest", "last 1", "keep_sets step-*000"]
+    assert not sets["step-000500"]["keep"]
+
+    text = cli("forget", "-c", str(config), "--dry-run")
+    assert text.returncode == 0, text.stderr
+    assert f"keep {ids[4]}  holds kept set step-002000" in text.stdout
+    assert f"drop {ids[0]}  (sets step-000500)" in text.stdout
+    assert "3 kept, 3 to drop (dry run: nothing deleted)" in text.stdout
+
+    code, applied, err = forget(config)
+    assert code == 0, err
+    done = entry(applied, "t1")
+    assert done["deleted"] == [d["snapshot"] for d in e["drop"]]
+    assert done["keep"] == e["keep"]
+    after = snapshot_sets(config, "t1")
+    assert sorted(after) == [ids[2], ids[4], ids[5]]
+    milestones = {name for sets_ in after.values() for name in sets_}
+    assert {"step-001000", "step-002000", "step-003000"} <= milestones
+    assert "step-000500" not in milestones
+
+    code, again, err = forget(config)
+    assert code == 0, err
+    assert entry(again, "t1")["deleted"] == [] and entry(again, "t1")["drop"] == []
+
+
+def test_per_target_override_and_target_selection(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    local = make_target_spec(request, "posix", tmp_path, name="local")
+    s3 = make_target_spec(request, "rclone", tmp_path, name="s3")
+    _, config, _ = setup(
+        tmp_path,
+        [local, s3],
+        retention={"keep_last": 1, "keep_sets": ["step-*000"]},
+        retention_overrides={"s3": {"keep_last": 3}},
+    )
+    ids = sorted(snapshot_sets(config, "s3"))
+    local_ids = sorted(snapshot_sets(config, "local"))  # each repository has its own hash seed
+
+    code, report, err = forget(config, "-t", "s3")
+    assert code == 0, err
+    assert [e["target"] for e in report["entries"]] == ["s3"]
+    e = entry(report, "s3")
+    assert e["policy"] == "keep_last 3"
+    # The three newest sets: 3000 and 2500 in the latest, 2000 in the snapshot before it.
+    assert [k["snapshot"] for k in e["keep"]] == [ids[4], ids[5]]
+    assert sorted(snapshot_sets(config, "s3")) == [ids[4], ids[5]]
+    assert len(snapshot_sets(config, "local")) == 6, "-t s3 touched another target"
+
+    code, report, err = forget(config)
+    assert code == 0, err
+    assert entry(report, "local")["policy"] == "keep_last 1, keep_sets step-*000"
+    assert sorted(snapshot_sets(config, "local")) == [local_ids[2], local_ids[4], local_ids[5]]
+    assert entry(report, "s3")["deleted"] == []
+
+
+def test_sync_applies_the_same_policy_after_each_publish(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    spec = make_target_spec(request, "posix", tmp_path)
+    primary = tmp_path / "primary"
+    primary.mkdir()
+    policy = {"keep_last": 1, "keep_sets": ["step-*000"]}
+    source = checkpoint_source(primary, max_delete="100%", retention=policy)
+    config = write_config(tmp_path / "r.yaml", config_dict(tmp_path, [source], [spec.config]))
+    train(primary, config)
+    kept = snapshot_sets(config, "t1")
+    assert len(kept) == 3
+    assert {"step-001000", "step-002000", "step-003000"} <= {n for s in kept.values() for n in s}
+    code, report, err = forget(config, "--dry-run")
+    assert code == 0, err
+    assert entry(report, "t1")["drop"] == [], "forget disagrees with what sync kept"
+
+
+def test_bad_input_and_an_unreachable_target(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    spec = make_target_spec(request, "posix", tmp_path)
+    primary = tmp_path / "primary"
+    primary.mkdir()
+    data = config_dict(tmp_path, [checkpoint_source(primary, keep_last=1)], [spec.config])
+    config = write_config(tmp_path / "r.yaml", data)
+    r = cli("sync", "-c", str(config), "-q")  # creates the repository; no set is complete yet
+    assert r.returncode == 0, r.stderr
+    dead = {"name": "dead", "url": "s3://nowhere/x", "endpoint_url": "http://127.0.0.1:9"}
+    data["targets"].append(dead)
+    write_config(config, data)
+    r = cli("forget", "-c", str(config), "-s", "nope")
+    assert r.returncode == 2 and "no source named 'nope'" in r.stderr
+    r = cli("forget", "-c", str(config), "-t", "t1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert entry(json.loads(r.stdout), "t1")["status"] == "nothing"
+    r = cli("forget", "-c", str(config), "--give-up-after", "1s")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "dead / ckpt (checkpoint; keep_last 1): FAILED" in r.stdout
