@@ -147,7 +147,9 @@ def test_per_target_override_and_target_selection(request: pytest.FixtureRequest
     assert entry(report, "s3")["deleted"] == []
 
 
-def test_sync_applies_the_same_policy_after_each_publish(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+def test_sync_applies_the_same_policy_after_each_publish(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     spec = make_target_spec(request, "posix", tmp_path)
     primary = tmp_path / "primary"
     primary.mkdir()
