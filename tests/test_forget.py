@@ -51,8 +51,10 @@ def forget(config: Path, *args: str) -> tuple[int, dict[str, Any], str]:
 
 
 def entry(report: dict[str, Any], target: str, source: str = "ckpt") -> dict[str, Any]:
-    (found,) = [e for e in report["entries"] if e["target"] == target and e["source"] == source]
-    return found
+    entries: list[dict[str, Any]] = report["entries"]
+    found = [e for e in entries if e["target"] == target and e["source"] == source]
+    assert len(found) == 1, report
+    return found[0]
 
 
 def setup(tmp_path: Path, targets: list[TargetSpec], **source: Any) -> tuple[Path, Path, dict[str, Any]]:
