@@ -19,12 +19,12 @@ import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from replicator import __version__
-from replicator.config import NAME_RE, ChunkingConfig, CompressionConfig
+from replicator.config import NAME_RE, ChunkingConfig, CompressionConfig, TargetConfig
 from replicator.errors import (
     AlreadyExistsError,
     IntegrityError,
@@ -428,3 +428,50 @@ class Repository:
 
     async def delete_snapshot(self, source: str, snapshot_id: str) -> None:
         await self.target.delete(snapshot_key(source, snapshot_id))
+
+
+@contextlib.asynccontextmanager
+async def open_repository(target: TargetConfig) -> AsyncIterator[Repository]:
+    """The repository on the target ``target`` describes, opened through the usual wrappers
+    (:func:`replicator.targets.open_target`); the target is closed on the way out."""
+    from replicator.targets import open_target  # its wrappers bring metrics: not every user's
+
+    opened = await open_target(target)
+    try:
+        yield await Repository.open(opened)
+    finally:
+        await opened.close()
+
+
+@dataclass
+class SnapshotRow:
+    """One snapshot, as ``replicator snapshots`` lists it."""
+
+    source: str
+    snapshot: str
+    created: str
+    kind: str
+    files: int
+    bytes: int
+    latest: bool
+    """The source's ref points at it."""
+    sets: list[str] = field(default_factory=list)
+    """Its checkpoint sets."""
+
+
+async def snapshot_rows(target: TargetConfig, source: str | None = None) -> list[SnapshotRow]:
+    """The snapshots of ``source`` (default: every source) in ``target``'s repository, source
+    by source, oldest first. Every manifest is loaded (and so authenticated)."""
+    rows = []
+    async with open_repository(target) as repo:
+        for name in [source] if source else await repo.list_sources():
+            latest = await repo.latest(name)
+            for sid in await repo.list_snapshots(name):
+                m = await repo.load_manifest(name, sid)
+                sets = [s.name for s in m.sets]
+                rows.append(
+                    SnapshotRow(
+                        name, sid, m.created, m.kind, len(m.files), m.total_bytes, sid == latest, sets
+                    )
+                )
+    return rows

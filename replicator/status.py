@@ -20,8 +20,9 @@ from typing import Any
 
 from replicator import gate
 from replicator.budget import GLOBAL, Budget, Ledger
-from replicator.config import Config
+from replicator.config import Config, SourceConfig, TargetConfig
 from replicator.errors import ReplicatorError
+from replicator.format.manifest import Manifest
 from replicator.repository import Repository
 from replicator.rpo import LagTracker
 from replicator.sources import open_source
@@ -176,7 +177,25 @@ async def offline(config: Config) -> StatusReport:
     finally:
         state.close()
     report = StatusReport(_iso(now) or "", daemon_running=False, budgets=budgets)
-    current: dict[str, dict[str, tuple[int, int]]] = {}
+    current, scan_errors = await _scan_sources(config)
+    for t in config.targets:
+        manifests, target_error = await _latest_manifests(config, t)
+        for s in config.sources:
+            row = saved.get((s.name, t.name), RpoRow(None, None, None, False, None))
+            manifest, now_files = manifests.get(s.name), current.get(s.name, {})
+            pair = _offline_pair(s, t.name, row, manifest, now_files, now, heartbeat)
+            pair.last_error = target_error or scan_errors.get(s.name) or pair.last_error
+            report.pairs.append(pair)
+    return report
+
+
+Signatures = dict[str, tuple[int, int]]
+"""Path -> (size, mtime_ns): what tells a changed file."""
+
+
+async def _scan_sources(config: Config) -> tuple[dict[str, Signatures], dict[str, str]]:
+    """Each source's files as a pass would select them now, and the sources that failed to scan."""
+    current: dict[str, Signatures] = {}
     scan_errors: dict[str, str] = {}
     for s in config.sources:
         source = open_source(s)
@@ -188,55 +207,64 @@ async def offline(config: Config) -> StatusReport:
             scan_errors[s.name] = str(exc)
         finally:
             await source.close()
-    for t in config.targets:
-        manifests: dict[str, Any] = {}
-        target_error = None
+    return current, scan_errors
+
+
+async def _latest_manifests(config: Config, t: TargetConfig) -> tuple[dict[str, Manifest | None], str | None]:
+    """Each source's latest manifest on target ``t`` (giving up on it after 5 s), or why not."""
+    manifests: dict[str, Manifest | None] = {}
+    try:
+        target = await open_target(
+            t.model_copy(update={"retry": t.retry.model_copy(update={"give_up_after": 5.0})})
+        )
         try:
-            target = await open_target(
-                t.model_copy(update={"retry": t.retry.model_copy(update={"give_up_after": 5.0})})
-            )
-            try:
-                repo = await Repository.open(target)
-                for s in config.sources:
-                    sid = await repo.latest(s.name)
-                    manifests[s.name] = await repo.load_manifest(s.name, sid) if sid else None
-            finally:
-                await target.close()
-        except ReplicatorError as exc:
-            target_error = str(exc)
-        for s in config.sources:
-            row = saved.get((s.name, t.name), RpoRow(None, None, None, False, None))
-            pending_since, last_snapshot, last_error = row.pending_since, row.last_snapshot, row.last_error
-            manifest = manifests.get(s.name)
-            have = {f.path: (f.size, f.mtime_ns) for f in manifest.files} if manifest else {}
-            now_files = current.get(s.name, {})
-            changed = [p for p, sig in now_files.items() if have.get(p) != sig] + [
-                p for p in have if p not in now_files
-            ]
-            if last_snapshot is None and manifest is not None:
-                last_snapshot = manifest.created_at.timestamp()
-            lag = 0.0
-            if pending_since is not None:
-                lag = now - pending_since
-            elif changed:
-                seen = heartbeat or last_snapshot or now
-                lag = now - seen
-            rpo = s.rpo_for(t.name)
-            report.pairs.append(
-                PairStatus(
-                    s.name,
-                    t.name,
-                    _iso(last_snapshot),
-                    round(max(lag, 0.0), 3),
-                    rpo,
-                    rpo is not None and lag > rpo,
-                    sum(now_files.get(p, (0, 0))[0] for p in changed),
-                    len(changed),
-                    target_error or scan_errors.get(s.name) or last_error,
-                    held=row.held,
-                )
-            )
-    return report
+            repo = await Repository.open(target)
+            for s in config.sources:
+                sid = await repo.latest(s.name)
+                manifests[s.name] = await repo.load_manifest(s.name, sid) if sid else None
+        finally:
+            await target.close()
+    except ReplicatorError as exc:
+        return manifests, str(exc)
+    return manifests, None
+
+
+def _offline_pair(
+    s: SourceConfig,
+    target: str,
+    row: RpoRow,
+    manifest: Manifest | None,
+    now_files: Signatures,
+    now: float,
+    heartbeat: float | None,
+) -> PairStatus:
+    """One pair from what the state store saved, the target's latest manifest and a scan.
+    Changes no snapshot holds and the daemon never observed count from its last heartbeat."""
+    pending_since, last_snapshot = row.pending_since, row.last_snapshot
+    have = {f.path: (f.size, f.mtime_ns) for f in manifest.files} if manifest else {}
+    changed = [p for p, sig in now_files.items() if have.get(p) != sig]
+    changed += [p for p in have if p not in now_files]
+    if last_snapshot is None and manifest is not None:
+        last_snapshot = manifest.created_at.timestamp()
+    lag = 0.0
+    if pending_since is not None:
+        lag = now - pending_since
+    elif changed:
+        seen = heartbeat or last_snapshot or now
+        lag = now - seen
+    rpo = s.rpo_for(target)
+    return PairStatus(
+        s.name,
+        target,
+        _iso(last_snapshot),
+        round(max(lag, 0.0), 3),
+        rpo,
+        rpo is not None and lag > rpo,
+        sum(now_files.get(p, (0, 0))[0] for p in changed),
+        len(changed),
+        row.last_error,
+        held=row.held,
+    )
 
 
 def render(report: StatusReport) -> str:

@@ -109,6 +109,25 @@ def fault_proxy() -> Iterator[Callable[[S3Server], FaultProxy]]:
         proxy.close()
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """log.configure (which every in-process command calls) changes process-wide state: put it
+    back for the tests that follow."""
+    import logging
+
+    import structlog
+
+    from replicator import log
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    threshold, unapplied = log._threshold, log._unapplied_level
+    yield
+    root.handlers[:], root.level = handlers, level
+    log._threshold, log._unapplied_level = threshold, unapplied
+    structlog.reset_defaults()
+
+
 def write_config(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

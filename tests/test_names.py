@@ -12,7 +12,6 @@ import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -409,24 +408,6 @@ def test_a_version_4_state_store_is_migrated_keeping_what_targets_hold(tmp_path:
         assert list(state.get_files("s", [(os.fsdecode(b"\xff"), "sig")])) == [os.fsdecode(b"\xff")]
     finally:
         state.close()
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """log.configure changes process-wide state: put it back for the tests that follow."""
-    import logging
-
-    import structlog
-
-    from replicator import log
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    threshold, unapplied = log._threshold, log._unapplied_level
-    yield
-    root.handlers[:], root.level = handlers, level
-    log._threshold, log._unapplied_level = threshold, unapplied
-    structlog.reset_defaults()
 
 
 @pytest.mark.usefixtures("restore_logging")

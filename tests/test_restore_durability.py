@@ -18,8 +18,9 @@ import pytest
 
 from replicator.errors import ReplicatorError
 from replicator.repository import Repository
-from replicator.restore import core as restore
-from replicator.restore.core import Destination, LocalDestination, RestoreResult, restore_snapshot
+from replicator.restore import local as restore
+from replicator.restore.core import Destination, RestoreResult, restore_snapshot
+from replicator.restore.local import LocalDestination
 from replicator.targets import PosixTarget
 from replicator.verify.drill import DrillReport, run_drill
 from tests.conftest import cli
@@ -193,7 +194,7 @@ def test_a_torn_file_of_the_right_size_and_mtime_is_rewritten_by_a_rerun(
 # Runs the real CLI in a child process, counting the calls to syncfs.
 COUNT_SYNCFS = """
 import atexit, sys
-from replicator.restore import core as restore
+from replicator.restore import local as restore
 from replicator.cli import app
 calls = []
 real = restore._syncfs

@@ -1,60 +1,41 @@
 """Restore: bring back a snapshot's files, byte-identical, with their mode and mtime.
 
-Manifests come from the target and are untrusted. Besides the path checks done when a
-manifest is parsed, files are written relative to directory descriptors: every directory
-component is opened with ``O_NOFOLLOW | O_DIRECTORY`` (a symlink planted in the destination
-is refused, not followed; this is the race-free form of checking each component with
-``lstat``), each file is written to a temporary name created with ``O_EXCL`` in its final
-directory, checked against the manifest digest, and only then renamed into place. Nothing is
-ever written outside the destination, and a wrong byte is never visible.
+The algorithm, over any destination: select the files (``include`` globs), skip those the
+destination already holds exactly, fetch the chunks of the others in parallel (a window per
+file, several files at once, bounded by a byte budget), verify every chunk against its id and
+every file against its digest before it becomes visible, and make the whole durable once at
+the end. Files of one small chunk are restored in batches: one check of what is current, one
+fetch (nearby packed chunks in one read), one write.
 
-Durability is made once, at the end, not per file: files are renamed into place without an
-fsync, and before :func:`restore_snapshot` returns, one ``syncfs(2)`` on the destination's
-filesystem writes back every restored file's data and inode and every new directory entry
-(:meth:`LocalDestination.flush`). Each write starts writeback of its pages at once, without
-waiting (:class:`_LocalFile`), so the disk works while later chunks are fetched and the
-flush has little left to do; no file waits for its own writeback. Success still means
-durable: a restore that reported success survives a power cut. A crash *during* a restore
-may leave renamed files torn (the right name and size, wrong bytes), but that restore never
-reported success, and running it again repairs them, because an existing file is skipped
-only if its content hashes to the manifest digest (a matching size or mtime is never
-enough). ``sync=False`` (``restore --no-sync``, and drills into a temporary scratch
-directory) skips both and leaves writeback to the OS, as restic and rclone do.
+A destination is a small protocol (:class:`Destination`): a local directory
+(:mod:`replicator.restore.local`, which also says how paths are kept inside it and how a
+restore is made durable), or plain objects in a bucket (:mod:`replicator.restore.s3`).
+Manifests come from the target and are untrusted: every destination checks each path again.
 
-Chunks are fetched in parallel (a window per file, several files at once, bounded by a byte
-budget) and verified against their ids before they are written. A destination is a small
-protocol (:class:`Destination`): a local directory here, or plain objects in a bucket
-(:mod:`replicator.restore.s3`). A file whose chunk is missing or corrupt fails alone; a
-target that cannot be reached (or refuses us) stops the whole restore: every further file
-would fail the same way, slowly.
+A file whose chunk is missing or corrupt fails alone; a target that cannot be reached (or
+refuses us) stops the whole restore: every further file would fail the same way, slowly.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import errno
-import os
-import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from replicator.errors import IntegrityError, NotFoundError, ReplicatorError, RepositoryError, TargetError
 from replicator.format.chunks import Buffer
 from replicator.format.manifest import FileEntry, Manifest
 from replicator.globs import PathFilter
-from replicator.hashing import HashSpec
 from replicator.log import get_logger
 from replicator.memory import ByteBudget
-from replicator.paths import check_relative_path, decode_path, encode_path
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, snapshot_time
+from replicator.restore.local import LocalDestination
 
 log = get_logger(__name__)
 
@@ -63,47 +44,6 @@ CHUNKS_IN_FLIGHT_PER_FILE = 8
 SMALL_FILE = 1 << 20
 SMALL_BATCH = 64
 """Files of at most one chunk and SMALL_FILE bytes are restored SMALL_BATCH at a time."""
-
-
-class UnsafePathError(ReplicatorError):
-    """A manifest path would escape the destination or pass through a symlink."""
-
-
-def _libc(name: str) -> Any:
-    """A libc function; None where there is none (``syncfs`` and ``sync_file_range`` are
-    Linux's, ``syncfs`` since glibc 2.14)."""
-    try:
-        return getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    function = _libc("sync_file_range")
-    if function is not None:
-        function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)  # off64_t
-    typed: Callable[[int, int, int, int], int] | None = function
-    return typed
-
-
-_syncfs: Callable[[int], int] | None = _libc("syncfs")
-_sync_file_range = _load_sync_file_range()
-SYNC_FILE_RANGE_WRITE = 2
-"""Start writeback of the range's dirty pages and return without waiting for it."""
-
-
-def sync_filesystem(fd: int) -> None:
-    """Write back everything dirty on the filesystem holding ``fd`` (data, inodes, directory
-    entries) and wait for it: ``syncfs(2)``, or ``sync(2)`` where syncfs is unavailable (which
-    flushes every filesystem, and on some systems only schedules the writes).
-
-    Since Linux 5.8 syncfs reports a writeback error (EIO, ENOSPC) that happened on the
-    filesystem after ``fd`` was opened; it is raised as OSError."""
-    if _syncfs is None:
-        os.sync()
-    elif _syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 @dataclass
@@ -191,219 +131,6 @@ class Destination(Protocol):
     async def close(self) -> None: ...
 
 
-class LocalDestination:
-    """A destination directory written through directory descriptors (see module docstring)."""
-
-    def __init__(self, root: Path, spec: HashSpec, *, write_behind: bool = True) -> None:
-        """``write_behind``: start writing each file's pages to disk as they are written (see
-        :class:`_LocalFile`), for a restore that will be flushed."""
-        self.root = root
-        self.url = str(root)
-        self.spec = spec
-        self.write_behind = write_behind
-        root.mkdir(parents=True, exist_ok=True)
-        # Opened before anything is written, so that syncfs on it reports every writeback error
-        # of this restore.
-        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._root_dev = os.fstat(self.root_fd).st_dev
-        # Set when a file is created on another device than the root (a filesystem mounted
-        # below it), which syncfs on the root's filesystem may not reach.
-        self._other_filesystem = False
-
-    async def flush(self) -> None:
-        """One ``syncfs(2)`` on the destination's filesystem, in a thread. It covers the
-        directories that received new names too (their entries are metadata of the same
-        filesystem), so no directory is fsynced separately. If a file landed on another device
-        (a filesystem mounted below the root), ``sync(2)`` instead, which covers every one."""
-
-        def flush() -> None:
-            if self._other_filesystem:
-                os.sync()
-            else:
-                sync_filesystem(self.root_fd)
-
-        try:
-            await asyncio.to_thread(flush)
-        except OSError as exc:
-            raise ReplicatorError(
-                f"restored files may not be on disk: {exc.strerror or exc}",
-                operation="sync",
-                key=self.url,
-                hint="check the disk, then run the restore again: it re-checks every file",
-            ) from exc
-
-    async def close(self) -> None:
-        os.close(self.root_fd)
-
-    def cannot_hold(self, path: str) -> str | None:
-        return None  # POSIX takes any safe relative path: names are bytes, written as they are
-
-    def _open_parent(self, path: str, create: bool) -> tuple[int, str]:
-        """Return (fd of the parent directory, final name). The caller closes the fd."""
-        check_relative_path(path)
-        *dirs, name = path.split("/")
-        fd = os.dup(self.root_fd)
-        try:
-            for d in dirs:
-                if create:
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(d, 0o755, dir_fd=fd)
-                try:
-                    nfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise UnsafePathError(
-                            f"{path}: component {d!r} is a symlink or not a directory"
-                        ) from None
-                    raise
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, name
-
-    def open_regular(self, path: str) -> int:
-        """Open an existing regular file for reading without following any symlink on the way;
-        OSError or UnsafePathError otherwise. The caller closes the fd."""
-        dir_fd, name = self._open_parent(path, create=False)
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
-        if os.fstat(fd).st_mode & 0o170000 != 0o100000:
-            os.close(fd)
-            raise UnsafePathError(f"{path}: not a regular file")
-        return fd
-
-    def _is_current(self, entry: FileEntry) -> bool:
-        # Always hash: a file torn by a crash before the flush has the right name, size and
-        # mtime; only its bytes tell, and re-running the restore must repair it.
-        try:
-            fd = self.open_regular(entry.path)
-        except (OSError, UnsafePathError):
-            return False
-        try:
-            if os.fstat(fd).st_size != entry.size:
-                return False
-            h = self.spec.hasher()
-            while block := os.read(fd, 8 << 20):
-                h.update(block)
-            return h.digest().hex() == entry.digest
-        finally:
-            os.close(fd)
-
-    async def is_current(self, entry: FileEntry) -> bool:
-        return await asyncio.to_thread(self._is_current, entry)
-
-    def _create_temp(self, path: str) -> tuple[int, int, str]:
-        """Create an empty temporary file next to ``path``: (dir fd, file fd, temp name)."""
-        dir_fd, name = self._open_parent(path, create=True)
-        tmp = temporary_name(name, "restore")
-        try:
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
-            )
-            if os.fstat(fd).st_dev != self._root_dev:
-                self._other_filesystem = True
-        except BaseException:
-            os.close(dir_fd)
-            raise
-        return dir_fd, fd, tmp
-
-    async def create(self, entry: FileEntry) -> FileWriter:
-        dir_fd, fd, tmp = await asyncio.to_thread(self._create_temp, entry.path)
-        return _LocalFile(entry, dir_fd, fd, tmp, self.write_behind)
-
-    # Small files: one thread hop per batch, not four per file (20,000 small files spent most
-    # of their restore handing the GIL between threads).
-
-    async def current(self, entries: Sequence[FileEntry]) -> list[bool]:
-        return await asyncio.to_thread(lambda: [self._is_current(e) for e in entries])
-
-    async def write_whole(self, files: Sequence[tuple[FileEntry, Buffer]]) -> list[Exception | None]:
-        return await asyncio.to_thread(lambda: [self._write_whole(entry, data) for entry, data in files])
-
-    def _write_whole(self, entry: FileEntry, data: Buffer) -> Exception | None:
-        try:
-            dir_fd, fd, tmp = self._create_temp(entry.path)
-        except (OSError, ReplicatorError) as exc:
-            return exc
-        file = _LocalFile(entry, dir_fd, fd, tmp, self.write_behind)
-        try:
-            file.write_now(data)
-            file.commit_now()
-        except OSError as exc:
-            file.discard_now()
-            return exc
-        file.close()
-        return None
-
-
-class _LocalFile:
-    """A file being restored under a temporary name.
-
-    With ``write_behind``, each write also starts writeback of the pages it dirtied, without
-    waiting (``sync_file_range``, Linux only): the disk then works while later chunks are
-    fetched and decoded, and the final flush has little left to do. Without it, a restore
-    smaller than the kernel's background-writeback threshold (10 % of memory by default) would
-    stay entirely in the page cache until the flush, and then wait for all of it at once."""
-
-    def __init__(self, entry: FileEntry, dir_fd: int, fd: int, tmp: str, write_behind: bool) -> None:
-        self.entry, self.dir_fd, self.fd, self.tmp = entry, dir_fd, fd, tmp
-        self.start_writeback = _sync_file_range if write_behind else None
-        self.written = 0
-
-    async def write(self, data: Buffer) -> None:
-        await asyncio.to_thread(self.write_now, data)
-
-    def write_now(self, data: Buffer) -> None:
-        view = memoryview(data)
-        while view:  # os.write may write less than asked (a full disk, a signal)
-            view = view[os.write(self.fd, view) :]
-        if self.start_writeback is not None and len(data):
-            # Only a hint (durability comes from the flush): its result is ignored, and a
-            # writeback error shows in the final flush.
-            self.start_writeback(self.fd, self.written, len(data), SYNC_FILE_RANGE_WRITE)
-        self.written += len(data)
-
-    def commit_now(self) -> None:
-        # Mode and mtime first, then the rename, which replaces (never follows) whatever is at
-        # the final name. No fsync: the destination's flush makes every file durable at once.
-        name = self.entry.path.rsplit("/", 1)[-1]
-        os.fchmod(self.fd, self.entry.mode & 0o777)  # setuid/setgid/sticky bits are never restored
-        os.utime(self.fd, ns=(self.entry.mtime_ns, self.entry.mtime_ns))
-        os.rename(self.tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-
-    async def commit(self) -> None:
-        await asyncio.to_thread(self.commit_now)
-        self.close()
-
-    async def discard(self) -> None:
-        self.discard_now()
-
-    def discard_now(self) -> None:
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.unlink(self.tmp, dir_fd=self.dir_fd)
-            self.close()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            os.close(self.dir_fd)
-            self.fd = -1
-
-
-def temporary_name(name: str, tag: str) -> str:
-    """``.<name>.<tag>-<random>``, next to ``name``: hidden, recognisable, unique. The name is
-    cut (by bytes) so that the whole stays within 255 bytes: a 255-byte name is legal."""
-    suffix = f".{tag}-{secrets.token_hex(6)}"
-    room = 255 - 1 - len(suffix)
-    raw = encode_path(name)
-    return "." + (name if len(raw) <= room else decode_path(raw[:room])) + suffix
-
-
 def _sized(data: Buffer, chunk_id: str, size: int) -> Buffer:
     """``data``, once it has the length the manifest gives its chunk."""
     if len(data) != size:
@@ -432,137 +159,18 @@ async def restore_snapshot(
     a :class:`TargetError` other than not-found ends the restore (files already restored stay:
     running it again skips them). With ``sync`` (the default) the files restored are durable
     when this returns (:meth:`Destination.flush`, counted in ``seconds``); without it, writeback
-    is left to the OS (see module docstring for what that gives up)."""
+    is left to the OS (see :mod:`replicator.restore.local` for what that gives up)."""
     progress = progress or NoProgress()
     started = time.monotonic()
-    result = RestoreResult()
     files = select_files(manifest, include)
     destination = LocalDestination(dest, repo.hash, write_behind=sync) if isinstance(dest, Path) else dest
-    budget = ByteBudget(memory_budget)
-    spec = repo.hash
+    run = _Restore(repo, manifest, destination, progress, ByteBudget(memory_budget))
     progress.begin("restoring", sum(f.size for f in files))
-
-    def skip(entry: FileEntry) -> None:
-        result.skipped_existing += 1
-        result.skipped_bytes += entry.size
-        progress.advance(entry.size)
-
-    def restored(entry: FileEntry) -> None:
-        result.files += 1
-        result.bytes += entry.size
-
-    async def restore_one(entry: FileEntry) -> None:
-        if await destination.is_current(entry):
-            skip(entry)
-            return
-        writer = await destination.create(entry)
-        committed = False
-        try:
-            hasher = spec.hasher()
-            window: deque[tuple[asyncio.Task[Buffer], int]] = deque()
-
-            async def fetch(cid: str, size: int) -> Buffer:
-                return _sized(await repo.get_chunk(cid, manifest.packed.get(cid)), cid, size)
-
-            async def drain_one() -> None:
-                task, size = window.popleft()
-                try:
-                    data = await task
-                    hasher.update(data)
-                    await writer.write(data)
-                    progress.advance(size)
-                finally:
-                    budget.release(size)
-
-            try:
-                for cid, size in entry.chunks:
-                    await budget.acquire(size)
-                    window.append((asyncio.create_task(fetch(cid, size)), size))
-                    if len(window) >= CHUNKS_IN_FLIGHT_PER_FILE:
-                        await drain_one()
-                while window:
-                    await drain_one()
-            finally:
-                for task, size in window:
-                    task.cancel()
-                    budget.release(size)
-            _check_digest(hasher.digest().hex(), entry)
-            await writer.commit()
-            committed = True
-            restored(entry)
-        finally:
-            if not committed:
-                await writer.discard()
-
-    def fail(entry: FileEntry, exc: Exception) -> None:
-        if isinstance(exc, TargetError) and not isinstance(exc, NotFoundError):
-            raise exc  # unreachable or refused: every other file would fail the same way
-        message = str(exc) if isinstance(exc, ReplicatorError) else f"{getattr(exc, 'strerror', '') or exc}"
-        result.failures[entry.path] = message
-        log.error("restore.failed", path=entry.path, error=message)
-
-    async def restore_small(entries: list[FileEntry]) -> None:
-        """Files of at most one chunk, in one batch: one check of what is current, one fetch
-        (nearby packed chunks in one read), one write; each file still fails alone."""
-        total = sum(e.size for e in entries)
-        await budget.acquire(total)
-        try:
-            todo = []
-            for entry, current in zip(entries, await destination.current(entries), strict=True):
-                if current:
-                    skip(entry)
-                else:
-                    todo.append(entry)
-            got = await repo.get_chunks([(c, manifest.packed.get(c)) for e in todo for c, _ in e.chunks])
-            ready: list[tuple[FileEntry, Buffer]] = []
-            for entry in todo:
-                data = got[entry.chunks[0][0]] if entry.chunks else b""
-                try:
-                    if isinstance(data, ReplicatorError):
-                        raise data
-                    if entry.chunks:
-                        _sized(data, *entry.chunks[0])
-                    _check_digest(spec.digest(data).hex(), entry)
-                except ReplicatorError as exc:
-                    fail(entry, exc)
-                else:
-                    ready.append((entry, data))
-            for (entry, _), error in zip(ready, await destination.write_whole(ready), strict=True):
-                if error is not None:
-                    fail(entry, error)
-                else:
-                    restored(entry)
-                progress.advance(entry.size)
-        finally:
-            budget.release(total)
-
-    queue: deque[FileEntry | list[FileEntry]] = deque()
-    small: list[FileEntry] = []
-    for f in files:
-        why = destination.cannot_hold(f.path)
-        if why is not None:
-            result.failures[f.path] = why
-            log.error("restore.unsupported_name", path=f.path, error=why)
-            progress.advance(f.size)
-            continue
-        (small if len(f.chunks) <= 1 and f.size <= SMALL_FILE else queue).append(f)
-    queue.extend(small[i : i + SMALL_BATCH] for i in range(0, len(small), SMALL_BATCH))
-
-    async def worker() -> None:
-        while queue:
-            work = queue.popleft()
-            if isinstance(work, list):
-                await restore_small(work)
-                continue
-            try:
-                await restore_one(work)
-            except (ReplicatorError, OSError) as exc:
-                fail(work, exc)
-
+    queue = run.plan(files)
     try:
         async with asyncio.TaskGroup() as group:
             for _ in range(FILES_IN_PARALLEL):
-                group.create_task(worker())
+                group.create_task(run.worker(queue))
         if sync:
             # Also after per-file failures: the files reported as restored must be on disk.
             await destination.flush()
@@ -572,5 +180,155 @@ async def restore_snapshot(
         progress.end()
         if isinstance(dest, Path):
             await destination.close()
-    result.seconds = time.monotonic() - started
-    return result
+    run.result.seconds = time.monotonic() - started
+    return run.result
+
+
+Work = FileEntry | list[FileEntry]
+"""A file restored chunk by chunk, or a batch of small files restored together."""
+
+
+class _Restore:
+    """One run of :func:`restore_snapshot`: what its workers share (the destination, the byte
+    budget, the result) and the steps each of them takes."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        manifest: Manifest,
+        destination: Destination,
+        progress: ProgressSink,
+        budget: ByteBudget,
+    ) -> None:
+        self.repo, self.manifest, self.destination = repo, manifest, destination
+        self.progress, self.budget = progress, budget
+        self.result = RestoreResult()
+
+    def plan(self, files: Sequence[FileEntry]) -> deque[Work]:
+        """The work, in order: files of several chunks one by one, then the small ones in
+        batches of SMALL_BATCH. A name the destination cannot hold fails here, alone."""
+        queue: deque[Work] = deque()
+        small: list[FileEntry] = []
+        for f in files:
+            why = self.destination.cannot_hold(f.path)
+            if why is not None:
+                self.result.failures[f.path] = why
+                log.error("restore.unsupported_name", path=f.path, error=why)
+                self.progress.advance(f.size)
+                continue
+            (small if len(f.chunks) <= 1 and f.size <= SMALL_FILE else queue).append(f)
+        queue.extend(small[i : i + SMALL_BATCH] for i in range(0, len(small), SMALL_BATCH))
+        return queue
+
+    async def worker(self, queue: deque[Work]) -> None:
+        while queue:
+            work = queue.popleft()
+            if isinstance(work, list):
+                await self.restore_small(work)
+                continue
+            try:
+                await self.restore_one(work)
+            except (ReplicatorError, OSError) as exc:
+                self.fail(work, exc)
+
+    def skip(self, entry: FileEntry) -> None:
+        self.result.skipped_existing += 1
+        self.result.skipped_bytes += entry.size
+        self.progress.advance(entry.size)
+
+    def restored(self, entry: FileEntry) -> None:
+        self.result.files += 1
+        self.result.bytes += entry.size
+
+    def fail(self, entry: FileEntry, exc: Exception) -> None:
+        """Record why ``entry`` failed; re-raise what would fail every other file too."""
+        if isinstance(exc, TargetError) and not isinstance(exc, NotFoundError):
+            raise exc  # unreachable or refused: every other file would fail the same way
+        message = str(exc) if isinstance(exc, ReplicatorError) else f"{getattr(exc, 'strerror', '') or exc}"
+        self.result.failures[entry.path] = message
+        log.error("restore.failed", path=entry.path, error=message)
+
+    async def restore_one(self, entry: FileEntry) -> None:
+        """One file, chunk by chunk, under a temporary name until its digest is checked."""
+        if await self.destination.is_current(entry):
+            self.skip(entry)
+            return
+        writer = await self.destination.create(entry)
+        committed = False
+        try:
+            _check_digest(await self._write_chunks(entry, writer), entry)
+            await writer.commit()
+            committed = True
+            self.restored(entry)
+        finally:
+            if not committed:
+                await writer.discard()
+
+    async def _write_chunks(self, entry: FileEntry, writer: FileWriter) -> str:
+        """Fetch ``entry``'s chunks, CHUNKS_IN_FLIGHT_PER_FILE ahead within the byte budget,
+        and write them in order; returns the hex digest of the bytes written."""
+        hasher = self.repo.hash.hasher()
+        window: deque[tuple[asyncio.Task[Buffer], int]] = deque()
+
+        async def drain_one() -> None:
+            task, size = window.popleft()
+            try:
+                data = await task
+                hasher.update(data)
+                await writer.write(data)
+                self.progress.advance(size)
+            finally:
+                self.budget.release(size)
+
+        try:
+            for cid, size in entry.chunks:
+                await self.budget.acquire(size)
+                window.append((asyncio.create_task(self._fetch(cid, size)), size))
+                if len(window) >= CHUNKS_IN_FLIGHT_PER_FILE:
+                    await drain_one()
+            while window:
+                await drain_one()
+        finally:
+            for task, size in window:
+                task.cancel()
+                self.budget.release(size)
+        return hasher.digest().hex()
+
+    async def _fetch(self, cid: str, size: int) -> Buffer:
+        return _sized(await self.repo.get_chunk(cid, self.manifest.packed.get(cid)), cid, size)
+
+    async def restore_small(self, entries: list[FileEntry]) -> None:
+        """Files of at most one chunk, in one batch: one check of what is current, one fetch
+        (nearby packed chunks in one read), one write; each file still fails alone."""
+        total = sum(e.size for e in entries)
+        await self.budget.acquire(total)
+        try:
+            todo = []
+            for entry, current in zip(entries, await self.destination.current(entries), strict=True):
+                if current:
+                    self.skip(entry)
+                else:
+                    todo.append(entry)
+            packed = self.manifest.packed
+            got = await self.repo.get_chunks([(c, packed.get(c)) for e in todo for c, _ in e.chunks])
+            ready: list[tuple[FileEntry, Buffer]] = []
+            for entry in todo:
+                data = got[entry.chunks[0][0]] if entry.chunks else b""
+                try:
+                    if isinstance(data, ReplicatorError):
+                        raise data
+                    if entry.chunks:
+                        _sized(data, *entry.chunks[0])
+                    _check_digest(self.repo.hash.digest(data).hex(), entry)
+                except ReplicatorError as exc:
+                    self.fail(entry, exc)
+                else:
+                    ready.append((entry, data))
+            for (entry, _), error in zip(ready, await self.destination.write_whole(ready), strict=True):
+                if error is not None:
+                    self.fail(entry, error)
+                else:
+                    self.restored(entry)
+                self.progress.advance(entry.size)
+        finally:
+            self.budget.release(total)

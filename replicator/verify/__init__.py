@@ -1,5 +1,7 @@
 """Proving a repository copy is whole and usable, and healing it.
 
+run        `replicator verify` over the chosen targets: check each, then repair and drill
+           as asked; the result per target
 check      `verify`: structure, and with --read-data every chunk re-hashed and every file
            re-assembled against its digest
 repair     `verify --repair`: missing or damaged chunks sent again from the sources

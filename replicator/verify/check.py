@@ -77,15 +77,42 @@ async def verify_repository(
     state: StateStore | None = None,
     seed: int | None = None,
 ) -> VerifyReport:
+    """Check ``repo`` (see module docstring): every snapshot of ``sources`` (default: all), or
+    only ``snapshot``; with ``read_data`` 1.0 every chunk and file, below 1.0 a random sample
+    of that fraction of the chunks (``seed`` makes it repeatable). Chunks found missing or
+    corrupt are forgotten by ``state``'s presence cache."""
     progress = progress or NoProgress()
     started = time.monotonic()
     report = VerifyReport(repository=repo.target.url)
     names = list(sources) if sources else await repo.list_sources()
-    # (chunk id, pack location or None for a loose object) -> first "snapshot:path" needing it
-    referenced: dict[tuple[str, PackedAt | None], str] = {}
-    # multi-chunk files' contents: (digest, chunk refs in order) -> first "snapshot:path"
-    files: dict[tuple[str, tuple[ChunkRef, ...]], str] = {}
+    referenced, files = await _references(repo, names, snapshot, report)
+    present, missing = await _stored(repo, referenced, report)
+    corrupt: list[str] = []
+    if read_data:
+        corrupt = await _read_data(repo, read_data, files, present, report, progress, seed)
+    report.damaged = sorted({*missing, *corrupt})
+    if state is not None and (missing or corrupt):
+        state.forget_chunks(repo.config.id, [*missing, *corrupt])
+        log.warning("state.chunks_forgotten", target=repo.target.name, count=len(missing) + len(corrupt))
+    report.seconds = time.monotonic() - started
+    return report
 
+
+ChunkRef = tuple[str, PackedAt | None]
+"""A chunk id and where it is stored: its pack location, or None for a loose object."""
+Referenced = dict[ChunkRef, str]
+"""Chunk -> the first "source/snapshot:path" that needs it."""
+MultiChunkFiles = dict[tuple[str, tuple[ChunkRef, ...]], str]
+"""The contents of files of several chunks: (digest, chunks in order) -> the first "source/snapshot:path"."""
+
+
+async def _references(
+    repo: Repository, names: list[str], snapshot: str | None, report: VerifyReport
+) -> tuple[Referenced, MultiChunkFiles]:
+    """Load the manifests to check; what they reference. A manifest that is missing or does
+    not parse, and a one-chunk file whose digest is not its chunk's id, are problems."""
+    referenced: Referenced = {}
+    files: MultiChunkFiles = {}
     for source in names:
         ids = await _snapshots_to_check(repo, source, snapshot, report)
         report.sources[source] = ids
@@ -109,14 +136,21 @@ async def verify_repository(
                     report.problems.append(Problem(where, "digest differs from its only chunk's id"))
                 if len(refs) > 1:
                     files.setdefault((entry.digest, refs), where)
+    return referenced, files
 
+
+async def _stored(
+    repo: Repository, referenced: Referenced, report: VerifyReport
+) -> tuple[dict[ChunkRef, int], list[str]]:
+    """List the stored chunks and packs: (referenced chunks present -> their stored bytes,
+    ids of those missing). Each missing one is a problem naming what needs it."""
     loose = {cid: size async for cid, size in repo.list_chunks()}
     packs = {pack_id: size async for pack_id, size in repo.list_packs()}
     report.chunks_referenced = len({cid for cid, _ in referenced})
     report.chunks_stored = len(loose)
     report.packs_stored = len(packs)
     report.chunks_unreferenced = len(loose.keys() - {cid for cid, at in referenced if at is None})
-    present: dict[tuple[str, PackedAt | None], int] = {}  # -> stored bytes
+    present: dict[ChunkRef, int] = {}
     missing: list[str] = []
     for ref, needed_by in sorted(referenced.items(), key=lambda item: item[0][0]):
         cid, at = ref
@@ -126,34 +160,38 @@ async def verify_repository(
         else:
             report.problems.append(Problem(stored_key(cid, at), f"{problem} (needed by {needed_by})", cid))
             missing.append(cid)
+    return present, missing
 
-    corrupt: list[str] = []
-    if read_data and read_data >= 1:
-        # Every chunk, and every multi-chunk file re-assembled: the chunks of those files are
-        # read in order (a chunk shared by two different files is read for each); the rest
-        # one by one.
-        whole = [(d, refs, where) for (d, refs), where in files.items() if all(r in present for r in refs)]
-        in_files = {r for _, refs, _ in whole for r in refs}
-        single = [r for r in present if r not in in_files]
-        total = sum(present[r] for r in single) + sum(present[r] for _, refs, _ in whole for r in refs)
-        progress.begin("reading chunks", total)
-        corrupt = await _read_files(repo, whole, present, report, progress)
-        corrupt += await _read_chunks(repo, single, present, report, progress)
-        progress.end()
-    elif read_data:
+
+async def _read_data(
+    repo: Repository,
+    fraction: float,
+    files: MultiChunkFiles,
+    present: dict[ChunkRef, int],
+    report: VerifyReport,
+    progress: ProgressSink,
+    seed: int | None,
+) -> list[str]:
+    """Download, decode and re-hash chunks; the ids of those found corrupt or gone."""
+    if fraction < 1:
         chunks = list(present)
-        count = max(1, round(len(chunks) * read_data)) if chunks else 0
+        count = max(1, round(len(chunks) * fraction)) if chunks else 0
         sample = random.Random(seed).sample(chunks, count) if count < len(chunks) else chunks
         progress.begin("reading chunks", sum(present[r] for r in sample))
         corrupt = await _read_chunks(repo, sample, present, report, progress)
         progress.end()
-
-    report.damaged = sorted({*missing, *corrupt})
-    if state is not None and (missing or corrupt):
-        state.forget_chunks(repo.config.id, [*missing, *corrupt])
-        log.warning("state.chunks_forgotten", target=repo.target.name, count=len(missing) + len(corrupt))
-    report.seconds = time.monotonic() - started
-    return report
+        return corrupt
+    # Every chunk, and every multi-chunk file re-assembled: the chunks of those files are read
+    # in order (a chunk shared by two different files is read for each); the rest one by one.
+    whole = [(d, refs, where) for (d, refs), where in files.items() if all(r in present for r in refs)]
+    in_files = {r for _, refs, _ in whole for r in refs}
+    single = [r for r in present if r not in in_files]
+    total = sum(present[r] for r in single) + sum(present[r] for _, refs, _ in whole for r in refs)
+    progress.begin("reading chunks", total)
+    corrupt = await _read_files(repo, whole, present, report, progress)
+    corrupt += await _read_chunks(repo, single, present, report, progress)
+    progress.end()
+    return corrupt
 
 
 def _absent(ref: tuple[str, PackedAt | None], loose: dict[str, int], packs: dict[str, int]) -> str | None:
@@ -193,7 +231,6 @@ async def _snapshots_to_check(
         return []
 
 
-ChunkRef = tuple[str, PackedAt | None]
 FILE_WINDOW_BYTES = 256 << 20
 """Stored bytes read ahead of the file being hashed (verify's memory bound)."""
 

@@ -21,8 +21,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from replicator.config import NAME_RE
 from replicator.errors import NotFoundError, RepositoryError
@@ -30,7 +31,8 @@ from replicator.format.manifest import Manifest, now_utc
 from replicator.log import get_logger
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository
-from replicator.restore.core import LocalDestination, restore_snapshot
+from replicator.restore.core import restore_snapshot
+from replicator.restore.local import LocalDestination
 from replicator.verify.formats import FormatCheck, FormatProblem, check_file, torch_load
 
 log = get_logger(__name__)
@@ -90,6 +92,14 @@ class DrillReport:
     @property
     def ok(self) -> bool:
         return bool(self.sources) and all(s.ok for s in self.sources)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON, with the verdicts (``ok``) of the drill and of each source."""
+        out = asdict(self)
+        out["ok"] = self.ok
+        for src, row in zip(self.sources, out["sources"], strict=True):
+            row["ok"] = src.ok
+        return out
 
 
 async def run_drill(

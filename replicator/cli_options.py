@@ -1,0 +1,188 @@
+"""The command line's options, declared once: the types :mod:`replicator.cli`'s commands take
+(shared ones, and those whose help is long), and the rewrite that lets ``--read-data`` stand
+alone. Imports only typer: ``replicator --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# -- shared -----------------------------------------------------------------------------------
+
+ConfigPath = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="REPLICATOR_CONFIG", help="YAML config file.", show_default=False),
+]
+Repo = Annotated[
+    str | None,
+    typer.Option(
+        "--repo",
+        help="Open a repository directly by URL (a directory or s3://bucket/prefix), without a "
+        "config file: what a disaster-recovery site has.",
+        show_default=False,
+    ),
+]
+Target = Annotated[str | None, typer.Option("--target", "-t", help="Target name from the config.")]
+Source = Annotated[str | None, typer.Option("--source", "-s", help="Only this source.")]
+Targets = Annotated[list[str] | None, typer.Option("--target", "-t", help="Only this target (repeatable).")]
+Sources = Annotated[list[str] | None, typer.Option("--source", "-s", help="Only this source (repeatable).")]
+Endpoint = Annotated[
+    str | None, typer.Option("--endpoint-url", help="S3 endpoint for --repo (default: AWS).")
+]
+Region = Annotated[str | None, typer.Option("--region", help="S3 region for --repo.")]
+Profile = Annotated[str | None, typer.Option("--profile", help="AWS profile for --repo.")]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+GiveUp = Annotated[
+    str | None,
+    typer.Option(
+        "--give-up-after",
+        metavar="DURATION",
+        help="Stop retrying a target that does not answer after this long, and exit 3 "
+        "(default: the target's retry.command_give_up_after, 30s).",
+        show_default=False,
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+LogLevel = Annotated[
+    str | None,
+    typer.Option("--log-level", help="debug, info, warning or error (default: from config, else warning)."),
+]
+
+Version = Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)]
+DemoDir = Annotated[Path, typer.Option("--dir", help="Where to create the demo.")]
+ReleaseSource = Annotated[
+    str, typer.Option("--source", "-s", help="The source whose held publish to release.")
+]
+
+# -- sync -------------------------------------------------------------------------------------
+
+AllowDeletes = Annotated[
+    bool,
+    typer.Option(
+        "--allow-deletes",
+        help="Publish even if it drops more than the source's `max_delete` share of the "
+        "latest snapshot (check the primary first: this is how a wiped primary would look).",
+    ),
+]
+
+# -- restore ----------------------------------------------------------------------------------
+
+RestoreSource = Annotated[str, typer.Option("--source", "-s", help="Source whose snapshot to restore.")]
+
+Dest = Annotated[
+    str,
+    typer.Argument(
+        help="Destination directory (created if needed), or s3://bucket/prefix to restore each "
+        "file as a plain object a training job can read directly.",
+        metavar="DEST",
+        show_default=False,
+    ),
+]
+RestoreSnapshot = Annotated[
+    str | None,
+    typer.Option("--snapshot", help="Snapshot id (or unique prefix), or 'latest' (the default)."),
+]
+At = Annotated[
+    str | None,
+    typer.Option(
+        "--at",
+        metavar="TIME",
+        help="The newest snapshot taken at or before TIME: ISO 8601 (2026-11-22T10:15Z; UTC "
+        "unless an offset is given) or a duration ago (90m, 2d). For rolling back past a bad step.",
+        show_default=False,
+    ),
+]
+Include = Annotated[
+    list[str] | None, typer.Option("--include", "-i", help="Only matching paths (glob, repeatable).")
+]
+DestEndpoint = Annotated[
+    str | None,
+    typer.Option("--dest-endpoint-url", help="S3 endpoint of an s3:// DEST (default: --endpoint-url)."),
+]
+DestRegion = Annotated[
+    str | None, typer.Option("--dest-region", help="Region of an s3:// DEST (default: --region).")
+]
+DestProfile = Annotated[
+    str | None, typer.Option("--dest-profile", help="AWS profile for an s3:// DEST (default: --profile).")
+]
+NoSync = Annotated[
+    bool,
+    typer.Option(
+        "--no-sync",
+        help="Do not flush the restored files to disk before reporting success; leave it to the "
+        "OS, as restic and rclone do. Faster, but a power cut or OS crash shortly after the restore "
+        "may lose or tear restored files although it reported success (running the same "
+        "restore again detects and repairs them: every file is re-checked against its digest). "
+        "No effect on an s3:// DEST, whose objects are durable once stored.",
+    ),
+]
+
+# -- verify -----------------------------------------------------------------------------------
+
+VerifySnapshot = Annotated[
+    str | None,
+    typer.Option(
+        "--snapshot",
+        help="Only this snapshot id, or 'latest'. Default: check every snapshot; drill the latest.",
+    ),
+]
+ReadData = Annotated[
+    str | None,
+    typer.Option(
+        "--read-data",
+        metavar="[PCT]",
+        help="Also download, decompress and re-hash chunks: all, or a random PCT of them.",
+    ),
+]
+RestoreDrill = Annotated[
+    bool,
+    typer.Option(
+        "--restore-drill",
+        help="Also restore the snapshot of each source into a scratch directory, check every "
+        "file's digest and the format of known artifacts (safetensors, torch.save zips, "
+        "torch.distributed.checkpoint, .npy/.npz, Parquet, JSON/JSONL), and report restore "
+        "throughput, an RTO estimate and the newest checkpoint set training can resume from.",
+    ),
+]
+Scratch = Annotated[
+    Path | None,
+    typer.Option(
+        "--scratch",
+        metavar="DIR",
+        help="Where the drill restores to (DIR/TARGET/SOURCE/), kept afterwards; needs "
+        "room for the snapshot. Default: a temporary directory, removed afterwards.",
+        show_default=False,
+    ),
+]
+LoadTorch = Annotated[
+    bool,
+    typer.Option(
+        "--load",
+        help="With --restore-drill: also torch.load(weights_only=True) every PyTorch checkpoint "
+        "file on the CPU (needs torch installed).",
+    ),
+]
+Repair = Annotated[
+    bool,
+    typer.Option(
+        "--repair",
+        help="Send again every missing or damaged chunk that the sources still hold (read from "
+        "the files the snapshots name); say which could not be repaired. Needs --config.",
+    ),
+]
+
+
+def optional_values(args: list[str]) -> list[str]:
+    """Let ``--read-data`` stand alone meaning 100 %: click options cannot take an optional
+    value, so a bare ``--read-data`` gets its default spelled out before parsing."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg == "--read-data":
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt is None or nxt.startswith("-") or not nxt.rstrip("%").replace(".", "", 1).isdigit():
+                out.append("100")
+    return out

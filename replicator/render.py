@@ -1,0 +1,238 @@
+"""What the commands print: each command's result object as lines of text, or as JSON.
+
+The library returns result objects (``sync``'s per-source results, a plan, snapshot rows, a
+restore outcome, verifications); :mod:`replicator.cli` prints them through these functions.
+``status`` renders with :func:`replicator.status.render`, next to the daemon's view it shares.
+
+Start-up time counts: this module is imported by every command, so it imports only light
+helpers; the result types are named for the type checker alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from replicator.paths import display_path, one_line
+from replicator.units import format_duration, format_size
+
+if TYPE_CHECKING:
+    from replicator.engine import SourceResult, TargetResult
+    from replicator.plan import Plan
+    from replicator.repository import SnapshotRow
+    from replicator.restore.run import RestoreOutcome
+    from replicator.verify.drill import DrillReport, SourceDrill
+    from replicator.verify.run import TargetVerification
+
+
+def to_json(data: Any) -> str:
+    """``data`` as indented JSON; dataclasses become objects, anything else unknown a string."""
+
+    def default(o: Any) -> Any:
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return dataclasses.asdict(o)
+        return str(o)
+
+    return json.dumps(data, default=default, indent=2)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+# -- sync -------------------------------------------------------------------------------------
+
+
+def sync_lines(results: Sequence[SourceResult]) -> list[str]:
+    """Per source: what was scanned and read, what was left out and why; per target, what
+    happened to it."""
+    lines = []
+    for r in results:
+        line = (
+            f"{r.source}: {r.files} files, {format_size(r.bytes_total)}; read {r.files_read} files, "
+            f"{format_size(r.bytes_read)} in {format_duration(r.seconds)}"
+        )
+        if r.seconds and r.bytes_read:
+            line += f" ({format_size(r.bytes_read / r.seconds)}/s)"
+        lines.append(line)
+        for name, why in sorted(r.held_back.items()):
+            lines.append(f"  held back {display_path(name)}: {one_line(why)}")
+        for path, why in sorted(r.skipped.items()):
+            lines.append(f"  unreadable {display_path(path)}: {one_line(why)}")
+        for path, why in sorted(r.ignored.items()):
+            lines.append(f"  not replicated {display_path(path)}: {one_line(why)}")
+        for t in r.targets:
+            lines += _sync_target_lines(r, t)
+    return lines
+
+
+def _sync_target_lines(r: SourceResult, t: TargetResult) -> list[str]:
+    lines = []
+    for name, why in sorted(t.damaged.items()):
+        lines.append(
+            f"  -> {t.target}: DAMAGED on the primary: {display_path(name)}: {one_line(why)}; "
+            "its last complete version stays published"
+        )
+    for name, why in sorted(t.carried.items()):
+        if name not in t.damaged:
+            shown = f"{display_path(name)} ({one_line(why)})"
+            lines.append(f"  -> {t.target}: kept from the previous snapshot: {shown}")
+    if t.status == "failed":
+        return [*lines, f"  -> {t.target}: FAILED: {t.error}"]
+    if t.status == "held":
+        return [
+            *lines,
+            f"  -> {t.target}: HELD: {t.error}; nothing published. Check the primary, then "
+            "run again with --allow-deletes (or raise max_delete)",
+        ]
+    if t.status == "deferred":
+        return [*lines, f"  -> {t.target}: DEFERRED: {t.error}; it resumes when the budget allows"]
+    if t.status == "empty":
+        return [*lines, f"  -> {t.target}: nothing to publish (no complete files); nothing written"]
+    u = t.uploads
+    return [
+        *lines,
+        f"  -> {t.target}: {t.status} {t.snapshot}; new {format_size(u.bytes_new)}, "
+        f"sent {format_size(u.bytes_sent)}, dedup {ratio(r.bytes_read, u.bytes_new)}, "
+        f"compression {ratio(u.bytes_new, u.bytes_sent)}",
+    ]
+
+
+# -- plan -------------------------------------------------------------------------------------
+
+
+def plan_lines(result: Plan) -> list[str]:
+    lines = [
+        f"scanned {result.files} files ({format_size(result.bytes_scanned)}); read {result.files_read} "
+        f"changed files ({format_size(result.bytes_read)}) in {format_duration(result.seconds)}"
+    ]
+    for t in result.targets:
+        when = (
+            f", {format_duration(t.seconds_at_cap)} at max_bandwidth" if t.seconds_at_cap is not None else ""
+        )
+        new = "" if t.exists else " (new repository)"
+        lines.append(
+            f"-> {t.target}{new}: send {format_size(t.bytes)} in {t.chunks} chunks, {t.puts} PUT/LIST + "
+            f"{t.gets} GET requests, ${t.cost_usd:.4f} (egress ${t.egress_usd:.4f}, requests "
+            f"${t.requests_usd:.4f}){when}"
+        )
+        if t.storage_usd_per_month is not None:
+            lines.append(f"   adds ${t.storage_usd_per_month:.4f}/month of storage")
+        for s in t.sources:
+            verdict = "" if s.budget_allows else "  DEFERRED by budget"
+            size = format_size(s.bytes)
+            lines.append(f"   {s.source} ({s.priority}): {size}, {s.puts} PUTs, ${s.cost_usd:.4f}{verdict}")
+    for b in result.budgets:
+        spent, allowed = b.spent_today_usd, b.allowance_today_usd
+        lines.append(f"budget {b.scope} ({b.mode}): today ${spent:.4f} spent of ${allowed:.4f}")
+    for path, why in sorted(result.skipped.items()):
+        lines.append(f"  skipped {display_path(path)}: {one_line(why)}")
+    return lines
+
+
+# -- snapshots and restore --------------------------------------------------------------------
+
+
+def snapshot_lines(rows: Sequence[SnapshotRow]) -> list[str]:
+    """One line per snapshot, ``*`` marking each source's latest."""
+    if not rows:
+        return ["no snapshots"]
+    lines = []
+    for row in rows:
+        mark = "*" if row.latest else " "
+        sets = f"  sets: {', '.join(map(display_path, row.sets))}" if row.sets else ""
+        lines.append(
+            f"{mark} {row.source:<16} {row.snapshot}  {row.files:>6} files {format_size(row.bytes):>11}{sets}"
+        )
+    return lines
+
+
+def restore_line(outcome: RestoreOutcome, dest: str) -> str:
+    """What was restored into ``dest`` (as the user wrote it), how fast."""
+    res = outcome.result
+    rate = f" ({format_size(res.bytes_per_second)}/s)" if res.bytes else ""
+    return (
+        f"restored {res.files} files, {format_size(res.bytes)} from {outcome.source}/{outcome.snapshot} "
+        f"into {one_line(dest)} in {format_duration(res.seconds)}{rate} "
+        f"({res.skipped_existing} already up to date)"
+    )
+
+
+def restore_failure_lines(outcome: RestoreOutcome) -> list[str]:
+    """The files that could not be restored, and why (for stderr)."""
+    return [
+        f"  FAILED {display_path(p)}: {one_line(why)}" for p, why in sorted(outcome.result.failures.items())
+    ]
+
+
+# -- verify -----------------------------------------------------------------------------------
+
+
+def verify_lines(rows: Sequence[TargetVerification]) -> list[str]:
+    """Per target: the verdict and counts, every bad object, what was repaired, the drill."""
+    lines = []
+    for row in rows:
+        rep = row.verify
+        snaps = sum(len(v) for v in rep.sources.values())
+        verdict = "OK" if rep.ok else f"{len(rep.problems)} PROBLEMS"
+        lines.append(
+            f"{rep.repository}: {verdict}: {len(rep.sources)} sources, {snaps} snapshots, "
+            f"{rep.files} files, "
+            f"{rep.chunks_referenced} chunks referenced "
+            f"({rep.chunks_stored} loose objects, {rep.packs_stored} packs), "
+            f"{rep.chunks_read} read ({format_size(rep.bytes_read)}) in {format_duration(rep.seconds)}"
+        )
+        lines += [f"  BAD {one_line(p.key)}: {one_line(p.message)}" for p in rep.problems]
+        if row.repair is not None:
+            lines.append(f"  repaired {len(row.repair.repaired)} of {len(rep.damaged)} damaged chunks")
+            for key, why in row.repair.unrepaired.items():
+                lines.append(f"  NOT REPAIRED {one_line(key)}: {one_line(why)}")
+        if row.drill is not None:
+            lines += drill_lines(row.drill)
+    return lines
+
+
+def drill_lines(report: DrillReport) -> list[str]:
+    where = report.scratch or "a temporary directory (removed)"
+    rto = format_duration(report.rto_seconds) if report.rto_seconds is not None else "unknown"
+    lines = [
+        f"restore drill: {'PASS' if report.ok else 'FAIL'}: {len(report.sources)} sources restored into "
+        f"{where} in {format_duration(report.seconds)}; RTO estimate {rto}"
+    ]
+    if not report.sources:
+        lines.append("  no source has a snapshot in this repository: nothing to resume from")
+    for s in report.sources:
+        lines += _source_drill_lines(s)
+    return lines
+
+
+def _source_drill_lines(s: SourceDrill) -> list[str]:
+    if s.snapshot is None:
+        return [f"  {s.source}: FAIL: {'; '.join(s.problems)}"]
+    rate = format_size(s.throughput_bytes_per_second) + "/s" if s.throughput_bytes_per_second else "-"
+    s_rto = format_duration(s.rto_seconds) if s.rto_seconds is not None else "unknown"
+    checked = ", ".join(f"{n} {k}" for k, n in sorted(s.formats.items())) or "none"
+    lines = [
+        f"  {s.source}: {'PASS' if s.ok else 'FAIL'}: snapshot {s.snapshot} "
+        f"(age {format_duration(max(s.age_seconds or 0, 0))}), {s.files} files, {format_size(s.bytes)}",
+        f"    restored {s.restored_files} files in {format_duration(s.restore_seconds)} at {rate}"
+        f" ({s.already_present} already present); RTO estimate {s_rto}",
+        f"    digest failures {len(s.digest_failures)}, format failures {len(s.format_failures)}; "
+        f"formats checked: {checked}; loaded with torch: {s.loaded}",
+    ]
+    if s.newest_restorable_set is not None:
+        age = format_duration(max(s.newest_restorable_set_age_seconds or 0, 0))
+        shown = display_path(s.newest_restorable_set)
+        lines.append(f"    newest restorable checkpoint set: {shown} (written {age} ago)")
+    lines += [
+        f"    DIGEST FAILED {display_path(p)}: {one_line(why)}"
+        for p, why in sorted(s.digest_failures.items())
+    ]
+    lines += [
+        f"    FORMAT FAILED {display_path(p)}: {one_line(why)}"
+        for p, why in sorted(s.format_failures.items())
+    ]
+    lines += [f"    FAILED: {one_line(why)}" for why in s.problems]
+    return lines
