@@ -68,6 +68,12 @@ AllowDeletes = Annotated[
     ),
 ]
 
+# -- forget -----------------------------------------------------------------------------------
+
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", "-n", help="Say what would be kept and dropped; delete nothing.")
+]
+
 # -- restore ----------------------------------------------------------------------------------
 
 RestoreSource = Annotated[str, typer.Option("--source", "-s", help="Source whose snapshot to restore.")]
