@@ -186,3 +186,33 @@ def test_bad_input_and_an_unreachable_target(request: pytest.FixtureRequest, tmp
     r = cli("forget", "-c", str(config), "--give-up-after", "1s")
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert "dead / ckpt (checkpoint; keep_last 1): FAILED" in r.stdout
+
+
+def test_an_unreadable_manifest_is_kept_and_a_listing_without_the_latest_deletes_nothing(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    spec = make_target_spec(request, "posix", tmp_path)
+    assert spec.path is not None
+    _, config, _ = setup(tmp_path, [spec], retention={"keep_last": 1})
+    ids = sorted(snapshot_sets(config, "t1"))
+    manifests = spec.path / "snapshots" / "ckpt"
+    damaged = manifests / f"{ids[1]}.json.zst"
+    damaged.write_bytes(damaged.read_bytes()[:-3])
+
+    code, report, err = forget(config, "--dry-run")
+    assert code == 0, err
+    e = entry(report, "t1")
+    assert {k["snapshot"]: k["reasons"] for k in e["keep"]} == {
+        ids[1]: ["unreadable: kept"],
+        ids[5]: ["latest", "holds kept set step-003000"],
+    }
+
+    # The ref names a snapshot the listing does not show: no deletion is trusted to it.
+    ref = spec.path / "refs" / "ckpt" / "latest"
+    missing = "20991231T000000.000000Z-" + "0" * 32
+    ref.write_text(json.dumps({"snapshot": missing, "updated": "2099-12-31T00:00:00.000000Z"}))
+    code, report, err = forget(config)
+    assert code == 1
+    e = entry(report, "t1")
+    assert e["status"] == "failed" and "does not show the latest snapshot" in e["error"]
+    assert e["deleted"] == [] and len(list(manifests.iterdir())) == 6
