@@ -338,7 +338,7 @@ def test_iam_policies_grant_exactly_what_the_code_calls() -> None:
     assert actions("ListRepository", "ReadWriteRepository") == target - {"s3:DeleteObject"}
     assert actions("PruneSnapshotManifests") == {"s3:DeleteObject"} <= target
     assert actions("ListSource", "ReadSource") == source
-    # The only deletion is keep_last's, of snapshot manifests: the pruning grant is that narrow.
+    # The only deletion is retention's, of snapshot manifests: the pruning grant is that narrow.
     deletes = [
         line.strip()
         for p in (ROOT / "replicator").rglob("*.py")

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
+from tests.daemon_helpers import DaemonProcess, all_manifests, file_count, wait_until
 from tests.helpers import checkpoint_source, config_dict, make_checkpoint
 
 STEPS = [500, 1000, 1500, 2000, 2500, 3000]
@@ -216,3 +219,43 @@ def test_an_unreadable_manifest_is_kept_and_a_listing_without_the_latest_deletes
     e = entry(report, "t1")
     assert e["status"] == "failed" and "does not show the latest snapshot" in e["error"]
     assert e["deleted"] == [] and len(list(manifests.iterdir())) == 6
+
+
+def test_the_daemon_applies_each_targets_policy_and_a_reloaded_one(tmp_path: Path) -> None:
+    primary = tmp_path / "primary"
+    primary.mkdir()
+    targets = [{"name": n, "url": str(tmp_path / n)} for n in ("a", "b")]
+    for t in targets:
+        Path(t["url"]).mkdir()
+    source: dict[str, Any] = {"name": "ds", "url": str(primary), "watch": "poll", "poll_interval": "200ms"}
+    source |= {
+        "debounce": "300ms",
+        "retention": {"keep_last": 1},
+        "retention_overrides": {"b": {"keep_last": 3}},
+    }
+    data = config_dict(tmp_path, [source], targets)
+    config = write_config(tmp_path / "r.yaml", data)
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    a, b = targets
+    try:
+        wait_until(daemon.ready, what="ready")
+        for i in range(4):
+            (primary / f"part-{i}.bin").write_bytes(bytes([i]) * 10_000)
+            wait_until(partial(_both_have, a, b, i + 1), what=f"snapshot {i}")
+        wait_until(lambda: len(all_manifests(a, "ds")) == 1, what="a keeps 1")
+        wait_until(lambda: len(all_manifests(b, "ds")) == 3, what="b keeps 3")
+        # A new policy for b, read on SIGHUP, applies from b's next publish.
+        data["sources"][0]["retention_overrides"] = {"b": {"keep_last": 2}}
+        write_config(config, data)
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "config.reloaded" in daemon.log_text(), what="reloaded")
+        (primary / "part-4.bin").write_bytes(b"4" * 10_000)
+        wait_until(lambda: len(all_manifests(b, "ds")) == 2, what="b keeps 2")
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+    assert [len(m.files) for m in all_manifests(b, "ds")] == [4, 5]
+    assert [len(m.files) for m in all_manifests(a, "ds")] == [5]
+
+
+def _both_have(a: dict[str, Any], b: dict[str, Any], n: int) -> bool:
+    return file_count(a, "ds") == n == file_count(b, "ds")
