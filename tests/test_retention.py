@@ -208,6 +208,20 @@ def test_keep_last_on_sets_is_the_rule_of_before_policies() -> None:
         assert set(result.keep) == {ids[-1]} | holders
 
 
+def test_absurd_times_in_an_untrusted_manifest_do_not_break_the_plan() -> None:
+    ids = [sid(T0, 0), sid(T0 + timedelta(hours=1), 1)]
+    summaries: dict[str, Summary] = {ids[0]: {"future": 10**30, "past": -(10**30)}, ids[1]: {"now": ns(T0)}}
+    result = plan_sets(ids, ids[1], summaries, policy(keep_last=1, keep_within="99999999d", keep_yearly=3))
+    assert {s.name for s in result.sets if s.keep} == {"future", "past", "now"}
+    assert result.drop == []
+
+
+def test_a_policy_describes_itself() -> None:
+    assert RetentionPolicy().describe() == "keep everything"
+    rules = policy(keep_sets=["step-*000", "best-*"], keep_within="7d", keep_last=3)
+    assert rules.describe() == "keep_last 3, keep_within 7d, keep_sets step-*000, keep_sets best-*"
+
+
 # -- properties -------------------------------------------------------------------------------
 
 POLICIES = st.builds(
