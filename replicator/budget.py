@@ -40,6 +40,7 @@ from replicator import metrics
 from replicator.config import PRIORITIES, BudgetConfig, Config, CostConfig, Priority
 from replicator.log import get_logger
 from replicator.state import StateStore
+from replicator.state.spend import Spent
 
 log = get_logger(__name__)
 
@@ -89,7 +90,7 @@ class Ledger:
     def _day(self, target: str, day: str) -> Usage:
         key = (target, day)
         if key not in self._days:
-            self._days[key] = Usage(*self.state.spend(target, day, day))
+            self._days[key] = Usage(*self.state.spend.total(target, day, day))
         return self._days[key]
 
     def record(self, target: str, op: str, nbytes: int = 0) -> None:
@@ -102,7 +103,7 @@ class Ledger:
 
     def flush(self) -> None:
         for (target, day), u in self._unsaved.items():
-            self.state.add_spend(target, day, u.bytes, u.puts, u.gets)
+            self.state.spend.add(target, day, Spent(u.bytes, u.puts, u.gets))
         if self._unsaved:
             self._unsaved.clear()
             self.state.commit()

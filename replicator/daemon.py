@@ -253,7 +253,7 @@ class SourceWorker:
             )
             self.index, self.unreadable = fresh, dict(listing.unreadable)
             assert self.rep.state is not None
-            self.rep.state.forget_files_except(self.name, set(fresh))
+            self.rep.state.files.forget_except(self.name, set(fresh))
             return changed
         source = self.rep.source(cfg)
         dirty, self.dirty = self.dirty, set()

@@ -355,7 +355,7 @@ class Replicator:
         during the scan if it finds enough new small files (:meth:`ChunkPipeline.helper_starter`)."""
         assert self.state is not None and self.pipeline is not None
         state, source = self.state, self.source(cfg)
-        return await source.scan(self.pipeline.helper_starter(source, lambda: state.count_files(cfg.name)))
+        return await source.scan(self.pipeline.helper_starter(source, lambda: state.files.count(cfg.name)))
 
     # -- step 1: candidates -----------------------------------------------------------------
 
@@ -422,7 +422,7 @@ class Replicator:
     ) -> tuple[list[FileRecord], list[SourceFile]]:
         """Split files into cached records every healthy target can use, and files to read."""
         assert self.state is not None and self.pipeline is not None
-        known = self.state.get_files(source, [(f.path, f.signature) for f in files])
+        known = self.state.files.get(source, [(f.path, f.signature) for f in files])
         specs = self.pipeline.specs
         usable = {p: r for p, r in known.items() if r.covers(specs)}
         for t in healthy:  # one lookup for all their chunks, not one per chunk
@@ -474,7 +474,7 @@ class Replicator:
 
         def done(rec: FileRecord) -> None:
             assert self.state is not None
-            self.state.put_file(source.name, rec)
+            self.state.files.put(source.name, rec)
             records.append(rec)
             result.files_read += 1
             result.bytes_read += rec.size
@@ -667,10 +667,10 @@ class Replicator:
         apply retention."""
         assert self.state is not None
         key = content_key(manifest)
-        known = self.state.get_published(t.repo.config.id, cfg.name)
-        if known is not None and known[1] == key and latest_id == known[0]:
-            log.info("snapshot.unchanged", source=cfg.name, target=t.config.name, snapshot=known[0])
-            outcome.status, outcome.snapshot = "unchanged", known[0]
+        known = self.state.published.get(t.repo.config.id, cfg.name)
+        if known is not None and known.content == key and latest_id == known.snapshot:
+            log.info("snapshot.unchanged", source=cfg.name, target=t.config.name, snapshot=known.snapshot)
+            outcome.status, outcome.snapshot = "unchanged", known.snapshot
             return outcome
         stored = encode_manifest(manifest)
         reservation = None
@@ -684,7 +684,7 @@ class Replicator:
             if reservation is not None:
                 reservation.release()
         t.latest[cfg.name] = (snapshot_id, manifest)
-        self.state.set_published(t.repo.config.id, cfg.name, snapshot_id, key)
+        self.state.published.set(t.repo.config.id, cfg.name, snapshot_id, key)
         log.info(
             "snapshot.published",
             source=cfg.name,

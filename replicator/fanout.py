@@ -119,6 +119,8 @@ class Uploader:
         self.name = name
         self.repo = repo
         self.state = state
+        self.chunks = state.chunks(repo.config.id)
+        """What the repository is known to hold."""
         self.key = repo.hash.key
         self.concurrency = concurrency
         self.budget = budget
@@ -152,7 +154,7 @@ class Uploader:
         fsynced before a manifest names them, not before the state records them). So the
         listing replaces what the state knew: chunks it does not show are forgotten, and sent
         again if needed."""
-        if relist or not self.state.repo_listed(self.repo.config.id):
+        if relist or not self.chunks.listed:
             await self.relist()
         self._workers = [
             asyncio.create_task(self._work(), name=f"upload-{self.name}-{i}") for i in range(self.concurrency)
@@ -163,22 +165,21 @@ class Uploader:
     async def relist(self) -> None:
         """Replace what the state knows of the repository's chunks with a full listing (which
         also confirms them: :meth:`confirm`)."""
-        repo_id = self.repo.config.id
         started = time.monotonic()
-        self.state.begin_listing(repo_id)
+        self.chunks.begin_listing()
         count = 0
         batch: list[str] = []
         async for chunk_id, _ in self.repo.list_chunks():
             batch.append(chunk_id)
             count += 1
             if len(batch) >= 10000:
-                self.state.add_listed(repo_id, batch)
+                self.chunks.add_listed(batch)
                 batch.clear()
-        self.state.add_listed(repo_id, batch)
+        self.chunks.add_listed(batch)
         packs = {pack_id async for pack_id, _ in self.repo.list_packs()}
-        self.state.end_listing(repo_id, packs)
+        self.chunks.end_listing(packs)
         packed = await self._relearn_packed(packs)
-        self.state.mark_repo_listed(repo_id, self.name)
+        self.chunks.mark_listed(self.name)
         seconds = round(time.monotonic() - started, 3)
         log.info(
             "target.listed", target=self.name, chunks=count, packs=len(packs), packed=packed, seconds=seconds
@@ -193,9 +194,7 @@ class Uploader:
         did within ``confirm_window``). Claims inherited from an earlier process are checked:
         by a HEAD of each object (a pack once for all its chunks) when few, else by relisting
         the repository, whichever takes fewer requests (a listing page names 1,000 objects)."""
-        repo_id = self.repo.config.id
-        since = min(self.state.started, time.time() - self.confirm_window)
-        stale = self.state.unconfirmed(repo_id, chunk_ids, since)
+        stale = self.chunks.unconfirmed(chunk_ids, self.confirm_window)
         if not stale:
             return []
         loose = [c for c, at in stale.items() if at is None]
@@ -204,10 +203,10 @@ class Uploader:
             if at is not None:
                 packs.setdefault(at[0], []).append(cid)
         heads = len(loose) + len(packs)
-        pages = (self.state.count_chunks(repo_id) + self.state.count_packs(repo_id)) // 1000 + 2
+        pages = (self.chunks.count() + self.chunks.count_packs()) // 1000 + 2
         if heads > max(CONFIRM_BY_HEAD, pages * self.concurrency):
             await self.relist()
-            missing = [c for c in stale if not self.state.has_chunk(repo_id, c)]
+            missing = [c for c in stale if not self.chunks.has(c)]
         else:
             found = await asyncio.gather(
                 *(self.repo.target.stat(chunk_key(c)) for c in loose),
@@ -218,9 +217,9 @@ class Uploader:
                 if info is None:
                     missing += members
             gone = set(missing)
-            self.state.confirm_chunks(repo_id, [c for c in stale if c not in gone])
+            self.chunks.confirm([c for c in stale if c not in gone])
             if missing:
-                self.state.forget_chunks(repo_id, missing)
+                self.chunks.forget(missing)
         if missing:
             log.warning(
                 "target.chunks_missing",
@@ -246,7 +245,7 @@ class Uploader:
                 continue
             if manifest is not None:
                 found += [(cid, at) for cid, at in manifest.packed.items() if at[0] in packs]
-        self.state.add_packed(self.repo.config.id, found)
+        self.chunks.add_packed(found)
         return len(found)
 
     # -- health -------------------------------------------------------------------------------
@@ -302,11 +301,11 @@ class Uploader:
     # -- uploading ----------------------------------------------------------------------------
 
     def prefetch(self, chunk_ids: Sequence[str]) -> None:
-        """Look these ids up in one batch before they are offered (StateStore.prefetch)."""
-        self.state.prefetch(self.repo.config.id, chunk_ids)
+        """Look these ids up in one batch before they are offered (ChunkIndex.prefetch)."""
+        self.chunks.prefetch(chunk_ids)
 
     def has(self, chunk_id: str) -> bool:
-        return self.state.has_chunk(self.repo.config.id, chunk_id)
+        return self.chunks.has(chunk_id)
 
     def wants(self, chunk_id: str) -> bool:
         """Would :meth:`offer` upload this chunk now?"""
@@ -418,14 +417,12 @@ class Uploader:
         item.done.set()
 
     async def _send(self, item: _Upload) -> None:
-        repo_id = self.repo.config.id
         # Batched commits: after a crash the next start re-lists the target anyway.
         if item.packed:
             data = bytes(item.data)
             pack_id = await self.repo.put_pack(data)
             ends = [offset for _, _, offset in item.chunks[1:]] + [len(data)]
-            self.state.add_packed(
-                repo_id,
+            self.chunks.add_packed(
                 [
                     (cid, (pack_id, offset, end - offset))
                     for (cid, _, offset), end in zip(item.chunks, ends, strict=True)
@@ -434,7 +431,7 @@ class Uploader:
         else:
             cid = item.chunks[0][0]
             await self.repo.put_chunk(cid, bytes(item.data))
-            self.state.add_chunks(repo_id, (cid,))
+            self.chunks.add_loose((cid,))
         self.stats.chunks_sent += len(item.chunks)
         metrics.CHUNKS_SENT.labels(self.name).inc(len(item.chunks))
         self.stats.bytes_new += sum(size for _, size, _ in item.chunks)
@@ -459,7 +456,7 @@ class Uploader:
 
     def stored(self, chunk_ids: Iterable[str]) -> dict[str, PackedAt | None]:
         """The stored ones of these chunks, and where: a pack location, or None (loose)."""
-        return self.state.stored(self.repo.config.id, chunk_ids)
+        return self.chunks.stored(chunk_ids)
 
     def missing(self, chunk_ids: Iterable[str]) -> list[str]:
         ids = list(dict.fromkeys(chunk_ids))

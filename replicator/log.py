@@ -109,6 +109,9 @@ _threshold = logging.NOTSET
 """Events below this level are dropped before they reach structlog; set by :func:`configure`."""
 _unapplied_level: int | None = None
 """The level :func:`configure` chose, until structlog has been configured with it."""
+_generation = 0
+"""Counts :func:`configure` calls: a logger made under an earlier configuration (structlog's
+default one, in library use) is made again, or it would keep printing to stdout."""
 
 
 def _structlog() -> ModuleType:
@@ -150,12 +153,14 @@ class Logger:
     def __init__(self, name: str) -> None:
         self.name = name
         self._logger: Any = None
+        self._generation = -1
 
     def _log(self, level: int, method: str, event: str, kw: dict[str, Any]) -> None:
         if level < _threshold:
             return
-        if self._logger is None:
+        if self._generation != _generation:
             self._logger = _structlog().get_logger(self.name)
+            self._generation = _generation
         getattr(self._logger, method)(event, **kw)
 
     def debug(self, event: str, **kw: Any) -> None:
@@ -210,12 +215,13 @@ class _Formatter(logging.Formatter):
 
 def configure(level: str = "info", *, json_output: bool | None = None, stream: Any = None) -> None:
     """Set up structlog and the stdlib root logger (idempotent)."""
-    global _threshold, _unapplied_level
+    global _threshold, _unapplied_level, _generation
     stream = stream or sys.stderr
     if json_output is None:
         json_output = not stream.isatty()
     numeric = getattr(logging, level.upper())
     _threshold = _unapplied_level = numeric
+    _generation += 1
     handler = logging.StreamHandler(stream)
     handler.setFormatter(_Formatter(json_output, colors=stream.isatty()))
     root = logging.getLogger()

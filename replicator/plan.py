@@ -119,7 +119,7 @@ async def make_plan(config: Config, progress: ProgressSink | None = None) -> Pla
 
 
 def _has(t: _Target, state: StateStore, cid: str) -> bool:
-    if t.repo_id is not None and state.has_chunk(t.repo_id, cid):
+    if t.repo_id is not None and state.chunks(t.repo_id).has(cid):
         return True
     return cid in t.present or cid in t.counted
 
@@ -162,7 +162,7 @@ async def _plan_source(
         plan.bytes_scanned += sum(f.size for f in selection.files)
         records: list[FileRecord] = []
         to_read = []
-        known = state.get_files(cfg.name, [(f.path, f.signature) for f in selection.files])
+        known = state.files.get(cfg.name, [(f.path, f.signature) for f in selection.files])
         for f in selection.files:
             rec = known.get(f.path)
             if rec is not None and all(
@@ -211,7 +211,7 @@ async def _open(config: Config, name: str, state: StateStore) -> _Target:
             return _Target(plan, None, HashSpec(cfg.hash), set(), None, config.chunking)
         present: set[str] = set()
         repo_id: str | None = repo.config.id
-        if not state.repo_listed(repo.config.id):
+        if not state.chunks(repo.config.id).listed:
             listed = [cid async for cid, _ in repo.list_chunks()]
             present = set(listed)
             plan.puts += 2 + len(listed) // 1000  # LIST requests (chunks, packs), as sync will make them
@@ -227,8 +227,8 @@ def _add_snapshot_requests(
     """The manifest and ref a sync would write, unless the target already has this content."""
     manifest = candidate.manifest(t.spec)
     if t.repo is not None:
-        previous = state.get_published(t.repo.config.id, source)
-        if previous is not None and previous[1] == content_key(manifest):
+        previous = state.published.get(t.repo.config.id, source)
+        if previous is not None and previous.content == content_key(manifest):
             sp.gets += 1  # sync reads the ref to confirm, and writes nothing
             return
     sp.bytes += len(encode_manifest(manifest)) + 100  # + the ref object (~100 bytes of JSON)

@@ -32,7 +32,8 @@ from replicator import metrics
 from replicator.alerts import WebhookNotifier
 from replicator.config import Config
 from replicator.log import get_logger
-from replicator.state import RpoRow, StateStore
+from replicator.state import StateStore
+from replicator.state.rpo import RpoRow
 from replicator.units import format_duration
 
 log = get_logger(__name__)
@@ -85,7 +86,7 @@ class LagTracker:
         """Source -> oldest change of the round being built."""
         self.target_errors: dict[str, str] = {}
         """Target -> why it is failing now (cleared when it answers)."""
-        saved = state.load_rpo()
+        saved = state.rpo.load()
         for s in config.sources:
             for t in config.targets:
                 pair = PairState(s.name, t.name, s.rpo_for(t.name))
@@ -216,16 +217,16 @@ class LagTracker:
     # -- persistence -------------------------------------------------------------------------
 
     def save(self, pair: PairState) -> None:
-        self.state.save_rpo(
+        self.state.rpo.save(
             pair.source,
             pair.target,
             RpoRow(
-                self.oldest(pair),
-                pair.last_snapshot_at,
-                self.error(pair),
-                pair.breached,
-                pair.last_alert_at,
-                pair.held,
+                pending_since=self.oldest(pair),
+                last_snapshot=pair.last_snapshot_at,
+                last_error=self.error(pair),
+                breached=pair.breached,
+                last_alert=pair.last_alert_at,
+                held=pair.held,
             ),
         )
 

@@ -26,7 +26,8 @@ from replicator.format.manifest import Manifest
 from replicator.repository import Repository
 from replicator.rpo import LagTracker
 from replicator.sources import open_source
-from replicator.state import RpoRow, StateStore
+from replicator.state import StateStore
+from replicator.state.rpo import RpoRow
 from replicator.targets import open_target
 from replicator.units import format_duration, format_size
 
@@ -171,7 +172,7 @@ async def offline(config: Config) -> StatusReport:
     now = time.time()
     state = StateStore.open(config.state_dir, read_only=True)
     try:
-        saved = state.load_rpo()
+        saved = state.rpo.load()
         heartbeat = state.last_heartbeat()
         budgets = budget_rows(Budget(config, Ledger(state, [t.name for t in config.targets])))
     finally:
@@ -181,7 +182,7 @@ async def offline(config: Config) -> StatusReport:
     for t in config.targets:
         manifests, target_error = await _latest_manifests(config, t)
         for s in config.sources:
-            row = saved.get((s.name, t.name), RpoRow(None, None, None, False, None))
+            row = saved.get((s.name, t.name), RpoRow())
             manifest, now_files = manifests.get(s.name), current.get(s.name, {})
             pair = _offline_pair(s, t.name, row, manifest, now_files, now, heartbeat)
             pair.last_error = target_error or scan_errors.get(s.name) or pair.last_error

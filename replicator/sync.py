@@ -38,7 +38,7 @@ async def sync_source(
         candidate = await rep.build_candidate(
             cfg, listing.files, result, progress, unreadable=listing.unreadable
         )
-        rep.state.forget_files_except(cfg.name, {f.path for f in listing.files})
+        rep.state.files.forget_except(cfg.name, {f.path for f in listing.files})
         rep.state.commit()
 
         async def publish(t: OpenTarget, c: Candidate) -> None:

@@ -125,6 +125,7 @@ def restore_logging() -> Iterator[None]:
     yield
     root.handlers[:], root.level = handlers, level
     log._threshold, log._unapplied_level = threshold, unapplied
+    log._generation += 1  # loggers made meanwhile are made again
     structlog.reset_defaults()
 
 

@@ -131,3 +131,47 @@ def test_a_bug_while_uploading_turns_the_target_unhealthy_never_stalls(
             assert up.stored([second.ids[spec.key]])
 
     asyncio.run(go())
+
+
+def test_two_repositories_listed_at_once_keep_each_others_chunks(
+    tmp_path: Path, memory_targets: MemoryTargets
+) -> None:
+    """Targets are opened at once, and each lists its repository when the state does not know
+    it (a new state directory, an unclean shutdown). One listing paused between its chunks
+    and its packs while the other ran whole must still find every chunk it listed: the
+    listings must not share their scratch table."""
+    first, second = memory_targets.add("m1"), memory_targets.add("m2")
+    state = StateStore.open(tmp_path / "state")
+
+    async def open_repo(fake: FakeTarget) -> tuple[Repository, list[str]]:
+        cfg = TargetConfig.model_validate(fake.config())
+        target = await open_target(cfg, policy=RetryPolicy(give_up_after=None))
+        repo = await Repository.open_or_create(
+            target, algorithm="xxh3-128", chunking=ChunkingConfig(), compression=CompressionConfig()
+        )
+        ids = [repo.hash.digest(fake.name.encode() + bytes([i])).hex() for i in range(3)]
+        for cid in ids:
+            await repo.put_chunk(cid, b"\x00stored")
+        return repo, ids
+
+    async def go() -> None:
+        (repo1, ids1), (repo2, ids2) = await open_repo(first), await open_repo(second)
+        gate = first.plan.hang("list", prefix="packs/")
+        up1, up2 = Uploader("m1", repo1, state, 2), Uploader("m2", repo2, state, 2)
+        starting = asyncio.create_task(up1.start())
+        await gate.wait_entered()  # m1 listed its chunks and waits for its packs
+        await up2.start()
+        gate.release()
+        await asyncio.wait_for(starting, PATIENCE)
+        try:
+            assert set(up1.stored(ids1)) == set(ids1)
+            assert set(up2.stored(ids2)) == set(ids2)
+        finally:
+            for up in (up1, up2):
+                await up.close()
+                await up.repo.target.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        state.close()

@@ -373,12 +373,12 @@ def test_the_state_store_keeps_names_as_their_exact_bytes(tmp_path: Path) -> Non
     state = StateStore.open(tmp_path)
     try:
         for n in names:
-            state.put_file("s", record(n))
+            state.files.put("s", record(n))
         state.commit()  # written, not only buffered
-        assert set(state.get_files("s", [(n, "sig") for n in names])) == set(names)
-        assert state.get_files("s", [(names[0], "other")]) == {}  # the signature still decides
-        state.forget_files_except("s", {names[0]})
-        assert state.count_files("s") == 1
+        assert set(state.files.get("s", [(n, "sig") for n in names])) == set(names)
+        assert state.files.get("s", [(names[0], "other")]) == {}  # the signature still decides
+        state.files.forget_except("s", {names[0]})
+        assert state.files.count("s") == 1
         raw = state.db.execute("SELECT path FROM files").fetchall()
         assert raw == [(b"\xff\xfe.bin",)]
     finally:
@@ -398,14 +398,14 @@ def test_a_version_4_state_store_is_migrated_keeping_what_targets_hold(tmp_path:
         assert (
             sorted(p.name for p in tmp_path.iterdir() if "corrupt" in p.name) == []
         )  # migrated, not rebuilt
-        assert state.count_files("s") == 0  # the file cache is rebuilt from the sources
-        assert state.has_chunk("repo", "01")  # what a target holds is still known
-        assert state.get_published("repo", "s") == ("snap", "key")
+        assert state.files.count("s") == 0  # the file cache is rebuilt from the sources
+        assert state.chunks("repo").has("01")  # what a target holds is still known
+        assert state.published.get("repo", "s") == ("snap", "key")
         types = {row[1]: row[2] for row in state.db.execute("PRAGMA table_info(files)")}
         assert types["path"] == "BLOB"
-        state.put_file("s", record(os.fsdecode(b"\xff")))
+        state.files.put("s", record(os.fsdecode(b"\xff")))
         state.commit()
-        assert list(state.get_files("s", [(os.fsdecode(b"\xff"), "sig")])) == [os.fsdecode(b"\xff")]
+        assert list(state.files.get("s", [(os.fsdecode(b"\xff"), "sig")])) == [os.fsdecode(b"\xff")]
     finally:
         state.close()
 

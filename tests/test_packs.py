@@ -146,16 +146,17 @@ def test_a_listing_replaces_what_the_state_knew_of_a_repositorys_chunks(tmp_path
     state = StateStore.open(tmp_path / "state")
     a, b, c, d = (f"{i:032x}" for i in range(1, 5))
     kept_pack, lost_pack = "ab" * 16, "cd" * 16
-    state.add_chunks("r", [a, b])
-    state.add_packed("r", [(c, (kept_pack, 0, 10)), (d, (lost_pack, 0, 10))])
-    state.add_chunks("other", [b])
+    r, other = state.chunks("r"), state.chunks("other")
+    r.add_loose([a, b])
+    r.add_packed([(c, (kept_pack, 0, 10)), (d, (lost_pack, 0, 10))])
+    other.add_loose([b])
     state.commit()
-    state.begin_listing("r")
-    state.add_listed("r", [a])
-    state.end_listing("r", {kept_pack})
-    assert state.stored("r", [a, b, c, d]) == {a: None, c: (kept_pack, 0, 10)}
-    assert not state.has_chunk("r", b) and not state.has_chunk("r", d)
-    assert state.stored("other", [b]) == {b: None}, "other repositories are untouched"
+    r.begin_listing()
+    r.add_listed([a])
+    r.end_listing({kept_pack})
+    assert r.stored([a, b, c, d]) == {a: None, c: (kept_pack, 0, 10)}
+    assert not r.has(b) and not r.has(d)
+    assert other.stored([b]) == {b: None}, "other repositories are untouched"
     state.close()
 
 

@@ -93,9 +93,9 @@ def test_structural_problems_are_named(tmp_path: Path, request: pytest.FixtureRe
     # verify tells the state store, so the next sync uploads the chunk again.
     state = StateStore.open(config.state_dir)
     repo_id = asyncio.run(_repo_id(config.targets[0]))
-    assert state.has_chunk(repo_id, victim.name)
+    assert state.chunks(repo_id).has(victim.name)
     asyncio.run(_verify_with_state(config, state))
-    assert not state.has_chunk(repo_id, victim.name)
+    assert not state.chunks(repo_id).has(victim.name)
     state.close()
     results, _ = asyncio.run(run_sync(config))
     assert results[0].targets[0].uploads.chunks_sent == 1  # exactly the lost chunk, nothing else

@@ -92,7 +92,7 @@ async def verify_repository(
         corrupt = await _read_data(repo, read_data, files, present, report, progress, seed)
     report.damaged = sorted({*missing, *corrupt})
     if state is not None and (missing or corrupt):
-        state.forget_chunks(repo.config.id, [*missing, *corrupt])
+        state.chunks(repo.config.id).forget([*missing, *corrupt])
         log.warning("state.chunks_forgotten", target=repo.target.name, count=len(missing) + len(corrupt))
     report.seconds = time.monotonic() - started
     return report

@@ -86,7 +86,7 @@ async def repair_chunks(
     if report.repaired:
         await repo.target.flush()
         if state is not None:
-            state.add_chunks(repo.config.id, report.repaired)
+            state.chunks(repo.config.id).add_loose(report.repaired)
             state.commit()
         log.info("repair.uploaded", target=repo.target.name, chunks=len(report.repaired))
     report.unrepaired = {chunk_key(c): why.get(c, "not found in the source's files") for c in sorted(todo)}
