@@ -420,7 +420,7 @@ class TargetPublisher:
     async def _relist(self) -> bool:
         """The scheduled reconciliation of the state's chunk claims (``relist_interval``)."""
         try:
-            await self.target.uploader.relist()
+            await self.target.uploader.presence.relist()
         except ReplicatorError as exc:
             log.warning("target.relist_failed", target=self.name, error=str(exc))
             return False

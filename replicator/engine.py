@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,7 +37,7 @@ from replicator.errors import (
     TargetError,
     TargetUnreachableError,
 )
-from replicator.fanout import FAILING_GRACE, Uploader, UploadStats
+from replicator.fanout import FAILING_GRACE, FanOut, Uploader, UploadStats
 from replicator.format.manifest import (
     Manifest,
     PackedAt,
@@ -50,7 +50,7 @@ from replicator.format.manifest import (
 from replicator.hashing import HashSpec
 from replicator.log import get_logger
 from replicator.progress import NoProgress, ProgressSink
-from replicator.read.pipeline import ChunkPipeline, ChunkSink, EncodedChunk, FileRecord, Wanted
+from replicator.read.pipeline import ChunkPipeline, FileRecord
 from replicator.reconcile import describe, reconcile, set_name
 from replicator.repository import Repository
 from replicator.retention import apply as retention
@@ -427,17 +427,11 @@ class Replicator:
         usable = {p: r for p, r in known.items() if r.covers(specs)}
         for t in healthy:  # one lookup for all their chunks, not one per chunk
             t.uploader.prefetch([c for r in usable.values() for c, _ in r.chunks[t.repo.hash.key]])
-        cached: list[FileRecord] = []
-        to_read: list[SourceFile] = []
-        for f in files:
-            rec = usable.get(f.path)
-            if rec is not None and all(
-                t.uploader.has_all(c for c, _ in rec.chunks[t.repo.hash.key]) for t in healthy
-            ):
-                cached.append(rec)
-            else:
-                to_read.append(f)
-        return cached, to_read
+        return split_cached(
+            files,
+            usable,
+            lambda rec: all(t.uploader.has_all(c for c, _ in rec.chunks[t.repo.hash.key]) for t in healthy),
+        )
 
     async def _read_all(
         self,
@@ -457,18 +451,7 @@ class Replicator:
         queue += _batches(small)
         queue.reverse()
 
-        async def sink(chunk: EncodedChunk) -> None:
-            progress.advance(chunk.size)
-            for t in targets:
-                await t.uploader.offer(chunk, priority)
-
-        def wanted(ids: dict[str, str]) -> bool:
-            return any(t.uploader.wants(ids[t.uploader.key]) for t in targets)
-
-        def preview(chunk_ids: list[dict[str, str]]) -> None:
-            for t in targets:
-                t.uploader.prefetch([ids[t.uploader.key] for ids in chunk_ids])
-
+        fanout = FanOut([t.uploader for t in targets], priority, progress=progress)
         files_read = metrics.READ_FILES.labels(source.name)  # looked up once, not per file
         bytes_read = metrics.READ_BYTES.labels(source.name)
 
@@ -485,17 +468,15 @@ class Replicator:
             while queue:
                 work = queue.pop()
                 if isinstance(work, SourceFile):
-                    rec = await self._read_one(source, work, sink, wanted, result)
+                    rec = await self._read_one(source, work, fanout, result)
                     if rec is not None:
                         done(rec)
                     continue
-                for f, got in zip(
-                    work, await pipeline.read_small_files(source, work, sink, preview), strict=True
-                ):
+                for f, got in zip(work, await pipeline.read_small_files(source, work, fanout), strict=True):
                     if isinstance(got, FileRecord):
                         done(got)
                     elif isinstance(got, FileChangedError):  # retried alone, like any changing file
-                        again = await self._read_one(source, f, sink, wanted, result)
+                        again = await self._read_one(source, f, fanout, result)
                         if again is not None:
                             done(again)
                     else:
@@ -505,12 +486,12 @@ class Replicator:
         return records
 
     async def _read_one(
-        self, source: Source, f: SourceFile, sink: ChunkSink, wanted: Wanted, result: SourceResult
+        self, source: Source, f: SourceFile, fanout: FanOut, result: SourceResult
     ) -> FileRecord | None:
         assert self.pipeline is not None and self.state is not None
         for attempt in range(1, READ_ATTEMPTS + 1):
             try:
-                rec = await self.pipeline.read_file(source, f, sink, wanted)
+                rec = await self.pipeline.read_file(source, f, fanout)
             except FileChangedError as exc:
                 metrics.SOURCE_ERRORS.labels(source.name, "changed_while_read").inc()
                 log.info("source.changed_while_read", source=source.name, path=f.path, attempt=attempt)
@@ -589,7 +570,7 @@ class Replicator:
         ids = list(dict.fromkeys(candidate.chunk_ids(t.repo.hash)))
         deferred_before = t.uploader.stats.chunks_deferred
         await t.uploader.settle(ids)
-        await t.uploader.confirm(ids)  # never name a chunk the target lost behind our back
+        await t.uploader.presence.confirm(ids)  # never name a chunk the target lost behind our back
         stored = t.uploader.stored(ids)
         if len(stored) == len(ids):
             return stored
@@ -732,13 +713,10 @@ class Replicator:
         assert self.pipeline is not None
         spec = t.repo.hash
         source = self.source(cfg)
-        priority = cfg.effective_priority
         bucket = self._catch_up_bandwidth
-
-        async def offer(chunk: EncodedChunk) -> None:
-            if bucket is not None:
-                await bucket.take(chunk.size)
-            await t.uploader.offer(chunk, priority)
+        fanout = FanOut(
+            [t.uploader], cfg.effective_priority, pace=bucket.take if bucket is not None else None
+        )
 
         for rec in candidate.records:
             if not t.uploader.missing(c for c, _ in rec.chunks[spec.key]):
@@ -746,7 +724,7 @@ class Replicator:
             await self._fresh_idle.wait()
             current = SourceFile(rec.path, rec.size, rec.mtime_ns, rec.mode, rec.signature)
             try:
-                again = await self.pipeline.read_file(source, current, offer)
+                again = await self.pipeline.read_file(source, current, fanout)
             except (FileChangedError, SourceError):
                 return rec.path
             metrics.READ_FILES.labels(source.name).inc()  # every read of the primary counts
@@ -765,6 +743,23 @@ def stats_diff(after: UploadStats, before: UploadStats) -> UploadStats:
     return UploadStats(
         **{f.name: getattr(after, f.name) - getattr(before, f.name) for f in dataclasses.fields(UploadStats)}
     )
+
+
+def split_cached(
+    files: list[SourceFile], known: Mapping[str, FileRecord], held: Callable[[FileRecord], bool]
+) -> tuple[list[FileRecord], list[SourceFile]]:
+    """The planning step ``sync`` and ``plan`` share: files whose record from the file cache
+    (``known``: same path and signature) every target ``held`` all the chunks of are not read
+    again; the rest are read."""
+    cached: list[FileRecord] = []
+    to_read: list[SourceFile] = []
+    for f in files:
+        rec = known.get(f.path)
+        if rec is not None and held(rec):
+            cached.append(rec)
+        else:
+            to_read.append(f)
+    return cached, to_read
 
 
 def _batches(files: list[SourceFile]) -> list[list[SourceFile]]:

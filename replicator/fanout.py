@@ -33,18 +33,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from replicator import metrics
 from replicator.budget import TargetBudget
 from replicator.config import ChunkingConfig, Priority
-from replicator.errors import ReplicatorError, TargetError
+from replicator.errors import TargetError
 from replicator.format.manifest import PackedAt
 from replicator.log import get_logger
 from replicator.memory import Lease
-from replicator.read.pipeline import EncodedChunk
-from replicator.repository import Repository, chunk_key, pack_key
+from replicator.presence import Presence
+from replicator.progress import NoProgress, ProgressSink
+from replicator.read.pipeline import ChunkConsumer, EncodedChunk
+from replicator.repository import Repository
 from replicator.state import StateStore
 from replicator.targets import RetryingTarget, TargetHealth, unwrap
 
@@ -58,8 +60,6 @@ PACK_BELOW = 1 << 20
 FastCDC cuts no chunk that small except a whole small file or the tail of a file."""
 PACK_SIZE = 16 << 20
 """A pack is sealed and sent once its stored bytes reach this (restic's default pack size)."""
-CONFIRM_BY_HEAD = 64
-"""Up to this many objects, unconfirmed claims are checked one HEAD each (Uploader.confirm)."""
 
 
 @dataclass
@@ -121,13 +121,14 @@ class Uploader:
         self.state = state
         self.chunks = state.chunks(repo.config.id)
         """What the repository is known to hold."""
+        self.presence = Presence(name, repo, self.chunks, concurrency, confirm_window)
+        """Keeps those claims true: listings, confirmation before a publish."""
         self.key = repo.hash.key
         self.concurrency = concurrency
         self.budget = budget
         """The budget's say (replicator.budget); None: no budget."""
         self.stall_timeout = stall_timeout
         self.failing_grace = failing_grace
-        self.confirm_window = confirm_window
         self.stats = UploadStats()
         self.error: TargetError | None = None
         """Why the target is unhealthy; None while it is healthy."""
@@ -155,98 +156,12 @@ class Uploader:
         listing replaces what the state knew: chunks it does not show are forgotten, and sent
         again if needed."""
         if relist or not self.chunks.listed:
-            await self.relist()
+            await self.presence.relist()
         self._workers = [
             asyncio.create_task(self._work(), name=f"upload-{self.name}-{i}") for i in range(self.concurrency)
         ]
         if self.health.ok:
             metrics.TARGET_UP.labels(self.name).set(1)
-
-    async def relist(self) -> None:
-        """Replace what the state knows of the repository's chunks with a full listing (which
-        also confirms them: :meth:`confirm`)."""
-        started = time.monotonic()
-        self.chunks.begin_listing()
-        count = 0
-        batch: list[str] = []
-        async for chunk_id, _ in self.repo.list_chunks():
-            batch.append(chunk_id)
-            count += 1
-            if len(batch) >= 10000:
-                self.chunks.add_listed(batch)
-                batch.clear()
-        self.chunks.add_listed(batch)
-        packs = {pack_id async for pack_id, _ in self.repo.list_packs()}
-        self.chunks.end_listing(packs)
-        packed = await self._relearn_packed(packs)
-        self.chunks.mark_listed(self.name)
-        seconds = round(time.monotonic() - started, 3)
-        log.info(
-            "target.listed", target=self.name, chunks=count, packs=len(packs), packed=packed, seconds=seconds
-        )
-
-    async def confirm(self, chunk_ids: Sequence[str]) -> list[str]:
-        """Make sure every claim the state makes about these chunks holds before a manifest
-        names them; return the ids found missing (forgotten, so that the caller sends them
-        again).
-
-        A claim holds when this process uploaded the chunk or saw it in a listing (or anyone
-        did within ``confirm_window``). Claims inherited from an earlier process are checked:
-        by a HEAD of each object (a pack once for all its chunks) when few, else by relisting
-        the repository, whichever takes fewer requests (a listing page names 1,000 objects)."""
-        stale = self.chunks.unconfirmed(chunk_ids, self.confirm_window)
-        if not stale:
-            return []
-        loose = [c for c, at in stale.items() if at is None]
-        packs: dict[str, list[str]] = {}
-        for cid, at in stale.items():
-            if at is not None:
-                packs.setdefault(at[0], []).append(cid)
-        heads = len(loose) + len(packs)
-        pages = (self.chunks.count() + self.chunks.count_packs()) // 1000 + 2
-        if heads > max(CONFIRM_BY_HEAD, pages * self.concurrency):
-            await self.relist()
-            missing = [c for c in stale if not self.chunks.has(c)]
-        else:
-            found = await asyncio.gather(
-                *(self.repo.target.stat(chunk_key(c)) for c in loose),
-                *(self.repo.target.stat(pack_key(p)) for p in packs),
-            )
-            missing = [c for c, info in zip(loose, found, strict=False) if info is None]
-            for members, info in zip(packs.values(), found[len(loose) :], strict=True):
-                if info is None:
-                    missing += members
-            gone = set(missing)
-            self.chunks.confirm([c for c in stale if c not in gone])
-            if missing:
-                self.chunks.forget(missing)
-        if missing:
-            log.warning(
-                "target.chunks_missing",
-                target=self.name,
-                missing=len(missing),
-                hint="removed behind replicator's back; they are sent again from the source",
-            )
-        return missing
-
-    async def _relearn_packed(self, packs: set[str]) -> int:
-        """Pack locations cannot be listed: learn them from each source's latest manifest, for
-        ``packs`` (those that exist). Chunks known nowhere else are packed again (a few small
-        duplicates)."""
-        if not packs:
-            return 0
-        found: list[tuple[str, PackedAt]] = []
-        for source in await self.repo.list_sources():
-            try:
-                latest = await self.repo.latest(source)
-                manifest = await self.repo.load_manifest(source, latest) if latest else None
-            except ReplicatorError as exc:
-                log.warning("target.manifest_unreadable", target=self.name, source=source, error=str(exc))
-                continue
-            if manifest is not None:
-                found += [(cid, at) for cid, at in manifest.packed.items() if at[0] in packs]
-        self.chunks.add_packed(found)
-        return len(found)
 
     # -- health -------------------------------------------------------------------------------
 
@@ -477,3 +392,38 @@ class Uploader:
             self._queue.get_nowait().release()
         with contextlib.suppress(Exception):
             self.state.commit()
+
+
+class FanOut(ChunkConsumer):
+    """The read stage's consumer in a sync or a daemon round: each chunk goes to every one of
+    ``uploaders`` (each keeps what its target lacks), at its source's ``priority``.
+
+    ``pace``: awaited with each chunk's size before it is offered (catch-up's bandwidth cap);
+    ``progress``: advanced by each chunk's size."""
+
+    def __init__(
+        self,
+        uploaders: Sequence[Uploader],
+        priority: Priority,
+        *,
+        progress: ProgressSink | None = None,
+        pace: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        self.uploaders = list(uploaders)
+        self.priority = priority
+        self.progress = progress or NoProgress()
+        self.pace = pace
+
+    def wants(self, ids: dict[str, str]) -> bool:
+        return any(u.wants(ids[u.key]) for u in self.uploaders)
+
+    def expect(self, ids: list[dict[str, str]]) -> None:
+        for u in self.uploaders:
+            u.prefetch([i[u.key] for i in ids])
+
+    async def take(self, chunk: EncodedChunk) -> None:
+        self.progress.advance(chunk.size)
+        if self.pace is not None:
+            await self.pace(chunk.size)
+        for u in self.uploaders:
+            await u.offer(chunk, self.priority)

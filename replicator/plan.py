@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from replicator import gate
 from replicator.budget import Budget, Ledger, Usage
 from replicator.config import ChunkingConfig, Config, SourceConfig
-from replicator.engine import Candidate, content_key
+from replicator.engine import Candidate, content_key, split_cached
 from replicator.errors import FileChangedError, SourceError
 from replicator.fanout import PACK_SIZE, pack_below
 from replicator.format.manifest import encode_manifest, format_time, now_utc
 from replicator.hashing import HashSpec
 from replicator.progress import NoProgress, ProgressSink
-from replicator.read.pipeline import ChunkPipeline, EncodedChunk, FileRecord
+from replicator.read.pipeline import ChunkConsumer, ChunkPipeline, EncodedChunk
 from replicator.repository import Repository, RepositoryNotFoundError
 from replicator.sources import open_source
 from replicator.state import StateStore
@@ -124,6 +124,39 @@ def _has(t: _Target, state: StateStore, cid: str) -> bool:
     return cid in t.present or cid in t.counted
 
 
+class _Counter(ChunkConsumer):
+    """Counts, per target, the chunks it lacks and the bytes and requests sending them takes."""
+
+    def __init__(
+        self,
+        targets: list[_Target],
+        state: StateStore,
+        per_target: dict[str, SourcePlan],
+        progress: ProgressSink,
+    ) -> None:
+        self.targets, self.state, self.per_target, self.progress = targets, state, per_target, progress
+        self.packed = dict.fromkeys(per_target, 0)
+        """Stored bytes of small chunks, sent in packs."""
+
+    def wants(self, ids: dict[str, str]) -> bool:
+        return any(not _has(t, self.state, ids[t.spec.key]) for t in self.targets)
+
+    async def take(self, chunk: EncodedChunk) -> None:
+        self.progress.advance(chunk.size)
+        for t in self.targets:
+            cid = chunk.ids[t.spec.key]
+            if not _has(t, self.state, cid):
+                assert chunk.stored is not None, "wants() said no target needs it"
+                t.counted.add(cid)
+                sp = self.per_target[t.plan.target]
+                sp.bytes += len(chunk.stored)
+                sp.chunks += 1
+                if chunk.size < pack_below(t.chunking):
+                    self.packed[t.plan.target] += len(chunk.stored)
+                else:
+                    sp.puts += 1
+
+
 async def _plan_source(
     cfg: SourceConfig,
     targets: list[_Target],
@@ -134,48 +167,27 @@ async def _plan_source(
 ) -> tuple[Candidate, dict[str, SourcePlan]]:
     """Read what a sync would read; count, per target, the chunks it lacks."""
     per_target = {t.plan.target: SourcePlan(cfg.name, cfg.effective_priority) for t in targets}
-    packed = dict.fromkeys(per_target, 0)  # stored bytes of small chunks, sent in packs
 
-    async def count(chunk: EncodedChunk) -> None:
-        progress.advance(chunk.size)
-        for t in targets:
-            cid = chunk.ids[t.spec.key]
-            if not _has(t, state, cid):
-                assert chunk.stored is not None, "wanted() said no target needs it"
-                t.counted.add(cid)
-                sp = per_target[t.plan.target]
-                sp.bytes += len(chunk.stored)
-                sp.chunks += 1
-                if chunk.size < pack_below(t.chunking):
-                    packed[t.plan.target] += len(chunk.stored)
-                else:
-                    sp.puts += 1
-
-    def wanted(ids: dict[str, str]) -> bool:
-        return any(not _has(t, state, ids[t.spec.key]) for t in targets)
-
+    counter = _Counter(targets, state, per_target, progress)
     source = open_source(cfg)
     try:
         listing = await source.scan()
         selection = gate.select(cfg, listing.files, time.time_ns(), listing.unreadable)
         plan.files += len(selection.files)
         plan.bytes_scanned += sum(f.size for f in selection.files)
-        records: list[FileRecord] = []
-        to_read = []
         known = state.files.get(cfg.name, [(f.path, f.signature) for f in selection.files])
-        for f in selection.files:
-            rec = known.get(f.path)
-            if rec is not None and all(
+        records, to_read = split_cached(
+            selection.files,
+            known,
+            lambda rec: all(
                 t.spec.key in rec.chunks and all(_has(t, state, c) for c, _ in rec.chunks[t.spec.key])
                 for t in targets
-            ):
-                records.append(rec)
-            else:
-                to_read.append(f)
+            ),
+        )
         progress.begin(f"{cfg.name}: planning", sum(f.size for f in to_read))
         for f in to_read:
             try:
-                rec = await pipeline.read_file(source, f, count, wanted)
+                rec = await pipeline.read_file(source, f, counter)
             except (FileChangedError, SourceError) as exc:
                 plan.skipped[f"{cfg.name}/{f.path}"] = exc.message
                 continue
@@ -185,7 +197,7 @@ async def _plan_source(
         progress.end()
     finally:
         await source.close()
-    for name, nbytes in packed.items():
+    for name, nbytes in counter.packed.items():
         per_target[name].puts += -(-nbytes // PACK_SIZE)  # packs are sealed at PACK_SIZE or publish
     records.sort(key=lambda r: r.path)
     return Candidate(

@@ -58,3 +58,14 @@ def test_the_format_document_describes_the_manifest_version_written() -> None:
         assert f"`{field}`" in doc
     reference = (ROOT / "tools" / "restore_reference.py").read_text()
     assert f'm.get("version") not in {READABLE_VERSIONS}' in reference
+
+
+def test_the_architecture_map_names_every_module() -> None:
+    """docs/ARCHITECTURE.md stays true: a module added without a place on the map fails here."""
+    text = (ROOT / "docs/ARCHITECTURE.md").read_text()
+    package = ROOT / "replicator"
+    names = {p.stem for p in package.glob("*.py")} | {
+        p.name for p in package.iterdir() if (p / "__init__.py").exists()
+    }
+    missing = sorted(n for n in names - {"__init__", "__main__"} if not re.search(rf"\b{n}\b", text))
+    assert not missing, f"docs/ARCHITECTURE.md does not mention {missing}"

@@ -8,12 +8,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+
+from replicator import presence
 from replicator.config import ChunkingConfig, CompressionConfig, TargetConfig
 from replicator.fanout import Uploader
+from replicator.format.manifest import PackedAt
 from replicator.hashing import HashSpec
 from replicator.memory import ByteBudget, Lease
 from replicator.read.pipeline import EncodedChunk
-from replicator.repository import Repository
+from replicator.repository import Repository, chunk_key, pack_key
 from replicator.state import StateStore
 from replicator.targets import RetryPolicy, open_target
 from tests.faults import FakeTarget, MemoryTargets
@@ -175,3 +179,60 @@ def test_two_repositories_listed_at_once_keep_each_others_chunks(
         asyncio.run(go())
     finally:
         state.close()
+
+
+@pytest.mark.parametrize("by", ["head", "listing"])
+def test_inherited_claims_are_confirmed_and_the_lost_ones_forgotten(
+    tmp_path: Path, memory_targets: MemoryTargets, monkeypatch: pytest.MonkeyPatch, by: str
+) -> None:
+    """Claims an earlier process left in the state store are checked before a manifest names
+    them, by a HEAD per object or by one listing: loose chunks and packs lost behind our back
+    are reported missing and forgotten (so they are sent again); the rest are confirmed, and a
+    second check asks the target nothing."""
+    monkeypatch.setattr(presence, "CONFIRM_BY_HEAD", 0 if by == "listing" else 10_000)
+    fake = memory_targets.add("m")
+
+    async def go() -> None:
+        cfg = TargetConfig.model_validate(fake.config())
+        target = await open_target(cfg, policy=RetryPolicy(give_up_after=None))
+        repo = await Repository.open_or_create(
+            target, algorithm="xxh3-128", chunking=ChunkingConfig(), compression=CompressionConfig()
+        )
+        loose = [repo.hash.digest(bytes([i])).hex() for i in range(30)]
+        for cid in loose:
+            await repo.put_chunk(cid, b"\x00stored")
+        packs: dict[str, list[str]] = {}
+        claims: list[tuple[str, PackedAt]] = []
+        for p in range(2):
+            members = [repo.hash.digest(bytes([100 + 2 * p + i])).hex() for i in range(2)]
+            pack_id = await repo.put_pack(b"\x00ab\x00cd")
+            packs[pack_id] = members
+            claims += [(cid, (pack_id, 3 * i, 3)) for i, cid in enumerate(members)]
+        earlier = StateStore.open(tmp_path / "state")
+        earlier.chunks(repo.config.id).add_loose(loose)
+        earlier.chunks(repo.config.id).add_packed(claims)
+        earlier.close()
+        lost_pack = next(iter(packs))
+        for key in [chunk_key(c) for c in loose[:3]] + [pack_key(lost_pack)]:
+            await target.delete(key)
+
+        state = StateStore.open(tmp_path / "state")
+        try:
+            index = state.chunks(repo.config.id)
+            checker = presence.Presence("m", repo, index, concurrency=1)
+            everything = loose + [c for members in packs.values() for c in members]
+            fake.plan.calls.clear()
+            missing = await checker.confirm(everything)
+            assert sorted(missing) == sorted(loose[:3] + packs[lost_pack])
+            asked = {call.op for call in fake.plan.calls}
+            assert asked == ({"list"} if by == "listing" else {"stat"}), asked
+            assert not any(index.has(c) for c in missing)
+            assert all(index.has(c) for c in everything if c not in missing)
+            fake.plan.calls.clear()
+            assert await checker.confirm([c for c in everything if c not in missing]) == []
+            assert fake.plan.calls == [], "confirmed claims are not checked again"
+        finally:
+            state.close()
+            await target.close()
+
+    asyncio.run(go())

@@ -23,6 +23,7 @@ from replicator.state import SCHEMA_VERSION, StateStore
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
 from tests.daemon_helpers import DaemonProcess, latest_manifest, wait_until
 from tests.helpers import config_dict, run_reference_reader
+from tests.test_state import OLD_SCHEMAS
 
 DEEP_SEGMENT = 240
 """16 directories of 240 bytes and a 100-byte name: a 3,956-byte relative path, which still
@@ -335,32 +336,7 @@ def test_names_are_displayed_on_one_line_without_ambiguity(name: str, shown: str
 
 # -- the state store keeps exact names ------------------------------------------------------------
 
-V4_SCHEMA = """
-CREATE TABLE files (
-    source TEXT NOT NULL, path TEXT NOT NULL, signature TEXT NOT NULL,
-    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, mode INTEGER NOT NULL,
-    PRIMARY KEY (source, path)) WITHOUT ROWID;
-CREATE TABLE file_chunks (
-    source TEXT NOT NULL, path TEXT NOT NULL, hash_key TEXT NOT NULL,
-    digest TEXT NOT NULL, chunks BLOB NOT NULL,
-    PRIMARY KEY (source, path, hash_key)) WITHOUT ROWID;
-CREATE TABLE repos (
-    repo TEXT PRIMARY KEY, target TEXT NOT NULL, listed_at REAL NOT NULL) WITHOUT ROWID;
-CREATE TABLE chunks (
-    repo TEXT NOT NULL, id BLOB NOT NULL, pack BLOB, offset INTEGER, length INTEGER, confirmed INTEGER,
-    PRIMARY KEY (repo, id)) WITHOUT ROWID;
-CREATE TABLE rpo (
-    source TEXT NOT NULL, target TEXT NOT NULL, pending_since REAL, last_snapshot REAL,
-    last_error TEXT, breached INTEGER NOT NULL, last_alert REAL, held TEXT,
-    PRIMARY KEY (source, target)) WITHOUT ROWID;
-CREATE TABLE spend (
-    target TEXT NOT NULL, day TEXT NOT NULL, bytes INTEGER NOT NULL, puts INTEGER NOT NULL,
-    gets INTEGER NOT NULL, PRIMARY KEY (target, day)) WITHOUT ROWID;
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE published (
-    repo TEXT NOT NULL, source TEXT NOT NULL, snapshot TEXT NOT NULL, content TEXT NOT NULL,
-    published_at REAL NOT NULL, PRIMARY KEY (repo, source)) WITHOUT ROWID;
-"""
+V4_SCHEMA = OLD_SCHEMAS[4]
 """A state store of schema version 4, the last whose paths were TEXT."""
 
 

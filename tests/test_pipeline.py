@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,13 @@ from replicator.engine import READ_ATTEMPTS
 from replicator.errors import SourceError
 from replicator.globs import PathFilter
 from replicator.hashing import HashSpec
-from replicator.read.pipeline import LARGE_FILE_READERS, ChunkPipeline, EncodedChunk, FileRecord
+from replicator.read.pipeline import (
+    LARGE_FILE_READERS,
+    ChunkConsumer,
+    ChunkPipeline,
+    EncodedChunk,
+    FileRecord,
+)
 from replicator.repository import Repository
 from replicator.restore.core import restore_snapshot
 from replicator.sources import PosixSource, SourceFile, open_source
@@ -28,6 +35,23 @@ from replicator.sync import run_sync
 from replicator.targets import PosixTarget
 from tests.helpers import config_dict, local_setup, tree_digest
 from tests.servers import MotoServer
+
+
+class Calls(ChunkConsumer):
+    """A consumer made of a function (and, optionally, what it wants)."""
+
+    def __init__(
+        self,
+        take: Callable[[EncodedChunk], Awaitable[None]],
+        wants: Callable[[dict[str, str]], bool] | None = None,
+    ) -> None:
+        self._take, self._wants = take, wants
+
+    def wants(self, ids: dict[str, str]) -> bool:
+        return self._wants is None or self._wants(ids)
+
+    async def take(self, chunk: EncodedChunk) -> None:
+        await self._take(chunk)
 
 
 class WriterDuringRead(PosixSource):
@@ -125,7 +149,7 @@ def test_pipeline_respects_its_memory_budget(tmp_path: Path) -> None:
                 held.pop(0).lease.release()
 
         (file,) = (await source.scan()).files
-        record = await pipe.read_file(source, file, slow_sink)
+        record = await pipe.read_file(source, file, Calls(slow_sink))
         assert sum(s for _, s in record.chunks["blake3"]) == 24 << 20
         assert pipe._blocks.kept == 0  # read blocks are reused during a read, not held after
         for c in held:
@@ -164,12 +188,12 @@ def test_chunks_no_target_wants_are_hashed_but_not_encoded(tmp_path: Path) -> No
         async def sink(chunk: EncodedChunk) -> None:
             got.append(chunk)
 
-        every = await pipe.read_file(source, file, sink)
+        every = await pipe.read_file(source, file, Calls(sink))
         assert all(c.stored is not None for c in got)
         first = [c.ids[spec.key] for c in got]
         wanted_ids = set(first[::3])  # "the targets lack every third chunk"
         got.clear()
-        again = await pipe.read_file(source, file, sink, lambda ids: ids[spec.key] in wanted_ids)
+        again = await pipe.read_file(source, file, Calls(sink, lambda ids: ids[spec.key] in wanted_ids))
         assert again == every  # same record whatever was encoded
         assert [c.ids[spec.key] for c in got] == first
         assert {c.ids[spec.key] for c in got if c.stored is not None} == wanted_ids
@@ -197,10 +221,12 @@ def test_a_target_attached_during_a_read_does_not_tear_the_record(tmp_path: Path
         async def sink(chunk: EncodedChunk) -> None:
             pipe.add_spec(late)  # the late target opens while this file is being read
 
-        records: list[FileRecord | SourceError] = [await pipe.read_file(source, files["big.bin"], sink)]
+        records: list[FileRecord | SourceError] = [
+            await pipe.read_file(source, files["big.bin"], Calls(sink))
+        ]
         pipe.coder = type(pipe.coder)(chunking, CompressionConfig(), [first])  # drop it again
         small = [files[f"small-{i}.txt"] for i in range(3)]
-        records += await pipe.read_small_files(source, small, sink)
+        records += await pipe.read_small_files(source, small, Calls(sink))
         for rec in records:
             assert isinstance(rec, FileRecord)
             assert set(rec.digests) == set(rec.chunks) == {first.key}, rec.path

@@ -5,7 +5,7 @@ whole-file digests in order; a pool of CPU threads hashes each chunk for every h
 the targets need (ids differ per repository seed) and encodes it (codec probe + zstd, GIL
 released); unless disabled, the encoder checks that every zstd frame it stores decompresses
 to exactly the bytes it compressed (restic#4523: a compressor can corrupt data). Encoded
-chunks are handed, in file order, to a *sink* (the fan-out to targets).
+chunks are handed, in file order, to a :class:`ChunkConsumer` (the fan-out to targets).
 
 Memory is bounded by :class:`ByteBudget`: a chunk's bytes are reserved before it is encoded
 and released only when every target it was offered to has uploaded or dropped it.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -91,9 +91,26 @@ class FileRecord:
         )
 
 
-ChunkSink = Callable[[EncodedChunk], Awaitable[None]]
-Wanted = Callable[[dict[str, str]], bool]
-"""Given a chunk's ids: does any target still need it? Called on the event loop."""
+class ChunkConsumer:
+    """Where the read stage hands its chunks: the fan-out to every target's upload queue in a
+    sync (:class:`replicator.fanout.FanOut`), a count of what would be sent in ``plan``, the
+    uploads of ``verify --repair``. All three methods are called on the event loop.
+
+    Contract: for a batch of small files, :meth:`expect` gets every chunk's ids before the
+    first chunk reaches :meth:`take`; for each chunk of a large file, :meth:`wants` is asked
+    once its ids are known, and a chunk nobody wants is not compressed (it reaches
+    :meth:`take` with ``stored=None``); :meth:`take` gets every chunk of a file, in order,
+    and may keep it past its return by retaining its lease."""
+
+    def wants(self, ids: dict[str, str]) -> bool:
+        """Does anyone still need the chunk with these ids (one per hash spec)?"""
+        return True
+
+    def expect(self, ids: list[dict[str, str]]) -> None:
+        """These chunks follow (a chance to look them all up at once)."""
+
+    async def take(self, chunk: EncodedChunk) -> None:
+        raise NotImplementedError
 
 
 class ChunkPipeline:
@@ -181,26 +198,24 @@ class ChunkPipeline:
         if self._helper is not None:
             self._helper.close()
 
-    async def read_file(
-        self, source: Source, file: SourceFile, sink: ChunkSink, wanted: Wanted | None = None
-    ) -> FileRecord:
-        """Read ``file`` once, passing each encoded chunk to ``sink`` in order.
+    async def read_file(self, source: Source, file: SourceFile, consumer: ChunkConsumer) -> FileRecord:
+        """Read ``file`` once, passing each encoded chunk to ``consumer`` in order.
 
-        With ``wanted``, a chunk of a large file that no target needs (the bulk of a new
-        checkpoint step that changed a few layers) is hashed but not compressed: it reaches
-        the sink with ``stored=None``. A small file is encoded whole in one CPU hop.
+        A chunk of a large file that the consumer does not want (the bulk of a new checkpoint
+        step that changed a few layers) is hashed but not compressed. A small file is encoded
+        whole in one CPU hop.
 
         Raises FileChangedError if the file changed during the read (chunks already passed to
-        the sink are valid content-addressed objects; only the record is withheld)."""
+        the consumer are valid content-addressed objects; only the record is withheld)."""
         if self.is_small(file):
-            (result,) = await self.read_small_files(source, [file], sink)
+            (result,) = await self.read_small_files(source, [file], consumer)
             if isinstance(result, SourceError):
                 raise result
             return result
         async with self._large_file:
             self._blocks.enter()
             try:
-                return await self._read_file(source, file, sink, wanted)
+                return await self._read_file(source, file, consumer)
             finally:
                 self._blocks.leave()
 
@@ -212,23 +227,20 @@ class ChunkPipeline:
         self,
         source: Source,
         files: Sequence[SourceFile],
-        sink: ChunkSink,
-        preview: Callable[[list[dict[str, str]]], None] | None = None,
+        consumer: ChunkConsumer,
     ) -> list[FileRecord | SourceError]:
         """Read a batch of small files in one I/O hop, encode them in one CPU hop, then pass
-        their chunks to ``sink`` file by file. For datasets of many small files the per-file
-        thread round trips, not the bytes, are what costs; batching them made 20,000 small
-        files ~2x faster. ``preview`` gets the ids of all the batch's chunks before the first
-        reaches the sink (to look them all up at once). Returns, per file, its record or why it
-        was not read (a FileChangedError, or another SourceError)."""
+        their chunks to ``consumer`` file by file (after :meth:`ChunkConsumer.expect`). For
+        datasets of many small files the per-file thread round trips, not the bytes, are what
+        costs; batching them made 20,000 small files ~2x faster. Returns, per file, its record
+        or why it was not read (a FileChangedError, or another SourceError)."""
         total = sum(f.size for f in files)
         coder = self.coder  # the same specs for the whole batch, even if a target attaches meanwhile
         await self.budget.acquire(total)
         lease = Lease(self.budget, total)
         try:
             read = await self._read_small(coder, source, files)
-            if preview is not None:
-                preview([ids for got in read if isinstance(got, tuple) for _, ids, _ in got[0]])
+            consumer.expect([ids for got in read if isinstance(got, tuple) for _, ids, _ in got[0]])
             results: list[FileRecord | SourceError] = []
             for file, got in zip(files, read, strict=True):
                 if not isinstance(got, tuple):
@@ -241,7 +253,7 @@ class ChunkPipeline:
                         lists[key].append((cid, size))
                     lease.retain()
                     try:
-                        await sink(EncodedChunk(ids, size, stored, lease))
+                        await consumer.take(EncodedChunk(ids, size, stored, lease))
                     finally:
                         lease.release()
                 results.append(self._record(file, digests, lists))
@@ -278,19 +290,15 @@ class ChunkPipeline:
         )
 
     async def _process(
-        self, coder: ChunkCoder, data: Buffer, wanted: Wanted | None
+        self, coder: ChunkCoder, data: Buffer, consumer: ChunkConsumer
     ) -> tuple[dict[str, str], bytes | None]:
         loop = asyncio.get_running_loop()
-        if wanted is None:
-            return await loop.run_in_executor(self._cpu, coder.encode, data)
         ids = await loop.run_in_executor(self._cpu, coder.ids, data)
-        if not wanted(ids):
+        if not consumer.wants(ids):
             return ids, None
         return await loop.run_in_executor(self._cpu, coder.encode, data, ids)
 
-    async def _read_file(
-        self, source: Source, file: SourceFile, sink: ChunkSink, wanted: Wanted | None
-    ) -> FileRecord:
+    async def _read_file(self, source: Source, file: SourceFile, consumer: ChunkConsumer) -> FileRecord:
         loop = asyncio.get_running_loop()
         # One set of hash specs for the whole file, even if a target attaches meanwhile (its
         # chunk ids would otherwise cover only part of the file, and its digest none of it).
@@ -315,7 +323,7 @@ class ChunkPipeline:
                 ids, stored = await fut
                 for key, cid in ids.items():
                     lists[key].append((cid, size))
-                await sink(EncodedChunk(ids, size, stored, lease))
+                await consumer.take(EncodedChunk(ids, size, stored, lease))
             finally:
                 lease.release()  # the producer's own reference
 
@@ -332,7 +340,7 @@ class ChunkPipeline:
                         break
                     await emit()
                 lease = Lease(self.budget, len(data))
-                window.append((asyncio.ensure_future(self._process(coder, data, wanted)), lease, len(data)))
+                window.append((asyncio.ensure_future(self._process(coder, data, consumer)), lease, len(data)))
                 del data
                 if len(window) > self.cpu_workers:
                     await emit()

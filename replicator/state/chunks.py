@@ -8,7 +8,7 @@ seen in a listing); and per repository when it was last listed in full.
 
 The claims are a cache, never the truth about a target. A repository this store has never
 listed is listed before it is trusted, and a publish relies only on claims confirmed by this
-process (or within the target's ``confirm_window``): replicator.state.presence decides when
+process (or within the target's ``confirm_window``): replicator.presence decides when
 to list and how to confirm; this module keeps the answers.
 
 Look-ups are the hot path of a sync: a chunk offered to a target is looked up once per
@@ -84,17 +84,25 @@ class ChunkIndex:
         self._store.flush()
         return dict(self._select(list(dict.fromkeys(chunk_ids))))
 
-    def _select(self, chunk_ids: Sequence[str]) -> Iterator[tuple[str, PackedAt | None]]:
+    def _select(
+        self, chunk_ids: Sequence[str], unconfirmed_since: float | None = None
+    ) -> Iterator[tuple[str, PackedAt | None]]:
         """The written claims among ``chunk_ids`` (not the buffered ones), with where they
-        are; 500 per query (SQLite's limit on host parameters)."""
+        are; only those not confirmed since ``unconfirmed_since`` if given. 500 ids per query
+        (SQLite's limit on host parameters)."""
+        where, extra = (
+            ("", ())
+            if unconfirmed_since is None
+            else (" AND coalesce(confirmed, 0) < ?", (unconfirmed_since,))
+        )
         for start in range(0, len(chunk_ids), 500):
             batch = chunk_ids[start : start + 500]
             query = (
-                "SELECT id, pack, offset, length FROM chunks "
-                f"WHERE repo=? AND id IN ({','.join('?' * len(batch))})"
+                f"SELECT id, pack, offset, length FROM chunks WHERE repo=?{where} "
+                f"AND id IN ({','.join('?' * len(batch))})"
             )
             for cid, pack, offset, length in self._store.db.execute(
-                query, (self.repo, *map(bytes.fromhex, batch))
+                query, (self.repo, *extra, *map(bytes.fromhex, batch))
             ):
                 yield cid.hex(), None if pack is None else (pack.hex(), offset, length)
 
@@ -144,19 +152,7 @@ class ChunkIndex:
         the store was opened) nor within the last ``window`` seconds, and where they would be."""
         since = min(self._store.started, time.time() - window)
         self._store.flush()
-        ids = list(dict.fromkeys(chunk_ids))
-        out: dict[str, PackedAt | None] = {}
-        for start in range(0, len(ids), 500):
-            batch = ids[start : start + 500]
-            query = (
-                "SELECT id, pack, offset, length FROM chunks WHERE repo=? AND coalesce(confirmed, 0) < ? "
-                f"AND id IN ({','.join('?' * len(batch))})"
-            )
-            for cid, pack, offset, length in self._store.db.execute(
-                query, (self.repo, since, *map(bytes.fromhex, batch))
-            ):
-                out[cid.hex()] = None if pack is None else (pack.hex(), offset, length)
-        return out
+        return dict(self._select(list(dict.fromkeys(chunk_ids)), unconfirmed_since=since))
 
     def confirm(self, chunk_ids: Iterable[str]) -> None:
         """These chunks were found stored just now."""

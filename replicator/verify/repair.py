@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from replicator.config import Config
 from replicator.errors import RepositoryError, SourceError, TargetError
 from replicator.log import get_logger
-from replicator.read.pipeline import ChunkPipeline, EncodedChunk
+from replicator.read.pipeline import ChunkConsumer, ChunkPipeline, EncodedChunk
 from replicator.repository import Repository, chunk_key
 from replicator.sources import open_source
 from replicator.state import StateStore
@@ -38,6 +38,23 @@ class RepairReport:
         return not self.unrepaired
 
 
+class _Resend(ChunkConsumer):
+    """Uploads, as loose chunk objects, the chunks of a file that are still to repair."""
+
+    def __init__(self, repo: Repository, todo: set[str], report: RepairReport) -> None:
+        self.repo, self.key, self.todo, self.report = repo, repo.hash.key, todo, report
+
+    def wants(self, ids: dict[str, str]) -> bool:
+        return ids[self.key] in self.todo
+
+    async def take(self, chunk: EncodedChunk) -> None:
+        cid = chunk.ids[self.key]
+        if cid in self.todo and chunk.stored is not None:
+            await self.repo.put_chunk(cid, chunk.stored)
+            self.todo.discard(cid)
+            self.report.repaired.append(cid)
+
+
 async def repair_chunks(
     repo: Repository, config: Config, damaged: Iterable[str], state: StateStore | None = None
 ) -> RepairReport:
@@ -52,7 +69,7 @@ async def repair_chunks(
         repo.config.chunking, config.compression, [repo.hash], memory_budget=config.memory_budget
     )
     sources = {s.name: s for s in config.sources}
-    key = repo.hash.key
+    resend = _Resend(repo, todo, report)
     try:
         for (source_name, path), needed in sorted(_by_file(holders).items()):
             if not needed & todo:
@@ -67,15 +84,7 @@ async def repair_chunks(
                 if file is None:
                     why.update((c, f"{source_name}/{path} is gone from the source") for c in needed & todo)
                     continue
-
-                async def sink(chunk: EncodedChunk) -> None:
-                    cid = chunk.ids[key]
-                    if cid in todo and chunk.stored is not None:
-                        await repo.put_chunk(cid, chunk.stored)
-                        todo.discard(cid)
-                        report.repaired.append(cid)
-
-                await pipeline.read_file(source, file, sink, lambda ids: ids[key] in todo)
+                await pipeline.read_file(source, file, resend)
                 why.update((c, f"{source_name}/{path} changed on the source") for c in needed & todo)
             except SourceError as exc:
                 why.update((c, f"{source_name}/{path}: {exc}") for c in needed & todo)
