@@ -15,7 +15,7 @@ from typing import Any
 
 from replicator.config import AlertsConfig
 from replicator.log import get_logger
-from replicator.targets import RetryPolicy
+from replicator.retry import RetryPolicy
 
 log = get_logger(__name__)
 
@@ -44,7 +44,8 @@ class WebhookNotifier:
     async def _deliver(self, index: int, url: str, body: bytes) -> None:
         import aiohttp  # ~140 ms to import: only once an alert is actually sent
 
-        for attempt in range(ATTEMPTS):
+        backoff = self.policy.backoff()
+        for attempt in range(1, ATTEMPTS + 1):
             try:
                 async with (
                     aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session,
@@ -56,8 +57,9 @@ class WebhookNotifier:
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 error = f"{type(exc).__name__}"
             # Only the webhook's index is logged: its URL may embed a token.
-            log.warning("alert.webhook_failed", webhook=index, error=error, attempt=attempt + 1)
-            await asyncio.sleep(self.policy.delay(attempt))
+            log.warning("alert.webhook_failed", webhook=index, error=error, attempt=attempt)
+            if attempt < ATTEMPTS:
+                await backoff.wait()
         log.error("alert.webhook_gave_up", webhook=index, attempts=ATTEMPTS)
 
     async def close(self, grace: float = 5.0) -> None:

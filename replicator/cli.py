@@ -68,17 +68,23 @@ def repo_target_config(
     give_up_after: str | None = None,
 ) -> tuple[TargetConfig, Config | None]:
     """Resolve ``--config/--target`` or ``--repo`` into one target's settings."""
-    from replicator.config import TargetConfig
+    from replicator.backends import TARGETS
+    from replicator.config import target_config
 
     if repo is not None:
         if config_path is not None and target is not None:
             fail("give either --repo or --config with --target, not both", 2)
         setup_logging(log_level)
         url = repo if "://" in repo else str(Path(repo).resolve())
+        # --endpoint, --region and --profile apply to s3:// repositories only.
+        backend = TARGETS.get(url)
+        fields = backend.config.model_fields if backend is not None else {}
+        options = {"endpoint_url": endpoint, "region": region, "profile": profile}
+        given = {k: v for k, v in options.items() if v is not None and k in fields}
         try:
-            cfg = TargetConfig(name="repo", url=url, endpoint_url=endpoint, region=region, profile=profile)
-        except ValueError as exc:
-            fail(f"--repo: {exc}", 2)
+            cfg = target_config({"name": "repo", "url": url, **given}, origin="--repo")
+        except ConfigError as exc:
+            fail(str(exc), 2)
         return with_give_up(cfg, give_up_after), None
     config = load(config_path, log_level)
     if target is None:

@@ -4,30 +4,44 @@ All defaults live in these models. Loading does, in order: parse YAML; reject se
 written as plain text; expand ``${VAR}`` in every string (``$${`` is a literal ``${``);
 resolve relative paths against the config file's directory; validate. Any failure is a
 :class:`~replicator.errors.ConfigError` naming the field and the bad value (exit code 2).
+
+Sources and targets are unions discriminated by their url's scheme: each entry is validated
+by the model :mod:`replicator.backends` registered for it (:class:`PosixSourceConfig`,
+:class:`S3TargetConfig`...), which holds the common fields of :class:`SourceConfig` or
+:class:`TargetConfig` and its backend's own, so a setting of one backend given to another
+is an error that says so ("region: does not apply to a directory").
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     SecretStr,
+    SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from replicator.errors import ConfigError
-from replicator.globs import compile_glob
+from replicator.globs import PathFilter, compile_glob
 from replicator.retention.policy import RetentionPolicy
+from replicator.s3.settings import S3Location, parse_s3_url
 from replicator.units import parse_duration, parse_rate, parse_share, parse_size
+
+if TYPE_CHECKING:
+    from replicator.backends import Registry
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 """A byte count written as ``4MiB``, ``1.5GB`` or a plain integer."""
@@ -144,8 +158,35 @@ class BudgetConfig(_Model):
         return self
 
 
+Location = tuple[str, str | None, str]
+"""Where a source or target is, for the self-overlap check: (scheme, endpoint, path with a
+trailing ``/``), e.g. ``("s3", endpoint, "bucket/prefix/")`` or ``("file", None, "/abs/dir/")``."""
+
+
+class _Endpoint(_Model):
+    """What every source and target has: a name and a url whose scheme picks the backend."""
+
+    name: Annotated[str, BeforeValidator(_check_name)]
+    url: str
+    """A directory (or ``file://``) or ``s3://bucket/prefix``; the scheme picks the backend
+    (:mod:`replicator.backends`) and with it the settings that apply."""
+
+    def location(self) -> Location:
+        """Symbolic links resolved for a directory; other schemes as written."""
+        scheme, sep, rest = self.url.partition("://")
+        if not sep or scheme == "file":
+            return "file", None, str(posix_path(self.url).expanduser().resolve()).rstrip("/") + "/"
+        return scheme, None, rest.rstrip("/") + "/"
+
+
+def posix_path(url: str) -> Path:
+    """The directory a ``file://`` url or a plain path names."""
+    return Path(url.removeprefix("file://"))
+
+
 class S3Access(_Model):
-    """How to reach an S3 endpoint; shared by S3 sources and S3 targets (ignored for paths)."""
+    """How to reach an S3 endpoint: the settings of every ``s3://`` source and target (and of
+    an ``s3://`` restore destination)."""
 
     endpoint_url: str | None = None
     region: str | None = None
@@ -163,10 +204,29 @@ class S3Access(_Model):
     and marks the target unhealthy, instead of hanging."""
 
 
-class SourceConfig(S3Access):
-    name: Annotated[str, BeforeValidator(_check_name)]
+class _S3Endpoint(S3Access):
+    """An ``s3://bucket/prefix`` source or target: the url must name a valid bucket."""
+
     url: str
-    """A POSIX directory or ``s3://bucket/prefix``."""
+
+    @field_validator("url")
+    @classmethod
+    def _bucket(cls, url: str) -> str:
+        parse_s3_url(url)
+        return url
+
+    @property
+    def s3_location(self) -> S3Location:
+        return parse_s3_url(self.url)
+
+    def location(self) -> Location:
+        return "s3", self.endpoint_url, self.url.removeprefix("s3://").rstrip("/") + "/"
+
+
+class SourceConfig(_Endpoint):
+    """The settings every source has, whatever its backend: the base of each source backend's
+    model (the config's ``sources`` hold instances of those)."""
+
     kind: Literal["checkpoint", "dataset", "embedding"] = "dataset"
     priority: Priority | None = None
     """Under a budget, lower priorities are deferred first. Default: checkpoint critical,
@@ -181,9 +241,10 @@ class SourceConfig(S3Access):
     ``sync --allow-deletes``): a wiped primary must not wipe the replica. ``100%`` disables
     the guard (for a trainer that keeps a single checkpoint and rotates it)."""
     watch: Literal["events", "poll"] = "events"
-    """POSIX sources under ``replicator run``: inotify events, or polling for network mounts."""
+    """Sources watched for changes under ``replicator run`` (directories): inotify events, or
+    polling for network mounts. Sources that are listed instead (S3) ignore it."""
     poll_interval: Duration = 30.0
-    """How often ``watch: poll`` sources and S3 sources are checked for changes."""
+    """How often ``watch: poll`` sources and listed sources (S3) are checked for changes."""
     rescan_interval: Duration = 600.0
     """Full rescan as the safety net for dropped events."""
     rpo: Duration | None = None
@@ -255,6 +316,21 @@ class SourceConfig(S3Access):
             return self.debounce
         return 0.2 if self.kind == "checkpoint" else 2.0
 
+    def path_filter(self) -> PathFilter:
+        return PathFilter(self.include, self.exclude)
+
+
+class PosixSourceConfig(SourceConfig):
+    """A source directory (a plain path or ``file://``)."""
+
+    @property
+    def path(self) -> Path:
+        return posix_path(self.url)
+
+
+class S3SourceConfig(_S3Endpoint, SourceConfig):
+    """A source bucket, ``s3://bucket/prefix`` (the primary's object store)."""
+
 
 class RetryConfig(_Model):
     """Capped exponential backoff with full jitter, on transient errors only."""
@@ -270,15 +346,15 @@ class RetryConfig(_Model):
     reached at all): an interactive command never hangs on a dead endpoint."""
 
 
-class TargetConfig(S3Access):
-    name: Annotated[str, BeforeValidator(_check_name)]
-    url: str
-    """A POSIX directory or ``s3://bucket/prefix``."""
+class TargetConfig(_Endpoint):
+    """The settings every target has, whatever its backend: the base of each target backend's
+    model (the config's ``targets`` hold instances of those)."""
+
     concurrency: int = Field(8, ge=1, le=256)
-    checksum: Literal["md5", "crc32", "crc32c", "sha256", "sha1"] = "md5"
-    """Integrity checksum sent with every PUT: Content-MD5 or an x-amz-checksum-* header. MD5 is
-    verified by every S3 implementation; crc32 costs a fifth of its CPU where the server
-    verifies it (docs/PERFORMANCE.md)."""
+    timeout: Duration = 60.0
+    """The base of every request's deadline (plus 1 s per MiB transferred): a request to a
+    target that stopped answering (a dead endpoint, a hung NFS mount) fails, is retried, and
+    marks the target unhealthy, instead of hanging. S3: also the connect/read timeout."""
     hash: Literal["xxh3-128", "blake3"] = "xxh3-128"
     """Chunk id algorithm for a repository created here; blake3 for untrusted sources."""
     retry: RetryConfig = Field(default_factory=RetryConfig)
@@ -297,6 +373,94 @@ class TargetConfig(S3Access):
     """``replicator run`` lists the repository's chunks again this often, so that a chunk
     removed behind its back (lifecycle rules, a person) is noticed and sent again even when no
     publish needs it (publishes confirm what they use anyway: docs/RELIABILITY.md)."""
+
+
+class PosixTargetConfig(TargetConfig):
+    """A target directory (a plain path or ``file://``): local disk, NFS."""
+
+    @property
+    def path(self) -> Path:
+        return posix_path(self.url)
+
+
+class S3TargetConfig(_S3Endpoint, TargetConfig):
+    """A target bucket, ``s3://bucket/prefix``, on AWS or any S3-compatible server."""
+
+    checksum: Literal["md5", "crc32", "crc32c", "sha256", "sha1"] = "md5"
+    """Integrity checksum sent with every PUT: Content-MD5 or an x-amz-checksum-* header. MD5 is
+    verified by every S3 implementation; crc32 costs a fifth of its CPU where the server
+    verifies it (docs/PERFORMANCE.md)."""
+
+
+# --- sources and targets: one model per url scheme --------------------------------------
+
+
+def _fail(field: str, message: str, value: Any) -> ValidationError:
+    """A validation error located at ``field`` of the entry being validated."""
+    detail: InitErrorDetails = {
+        "type": PydanticCustomError("backend", message),
+        "loc": (field,),
+        "input": value,
+    }
+    return ValidationError.from_exception_data("entry", [detail])
+
+
+def _by_scheme(registry: Registry[Any], base: type[_Endpoint], value: Any) -> Any:
+    """Validate one ``sources``/``targets`` entry with the model registered for its url's scheme."""
+    if isinstance(value, base):
+        return value  # built in code (or a model_copy), already validated
+    if not isinstance(value, Mapping) or not isinstance(value.get("url"), str):
+        return base.model_validate(value)  # reports what is missing or wrong
+    backend = registry.get(value["url"])
+    if backend is None:
+        raise _fail("url", f"unsupported url (use {registry.examples()})", value["url"])
+    fields = backend.config.model_fields
+    for key in value:
+        if key in fields:
+            continue
+        owners = [b.scheme for b in registry if key in b.config.model_fields]
+        if owners:
+            where = " or ".join(f"{scheme}://" for scheme in owners)
+            raise _fail(
+                key, f"does not apply to {backend.what} (only to {where} {registry.kind}s)", value[key]
+            )
+    return backend.config.model_validate(value)
+
+
+def _source_entry(value: Any) -> Any:
+    from replicator.backends import SOURCES
+
+    return _by_scheme(SOURCES, SourceConfig, value)
+
+
+def _target_entry(value: Any) -> Any:
+    from replicator.backends import TARGETS
+
+    return _by_scheme(TARGETS, TargetConfig, value)
+
+
+SourceEntry = Annotated[SerializeAsAny[SourceConfig], PlainValidator(_source_entry)]
+"""A source of any registered backend (serialized with all of its backend's fields)."""
+TargetEntry = Annotated[SerializeAsAny[TargetConfig], PlainValidator(_target_entry)]
+"""A target of any registered backend (serialized with all of its backend's fields)."""
+
+
+def source_config(data: Mapping[str, Any], origin: str = "source") -> SourceConfig:
+    """One source entry, validated as ``sources[i]`` of a config file is."""
+    try:
+        entry: SourceConfig = _source_entry(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_describe(exc)}") from None
+    return entry
+
+
+def target_config(data: Mapping[str, Any], origin: str = "target") -> TargetConfig:
+    """One target entry, validated as ``targets[i]`` of a config file is (``--repo URL``)."""
+    try:
+        entry: TargetConfig = _target_entry(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_describe(exc)}") from None
+    return entry
 
 
 class AlertsConfig(_Model):
@@ -319,8 +483,8 @@ def _listen(value: str | None) -> str | None:
 
 class Config(_Model):
     state_dir: Path = Field(default_factory=lambda: default_state_dir())
-    sources: list[SourceConfig] = Field(default_factory=list)
-    targets: list[TargetConfig] = Field(default_factory=list)
+    sources: list[SourceEntry] = Field(default_factory=list)
+    targets: list[TargetEntry] = Field(default_factory=list)
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     log_level: Literal["debug", "info", "warning", "error"] | None = None
@@ -362,9 +526,9 @@ class Config(_Model):
         """A replica must never lie inside what it replicates, nor the reverse: the daemon would
         copy its own repository (or its state) forever, a new snapshot every few seconds."""
         for s in self.sources:
-            where = _location(s)
+            where = s.location()
             for t in self.targets:
-                there = _location(t)
+                there = t.location()
                 if _within(there, where):
                     raise ValueError(
                         f"target {t.name} ({_show(there)}) is inside source {s.name} ({_show(where)}): "
@@ -384,12 +548,12 @@ class Config(_Model):
 
     def secret_values(self) -> list[str]:
         """Every credential in the config, for the log redactor."""
-        items: list[S3Access] = [*self.sources, *self.targets]
+        items: list[_Endpoint] = [*self.sources, *self.targets]
         keys = [
-            s.get_secret_value()
+            value.get_secret_value()
             for item in items
-            for s in (item.access_key_id, item.secret_access_key, item.session_token)
-            if s is not None
+            for name in type(item).model_fields
+            if isinstance(value := getattr(item, name), SecretStr)
         ]
         return keys + [w.get_secret_value() for w in self.alerts.webhooks]
 
@@ -406,23 +570,14 @@ class Config(_Model):
         raise ConfigError(f"no target named {name!r} (known: {', '.join(t.name for t in self.targets)})")
 
 
-def _location(item: S3Access | SourceConfig | TargetConfig) -> tuple[str, str | None, str]:
-    """(scheme, endpoint, path) with a trailing ``/``: ``("s3", endpoint, "bucket/prefix/")``
-    or ``("file", None, "/abs/dir/")`` (symbolic links resolved)."""
-    url = getattr(item, "url", "")
-    if url.startswith("s3://"):
-        return "s3", item.endpoint_url, url.removeprefix("s3://").rstrip("/") + "/"
-    return "file", None, str(Path(url.removeprefix("file://")).expanduser().resolve()).rstrip("/") + "/"
-
-
-def _within(inner: tuple[str, str | None, str], outer: tuple[str, str | None, str]) -> bool:
+def _within(inner: Location, outer: Location) -> bool:
     inner_path = inner[2] if inner[2].endswith("/") else inner[2] + "/"
     return inner[:2] == outer[:2] and inner_path.startswith(outer[2])
 
 
-def _show(location: tuple[str, str | None, str]) -> str:
+def _show(location: Location) -> str:
     path = location[2].rstrip("/")
-    return f"s3://{path}" if location[0] == "s3" else path
+    return path if location[0] == "file" else f"{location[0]}://{path}"
 
 
 def default_state_dir() -> Path:
@@ -487,7 +642,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 item["url"] = fix(item["url"])
 
 
-def _describe(err: ValidationError, raw: dict[str, Any]) -> str:
+def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = tuple(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
@@ -513,7 +668,7 @@ def parse_config(data: Any, base_dir: Path, origin: str = "config") -> Config:
     try:
         return Config.model_validate(expanded)
     except ValidationError as exc:
-        raise ConfigError(f"{origin}: {_describe(exc, expanded)}") from None
+        raise ConfigError(f"{origin}: {_describe(exc)}") from None
 
 
 def load_config(path: str | Path) -> Config:

@@ -50,6 +50,7 @@ from typing import TypeVar
 from replicator import log as logging_setup
 from replicator import metrics, release, status, systemd
 from replicator.alerts import WebhookNotifier
+from replicator.backends import source_backend
 from replicator.config import Config, SourceConfig, TargetConfig, load_config
 from replicator.engine import Candidate, OpenTarget, Replicator, SourceResult
 from replicator.errors import (
@@ -61,11 +62,10 @@ from replicator.errors import (
 )
 from replicator.http import HttpEndpoint
 from replicator.repository import CONFIG_KEY
+from replicator.retry import RetryPolicy, pause
 from replicator.rpo import LagTracker, RpoMonitor
-from replicator.s3.settings import is_s3_url
 from replicator.sources import SourceFile
-from replicator.sources.watch import watch_posix
-from replicator.targets import RetryPolicy, TargetHealth, backend_of
+from replicator.targets import TargetHealth, backend_of
 
 log = logging_setup.get_logger(__name__)
 
@@ -160,23 +160,18 @@ class SourceWorker:
 
     @property
     def polled(self) -> bool:
-        return is_s3_url(self.cfg.url)
+        """Listed every ``poll_interval`` (S3), not watched (directories): its backend says."""
+        return source_backend(self.cfg).watch is None
 
     async def watch(self) -> None:
-        """Feed :meth:`changed` from filesystem events (POSIX sources; S3 sources are polled)."""
+        """Feed :meth:`changed` from the source backend's watcher, if it has one."""
         cfg = self.cfg
-        if not self.polled:
-            await watch_posix(
-                Path(cfg.url.removeprefix("file://")),
-                self.changed,
-                self.stopping,
-                poll=cfg.watch == "poll",
-                poll_interval=cfg.poll_interval,
-            )
+        watch = source_backend(cfg).watch
+        if watch is not None:
+            await watch(cfg, self.changed, self.stopping)
 
     async def run(self) -> None:
-        backoff = SLOW_BACKOFF
-        failures = 0
+        backoff = SLOW_BACKOFF.backoff()
         self.full_rescan = True  # also after a restart by the supervisor
         while not self.stopping.is_set():
             await self._wait_for_work()
@@ -186,14 +181,12 @@ class SourceWorker:
                 changed = await self._refresh_index()
                 if changed or self._due(self.retry_due) or self._due(self.recheck_due):
                     await self._round()
-                failures = 0
+                backoff.reset()
             except SourceError as exc:
-                failures += 1
                 log.error("source.failed", source=self.name, error=str(exc))
                 metrics.SOURCE_ERRORS.labels(self.name, "scan_failed").inc()
                 self.full_rescan = True
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), backoff.delay(failures))
+                await backoff.wait(self.stopping)
 
     async def _wait_for_work(self) -> None:
         """Sleep until a change has been quiet for ``debounce``, or a timer is due."""
@@ -213,8 +206,7 @@ class SourceWorker:
             if min(deadlines) <= now:
                 return
             self.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), min(deadlines) - now)
+            await pause(min(deadlines) - now, self.wake)
 
     @staticmethod
     def _due(when: float | None) -> bool:
@@ -377,16 +369,14 @@ class TargetPublisher:
 
     async def run(self) -> None:
         cfg = self.target.config
-        backoff = probe_backoff(cfg)
-        failures = 0
+        backoff = probe_backoff(cfg).backoff()
         relist_due = time.monotonic() + cfg.relist_interval
         while True:
             if not self.pending:
                 if self.sources_done.is_set():
                     return
                 self.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), max(0.0, relist_due - time.monotonic()))
+                await pause(relist_due - time.monotonic(), self.wake)
                 if not self.pending and time.monotonic() < relist_due:
                     continue
             ok = await self._probe() if not self.target.uploader.healthy else True
@@ -399,23 +389,21 @@ class TargetPublisher:
             if self.sources_done.is_set() and outcome != "ok":
                 return  # draining: one last attempt, then nothing more will be sent
             if outcome == "ok":
-                failures = 0
+                backoff.reset()
                 continue
             if outcome == "waiting":
                 # Deferred by the budget (a new day, a raised budget or new prices release it)
                 # or held for an operator (SIGHUP after `replicator release`): look again on a
                 # wake-up, at least every minute.
-                failures = 0
+                backoff.reset()
                 wait = min(60.0, self.rep.budget.seconds_to_next_period())
             else:
-                failures += 1
-                wait = backoff.delay(failures)
+                wait = backoff.next_delay()
                 if isinstance(self.probe_error or self.target.uploader.error, PermanentTargetError):
                     wait = max(wait, PERMANENT_ERROR_PAUSE)  # needs a human: report, don't spin
-                log.info("target.backoff", target=self.name, seconds=round(wait, 2), attempt=failures)
+                log.info("target.backoff", target=self.name, seconds=round(wait, 2), attempt=backoff.failures)
             self.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), wait)
+            await pause(wait, self.wake)
 
     async def _relist(self) -> bool:
         """The scheduled reconciliation of the state's chunk claims (``relist_interval``)."""
@@ -566,28 +554,22 @@ class Daemon:
         self._tasks[name] = self._group.create_task(self._supervise(name, factory, restart), name=name)
 
     async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]], restart: bool) -> None:
-        failures = 0
+        backoff = SLOW_BACKOFF.backoff()
         while True:
             try:
                 await factory()
                 return
             except Exception as exc:
-                failures += 1
                 metrics.TASK_FAILURES.labels(name).inc()
                 if not restart or self.stopping.is_set():
                     log.error("daemon.task_failed", task=name, error=repr(exc), exc_info=exc)
                     return
-                delay = SLOW_BACKOFF.delay(failures)
+                delay = backoff.next_delay()
                 log.error(
                     "daemon.task_failed", task=name, error=repr(exc), restart_in=round(delay, 2), exc_info=exc
                 )
-                await self._pause(delay)
-                if self.stopping.is_set():
+                if await pause(delay, self.stopping):
                     return
-
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
 
     # -- candidates, approvals, reload ---------------------------------------------------------
 
@@ -742,24 +724,23 @@ class Daemon:
     async def _attach(self, cfg: TargetConfig) -> None:
         """Open the target, retrying forever with capped backoff, then start its publisher.
         Its health is followed from the first attempt (status, metrics, alerts)."""
-        backoff = probe_backoff(cfg)
+        backoff = probe_backoff(cfg).backoff()
         name, tracker = cfg.name, self.tracker
         health = TargetHealth(name)
         health.listeners.append(
             lambda ok: tracker.target_ok(name) if ok else tracker.target_failed(name, str(health.last_error))
         )
-        attempt = 0
         while not self.stopping.is_set():
             try:
                 opened = await self.rep.attach(cfg, health)
             except ReplicatorError as exc:
-                attempt += 1
-                log.warning("target.unavailable", target=cfg.name, error=str(exc), attempt=attempt)
+                delay = backoff.next_delay()
+                log.warning("target.unavailable", target=cfg.name, error=str(exc), attempt=backoff.failures)
                 self.tracker.target_failed(cfg.name, str(exc))
                 permanent = isinstance(exc, PermanentTargetError)  # reported, not spun on
-                await self._pause(PERMANENT_ERROR_PAUSE if permanent else backoff.delay(attempt))
+                await pause(PERMANENT_ERROR_PAUSE if permanent else delay, self.stopping)
                 continue
-            log.info("target.attached", target=cfg.name, attempts=attempt + 1)
+            log.info("target.attached", target=cfg.name, attempts=backoff.failures + 1)
             self.tracker.target_ok(cfg.name)
             await self._start_publisher(opened)
             return
@@ -792,12 +773,12 @@ class Daemon:
             if beats % 10 == 0 and self.rep.state is not None:
                 self.rep.state.heartbeat()
             beats += 1
-            await self._pause(1.0)
+            await pause(1.0, self.stopping)
 
     async def _watchdog(self, interval: float) -> None:
         while not self.stopping.is_set():
             systemd.notify("WATCHDOG=1")
-            await self._pause(interval)
+            await pause(interval, self.stopping)
 
     async def _drain(self) -> None:
         """Let in-flight rounds and publications finish within the grace period: first the

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from replicator.config import TargetConfig
+from replicator.config import target_config
 from replicator.format.manifest import Manifest
 from replicator.repository import Repository
 from replicator.targets import open_target
@@ -64,6 +64,11 @@ class DaemonProcess:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def crashes(self) -> list[str]:
+        """The log lines of tasks that crashed (``daemon.task_failed``, tracebacks): each names
+        the task and carries its traceback, so a failing assertion shows why."""
+        return [line for line in self.log_text().splitlines() if "task_failed" in line or "Traceback" in line]
+
 
 def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> T:
     deadline = time.monotonic() + timeout
@@ -80,7 +85,7 @@ def latest_manifest(target: dict[str, Any], source: str) -> Manifest | None:
     """The manifest the source's ref points at on a target, or None (no repository or ref yet)."""
 
     async def go() -> Manifest | None:
-        t = await open_target(TargetConfig.model_validate({**target, "retry": {"give_up_after": 1}}))
+        t = await open_target(target_config({**target, "retry": {"give_up_after": 1}}))
         try:
             try:
                 repo = await Repository.open(t)
@@ -96,7 +101,7 @@ def latest_manifest(target: dict[str, Any], source: str) -> Manifest | None:
 
 def all_manifests(target: dict[str, Any], source: str) -> list[Manifest]:
     async def go() -> list[Manifest]:
-        t = await open_target(TargetConfig.model_validate(target))
+        t = await open_target(target_config(target))
         try:
             repo = await Repository.open(t)
             return [await repo.load_manifest(source, sid) for sid in await repo.list_snapshots(source)]

@@ -34,7 +34,9 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from replicator.config import NAME_RE, TargetConfig
+from pydantic import field_validator
+
+from replicator.config import NAME_RE, S3TargetConfig, TargetConfig, target_config
 from replicator.errors import (
     AlreadyExistsError,
     NotFoundError,
@@ -681,6 +683,16 @@ class FakeTarget:
         return {"name": self.name, "url": self.url, **fields}
 
 
+class FaultyTargetConfig(S3TargetConfig):
+    """A ``faulty://NAME`` entry: the settings of the backend it wraps (a directory or an
+    ``s3://`` bucket), which that backend's own model checks when the target is opened."""
+
+    @field_validator("url")
+    @classmethod
+    def _bucket(cls, url: str) -> str:  # replaces S3TargetConfig's: not a bucket url
+        return url
+
+
 class MemoryTargets:
     """Registers the ``memory`` and ``faulty`` url schemes for one test (the ``memory_targets``
     fixture), so configs that name them open through the real ``open_target`` stack:
@@ -689,7 +701,8 @@ class MemoryTargets:
       :meth:`add` made for NAME (the store outlives each connection);
     * ``faulty://NAME`` -- a :class:`FaultyTarget` over the real backend of the url given to
       :meth:`wrap` (a directory or ``s3://``; the target config's other fields, such as
-      ``endpoint_url`` and ``timeout``, apply to it).
+      ``endpoint_url`` and ``timeout``, apply to it: its entries take S3 settings, which the
+      real backend's model checks when it is opened).
 
     Opening an unknown NAME raises PermanentTargetError, like a missing bucket. The schemes
     exist in this process only: a ``replicator run`` subprocess cannot open them (use
@@ -702,9 +715,9 @@ class MemoryTargets:
         self._registered = False
 
     def __enter__(self) -> MemoryTargets:
-        register_backend("memory", self._open_memory)
+        register_backend("memory", self._open_memory, what="a memory:// target")
         try:
-            register_backend("faulty", self._open_faulty)
+            register_backend("faulty", self._open_faulty, FaultyTargetConfig, what="a faulty:// target")
         except BaseException:
             unregister_backend("memory")
             raise
@@ -768,7 +781,8 @@ class MemoryTargets:
     async def _open_faulty(self, cfg: TargetConfig) -> Target:
         fake = self._find(cfg, "faulty")
         assert fake.real_url is not None
-        inner = await open_backend(cfg.model_copy(update={"url": fake.real_url}))
+        settings = cfg.model_dump(exclude_unset=True)  # as written: checked by the real model
+        inner = await open_backend(target_config({**settings, "url": fake.real_url}, origin=cfg.name))
         target = FaultyTarget(inner, fake.plan)
         fake.opened.append(target)
         return target

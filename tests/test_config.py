@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from replicator.config import load_config
+from replicator.config import (
+    PosixSourceConfig,
+    PosixTargetConfig,
+    S3SourceConfig,
+    S3TargetConfig,
+    load_config,
+)
 from replicator.errors import ConfigError
 from tests.conftest import cli
 
@@ -46,6 +53,7 @@ def test_valid_config_with_env_and_units(tmp_path: Path, monkeypatch: pytest.Mon
     assert cfg.sources[0].url == str(tmp_path / "primary")
     assert cfg.sources[0].completion.quiet == 30 and cfg.sources[0].completion.marker == ".metadata"
     s3 = cfg.target("s3")
+    assert isinstance(s3, S3TargetConfig)
     assert s3.endpoint_url == "http://127.0.0.1:9000"
     assert s3.secret_access_key is not None and s3.secret_access_key.get_secret_value() == "s3cr3t-value"
     assert "s3cr3t" not in repr(s3)
@@ -87,6 +95,20 @@ def test_defaults() -> None:
         ("sources: [{name: a, url: /x, complete_when: {marker: M}}]", "checkpoint only"),
         ("targets: [oops", "line 1"),
         ("- just\n- a list", "mapping"),
+        (
+            "targets: [{name: t, url: /x, region: eu-west-1}]",
+            "targets[0].region: does not apply to a directory",
+        ),
+        ("targets: [{name: t, url: /x, checksum: crc32}]", "only to s3:// targets) (got 'crc32')"),
+        ("sources: [{name: s, url: /x, endpoint_url: 'http://h'}]", "only to s3:// sources"),
+        ("sources: [{name: s, url: /x, timeout: 5s}]", "sources[0].timeout: does not apply to a dir"),
+        (
+            "targets: [{name: t, url: 'ftp://h/x'}]",
+            "targets[0].url: unsupported url (use a directory or s3://",
+        ),
+        ("targets: [{name: t, url: 's3://Bad_Bucket/x'}]", "targets[0].url: invalid bucket name"),
+        ("targets: [{name: t, url: s3://bkt/x, regoin: x}]", "targets[0].regoin: Extra inputs are not"),
+        ("targets: [{name: t}]", "targets[0].url: Field required"),
     ],
 )
 def test_invalid_configs_name_field_and_value(tmp_path: Path, text: str, needle: str) -> None:
@@ -104,6 +126,63 @@ def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "targets[0].concurrency" in lines[0] and "'zero'" in lines[0]
+
+
+def test_backend_settings_live_only_on_their_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEY", "AKIA-in-the-env")
+    directory = "targets: [{name: t, url: /x, timeout: 5s, access_key_id: '${KEY}'}]"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, directory))
+    assert str(info.value).endswith(
+        "targets[0].access_key_id: does not apply to a directory (only to s3:// targets) (got ***)"
+    )
+    cfg = load_config(write(tmp_path, directory.replace(", access_key_id: '${KEY}'", "")))
+    (t,) = cfg.targets
+    assert isinstance(t, PosixTargetConfig) and t.timeout == 5 and t.path == Path("/x")  # common
+    assert not hasattr(t, "region") and not hasattr(t, "checksum")
+    cfg = load_config(
+        write(
+            tmp_path,
+            "sources: [{name: s, url: 's3://primary/ckpt', timeout: 5s, access_key_id: '${KEY}', "
+            "secret_access_key: '${KEY}'}, {name: d, url: 'file:///data'}]\n"
+            "targets: [{name: t, url: 's3://replica/x', region: auto, checksum: crc32}]",
+        )
+    )
+    s3, directory_source = cfg.sources
+    assert isinstance(s3, S3SourceConfig) and s3.timeout == 5 and s3.s3_location.bucket == "primary"
+    assert isinstance(directory_source, PosixSourceConfig) and directory_source.path == Path("/data")
+    (t,) = cfg.targets
+    assert isinstance(t, S3TargetConfig) and t.region == "auto" and t.checksum == "crc32"
+    assert cfg.secret_values() == ["AKIA-in-the-env", "AKIA-in-the-env"]
+    dumped = json.loads(cfg.model_dump_json())  # e.g. status's config fingerprint
+    assert (
+        dumped["targets"][0]["checksum"] == "crc32" and dumped["sources"][0]["access_key_id"] == "**********"
+    )
+
+
+def test_overlap_check_sees_each_backends_location(tmp_path: Path) -> None:
+    same_bucket = (
+        "sources: [{name: s, url: 's3://bkt/data', endpoint_url: 'http://a'}]\n"
+        "targets: [{name: t, url: 's3://bkt/data/replica', endpoint_url: '%s'}]"
+    )
+    with pytest.raises(ConfigError, match="target t \\(s3://bkt/data/replica\\) is inside source s"):
+        load_config(write(tmp_path, same_bucket % "http://a"))
+    load_config(write(tmp_path, same_bucket % "http://b"))  # another server: another bucket
+    with pytest.raises(ConfigError, match=r"source s .* is inside target t"):
+        load_config(write(tmp_path, f"sources: [{{name: s, url: 'file://{tmp_path}/r/d'}}]\n"
+                                    f"targets: [{{name: t, url: '{tmp_path}/r'}}]"))  # fmt: skip
+
+
+def test_cli_refuses_a_setting_of_another_backend_with_exit_2(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "targets: [{name: t, url: /x, region: us-east-1}]\nsources: [{name: s, url: /y}]")
+    res = cli("sync", "--config", str(cfg))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"replicator: error: {cfg}: targets[0].region: does not apply to a directory (only to s3:// "
+        "targets) (got 'us-east-1')"
+    ]
+    res = cli("snapshots", "--repo", "ftp://host/x")
+    assert res.returncode == 2 and "--repo: url: unsupported url" in res.stderr
 
 
 def test_cli_missing_config_file(tmp_path: Path) -> None:

@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 
 from replicator import presence
-from replicator.config import ChunkingConfig, CompressionConfig, TargetConfig
+from replicator.config import ChunkingConfig, CompressionConfig, target_config
 from replicator.fanout import Uploader
 from replicator.format.manifest import PackedAt
 from replicator.hashing import HashSpec
 from replicator.memory import ByteBudget, Lease
 from replicator.read.pipeline import EncodedChunk
 from replicator.repository import Repository, chunk_key, pack_key
+from replicator.retry import RetryPolicy
 from replicator.state import StateStore
-from replicator.targets import RetryPolicy, open_target
+from replicator.targets import open_target
 from tests.faults import FakeTarget, MemoryTargets
 
 PATIENCE = 60.0
@@ -40,7 +41,7 @@ def healthy(up: Uploader) -> bool:
 @asynccontextmanager
 async def uploader(fake: FakeTarget, tmp_path: Path, **kwargs: float) -> AsyncIterator[Uploader]:
     """An Uploader on ``fake`` whose requests retry for ever (the daemon's case)."""
-    cfg = TargetConfig.model_validate(fake.config(retry={"initial": "10ms", "max": "50ms"}))
+    cfg = target_config(fake.config(retry={"initial": "10ms", "max": "50ms"}))
     target = await open_target(cfg, policy=RetryPolicy(initial=0.01, max=0.05, give_up_after=None))
     repo = await Repository.open_or_create(
         target, algorithm="xxh3-128", chunking=ChunkingConfig(), compression=CompressionConfig()
@@ -148,7 +149,7 @@ def test_two_repositories_listed_at_once_keep_each_others_chunks(
     state = StateStore.open(tmp_path / "state")
 
     async def open_repo(fake: FakeTarget) -> tuple[Repository, list[str]]:
-        cfg = TargetConfig.model_validate(fake.config())
+        cfg = target_config(fake.config())
         target = await open_target(cfg, policy=RetryPolicy(give_up_after=None))
         repo = await Repository.open_or_create(
             target, algorithm="xxh3-128", chunking=ChunkingConfig(), compression=CompressionConfig()
@@ -193,7 +194,7 @@ def test_inherited_claims_are_confirmed_and_the_lost_ones_forgotten(
     fake = memory_targets.add("m")
 
     async def go() -> None:
-        cfg = TargetConfig.model_validate(fake.config())
+        cfg = target_config(fake.config())
         target = await open_target(cfg, policy=RetryPolicy(give_up_after=None))
         repo = await Repository.open_or_create(
             target, algorithm="xxh3-128", chunking=ChunkingConfig(), compression=CompressionConfig()

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from replicator.config import ChunkingConfig, CompressionConfig, TargetConfig, parse_config
+from replicator.config import ChunkingConfig, CompressionConfig, TargetConfig, parse_config, target_config
 from replicator.errors import (
     ConfigError,
     IntegrityError,
@@ -56,7 +56,7 @@ FAST_RETRY = {"initial": 0.01, "max": 0.05, "give_up_after": 0.5}
 
 async def with_target(cfg: dict[str, Any], fn: Callable[[Target], Awaitable[T]]) -> T:
     """Open ``cfg`` through the full production stack, run ``fn``, close."""
-    target = await open_target(TargetConfig.model_validate(cfg))
+    target = await open_target(target_config(cfg))
     try:
         return await fn(target)
     finally:
@@ -88,14 +88,21 @@ def test_registry_keeps_builtin_urls_and_their_errors(tmp_path: Path) -> None:
     async def go() -> None:
         for url in ("ftp://host/x", "S3://bucket/x", "/data/odd://name", "memory://m"):
             with pytest.raises(ConfigError) as info:
+                target_config({"name": "t", "url": url})
+            assert str(info.value) == (
+                f"target: url: unsupported url (use a directory or s3://bucket/prefix) (got {url!r})"
+            )
+            with pytest.raises(ConfigError) as info:  # a config built in code
                 await open_backend(TargetConfig(name="t", url=url))
             assert str(info.value) == (
                 f"target t: unsupported url {url!r} (use a directory or s3://bucket/prefix)"
             )
         with pytest.raises(ConfigError, match="invalid bucket name"):
-            await open_backend(TargetConfig(name="t", url="s3://B/x"))
+            target_config({"name": "t", "url": "s3://B/x"})
+        with pytest.raises(TypeError, match="needs a PosixTargetConfig"):  # a bug, not a config error
+            await open_backend(TargetConfig(name="t", url=str(tmp_path)))
         for url in (str(tmp_path), f"file://{tmp_path}"):
-            posix = await open_backend(TargetConfig(name="t", url=url))
+            posix = await open_backend(target_config({"name": "t", "url": url}))
             assert posix.url == str(tmp_path)
             await posix.close()
 
@@ -108,16 +115,21 @@ def test_registry_keeps_builtin_urls_and_their_errors(tmp_path: Path) -> None:
 
 
 def test_memory_urls_validate_and_open_only_while_registered(tmp_path: Path) -> None:
-    cfg = parse_config(
-        {"targets": [{"name": "m", "url": "memory://m"}], "state_dir": "state"}, tmp_path, "test"
-    )
-    assert cfg.targets[0].url == "memory://m"  # not taken for a relative path
+    data = {"targets": [{"name": "m", "url": "memory://m"}], "state_dir": "state"}
+    with pytest.raises(ConfigError, match=r"targets\[0\]\.url: unsupported url"):
+        parse_config(data, tmp_path, "test")
     with MemoryTargets() as fakes:
+        cfg = parse_config(data, tmp_path, "test")
+        assert cfg.targets[0].url == "memory://m"  # not taken for a relative path
         fakes.add("m")
         target = asyncio.run(open_backend(cfg.targets[0]))
         assert isinstance(target, FaultyTarget) and isinstance(target.inner, MemoryTarget)
         with pytest.raises(PermanentTargetError, match="no memory target named 'other'"):
-            asyncio.run(open_backend(TargetConfig(name="o", url="memory://other")))
+            asyncio.run(open_backend(target_config({"name": "o", "url": "memory://other"})))
+        with pytest.raises(ConfigError, match="endpoint_url: does not apply to a memory:// target"):
+            target_config({"name": "o", "url": "memory://m", "endpoint_url": "http://x"})
+        faulty = target_config({"name": "f", "url": "faulty://f", "endpoint_url": "http://x"})
+        assert faulty.url == "faulty://f"  # faulty:// takes S3 settings (for an s3:// url it wraps)
         with pytest.raises(ValueError):
             MemoryTargets().__enter__()  # one registry at a time: a leak would be caught here
     with pytest.raises(ConfigError, match="unsupported url"):
@@ -670,11 +682,14 @@ def test_blackholed_target_times_out_and_recovers(rclone: RcloneServer, fault_pr
     assert proxy.stats.dropped > 0
 
 
+@pytest.mark.parametrize("op", ["get", "stat"])
 def test_a_blackholed_request_is_one_attempt_and_unreachable(
-    rclone: RcloneServer, fault_proxy: ProxyFactory
+    rclone: RcloneServer, fault_proxy: ProxyFactory, op: str
 ) -> None:
     """The SDK makes one attempt per request (our RetryingTarget does the retrying), and a
-    server that never answers is reported as unreachable (exit code 3), like a refused one."""
+    server that never answers is reported as unreachable (exit code 3), like a refused one.
+    (A read timeout in ``stat``, the daemon's probe, once crashed the publisher: the SDK's
+    transport errors carry ``response = None``.)"""
     proxy = fault_proxy(rclone)
     bucket = rclone.new_bucket()
     proxy.set_mode("blackhole")
@@ -682,7 +697,7 @@ def test_a_blackholed_request_is_one_attempt_and_unreachable(
 
     async def go(t: Target) -> None:
         with pytest.raises(TargetUnreachableError) as info:
-            await t.get("obj")
+            await (t.get("obj") if op == "get" else t.stat("obj"))
         assert info.value.exit_code == 3
 
     cfg = {**s3_config(proxy, bucket, timeout=1), "retry": {"give_up_after": 0, "command_give_up_after": 0}}

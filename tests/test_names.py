@@ -210,11 +210,11 @@ def test_s3_source_keys_with_control_characters_round_trip(
 def test_s3_source_takes_a_newline_in_a_key() -> None:
     from datetime import UTC, datetime
 
-    from replicator.config import SourceConfig
+    from replicator.config import source_config
     from replicator.sources import open_source
     from replicator.sources.base import Listing
 
-    source = open_source(SourceConfig(name="s", url="s3://bucket/data/"))
+    source = open_source(source_config({"name": "s", "url": "s3://bucket/data/"}))
     listed = {"ETag": '"e"', "LastModified": datetime.now(UTC), "Size": 1}
     listing = Listing()
     for key in ("data/new\nline", "data/dir\nname/inner", "data/\r\n\t\\"):

@@ -14,7 +14,7 @@ import pytest
 
 from bench.common import timed
 from replicator import engine
-from replicator.config import ChunkingConfig, CompressionConfig, Config, SourceConfig
+from replicator.config import ChunkingConfig, CompressionConfig, Config, source_config
 from replicator.demo import bf16
 from replicator.engine import READ_ATTEMPTS
 from replicator.errors import SourceError
@@ -251,9 +251,7 @@ def test_a_scan_reports_each_selected_file_as_it_finds_it(
         for key, body in bodies.items():
             server.client().put_object(Bucket=bucket, Key=f"data/{key}", Body=body)
         url, extra = f"s3://{bucket}/data", {"endpoint_url": server.endpoint}
-    source = open_source(
-        SourceConfig.model_validate({"name": "d", "url": url, "exclude": ["*.tmp"], **extra})
-    )
+    source = open_source(source_config({"name": "d", "url": url, "exclude": ["*.tmp"], **extra}))
     found: list[SourceFile] = []
     files = asyncio.run(source.scan(found.append)).files
     assert [f.path for f in files] == ["a.txt", "sub/b.bin", "sub/deeper/c.json"]

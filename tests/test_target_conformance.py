@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import pytest
 from minio import Minio
 
-from replicator.config import S3Access, TargetConfig
+from replicator.config import S3Access, target_config
 from replicator.errors import (
     AlreadyExistsError,
     NotFoundError,
@@ -48,7 +48,7 @@ def target_spec(request: pytest.FixtureRequest, tmp_path: Path) -> TargetSpec:
 
 def run(fn: Callable[[Target], Awaitable[T]], spec: TargetSpec, **overrides: Any) -> T:
     async def go() -> T:
-        target = await open_target(TargetConfig.model_validate({**spec.config, **overrides}))
+        target = await open_target(target_config({**spec.config, **overrides}))
         try:
             return await fn(target)
         finally:
@@ -211,7 +211,7 @@ def test_unreachable_endpoint_gives_up_with_clear_error() -> None:
     }
 
     async def go() -> None:
-        t = await open_target(TargetConfig.model_validate(cfg))
+        t = await open_target(target_config(cfg))
         try:
             await t.get("config.json")
         finally:
@@ -269,7 +269,7 @@ def test_payload_signing_stays_on_for_plain_http_across_a_network() -> None:
 
 def test_bandwidth_cap_paces_uploads(tmp_path: Path) -> None:
     """max_bandwidth is a token bucket: 3 MiB at 1 MiB/s (1 s of burst) takes about 2 s."""
-    cfg = TargetConfig.model_validate({"name": "slow", "url": str(tmp_path), "max_bandwidth": "1MiB/s"})
+    cfg = target_config({"name": "slow", "url": str(tmp_path), "max_bandwidth": "1MiB/s"})
 
     async def go() -> float:
         target = await open_target(cfg)

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from replicator.config import TargetConfig
+from replicator.config import target_config
 from replicator.errors import ReplicatorError
 from replicator.targets import open_target
 from tests.faults import FaultProxy, ProxyMode
@@ -40,7 +40,7 @@ def measure(proxy: FaultProxy, bucket: str, overrides: dict[str, Any], out: dict
         attempts.append(time.monotonic())
 
     async def go() -> str:
-        cfg = TargetConfig.model_validate(
+        cfg = target_config(
             {"name": "t", "url": f"s3://{bucket}/r", "endpoint_url": proxy.endpoint, **overrides}
         )
         started = time.monotonic()
@@ -71,7 +71,7 @@ def main() -> None:
         overrides["timeout"] = args.timeout
     if args.give_up_after is not None:
         overrides["retry"] = {"give_up_after": args.give_up_after}
-    defaults = TargetConfig(name="x", url="/x")
+    defaults = target_config({"name": "x", "url": "/x"})
     print(
         f"timeout {overrides.get('timeout', defaults.timeout)} s, retry "
         f"{defaults.retry.model_copy(update=overrides.get('retry', {}))}",

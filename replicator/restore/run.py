@@ -94,14 +94,18 @@ async def run_restore(
 
 
 async def _open_bucket(location: S3Location, target: TargetConfig, access: DestAccess) -> Destination:
+    from replicator.config import S3Access, S3TargetConfig
     from replicator.restore.s3 import S3Destination
     from replicator.targets import RetryPolicy
 
-    settings = target.model_copy(
+    # The bucket may live elsewhere than the repository: the endpoint, region and profile are
+    # overridable; the rest (timeouts) follows the target, or S3's defaults for a directory.
+    base: S3Access = target if isinstance(target, S3TargetConfig) else S3Access(timeout=target.timeout)
+    settings = base.model_copy(
         update={
-            "endpoint_url": access.endpoint_url or target.endpoint_url,
-            "region": access.region or target.region,
-            "profile": access.profile or target.profile,
+            "endpoint_url": access.endpoint_url or base.endpoint_url,
+            "region": access.region or base.region,
+            "profile": access.profile or base.profile,
         }
     )
     retry = target.retry

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -33,10 +32,10 @@ from replicator.format.chunks import Buffer
 from replicator.format.manifest import FileEntry
 from replicator.paths import encode_path
 from replicator.restore.core import FileWriter
+from replicator.retry import RetryPolicy
 from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
 from replicator.s3.settings import S3Location
 from replicator.targets.s3 import connect, content_md5
-from replicator.targets.wrappers import RetryPolicy
 
 T = TypeVar("T")
 
@@ -102,19 +101,14 @@ class S3Destination:
 
     async def call(self, operation: str, key: str, request: Callable[[], Awaitable[T]]) -> T:
         """One S3 request, its errors converted and transient ones retried within the policy."""
-        started, attempt = time.monotonic(), 0
+        backoff = self.retry.backoff()
         while True:
             try:
                 return await request()
             except SDK_ERRORS as exc:
                 err = convert_error(exc, target=NAME, operation=operation, key=key)
-                budget = self.retry.give_up_after
-                if not isinstance(err, TransientTargetError) or (
-                    budget is not None and time.monotonic() - started > budget
-                ):
+                if not isinstance(err, TransientTargetError) or not await backoff.wait():
                     raise err from exc
-            await asyncio.sleep(self.retry.delay(attempt))
-            attempt += 1
 
     async def is_current(self, entry: FileEntry) -> bool:
         key = self.key(entry.path)

@@ -37,7 +37,9 @@ _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 
 def http_status(exc: BaseException) -> int | None:
     """The HTTP status of an SDK error, when the server answered at all."""
-    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    # Transport errors (a read timeout) carry ``response = None``, not a missing attribute.
+    response = getattr(exc, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return int(status) if status else None
 
 

@@ -1,20 +1,19 @@
 """Storage targets: the protocol (:mod:`.base`), the backends (:mod:`.posix`, :mod:`.s3`) and the
 one place where cross-cutting wrappers are stacked (:func:`open_target`).
 
-A target URL's scheme picks its backend from a small registry: ``s3://`` is :class:`S3Target`,
-a plain path or ``file://`` is :class:`PosixTarget`. Tests register more schemes (an in-memory
-target with injectable faults, tests/faults.py) with :func:`register_backend`, so that failure
-paths run through the real wrapper stack and daemon instead of mocks of our own code."""
+A target url's scheme picks its backend, and the config model its entry was validated with,
+from :data:`replicator.backends.TARGETS`: ``s3://`` is :class:`S3Target`, a plain path or
+``file://`` is :class:`PosixTarget`. Tests register more schemes (an in-memory target with
+injectable faults, tests/faults.py) with :func:`register_backend`, so that failure paths run
+through the real wrapper stack and daemon instead of mocks of our own code."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
+from replicator import backends
 from replicator.config import TargetConfig
-from replicator.errors import ConfigError
-from replicator.s3.settings import parse_s3_url
+from replicator.retry import RetryPolicy
 from replicator.targets.base import ObjectInfo, Target, check_key
 from replicator.targets.posix import PosixTarget
 from replicator.targets.wrappers import (
@@ -23,7 +22,6 @@ from replicator.targets.wrappers import (
     MeteredTarget,
     RequestHook,
     RetryingTarget,
-    RetryPolicy,
     TargetHealth,
     TargetWrapper,
     unwrap,
@@ -65,52 +63,28 @@ def backend_of(target: Target) -> Target:
     return target
 
 
-async def _open_s3(cfg: TargetConfig) -> Target:
-    from replicator.targets.s3 import S3Target  # the SDK costs ~0.2 s to import: only when used
-
-    try:
-        location = parse_s3_url(cfg.url)
-    except ValueError as exc:
-        raise ConfigError(f"target {cfg.name}: {exc}") from None
-    return await S3Target.open(cfg.name, location, cfg, cfg.concurrency + 4, cfg.checksum)
-
-
-async def _open_posix(cfg: TargetConfig) -> Target:
-    return PosixTarget(cfg.name, Path(cfg.url.removeprefix("file://")), cfg.concurrency)
-
-
-_BUILTIN = ("s3", "file")
-_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")  # RFC 3986, lower case
-_BACKENDS: dict[str, BackendFactory] = {"s3": _open_s3, "file": _open_posix}
-
-
-def register_backend(scheme: str, factory: BackendFactory) -> None:
-    """Make ``scheme://...`` target urls open with ``factory`` (tests: in-memory and
-    fault-injecting targets). The built-in schemes cannot be replaced, and a scheme is
-    registered once: a second registration is a leak from an earlier test, so it raises."""
-    if not _SCHEME.match(scheme) or scheme in _BACKENDS:
-        raise ValueError(f"cannot register target url scheme {scheme!r}")
-    _BACKENDS[scheme] = factory
+def register_backend(
+    scheme: str,
+    factory: BackendFactory,
+    config: type[TargetConfig] = TargetConfig,
+    *,
+    what: str | None = None,
+) -> None:
+    """Make ``scheme://...`` target urls validate with ``config`` (default: the common
+    settings only) and open with ``factory`` (:func:`replicator.backends.register_target`).
+    The built-in schemes cannot be replaced, and a scheme is registered once: a second
+    registration is a leak from an earlier test, so it raises."""
+    backends.register_target(scheme, config, factory, what=what)
 
 
 def unregister_backend(scheme: str) -> None:
     """Undo :func:`register_backend`; unknown schemes are ignored, built-in ones refused."""
-    if scheme in _BUILTIN:
-        raise ValueError(f"cannot unregister built-in target url scheme {scheme!r}")
-    _BACKENDS.pop(scheme, None)
+    backends.TARGETS.remove(scheme)
 
 
 async def open_backend(cfg: TargetConfig) -> Target:
     """The bare backend for ``cfg.url``, connected (S3: bucket checked)."""
-    scheme, sep, _ = cfg.url.partition("://")
-    if not sep:
-        return await _open_posix(cfg)
-    factory = _BACKENDS.get(scheme)
-    if factory is None:
-        raise ConfigError(
-            f"target {cfg.name}: unsupported url {cfg.url!r} (use a directory or s3://bucket/prefix)"
-        )
-    return await factory(cfg)
+    return await backends.target_backend(cfg).open(cfg)
 
 
 def retry_policy(cfg: TargetConfig, *, interactive: bool = True) -> RetryPolicy:

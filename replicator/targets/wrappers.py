@@ -9,10 +9,8 @@ Each wrapper is a Target itself, can be tested alone, and is reachable with :fun
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from replicator import metrics
@@ -24,6 +22,7 @@ from replicator.errors import (
     TransientTargetError,
 )
 from replicator.log import get_logger
+from replicator.retry import Backoff, RetryPolicy
 from replicator.targets.base import ObjectInfo, Target
 
 T = TypeVar("T")
@@ -72,19 +71,6 @@ def unwrap(target: Target, kind: type[W]) -> W | None:
         layer = layer.inner
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Capped exponential backoff with full jitter (AWS Architecture Blog, "Exponential Backoff
-    And Jitter", 2015). ``give_up_after=None`` retries forever: the daemon outlives outages."""
-
-    initial: float = 0.5
-    max: float = 30.0
-    give_up_after: float | None = 300.0
-
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max, self.initial * 2 ** min(attempt, 30)))
-
-
 class TargetHealth:
     """Whether a target answers, as its requests find out: *failing* from the first failed
     attempt (transient or permanent; "not found" is an answer) to the next success.
@@ -131,27 +117,24 @@ class RetryingTarget(TargetWrapper):
         self.policy = policy
         self.health = health or TargetHealth(inner.name)
 
-    async def _wait_before_retry(self, exc: TransientTargetError, started: float, attempt: int) -> None:
-        """Sleep before attempt ``attempt + 1``, or re-raise ``exc`` once the budget is spent."""
-        now = time.monotonic()
+    async def _wait_before_retry(self, exc: TransientTargetError, backoff: Backoff) -> None:
+        """Sleep before the next attempt, or re-raise ``exc`` once the budget is spent."""
         self.health.failed(exc)
-        delay = self.policy.delay(attempt)
-        limit = self.policy.give_up_after
-        if limit is not None and now - started + delay > limit:
+        delay = backoff.next_delay()
+        if backoff.exhausted:
             raise exc
         log.warning(
-            "target.retry", target=self.name, error=str(exc), attempt=attempt + 1, delay=round(delay, 2)
+            "target.retry", target=self.name, error=str(exc), attempt=backoff.failures, delay=round(delay, 2)
         )
         await asyncio.sleep(delay)
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        started, attempt = time.monotonic(), 0
+        backoff = self.policy.backoff()
         while True:
             try:
                 result = await fn()
             except TransientTargetError as exc:
-                await self._wait_before_retry(exc, started, attempt)
-                attempt += 1
+                await self._wait_before_retry(exc, backoff)
                 continue
             except (NotFoundError, AlreadyExistsError):
                 self.health.succeeded()  # an answer: the target is there
@@ -179,15 +162,14 @@ class RetryingTarget(TargetWrapper):
 
     async def list(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         # A failed listing restarts after the last key handed out: never repeats, never skips.
-        last, started, attempt = start_after, time.monotonic(), 0
+        last, backoff = start_after, self.policy.backoff()
         while True:
             try:
                 async for item in self.inner.list(prefix, start_after=last):
                     last = item.key
                     yield item
             except TransientTargetError as exc:
-                await self._wait_before_retry(exc, started, attempt)
-                attempt += 1
+                await self._wait_before_retry(exc, backoff)
                 continue
             except TargetError as exc:
                 self.health.failed(exc)
