@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -251,6 +252,12 @@ def test_the_daemon_applies_each_targets_policy_and_a_reloaded_one(tmp_path: Pat
         wait_until(lambda: "config.reloaded" in daemon.log_text(), what="reloaded")
         (primary / "part-4.bin").write_bytes(b"4" * 10_000)
         wait_until(lambda: len(all_manifests(b, "ds")) == 2, what="b keeps 2")
+        wait_until(lambda: len(all_manifests(a, "ds")) == 1, what="a keeps 1 again")
+        with urllib.request.urlopen(f"http://{data['listen']}/metrics", timeout=10) as response:
+            exported = response.read().decode()
+        assert 'replicator_snapshots_forgotten_total{source="ds",target="a"} 4.0' in exported
+        assert 'replicator_snapshots_forgotten_total{source="ds",target="b"} 3.0' in exported
+        assert 'replicator_retention_failures_total{source="ds",target="a"} 0.0' in exported
     finally:
         assert daemon.stop() == 0, daemon.log_text()
     assert [len(m.files) for m in all_manifests(b, "ds")] == [4, 5]

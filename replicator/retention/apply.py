@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from replicator import metrics
 from replicator.config import Config, SourceConfig
 from replicator.errors import ReplicatorError, RepositoryError, TargetError, TargetUnreachableError
 from replicator.log import get_logger
@@ -73,6 +74,7 @@ async def delete(
         await repo.delete_snapshot(source, sid)
         cache.pop(sid, None)
         done.append(sid)
+        metrics.SNAPSHOTS_FORGOTTEN.labels(source, repo.target.name).inc()
         log.info("retention.deleted", source=source, target=repo.target.name, snapshot=sid)
     return done
 
@@ -88,9 +90,11 @@ async def apply(
         result = await plan(repo, cfg.name, cfg.kind, policy, latest, cache)
         return await delete(repo, cfg.name, result.drop, cache)
     except ListingMissesLatestError:
+        metrics.RETENTION_FAILURES.labels(cfg.name, target).inc()
         log.warning("retention.suspicious_listing", source=cfg.name, target=target)
         return []
     except ReplicatorError as exc:
+        metrics.RETENTION_FAILURES.labels(cfg.name, target).inc()
         log.warning("retention.failed", source=cfg.name, target=target, error=str(exc))
         return []
 
