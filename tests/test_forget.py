@@ -3,6 +3,7 @@ a real S3 server (rclone), then a retention policy applied, per target."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -15,8 +16,13 @@ from typing import Any
 
 import pytest
 
+from replicator.config import parse_config
+from replicator.errors import PermanentTargetError
+from replicator.metrics import REGISTRY
+from replicator.sync import run_sync
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
 from tests.daemon_helpers import DaemonProcess, all_manifests, file_count, wait_until
+from tests.faults import MemoryTargets
 from tests.helpers import checkpoint_source, config_dict, make_checkpoint
 
 STEPS = [500, 1000, 1500, 2000, 2500, 3000]
@@ -266,3 +272,41 @@ def test_the_daemon_applies_each_targets_policy_and_a_reloaded_one(tmp_path: Pat
 
 def _both_have(a: dict[str, Any], b: dict[str, Any], n: int) -> bool:
     return file_count(a, "ds") == n == file_count(b, "ds")
+
+
+def test_a_denied_delete_fails_retention_not_the_publish(
+    tmp_path: Path, memory_targets: MemoryTargets
+) -> None:
+    """A credential without DeleteObject: every publish succeeds, old manifests stay, and the
+    failure is counted; once deletes are allowed, the next publish catches up."""
+    fake = memory_targets.add("m")
+    store = fake.store
+    assert store is not None
+    primary = tmp_path / "primary"
+    primary.mkdir()
+    source = {"name": "ds", "url": str(primary), "retention": {"keep_last": 1}}
+    config = parse_config(config_dict(tmp_path, [source], [{"name": "m", "url": "memory://m"}]), tmp_path)
+    labels = {"source": "ds", "target": "m"}
+
+    def counter(name: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    def publish(i: int) -> None:
+        (primary / f"part-{i}").write_bytes(bytes([i]) * 1000)
+        results, errors = asyncio.run(run_sync(config))
+        assert not errors and [t.status for t in results[0].targets] == ["published"]
+
+    failures, forgotten = (
+        counter("replicator_retention_failures_total"),
+        counter("replicator_snapshots_forgotten_total"),
+    )
+    denied = fake.plan.fail("delete", times=None, error=PermanentTargetError, message="AccessDenied")
+    for i in range(3):
+        publish(i)
+    assert len(store.keys("snapshots/ds/")) == 3
+    # The first publish had nothing to delete; the next two each failed on their first delete.
+    assert counter("replicator_retention_failures_total") == failures + 2
+    denied.cancel()
+    publish(3)
+    assert len(store.keys("snapshots/ds/")) == 1
+    assert counter("replicator_snapshots_forgotten_total") == forgotten + 3
