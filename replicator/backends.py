@@ -1,139 +1,77 @@
-"""Backends: which settings and which code a source or target url names.
+"""Backends: the code each source and target url scheme names.
 
-A url's scheme picks its backend (a plain path is ``file``). Each scheme is registered once,
-for sources and for targets separately, with:
+The configuration decides which settings a url takes (:data:`replicator.config.SOURCE_URLS`,
+:data:`replicator.config.TARGET_URLS`: the scheme's config model); this module keeps, per
+scheme, the code that opens it:
 
-* the config model that validates an entry with such a url: the common fields of
-  :class:`~replicator.config.SourceConfig` / :class:`~replicator.config.TargetConfig` plus
-  its own, so a setting of one backend given to another is refused by name
-  (:func:`replicator.config._by_scheme`);
-* the factory that opens it (:func:`replicator.targets.open_backend`,
-  :func:`replicator.sources.open_source`);
-* for a source, how ``replicator run`` sees its changes: a watcher, or none (the daemon
-  lists it every ``poll_interval``).
+* for a target, the factory of the bare backend (the wrappers are stacked by
+  :func:`replicator.targets.open_target`);
+* for a source, the factory, and how ``replicator run`` sees its changes: a watcher, or none
+  (the daemon lists it every ``poll_interval``).
 
-The built-in backends are registered at the bottom of this module; a new one (GCS, Azure)
-is one module implementing the protocol (:mod:`replicator.targets.base`,
-:mod:`replicator.sources.base`) and one registration here. Tests add schemes of their own
-(``memory://``, ``faulty://``: tests/faults.py). Factories import their implementation
-when a url of theirs is opened, so a POSIX-only config never loads the S3 SDK; this module
-imports only the config models, so that validating a config loads no backend at all.
+A new backend (GCS, Azure) is one module implementing the protocol
+(:mod:`replicator.targets.base`, :mod:`replicator.sources.base`), a config model, and one
+:func:`register_target` / :func:`register_source` call, which registers both. Tests add
+schemes of their own (``memory://``, ``faulty://``: tests/faults.py). Factories import their
+implementation when a url of theirs is opened, so a POSIX-only config never loads the S3 SDK.
 (Compare restic's backend location registry and Litestream's replica client types.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from replicator.config import (
+    SOURCE_URLS,
+    TARGET_URLS,
     PosixSourceConfig,
     PosixTargetConfig,
     S3SourceConfig,
     S3TargetConfig,
     SourceConfig,
     TargetConfig,
+    UrlKind,
+    UrlKinds,
+    scheme_of,
 )
-from replicator.errors import ConfigError
 
 if TYPE_CHECKING:
     from replicator.sources.base import Source
     from replicator.sources.watch import ChangeCallback
     from replicator.targets.base import Target
 
-SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
-"""RFC 3986, lower case."""
-
-
-def scheme_of(url: str) -> str:
-    """``s3`` for ``s3://...``; ``file`` for a plain path (what precedes ``://`` otherwise,
-    valid scheme or not: it then names no backend)."""
-    scheme, sep, _ = url.partition("://")
-    return scheme if sep else "file"
-
 
 @dataclass(frozen=True)
 class TargetBackend:
     scheme: str
-    config: type[TargetConfig]
     open: Callable[[TargetConfig], Awaitable[Target]]
-    """The bare backend, connected (S3: bucket checked); the wrappers are stacked by
-    :func:`replicator.targets.open_target`."""
-    what: str
-    """How messages name one: "a directory", "an s3:// bucket"."""
-    example: str
-    """How hints show its url: "a directory", "s3://bucket/prefix"."""
+    """The bare backend, connected (S3: bucket checked)."""
 
 
 @dataclass(frozen=True)
 class SourceBackend:
     scheme: str
-    config: type[SourceConfig]
     open: Callable[[SourceConfig], Source]
-    what: str
-    example: str
     watch: Callable[[SourceConfig, ChangeCallback, asyncio.Event], Awaitable[None]] | None = None
     """``replicator run``: report changes as they happen until the event is set. None: the
     source is polled (listed every ``poll_interval``)."""
 
 
-class _Backend(Protocol):
-    @property
-    def scheme(self) -> str: ...
-    @property
-    def example(self) -> str: ...
-
-
-B = TypeVar("B", bound=_Backend)
-
-
-class Registry(Generic[B]):
-    """The backends of one kind (``source`` or ``target``) by url scheme."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self._backends: dict[str, B] = {}
-        self._builtin: set[str] = set()
-
-    def add(self, backend: B, *, builtin: bool = False) -> None:
-        """Register ``backend`` for its scheme. Built-in schemes cannot be replaced, and a
-        scheme is registered once: a second registration (a leak from an earlier test) raises."""
-        if not SCHEME.match(backend.scheme) or backend.scheme in self._backends:
-            raise ValueError(f"cannot register {self.kind} url scheme {backend.scheme!r}")
-        self._backends[backend.scheme] = backend
-        if builtin:
-            self._builtin.add(backend.scheme)
-
-    def remove(self, scheme: str) -> None:
-        """Undo :meth:`add`; unknown schemes are ignored, built-in ones refused."""
-        if scheme in self._builtin:
-            raise ValueError(f"cannot unregister built-in {self.kind} url scheme {scheme!r}")
-        self._backends.pop(scheme, None)
-
-    def get(self, url: str) -> B | None:
-        """The backend ``url`` names, or None."""
-        return self._backends.get(scheme_of(url))
-
-    def __iter__(self) -> Iterator[B]:
-        return iter(list(self._backends.values()))
-
-    def examples(self) -> str:
-        """The registered kinds of url, for hints: "a directory or s3://bucket/prefix"."""
-        shown = [b.example for b in self._backends.values()]
-        return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
-
-    def unsupported(self, name: str, url: str) -> ConfigError:
-        return ConfigError(f"{self.kind} {name}: unsupported url {url!r} (use {self.examples()})")
-
-
-TARGETS: Registry[TargetBackend] = Registry("target")
-SOURCES: Registry[SourceBackend] = Registry("source")
+_TARGETS: dict[str, TargetBackend] = {}
+_SOURCES: dict[str, SourceBackend] = {}
 
 T = TypeVar("T", bound=TargetConfig)
 S = TypeVar("S", bound=SourceConfig)
+
+
+def _accept(
+    urls: UrlKinds, scheme: str, model: type[T] | type[S], what: str | None, example: str | None
+) -> None:
+    kind = urls.kind
+    urls.add(UrlKind(scheme, model, what or f"a {scheme}:// {kind}", example or f"{scheme}://..."))
 
 
 def register_target(
@@ -143,12 +81,10 @@ def register_target(
     *,
     what: str | None = None,
     example: str | None = None,
-    builtin: bool = False,
 ) -> None:
     """Make ``scheme://...`` target urls validate with ``config`` and open with ``open``."""
-    factory = cast("Callable[[TargetConfig], Awaitable[Target]]", open)  # checked by target_backend
-    what = what or f"a {scheme}:// target"
-    TARGETS.add(TargetBackend(scheme, config, factory, what, example or f"{scheme}://..."), builtin=builtin)
+    _accept(TARGET_URLS, scheme, config, what, example)
+    _TARGETS[scheme] = TargetBackend(scheme, cast("Callable[[TargetConfig], Awaitable[Target]]", open))
 
 
 def register_source(
@@ -159,39 +95,42 @@ def register_source(
     watch: Callable[[S, ChangeCallback, asyncio.Event], Awaitable[None]] | None = None,
     what: str | None = None,
     example: str | None = None,
-    builtin: bool = False,
 ) -> None:
     """Make ``scheme://...`` source urls validate with ``config`` and open with ``open``;
     ``watch``: see :attr:`SourceBackend.watch`."""
-    factory = cast("Callable[[SourceConfig], Source]", open)  # checked by source_backend
+    _accept(SOURCE_URLS, scheme, config, what, example)
     watcher = cast("Callable[[SourceConfig, ChangeCallback, asyncio.Event], Awaitable[None]] | None", watch)
-    what = what or f"a {scheme}:// source"
-    backend = SourceBackend(scheme, config, factory, what, example or f"{scheme}://...", watcher)
-    SOURCES.add(backend, builtin=builtin)
+    _SOURCES[scheme] = SourceBackend(scheme, cast("Callable[[SourceConfig], Source]", open), watcher)
+
+
+def unregister_target(scheme: str) -> None:
+    """Undo :func:`register_target`; unknown schemes are ignored, built-in ones refused."""
+    TARGET_URLS.remove(scheme)
+    _TARGETS.pop(scheme, None)
 
 
 def target_backend(cfg: TargetConfig) -> TargetBackend:
     """The backend of a validated target config; ConfigError for a scheme not registered (any
     more: a test's), TypeError for a config of another backend's model (a bug)."""
-    backend = TARGETS.get(cfg.url)
-    if backend is None:
-        raise TARGETS.unsupported(cfg.name, cfg.url)
-    if not isinstance(cfg, backend.config):
-        raise TypeError(f"target {cfg.name}: {cfg.url!r} needs a {backend.config.__name__}, not {cfg!r}")
+    kind, backend = TARGET_URLS.get(cfg.url), _TARGETS.get(scheme_of(cfg.url))
+    if kind is None or backend is None:
+        raise TARGET_URLS.unsupported(cfg.name, cfg.url)
+    if not isinstance(cfg, kind.model):
+        raise TypeError(f"target {cfg.name}: {cfg.url!r} needs a {kind.model.__name__}, not {cfg!r}")
     return backend
 
 
 def source_backend(cfg: SourceConfig) -> SourceBackend:
     """As :func:`target_backend`, for a source."""
-    backend = SOURCES.get(cfg.url)
-    if backend is None:
-        raise SOURCES.unsupported(cfg.name, cfg.url)
-    if not isinstance(cfg, backend.config):
-        raise TypeError(f"source {cfg.name}: {cfg.url!r} needs a {backend.config.__name__}, not {cfg!r}")
+    kind, backend = SOURCE_URLS.get(cfg.url), _SOURCES.get(scheme_of(cfg.url))
+    if kind is None or backend is None:
+        raise SOURCE_URLS.unsupported(cfg.name, cfg.url)
+    if not isinstance(cfg, kind.model):
+        raise TypeError(f"source {cfg.name}: {cfg.url!r} needs a {kind.model.__name__}, not {cfg!r}")
     return backend
 
 
-# --- the built-in backends -----------------------------------------------------------------
+# --- the built-in backends (their config models are registered in replicator.config) ------
 
 
 async def _open_posix_target(cfg: PosixTargetConfig) -> Target:
@@ -201,9 +140,11 @@ async def _open_posix_target(cfg: PosixTargetConfig) -> Target:
 
 
 async def _open_s3_target(cfg: S3TargetConfig) -> Target:
+    from replicator.s3.settings import object_params
     from replicator.targets.s3 import S3Target  # the SDK costs ~0.2 s to import: only when used
 
-    return await S3Target.open(cfg.name, cfg.s3_location, cfg, cfg.concurrency + 4, cfg.checksum)
+    params = object_params(cfg.object_options)
+    return await S3Target.open(cfg.name, cfg.s3_location, cfg, cfg.concurrency + 4, cfg.checksum, params)
 
 
 def _open_posix_source(cfg: PosixSourceConfig) -> Source:
@@ -224,21 +165,13 @@ async def _watch_posix(cfg: PosixSourceConfig, on_change: ChangeCallback, stop: 
     await watch_posix(cfg.path, on_change, stop, poll=cfg.watch == "poll", poll_interval=cfg.poll_interval)
 
 
-register_target(
-    "file", PosixTargetConfig, _open_posix_target, what="a directory", example="a directory", builtin=True
+_TARGETS["file"] = TargetBackend(
+    "file", cast("Callable[[TargetConfig], Awaitable[Target]]", _open_posix_target)
 )
-register_target(
-    "s3", S3TargetConfig, _open_s3_target, what="an s3:// bucket", example="s3://bucket/prefix", builtin=True
-)
-register_source(
+_TARGETS["s3"] = TargetBackend("s3", cast("Callable[[TargetConfig], Awaitable[Target]]", _open_s3_target))
+_SOURCES["file"] = SourceBackend(
     "file",
-    PosixSourceConfig,
-    _open_posix_source,
-    watch=_watch_posix,
-    what="a directory",
-    example="a directory",
-    builtin=True,
+    cast("Callable[[SourceConfig], Source]", _open_posix_source),
+    cast("Callable[[SourceConfig, ChangeCallback, asyncio.Event], Awaitable[None]]", _watch_posix),
 )
-register_source(
-    "s3", S3SourceConfig, _open_s3_source, what="an s3:// bucket", example="s3://bucket/prefix", builtin=True
-)
+_SOURCES["s3"] = SourceBackend("s3", cast("Callable[[SourceConfig], Source]", _open_s3_source))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,8 +69,7 @@ def repo_target_config(
     give_up_after: str | None = None,
 ) -> tuple[TargetConfig, Config | None]:
     """Resolve ``--config/--target`` or ``--repo`` into one target's settings."""
-    from replicator.backends import TARGETS
-    from replicator.config import target_config
+    from replicator.config import TARGET_URLS, target_config
 
     if repo is not None:
         if config_path is not None and target is not None:
@@ -77,12 +77,14 @@ def repo_target_config(
         setup_logging(log_level)
         url = repo if "://" in repo else str(Path(repo).resolve())
         # --endpoint, --region and --profile apply to s3:// repositories only.
-        backend = TARGETS.get(url)
-        fields = backend.config.model_fields if backend is not None else {}
+        kind = TARGET_URLS.get(url)
+        fields = kind.model.model_fields if kind is not None else {}
         options = {"endpoint_url": endpoint, "region": region, "profile": profile}
-        given = {k: v for k, v in options.items() if v is not None and k in fields}
+        given: dict[str, object] = {k: v for k, v in options.items() if v is not None and k in fields}
+        given.update(repo_sse_from_env(fields))
         try:
-            cfg = target_config({"name": "repo", "url": url, **given}, origin="--repo")
+            origin = f"--repo (with {REPO_CUSTOMER_KEY_ENV})" if "sse" in given else "--repo"
+            cfg = target_config({"name": "repo", "url": url, **given}, origin=origin)
         except ConfigError as exc:
             fail(str(exc), 2)
         return with_give_up(cfg, give_up_after), None
@@ -95,6 +97,33 @@ def repo_target_config(
         return with_give_up(config.target(target), give_up_after), config
     except ConfigError as exc:
         fail(str(exc), 2)
+
+
+REPO_CUSTOMER_KEY_ENV = "REPLICATOR_SSE_CUSTOMER_KEY"
+"""``--repo s3://...`` of a repository written with ``sse: {type: customer}``: its SSE-C key
+(base64), from the environment only (a command line is visible in ``ps``)."""
+
+
+def repo_sse_from_env(fields: Mapping[str, object]) -> dict[str, object]:
+    """The ``sse`` setting of a ``--repo`` target whose SSE-C key is in the environment."""
+    import os
+
+    from replicator import log
+
+    key = os.environ.get(REPO_CUSTOMER_KEY_ENV)
+    if not key or "sse" not in fields:
+        return {}
+    log.REDACTOR.add([key])
+    return {"sse": {"type": "customer", "customer_key": key}}
+
+
+def only_source(config: Config | None, source: str | None) -> str | None:
+    """``--source``, else the config's only source; None leaves it to the repository (its only
+    source). A given name is not checked against the config: a repository keeps the snapshots
+    of sources since removed from it (the repository names what it holds)."""
+    if source is None and config is not None and len(config.sources) == 1:
+        return config.sources[0].name
+    return source
 
 
 def with_give_up(cfg: TargetConfig, give_up_after: str | None) -> TargetConfig:
@@ -160,9 +189,14 @@ def run(
     the others and catches up when it returns. SIGTERM/SIGINT drain in-flight work for up to
     `shutdown_grace`, then exit 0."""
     from replicator.daemon import run_daemon
+    from replicator.s3.settings import check_profiles
 
     config = load(config_path, log_level, default_level="info")
     check_selection(config)
+    try:
+        check_profiles(config)  # the daemon would retry a missing AWS profile forever
+    except ConfigError as exc:
+        fail(str(exc), 2)
     assert config_path is not None
     run_coroutine(lambda: run_daemon(config, config_path))
 
@@ -196,7 +230,7 @@ def forget(
     config_path: opt.ConfigPath = None,
     source: opt.Sources = None,
     target: opt.Targets = None,
-    dry_run: opt.DryRun = False,
+    dry_run: opt.ForgetDryRun = False,
     give_up_after: opt.GiveUp = None,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
@@ -292,7 +326,7 @@ def snapshots(
 @app.command()
 def restore(
     dest: opt.Dest,
-    source: opt.RestoreSource,
+    source: opt.RestoreSource = None,
     config_path: opt.ConfigPath = None,
     target: opt.Target = None,
     repo: opt.Repo = None,
@@ -306,7 +340,13 @@ def restore(
     dest_endpoint_url: opt.DestEndpoint = None,
     dest_region: opt.DestRegion = None,
     dest_profile: opt.DestProfile = None,
+    dest_sse: opt.DestSse = None,
+    dest_kms_key_id: opt.DestKmsKey = None,
+    dest_storage_class: opt.DestStorageClass = None,
+    dest_tags: opt.DestTags = None,
     no_sync: opt.NoSync = False,
+    overwrite: opt.Overwrite = "if-changed",
+    dry_run: opt.DryRun = False,
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
     log_level: opt.LogLevel = None,
@@ -320,31 +360,134 @@ def restore(
     disk at once (one syncfs), so success means durable; --no-sync skips that. Files already
     correct in DEST are skipped, so an interrupted restore is resumed by running it again.
     Nothing is written outside DEST: manifest paths are untrusted and symlinks in DEST are never
-    followed. Prints the measured throughput."""
-    from replicator.restore.run import DestAccess, parse_destination, run_restore
+    followed. Prints the measured throughput.
+
+    Into a directory that already holds files, look first, then choose what may be replaced
+    (files DEST has that the snapshot does not are never touched):
+
+        replicator restore --repo s3://bkt/repo -s ckpt --dry-run ./run-7
+
+        replicator restore --repo s3://bkt/repo -s ckpt --overwrite never ./run-7
+
+    See what a snapshot holds with `replicator ls`."""
+    from replicator.restore.run import DestAccess, dest_object_options, parse_destination, run_restore
     from replicator.units import parse_time_point
 
-    tcfg, _ = repo_target_config(
+    tcfg, config = repo_target_config(
         config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after
     )
+    source = only_source(config, source)
     if at is not None and snapshot is not None:
         fail("give either --snapshot or --at, not both", 2)
     when = None if at is None else parse_option("--at", at, lambda v: parse_time_point(v, datetime.now(UTC)))
     where = parse_option(None, dest, parse_destination)
-    access = DestAccess(dest_endpoint_url, dest_region, dest_profile)
+    try:
+        objects = dest_object_options(dest_sse, dest_kms_key_id, dest_storage_class, dest_tags or ())
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    if objects is not None and isinstance(where, Path):
+        fail("--dest-sse, --dest-kms-key-id, --dest-storage-class and --dest-tag need an s3:// DEST", 2)
+    access = DestAccess(dest_endpoint_url, dest_region, dest_profile, objects)
     progress = make_progress(quiet or as_json)
     outcome = run_coroutine(
         lambda: run_restore(
-            tcfg, source, where, when or snapshot, include or (), access, sync=not no_sync, progress=progress
+            tcfg,
+            source,
+            where,
+            when or snapshot,
+            include or (),
+            access,
+            sync=not no_sync,
+            progress=progress,
+            overwrite=overwrite,
+            dry_run=dry_run,
         )
     )
     if as_json:
         emit_json(outcome.to_json())
     else:
+        show(render.restore_conflict_lines(outcome))
         typer.echo(render.restore_line(outcome, dest))
         show(render.restore_failure_lines(outcome), err=True)
     if not outcome.result.ok:
         raise typer.Exit(1)
+
+
+# -- looking inside snapshots (issue 22) ------------------------------------------------------
+
+
+@app.command()
+def ls(
+    source: opt.InspectSource,
+    globs: opt.LsGlobs = None,
+    config_path: opt.ConfigPath = None,
+    target: opt.Target = None,
+    repo: opt.Repo = None,
+    snapshot: opt.RestoreSnapshot = None,
+    endpoint_url: opt.Endpoint = None,
+    region: opt.Region = None,
+    profile: opt.Profile = None,
+    give_up_after: opt.GiveUp = None,
+    as_json: opt.Json = False,
+    log_level: opt.LogLevel = None,
+) -> None:
+    """List the files of a snapshot (default: the latest) without restoring anything: mode,
+    size, modification time (UTC) and path; for a checkpoint source, grouped by checkpoint set.
+
+    GLOBs select files as restore's --include does, so `ls` shows what such a restore would
+    write. Only the manifest is read. Names that are not printable or not UTF-8 are shown
+    quoted ($'...'); --json carries their exact bytes (path_b64).
+
+        replicator ls --repo s3://bkt/repo -s ckpt
+
+        replicator ls -c replicator.yaml -t offsite -s ckpt --snapshot 20261207 'step-0002*'"""
+    from replicator.contents import list_snapshot
+
+    tcfg, _ = repo_target_config(
+        config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after
+    )
+    for g in globs or ():
+        parse_option("GLOB", g, _check_glob)
+    listing = run_coroutine(lambda: list_snapshot(tcfg, source, snapshot, globs or ()))
+    emit(as_json, listing.to_json(), lambda: render.listing_lines(listing))
+
+
+@app.command()
+def diff(
+    source: opt.InspectSource,
+    old: opt.DiffOld,
+    new: opt.DiffNew,
+    config_path: opt.ConfigPath = None,
+    target: opt.Target = None,
+    repo: opt.Repo = None,
+    endpoint_url: opt.Endpoint = None,
+    region: opt.Region = None,
+    profile: opt.Profile = None,
+    give_up_after: opt.GiveUp = None,
+    as_json: opt.Json = False,
+    log_level: opt.LogLevel = None,
+) -> None:
+    """What changed between two snapshots of a source: files added (+), removed (-) and changed
+    (M: other bytes, by digest), with sizes and totals; for a checkpoint source, grouped by
+    checkpoint set (a set added or removed as a whole says so).
+
+    Only the two manifests are read.
+
+        replicator diff --repo /mnt/dr/repo -s ckpt 20261206 latest"""
+    from replicator.contents import diff_snapshots
+
+    tcfg, _ = repo_target_config(
+        config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after
+    )
+    result = run_coroutine(lambda: diff_snapshots(tcfg, source, old, new))
+    emit(as_json, result.to_json(), lambda: render.diff_lines(result))
+
+
+def _check_glob(pattern: str) -> str:
+    from replicator.globs import compile_glob
+
+    compile_glob(pattern)
+    return pattern
 
 
 @app.command()
@@ -438,6 +581,45 @@ def _invoke(args: list[str]) -> None:
     except typer.Exit as exc:
         if exc.exit_code:
             raise
+
+
+# -- config ---------------------------------------------------------------------------------
+
+config_app = typer.Typer(
+    name="config",
+    help="Check a configuration file.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(config_app)
+
+
+@config_app.command("check")
+def config_check(
+    config_path: opt.ConfigPath = None,
+    online: opt.Online = False,
+    as_json: opt.Json = False,
+    log_level: opt.LogLevel = None,
+) -> None:
+    """Validate a config file: every problem, one line each, then a summary of its sources and
+    targets.
+
+    With --online, also reach each source and target and try what replicator needs: list and
+    read a source; put, get, list and delete a scratch object (tmp/config-check-...) on a
+    target. Exit codes: 0 fine; 2 the config is invalid; 3 a source or target could not be
+    reached; 1 a permission is missing."""
+    from replicator.config_check import check_offline, check_online
+
+    if config_path is None:
+        fail("--config is required (or set REPLICATOR_CONFIG)", 2)
+    setup_logging(log_level)
+    report, config = check_offline(config_path)
+    if online and config is not None and not report.problems:
+        run_coroutine(lambda: check_online(config, report))
+    emit(as_json, report.to_json(), lambda: render.config_check_lines(report))
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
 
 
 @app.callback(invoke_without_command=True)

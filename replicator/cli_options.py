@@ -6,7 +6,7 @@ alone. Imports only typer: ``replicator --help`` must stay fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -70,13 +70,22 @@ AllowDeletes = Annotated[
 
 # -- forget -----------------------------------------------------------------------------------
 
-DryRun = Annotated[
+ForgetDryRun = Annotated[
     bool, typer.Option("--dry-run", "-n", help="Say what would be kept and dropped; delete nothing.")
 ]
 
 # -- restore ----------------------------------------------------------------------------------
 
-RestoreSource = Annotated[str, typer.Option("--source", "-s", help="Source whose snapshot to restore.")]
+RestoreSource = Annotated[
+    str | None,
+    typer.Option(
+        "--source",
+        "-s",
+        help="Source whose snapshot to restore (default: the only source of the config, or of the "
+        "repository).",
+        show_default=False,
+    ),
+]
 
 Dest = Annotated[
     str,
@@ -113,6 +122,33 @@ DestRegion = Annotated[
 ]
 DestProfile = Annotated[
     str | None, typer.Option("--dest-profile", help="AWS profile for an s3:// DEST (default: --profile).")
+]
+# restore into a bucket: how its objects are stored (issue 22)
+DestSse = Annotated[
+    str | None,
+    typer.Option(
+        "--dest-sse",
+        metavar="TYPE",
+        help="Server-side encryption of the restored objects: aes256, kms or customer (SSE-C, "
+        "the base64 key from the environment variable REPLICATOR_DEST_SSE_CUSTOMER_KEY).",
+        show_default=False,
+    ),
+]
+DestKmsKey = Annotated[
+    str | None,
+    typer.Option(
+        "--dest-kms-key-id", help="With --dest-sse kms: the KMS key id, ARN or alias.", show_default=False
+    ),
+]
+DestStorageClass = Annotated[
+    str | None,
+    typer.Option(
+        "--dest-storage-class", help="S3 storage class of the restored objects.", show_default=False
+    ),
+]
+DestTags = Annotated[
+    list[str] | None,
+    typer.Option("--dest-tag", metavar="KEY=VALUE", help="Tag every restored object (repeatable)."),
 ]
 NoSync = Annotated[
     bool,
@@ -181,6 +217,18 @@ Repair = Annotated[
 ]
 
 
+# -- config check -----------------------------------------------------------------------------
+
+Online = Annotated[
+    bool,
+    typer.Option(
+        "--online",
+        help="Also reach every source and target and check the permissions replicator needs "
+        "(a scratch object is written to each target and deleted).",
+    ),
+]
+
+
 def optional_values(args: list[str]) -> list[str]:
     """Let ``--read-data`` stand alone meaning 100 %: click options cannot take an optional
     value, so a bare ``--read-data`` gets its default spelled out before parsing."""
@@ -192,3 +240,47 @@ def optional_values(args: list[str]) -> list[str]:
             if nxt is None or nxt.startswith("-") or not nxt.rstrip("%").replace(".", "", 1).isdigit():
                 out.append("100")
     return out
+
+
+# -- ls, diff, and restore's overwrite rules (issue 22) ---------------------------------------
+
+InspectSource = Annotated[
+    str, typer.Option("--source", "-s", help="The source whose snapshots to look at.", show_default=False)
+]
+LsGlobs = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Only paths matching these globs (as restore's --include: `*.safetensors`, "
+        "`step-000200`, `step-*/model-*`).",
+        metavar="GLOB",
+        show_default=False,
+    ),
+]
+DiffOld = Annotated[
+    str,
+    typer.Argument(help="The older snapshot: an id, a unique prefix, or 'latest'.", metavar="SNAP1"),
+]
+DiffNew = Annotated[
+    str,
+    typer.Argument(help="The newer snapshot: an id, a unique prefix, or 'latest'.", metavar="SNAP2"),
+]
+Overwrite = Annotated[
+    Literal["always", "if-changed", "never"],
+    typer.Option(
+        "--overwrite",
+        help="What to do with a file DEST already has: if-changed (the default) leaves it "
+        "alone if its bytes already match the snapshot (hashed, never judged by size or "
+        "mtime) and replaces it otherwise; always writes it again, identical or not; never "
+        "leaves every existing file untouched and lists it. Files DEST has that the snapshot "
+        "does not are never touched.",
+    ),
+]
+DryRun = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        "-n",
+        help="Write nothing (not even DEST): list what would be restored new, what would be "
+        "replaced and what would be left alone or kept. Existing files are read (hashed) to tell.",
+    ),
+]

@@ -30,6 +30,7 @@ from replicator import gate, metrics
 from replicator.budget import Budget, Clock, Ledger, TargetBudget, utc_now
 from replicator.config import Config, Priority, SourceConfig, TargetConfig
 from replicator.errors import (
+    ConfigError,
     FileChangedError,
     ReplicatorError,
     RepositoryError,
@@ -274,7 +275,11 @@ class Replicator:
             if not done:
                 break
             for task in done:
-                task.result()  # a bug surfaces here, not later
+                if task.exception() is not None:  # a ConfigError (a missing AWS profile) or a bug
+                    for other in pending:
+                        other.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                task.result()  # raised here, not later
             if first_open is None and any(task.result() is not None for task in done):
                 first_open = time.monotonic()
         for cfg, task in zip(self.target_configs, tasks, strict=True):
@@ -285,6 +290,8 @@ class Replicator:
     async def _attach_or_record(self, cfg: TargetConfig) -> OpenTarget | None:
         try:
             return await self.attach(cfg)
+        except ConfigError:
+            raise  # the config needs fixing (a missing AWS profile): the command stops, exit 2
         except ReplicatorError as exc:
             self.target_errors[cfg.name] = exc
             log.error("target.unavailable", target=cfg.name, error=str(exc))

@@ -9,6 +9,8 @@ like "not found": only a backend that positively answered "no such object" raise
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from replicator.paths import one_line
 
 
@@ -114,3 +116,11 @@ class FileChangedError(SourceError):
     def __init__(self, message: str, **kwargs: object) -> None:
         kwargs.setdefault("retryable", True)
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'keep_last'?"`` when one of ``known`` is close to ``name``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""

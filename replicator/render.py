@@ -19,6 +19,8 @@ from replicator.paths import display_path, one_line
 from replicator.units import format_duration, format_size
 
 if TYPE_CHECKING:
+    from replicator.config_check import ConfigReport
+    from replicator.contents import Change, Listing, SnapshotDiff
     from replicator.engine import SourceResult, TargetResult
     from replicator.plan import Plan
     from replicator.repository import SnapshotRow
@@ -151,14 +153,43 @@ def snapshot_lines(rows: Sequence[SnapshotRow]) -> list[str]:
 
 
 def restore_line(outcome: RestoreOutcome, dest: str) -> str:
-    """What was restored into ``dest`` (as the user wrote it), how fast."""
+    """What was restored into ``dest`` (as the user wrote it), how fast; with a dry run, what
+    would be."""
     res = outcome.result
+    conflicts = f", {len(res.replaced)} replaced" if res.replaced else ""
+    if res.kept:
+        conflicts += f", {len(res.kept)} existing kept, not restored"
+    if res.dry_run:
+        return (
+            f"dry run: would restore {res.files} files, {format_size(res.bytes)} from "
+            f"{outcome.source}/{outcome.snapshot} into {one_line(dest)} ({len(res.created)} new"
+            f"{conflicts}, {res.skipped_existing} already up to date); nothing was written"
+        )
     rate = f" ({format_size(res.bytes_per_second)}/s)" if res.bytes else ""
     return (
         f"restored {res.files} files, {format_size(res.bytes)} from {outcome.source}/{outcome.snapshot} "
         f"into {one_line(dest)} in {format_duration(res.seconds)}{rate} "
-        f"({res.skipped_existing} already up to date)"
+        f"({res.skipped_existing} already up to date{conflicts})"
     )
+
+
+RESTORE_LIST_LIMIT = 50
+"""Names listed per kind in a real restore's text output (--json lists all of them)."""
+
+
+def restore_conflict_lines(outcome: RestoreOutcome) -> list[str]:
+    """Per file, what was done to a name DEST already held (replaced, or kept with
+    ``--overwrite never``); with a dry run, also the new files. Shown before the summary."""
+    res = outcome.result
+    verb = ("would replace", "would keep", "would create") if res.dry_run else ("replaced", "kept", "")
+    kinds = [(verb[0], res.replaced), (verb[1], res.kept), (verb[2], res.created)]
+    lines = []
+    for word, paths in kinds:
+        limit = len(paths) if res.dry_run else RESTORE_LIST_LIMIT
+        lines += [f"  {word} {display_path(p)}" for p in sorted(paths)[:limit]]
+        if len(paths) > limit:
+            lines.append(f"  ... {len(paths) - limit} more {word} (--json lists every one)")
+    return lines
 
 
 def restore_failure_lines(outcome: RestoreOutcome) -> list[str]:
@@ -271,4 +302,94 @@ def forget_lines(report: ForgetReport) -> list[str]:
             lines.append(f"  {kept} kept, {len(e.deleted)} of {dropped} deleted")
         if e.error:
             lines.append(f"  FAILED: {e.error}")
+    return lines
+
+
+# -- config check -----------------------------------------------------------------------------
+
+
+def config_check_lines(report: ConfigReport) -> list[str]:
+    """The verdict, every problem, the sources and targets, and each online check."""
+    if report.problems:
+        n = len(report.problems)
+        lines = [f"{report.path}: INVALID: {n} problem{'s' if n > 1 else ''}"]
+        return lines + [f"  {one_line(p)}" for p in report.problems]
+    sources = sum(e.kind == "source" for e in report.endpoints)
+    targets = len(report.endpoints) - sources
+    verdict = "valid" if not report.online else ("OK" if report.ok else "FAILED")
+    lines = [f"{report.path}: {verdict}: {sources} sources, {targets} targets"]
+    width = max((len(e.name) for e in report.endpoints), default=0)
+    for e in report.endpoints:
+        settings = ", ".join(f"{k}: {v}" for k, v in e.settings.items())
+        lines.append(
+            f"  {e.kind} {e.name:<{width}}  {one_line(e.url)}" + (f"  ({settings})" if settings else "")
+        )
+    for c in report.checks:
+        if c.ok:
+            lines.append(f"  {c.subject}: {c.check} ok" + (f" ({one_line(c.error)})" if c.error else ""))
+        else:
+            lines.append(f"  {c.subject}: {c.check} FAILED: {one_line(c.error or 'unknown error')}")
+    return lines
+
+
+# -- ls and diff ------------------------------------------------------------------------------
+
+
+def _mtime(ns: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def listing_lines(listing: Listing) -> list[str]:
+    """A header, then one line per file (``-rw-r--r--  SIZE  MTIME  PATH``); for a checkpoint
+    source, files under a line per checkpoint set, those outside any set last."""
+    import stat
+
+    head = (
+        f"{listing.source}/{listing.snapshot} ({listing.kind}, {listing.created}): "
+        f"{len(listing.files)} files, {format_size(listing.bytes)}"
+    )
+    lines = [head]
+    groups: dict[str | None, list[str]] = {}
+    sizes: dict[str | None, int] = {}
+    for f in listing.files:
+        row = f"{stat.filemode(0o100000 | f.mode)} {format_size(f.size):>11}  {_mtime(f.mtime_ns)}  "
+        groups.setdefault(f.set, []).append(row + display_path(f.path))
+        sizes[f.set] = sizes.get(f.set, 0) + f.size
+    if listing.kind != "checkpoint":
+        return lines + groups.get(None, [])
+    for name in [*listing.sets, None]:
+        rows = groups.get(name)
+        if not rows:
+            continue
+        title = f"set {display_path(name)}" if name is not None else "not in a checkpoint set"
+        lines.append(f"{title}: {len(rows)} files, {format_size(sizes[name])}")
+        lines += ["  " + r for r in rows]
+    return lines
+
+
+_MARK = {"added": "+", "removed": "-", "changed": "M"}
+
+
+def _change_line(c: Change) -> str:
+    size = format_size(c.size)
+    if c.old_size is not None:
+        size = f"{format_size(c.old_size)} -> {size}"
+    return f"{_MARK[c.change]} {display_path(c.path)}  ({size})"
+
+
+def diff_lines(result: SnapshotDiff) -> list[str]:
+    """``+``/``-``/``M`` per file (grouped per set for a checkpoint source), then totals."""
+    lines = [f"{result.source}: {result.old} -> {result.new}"]
+    if result.sets:
+        for s in result.sets:
+            title = f"set {display_path(s.name)}" if s.name is not None else "not in a checkpoint set"
+            size = format_size(sum(c.size for c in s.changes))
+            lines.append(f"{title} ({s.status}): {len(s.changes)} files, {size}")
+            lines += ["  " + _change_line(c) for c in s.changes]
+    else:
+        lines += [_change_line(c) for c in result.changes]
+    t = result.totals()
+    lines.append("totals: " + ", ".join(f"{v.files} {k} ({format_size(v.bytes)})" for k, v in t.items()))
     return lines

@@ -107,7 +107,10 @@ def test_defaults() -> None:
             "targets[0].url: unsupported url (use a directory or s3://",
         ),
         ("targets: [{name: t, url: 's3://Bad_Bucket/x'}]", "targets[0].url: invalid bucket name"),
-        ("targets: [{name: t, url: s3://bkt/x, regoin: x}]", "targets[0].regoin: Extra inputs are not"),
+        (
+            "targets: [{name: t, url: s3://bkt/x, regoin: x}]",
+            "targets[0].regoin: unknown setting; did you mean 'region'?",
+        ),
         ("targets: [{name: t}]", "targets[0].url: Field required"),
     ],
 )

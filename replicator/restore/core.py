@@ -1,7 +1,8 @@
 """Restore: bring back a snapshot's files, byte-identical, with their mode and mtime.
 
 The algorithm, over any destination: select the files (``include`` globs), skip those the
-destination already holds exactly, fetch the chunks of the others in parallel (a window per
+destination already holds exactly (and, with ``overwrite="never"``, those whose name holds
+anything else: :data:`Overwrite`), fetch the chunks of the others in parallel (a window per
 file, several files at once, bounded by a byte budget), verify every chunk against its id and
 every file against its digest before it becomes visible, and make the whole durable once at
 the end. Files of one small chunk are restored in batches: one check of what is current, one
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from replicator.errors import IntegrityError, NotFoundError, ReplicatorError, RepositoryError, TargetError
 from replicator.format.chunks import Buffer
@@ -35,7 +36,7 @@ from replicator.log import get_logger
 from replicator.memory import ByteBudget
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, snapshot_time
-from replicator.restore.local import LocalDestination
+from replicator.restore.local import ExistsError, Found, LocalDestination
 
 log = get_logger(__name__)
 
@@ -46,14 +47,32 @@ SMALL_BATCH = 64
 """Files of at most one chunk and SMALL_FILE bytes are restored SMALL_BATCH at a time."""
 
 
+Overwrite = Literal["always", "if-changed", "never"]
+"""What a restore does with a file the destination already has at a name it restores
+(``restore --overwrite``): ``if-changed`` (the default) replaces it unless its bytes already
+hash to the snapshot's digest; ``always`` writes every file again, even one that is already
+identical (fixing its mode and mtime too); ``never`` leaves anything already there untouched
+and reports it. A name that holds nothing is written in every mode."""
+
+
 @dataclass
 class RestoreResult:
     files: int = 0
+    """Files restored (with ``dry_run``: that would be), new or replacing what was there."""
     bytes: int = 0
     skipped_existing: int = 0
+    """Files left alone because the destination already holds their exact bytes."""
     skipped_bytes: int = 0
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    replaced: list[str] = field(default_factory=list)
+    """Of ``files``, those whose name held something else before (it is gone)."""
+    kept: list[str] = field(default_factory=list)
+    """With ``overwrite="never"``: names holding something else, left untouched (not restored)."""
+    created: list[str] = field(default_factory=list)
+    """With ``dry_run`` only: of ``files``, the names that hold nothing yet."""
+    dry_run: bool = False
+    """Nothing was written or fetched: the counts and lists say what a restore would do."""
 
     @property
     def ok(self) -> bool:
@@ -107,17 +126,23 @@ class Destination(Protocol):
         None if it can. Such a file fails alone, by name, before anything is fetched."""
         ...
 
-    async def is_current(self, entry: FileEntry) -> bool:
-        """True if the destination already holds this entry's exact bytes."""
+    async def examine(self, entry: FileEntry, content: bool = True) -> Found:
+        """What the destination holds at this entry's name: ``same`` only if it is exactly the
+        entry's bytes; with ``content=False``, anything there is ``different`` (not read)."""
         ...
 
-    async def create(self, entry: FileEntry) -> FileWriter: ...
-
-    async def current(self, entries: Sequence[FileEntry]) -> list[bool]:
-        """:meth:`is_current` for many small files at once."""
+    async def create(self, entry: FileEntry, replace: bool = True) -> FileWriter:
+        """``replace=False``: the commit must not replace a file that appeared meanwhile
+        (it raises ExistsError), where the destination can tell."""
         ...
 
-    async def write_whole(self, files: Sequence[tuple[FileEntry, Buffer]]) -> list[Exception | None]:
+    async def examine_many(self, entries: Sequence[FileEntry], content: bool = True) -> list[Found]:
+        """:meth:`examine` for many small files at once."""
+        ...
+
+    async def write_whole(
+        self, files: Sequence[tuple[FileEntry, Buffer]], replace: bool = True
+    ) -> list[Exception | None]:
         """Restore many small files, each as :meth:`create`, ``write`` and ``commit`` would
         (their digests are already checked); per file None, or the OSError or ReplicatorError
         that failed it (nothing of it is visible then)."""
@@ -152,8 +177,14 @@ async def restore_snapshot(
     progress: ProgressSink | None = None,
     memory_budget: int = 256 << 20,
     sync: bool = True,
+    overwrite: Overwrite = "if-changed",
+    dry_run: bool = False,
 ) -> RestoreResult:
     """Restore the selected files of ``manifest`` into the directory (or destination) ``dest``.
+
+    ``overwrite``: what to do with names the destination already holds (:data:`Overwrite`).
+    ``dry_run``: only look: nothing is fetched or written (a missing directory is not even
+    created); the result says what would be restored, replaced, left alone and kept.
 
     Per-file problems (a missing or corrupt chunk, an unsafe path) are collected in the result;
     a :class:`TargetError` other than not-found ends the restore (files already restored stay:
@@ -163,15 +194,19 @@ async def restore_snapshot(
     progress = progress or NoProgress()
     started = time.monotonic()
     files = select_files(manifest, include)
-    destination = LocalDestination(dest, repo.hash, write_behind=sync) if isinstance(dest, Path) else dest
-    run = _Restore(repo, manifest, destination, progress, ByteBudget(memory_budget))
-    progress.begin("restoring", sum(f.size for f in files))
+    destination = (
+        LocalDestination(dest, repo.hash, write_behind=sync, create=not dry_run)
+        if isinstance(dest, Path)
+        else dest
+    )
+    run = _Restore(repo, manifest, destination, progress, ByteBudget(memory_budget), overwrite, dry_run)
+    progress.begin("checking" if dry_run else "restoring", sum(f.size for f in files))
     queue = run.plan(files)
     try:
         async with asyncio.TaskGroup() as group:
             for _ in range(FILES_IN_PARALLEL):
                 group.create_task(run.worker(queue))
-        if sync:
+        if sync and not dry_run:
             # Also after per-file failures: the files reported as restored must be on disk.
             await destination.flush()
     except BaseExceptionGroup as failed:
@@ -199,10 +234,13 @@ class _Restore:
         destination: Destination,
         progress: ProgressSink,
         budget: ByteBudget,
+        overwrite: Overwrite = "if-changed",
+        dry_run: bool = False,
     ) -> None:
         self.repo, self.manifest, self.destination = repo, manifest, destination
         self.progress, self.budget = progress, budget
-        self.result = RestoreResult()
+        self.overwrite, self.dry_run = overwrite, dry_run
+        self.result = RestoreResult(dry_run=dry_run)
 
     def plan(self, files: Sequence[FileEntry]) -> deque[Work]:
         """The work, in order: files of several chunks one by one, then the small ones in
@@ -231,17 +269,34 @@ class _Restore:
             except (ReplicatorError, OSError) as exc:
                 self.fail(work, exc)
 
-    def skip(self, entry: FileEntry) -> None:
-        self.result.skipped_existing += 1
-        self.result.skipped_bytes += entry.size
+    def decide(self, entry: FileEntry, found: Found) -> bool:
+        """Whether to write ``entry``, given what its name holds; a file not written is
+        counted here (up to date, or kept), and so is every file of a dry run."""
+        if found == "same" and self.overwrite != "always":
+            self.result.skipped_existing += 1
+            self.result.skipped_bytes += entry.size
+        elif found != "absent" and self.overwrite == "never":
+            self.result.kept.append(entry.path)
+        elif not self.dry_run:
+            return True
+        else:
+            self.restored(entry, found)
         self.progress.advance(entry.size)
+        return False
 
-    def restored(self, entry: FileEntry) -> None:
+    def restored(self, entry: FileEntry, found: Found) -> None:
         self.result.files += 1
         self.result.bytes += entry.size
+        if found != "absent":
+            self.result.replaced.append(entry.path)
+        elif self.dry_run:
+            self.result.created.append(entry.path)
 
     def fail(self, entry: FileEntry, exc: Exception) -> None:
         """Record why ``entry`` failed; re-raise what would fail every other file too."""
+        if isinstance(exc, ExistsError):  # overwrite="never", and a file appeared meanwhile
+            self.result.kept.append(entry.path)
+            return
         if isinstance(exc, TargetError) and not isinstance(exc, NotFoundError):
             raise exc  # unreachable or refused: every other file would fail the same way
         message = str(exc) if isinstance(exc, ReplicatorError) else f"{getattr(exc, 'strerror', '') or exc}"
@@ -250,16 +305,16 @@ class _Restore:
 
     async def restore_one(self, entry: FileEntry) -> None:
         """One file, chunk by chunk, under a temporary name until its digest is checked."""
-        if await self.destination.is_current(entry):
-            self.skip(entry)
+        found = await self.destination.examine(entry, content=self.overwrite != "always")
+        if not self.decide(entry, found):
             return
-        writer = await self.destination.create(entry)
+        writer = await self.destination.create(entry, replace=self.overwrite != "never")
         committed = False
         try:
             _check_digest(await self._write_chunks(entry, writer), entry)
             await writer.commit()
             committed = True
-            self.restored(entry)
+            self.restored(entry, found)
         finally:
             if not committed:
                 await writer.discard()
@@ -303,12 +358,17 @@ class _Restore:
         total = sum(e.size for e in entries)
         await self.budget.acquire(total)
         try:
-            todo = []
-            for entry, current in zip(entries, await self.destination.current(entries), strict=True):
-                if current:
-                    self.skip(entry)
-                else:
+            todo: list[FileEntry] = []
+            found: dict[str, Found] = {}
+            content = self.overwrite != "always"
+            for entry, there in zip(
+                entries, await self.destination.examine_many(entries, content), strict=True
+            ):
+                found[entry.path] = there
+                if self.decide(entry, there):
                     todo.append(entry)
+            if not todo:
+                return
             packed = self.manifest.packed
             got = await self.repo.get_chunks([(c, packed.get(c)) for e in todo for c, _ in e.chunks])
             ready: list[tuple[FileEntry, Buffer]] = []
@@ -324,11 +384,13 @@ class _Restore:
                     self.fail(entry, exc)
                 else:
                     ready.append((entry, data))
-            for (entry, _), error in zip(ready, await self.destination.write_whole(ready), strict=True):
+            replace = self.overwrite != "never"
+            written = await self.destination.write_whole(ready, replace)
+            for (entry, _), error in zip(ready, written, strict=True):
                 if error is not None:
                     self.fail(entry, error)
                 else:
-                    self.restored(entry)
+                    self.restored(entry, found[entry.path])
                 self.progress.advance(entry.size)
         finally:
             self.budget.release(total)

@@ -33,17 +33,27 @@ import os
 import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from replicator.errors import ReplicatorError
 from replicator.format.chunks import Buffer
 from replicator.format.manifest import FileEntry
 from replicator.hashing import HashSpec
-from replicator.paths import check_relative_path, decode_path, encode_path
+from replicator.paths import check_relative_path, decode_path, display_path, encode_path
+
+Found = Literal["absent", "same", "different"]
+"""What a destination holds at a file's name: nothing; exactly the entry's bytes (checked by
+hashing them); or something else (other bytes, or, unless its content was asked about,
+anything at all)."""
 
 
 class UnsafePathError(ReplicatorError):
     """A manifest path would escape the destination or pass through a symlink."""
+
+
+class ExistsError(ReplicatorError):
+    """A file appeared at the name while it was being restored with ``--overwrite never``: it
+    is left as it is."""
 
 
 def _libc(name: str) -> Any:
@@ -86,17 +96,28 @@ def sync_filesystem(fd: int) -> None:
 class LocalDestination:
     """A destination directory written through directory descriptors (see module docstring)."""
 
-    def __init__(self, root: Path, spec: HashSpec, *, write_behind: bool = True) -> None:
+    def __init__(self, root: Path, spec: HashSpec, *, write_behind: bool = True, create: bool = True) -> None:
         """``write_behind``: start writing each file's pages to disk as they are written (see
-        :class:`_LocalFile`), for a restore that will be flushed."""
+        :class:`_LocalFile`), for a restore that will be flushed. ``create=False`` (a dry run):
+        never create ``root``; a missing ``root`` holds nothing, and nothing may be written."""
         self.root = root
         self.url = str(root)
         self.spec = spec
         self.write_behind = write_behind
-        root.mkdir(parents=True, exist_ok=True)
-        # Opened before anything is written, so that syncfs on it reports every writeback error
-        # of this restore.
-        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.root_fd = self._root_dev = -1
+        try:
+            if create:
+                root.mkdir(parents=True, exist_ok=True)
+            elif not root.exists():
+                self._other_filesystem = False
+                return  # nothing there yet (a dry run): every file is absent
+            # Opened before anything is written, so that syncfs on it reports every writeback
+            # error of this restore.
+            self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:  # a file where the directory should be, no permission, ...
+            raise ReplicatorError(
+                exc.strerror or str(exc), operation="open destination directory", key=self.url
+            ) from exc
         self._root_dev = os.fstat(self.root_fd).st_dev
         # Set when a file is created on another device than the root (a filesystem mounted
         # below it), which syncfs on the root's filesystem may not reach.
@@ -125,7 +146,8 @@ class LocalDestination:
             ) from exc
 
     async def close(self) -> None:
-        os.close(self.root_fd)
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
 
     def cannot_hold(self, path: str) -> str | None:
         return None  # POSIX takes any safe relative path: names are bytes, written as they are
@@ -168,25 +190,40 @@ class LocalDestination:
             raise UnsafePathError(f"{path}: not a regular file")
         return fd
 
-    def _is_current(self, entry: FileEntry) -> bool:
-        # Always hash: a file torn by a crash before the flush has the right name, size and
-        # mtime; only its bytes tell, and re-running the restore must repair it.
+    def _examine(self, entry: FileEntry, content: bool) -> Found:
+        # Always hash to call a file "same": a file torn by a crash before the flush has the
+        # right name, size and mtime; only its bytes tell, and re-running the restore must
+        # repair it.
+        if self.root_fd < 0:
+            return "absent"
+        try:
+            dir_fd, name = self._open_parent(entry.path, create=False)
+        except FileNotFoundError:
+            return "absent"
+        except (OSError, UnsafePathError):
+            return "different"  # a symlink or a file where a directory belongs: writing fails alone
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return "absent"
+        finally:
+            os.close(dir_fd)
+        if not content or st.st_mode & 0o170000 != 0o100000 or st.st_size != entry.size:
+            return "different"
         try:
             fd = self.open_regular(entry.path)
         except (OSError, UnsafePathError):
-            return False
+            return "different"
         try:
-            if os.fstat(fd).st_size != entry.size:
-                return False
             h = self.spec.hasher()
             while block := os.read(fd, 8 << 20):
                 h.update(block)
-            return h.digest().hex() == entry.digest
+            return "same" if h.digest().hex() == entry.digest else "different"
         finally:
             os.close(fd)
 
-    async def is_current(self, entry: FileEntry) -> bool:
-        return await asyncio.to_thread(self._is_current, entry)
+    async def examine(self, entry: FileEntry, content: bool = True) -> Found:
+        return await asyncio.to_thread(self._examine, entry, content)
 
     def _create_temp(self, path: str) -> tuple[int, int, str]:
         """Create an empty temporary file next to ``path``: (dir fd, file fd, temp name)."""
@@ -203,29 +240,33 @@ class LocalDestination:
             raise
         return dir_fd, fd, tmp
 
-    async def create(self, entry: FileEntry) -> _LocalFile:
+    async def create(self, entry: FileEntry, replace: bool = True) -> _LocalFile:
         dir_fd, fd, tmp = await asyncio.to_thread(self._create_temp, entry.path)
-        return _LocalFile(entry, dir_fd, fd, tmp, self.write_behind)
+        return _LocalFile(entry, dir_fd, fd, tmp, self.write_behind, replace)
 
     # Small files: one thread hop per batch, not four per file (20,000 small files spent most
     # of their restore handing the GIL between threads).
 
-    async def current(self, entries: Sequence[FileEntry]) -> list[bool]:
-        return await asyncio.to_thread(lambda: [self._is_current(e) for e in entries])
+    async def examine_many(self, entries: Sequence[FileEntry], content: bool = True) -> list[Found]:
+        return await asyncio.to_thread(lambda: [self._examine(e, content) for e in entries])
 
-    async def write_whole(self, files: Sequence[tuple[FileEntry, Buffer]]) -> list[Exception | None]:
-        return await asyncio.to_thread(lambda: [self._write_whole(entry, data) for entry, data in files])
+    async def write_whole(
+        self, files: Sequence[tuple[FileEntry, Buffer]], replace: bool = True
+    ) -> list[Exception | None]:
+        return await asyncio.to_thread(
+            lambda: [self._write_whole(entry, data, replace) for entry, data in files]
+        )
 
-    def _write_whole(self, entry: FileEntry, data: Buffer) -> Exception | None:
+    def _write_whole(self, entry: FileEntry, data: Buffer, replace: bool) -> Exception | None:
         try:
             dir_fd, fd, tmp = self._create_temp(entry.path)
         except (OSError, ReplicatorError) as exc:
             return exc
-        file = _LocalFile(entry, dir_fd, fd, tmp, self.write_behind)
+        file = _LocalFile(entry, dir_fd, fd, tmp, self.write_behind, replace)
         try:
             file.write_now(data)
             file.commit_now()
-        except OSError as exc:
+        except (OSError, ExistsError) as exc:
             file.discard_now()
             return exc
         file.close()
@@ -241,8 +282,11 @@ class _LocalFile:
     smaller than the kernel's background-writeback threshold (10 % of memory by default) would
     stay entirely in the page cache until the flush, and then wait for all of it at once."""
 
-    def __init__(self, entry: FileEntry, dir_fd: int, fd: int, tmp: str, write_behind: bool) -> None:
+    def __init__(
+        self, entry: FileEntry, dir_fd: int, fd: int, tmp: str, write_behind: bool, replace: bool = True
+    ) -> None:
         self.entry, self.dir_fd, self.fd, self.tmp = entry, dir_fd, fd, tmp
+        self.replace = replace
         self.start_writeback = _sync_file_range if write_behind else None
         self.written = 0
 
@@ -265,7 +309,25 @@ class _LocalFile:
         name = self.entry.path.rsplit("/", 1)[-1]
         os.fchmod(self.fd, self.entry.mode & 0o777)  # setuid/setgid/sticky bits are never restored
         os.utime(self.fd, ns=(self.entry.mtime_ns, self.entry.mtime_ns))
-        os.rename(self.tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        if self.replace:
+            os.rename(self.tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            return
+        # Never replace: a hard link fails if the name exists, even if it appeared after the
+        # restore looked (a rename would silently replace it). Where hard links are not
+        # supported, check and rename (a file appearing in between is then replaced).
+        appeared = f"{display_path(self.entry.path)} appeared during the restore: left as it is"
+        try:
+            os.link(self.tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            raise ExistsError(appeared) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+                raise
+            if _exists(name, self.dir_fd):
+                raise ExistsError(appeared) from None
+            os.rename(self.tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            return
+        os.unlink(self.tmp, dir_fd=self.dir_fd)
 
     async def commit(self) -> None:
         await asyncio.to_thread(self.commit_now)
@@ -285,6 +347,14 @@ class _LocalFile:
             os.close(self.fd)
             os.close(self.dir_fd)
             self.fd = -1
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def temporary_name(name: str, tag: str) -> str:

@@ -32,9 +32,11 @@ from replicator.format.chunks import Buffer
 from replicator.format.manifest import FileEntry
 from replicator.paths import encode_path
 from replicator.restore.core import FileWriter
+from replicator.restore.local import Found
 from replicator.retry import RetryPolicy
 from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
-from replicator.s3.settings import S3Location
+from replicator.s3.location import S3Location
+from replicator.s3.settings import ObjectParams
 from replicator.targets.s3 import connect, content_md5
 
 T = TypeVar("T")
@@ -60,21 +62,32 @@ def part_size_for(size: int) -> int:
 class S3Destination:
     """A :class:`~replicator.restore.core.Destination` in an S3-compatible bucket."""
 
-    def __init__(self, location: S3Location, access: S3Access, retry: RetryPolicy) -> None:
+    def __init__(
+        self, location: S3Location, access: S3Access, retry: RetryPolicy, params: ObjectParams | None = None
+    ) -> None:
         self.location = location
         self.url = location.url
         self.access = access
         self.retry = retry
+        self.params = params or ObjectParams()
+        """Encryption, storage class and tags of every object written (``--dest-*``)."""
         self._stack = contextlib.AsyncExitStack()
         self.client: Any = None
 
     @classmethod
     async def open(
-        cls, location: S3Location, access: S3Access, retry: RetryPolicy, max_connections: int
+        cls,
+        location: S3Location,
+        access: S3Access,
+        retry: RetryPolicy,
+        max_connections: int,
+        params: ObjectParams | None = None,
     ) -> S3Destination:
         """Connect and check that the bucket exists and is reachable."""
-        self = cls(location, access, retry)
-        self.client = await connect(self._stack, access, max_connections, name=NAME, url=location.url)
+        self = cls(location, access, retry, params)
+        self.client = await connect(
+            self._stack, access, max_connections, name=NAME, url=location.url, kind="restore"
+        )
         try:
             await self.client.head_bucket(Bucket=location.bucket)
         except SDK_ERRORS as exc:
@@ -110,25 +123,32 @@ class S3Destination:
                 if not isinstance(err, TransientTargetError) or not await backoff.wait():
                     raise err from exc
 
-    async def is_current(self, entry: FileEntry) -> bool:
+    async def examine(self, entry: FileEntry, content: bool = True) -> Found:
         key = self.key(entry.path)
         try:
             head = await self.call(
-                "stat", key, lambda: self.client.head_object(Bucket=self.location.bucket, Key=key)
+                "stat",
+                key,
+                lambda: self.client.head_object(Bucket=self.location.bucket, Key=key, **self.params.read),
             )
         except NotFoundError:
-            return False
+            return "absent"
         # Metadata names are case-insensitive HTTP headers; some servers (rclone) capitalize them.
         meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
-        return int(head.get("ContentLength", -1)) == entry.size and meta.get(DIGEST_META) == entry.digest
+        same = int(head.get("ContentLength", -1)) == entry.size and meta.get(DIGEST_META) == entry.digest
+        return "same" if content and same else "different"
 
-    async def create(self, entry: FileEntry) -> FileWriter:
+    async def create(self, entry: FileEntry, replace: bool = True) -> FileWriter:
+        # ``replace=False`` relies on the check made just before (examine): not every
+        # S3-compatible server honours a conditional PUT (If-None-Match), so none is sent.
         return _S3Object(self, entry)
 
-    async def current(self, entries: Sequence[FileEntry]) -> list[bool]:
-        return list(await asyncio.gather(*(self.is_current(e) for e in entries)))
+    async def examine_many(self, entries: Sequence[FileEntry], content: bool = True) -> list[Found]:
+        return list(await asyncio.gather(*(self.examine(e, content) for e in entries)))
 
-    async def write_whole(self, files: Sequence[tuple[FileEntry, Buffer]]) -> list[Exception | None]:
+    async def write_whole(
+        self, files: Sequence[tuple[FileEntry, Buffer]], replace: bool = True
+    ) -> list[Exception | None]:
         # Every failure is returned: restore_snapshot decides which of them stop the restore.
         async def one(entry: FileEntry, data: Buffer) -> Exception | None:
             writer = _S3Object(self, entry)
@@ -181,7 +201,9 @@ class _S3Object:
             started = await self.dest.call(
                 "create multipart upload",
                 self.key,
-                lambda: client.create_multipart_upload(**self._args(), Metadata=self._metadata()),
+                lambda: client.create_multipart_upload(
+                    **self._args(), **self.dest.params.write, Metadata=self._metadata()
+                ),
             )
             self.upload_id = str(started["UploadId"])
         number = len(self.parts) + 1
@@ -190,7 +212,12 @@ class _S3Object:
             "upload part",
             self.key,
             lambda: client.upload_part(
-                **self._args(), UploadId=self.upload_id, PartNumber=number, Body=body, ContentMD5=md5
+                **self._args(),
+                **self.dest.params.read,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=body,
+                ContentMD5=md5,
             ),
         )
         self.parts.append({"PartNumber": number, "ETag": answer["ETag"]})
@@ -204,7 +231,11 @@ class _S3Object:
                 "put",
                 self.key,
                 lambda: client.put_object(
-                    **self._args(), Body=body, ContentMD5=md5, Metadata=self._metadata()
+                    **self._args(),
+                    **self.dest.params.write,
+                    Body=body,
+                    ContentMD5=md5,
+                    Metadata=self._metadata(),
                 ),
             )
         else:
@@ -215,7 +246,7 @@ class _S3Object:
                 "complete multipart upload",
                 self.key,
                 lambda: client.complete_multipart_upload(
-                    **self._args(), UploadId=upload_id, MultipartUpload=parts
+                    **self._args(), **self.dest.params.read, UploadId=upload_id, MultipartUpload=parts
                 ),
             )
             self.upload_id = None

@@ -9,6 +9,7 @@ import aiohttp
 import botocore.exceptions
 
 from replicator.errors import (
+    ConfigError,
     NotFoundError,
     PermanentTargetError,
     TargetError,
@@ -85,3 +86,14 @@ SDK_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 """What S3 calls may raise besides bugs; everything else propagates unconverted."""
+
+
+def profile_error(kind: str, name: str, profile: str) -> ConfigError:
+    """A config error for an S3 source or target (``kind`` ``name``) whose ``profile:`` the AWS
+    config files do not define (botocore's ProfileNotFound): a setting to fix, not a target
+    failure to retry."""
+    return ConfigError(
+        f"{kind} {name}: AWS profile {profile!r} does not exist",
+        hint=f"add [profile {profile}] to the AWS config file of the user running replicator "
+        "(AWS_CONFIG_FILE, default ~/.aws/config), or remove profile: to use the default chain",
+    )

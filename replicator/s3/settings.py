@@ -1,4 +1,4 @@
-"""S3 settings shared by S3 targets and S3 sources: URLs and client configuration.
+"""S3 client settings shared by S3 targets and S3 sources (URLs: :mod:`replicator.s3.location`).
 
 Kept free of SDK imports so that commands on POSIX-only configs start fast; the SDK-facing
 half (error conversion) is :mod:`replicator.s3.errors`.
@@ -13,41 +13,13 @@ outage (Litestream learned this with the AWS SDK's retryer).
 from __future__ import annotations
 
 import ipaddress
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 if TYPE_CHECKING:
-    from replicator.config import S3Access
-
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-
-
-@dataclass(frozen=True)
-class S3Location:
-    bucket: str
-    prefix: str
-    """Empty, or ends with ``/``."""
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
-
-
-def is_s3_url(url: str) -> bool:
-    return url.startswith("s3://")
-
-
-def parse_s3_url(url: str) -> S3Location:
-    if not is_s3_url(url):
-        raise ValueError(f"not an s3:// url: {url!r}")
-    rest = url[len("s3://") :]
-    bucket, _, prefix = rest.partition("/")
-    if not _BUCKET_RE.match(bucket):
-        raise ValueError(f"invalid bucket name {bucket!r} in {url!r}")
-    prefix = prefix.strip("/")
-    return S3Location(bucket, f"{prefix}/" if prefix else "")
+    from replicator.config import Config, S3Access, S3ObjectOptions
+    from replicator.errors import ConfigError
 
 
 def client_kwargs(access: S3Access) -> dict[str, Any]:
@@ -102,3 +74,73 @@ def config_kwargs(access: S3Access, max_connections: int = 10) -> dict[str, Any]
         "response_checksum_validation": access.sdk_checksums,
         "s3": s3,
     }
+
+
+@dataclass(frozen=True)
+class ObjectParams:
+    """Request parameters that :class:`~replicator.config.S3ObjectOptions` add to the requests
+    on the objects replicator writes. Holds an SSE-C key: never log it."""
+
+    write: dict[str, Any] = field(default_factory=dict)
+    """PutObject and CreateMultipartUpload: encryption, storage class, tags."""
+    read: dict[str, Any] = field(default_factory=dict)
+    """GetObject, HeadObject, UploadPart and CompleteMultipartUpload: the SSE-C key, without
+    which S3 refuses to serve (or extend) an object encrypted with it."""
+
+    def __repr__(self) -> str:
+        return f"ObjectParams(write={sorted(self.write)}, read={sorted(self.read)})"
+
+
+def object_params(options: S3ObjectOptions | None) -> ObjectParams:
+    """The request parameters for ``options`` (none for None: the bucket's defaults)."""
+    if options is None:
+        return ObjectParams()
+    write: dict[str, Any] = {}
+    read: dict[str, Any] = {}
+    sse = options.sse
+    if sse is not None and sse.type == "aes256":
+        write["ServerSideEncryption"] = "AES256"
+    elif sse is not None and sse.type == "kms":
+        write["ServerSideEncryption"] = "aws:kms"
+        if sse.kms_key_id:
+            write["SSEKMSKeyId"] = sse.kms_key_id
+    elif sse is not None:
+        # botocore adds the key's base64 and its MD5 (SSECustomerKeyMD5) to each request.
+        read = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": sse.customer_key_bytes()}
+        write.update(read)
+    if options.storage_class:
+        write["StorageClass"] = options.storage_class
+    if options.tags:
+        write["Tagging"] = urlencode(options.tags)  # the x-amz-tagging header: a URL query string
+    return ObjectParams(write, read)
+
+
+def check_profiles(config: Config) -> None:
+    """A ConfigError for the first S3 source or target whose ``profile:`` the AWS config files
+    do not define: ``replicator run`` checks before it starts (its loops would retry it
+    forever). One-shot commands meet it where the client is made
+    (:func:`replicator.s3.errors.profile_error`)."""
+    missing = missing_profiles(config)
+    if missing:
+        raise missing[0]
+
+
+def missing_profiles(config: Config) -> list[ConfigError]:
+    """A ConfigError for each S3 source or target whose ``profile:`` the AWS config files do
+    not define (``replicator config check`` lists them all)."""
+    from replicator.config import S3SourceConfig, S3TargetConfig
+
+    named = [
+        (kind, item.name, item.profile)
+        for kind, items in (("source", config.sources), ("target", config.targets))
+        for item in items
+        if isinstance(item, S3SourceConfig | S3TargetConfig) and item.profile
+    ]
+    if not named:
+        return []  # no SDK import for configs without profiles
+    import botocore.session
+
+    from replicator.s3.errors import profile_error
+
+    available = set(botocore.session.Session().available_profiles)
+    return [profile_error(kind, name, profile) for kind, name, profile in named if profile not in available]

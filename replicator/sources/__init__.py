@@ -1,6 +1,6 @@
 """Sources: where the primary's files come from. See :mod:`.base` for the protocol.
 
-A source url's scheme picks its backend from :data:`replicator.backends.SOURCES`: a plain
+A source url's scheme picks its backend from :mod:`replicator.backends`: a plain
 path or ``file://`` is :class:`PosixSource` (watched by the daemon), ``s3://`` is
 :class:`~replicator.sources.s3.S3Source` (polled)."""
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import boto3
+import botocore.exceptions
 from botocore.config import Config as BotoConfig
 
 from replicator.config import S3Access
@@ -27,8 +28,9 @@ from replicator.errors import FileChangedError, SourceError
 from replicator.globs import PathFilter
 from replicator.log import get_logger
 from replicator.paths import check_relative_path
-from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
-from replicator.s3.settings import S3Location, client_kwargs, config_kwargs
+from replicator.s3.errors import SDK_ERRORS, convert_error, http_status, profile_error
+from replicator.s3.location import S3Location
+from replicator.s3.settings import client_kwargs, config_kwargs
 from replicator.sources.base import Listing, Readable, SourceFile
 
 log = get_logger(__name__)
@@ -67,12 +69,17 @@ class S3Source:
         self.location = location
         self.url = location.url
         self.filter = path_filter
-        session = (
-            boto3.session.Session(profile_name=access.profile) if access.profile else boto3.session.Session()
-        )
-        self.client = session.client(
-            "s3", config=BotoConfig(**config_kwargs(access)), **client_kwargs(access)
-        )
+        try:
+            session = (
+                boto3.session.Session(profile_name=access.profile)
+                if access.profile
+                else boto3.session.Session()
+            )
+            self.client = session.client(
+                "s3", config=BotoConfig(**config_kwargs(access)), **client_kwargs(access)
+            )
+        except botocore.exceptions.ProfileNotFound:
+            raise profile_error("source", name, access.profile or "") from None
 
     def _error(self, exc: BaseException, op: str, key: str) -> SourceError:
         err = convert_error(exc, target=self.name, operation=op, key=key)

@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
 from replicator.format.manifest import PackedAt
+from replicator.state.base import Core
 from replicator.state.schema import LISTED
-
-if TYPE_CHECKING:
-    from replicator.state.store import StateStore
 
 PREFETCH_LIMIT = 100_000
 """Ids a prefetch cache holds (per repository and answer) before it starts again, empty."""
@@ -42,7 +39,7 @@ class ChunkIndex:
     listing disproves and confirms the rest. Listings of different repositories may run at
     once; two of the same repository may not."""
 
-    def __init__(self, store: StateStore, repo: str) -> None:
+    def __init__(self, store: Core, repo: str) -> None:
         self._store = store
         self.repo = repo
         """The repository's id (its config object)."""
@@ -211,13 +208,13 @@ class ChunkIndex:
         rows = [(self.repo, bytes.fromhex(i)) for i in ids]
         self._store.db.executemany("INSERT OR IGNORE INTO temp.listed VALUES (?,?)", rows)
 
-    # -- write batching (replicator.state.store.Buffer) ---------------------------------------
+    # -- write batching (replicator.state.base.Buffer) ---------------------------------------
 
     def pending(self) -> int:
         return len(self._pending)
 
     def write(self) -> int:
-        """Write the buffered claims, many rows per statement (StateStore.insert), confirmed now."""
+        """Write the buffered claims, many rows per statement (Core.insert), confirmed now."""
         if not self._pending:
             return 0
         claims, self._pending = self._pending, {}

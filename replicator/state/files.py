@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 from replicator.paths import decode_path, encode_path
 from replicator.read.pipeline import FileRecord
-
-if TYPE_CHECKING:
-    from replicator.state.store import StateStore
+from replicator.state.base import Core
 
 ChunkList = tuple[tuple[str, int], ...]
 """A file's chunks as (chunk id, length) in file order."""
@@ -53,7 +50,7 @@ class FileCache:
     record :meth:`put` is visible to :meth:`get` at once and durable after the store's next
     commit; :meth:`forget_except` and :meth:`count` see every record put so far."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: Core) -> None:
         self._store = store
         self._pending: dict[tuple[str, str], FileRecord] = {}
         store.register(self)
@@ -116,13 +113,13 @@ class FileCache:
             db.execute("DELETE FROM file_chunks WHERE source=? AND path=?", (source, p))
         self._store.touch(len(gone))
 
-    # -- write batching (replicator.state.store.Buffer) ---------------------------------------
+    # -- write batching (replicator.state.base.Buffer) ---------------------------------------
 
     def pending(self) -> int:
         return len(self._pending)
 
     def write(self) -> int:
-        """Write the buffered records, many rows per statement (StateStore.insert)."""
+        """Write the buffered records, many rows per statement (Core.insert)."""
         if not self._pending:
             return 0
         files = list(self._pending.items())

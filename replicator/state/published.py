@@ -9,10 +9,9 @@ content key of its manifest (replicator.engine.content_key), and when it was pub
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from replicator.state.store import StateStore
+from replicator.state.base import Core
 
 
 class Published(NamedTuple):
@@ -26,7 +25,7 @@ class PublishedSnapshots:
     """The last published snapshot per (repository id, source). Contract: :meth:`set` is
     committed before it returns (a publish is rare, and a crash must not forget it)."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: Core) -> None:
         self._store = store
 
     def get(self, repo: str, source: str) -> Published | None:

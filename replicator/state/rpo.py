@@ -9,10 +9,8 @@ Rows (``rpo``; replicator.state.schema): one per (source, target), the fields of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from replicator.state.store import StateStore
+from replicator.state.base import Core
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +35,7 @@ class RpoStore:
     """The saved :class:`RpoRow` per (source, target). Contract: :meth:`save` is committed
     before it returns."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: Core) -> None:
         self._store = store
 
     def load(self) -> dict[tuple[str, str], RpoRow]:

@@ -8,10 +8,9 @@ PUT-class and GET-class requests.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from replicator.state.store import StateStore
+from replicator.state.base import Core
 
 
 class Spent(NamedTuple):
@@ -24,7 +23,7 @@ class SpendStore:
     """Request counts per target and day. Contract: :meth:`add` adds to the day's counts (it
     never replaces them) and is durable after the store's next commit."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: Core) -> None:
         self._store = store
 
     def add(self, target: str, day: str, spent: Spent) -> None:

@@ -20,10 +20,10 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.log import get_logger
+from replicator.state.base import Buffer
 from replicator.state.chunks import ChunkIndex
 from replicator.state.files import FileCache
 from replicator.state.published import PublishedSnapshots
@@ -43,18 +43,6 @@ COMMIT_EVERY = 5000
 
 class StateLockedError(ReplicatorError):
     exit_code = 2
-
-
-class Buffer(Protocol):
-    """Rows a typed store keeps in memory until the store writes them."""
-
-    def pending(self) -> int:
-        """How many rows are waiting to be written."""
-        ...
-
-    def write(self) -> int:
-        """Write them, inside the open transaction; return how many were written."""
-        ...
 
 
 def holder_pid(state_dir: Path) -> int | None:

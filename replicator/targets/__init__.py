@@ -1,8 +1,8 @@
 """Storage targets: the protocol (:mod:`.base`), the backends (:mod:`.posix`, :mod:`.s3`) and the
 one place where cross-cutting wrappers are stacked (:func:`open_target`).
 
-A target url's scheme picks its backend, and the config model its entry was validated with,
-from :data:`replicator.backends.TARGETS`: ``s3://`` is :class:`S3Target`, a plain path or
+A target url's scheme picks its backend (:mod:`replicator.backends`; its settings:
+:data:`replicator.config.TARGET_URLS`): ``s3://`` is :class:`S3Target`, a plain path or
 ``file://`` is :class:`PosixTarget`. Tests register more schemes (an in-memory target with
 injectable faults, tests/faults.py) with :func:`register_backend`, so that failure paths run
 through the real wrapper stack and daemon instead of mocks of our own code."""
@@ -79,7 +79,7 @@ def register_backend(
 
 def unregister_backend(scheme: str) -> None:
     """Undo :func:`register_backend`; unknown schemes are ignored, built-in ones refused."""
-    backends.TARGETS.remove(scheme)
+    backends.unregister_target(scheme)
 
 
 async def open_backend(cfg: TargetConfig) -> Target:

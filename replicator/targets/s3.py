@@ -19,14 +19,16 @@ import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import botocore.exceptions
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
 from replicator.config import S3Access
 from replicator.errors import AlreadyExistsError, NotFoundError, PermanentTargetError, TransientTargetError
 from replicator.format.chunks import Buffer
-from replicator.s3.errors import SDK_ERRORS, convert_error, http_status
-from replicator.s3.settings import S3Location, client_kwargs, config_kwargs
+from replicator.s3.errors import SDK_ERRORS, convert_error, http_status, profile_error
+from replicator.s3.location import S3Location
+from replicator.s3.settings import ObjectParams, client_kwargs, config_kwargs
 from replicator.targets.base import ObjectInfo, check_key
 
 _HASH_IN_THREAD = 256 << 10
@@ -47,9 +49,16 @@ def _content_md5(data: Buffer) -> str:
 
 
 async def connect(
-    stack: contextlib.AsyncExitStack, access: S3Access, max_connections: int, *, name: str, url: str
+    stack: contextlib.AsyncExitStack,
+    access: S3Access,
+    max_connections: int,
+    *,
+    name: str,
+    url: str,
+    kind: str = "target",
 ) -> Any:
-    """An aiobotocore S3 client entered into ``stack`` (closed with it); errors name ``name``."""
+    """An aiobotocore S3 client entered into ``stack`` (closed with it); errors name ``kind
+    name``. A profile the AWS config does not define is a ConfigError (exit code 2)."""
     session = AioSession(profile=access.profile) if access.profile else AioSession()
     try:
         return await stack.enter_async_context(
@@ -57,24 +66,36 @@ async def connect(
                 "s3", config=AioConfig(**config_kwargs(access, max_connections)), **client_kwargs(access)
             )
         )
+    except botocore.exceptions.ProfileNotFound:
+        raise profile_error(kind, name, access.profile or "") from None
     except SDK_ERRORS as exc:
         raise convert_error(exc, target=name, operation="connect", key=url) from exc
 
 
 class S3Target:
-    def __init__(self, name: str, location: S3Location, checksum: str = "md5") -> None:
+    def __init__(
+        self, name: str, location: S3Location, checksum: str = "md5", params: ObjectParams | None = None
+    ) -> None:
         self.name = name
         self.location = location
         self.url = location.url
         self.checksum = checksum
+        self.params = params or ObjectParams()
+        """Encryption, storage class and tags of every PUT; the SSE-C key of every GET/HEAD."""
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
     @classmethod
     async def open(
-        cls, name: str, location: S3Location, access: S3Access, max_connections: int, checksum: str = "md5"
+        cls,
+        name: str,
+        location: S3Location,
+        access: S3Access,
+        max_connections: int,
+        checksum: str = "md5",
+        params: ObjectParams | None = None,
     ) -> S3Target:
-        self = cls(name, location, checksum)
+        self = cls(name, location, checksum, params)
         self._client = await connect(self._stack, access, max_connections, name=name, url=location.url)
         return self
 
@@ -85,7 +106,12 @@ class S3Target:
         return convert_error(exc, target=self.name, operation=operation, key=key)
 
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        args: dict[str, Any] = {"Bucket": self.location.bucket, "Key": self._key(key), "Body": data}
+        args: dict[str, Any] = {
+            "Bucket": self.location.bucket,
+            "Key": self._key(key),
+            "Body": data,
+            **self.params.write,
+        }
         if self.checksum == "md5":
             args["ContentMD5"] = await content_md5(data)
         else:
@@ -110,7 +136,7 @@ class S3Target:
         return None
 
     async def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
-        args: dict[str, Any] = {"Bucket": self.location.bucket, "Key": self._key(key)}
+        args: dict[str, Any] = {"Bucket": self.location.bucket, "Key": self._key(key), **self.params.read}
         if length == 0:
             return b""
         if offset or length is not None:
@@ -131,7 +157,9 @@ class S3Target:
 
     async def stat(self, key: str) -> ObjectInfo | None:
         try:
-            resp = await self._client.head_object(Bucket=self.location.bucket, Key=self._key(key))
+            resp = await self._client.head_object(
+                Bucket=self.location.bucket, Key=self._key(key), **self.params.read
+            )
         except SDK_ERRORS as exc:
             status = http_status(exc)
             if status == 404:
