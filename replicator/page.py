@@ -174,7 +174,8 @@ def _pair_row(p: PairStatus, history: History, now: float) -> str:
 
 
 STYLE = """
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em;color:#1d2330;background:#f6f7f9}
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em;color:#1d2330;
+background:#f6f7f9}
 h1{font-size:20px;margin:0 0 .2em}h2{font-size:16px;margin:1.4em 0 .4em}
 .meta{color:#5b6475}table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002}
 th,td{padding:.45em .7em;border-bottom:1px solid #e3e6eb;text-align:left;vertical-align:middle}
@@ -223,7 +224,8 @@ def render(report: StatusReport, history: History, now: float) -> str:
             limit = f"${b.month_limit_usd:,.2f}" if b.month_limit_usd is not None else "none"
             out.append(
                 f"<tr><td>{escape(b.scope)}</td><td>{escape(b.mode)}</td>"
-                f'<td class="num">${b.spent_today_usd:,.4f}</td><td class="num">${b.allowance_today_usd:,.4f}</td>'
+                f'<td class="num">${b.spent_today_usd:,.4f}</td>'
+                f'<td class="num">${b.allowance_today_usd:,.4f}</td>'
                 f'<td class="num">${b.spent_month_usd:,.4f}</td><td class="num">{limit}</td></tr>'
             )
         out.append("</table>")
@@ -257,8 +259,9 @@ def render(report: StatusReport, history: History, now: float) -> str:
         out.append('<p class="empty">None since the daemon started.</p>')
 
     out.append(
-        f"<footer>Lag history is kept in the daemon's memory (one sample per {format_duration(history.interval)}, "
-        f"the largest lag seen in it, for {format_duration(history.window)}) and starts over when it restarts. "
+        "<footer>Lag history is kept in the daemon's memory (one sample per "
+        f"{format_duration(history.interval)}, the largest lag seen in it, for "
+        f"{format_duration(history.window)}) and starts over when it restarts. "
         "The same data: /status (JSON), /metrics (Prometheus).</footer></body></html>"
     )
     return "\n".join(out)
