@@ -180,9 +180,11 @@ def test_a_real_browser_renders_the_table_and_the_charts(tmp_path: Path) -> None
 
     try:
         wait_until(
-            lambda: 'class="pair breached" data-source="datasets" data-target="offsite"' in page()
-            and "Recent errors" in page()
-            and 'id="snapshots"' in page(),
+            lambda: (
+                'class="pair breached" data-source="datasets" data-target="offsite"' in page()
+                and "Recent errors" in page()
+                and 'id="snapshots"' in page()
+            ),
             timeout=60,
             what="a snapshot on nfs and a breach on offsite",
         )
