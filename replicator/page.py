@@ -177,7 +177,8 @@ STYLE = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em;color:#1d2330;
 background:#f6f7f9}
 h1{font-size:20px;margin:0 0 .2em}h2{font-size:16px;margin:1.4em 0 .4em}
-.meta{color:#5b6475}.when{white-space:nowrap}table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002}
+.meta{color:#5b6475}.when{white-space:nowrap}
+table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002}
 th,td{padding:.45em .7em;border-bottom:1px solid #e3e6eb;text-align:left;vertical-align:middle}
 th{background:#eef0f4;font-weight:600}.num{text-align:right;white-space:nowrap}
 .badge{display:inline-block;padding:.1em .5em;border-radius:.8em;font-size:12px;font-weight:600}
@@ -208,7 +209,8 @@ def render(report: StatusReport, history: History, now: float) -> str:
     out.append("<h2>Sources × targets</h2>")
     out.append(
         '<table id="pairs"><tr><th>Source</th><th>Target</th><th>Lag / RPO</th>'
-        f"<th>Lag, up to the last {format_duration(history.window)}</th><th>Last snapshot</th><th>Pending</th>"
+        f"<th>Lag, up to the last {format_duration(history.window)}</th>"
+        "<th>Last snapshot</th><th>Pending</th>"
         "<th>State / last error</th></tr>"
     )
     out += [_pair_row(p, history, now) for p in report.pairs]

@@ -106,7 +106,7 @@ def png_colours(path: Path) -> int:
     assert depth == 8 and colour in (2, 6), f"unexpected PNG format: depth {depth}, colour type {colour}"
     bpp = 3 if colour == 2 else 4
     raw, stride = zlib.decompress(idat), width * bpp
-    prev, colours = bytearray(stride), set()
+    prev, colours = bytearray(stride), set[bytes]()
     for y in range(height):
         kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
         for i in range(stride):
