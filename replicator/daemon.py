@@ -530,7 +530,8 @@ class Daemon:
         self._tracker: LagTracker | None = None
         self.http: HttpEndpoint | None = None
         self.history = page.History()
-        """Lag over the last hours, recent snapshots and errors, for the status page (in memory)."""
+        """Lag over the last hours, recent snapshots and errors, for the status page (the lag
+        history is loaded from the state store once it is open)."""
 
     @property
     def config(self) -> Config:
@@ -676,6 +677,7 @@ class Daemon:
         async with self.rep:
             assert self.rep.state is not None
             self._tracker = LagTracker(self.config, self.rep.state)
+            self.history = page.History(store=self.rep.state.lag_history, now=self.tracker.clock())
             metrics.initialize([s.name for s in self.config.sources], [t.name for t in self.config.targets])
             self.rep.budget.on_exceeded = self.notifier.send
             if self.config.listen:
@@ -702,6 +704,7 @@ class Daemon:
                 self._group = None
                 if self.monitor is not None:
                     self.monitor.evaluate()
+                self.history.save()
                 self.rep.ledger.flush()
                 await self.notifier.close()
                 if self.http is not None:

@@ -8,8 +8,9 @@ font, no image fetched from anywhere, so it works air-gapped (a Content-Security
 ``/status`` does not: every name and message is HTML-escaped (source and target names,
 paths and error messages are untrusted) and every message passes through the log redactor.
 
-Lag history is kept in memory (:class:`History`: one sample per 30 s, the largest lag seen
-in it, for 6 h per pair); it starts over when the daemon restarts.
+Lag history (:class:`History`: one sample per 30 s, the largest lag seen in it, for 6 h per
+pair) is kept in memory and in the state store (replicator.state.lag), so a restarted daemon
+still shows the last hours.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from replicator.units import format_duration, format_size
 
 if TYPE_CHECKING:
     from replicator.rpo import LagTracker
+    from replicator.state.lag import LagHistoryStore
     from replicator.status import PairStatus, StatusReport
 
 INTERVAL = 30.0
@@ -58,28 +60,52 @@ class History:
     """What the page shows that a status report does not: lag over time, recent snapshots and
     errors. Bounded: ``window / interval`` samples per pair, ``keep`` events of each kind."""
 
-    def __init__(self, interval: float = INTERVAL, window: float = WINDOW, keep: int = KEEP) -> None:
+    def __init__(
+        self,
+        interval: float = INTERVAL,
+        window: float = WINDOW,
+        keep: int = KEEP,
+        *,
+        store: LagHistoryStore | None = None,
+        now: float | None = None,
+    ) -> None:
+        """With ``store``, the samples of the window before ``now`` are loaded from it, and
+        each interval's sample is saved there once the interval is over."""
         self.interval, self.window = interval, window
         self.lag: dict[Pair, deque[tuple[float, float]]] = {}
         """Pair -> (start of the sample's interval, largest lag seen in it), oldest first."""
         self.snapshots: deque[SnapshotEvent] = deque(maxlen=keep)
         self.errors: deque[ErrorEvent] = deque(maxlen=keep)
         self._error: dict[Pair, str | None] = {}
+        self.store = store
+        if store is not None and now is not None:
+            for pair, samples in store.load(now - window).items():
+                self._ring(pair).extend(samples)
+
+    def _ring(self, pair: Pair) -> deque[tuple[float, float]]:
+        return self.lag.setdefault(pair, deque(maxlen=max(1, math.ceil(self.window / self.interval))))
 
     def add(self, source: str, target: str, now: float, lag: float, error: str | None = None) -> None:
         """One observation (the daemon's monitor makes one per pair every second). The largest
         lag of each interval is kept: a breach between two samples still shows."""
-        ring = self.lag.setdefault(
-            (source, target), deque(maxlen=max(1, math.ceil(self.window / self.interval)))
-        )
+        ring = self._ring((source, target))
         start = now - now % self.interval
         if ring and ring[-1][0] == start:
             ring[-1] = (start, max(ring[-1][1], lag))
         else:
+            if ring and self.store is not None:  # the previous interval is over: keep its sample
+                self.store.add(source, target, *ring[-1], older_than=now - self.window)
             ring.append((start, lag))
         if error and error != self._error.get((source, target)):
             self.errors.append(ErrorEvent(now, source, target, REDACTOR.scrub(error)))
         self._error[(source, target)] = error
+
+    def save(self) -> None:
+        """Keep the samples of the intervals under way (the daemon stops)."""
+        if self.store is not None:
+            for (source, target), ring in self.lag.items():
+                if ring:
+                    self.store.add(source, target, *ring[-1])
 
     def sample(self, tracker: LagTracker, now: float) -> None:
         for pair in tracker.pairs.values():
@@ -261,9 +287,9 @@ def render(report: StatusReport, history: History, now: float) -> str:
         out.append('<p class="empty">None since the daemon started.</p>')
 
     out.append(
-        "<footer>Lag history is kept in the daemon's memory (one sample per "
-        f"{format_duration(history.interval)}, the largest lag seen in it, for "
-        f"{format_duration(history.window)}) and starts over when it restarts. "
+        f"<footer>Lag history: one sample per {format_duration(history.interval)}, the largest lag "
+        f"seen in it, for {format_duration(history.window)}, kept in the state store. Snapshots and "
+        "errors: since the daemon started. "
         "The same data: /status (JSON), /metrics (Prometheus).</footer></body></html>"
     )
     return "\n".join(out)
