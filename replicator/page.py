@@ -122,14 +122,14 @@ class History:
 
 # -- rendering -------------------------------------------------------------------------------
 
-CHART_W, CHART_H = 240, 48
+CHART_W, CHART_H = 300, 60
 
 
 def chart(points: list[tuple[float, float]], rpo: float | None, breached: bool) -> str:
     """An inline SVG line chart of lag over time, with the RPO as a dashed line."""
     t0, t1 = points[0][0], points[-1][0]
     span = max(t1 - t0, 60.0)
-    top = max([v for _, v in points] + [rpo or 0.0]) * 1.15 or 1.0
+    top = max([v for _, v in points] + [rpo or 0.0]) * 1.3 or 1.0  # room for the label above
 
     def xy(t: float, v: float) -> str:
         return f"{(t - t1 + span) / span * CHART_W:.1f},{CHART_H - v / top * CHART_H:.1f}"
@@ -150,6 +150,9 @@ def chart(points: list[tuple[float, float]], rpo: float | None, breached: bool) 
         parts.append(f'<line class="rpo" x1="0" x2="{CHART_W}" y1="{y:.1f}" y2="{y:.1f}"/>')
     last = xy(*points[-1]).split(",")
     parts.append(f'<circle class="now" cx="{last[0]}" cy="{last[1]}" r="2.5"/>')
+    peak = format_duration(max(v for _, v in points))
+    parts.append(f'<text class="axis" x="3" y="10">max {peak}</text>')
+    parts.append(f'<text class="axis" x="3" y="{CHART_H - 3}">-{format_duration(span)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -213,6 +216,7 @@ th{background:#eef0f4;font-weight:600}.num{text-align:right;white-space:nowrap}
 svg.chart{background:#fbfcfd;border:1px solid #e3e6eb}
 svg .lag{fill:none;stroke:#2f6fde;stroke-width:1.5}svg .area{fill:#2f6fde22;stroke:none}
 svg.breached .lag{stroke:#d12f2f}svg.breached .area{fill:#d12f2f22}
+svg .axis{font-size:9px;fill:#5b6475}
 svg .rpo{stroke:#d12f2f;stroke-dasharray:4 3;stroke-width:1}svg .now{fill:#1d2330}
 .empty{color:#5b6475;font-style:italic}footer{margin-top:2em;color:#5b6475;font-size:12px}
 """

@@ -7,6 +7,7 @@ import re
 import shutil
 import struct
 import subprocess
+import time
 import urllib.request
 import zlib
 from pathlib import Path
@@ -16,6 +17,8 @@ import pytest
 
 from replicator.log import REDACTOR
 from replicator.page import History, render
+from replicator.state import StateStore
+from replicator.state.rpo import RpoRow
 from replicator.status import BudgetStatus, PairStatus, StatusReport
 from tests.conftest import write_config
 from tests.daemon_helpers import DaemonProcess, wait_until
@@ -148,7 +151,26 @@ def chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def seed_history(state_dir: Path, now: float) -> None:
+    """Three hours of lag as an earlier run of the daemon left them: ``nfs`` a sawtooth under
+    a minute, ``offsite`` the same until its outage began 20 minutes ago, still pending."""
+    outage = now - 1200
+    state = StateStore.open(state_dir)
+    try:
+        for i in range(360, 0, -1):
+            at = now - now % 30 - 30 * i
+            state.lag_history.add("datasets", "nfs", at, (i * 30) % 600 / 10)
+            state.lag_history.add(
+                "datasets", "offsite", at, at - outage if at > outage else (i * 30) % 600 / 10
+            )
+        state.rpo.save("datasets", "offsite", RpoRow(pending_since=outage))
+    finally:
+        state.close()
+
+
 def test_a_real_browser_renders_the_table_and_the_charts(tmp_path: Path) -> None:
+    """A daemon restarted during an outage of one target: the page shows both pairs, the
+    breach, and the lag of the hours before the restart (from the state store)."""
     primary = tmp_path / "primary"
     primary.mkdir()
     (primary / "weights.bin").write_bytes(b"w" * 200_000)
@@ -162,8 +184,9 @@ def test_a_real_browser_renders_the_table_and_the_charts(tmp_path: Path) -> None
         "endpoint_url": f"http://127.0.0.1:{free_port()}",
         "retry": {"initial": "100ms", "max": "500ms", "give_up_after": "1s"},
     }
-    source = {"name": "datasets", "url": str(primary), "rpo": "2s", "debounce": "100ms"}
+    source = {"name": "datasets", "url": str(primary), "rpo": "15m", "debounce": "100ms"}
     data: dict[str, Any] = config_dict(tmp_path, [source], [nfs, dead], listen=listen)
+    seed_history(Path(data["state_dir"]), time.time())
     data["alerts"] = {"webhooks": [f"http://127.0.0.1:9/hooks/{HOOK_TOKEN}"]}
     data["budget"] = {"usd_per_day": 5}
     cfg = write_config(tmp_path / "r.yaml", data)
@@ -200,9 +223,9 @@ def test_a_real_browser_renders_the_table_and_the_charts(tmp_path: Path) -> None
     rows = re.findall(r'<tr class="pair (\w+)" data-source="datasets" data-target="(\w+)"', html)
     assert sorted(rows) == [("breached", "offsite"), ("ok", "nfs")], rows
     charts = re.findall(r'<svg class="chart[^"]*" data-points="(\d+)"', html)
-    assert len(charts) == 2 and all(int(n) >= 2 for n in charts), charts
+    assert len(charts) == 2 and all(int(n) >= 360 for n in charts), f"the saved history is missing: {charts}"
     lines = re.findall(r'<polyline class="lag" points="([^"]+)"', html)
-    assert len(lines) == 2 and all(len(p.split()) >= 2 for p in lines)
+    assert len(lines) == 2 and all(len(p.split()) >= 360 for p in lines)
     assert 'class="rpo"' in html, "the RPO line is missing from the charts"
     assert 'id="budgets"' in html and 'id="errors"' in html and "offsite" in html
     assert HOOK_TOKEN not in html
