@@ -170,7 +170,10 @@ def seed_history(state_dir: Path, now: float) -> None:
 
 def test_a_real_browser_renders_the_table_and_the_charts(tmp_path: Path) -> None:
     """A daemon restarted during an outage of one target: the page shows both pairs, the
-    breach, and the lag of the hours before the restart (from the state store)."""
+    breach, and the lag of the hours before the restart (from the state store).
+
+    docs/status-page.png is this test's screenshot: run it with ``--basetemp=/tmp/page`` and
+    copy ``/tmp/page/test_a_real_browser_renders_th0/page.png``."""
     primary = tmp_path / "primary"
     primary.mkdir()
     (primary / "weights.bin").write_bytes(b"w" * 200_000)
