@@ -33,8 +33,14 @@ def run_coroutine(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine, turning library errors into a one-line message and exit code."""
     import asyncio
 
+    from replicator.log import loop_exception_handler
+
+    async def main() -> T:
+        asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
+        return await coro_fn()
+
     try:
-        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+        return asyncio.run(main())
     except ReplicatorError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
