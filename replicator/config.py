@@ -347,6 +347,20 @@ class RetryConfig(_Model):
     reached at all): an interactive command never hangs on a dead endpoint."""
 
 
+# --- scheduled garbage collection (issue 19; replicator.daemon, docs/DEPLOY.md) ----------------
+
+
+class PruneSchedule(_Model):
+    """``prune: {every: 24h, grace: 1h}`` on a target: ``replicator run`` runs ``replicator
+    prune`` on it this often, beside replication. Without it the daemon never prunes."""
+
+    every: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+    """Between the end of one run and the start of the next (the first: this long after start)."""
+    grace: Duration = 3600.0
+    """``replicator prune --grace``: a candidate is deleted only by a run at least this long
+    after the run that planned it."""
+
+
 class TargetConfig(_Endpoint):
     """The settings every target has, whatever its backend: the base of each target backend's
     model (the config's ``targets`` hold instances of those)."""
@@ -374,6 +388,8 @@ class TargetConfig(_Endpoint):
     """``replicator run`` lists the repository's chunks again this often, so that a chunk
     removed behind its back (lifecycle rules, a person) is noticed and sent again even when no
     publish needs it (publishes confirm what they use anyway: docs/RELIABILITY.md)."""
+    prune: PruneSchedule | None = None
+    """Scheduled garbage collection by the daemon (None: never; ``replicator prune`` or a CronJob)."""
 
 
 class PosixTargetConfig(TargetConfig):

@@ -16,6 +16,8 @@ restarted after a backoff, so one bad file or source never takes the process dow
   catches up within seconds, without a new change); its publisher then catches up (missing
   chunks are re-read from the source, after fresh work) — nothing is lost, and the other
   targets never wait for it;
+* per target with ``prune: {every, grace}``, a garbage collector run every ``every`` beside
+  the publishers (``Daemon._prune_schedule``);
 * the RPO monitor, the source watchers and the systemd watchdog.
 
 Start-up never waits for a target: the HTTP endpoint, lag tracking and alerts are up before
@@ -40,6 +42,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -51,15 +54,18 @@ from replicator import log as logging_setup
 from replicator import metrics, page, release, status, systemd
 from replicator.alerts import WebhookNotifier
 from replicator.backends import source_backend
-from replicator.config import Config, SourceConfig, TargetConfig, load_config
+from replicator.config import Config, PruneSchedule, SourceConfig, TargetConfig, load_config
 from replicator.engine import Candidate, OpenTarget, Replicator, SourceResult
 from replicator.errors import (
     ConfigError,
+    GcBusyError,
+    GcRefusedError,
     PermanentTargetError,
     ReplicatorError,
     SourceError,
     TargetUnreachableError,
 )
+from replicator.gc.prune import PruneOptions, prune_target
 from replicator.http import HttpEndpoint
 from replicator.repository import CONFIG_KEY
 from replicator.retry import RetryPolicy, pause
@@ -78,6 +84,9 @@ PROBE_TIMEOUT = 10.0
 """A probe that gets no answer in this long has failed (the target's own timeout may be long)."""
 UNREADABLE_RETRY_MAX = 60.0
 """Longest pause before a source worker looks again at files it could not read."""
+PRUNE_RECHECK = 5.0
+"""Longest sleep of a target's prune schedule before it reads its settings again (SIGHUP)."""
+PRUNE_JITTER_MAX = 300.0
 SLOW_BACKOFF = RetryPolicy(initial=1.0, max=60.0, give_up_after=None)
 """Pause before a background task that failed unexpectedly is started again."""
 
@@ -514,7 +523,7 @@ LIVE_SOURCE_FIELDS = (
     "retention_overrides",
     "max_delay",
 )
-LIVE_TARGET_FIELDS = ("cost", "budget")
+LIVE_TARGET_FIELDS = ("cost", "budget", "prune")
 
 T = TypeVar("T")
 
@@ -729,6 +738,8 @@ class Daemon:
             self.workers[s.name] = worker
             self.spawn(f"watch-{s.name}", worker.watch)
             self.spawn(f"source-{s.name}", worker.run)
+        for t in self.config.targets:
+            self.spawn(f"prune-{t.name}", functools.partial(self._prune_schedule, t.name))
         interval = systemd.watchdog_interval()
         if interval:
             self.spawn("watchdog", lambda: self._watchdog(interval))
@@ -798,6 +809,74 @@ class Daemon:
             beats += 1
             await pause(1.0, self.stopping)
 
+    async def _prune_schedule(self, name: str) -> None:
+        """``prune: {every, grace}``: run ``replicator prune`` on the target every ``every``
+        (the first run one interval after start), jittered so that daemons started together do
+        not collect at once. It runs beside the publishers (the gc protocol lets writers
+        publish during a run) and on its own connection; whatever happens to it is logged and
+        counted, never raised, so replication never notices. The settings are read again at
+        each wake-up, so SIGHUP can add, change or remove the schedule."""
+        due: float | None = None
+        current: PruneSchedule | None = None
+        while not self.stopping.is_set():
+            schedule = self.config.target(name).prune
+            if schedule != current:
+                current = schedule
+                due = None if schedule is None else time.monotonic() + _jittered(schedule.every)
+            now = time.monotonic()
+            if due is None or now < due:
+                # Wake at least every PRUNE_RECHECK to notice a reloaded schedule.
+                wait = PRUNE_RECHECK if due is None else min(PRUNE_RECHECK, due - now)
+                await pause(wait, self.stopping)
+                continue
+            assert schedule is not None
+            await self._prune_once(self.config.target(name), schedule)
+            due = time.monotonic() + _jittered(schedule.every)
+
+    async def _prune_once(self, cfg: TargetConfig, schedule: PruneSchedule) -> None:
+        name = cfg.name
+        log.info("prune.started", target=name, grace=schedule.grace)
+        started = time.monotonic()
+        try:
+            result = await prune_target(cfg, PruneOptions(grace=schedule.grace))
+        except Exception as exc:  # a bug in prune must not take replication down either
+            outcome = (
+                "busy"
+                if isinstance(exc, GcBusyError)
+                else "refused"
+                if isinstance(exc, GcRefusedError)
+                else "failed"
+            )
+            seconds = time.monotonic() - started
+            metrics.PRUNE_RUNS.labels(name, outcome).inc()
+            metrics.PRUNE_DURATION.labels(name).set(seconds)
+            unexpected = not isinstance(exc, ReplicatorError)
+            log.error(
+                "prune.failed",
+                target=name,
+                outcome=outcome,
+                error=str(exc) if not unexpected else repr(exc),
+                seconds=round(seconds, 3),
+                exc_info=exc if unexpected else None,
+            )
+            return
+        seconds = time.monotonic() - started
+        metrics.PRUNE_RUNS.labels(name, "success").inc()
+        metrics.PRUNE_DURATION.labels(name).set(seconds)
+        metrics.PRUNE_RECLAIMED_BYTES.labels(name).inc(result.deleted_bytes)
+        metrics.PRUNE_DELETED_OBJECTS.labels(name).inc(result.deleted_objects)
+        metrics.PRUNE_LAST_SUCCESS.labels(name).set(time.time())
+        log.info(
+            "prune.finished",
+            target=name,
+            deleted_objects=result.deleted_objects,
+            deleted_bytes=result.deleted_bytes,
+            planned_objects=result.planned_objects,
+            garbage_bytes=result.garbage_bytes,
+            deferred=result.deferred,
+            seconds=round(seconds, 3),
+        )
+
     async def _watchdog(self, interval: float) -> None:
         while not self.stopping.is_set():
             systemd.notify("WATCHDOG=1")
@@ -828,6 +907,11 @@ class Daemon:
         cancelled = sorted(t.get_name() for t in leftovers if t.get_name() in keep)
         if cancelled:
             log.warning("daemon.grace_expired", cancelled=cancelled)
+
+
+def _jittered(every: float) -> float:
+    """``every`` plus up to 10 % (at most PRUNE_JITTER_MAX seconds) of random delay."""
+    return every + random.uniform(0.0, min(0.1 * every, PRUNE_JITTER_MAX))
 
 
 class DaemonCrashedError(ReplicatorError):

@@ -121,7 +121,7 @@ TARGET_UP = Gauge(
 TASK_FAILURES = Counter(
     "replicator_task_failures_total",
     "Unexpected exceptions (bugs) in a background task, which was restarted: task is "
-    "source-<name>, publish-<name>, upload-<name>, attach-<name>, watch-<name> or monitor.",
+    "source-<name>, publish-<name>, upload-<name>, attach-<name>, watch-<name>, prune-<name> or monitor.",
     ["task"],
     registry=REGISTRY,
 )
@@ -163,6 +163,39 @@ RETENTION_FAILURES = Counter(
     registry=REGISTRY,
 )
 
+# -- scheduled garbage collection (replicator.daemon, target ``prune: {every}``) -------------
+PRUNE_RUNS = Counter(
+    "replicator_prune_runs_total",
+    "Scheduled prune runs by outcome: success (deferred runs included), busy (another prune "
+    "held the lock), refused (untrustworthy evidence, nothing deleted), failed.",
+    ["target", "outcome"],
+    registry=REGISTRY,
+)
+PRUNE_RECLAIMED_BYTES = Counter(
+    "replicator_prune_reclaimed_bytes_total",
+    "Stored bytes of chunks and packs deleted by scheduled prune runs.",
+    ["target"],
+    registry=REGISTRY,
+)
+PRUNE_DELETED_OBJECTS = Counter(
+    "replicator_prune_deleted_objects_total",
+    "Chunk objects and packs deleted by scheduled prune runs.",
+    ["target"],
+    registry=REGISTRY,
+)
+PRUNE_DURATION = Gauge(
+    "replicator_prune_duration_seconds",
+    "Duration of the last scheduled prune run, whatever its outcome.",
+    ["target"],
+    registry=REGISTRY,
+)
+PRUNE_LAST_SUCCESS = Gauge(
+    "replicator_prune_last_success_timestamp_seconds",
+    "Unix time the last successful scheduled prune run ended; 0 before the first.",
+    ["target"],
+    registry=REGISTRY,
+)
+
 # -- budget (replicator.budget) --------------------------------------------------------------
 SPEND_USD = Gauge(
     "replicator_spend_usd",
@@ -187,6 +220,7 @@ DEFERRED_BYTES = Gauge(
 REQUEST_OPS = ("put", "get", "stat", "list", "delete")
 ERROR_KINDS = ("transient", "unreachable", "permanent", "not_found")
 SOURCE_ERROR_KINDS = ("changed_while_read", "unreadable", "scan_failed")
+PRUNE_OUTCOMES = ("success", "busy", "refused", "failed")
 
 
 def initialize(sources: list[str], targets: list[str]) -> None:
@@ -215,4 +249,9 @@ def initialize(sources: list[str], targets: list[str]) -> None:
         for task in ("attach", "publish", "upload"):
             TASK_FAILURES.labels(f"{task}-{t}")
         TARGET_UP.labels(t).set(0)
+        for outcome in PRUNE_OUTCOMES:
+            PRUNE_RUNS.labels(t, outcome)
+        for series in (PRUNE_RECLAIMED_BYTES, PRUNE_DELETED_OBJECTS, PRUNE_DURATION, PRUNE_LAST_SUCCESS):
+            series.labels(t)
+        TASK_FAILURES.labels(f"prune-{t}")
     TASK_FAILURES.labels("monitor")
