@@ -65,7 +65,8 @@ def test_the_daemon_prunes_on_schedule_beside_replication(tmp_path: Path) -> Non
         assert base <= stored_objects(root), "the live snapshot's chunks stay"
 
         reclaimed = wait_until(
-            lambda: metric(listen, "replicator_prune_reclaimed_bytes_total", target="t"), what="reclaimed"
+            lambda: metric(listen, "replicator_prune_reclaimed_bytes_total", target="t") or 0.0,
+            what="reclaimed",
         )
         assert reclaimed >= 300_000  # old.bin's chunks: random bytes do not compress
         assert (metric(listen, "replicator_prune_deleted_objects_total", target="t") or 0) >= 1
