@@ -123,3 +123,21 @@ def test_config_prune_schedule_defaults(tmp_path: Path) -> None:
     data["targets"][0]["prune"] = {"every": "24h"}
     schedule = parse_config(data, tmp_path).target("t").prune
     assert schedule is not None and (schedule.every, schedule.grace) == (86400.0, 3600.0)
+
+
+def test_a_reloaded_config_changes_the_schedule_without_a_restart(tmp_path: Path) -> None:
+    from replicator.daemon import merge_live_settings
+
+    data = config_dict(
+        tmp_path, [{"name": "ds", "url": str(tmp_path / "src")}], [{"name": "t", "url": str(tmp_path / "t")}]
+    )
+    old = parse_config(data, tmp_path)
+    data["targets"][0]["prune"] = {"every": "6h", "grace": "2h"}
+    merged, needs_restart = merge_live_settings(old, parse_config(data, tmp_path))
+    schedule = merged.target("t").prune
+    assert (
+        needs_restart == [] and schedule is not None and (schedule.every, schedule.grace) == (21600.0, 7200.0)
+    )
+    del data["targets"][0]["prune"]
+    merged, needs_restart = merge_live_settings(merged, parse_config(data, tmp_path))
+    assert needs_restart == [] and merged.target("t").prune is None
