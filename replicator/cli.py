@@ -35,6 +35,10 @@ from replicator.cli_support import (
     load,
     parse_option,
     read_data_fraction,
+    LogChoice,
+    OneLineErrors,
+    from_environment,
+    on_command_line,
     run_coroutine,
     setup_logging,
     show,
@@ -51,7 +55,7 @@ app = typer.Typer(
     "secondary S3-compatible or POSIX targets, deduplicated and verifiable.\n\n"
     "Start with `replicator demo`, then see `replicator COMMAND --help`.",
     no_args_is_help=True,
-    add_completion=False,
+    cls=OneLineErrors,  # usage errors: one line, not click's box (issue 22)
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -68,9 +72,11 @@ def repo_target_config(
     log_level: str | None,
     give_up_after: str | None = None,
 ) -> tuple[TargetConfig, Config | None]:
-    """Resolve ``--config/--target`` or ``--repo`` into one target's settings."""
+    """Resolve ``--config/--target`` or ``--repo`` into one target's settings. REPLICATOR_REPO
+    applies only when neither --config nor --target is given on the command line."""
     from replicator.config import TARGET_URLS, target_config
 
+    repo = yield_env_repo(repo)
     if repo is not None:
         if config_path is not None and target is not None:
             fail("give either --repo or --config with --target, not both", 2)
@@ -97,6 +103,15 @@ def repo_target_config(
         return with_give_up(config.target(target), give_up_after), config
     except ConfigError as exc:
         fail(str(exc), 2)
+
+
+def yield_env_repo(repo: str | None) -> str | None:
+    """``--repo``, unless it came from REPLICATOR_REPO and --config or --target was given on
+    the command line: what is typed wins over the environment."""
+    if repo is not None and from_environment("repo"):
+        if on_command_line("config_path") or on_command_line("target"):
+            return None
+    return repo
 
 
 REPO_CUSTOMER_KEY_ENV = "REPLICATOR_SSE_CUSTOMER_KEY"
@@ -151,6 +166,8 @@ def sync(
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
     log_level: opt.LogLevel = None,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """One replication pass: every source (or --source) to every target (or --target).
 
@@ -180,6 +197,9 @@ def sync(
 def run(
     config_path: opt.ConfigPath = None,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Run the replication daemon: watch every source and keep every target up to date.
 
@@ -206,6 +226,9 @@ def release(
     source: opt.ReleaseSource,
     config_path: opt.ConfigPath = None,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Release a publish the running daemon holds because it would delete too much.
 
@@ -231,6 +254,8 @@ def plan(
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
     log_level: opt.LogLevel = None,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Dry run: what the next `sync` would send to each target and what it would cost.
 
@@ -251,6 +276,9 @@ def status(
     config_path: opt.ConfigPath = None,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Where every source x target stands: last snapshot, lag against the RPO, pending work,
     last error.
@@ -280,6 +308,9 @@ def snapshots(
     give_up_after: opt.GiveUp = None,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """List the snapshots in a target's repository, oldest first (`*` marks the latest)."""
     from replicator.repository import snapshot_rows
@@ -318,6 +349,8 @@ def restore(
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
     log_level: opt.LogLevel = None,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Restore a snapshot's files into DEST, byte-identical, with mode and mtime.
 
@@ -398,6 +431,9 @@ def ls(
     give_up_after: opt.GiveUp = None,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """List the files of a snapshot (default: the latest) without restoring anything: mode,
     size, modification time (UTC) and path; for a checkpoint source, grouped by checkpoint set.
@@ -434,6 +470,9 @@ def diff(
     give_up_after: opt.GiveUp = None,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """What changed between two snapshots of a source: files added (+), removed (-) and changed
     (M: other bytes, by digest), with sizes and totals; for a checkpoint source, grouped by
@@ -477,6 +516,8 @@ def verify(
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
     log_level: opt.LogLevel = None,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Prove a repository is whole: manifests parse and match their ids, refs point at existing
     snapshots, every referenced chunk exists; with --read-data, chunks decode to their ids.
@@ -491,6 +532,7 @@ def verify(
     repaired), 1 verification failed, 2 usage/config error, 3 target unreachable."""
     from replicator.verify.run import VerifyOptions, run_verify
 
+    repo = yield_env_repo(repo)
     fraction = read_data_fraction(read_data)
     if (scratch is not None or load_torch) and not restore_drill:
         fail("--scratch and --load need --restore-drill", 2)
@@ -521,6 +563,8 @@ def verify(
 def demo(
     directory: opt.DemoDir = Path("replicator-demo"),
     quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Replicate demo checkpoint data to a local target: no cloud account needed.
 
@@ -534,7 +578,9 @@ def demo(
     typer.echo(f"demo data and config written under {directory}")
     for command, *flags in (["sync"], ["verify", "--read-data"], ["verify", "--restore-drill"]):
         typer.echo(" ".join(["$ replicator", command, "--config", str(cfg_path), *flags]))
-        _invoke([command, "--config", str(cfg_path), *flags, *(["--quiet"] if quiet else [])])
+        passed = [*(["--quiet"] if quiet else []), *(["-v"] * verbose)]
+        passed += ["--log-format", log_format] if log_format else []
+        _invoke([command, "--config", str(cfg_path), *flags, *passed])
     typer.echo(
         "\nNext: list snapshots with\n"
         f"  replicator snapshots --repo {directory / 'secondary'}\n"
@@ -569,6 +615,9 @@ def config_check(
     online: opt.Online = False,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Validate a config file: every problem, one line each, then a summary of its sources and
     targets.
@@ -592,6 +641,7 @@ def config_check(
 
 @app.callback(invoke_without_command=True)
 def _root(version: opt.Version = False) -> None:
+    LogChoice.reset()  # an earlier in-process invocation's -v/-q/--log-format (tests, demo)
     if version:
         typer.echo(f"replicator {__version__}")
         raise typer.Exit(0)
