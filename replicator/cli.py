@@ -28,17 +28,17 @@ from replicator import __version__, render
 from replicator import cli_options as opt
 from replicator.cli_support import (
     EXIT_SEVERITY,
+    LogChoice,
+    OneLineErrors,
     check_selection,
     emit,
     emit_json,
     fail,
+    from_environment,
     load,
+    on_command_line,
     parse_option,
     read_data_fraction,
-    LogChoice,
-    OneLineErrors,
-    from_environment,
-    on_command_line,
     run_coroutine,
     setup_logging,
     show,
@@ -108,10 +108,8 @@ def repo_target_config(
 def yield_env_repo(repo: str | None) -> str | None:
     """``--repo``, unless it came from REPLICATOR_REPO and --config or --target was given on
     the command line: what is typed wins over the environment."""
-    if repo is not None and from_environment("repo"):
-        if on_command_line("config_path") or on_command_line("target"):
-            return None
-    return repo
+    typed_instead = on_command_line("config_path") or on_command_line("target")
+    return None if repo is not None and from_environment("repo") and typed_instead else repo
 
 
 REPO_CUSTOMER_KEY_ENV = "REPLICATOR_SSE_CUSTOMER_KEY"

@@ -35,21 +35,21 @@ Source = Annotated[
 ]
 Targets = Annotated[
     list[str] | None,
-    typer.Option(
-        "--target", "-t", envvar="REPLICATOR_TARGET", help="Only this target (repeatable; the variable: space-separated)."
-    ),
+    typer.Option("--target", "-t", envvar="REPLICATOR_TARGET", help="Only this target (repeatable)."),
 ]
 Sources = Annotated[
     list[str] | None,
-    typer.Option(
-        "--source", "-s", envvar="REPLICATOR_SOURCE", help="Only this source (repeatable; the variable: space-separated)."
-    ),
+    typer.Option("--source", "-s", envvar="REPLICATOR_SOURCE", help="Only this source (repeatable)."),
 ]
 Endpoint = Annotated[
     str | None,
-    typer.Option("--endpoint-url", envvar="REPLICATOR_ENDPOINT_URL", help="S3 endpoint for --repo (default: AWS)."),
+    typer.Option(
+        "--endpoint-url", envvar="REPLICATOR_ENDPOINT_URL", help="S3 endpoint for --repo (default: AWS)."
+    ),
 ]
-Region = Annotated[str | None, typer.Option("--region", envvar="REPLICATOR_REGION", help="S3 region for --repo.")]
+Region = Annotated[
+    str | None, typer.Option("--region", envvar="REPLICATOR_REGION", help="S3 region for --repo.")
+]
 Profile = Annotated[
     str | None, typer.Option("--profile", envvar="REPLICATOR_PROFILE", help="AWS profile for --repo.")
 ]
@@ -136,7 +136,9 @@ Version = Annotated[bool, typer.Option("--version", help="Print the version and 
 DemoDir = Annotated[Path, typer.Option("--dir", help="Where to create the demo.")]
 ReleaseSource = Annotated[
     str,
-    typer.Option("--source", "-s", envvar="REPLICATOR_SOURCE", help="The source whose held publish to release."),
+    typer.Option(
+        "--source", "-s", envvar="REPLICATOR_SOURCE", help="The source whose held publish to release."
+    ),
 ]
 
 # -- sync -------------------------------------------------------------------------------------

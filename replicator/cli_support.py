@@ -61,7 +61,7 @@ class OneLineErrors(TyperGroup):
     """The command group: a usage error is one line on stderr (a JSON object with --json),
     exit 2, instead of click's usage banner and boxed message; Ctrl-C while parsing exits 130."""
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,
@@ -90,17 +90,17 @@ class OneLineErrors(TyperGroup):
                 message += f" (see '{ctx.command_path} -h')"
             typer.echo(error_line(message, exc.exit_code, as_json), err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except typer.Abort:
             typer.echo(error_line("interrupted", 130, as_json), err=True)
             sys.exit(130)
-        sys.exit(code if isinstance(code, int) else 0)
+        raise SystemExit(code if isinstance(code, int) else 0)
 
 
 def from_environment(param: str) -> bool:
     """Whether the running command's option ``param`` took its value from its environment
     variable."""
-    from typer._click.globals import get_current_context
     from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
 
     ctx = get_current_context(silent=True)
     return ctx is not None and ctx.get_parameter_source(param) is ParameterSource.ENVIRONMENT
@@ -108,8 +108,8 @@ def from_environment(param: str) -> bool:
 
 def on_command_line(param: str) -> bool:
     """Whether the running command's option ``param`` was given on the command line."""
-    from typer._click.globals import get_current_context
     from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
 
     ctx = get_current_context(silent=True)
     return ctx is not None and ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE
