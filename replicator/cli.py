@@ -33,6 +33,7 @@ from replicator.cli_support import (
     check_selection,
     emit,
     emit_json,
+    error_line,
     fail,
     from_environment,
     load,
@@ -649,5 +650,5 @@ def main() -> None:
     try:
         app(opt.optional_values(sys.argv[1:]), prog_name="replicator")
     except ReplicatorError as exc:  # pragma: no cover - commands convert their own errors
-        typer.echo(f"replicator: error: {exc}", err=True)
+        typer.echo(error_line(str(exc), exc.exit_code, "--json" in sys.argv), err=True)
         sys.exit(exc.exit_code)

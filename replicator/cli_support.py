@@ -95,6 +95,12 @@ class OneLineErrors(TyperGroup):
             sys.exit(130)
         raise SystemExit(code if isinstance(code, int) else 0)
 
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # outside run_coroutine (loading the config...): same line
+            fail("interrupted", 130)
+
 
 def from_environment(param: str) -> bool:
     """Whether the running command's option ``param`` took its value from its environment
@@ -123,7 +129,16 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def run_coroutine(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine, turning library errors into a one-line message and exit code."""
     import asyncio
+    import signal
+    import threading
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    if main_thread:
+        # While the work runs, Ctrl-C stops it in order (asyncio.run cancels it, then we exit
+        # 130); before and after, __main__'s handler exits at once (nothing to stop: a
+        # KeyboardInterrupt in interpreter shutdown killed the process without a word).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return asyncio.run(coro_fn())  # type: ignore[arg-type]
     except ReplicatorError as exc:
@@ -132,6 +147,9 @@ def run_coroutine(coro_fn: Callable[[], Awaitable[T]]) -> T:
         fail("interrupted", 130)
     except OSError as exc:  # what a library call did not convert: still one line, no traceback
         fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 class LogChoice:
