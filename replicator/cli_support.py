@@ -132,6 +132,12 @@ def run_coroutine(coro_fn: Callable[[], Awaitable[T]]) -> T:
     import signal
     import threading
 
+    from replicator.log import loop_exception_handler
+
+    async def main() -> T:
+        asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
+        return await coro_fn()
+
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main_thread else None
     if main_thread:
@@ -140,7 +146,7 @@ def run_coroutine(coro_fn: Callable[[], Awaitable[T]]) -> T:
         # KeyboardInterrupt in interpreter shutdown killed the process without a word).
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+        return asyncio.run(main())
     except ReplicatorError as exc:
         fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:

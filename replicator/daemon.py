@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from replicator import log as logging_setup
-from replicator import metrics, release, status, systemd
+from replicator import metrics, page, release, status, systemd
 from replicator.alerts import WebhookNotifier
 from replicator.backends import source_backend
 from replicator.config import Config, SourceConfig, TargetConfig, load_config
@@ -338,6 +338,8 @@ class TargetPublisher:
     delivered: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per source, path -> digest of the last snapshot durable on this target."""
     probe_error: ReplicatorError | None = None
+    history: page.History = field(default_factory=page.History)
+    """Where published snapshots are listed for the status page."""
 
     @property
     def name(self) -> str:
@@ -465,6 +467,8 @@ class TargetPublisher:
                 spec = self.target.repo.hash
                 self.delivered[source] = {r.path: r.digests.get(spec.key, "") for r in candidate.records}
                 self.tracker.durable(source, self.name, candidate.seq, self.tracker.clock(), result.damaged)
+                if result.status == "published" and result.snapshot:
+                    self.history.published(source, self.name, result.snapshot, self.tracker.clock())
                 metrics.CARRIED_ENTRIES.labels(source, self.name).set(len(result.carried))
                 self.approvals.get(source, set()).discard(self.name)
             if self.pending.get(source) is candidate:
@@ -525,6 +529,9 @@ class Daemon:
         self.notifier = WebhookNotifier(config.alerts)
         self._tracker: LagTracker | None = None
         self.http: HttpEndpoint | None = None
+        self.history = page.History()
+        """Lag over the last hours, recent snapshots and errors, for the status page (the lag
+        history is loaded from the state store once it is open)."""
 
     @property
     def config(self) -> Config:
@@ -637,6 +644,11 @@ class Daemon:
     def status_json(self) -> dict[str, object]:
         return status.from_tracker(self.tracker, self.rep.budget, self.fingerprint).to_json()
 
+    def status_page(self) -> str:
+        now = self.tracker.clock()
+        report = status.from_tracker(self.tracker, self.rep.budget, self.fingerprint, now)
+        return page.render(report, self.history, now)
+
     def unready(self) -> list[str]:
         """Why ``/readyz`` is not 200: ready once started with at least one target open."""
         if not self.started:
@@ -665,6 +677,7 @@ class Daemon:
         async with self.rep:
             assert self.rep.state is not None
             self._tracker = LagTracker(self.config, self.rep.state)
+            self.history = page.History(store=self.rep.state.lag_history, now=self.tracker.clock())
             metrics.initialize([s.name for s in self.config.sources], [t.name for t in self.config.targets])
             self.rep.budget.on_exceeded = self.notifier.send
             if self.config.listen:
@@ -674,6 +687,7 @@ class Daemon:
                         self.tracker, self.rep.budget, self.fingerprint
                     ).to_json(),
                     unready=self.unready,
+                    page=self.status_page,
                 )
                 try:
                     await self.http.start()
@@ -690,6 +704,7 @@ class Daemon:
                 self._group = None
                 if self.monitor is not None:
                     self.monitor.evaluate()
+                self.history.save()
                 self.rep.ledger.flush()
                 await self.notifier.close()
                 if self.http is not None:
@@ -739,7 +754,14 @@ class Daemon:
     async def _start_publisher(self, t: OpenTarget) -> None:
         name = t.config.name
         publisher = TargetPublisher(
-            t, self.live, self.rep, self.tracker, self.sources_done, self.request_round, self.approvals
+            t,
+            self.live,
+            self.rep,
+            self.tracker,
+            self.sources_done,
+            self.request_round,
+            self.approvals,
+            history=self.history,
         )
         await publisher.load_delivered()
         self.publishers[name] = publisher
@@ -757,6 +779,7 @@ class Daemon:
         beats = 0
         while not self.stopping.is_set():
             monitor.evaluate()
+            self.history.sample(self.tracker, self.tracker.clock())
             self.rep.ledger.flush()
             self.rep.budget.export(self.deferred_bytes())
             if self.http is not None:

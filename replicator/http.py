@@ -5,7 +5,8 @@
 * ``/healthz``: 200 while the event loop is alive and not stuck — it is served *by* the loop,
   and a heartbeat task must have run in the last 10 s;
 * ``/readyz``: 200 once the config is loaded and every target has been reached at least once;
-* ``/status``: the JSON of ``replicator status --json``.
+* ``/status``: the JSON of ``replicator status --json``;
+* ``/``: the same as a page for people, with lag charts (replicator.page).
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ class HttpEndpoint:
         *,
         status: Callable[[], dict[str, Any]],
         unready: Callable[[], list[str]],
+        page: Callable[[], str] | None = None,
     ) -> None:
         self.host, _, port = listen.rpartition(":")
         self.port = int(port)
         self.status = status
         self.unready = unready
+        self.page = page
         self.heartbeat = time.monotonic()
         self._runner: web.AppRunner | None = None
 
@@ -46,6 +49,8 @@ class HttpEndpoint:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
+        if self.page is not None:
+            app.router.add_get("/", self._page)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host.strip("[]"), self.port).start()
@@ -71,3 +76,17 @@ class HttpEndpoint:
 
     async def _status(self, _: web.Request) -> web.Response:
         return web.json_response(self.status())
+
+    async def _page(self, _: web.Request) -> web.Response:
+        assert self.page is not None
+        return web.Response(text=self.page(), content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
+
+
+# The page is self-contained: the browser may load nothing else (air-gapped sites, and no
+# way for an untrusted name that escaped escaping to pull anything in).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}

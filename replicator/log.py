@@ -265,3 +265,16 @@ def configure(level: str = "info", *, json_output: bool | None = None, stream: A
     # botocore/aiobotocore/urllib3 are chatty; at DEBUG they still pass through the redactor.
     for noisy in ("botocore", "aiobotocore", "boto3", "urllib3", "s3transfer", "asyncio", "watchfiles"):
         logging.getLogger(noisy).setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
+
+
+def loop_exception_handler(loop: Any, context: dict[str, Any]) -> None:
+    """The event loop's handler for exceptions nobody awaited. The HTTP client's own background
+    writes fail with a reset or closed connection when a target drops it; the request that
+    owned them fails too and is retried and reported (``target.retry``), so those are logged at
+    debug, not as a traceback an operator would read as a crash. Anything else: as asyncio
+    would."""
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and "never retrieved" in str(context.get("message", "")):
+        get_logger("asyncio").debug("asyncio.connection_error_unretrieved", error=repr(exc))
+        return
+    loop.default_exception_handler(context)

@@ -159,6 +159,52 @@ def check_rules(rule: Obj) -> list[str]:
     return alerts
 
 
+# Grafana's variables, as a query would see them once Grafana has substituted them.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "6h"}
+
+
+def grafana_queries(dashboard: Obj) -> dict[str, str]:
+    """Every PromQL query of a Grafana dashboard (panels, rows' panels, query variables), by
+    where it is, with Grafana's variables substituted."""
+    found: dict[str, str] = {}
+
+    def panels(items: list[Obj]) -> None:
+        for p in items:
+            panels(p.get("panels", []))
+            for t in p.get("targets", []):
+                found[f"panel {p['title']!r} {t['refId']}"] = t["expr"]
+
+    panels(dashboard.get("panels", []))
+    for v in dashboard.get("templating", {}).get("list", []):
+        if v.get("type") == "query":
+            query = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+            m = re.fullmatch(r"label_values\((.*),\s*\w+\)", query)
+            assert m, f"variable {v['name']}: not a label_values() query: {query}"
+            found[f"variable {v['name']}"] = m.group(1)
+    out = {}
+    for where, expr in found.items():
+        for var, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(var, value)
+        out[where] = re.sub(r"\$\{?\w+\}?", ".*", expr)  # $job, ${source}: regex matchers
+    return out
+
+
+def check_dashboard(dashboard: Obj) -> set[str]:
+    """Check every query of a Grafana dashboard; returns the metric names it uses."""
+    exported = exported_series_names()
+    used: set[str] = set()
+    for where, expr in grafana_queries(dashboard).items():
+        try:
+            names = promql_metric_names(expr)
+        except ValueError as exc:
+            raise AssertionError(f"{where}: invalid PromQL: {exc}\n{expr}") from None
+        unknown = sorted(names - exported)
+        assert not unknown, f"{where} uses metrics replicator does not export: {unknown}"
+        assert names, f"{where} selects no metric"
+        used |= names
+    return used
+
+
 # -- pods -------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ command lines the pods run are run here against a real repository.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tomllib
@@ -24,6 +25,7 @@ import replicator
 from tests.conftest import cli
 from tests.deploy_helpers import (
     Obj,
+    check_dashboard,
     check_replicator_pod,
     check_rules,
     describe,
@@ -39,6 +41,7 @@ from tests.helpers import local_setup
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "replicator"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+DASHBOARD = CHART / "dashboards" / "replicator.json"
 
 helm.disable_logging()  # the library logs `fail` calls to stderr; the exception says it all
 
@@ -144,6 +147,11 @@ def test_ci_values_render_valid_objects_and_pods(chart: helm.Chart, values_file:
         alerts = check_rules(rule)
         assert {"ReplicatorRPOBreached", "ReplicatorTargetErrors"} <= set(alerts)
         assert ("ReplicatorDown" in alerts) == (mode == "standalone")  # a finished Job is not "down"
+    dashboards = [c for c in cms.values() if c["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    wanted = values.get("metrics", {}).get("grafanaDashboard", {}).get("enabled", False)
+    assert len(dashboards) == (1 if wanted else 0)
+    for cm in dashboards:
+        assert json.loads(cm["data"]["replicator.json"]) == json.loads(DASHBOARD.read_text())
 
 
 def pod_labels(owner: Obj) -> dict[str, str]:
@@ -171,6 +179,48 @@ def test_alert_rule_checks_can_fail() -> None:
         check_rules(rule("replicator_lag_seconds > 1"))
     with pytest.raises(AssertionError, match="invalid PromQL"):
         check_rules(rule("rate(replicator_sent_bytes_total[5m]"))
+
+
+def test_grafana_dashboard_queries_only_exported_metrics() -> None:
+    """Every query of the shipped dashboard is valid PromQL over metrics replicator exports,
+    and the dashboard shows what docs/METRICS.md says it does."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    used = check_dashboard(dashboard)
+    for needed in (
+        "replicator_rpo_lag_seconds",
+        "replicator_rpo_objective_seconds",
+        "replicator_rpo_breached",
+        "replicator_sent_bytes_total",
+        "replicator_spend_usd",
+        "replicator_target_errors_total",
+    ):
+        assert needed in used, f"the dashboard has no panel on {needed}"
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels), "panel ids must be unique"
+    for p in panels:
+        pos = p["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, f"panel {p['title']!r} is wider than the grid"
+        assert all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"]), p["title"]
+    documented = (ROOT / "docs" / "METRICS.md").read_text()
+    assert all(name.removesuffix("_total") in documented for name in used)
+
+
+def test_dashboard_checks_can_fail() -> None:
+    def dashboard(expr: str) -> dict[str, Any]:
+        return {"panels": [{"title": "t", "targets": [{"refId": "A", "expr": expr}]}]}
+
+    assert check_dashboard(dashboard('rate(replicator_sent_bytes_total{job=~"$job"}[$__rate_interval])')) == {
+        "replicator_sent_bytes_total"
+    }
+    with pytest.raises(AssertionError, match="replicator_lag_seconds"):
+        check_dashboard(dashboard("replicator_lag_seconds"))
+    with pytest.raises(AssertionError, match="invalid PromQL"):
+        check_dashboard(dashboard("sum(replicator_spend_usd"))
+    bad_variable = {
+        "templating": {"list": [{"name": "v", "type": "query", "query": "label_values(nope, job)"}]}
+    }
+    with pytest.raises(AssertionError, match="nope"):
+        check_dashboard(bad_variable)
 
 
 def test_pod_checks_can_fail(chart: helm.Chart) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ CLEAN_ENV: dict[str, str | None] = dict.fromkeys(
 )
 
 
-def invoke(*args: str | Path, env: dict[str, str | None] | None = None) -> Result:
+def invoke(*args: str | Path, env: Mapping[str, str | None] | None = None) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args], env={**CLEAN_ENV, **(env or {})})
 
 

@@ -232,8 +232,9 @@ def _check_target(config: Config, primary: Path, dest: Path) -> None:
 def test_kill9_at_random_points_leaves_targets_consistent_and_resumes_without_resending(
     tmp_path: Path,
 ) -> None:
-    """20 trials: the daemon is killed -9 after a random share of the chunk uploads (including
-    none and all of them), then restarted on the same state and target."""
+    """8 trials (`python -m bench.bench_crash --trials 100` runs more): the daemon is killed -9
+    after a random share of the chunk uploads (including none and all of them), then
+    restarted on the same state and target."""
     primary = tmp_path / "primary"
     rng = random.Random(20261122)
     for i in range(12):  # 24 MiB in ~1,500 small chunks: plenty of moments to interrupt
@@ -259,7 +260,7 @@ def test_kill9_at_random_points_leaves_targets_consistent_and_resumes_without_re
     assert total > 1000
 
     resent_total, interrupted = 0, 0
-    shares = [0.0, 1.0] + [rng.uniform(0.02, 0.98) for _ in range(18)]
+    shares = [0.0, 1.0] + [rng.uniform(0.02, 0.98) for _ in range(6)]
     for trial, share in enumerate(shares):
         target, cfg, cfg_data = setup(f"trial{trial}")
         daemon = DaemonProcess(cfg, tmp_path / f"daemon-{trial}.log")
@@ -281,7 +282,7 @@ def test_kill9_at_random_points_leaves_targets_consistent_and_resumes_without_re
         resent_total += sent - new
         _check_target(Config.model_validate(cfg_data), primary, tmp_path / f"restored-{trial}")
     assert resent_total == 0
-    assert interrupted >= 15, f"only {interrupted} trials interrupted an upload in progress"
+    assert interrupted >= 4, f"only {interrupted} trials interrupted an upload in progress"
 
 
 def test_systemd_notify_readiness_watchdog_and_stopping(tmp_path: Path) -> None:

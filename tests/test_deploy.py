@@ -338,13 +338,19 @@ def test_iam_policies_grant_exactly_what_the_code_calls() -> None:
     assert actions("ListRepository", "ReadWriteRepository") == target - {"s3:DeleteObject"}
     assert actions("PruneSnapshotManifests") == {"s3:DeleteObject"} <= target
     assert actions("ListSource", "ReadSource") == source
-    # The only deletion is keep_last's, of snapshot manifests: the pruning grant is that narrow.
-    deletes = [
-        line.strip()
+    # The only deletions are retention's, of snapshot manifests (the pruning grant is that
+    # narrow), and `config check --online`'s of its own scratch object under tmp/.
+    deletes = {
+        (p.name, line.strip())
         for p in (ROOT / "replicator").rglob("*.py")
         if "targets" not in p.parts
         for line in p.read_text().splitlines()
         if "target.delete(" in line
-    ]
-    assert deletes == ["await self.target.delete(snapshot_key(source, snapshot_id))"], deletes
+    }
+    assert deletes == {
+        ("repository.py", "await self.target.delete(snapshot_key(source, snapshot_id))"),
+        ("config_check.py", 'await attempt("delete", lambda: target.delete(key))'),
+    }, deletes
+    assert 'key = f"{SCRATCH_PREFIX}config-check-' in (ROOT / "replicator" / "config_check.py").read_text()
+    assert "tmp/*" in doc
     assert str(statements["PruneSnapshotManifests"]["Resource"]).endswith("/snapshots/*")

@@ -791,3 +791,26 @@ def test_proxy_close_is_idempotent_and_final(rclone: RcloneServer) -> None:
         proxy.set_mode("pass")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=30)
+
+
+def test_an_unretrieved_connection_error_of_the_http_client_is_not_reported_as_a_crash() -> None:
+    """aiohttp's background body writes fail with "Cannot write to closing transport" when a
+    target resets the connection (found by the reset outage test): the request that owned
+    them is retried and reported, so the loop's handler keeps them out of the error log;
+    any other unretrieved exception still reaches asyncio's default handler."""
+    from replicator.log import loop_exception_handler
+
+    class Loop:
+        def __init__(self) -> None:
+            self.reported: list[dict[str, Any]] = []
+
+        def default_exception_handler(self, context: dict[str, Any]) -> None:
+            self.reported.append(context)
+
+    loop = Loop()
+    message = "Task exception was never retrieved"
+    loop_exception_handler(loop, {"message": message, "exception": ConnectionResetError("closing transport")})
+    assert loop.reported == []
+    bug = {"message": message, "exception": ValueError("a bug")}
+    loop_exception_handler(loop, bug)
+    assert loop.reported == [bug]

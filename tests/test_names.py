@@ -370,7 +370,7 @@ def test_a_version_4_state_store_is_migrated_keeping_what_targets_hold(tmp_path:
         db.execute("PRAGMA user_version=4")
     state = StateStore.open(tmp_path)
     try:
-        assert state.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert state.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         assert (
             sorted(p.name for p in tmp_path.iterdir() if "corrupt" in p.name) == []
         )  # migrated, not rebuilt

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from replicator.page import History
 from replicator.state import SCHEMA_VERSION, StateStore
 from replicator.state.published import Published
 from replicator.state.rpo import RpoRow
@@ -54,8 +55,11 @@ OLD_SCHEMAS = {
     2: _UNCHANGED + _RPO.format(held="") + _CHUNKS.format(columns=_PACKED),
     3: _UNCHANGED + _RPO.format(held=", held TEXT") + _CHUNKS.format(columns=_PACKED),
     4: _UNCHANGED + _RPO.format(held=", held TEXT") + _CHUNKS.format(columns=_PACKED + ", confirmed INTEGER"),
+    5: _UNCHANGED.replace("path TEXT", "path BLOB")
+    + _RPO.format(held=", held TEXT")
+    + _CHUNKS.format(columns=_PACKED + ", confirmed REAL"),
 }
-"""Schema versions 1 to 4 (version 5 stored paths as BLOBs: tests/test_names.py)."""
+"""Schema versions 1 to 5 (the move to paths as BLOBs, 4 -> 5: tests/test_names.py)."""
 
 LOOSE, PACKED, PACK = "01" * 16, "02" * 16, "0a" * 16
 
@@ -109,7 +113,39 @@ def test_a_state_store_of_each_earlier_version_opens_keeping_what_targets_hold(
         }
         assert state.spend.total("t", "2026-12-01", "2026-12-01") == Spent(100, 2, 3)
         assert state.published.get("repo", "s") == Published("snap", "key")
-        assert state.files.count("s") == 0, "the file cache is rebuilt by reading the sources"
+        if version < 5:
+            assert state.files.count("s") == 0, "the file cache is rebuilt by reading the sources"
+        else:
+            assert state.files.count("s") == 1, "a file cache of BLOB paths is kept"
+        assert state.lag_history.load(0.0) == {}, "the status page's lag history starts empty"
+        state.lag_history.add("s", "t", 30.0, 2.5)
+        assert state.lag_history.load(0.0) == {("s", "t"): [(30.0, 2.5)]}
+    finally:
+        state.close()
+
+
+def test_the_status_pages_lag_history_survives_a_restart(tmp_path: Path) -> None:
+    """Samples of finished intervals are saved as the daemon goes, the one under way when it
+    stops; a restart loads the window's worth, and samples older than the window go."""
+    state = StateStore.open(tmp_path)
+    try:
+        h = History(interval=30, window=300, store=state.lag_history, now=0.0)
+        t0 = 1_000_020.0  # an interval starts here
+        h.add("s", "t", t0 - 600, 99.0)  # long before the window of what follows
+        for i in range(12):
+            h.add("s", "t", t0 + 10 * i, float(i))  # 4 intervals: 0..2, 3..5, 6..8, 9..11
+        h.save()
+    finally:
+        state.close()
+    state = StateStore.open(tmp_path)
+    try:
+        now = t0 + 120
+        h = History(interval=30, window=300, store=state.lag_history, now=now)
+        assert list(h.lag[("s", "t")]) == [(t0, 2.0), (t0 + 30, 5.0), (t0 + 60, 8.0), (t0 + 90, 11.0)]
+        h.add("s", "t", now, 1.0)  # the interval after
+        assert h.series("s", "t", now + 1, 1.0)[0] == (t0, 2.0)
+        saved = state.db.execute("SELECT min(at) FROM lag_history").fetchone()[0]
+        assert saved >= now - 300, "samples older than the window are not dropped"
     finally:
         state.close()
 

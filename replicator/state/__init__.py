@@ -14,7 +14,8 @@ It is a cache that makes restarts cheap, never the source of truth about a targe
   claims confirmed by this process (or within the target's ``confirm_window``), and confirms
   the others first (:meth:`replicator.fanout.Uploader.confirm`), so a chunk removed from a
   target behind our back is sent again before any snapshot names it;
-* ``published``: the last snapshot written per repository and source, to skip no-op snapshots.
+* ``published``: the last snapshot written per repository and source, to skip no-op snapshots;
+* ``rpo`` and ``lag_history``: what the daemon's lag tracking and status page leave behind.
 
 If the file is lost or corrupt it is set aside and rebuilt from the targets and sources.
 The store is used from the event loop thread only; writes are buffered in memory (and

@@ -19,7 +19,14 @@ from replicator.log import get_logger
 
 log = get_logger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+
+_LAG_HISTORY = """
+CREATE TABLE IF NOT EXISTS lag_history (
+    source TEXT NOT NULL, target TEXT NOT NULL, at REAL NOT NULL, lag REAL NOT NULL,
+    PRIMARY KEY (source, target, at)) WITHOUT ROWID;
+"""
+"""Lag samples for the status page (replicator.state.lag)."""
 
 _FILE_TABLES = """
 CREATE TABLE IF NOT EXISTS files (
@@ -45,10 +52,13 @@ MIGRATIONS = {
     # 4 -> 5: paths as BLOBs of their exact bytes (issue 17). The file cache is rebuilt by
     # reading the sources once more; what targets hold (chunks) is kept.
     4: "DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS file_chunks;" + _FILE_TABLES,
+    # 5 -> 6: lag history for the status page (replicator.page), which starts empty.
+    5: _LAG_HISTORY,
 }
 
 SCHEMA = (
     _FILE_TABLES
+    + _LAG_HISTORY
     + """
 CREATE TABLE IF NOT EXISTS repos (
     repo TEXT PRIMARY KEY, target TEXT NOT NULL, listed_at REAL NOT NULL) WITHOUT ROWID;
@@ -75,6 +85,7 @@ CREATE TABLE IF NOT EXISTS published (
 * ``rpo``: recovery-point rows per source × target (replicator.state.rpo);
 * ``spend``: request counts per target and UTC day (replicator.state.spend);
 * ``published``: the last snapshot per repository and source (replicator.state.published);
+* ``lag_history``: lag samples per source × target for the status page (replicator.state.lag);
 * ``meta``: the run marker and the daemon's heartbeat (replicator.state.store)."""
 
 LISTED = (

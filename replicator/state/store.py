@@ -26,6 +26,7 @@ from replicator.log import get_logger
 from replicator.state.base import Buffer
 from replicator.state.chunks import ChunkIndex
 from replicator.state.files import FileCache
+from replicator.state.lag import LagHistoryStore
 from replicator.state.published import PublishedSnapshots
 from replicator.state.rpo import RpoStore
 from replicator.state.schema import SCHEMA, migrate
@@ -89,6 +90,7 @@ class StateStore:
         self.files = FileCache(self)
         self.published = PublishedSnapshots(self)
         self.rpo = RpoStore(self)
+        self.lag_history = LagHistoryStore(self)
         self.spend = SpendStore(self)
 
     def chunks(self, repo: str) -> ChunkIndex:
