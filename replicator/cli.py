@@ -5,7 +5,8 @@ codes, config loading and output helpers are in :mod:`replicator.cli_support`.
 
 Exit codes (all commands): 0 success; 1 the operation failed or found problems; 2 usage or
 configuration error; 3 a target could not be reached; 4 (sync) published, but some files could
-not be read; 130 interrupted. Errors are one line on stderr.
+not be read; 130 interrupted (cli_support.EXIT_CODES; README's table). Errors, usage errors
+included, are one line on stderr, a JSON object with --json (cli_support.OneLineErrors).
 
 Start-up time counts (a one-shot ``sync`` of a few files is mostly interpreter start-up), so
 this module imports only typer and light helpers; each command imports the library modules it
