@@ -249,6 +249,38 @@ def release(
 
 
 @app.command()
+def forget(
+    config_path: opt.ConfigPath = None,
+    source: opt.Sources = None,
+    target: opt.Targets = None,
+    dry_run: opt.ForgetDryRun = False,
+    give_up_after: opt.GiveUp = None,
+    as_json: opt.Json = False,
+    log_level: opt.LogLevel = None,
+) -> None:
+    """Apply each source's retention policy on each target now: list what is kept (and why)
+    and what is dropped, and delete the dropped snapshot manifests.
+
+    The daemon and `sync` apply the policy after each publish already; this applies a changed
+    policy at once, or shows what a policy keeps (`--dry-run`). Only snapshot manifests are
+    deleted: never chunks, never the latest, never the last snapshot holding a checkpoint set
+    the policy keeps, never a manifest that cannot be read. Exit codes: 0 done; 1 a source
+    failed on some target (what was deleted before is listed); 3 a target could not be
+    reached."""
+    from replicator.retention.apply import forget as apply_policies
+
+    config = load(config_path, log_level)
+    check_selection(config, source, target)
+    if give_up_after is not None:
+        targets = [with_give_up(t, give_up_after) for t in config.targets]
+        config = config.model_copy(update={"targets": targets})
+    report = run_coroutine(lambda: apply_policies(config, sources=source, targets=target, dry_run=dry_run))
+    emit(as_json, report.to_json(), lambda: render.forget_lines(report))
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
+
+
+@app.command()
 def plan(
     config_path: opt.ConfigPath = None,
     as_json: opt.Json = False,

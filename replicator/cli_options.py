@@ -152,6 +152,12 @@ AllowDeletes = Annotated[
     ),
 ]
 
+# -- forget -----------------------------------------------------------------------------------
+
+ForgetDryRun = Annotated[
+    bool, typer.Option("--dry-run", "-n", help="Say what would be kept and dropped; delete nothing.")
+]
+
 # -- restore ----------------------------------------------------------------------------------
 
 RestoreSource = Annotated[

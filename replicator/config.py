@@ -40,6 +40,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from replicator.errors import ConfigError, did_you_mean
 from replicator.globs import PathFilter, compile_glob
+from replicator.retention.policy import RetentionPolicy
 from replicator.s3.location import S3Location, parse_s3_url
 from replicator.units import parse_duration, parse_rate, parse_share, parse_size
 
@@ -235,10 +236,6 @@ class SourceConfig(_Endpoint):
     exclude: list[str] = Field(default_factory=list)
     complete_when: CompleteWhen | None = None
     """Checkpoint sources only. Default: quiet for 30 s."""
-    keep_last: int | None = Field(None, ge=1)
-    """Retention on each target (default: keep everything). Datasets and embeddings: the
-    newest N snapshot manifests. Checkpoint sources: the newest N checkpoint *sets*, each in
-    the newest snapshot that holds it (replicator.retention). Chunks are never deleted."""
     max_delete: Share = 0.5
     """Hold a publish that would drop more than this share of the files or bytes of the
     target's latest snapshot, until an operator releases it (``replicator release``, or
@@ -262,6 +259,36 @@ class SourceConfig(_Endpoint):
     max_delay: Duration = 30.0
     """A source that never falls quiet is still snapshotted at least this often (counted from
     the first change not yet snapshotted), so its lag stays bounded."""
+
+    # -- retention (replicator.retention.policy; README "Retention") --------------------------
+    retention: RetentionPolicy | None = None
+    """What each target keeps of this source (default: everything). Datasets and embeddings:
+    the policy counts snapshots. Checkpoint sources: it counts checkpoint *sets*, each kept
+    in the newest snapshot that holds it. Only manifests are deleted, never chunks."""
+    retention_overrides: dict[str, RetentionPolicy] = Field(default_factory=dict)
+    """Per-target policies that replace ``retention``, e.g. ``{cold-archive: {keep_monthly: 24}}``
+    (``{}``: that target keeps everything)."""
+    keep_last: int | None = Field(None, ge=1)
+    """Shorthand for ``retention: {keep_last: N}``, as written before policies existed."""
+
+    def retention_for(self, target: str) -> RetentionPolicy:
+        """The policy ``target`` applies to this source (empty: keep everything)."""
+        if target in self.retention_overrides:
+            return self.retention_overrides[target]
+        if self.retention is not None:
+            return self.retention
+        return RetentionPolicy(keep_last=self.keep_last)
+
+    @model_validator(mode="after")
+    def _retention_rules(self) -> SourceConfig:
+        if self.keep_last is not None and self.retention is not None:
+            raise ValueError("give keep_last inside retention, not beside it")
+        policies = [self.retention, *self.retention_overrides.values()]
+        if self.kind != "checkpoint" and any(p is not None and p.keep_sets for p in policies):
+            raise ValueError("retention keep_sets applies to kind: checkpoint only")
+        return self
+
+    # -------------------------------------------------------------------------------------------
 
     _globs = field_validator("include", "exclude")(_check_globs)
 
@@ -667,6 +694,9 @@ class Config(_Model):
             unknown = sorted(set(s.rpo_overrides) - targets)
             if unknown:
                 raise ValueError(f"source {s.name}: rpo_overrides names unknown target {unknown[0]!r}")
+            unknown = sorted(set(s.retention_overrides) - targets)
+            if unknown:
+                raise ValueError(f"source {s.name}: retention_overrides names unknown target {unknown[0]!r}")
         self._no_overlap()
         return self
 

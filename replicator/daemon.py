@@ -504,7 +504,16 @@ def merge_live_settings(old: Config, new: Config) -> tuple[Config, list[str]]:
     return old.model_copy(update=update), ignored_s + ignored_t
 
 
-LIVE_SOURCE_FIELDS = ("priority", "rpo", "rpo_overrides", "max_delete", "keep_last", "max_delay")
+LIVE_SOURCE_FIELDS = (
+    "priority",
+    "rpo",
+    "rpo_overrides",
+    "max_delete",
+    "keep_last",
+    "retention",
+    "retention_overrides",
+    "max_delay",
+)
 LIVE_TARGET_FIELDS = ("cost", "budget")
 
 T = TypeVar("T")

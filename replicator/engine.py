@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from replicator import gate, metrics, retention
+from replicator import gate, metrics
 from replicator.budget import Budget, Clock, Ledger, TargetBudget, utc_now
 from replicator.config import Config, Priority, SourceConfig, TargetConfig
 from replicator.errors import (
@@ -54,6 +54,7 @@ from replicator.progress import NoProgress, ProgressSink
 from replicator.read.pipeline import ChunkPipeline, FileRecord
 from replicator.reconcile import describe, reconcile, set_name
 from replicator.repository import Repository
+from replicator.retention import apply as retention
 from replicator.sources import Listing, Source, SourceFile, open_source
 from replicator.state import StateStore
 from replicator.targets import RetryingTarget, Target, TargetHealth, open_target, retry_policy, unwrap
@@ -681,8 +682,9 @@ class Replicator:
             carried=len(outcome.carried),
             deleted_files=outcome.deleted_files,
         )
-        if cfg.keep_last:
-            await retention.apply(t.repo, cfg, snapshot_id, t.summaries)
+        policy = cfg.retention_for(t.config.name)
+        if not policy.is_empty:
+            await retention.apply(t.repo, cfg, policy, snapshot_id, t.summaries)
         outcome.snapshot = snapshot_id
         return outcome
 

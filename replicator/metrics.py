@@ -148,6 +148,21 @@ CARRIED_ENTRIES = Gauge(
     registry=REGISTRY,
 )
 
+# -- retention (replicator.retention) ---------------------------------------------------------
+SNAPSHOTS_FORGOTTEN = Counter(
+    "replicator_snapshots_forgotten_total",
+    "Snapshot manifests deleted by the retention policy (after a publish, or replicator forget).",
+    ["source", "target"],
+    registry=REGISTRY,
+)
+RETENTION_FAILURES = Counter(
+    "replicator_retention_failures_total",
+    "Retention passes after a publish that deleted nothing or stopped short: a failed listing, "
+    "read or delete, or a listing that missed the latest snapshot.",
+    ["source", "target"],
+    registry=REGISTRY,
+)
+
 # -- budget (replicator.budget) --------------------------------------------------------------
 SPEND_USD = Gauge(
     "replicator_spend_usd",
@@ -188,6 +203,8 @@ def initialize(sources: list[str], targets: list[str]) -> None:
             for gauge in (RPO_LAG, RPO_BREACHED, PENDING_BYTES, PENDING_FILES, DELETION_HELD, DAMAGED_SETS):
                 gauge.labels(s, t)
             CARRIED_ENTRIES.labels(s, t)
+            SNAPSHOTS_FORGOTTEN.labels(s, t)
+            RETENTION_FAILURES.labels(s, t)
     for t in targets:
         for counter in (SENT_BYTES, CHUNKS_SENT, DEDUP_BYTES):
             counter.labels(t)

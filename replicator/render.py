@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from replicator.plan import Plan
     from replicator.repository import SnapshotRow
     from replicator.restore.run import RestoreOutcome
+    from replicator.retention.apply import ForgetReport
     from replicator.verify.drill import DrillReport, SourceDrill
     from replicator.verify.run import TargetVerification
 
@@ -273,6 +274,41 @@ def _source_drill_lines(s: SourceDrill) -> list[str]:
         for p, why in sorted(s.format_failures.items())
     ]
     lines += [f"    FAILED: {one_line(why)}" for why in s.problems]
+    return lines
+
+
+# -- forget -----------------------------------------------------------------------------------
+
+
+def forget_lines(report: ForgetReport) -> list[str]:
+    """``replicator forget`` as text: per target and source, each snapshot kept (with why) or
+    dropped, each checkpoint set kept (with why) or dropped, and what was deleted."""
+    lines = []
+    for e in report.entries:
+        head = f"{e.target} / {e.source} ({e.kind}; {e.policy})"
+        if e.status == "nothing":
+            lines.append(f"{head}: no snapshots")
+            continue
+        if e.plan is None:
+            lines.append(f"{head}: FAILED: {e.error}")
+            continue
+        lines.append(f"{head}:")
+        for v in e.plan.snapshots:
+            if v.keep:
+                lines.append(f"  keep {v.snapshot}  {', '.join(v.reasons)}")
+            else:
+                held = f"  (sets {', '.join(map(display_path, v.sets))})" if v.sets else ""
+                lines.append(f"  drop {v.snapshot}{held}")
+        for s in e.plan.sets:
+            why = f"  {', '.join(s.reasons)}" if s.keep else ""
+            lines.append(f"  {'keep' if s.keep else 'drop'} set {display_path(s.name)}{why}")
+        kept, dropped = len(e.plan.keep), len(e.plan.drop)
+        if report.dry_run:
+            lines.append(f"  {kept} kept, {dropped} to drop (dry run: nothing deleted)")
+        else:
+            lines.append(f"  {kept} kept, {len(e.deleted)} of {dropped} deleted")
+        if e.error:
+            lines.append(f"  FAILED: {e.error}")
     return lines
 
 
