@@ -257,6 +257,9 @@ def forget(
     give_up_after: opt.GiveUp = None,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Apply each source's retention policy on each target now: list what is kept (and why)
     and what is dropped, and delete the dropped snapshot manifests.

@@ -69,7 +69,8 @@ def test_verbose_and_quiet_on_every_command(
 
 
 def test_every_command_takes_the_logging_options() -> None:
-    for command in ("sync", "run", "release", "plan", "status", "snapshots", "restore", "ls", "diff"):
+    commands = ("sync", "run", "release", "forget", "plan", "status", "snapshots", "restore", "ls", "diff")
+    for command in commands:
         text = invoke(command, "-h", env={"COLUMNS": "200"}).stdout
         for option in ("--verbose", "--quiet", "--log-format", "--log-level"):
             assert option in text, f"{command} lacks {option}"

@@ -35,9 +35,14 @@ COMMANDS: dict[str, list[str]] = {
     "verify": ["verify"],
     "plan": ["plan"],
     "status": ["status"],
+    "forget": ["forget"],
     "config check": ["config", "check", "--online"],
 }
 """Every command that reads a config, with the arguments it needs besides -c."""
+
+REPORTS = ("sync", "forget")
+"""Commands that report a failed target in their result (stdout, per source and target), with
+the exit code, rather than as an error line."""
 
 NO_RETRY = {"initial": "10ms", "max": "20ms", "give_up_after": "200ms", "command_give_up_after": "200ms"}
 
@@ -129,7 +134,7 @@ def test_an_unreachable_endpoint(command: str, as_json: bool, tmp_path: Path, pr
         assert "Traceback" not in res.stdout + res.stderr and res.exit_code == code, res.output
         assert "connect" in res.stdout, res.stdout
         return
-    if command == "sync":  # a report per source; the unreachable target is named
+    if command in REPORTS:  # a report per source; the unreachable target is named
         assert "Traceback" not in res.stdout + res.stderr and res.exit_code == code, res.output
         return
     assert_one_line_error(res, code, as_json)
@@ -157,7 +162,7 @@ def test_credentials_the_server_refuses(
         assert res.exit_code == UNREACHABLE_EXIT["status"], output
         return
     assert res.exit_code in (1, 3), output
-    if command not in ("sync", "status", "config check"):
+    if command not in (*REPORTS, "status", "config check"):
         assert_one_line_error(res, res.exit_code, False)
 
 
