@@ -6,6 +6,7 @@ SIGINT case needs a real process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,6 +21,11 @@ from typer.testing import CliRunner, Result
 
 from replicator.cli import app
 from replicator.cli_support import EXIT_CODES
+from replicator.config import ChunkingConfig, CompressionConfig
+from replicator.globs import PathFilter
+from replicator.hashing import HashSpec
+from replicator.read.pipeline import ChunkConsumer, ChunkPipeline, EncodedChunk
+from replicator.sources import PosixSource
 from tests.conftest import write_config
 from tests.helpers import config_dict, make_checkpoint
 from tests.servers import RcloneServer, free_port
@@ -228,3 +234,33 @@ def test_sigint_during_sync_exits_130_without_a_traceback(tmp_path: Path) -> Non
         else:  # the signal came after the work: done, or killed as the interpreter exited
             assert proc.returncode in (0, -signal.SIGINT) and "published" in out, (proc.returncode, err)
     assert mid_work, "no round was interrupted while the sync was working"
+
+
+def test_a_read_in_flight_when_the_pipeline_closes_is_cancelled_not_crashed(tmp_path: Path) -> None:
+    """What a Ctrl-C does to a sync, deterministically: the engine closes the pipeline (its
+    thread pools shut down) while a file is still being read. The read ends cancelled, which
+    asyncio.run discards quietly, not with RuntimeError("cannot schedule new futures after
+    shutdown"), which reached the user as a traceback."""
+    (tmp_path / "big.bin").write_bytes(os.urandom(4 << 20))
+    source = PosixSource("d", tmp_path, PathFilter())
+    chunking = ChunkingConfig(min_size=64 << 10, avg_size=128 << 10, max_size=256 << 10)
+    pipe = ChunkPipeline(chunking, CompressionConfig(), [HashSpec("xxh3-128", 1)])
+
+    class ClosesThePipeline(ChunkConsumer):
+        taken = 0
+
+        def wants(self, ids: dict[str, str]) -> bool:
+            return True
+
+        async def take(self, chunk: EncodedChunk) -> None:
+            self.taken += 1
+            pipe.close()  # as the engine's exit stack does, mid-file
+
+    async def go() -> asyncio.Task[object]:
+        (file,) = (await source.scan()).files
+        task: asyncio.Task[object] = asyncio.ensure_future(pipe.read_file(source, file, ClosesThePipeline()))
+        await asyncio.wait([task])
+        return task
+
+    task = asyncio.run(go())
+    assert task.cancelled(), task.exception()
