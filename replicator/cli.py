@@ -358,6 +358,48 @@ def snapshots(
 
 
 @app.command()
+def prune(
+    config_path: opt.ConfigPath = None,
+    target: opt.Targets = None,
+    repo: opt.Repo = None,
+    grace: opt.Grace = "1h",
+    dry_run: opt.PruneDryRun = False,
+    endpoint_url: opt.Endpoint = None,
+    region: opt.Region = None,
+    profile: opt.Profile = None,
+    give_up_after: opt.GiveUp = None,
+    as_json: opt.Json = False,
+    quiet: opt.Quiet = False,
+    log_level: opt.LogLevel = None,
+) -> None:
+    """Garbage collection: delete chunk objects and packs no snapshot manifest references.
+
+    Two phases, safe against crashes and concurrent writers (docs/FORMAT.md section 10): each
+    run deletes what a run at least --grace earlier planned and is still unreferenced, then
+    plans what is unreferenced now. Run it after retention removed manifests: the first run
+    plans, a run after the grace period deletes. Refuses (exit 1, nothing deleted) when a
+    listing fails or a manifest cannot be read."""
+    from replicator.gc.prune import PruneOptions, run_prune
+    from replicator.units import parse_duration
+
+    options = PruneOptions(grace=parse_option("--grace", grace, parse_duration), dry_run=dry_run)
+    if repo is not None:
+        tcfgs = [
+            repo_target_config(None, None, repo, endpoint_url, region, profile, log_level, give_up_after)[0]
+        ]
+    else:
+        config = load(config_path, log_level)
+        try:
+            chosen = [config.target(n) for n in target] if target else list(config.targets)
+        except ConfigError as exc:
+            fail(str(exc), 2)
+        tcfgs = [with_give_up(c, give_up_after) for c in chosen]
+    progress = make_progress(quiet or as_json)
+    results = run_coroutine(lambda: run_prune(tcfgs, options, progress))
+    emit(as_json, [r.to_json() for r in results], lambda: render.prune_lines(results))
+
+
+@app.command()
 def restore(
     dest: opt.Dest,
     source: opt.RestoreSource = None,

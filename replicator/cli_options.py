@@ -141,6 +141,21 @@ ReleaseSource = Annotated[
     ),
 ]
 
+# -- prune ------------------------------------------------------------------------------------
+
+Grace = Annotated[
+    str,
+    typer.Option(
+        "--grace",
+        metavar="DURATION",
+        help="Delete an unreferenced object only in a run at least this long after the run "
+        "that planned it (docs/FORMAT.md section 10).",
+    ),
+]
+PruneDryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Write and delete nothing; report what a run would do.")
+]
+
 # -- sync -------------------------------------------------------------------------------------
 
 AllowDeletes = Annotated[

@@ -53,7 +53,7 @@ from replicator.log import get_logger
 from replicator.progress import NoProgress, ProgressSink
 from replicator.read.pipeline import ChunkPipeline, FileRecord
 from replicator.reconcile import describe, reconcile, set_name
-from replicator.repository import Repository
+from replicator.repository import Repository, chunk_key, pack_key
 from replicator.retention import apply as retention
 from replicator.sources import Listing, Source, SourceFile, open_source
 from replicator.state import StateStore
@@ -68,6 +68,8 @@ ATTACH_SETTLE = 2.0
 """See :meth:`Replicator.attach_all`."""
 READ_ATTEMPTS = 3
 """How often a file that keeps changing is re-read before it is skipped for this pass."""
+GC_ATTEMPTS = 3
+"""How often a publish starts again because a garbage collection deleted chunks it needs."""
 SMALL_BATCH_FILES = 64
 SMALL_BATCH_BYTES = 8 << 20
 """Small files are read and encoded in batches of up to this many files / bytes."""
@@ -547,14 +549,37 @@ class Replicator:
         if t.budget is not None and not t.budget.allows(priority):
             return self._deferred(t, cfg)
         try:
-            stored = await self._chunks_durable(t, cfg, candidate)
-            if isinstance(stored, TargetResult):
-                return stored
-            packed = {c: at for c, at in stored.items() if at is not None}
-            outcome, manifest, latest_id = await self._reconciled(t, cfg, candidate, packed, allow_deletes)
-            if manifest is None:
-                return outcome
-            return await self._write(t, cfg, manifest, latest_id, outcome)
+            for _ in range(GC_ATTEMPTS):
+                stored = await self._chunks_durable(t, cfg, candidate)
+                if isinstance(stored, TargetResult):
+                    return stored
+                packed = {c: at for c, at in stored.items() if at is not None}
+                outcome, manifest, latest_id = await self._reconciled(
+                    t, cfg, candidate, packed, allow_deletes
+                )
+                if manifest is None:
+                    return outcome
+                if self._unchanged(t, cfg, manifest, latest_id, outcome):
+                    return outcome
+                # The writer's rule of the garbage-collection protocol (docs/FORMAT.md 10.3):
+                # no collector deletes while the manifest is written, and chunks a collector
+                # deleted before are sent again first. (What the reconciled manifest carries
+                # forward, the latest manifest references: a collector keeps it.)
+                async with t.uploader.window() as window:
+                    lost = window.lost(_object_keys(stored))
+                    if lost:
+                        log.info(
+                            "snapshot.gc_collected_chunks", source=cfg.name, target=name, objects=len(lost)
+                        )
+                        continue
+                    window.check()
+                    return await self._write(t, cfg, manifest, outcome)
+            raise TargetError(
+                f"garbage collection deleted chunks this snapshot needs {GC_ATTEMPTS} times in a row",
+                target=name,
+                hint="it is published on the next attempt",
+                retryable=True,
+            )
         except TargetError as exc:
             log.error("snapshot.failed", source=cfg.name, target=name, error=str(exc))
             return TargetResult(
@@ -643,23 +668,30 @@ class Replicator:
         outcome.deleted_files = merged.removed_files
         return outcome, merged.manifest, latest_id
 
-    async def _write(
+    def _unchanged(
         self,
         t: OpenTarget,
         cfg: SourceConfig,
         manifest: Manifest,
         latest_id: str | None,
         outcome: TargetResult,
-    ) -> TargetResult:
-        """Write the manifest and the ref (unless the target already holds this content), then
-        apply retention."""
+    ) -> bool:
+        """Whether the target already holds this content as its latest snapshot (then
+        ``outcome`` says so, and nothing is written)."""
         assert self.state is not None
-        key = content_key(manifest)
         known = self.state.published.get(t.repo.config.id, cfg.name)
-        if known is not None and known.content == key and latest_id == known.snapshot:
+        if known is not None and known.content == content_key(manifest) and latest_id == known.snapshot:
             log.info("snapshot.unchanged", source=cfg.name, target=t.config.name, snapshot=known.snapshot)
             outcome.status, outcome.snapshot = "unchanged", known.snapshot
-            return outcome
+            return True
+        return False
+
+    async def _write(
+        self, t: OpenTarget, cfg: SourceConfig, manifest: Manifest, outcome: TargetResult
+    ) -> TargetResult:
+        """Write the manifest and the ref, then apply retention."""
+        assert self.state is not None
+        key = content_key(manifest)
         stored = encode_manifest(manifest)
         reservation = None
         if t.budget is not None:  # the manifest and the ref: two PUTs
@@ -744,6 +776,11 @@ class Replicator:
 
     def stats_snapshot(self) -> dict[str, UploadStats]:
         return {t.config.name: dataclasses.replace(t.uploader.stats) for t in self.open_targets}
+
+
+def _object_keys(stored: Mapping[str, PackedAt | None]) -> list[str]:
+    """The chunk and pack objects a manifest naming these chunks references."""
+    return list({chunk_key(c) if at is None else pack_key(at[0]) for c, at in stored.items()})
 
 
 def stats_diff(after: UploadStats, before: UploadStats) -> UploadStats:

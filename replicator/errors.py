@@ -102,6 +102,15 @@ class UnsupportedFormatError(RepositoryError):
     exit_code = 2
 
 
+class GcRefusedError(RepositoryError):
+    """Garbage collection refused to delete anything: what it read (a listing, a manifest, a
+    ref) is not trustworthy evidence that an object is unused (replicator.gc)."""
+
+
+class GcBusyError(RepositoryError):
+    """Another ``replicator prune`` holds the repository's lock."""
+
+
 class IntegrityError(RepositoryError):
     """Stored bytes do not match their content address or recorded digest."""
 

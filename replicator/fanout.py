@@ -41,6 +41,7 @@ from replicator.budget import TargetBudget
 from replicator.config import ChunkingConfig, Priority
 from replicator.errors import TargetError
 from replicator.format.manifest import PackedAt
+from replicator.gc.protocol import PublishWindow, WriterGcState
 from replicator.log import get_logger
 from replicator.memory import Lease
 from replicator.presence import Presence
@@ -144,6 +145,8 @@ class Uploader:
         self._inflight: dict[str, asyncio.Event] = {}
         self.pack_below = pack_below(repo.config.chunking)
         self._workers: list[asyncio.Task[None]] = []
+        self.gc = WriterGcState()
+        """What this process knows of the repository's garbage collector (replicator.gc)."""
 
     async def start(self, *, relist: bool = False) -> None:
         """Prime the presence cache and start the upload workers.
@@ -162,6 +165,24 @@ class Uploader:
         ]
         if self.health.ok:
             metrics.TARGET_UP.labels(self.name).set(1)
+
+    def forget_objects(self, keys: Iterable[str]) -> None:
+        """A collector deletes (or deleted) these chunk and pack objects: stop claiming them,
+        so that a publish that needs them uploads them again (docs/FORMAT.md 10.3)."""
+        chunks: list[str] = []
+        packs: list[str] = []
+        for key in keys:
+            kind, _, object_id = key.split("/")
+            (chunks if kind == "chunks" else packs).append(object_id)
+        if chunks:
+            self.chunks.forget(chunks)
+        if packs:
+            self.chunks.forget_packs(packs)
+        log.info("target.gc_forgot", target=self.name, chunks=len(chunks), packs=len(packs))
+
+    def window(self) -> PublishWindow:
+        """The writer's side of the garbage-collection protocol around a manifest write."""
+        return PublishWindow(self.repo.target, self.gc, self.forget_objects, self.presence.relist)
 
     # -- health -------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from replicator.engine import Candidate, content_key, split_cached
 from replicator.errors import FileChangedError, SourceError
 from replicator.fanout import PACK_SIZE, pack_below
 from replicator.format.manifest import encode_manifest, format_time, now_utc
+from replicator.gc.protocol import GC_PUTS
 from replicator.hashing import HashSpec
 from replicator.progress import NoProgress, ProgressSink
 from replicator.read.pipeline import ChunkConsumer, ChunkPipeline, EncodedChunk
@@ -244,7 +245,7 @@ def _add_snapshot_requests(
             sp.gets += 1  # sync reads the ref to confirm, and writes nothing
             return
     sp.bytes += len(encode_manifest(manifest)) + 100  # + the ref object (~100 bytes of JSON)
-    sp.puts += 2
+    sp.puts += 2 + GC_PUTS
 
 
 def _totals(config: Config, plan: TargetPlan) -> None:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from replicator.config_check import ConfigReport
     from replicator.contents import Change, Listing, SnapshotDiff
     from replicator.engine import SourceResult, TargetResult
+    from replicator.gc.prune import PruneResult
     from replicator.plan import Plan
     from replicator.repository import SnapshotRow
     from replicator.restore.run import RestoreOutcome
@@ -43,6 +44,33 @@ def to_json(data: Any) -> str:
 
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
+
+
+# -- prune ------------------------------------------------------------------------------------
+
+
+def prune_lines(results: Sequence[PruneResult]) -> list[str]:
+    out: list[str] = []
+    for r in results:
+        would = "would be " if r.dry_run else ""
+        out += [
+            f"{r.target}: {r.manifests} manifests of {r.sources} sources reference "
+            f"{r.live_objects} objects ({format_size(r.live_bytes)})",
+            f"  {would}deleted: {r.deleted_objects} objects, {format_size(r.deleted_bytes)} reclaimed",
+            f"  {would}planned: {r.planned_objects} unreferenced objects ({format_size(r.planned_bytes)}), "
+            "deleted by a run after the grace period",
+            f"  unreferenced: {r.garbage_objects} objects ({format_size(r.garbage_bytes)}); "
+            f"plans waiting: {r.waiting_plans}",
+        ]
+        if r.deferred:
+            out.append(f"  deferred: {r.deferred}")
+        if r.missing:
+            out.append(f"  warning: {r.missing} referenced objects are missing (run `replicator verify`)")
+        if r.upgraded:
+            out.append("  repository upgraded to version 2: writers older than garbage collection refuse it")
+        out += [f"  note: {one_line(n)}" for n in r.notes]
+        out.append(f"  took {format_duration(r.seconds)}")
+    return out
 
 
 # -- sync -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
     packs/<2 hex>/<pack id>              small chunk objects, concatenated (one write for many)
     snapshots/<source>/<snapshot-id>.json.zst   snapshot manifests
     refs/<source>/latest                 the newest complete snapshot of a source
+    gc/...                               garbage collection's coordination (replicator.gc)
 
 Write order is the consistency protocol: chunks, then the manifest, then the ref. Readers go
 the other way. So a crash at any moment leaves refs pointing only at complete snapshots.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import secrets
@@ -46,6 +48,12 @@ from replicator.hashing import HashSpec
 from replicator.targets.base import Target
 
 FORMAT_VERSION = 1
+"""What a new repository's ``config.json`` says: readers of 1 keep reading what we create."""
+GC_VERSION = 2
+"""Version 2: writers follow the garbage-collection protocol (docs/FORMAT.md section 10).
+``replicator prune`` upgrades a repository to it, so that writers which do not know the
+protocol refuse the repository instead of racing the collector."""
+READ_VERSIONS = (1, 2)
 CONFIG_KEY = "config.json"
 MAX_SMALL_OBJECT = 1 << 20  # config and refs are tiny; anything bigger is not ours
 _SNAPSHOT_ID = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)-([0-9a-f]{32}|[0-9a-f]{64})$")
@@ -70,11 +78,12 @@ class RepoConfig:
     chunking: ChunkingConfig
     compression_level: int
     float_grouping: bool
+    version: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
         doc = {
             "format": "replicator-repository",
-            "version": FORMAT_VERSION,
+            "version": self.version,
             "id": self.id,
             "created": self.created,
             "writer": f"replicator/{__version__}",
@@ -103,10 +112,11 @@ class RepoConfig:
             raise RepositoryError(f"config object is not valid JSON ({exc})", key=CONFIG_KEY) from None
         if not isinstance(doc, dict) or doc.get("format") != "replicator-repository":
             raise RepositoryError("not a replicator repository config", key=CONFIG_KEY)
-        if doc.get("version") != FORMAT_VERSION:
+        version = doc.get("version")
+        if type(version) is not int or version not in READ_VERSIONS:
             raise UnsupportedFormatError(
-                f"repository format version {doc.get('version')!r} is not supported "
-                f"(this build reads {FORMAT_VERSION})",
+                f"repository format version {version!r} is not supported "
+                f"(this build reads {', '.join(map(str, READ_VERSIONS))})",
                 key=CONFIG_KEY,
                 hint="upgrade replicator",
             )
@@ -122,6 +132,7 @@ class RepoConfig:
                 ),
                 compression_level=int(z["level"]),
                 float_grouping=bool(z.get("float_grouping", False)),
+                version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RepositoryError(f"config object is malformed ({exc})", key=CONFIG_KEY) from None
@@ -206,6 +217,17 @@ class Repository:
         # Read back: on servers without conditional writes, the last writer wins; everyone
         # then agrees on whatever is stored.
         return await cls.open(target)
+
+    async def upgrade_for_gc(self) -> bool:
+        """Raise ``config.json`` to GC_VERSION (everything else unchanged); False if it already
+        is. Writers that predate the protocol then refuse the repository."""
+        if self.config.version >= GC_VERSION:
+            return False
+        config = dataclasses.replace(self.config, version=GC_VERSION)
+        await self.target.put(CONFIG_KEY, config.to_json())
+        await self.target.flush()
+        self.config = config
+        return True
 
     # -- chunks -----------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import itertools
 import socket
 import struct
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -172,6 +173,9 @@ class MemoryStore:
 
     def __init__(self, *, conditional_writes: bool = True) -> None:
         self.objects: dict[str, bytes] = {}
+        self.mtimes: dict[str, float] = {}
+        """When each key was last written (the storage's clock, for ObjectInfo.mtime)."""
+        self.clock: Callable[[], float] = time.time
         self.conditional_writes = conditional_writes
         self._unflushed: dict[str, bytes | None] = {}  # key -> value at the last flush
         self._lock = threading.Lock()  # tests may read the store from another thread
@@ -183,6 +187,7 @@ class MemoryStore:
                 return False
             self._unflushed.setdefault(key, self.objects.get(key))
             self.objects[key] = data
+            self.mtimes[key] = self.clock()
             return True
 
     def delete(self, key: str) -> None:
@@ -250,7 +255,7 @@ class MemoryTarget:
     async def stat(self, key: str) -> ObjectInfo | None:
         await self._enter(key)
         data = self.store.objects.get(key)
-        return None if data is None else ObjectInfo(key, len(data))
+        return None if data is None else ObjectInfo(key, len(data), self.store.mtimes.get(key))
 
     async def list(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         await self._enter(None)
@@ -260,7 +265,7 @@ class MemoryTarget:
                 continue
             data = self.store.objects.get(key)
             if data is not None:  # deleted while listing
-                yield ObjectInfo(key, len(data))
+                yield ObjectInfo(key, len(data), self.store.mtimes.get(key))
 
     async def delete(self, key: str) -> None:
         await self._enter(key)

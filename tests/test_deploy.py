@@ -338,19 +338,24 @@ def test_iam_policies_grant_exactly_what_the_code_calls() -> None:
     assert actions("ListRepository", "ReadWriteRepository") == target - {"s3:DeleteObject"}
     assert actions("PruneSnapshotManifests") == {"s3:DeleteObject"} <= target
     assert actions("ListSource", "ReadSource") == source
-    # The only deletions are retention's, of snapshot manifests (the pruning grant is that
-    # narrow), and `config check --online`'s of its own scratch object under tmp/.
+    # Outside the garbage collector (replicator/gc/, under its own role), the only deletions
+    # are retention's, of snapshot manifests (the pruning grant is that narrow), a writer's of
+    # its lease under gc/, and `config check --online`'s of its scratch object under tmp/.
     deletes = {
         (p.name, line.strip())
         for p in (ROOT / "replicator").rglob("*.py")
-        if "targets" not in p.parts
+        if "targets" not in p.parts and p.name != "prune.py"
         for line in p.read_text().splitlines()
         if "target.delete(" in line
     }
     assert deletes == {
         ("repository.py", "await self.target.delete(snapshot_key(source, snapshot_id))"),
+        ("protocol.py", "await self.target.delete(self.key)"),
         ("config_check.py", 'await attempt("delete", lambda: target.delete(key))'),
     }, deletes
+    assert str(statements["WriterLeases"]["Resource"]).endswith("/gc/*")
+    pruned = {r.rsplit("/", 2)[-2] for r in statements["PruneRepository"]["Resource"]}  # type: ignore[attr-defined]
+    assert pruned == {"chunks", "packs", "gc", "snapshots"}
     assert 'key = f"{SCRATCH_PREFIX}config-check-' in (ROOT / "replicator" / "config_check.py").read_text()
     assert "tmp/*" in doc
     assert str(statements["PruneSnapshotManifests"]["Resource"]).endswith("/snapshots/*")

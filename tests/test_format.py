@@ -171,10 +171,28 @@ def test_each_repository_gets_its_own_seed(tmp_path: Path) -> None:
 def test_unknown_repository_version_is_refused(tmp_path: Path) -> None:
     new_repo(tmp_path)
     doc = json.loads((tmp_path / CONFIG_KEY).read_text())
-    doc["version"] = 2
-    (tmp_path / CONFIG_KEY).write_text(json.dumps(doc))
-    with pytest.raises(UnsupportedFormatError, match="version 2"):
-        asyncio.run(Repository.open(PosixTarget("t", tmp_path)))
+    for version in (3, "2", 2.0, True):
+        doc["version"] = version
+        (tmp_path / CONFIG_KEY).write_text(json.dumps(doc))
+        with pytest.raises(UnsupportedFormatError, match=r"this build reads 1, 2"):
+            asyncio.run(Repository.open(PosixTarget("t", tmp_path)))
+
+
+def test_version_2_repositories_are_read_and_prune_upgrades_version_1(tmp_path: Path) -> None:
+    """Version 2 (garbage collection, docs/FORMAT.md section 10) reads like version 1; new
+    repositories stay version 1 until a collector raises them."""
+    new_repo(tmp_path)
+    assert json.loads((tmp_path / CONFIG_KEY).read_text())["version"] == 1
+
+    async def upgrade() -> tuple[bool, bool, int]:
+        repo = await Repository.open(PosixTarget("t", tmp_path))
+        first, again = await repo.upgrade_for_gc(), await repo.upgrade_for_gc()
+        reopened = await Repository.open(PosixTarget("t", tmp_path))
+        assert reopened.config == repo.config
+        return first, again, reopened.config.version
+
+    assert asyncio.run(upgrade()) == (True, False, 2)
+    assert json.loads((tmp_path / CONFIG_KEY).read_text())["version"] == 2
 
 
 class FailOn(TargetWrapper):

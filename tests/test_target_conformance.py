@@ -147,6 +147,28 @@ def test_list_is_sorted_complete_and_resumable(target_spec: TargetSpec) -> None:
     assert nothing == []
 
 
+def test_modification_time_in_stat_and_list(target_spec: TargetSpec) -> None:
+    """Garbage collection orders writes by the storage's clock (replicator.gc): stat and list
+    report when an object was last written, and rewriting it moves that time forward."""
+
+    async def go(t: Target) -> tuple[Any, Any, Any, Any]:
+        await t.put("gc/a", b"1")
+        first = await t.stat("gc/a")
+        listed = [o async for o in t.list("gc/")]
+        await asyncio.sleep(1.1)  # S3's LastModified has whole seconds on some servers
+        await t.put("gc/a", b"1")
+        again = [o async for o in t.list("gc/")]
+        return first, listed[0], await t.stat("gc/a"), again[0]
+
+    started = time.time()
+    first, listed, again, listed_again = run(go, target_spec)
+    for info in (first, listed, again, listed_again):
+        assert info.mtime is not None
+        assert started - 5 <= info.mtime <= time.time() + 5  # the servers run on this machine
+    assert abs(first.mtime - listed.mtime) < 1.0
+    assert again.mtime > first.mtime and listed_again.mtime > listed.mtime
+
+
 def test_delete_is_idempotent(target_spec: TargetSpec) -> None:
     async def go(t: Target) -> Any:
         await t.put("snapshots/s/1", b"x")

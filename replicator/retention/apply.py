@@ -1,7 +1,8 @@
 """Applying retention to a target: after each publish (the daemon, ``sync``) and on demand
 (``replicator forget``). Both plan with :mod:`replicator.retention.policy`, so they agree.
 
-Only manifests are deleted here; chunks and packs are never removed by retention. Safety
+Only manifests are deleted here; chunks and packs are never removed by retention
+(``replicator prune`` deletes what no manifest references any more: replicator.gc). Safety
 rules (docs/FORMAT.md section 7):
 
 * a listing that does not show the latest snapshot (the one just published, or the one the

@@ -142,6 +142,16 @@ class ChunkIndex:
         )
         self._store.commit()
 
+    def forget_packs(self, pack_ids: Iterable[str]) -> None:
+        """Every chunk stored in these packs is no longer stored (a collector deleted them)."""
+        self._store.flush()
+        self._absent.clear()
+        self._present.clear()
+        self._store.db.executemany(
+            "DELETE FROM chunks WHERE repo=? AND pack=?", [(self.repo, bytes.fromhex(p)) for p in pack_ids]
+        )
+        self._store.commit()
+
     # -- confirmation -------------------------------------------------------------------------
 
     def unconfirmed(self, chunk_ids: Iterable[str], window: float = 0.0) -> dict[str, PackedAt | None]:

@@ -27,6 +27,10 @@ _SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 class ObjectInfo:
     key: str
     size: int
+    mtime: float | None = None
+    """When the object was last written, in Unix seconds by the *storage's* clock (POSIX
+    ``st_mtime``, S3 ``LastModified``); None if the backend does not say. Garbage collection
+    compares these with each other, never with the local clock (replicator.gc)."""
 
 
 def check_key(key: str) -> str:

@@ -141,7 +141,8 @@ class PosixTarget:
 
         def st() -> ObjectInfo | None:
             try:
-                return ObjectInfo(key, path.stat().st_size)
+                st = path.stat()
+                return ObjectInfo(key, st.st_size, st.st_mtime)
             except FileNotFoundError:
                 if not self.root.is_dir():
                     raise PermanentTargetError(
@@ -172,7 +173,8 @@ class PosixTarget:
                     key = fn if rel_dir == "." else f"{rel_dir}/{fn}".replace(os.sep, "/")
                     if key.startswith(prefix) and (start_after is None or key > start_after):
                         try:
-                            out.append(ObjectInfo(key, os.stat(full).st_size))
+                            st = os.stat(full)
+                            out.append(ObjectInfo(key, st.st_size, st.st_mtime))
                         except FileNotFoundError:
                             continue  # deleted while listing
             out.sort(key=lambda o: o.key.encode())

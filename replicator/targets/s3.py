@@ -17,6 +17,7 @@ import base64
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import botocore.exceptions
@@ -165,7 +166,7 @@ class S3Target:
             if status == 404:
                 return None
             raise self._fail(exc, "stat", key) from exc
-        return ObjectInfo(key, int(resp["ContentLength"]))
+        return ObjectInfo(key, int(resp["ContentLength"]), _timestamp(resp.get("LastModified")))
 
     async def list(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         strip = len(self.location.prefix)
@@ -178,7 +179,7 @@ class S3Target:
             except SDK_ERRORS as exc:
                 raise self._fail(exc, "list", prefix) from exc
             for obj in page.get("Contents", []):
-                yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]))
+                yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]), _timestamp(obj.get("LastModified")))
             if not page.get("IsTruncated"):
                 return
             token = page.get("NextContinuationToken")
@@ -204,3 +205,8 @@ class S3Target:
 
     async def close(self) -> None:
         await self._stack.aclose()
+
+
+def _timestamp(value: object) -> float | None:
+    """``LastModified`` (botocore parses it into an aware datetime) as Unix seconds."""
+    return value.timestamp() if isinstance(value, datetime) else None

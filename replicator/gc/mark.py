@@ -1,0 +1,130 @@
+"""Mark: every object key the repository's snapshot manifests reference.
+
+The live set is the evidence deletions rest on, so every doubt is a refusal
+(GcRefusedError), never a smaller set: an object under ``refs/`` or ``snapshots/`` that is
+not a well-formed ref or manifest key, a ref whose manifest the listing does not show, or a
+manifest that cannot be read, authenticated (the digest in its id) or validated
+(replicator.format.manifest) stops the collector before it deletes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from replicator.config import NAME_RE
+from replicator.errors import GcRefusedError, NotFoundError, RepositoryError
+from replicator.progress import NoProgress, ProgressSink
+from replicator.repository import Repository, chunk_key, is_snapshot_id, pack_key
+
+_SUFFIX = ".json.zst"
+
+
+@dataclass
+class Marks:
+    live: set[str] = field(default_factory=set)
+    """Keys of the chunk objects and packs some manifest references."""
+    copies: set[str] = field(default_factory=set)
+    """Loose keys of packed chunks: usually absent, but a loose copy (``verify --repair``)
+    may be what keeps a chunk readable when its pack is damaged (FORMAT.md 4.1), so kept."""
+    manifests: int = 0
+    sources: int = 0
+
+    def keeps(self, key: str) -> bool:
+        return key in self.live or key in self.copies
+
+
+MARK_ATTEMPTS = 3
+
+
+class _Vanished(Exception):
+    """A listed manifest was deleted before it was read (a writer's retention)."""
+
+
+async def mark(repo: Repository, progress: ProgressSink | None = None, *, concurrency: int = 8) -> Marks:
+    """Refs, then one listing of ``snapshots/``, then every manifest it shows. A manifest
+    deleted between the listing and its read (retention, by a writer that published a newer
+    one after the listing) starts the whole mark again: the newer manifest must be read too."""
+    for attempt in range(1, MARK_ATTEMPTS + 1):
+        try:
+            return await _mark(repo, progress or NoProgress(), concurrency)
+        except _Vanished as exc:
+            if attempt == MARK_ATTEMPTS:
+                raise GcRefusedError(
+                    "manifests keep disappearing while they are read", key=str(exc), hint=_HINT
+                ) from None
+    raise AssertionError("unreachable")
+
+
+async def _mark(repo: Repository, progress: ProgressSink, concurrency: int) -> Marks:
+    target = repo.target
+    # Refs first, then the manifests: a manifest is written before the ref that names it, so
+    # a ref read earlier names a manifest the later listing must show.
+    refs: dict[str, str] = {}
+    async for info in target.list("refs/"):
+        parts = info.key.split("/")
+        if len(parts) != 3 or parts[2] != "latest" or not NAME_RE.match(parts[1]):
+            raise GcRefusedError("unrecognized object under refs/", key=info.key, hint=_HINT)
+        try:
+            latest = await repo.latest(parts[1])
+        except RepositoryError as exc:
+            raise GcRefusedError(exc.message, key=info.key, hint=_HINT) from None
+        if latest is not None:
+            refs[parts[1]] = latest
+    found: list[tuple[str, str]] = []
+    sizes: dict[tuple[str, str], int] = {}
+    async for info in target.list("snapshots/"):
+        parts = info.key.split("/")
+        name = parts[-1]
+        if (
+            len(parts) != 3
+            or not NAME_RE.match(parts[1])
+            or not name.endswith(_SUFFIX)
+            or not is_snapshot_id(name[: -len(_SUFFIX)])
+        ):
+            raise GcRefusedError("unrecognized object under snapshots/", key=info.key, hint=_HINT)
+        found.append((parts[1], name[: -len(_SUFFIX)]))
+        sizes[found[-1]] = info.size
+    listed = set(found)
+    for source, sid in refs.items():
+        if (source, sid) not in listed:
+            raise GcRefusedError(
+                f"the ref names snapshot {sid}, which the listing of snapshots/ does not show",
+                key=f"refs/{source}/latest",
+                hint="the listing is incomplete or the repository is damaged; run `replicator verify`",
+            )
+    marks = Marks(manifests=len(found), sources=len({s for s, _ in found} | set(refs)))
+    sem = asyncio.Semaphore(concurrency)
+    progress.begin("reading manifests", sum(sizes.values()))
+
+    async def one(source: str, sid: str) -> None:
+        async with sem:
+            try:
+                manifest = await repo.load_manifest(source, sid)
+            except NotFoundError:
+                raise _Vanished(f"snapshots/{source}/{sid}{_SUFFIX}") from None
+            except RepositoryError as exc:  # damaged, forged or unknown version: never guess
+                raise GcRefusedError(
+                    f"cannot read a manifest ({exc.message})",
+                    key=f"snapshots/{source}/{sid}{_SUFFIX}",
+                    hint="fix or delete it (replicator verify) before pruning",
+                ) from None
+        for f in manifest.files:
+            for cid, _ in f.chunks:
+                at = manifest.packed.get(cid)
+                if at is None:
+                    marks.live.add(chunk_key(cid))
+                else:
+                    marks.live.add(pack_key(at[0]))
+                    marks.copies.add(chunk_key(cid))
+        progress.advance(sizes[source, sid])
+
+    try:
+        await asyncio.gather(*(one(s, i) for s, i in found))
+    finally:
+        progress.end()
+    marks.copies -= marks.live
+    return marks
+
+
+_HINT = "nothing was deleted; garbage collection trusts only a repository it fully understands"
