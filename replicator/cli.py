@@ -371,6 +371,8 @@ def prune(
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
     log_level: opt.LogLevel = None,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Garbage collection: delete chunk objects and packs no snapshot manifest references.
 
@@ -383,6 +385,7 @@ def prune(
     from replicator.units import parse_duration
 
     options = PruneOptions(grace=parse_option("--grace", grace, parse_duration), dry_run=dry_run)
+    repo = yield_env_repo(repo)
     if repo is not None:
         tcfgs = [
             repo_target_config(None, None, repo, endpoint_url, region, profile, log_level, give_up_after)[0]
@@ -640,6 +643,7 @@ def verify(
 def demo(
     directory: opt.DemoDir = Path("replicator-demo"),
     quiet: opt.Quiet = False,
+    log_level: opt.LogLevel = None,
     verbose: opt.Verbose = 0,
     log_format: opt.LogFormat = None,
 ) -> None:
@@ -657,6 +661,7 @@ def demo(
         typer.echo(" ".join(["$ replicator", command, "--config", str(cfg_path), *flags]))
         passed = [*(["--quiet"] if quiet else []), *(["-v"] * verbose)]
         passed += ["--log-format", log_format] if log_format else []
+        passed += ["--log-level", log_level] if log_level else []
         _invoke([command, "--config", str(cfg_path), *flags, *passed])
     typer.echo(
         "\nNext: list snapshots with\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -69,11 +70,11 @@ def test_verbose_and_quiet_on_every_command(
 
 
 def test_every_command_takes_the_logging_options() -> None:
-    commands = ("sync", "run", "release", "forget", "plan", "status", "snapshots", "restore", "ls", "diff")
-    for command in commands:
+    commands = "sync run release forget prune plan status snapshots restore ls diff verify demo"
+    for command in commands.split():
         text = invoke(command, "-h", env={"COLUMNS": "200"}).stdout
         for option in ("--verbose", "--quiet", "--log-format", "--log-level"):
-            assert option in text, f"{command} lacks {option}"
+            assert re.search(rf"\s{option}\s", text), f"{command} lacks {option}"
     assert "--log-format" in invoke("config", "check", "-h", env={"COLUMNS": "200"}).stdout
 
 

@@ -42,6 +42,7 @@ COMMANDS: dict[str, list[str]] = {
     "plan": ["plan"],
     "status": ["status"],
     "forget": ["forget"],
+    "prune": ["prune"],
     "config check": ["config", "check", "--online"],
 }
 """Every command that reads a config, with the arguments it needs besides -c."""
