@@ -5,7 +5,8 @@ codes, config loading and output helpers are in :mod:`replicator.cli_support`.
 
 Exit codes (all commands): 0 success; 1 the operation failed or found problems; 2 usage or
 configuration error; 3 a target could not be reached; 4 (sync) published, but some files could
-not be read; 130 interrupted. Errors are one line on stderr.
+not be read; 130 interrupted (cli_support.EXIT_CODES; README's table). Errors, usage errors
+included, are one line on stderr, a JSON object with --json (cli_support.OneLineErrors).
 
 Start-up time counts (a one-shot ``sync`` of a few files is mostly interpreter start-up), so
 this module imports only typer and light helpers; each command imports the library modules it
@@ -28,11 +29,16 @@ from replicator import __version__, render
 from replicator import cli_options as opt
 from replicator.cli_support import (
     EXIT_SEVERITY,
+    LogChoice,
+    OneLineErrors,
     check_selection,
     emit,
     emit_json,
+    error_line,
     fail,
+    from_environment,
     load,
+    on_command_line,
     parse_option,
     read_data_fraction,
     run_coroutine,
@@ -51,7 +57,7 @@ app = typer.Typer(
     "secondary S3-compatible or POSIX targets, deduplicated and verifiable.\n\n"
     "Start with `replicator demo`, then see `replicator COMMAND --help`.",
     no_args_is_help=True,
-    add_completion=False,
+    cls=OneLineErrors,  # usage errors: one line, not click's box (issue 22)
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -68,9 +74,11 @@ def repo_target_config(
     log_level: str | None,
     give_up_after: str | None = None,
 ) -> tuple[TargetConfig, Config | None]:
-    """Resolve ``--config/--target`` or ``--repo`` into one target's settings."""
+    """Resolve ``--config/--target`` or ``--repo`` into one target's settings. REPLICATOR_REPO
+    applies only when neither --config nor --target is given on the command line."""
     from replicator.config import TARGET_URLS, target_config
 
+    repo = yield_env_repo(repo)
     if repo is not None:
         if config_path is not None and target is not None:
             fail("give either --repo or --config with --target, not both", 2)
@@ -97,6 +105,13 @@ def repo_target_config(
         return with_give_up(config.target(target), give_up_after), config
     except ConfigError as exc:
         fail(str(exc), 2)
+
+
+def yield_env_repo(repo: str | None) -> str | None:
+    """``--repo``, unless it came from REPLICATOR_REPO and --config or --target was given on
+    the command line: what is typed wins over the environment."""
+    typed_instead = on_command_line("config_path") or on_command_line("target")
+    return None if repo is not None and from_environment("repo") and typed_instead else repo
 
 
 REPO_CUSTOMER_KEY_ENV = "REPLICATOR_SSE_CUSTOMER_KEY"
@@ -151,6 +166,8 @@ def sync(
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
     log_level: opt.LogLevel = None,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """One replication pass: every source (or --source) to every target (or --target).
 
@@ -180,6 +197,9 @@ def sync(
 def run(
     config_path: opt.ConfigPath = None,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Run the replication daemon: watch every source and keep every target up to date.
 
@@ -206,6 +226,9 @@ def release(
     source: opt.ReleaseSource,
     config_path: opt.ConfigPath = None,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Release a publish the running daemon holds because it would delete too much.
 
@@ -234,6 +257,9 @@ def forget(
     give_up_after: opt.GiveUp = None,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Apply each source's retention policy on each target now: list what is kept (and why)
     and what is dropped, and delete the dropped snapshot manifests.
@@ -263,6 +289,8 @@ def plan(
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
     log_level: opt.LogLevel = None,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Dry run: what the next `sync` would send to each target and what it would cost.
 
@@ -283,6 +311,9 @@ def status(
     config_path: opt.ConfigPath = None,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Where every source x target stands: last snapshot, lag against the RPO, pending work,
     last error.
@@ -312,6 +343,9 @@ def snapshots(
     give_up_after: opt.GiveUp = None,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """List the snapshots in a target's repository, oldest first (`*` marks the latest)."""
     from replicator.repository import snapshot_rows
@@ -337,6 +371,8 @@ def prune(
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
     log_level: opt.LogLevel = None,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Garbage collection: delete chunk objects and packs no snapshot manifest references.
 
@@ -349,6 +385,7 @@ def prune(
     from replicator.units import parse_duration
 
     options = PruneOptions(grace=parse_option("--grace", grace, parse_duration), dry_run=dry_run)
+    repo = yield_env_repo(repo)
     if repo is not None:
         tcfgs = [
             repo_target_config(None, None, repo, endpoint_url, region, profile, log_level, give_up_after)[0]
@@ -392,6 +429,8 @@ def restore(
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
     log_level: opt.LogLevel = None,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Restore a snapshot's files into DEST, byte-identical, with mode and mtime.
 
@@ -472,6 +511,9 @@ def ls(
     give_up_after: opt.GiveUp = None,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """List the files of a snapshot (default: the latest) without restoring anything: mode,
     size, modification time (UTC) and path; for a checkpoint source, grouped by checkpoint set.
@@ -508,6 +550,9 @@ def diff(
     give_up_after: opt.GiveUp = None,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """What changed between two snapshots of a source: files added (+), removed (-) and changed
     (M: other bytes, by digest), with sizes and totals; for a checkpoint source, grouped by
@@ -551,6 +596,8 @@ def verify(
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
     log_level: opt.LogLevel = None,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Prove a repository is whole: manifests parse and match their ids, refs point at existing
     snapshots, every referenced chunk exists; with --read-data, chunks decode to their ids.
@@ -565,6 +612,7 @@ def verify(
     repaired), 1 verification failed, 2 usage/config error, 3 target unreachable."""
     from replicator.verify.run import VerifyOptions, run_verify
 
+    repo = yield_env_repo(repo)
     fraction = read_data_fraction(read_data)
     if (scratch is not None or load_torch) and not restore_drill:
         fail("--scratch and --load need --restore-drill", 2)
@@ -595,6 +643,9 @@ def verify(
 def demo(
     directory: opt.DemoDir = Path("replicator-demo"),
     quiet: opt.Quiet = False,
+    log_level: opt.LogLevel = None,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Replicate demo checkpoint data to a local target: no cloud account needed.
 
@@ -608,7 +659,10 @@ def demo(
     typer.echo(f"demo data and config written under {directory}")
     for command, *flags in (["sync"], ["verify", "--read-data"], ["verify", "--restore-drill"]):
         typer.echo(" ".join(["$ replicator", command, "--config", str(cfg_path), *flags]))
-        _invoke([command, "--config", str(cfg_path), *flags, *(["--quiet"] if quiet else [])])
+        passed = [*(["--quiet"] if quiet else []), *(["-v"] * verbose)]
+        passed += ["--log-format", log_format] if log_format else []
+        passed += ["--log-level", log_level] if log_level else []
+        _invoke([command, "--config", str(cfg_path), *flags, *passed])
     typer.echo(
         "\nNext: list snapshots with\n"
         f"  replicator snapshots --repo {directory / 'secondary'}\n"
@@ -643,6 +697,9 @@ def config_check(
     online: opt.Online = False,
     as_json: opt.Json = False,
     log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
 ) -> None:
     """Validate a config file: every problem, one line each, then a summary of its sources and
     targets.
@@ -666,6 +723,7 @@ def config_check(
 
 @app.callback(invoke_without_command=True)
 def _root(version: opt.Version = False) -> None:
+    LogChoice.reset()  # an earlier in-process invocation's -v/-q/--log-format (tests, demo)
     if version:
         typer.echo(f"replicator {__version__}")
         raise typer.Exit(0)
@@ -675,5 +733,5 @@ def main() -> None:
     try:
         app(opt.optional_values(sys.argv[1:]), prog_name="replicator")
     except ReplicatorError as exc:  # pragma: no cover - commands convert their own errors
-        typer.echo(f"replicator: error: {exc}", err=True)
+        typer.echo(error_line(str(exc), exc.exit_code, "--json" in sys.argv), err=True)
         sys.exit(exc.exit_code)

@@ -20,41 +20,125 @@ Repo = Annotated[
     str | None,
     typer.Option(
         "--repo",
+        envvar="REPLICATOR_REPO",
         help="Open a repository directly by URL (a directory or s3://bucket/prefix), without a "
         "config file: what a disaster-recovery site has.",
         show_default=False,
     ),
 ]
-Target = Annotated[str | None, typer.Option("--target", "-t", help="Target name from the config.")]
-Source = Annotated[str | None, typer.Option("--source", "-s", help="Only this source.")]
-Targets = Annotated[list[str] | None, typer.Option("--target", "-t", help="Only this target (repeatable).")]
-Sources = Annotated[list[str] | None, typer.Option("--source", "-s", help="Only this source (repeatable).")]
-Endpoint = Annotated[
-    str | None, typer.Option("--endpoint-url", help="S3 endpoint for --repo (default: AWS).")
+Target = Annotated[
+    str | None,
+    typer.Option("--target", "-t", envvar="REPLICATOR_TARGET", help="Target name from the config."),
 ]
-Region = Annotated[str | None, typer.Option("--region", help="S3 region for --repo.")]
-Profile = Annotated[str | None, typer.Option("--profile", help="AWS profile for --repo.")]
+Source = Annotated[
+    str | None, typer.Option("--source", "-s", envvar="REPLICATOR_SOURCE", help="Only this source.")
+]
+Targets = Annotated[
+    list[str] | None,
+    typer.Option("--target", "-t", envvar="REPLICATOR_TARGET", help="Only this target (repeatable)."),
+]
+Sources = Annotated[
+    list[str] | None,
+    typer.Option("--source", "-s", envvar="REPLICATOR_SOURCE", help="Only this source (repeatable)."),
+]
+Endpoint = Annotated[
+    str | None,
+    typer.Option(
+        "--endpoint-url", envvar="REPLICATOR_ENDPOINT_URL", help="S3 endpoint for --repo (default: AWS)."
+    ),
+]
+Region = Annotated[
+    str | None, typer.Option("--region", envvar="REPLICATOR_REGION", help="S3 region for --repo.")
+]
+Profile = Annotated[
+    str | None, typer.Option("--profile", envvar="REPLICATOR_PROFILE", help="AWS profile for --repo.")
+]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 GiveUp = Annotated[
     str | None,
     typer.Option(
         "--give-up-after",
+        envvar="REPLICATOR_GIVE_UP_AFTER",
         metavar="DURATION",
         help="Stop retrying a target that does not answer after this long, and exit 3 "
         "(default: the target's retry.command_give_up_after, 30s).",
         show_default=False,
     ),
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 LogLevel = Annotated[
     str | None,
-    typer.Option("--log-level", help="debug, info, warning or error (default: from config, else warning)."),
+    typer.Option(
+        "--log-level",
+        envvar="REPLICATOR_LOG_LEVEL",
+        help="debug, info, warning or error (default: from config, else warning).",
+    ),
+]
+
+
+# -- logging conventions every command takes (issue 22): -v, -q, --log-format ------------------
+# Their callbacks record the choice for cli_support.setup_logging, so that a command need not
+# pass them along (and a command added later gets them by declaring the options).
+
+
+def _record_verbose(value: int) -> int:
+    from replicator.cli_support import LogChoice
+
+    LogChoice.verbose = value
+    return value
+
+
+def _record_quiet(value: bool) -> bool:
+    from replicator.cli_support import LogChoice
+
+    LogChoice.quiet = value
+    return value
+
+
+def _record_log_format(value: str | None) -> str | None:
+    from replicator.cli_support import LogChoice
+
+    if value is not None and value not in ("text", "json"):
+        raise typer.BadParameter(f"text or json (got {value!r})")
+    LogChoice.log_format = value
+    return value
+
+
+Verbose = Annotated[
+    int,
+    typer.Option(
+        "--verbose",
+        "-v",
+        count=True,
+        callback=_record_verbose,
+        help="Log more: -v info, -vv debug (overrides --log-level).",
+        show_default=False,
+    ),
+]
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", callback=_record_quiet, help="No progress bars; log errors only.", show_default=False
+    ),
+]
+LogFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        envvar="REPLICATOR_LOG_FORMAT",
+        metavar="text|json",
+        callback=_record_log_format,
+        help="Log lines as text or JSON objects (default: text on a terminal, JSON otherwise).",
+        show_default=False,
+    ),
 ]
 
 Version = Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)]
 DemoDir = Annotated[Path, typer.Option("--dir", help="Where to create the demo.")]
 ReleaseSource = Annotated[
-    str, typer.Option("--source", "-s", help="The source whose held publish to release.")
+    str,
+    typer.Option(
+        "--source", "-s", envvar="REPLICATOR_SOURCE", help="The source whose held publish to release."
+    ),
 ]
 
 # -- prune ------------------------------------------------------------------------------------
@@ -96,6 +180,7 @@ RestoreSource = Annotated[
     typer.Option(
         "--source",
         "-s",
+        envvar="REPLICATOR_SOURCE",
         help="Source whose snapshot to restore (default: the only source of the config, or of the "
         "repository).",
         show_default=False,
@@ -260,7 +345,14 @@ def optional_values(args: list[str]) -> list[str]:
 # -- ls, diff, and restore's overwrite rules (issue 22) ---------------------------------------
 
 InspectSource = Annotated[
-    str, typer.Option("--source", "-s", help="The source whose snapshots to look at.", show_default=False)
+    str,
+    typer.Option(
+        "--source",
+        "-s",
+        envvar="REPLICATOR_SOURCE",
+        help="The source whose snapshots to look at.",
+        show_default=False,
+    ),
 ]
 LsGlobs = Annotated[
     list[str] | None,

@@ -46,11 +46,20 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "
         offset += arr.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
+    parts = [struct.pack("<Q", len(raw)), raw, *(np.ascontiguousarray(a).tobytes() for a in tensors.values())]
+    write_if_changed(path, b"".join(parts))
+
+
+def write_if_changed(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` unless it already holds exactly that: a second ``replicator
+    demo`` leaves the demo tree (and its mtimes) as it was, so its sync finds it unchanged
+    instead of publishing new snapshots of the same data (issue 22)."""
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except FileNotFoundError:
+        pass
+    path.write_bytes(data)
 
 
 def bf16(rng: np.random.Generator, shape: tuple[int, ...], std: float = 0.02) -> np.ndarray:
@@ -72,15 +81,17 @@ def create_demo(root: Path, *, steps: int = 2, hidden: int = 1024) -> Path:
             write_safetensors(
                 d / f"model-rank{rank}.safetensors", {**(frozen if rank == 0 else {}), **layers}
             )
-        (d / "trainer_state.json").write_text(json.dumps({"step": step * 100, "loss": 2.0 / step}))
-        (d / "COMPLETE").write_text("")
+        state = json.dumps({"step": step * 100, "loss": 2.0 / step}).encode()
+        write_if_changed(d / "trainer_state.json", state)
+        write_if_changed(d / "COMPLETE", b"")
     data = root / "primary" / "dataset"
     data.mkdir(parents=True, exist_ok=True)
     for shard in range(3):
-        with open(data / f"shard-{shard:03d}.jsonl", "w") as f:
-            for i in range(2000):
-                f.write(json.dumps({"id": shard * 2000 + i, "text": f"example {i} of shard {shard}"}) + "\n")
+        records = (
+            json.dumps({"id": shard * 2000 + i, "text": f"example {i} of shard {shard}"}) for i in range(2000)
+        )
+        write_if_changed(data / f"shard-{shard:03d}.jsonl", "".join(r + "\n" for r in records).encode())
     (root / "secondary").mkdir(parents=True, exist_ok=True)
     config = root / "replicator.yaml"
-    config.write_text(CONFIG_TEMPLATE.format(root=root.resolve()))
+    write_if_changed(config, CONFIG_TEMPLATE.format(root=root.resolve()).encode())
     return config

@@ -304,7 +304,14 @@ class Uploader:
             )
 
     async def _work(self) -> None:
+        current = asyncio.current_task()
         while True:
+            if current is not None and current.cancelling():
+                # close() cancelled this worker while it awaited a send, and the send ended
+                # otherwise than cancelled (a cancel lands in the task awaited; a send that
+                # turns it into a TargetError hides it): without this, the worker waited on
+                # the queue forever, and a Ctrl-C'd sync hung (issue 22).
+                raise asyncio.CancelledError
             item = await self._queue.get()
             try:
                 if self.error is None:  # an unhealthy target's queue is dropped, not sent

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from types import ModuleType
 from typing import Any
 
@@ -67,11 +67,31 @@ class Redactor:
         self, _logger: Any, _method: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         for k, v in list(event.items()):
-            if isinstance(v, str):
-                event[k] = self.scrub(v)
-            elif v is not None and not isinstance(v, int | float | bool):
-                event[k] = self.scrub(str(v))
+            event[k] = self.scrub_value(v)
         return event
+
+    def scrub_value(self, value: Any, depth: int = 0) -> Any:
+        """``value`` with its secrets masked, keeping its JSON shape (issue 22): a list, tuple,
+        set or mapping stays one, so a JSON log line carries ``"sources": ["ckpt"]``, not the
+        string ``"['ckpt']"``; numbers, booleans and None stay as they are; anything else
+        becomes its (scrubbed) str. A mapping entry named like a credential (Authorization,
+        ``*secret*``, ``*password*``, ``*token``) is masked whole."""
+        if isinstance(value, str):
+            return self.scrub(value)
+        if value is None or isinstance(value, int | float | bool):
+            return value
+        if depth < 8 and isinstance(value, Mapping):
+            return {
+                self.scrub(str(k)): "***" if _SECRET_KEY.search(str(k)) else self.scrub_value(v, depth + 1)
+                for k, v in value.items()
+            }
+        if depth < 8 and isinstance(value, list | tuple | set | frozenset):
+            items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+            return [self.scrub_value(v, depth + 1) for v in items]
+        return self.scrub(str(value))
+
+
+_SECRET_KEY = re.compile(r"(?i)^(authorization|.*secret.*|.*password.*|.*token|x-amz-.*-key(-md5)?)$")
 
 
 REDACTOR = Redactor()
@@ -91,6 +111,9 @@ class LineSafe:
         self, _logger: Any, _method: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         for k, v in event.items():
+            if isinstance(v, list | dict):
+                event[k] = self._nested(v)
+                continue
             if not isinstance(v, str) or v.isprintable():
                 if k == "path" and isinstance(v, str):
                     event[k] = display_path(v)
@@ -100,6 +123,18 @@ class LineSafe:
             elif k == "path" or not self.json_output or _SURROGATE.search(v):
                 event[k] = display_path(v)
         return event
+
+    def _nested(self, value: Any) -> Any:
+        """A list's or mapping's strings made safe as a top-level one (JSON escapes control
+        characters; a text line quotes them)."""
+        if isinstance(value, list):
+            return [self._nested(v) for v in value]
+        if isinstance(value, dict):
+            return {self._nested(k): self._nested(v) for k, v in value.items()}
+        unsafe = isinstance(value, str) and not value.isprintable()
+        if unsafe and (not self.json_output or _SURROGATE.search(value)):
+            return display_path(value)
+        return value
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

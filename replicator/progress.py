@@ -23,6 +23,25 @@ class NoProgress:
         return None
 
 
+def speed_text(bytes_per_second: float | None) -> str:
+    """A progress bar's rate in IEC units, as every other rate replicator prints (rich's
+    TransferSpeedColumn says MB/s)."""
+    from replicator.units import format_size
+
+    return "?" if bytes_per_second is None else f"{format_size(bytes_per_second)}/s"
+
+
+def _speed_column() -> Any:
+    from rich.progress import ProgressColumn, Task
+    from rich.text import Text
+
+    class SpeedColumn(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text(speed_text(task.finished_speed or task.speed), style="progress.data.speed")
+
+    return SpeedColumn()
+
+
 class BarProgress:
     """A byte-count progress bar on stderr."""
 
@@ -34,14 +53,13 @@ class BarProgress:
             Progress,
             TextColumn,
             TimeRemainingColumn,
-            TransferSpeedColumn,
         )
 
         self._bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
+            _speed_column(),
             TimeRemainingColumn(),
             console=Console(stderr=True),
             transient=True,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from replicator.paths import display_path, one_line
-from replicator.units import format_duration, format_size
+from replicator.units import format_duration, format_size, plural
 
 if TYPE_CHECKING:
     from replicator.config_check import ConfigReport
@@ -82,7 +82,8 @@ def sync_lines(results: Sequence[SourceResult]) -> list[str]:
     lines = []
     for r in results:
         line = (
-            f"{r.source}: {r.files} files, {format_size(r.bytes_total)}; read {r.files_read} files, "
+            f"{r.source}: {plural(r.files, 'file')}, {format_size(r.bytes_total)}; "
+            f"read {plural(r.files_read, 'file')}, "
             f"{format_size(r.bytes_read)} in {format_duration(r.seconds)}"
         )
         if r.seconds and r.bytes_read:
@@ -136,7 +137,8 @@ def _sync_target_lines(r: SourceResult, t: TargetResult) -> list[str]:
 
 def plan_lines(result: Plan) -> list[str]:
     lines = [
-        f"scanned {result.files} files ({format_size(result.bytes_scanned)}); read {result.files_read} "
+        f"scanned {plural(result.files, 'file')} ({format_size(result.bytes_scanned)}); "
+        f"read {result.files_read} "
         f"changed files ({format_size(result.bytes_read)}) in {format_duration(result.seconds)}"
     ]
     for t in result.targets:
@@ -145,7 +147,8 @@ def plan_lines(result: Plan) -> list[str]:
         )
         new = "" if t.exists else " (new repository)"
         lines.append(
-            f"-> {t.target}{new}: send {format_size(t.bytes)} in {t.chunks} chunks, {t.puts} PUT/LIST + "
+            f"-> {t.target}{new}: send {format_size(t.bytes)} in {plural(t.chunks, 'chunk')}, "
+            f"{t.puts} PUT/LIST + "
             f"{t.gets} GET requests, ${t.cost_usd:.4f} (egress ${t.egress_usd:.4f}, requests "
             f"${t.requests_usd:.4f}){when}"
         )
@@ -189,13 +192,14 @@ def restore_line(outcome: RestoreOutcome, dest: str) -> str:
         conflicts += f", {len(res.kept)} existing kept, not restored"
     if res.dry_run:
         return (
-            f"dry run: would restore {res.files} files, {format_size(res.bytes)} from "
+            f"dry run: would restore {plural(res.files, 'file')}, {format_size(res.bytes)} from "
             f"{outcome.source}/{outcome.snapshot} into {one_line(dest)} ({len(res.created)} new"
             f"{conflicts}, {res.skipped_existing} already up to date); nothing was written"
         )
     rate = f" ({format_size(res.bytes_per_second)}/s)" if res.bytes else ""
     return (
-        f"restored {res.files} files, {format_size(res.bytes)} from {outcome.source}/{outcome.snapshot} "
+        f"restored {plural(res.files, 'file')}, {format_size(res.bytes)} "
+        f"from {outcome.source}/{outcome.snapshot} "
         f"into {one_line(dest)} in {format_duration(res.seconds)}{rate} "
         f"({res.skipped_existing} already up to date{conflicts})"
     )
@@ -236,11 +240,12 @@ def verify_lines(rows: Sequence[TargetVerification]) -> list[str]:
     for row in rows:
         rep = row.verify
         snaps = sum(len(v) for v in rep.sources.values())
-        verdict = "OK" if rep.ok else f"{len(rep.problems)} PROBLEMS"
+        verdict = "OK" if rep.ok else plural(len(rep.problems), "PROBLEM")
         lines.append(
-            f"{rep.repository}: {verdict}: {len(rep.sources)} sources, {snaps} snapshots, "
-            f"{rep.files} files, "
-            f"{rep.chunks_referenced} chunks referenced "
+            f"{rep.repository}: {verdict}: {plural(len(rep.sources), 'source')}, "
+            f"{plural(snaps, 'snapshot')}, "
+            f"{plural(rep.files, 'file')}, "
+            f"{plural(rep.chunks_referenced, 'chunk')} referenced "
             f"({rep.chunks_stored} loose objects, {rep.packs_stored} packs), "
             f"{rep.chunks_read} read ({format_size(rep.bytes_read)}) in {format_duration(rep.seconds)}"
         )
@@ -258,7 +263,8 @@ def drill_lines(report: DrillReport) -> list[str]:
     where = report.scratch or "a temporary directory (removed)"
     rto = format_duration(report.rto_seconds) if report.rto_seconds is not None else "unknown"
     lines = [
-        f"restore drill: {'PASS' if report.ok else 'FAIL'}: {len(report.sources)} sources restored into "
+        f"restore drill: {'PASS' if report.ok else 'FAIL'}: "
+        f"{plural(len(report.sources), 'source')} restored into "
         f"{where} in {format_duration(report.seconds)}; RTO estimate {rto}"
     ]
     if not report.sources:
@@ -276,8 +282,9 @@ def _source_drill_lines(s: SourceDrill) -> list[str]:
     checked = ", ".join(f"{n} {k}" for k, n in sorted(s.formats.items())) or "none"
     lines = [
         f"  {s.source}: {'PASS' if s.ok else 'FAIL'}: snapshot {s.snapshot} "
-        f"(age {format_duration(max(s.age_seconds or 0, 0))}), {s.files} files, {format_size(s.bytes)}",
-        f"    restored {s.restored_files} files in {format_duration(s.restore_seconds)} at {rate}"
+        f"(age {format_duration(max(s.age_seconds or 0, 0))}), "
+        f"{plural(s.files, 'file')}, {format_size(s.bytes)}",
+        f"    restored {plural(s.restored_files, 'file')} in {format_duration(s.restore_seconds)} at {rate}"
         f" ({s.already_present} already present); RTO estimate {s_rto}",
         f"    digest failures {len(s.digest_failures)}, format failures {len(s.format_failures)}; "
         f"formats checked: {checked}; loaded with torch: {s.loaded}",
@@ -345,7 +352,7 @@ def config_check_lines(report: ConfigReport) -> list[str]:
     sources = sum(e.kind == "source" for e in report.endpoints)
     targets = len(report.endpoints) - sources
     verdict = "valid" if not report.online else ("OK" if report.ok else "FAILED")
-    lines = [f"{report.path}: {verdict}: {sources} sources, {targets} targets"]
+    lines = [f"{report.path}: {verdict}: {plural(sources, 'source')}, {plural(targets, 'target')}"]
     width = max((len(e.name) for e in report.endpoints), default=0)
     for e in report.endpoints:
         settings = ", ".join(f"{k}: {v}" for k, v in e.settings.items())
@@ -376,7 +383,7 @@ def listing_lines(listing: Listing) -> list[str]:
 
     head = (
         f"{listing.source}/{listing.snapshot} ({listing.kind}, {listing.created}): "
-        f"{len(listing.files)} files, {format_size(listing.bytes)}"
+        f"{plural(len(listing.files), 'file')}, {format_size(listing.bytes)}"
     )
     lines = [head]
     groups: dict[str | None, list[str]] = {}
@@ -392,7 +399,7 @@ def listing_lines(listing: Listing) -> list[str]:
         if not rows:
             continue
         title = f"set {display_path(name)}" if name is not None else "not in a checkpoint set"
-        lines.append(f"{title}: {len(rows)} files, {format_size(sizes[name])}")
+        lines.append(f"{title}: {plural(len(rows), 'file')}, {format_size(sizes[name])}")
         lines += ["  " + r for r in rows]
     return lines
 
@@ -414,7 +421,7 @@ def diff_lines(result: SnapshotDiff) -> list[str]:
         for s in result.sets:
             title = f"set {display_path(s.name)}" if s.name is not None else "not in a checkpoint set"
             size = format_size(sum(c.size for c in s.changes))
-            lines.append(f"{title} ({s.status}): {len(s.changes)} files, {size}")
+            lines.append(f"{title} ({s.status}): {plural(len(s.changes), 'file')}, {size}")
             lines += ["  " + _change_line(c) for c in s.changes]
     else:
         lines += [_change_line(c) for c in result.changes]

@@ -29,7 +29,7 @@ from replicator.sources import open_source
 from replicator.state import StateStore
 from replicator.state.rpo import RpoRow
 from replicator.targets import open_target
-from replicator.units import format_duration, format_size
+from replicator.units import format_duration, format_size, format_usd, plural
 
 
 @dataclass
@@ -288,7 +288,7 @@ def render(report: StatusReport) -> str:
                 p.last_snapshot or "never",
                 format_duration(p.lag_seconds),
                 format_duration(p.rpo_seconds) if p.rpo_seconds is not None else "-",
-                f"{format_size(p.pending_bytes)} / {p.pending_files} files",
+                f"{format_size(p.pending_bytes)} / {plural(p.pending_files, 'file')}",
                 state,
             )
         )
@@ -298,9 +298,10 @@ def render(report: StatusReport) -> str:
         "from the running daemon" if report.daemon_running else "no daemon running: from state and targets"
     )
     for b in report.budgets:
-        month = f"${b.spent_month_usd:.2f} of ${b.month_limit_usd:.2f}" if b.month_limit_usd else "-"
+        usd = format_usd
+        month = f"{usd(b.spent_month_usd)} of {usd(b.month_limit_usd)}" if b.month_limit_usd else "-"
         lines.append(
-            f"budget {b.scope} ({b.mode}): today ${b.spent_today_usd:.2f} of ${b.allowance_today_usd:.2f} "
+            f"budget {b.scope} ({b.mode}): today {usd(b.spent_today_usd)} of {usd(b.allowance_today_usd)} "
             f"(paced), month {month}"
         )
     warnings = [f"warning: {w}" for w in report.warnings]

@@ -8,6 +8,7 @@ Points in time (``restore --at``) are ISO 8601 times, or durations before now.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -108,6 +109,21 @@ def format_size(n: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def format_usd(amount: float) -> str:
+    """Dollars for humans: cents from a cent up ($12.34), and below a cent two significant
+    digits ($0.0036, not $0.00: a small spend is not nothing)."""
+    if amount == 0 or abs(amount) >= 0.01:
+        return f"${amount:.2f}"
+    decimals = -math.floor(math.log10(abs(amount))) + 1
+    return f"${amount:.{decimals}f}"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 source``, ``2 sources`` (``many``: the plural, when it is not ``word + "s"``)."""
+    suffix = "S" if word.isupper() else "s"
+    return f"{n} {word if n == 1 else many or word + suffix}"
 
 
 def format_duration(seconds: float) -> str:

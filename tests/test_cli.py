@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from replicator.cli import app
+from replicator.units import plural
 from tests.helpers import local_setup, make_checkpoint, stored_chunks, tree_digest
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
@@ -61,7 +62,7 @@ def test_verify_json_then_a_lost_chunk_named_in_text(replicated: tuple[Path, Pat
     chunks[0].path.unlink()
     res = invoke("verify", "-c", cfg)
     assert res.exit_code == 1
-    assert res.stdout.startswith(f"{target}: {len(lost)} PROBLEMS:")
+    assert res.stdout.startswith(f"{target}: {plural(len(lost), 'PROBLEM')}:")
     assert all(f"  BAD {c.key}: " in res.stdout for c in lost)
 
 

@@ -209,7 +209,7 @@ def test_online_checks_every_permission_and_leaves_nothing(tmp_path: Path, moto:
     res = invoke("config", "check", "--online", "-c", online_config(tmp_path, targets))
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    assert lines[0].endswith(": OK: 1 sources, 2 targets")
+    assert lines[0].endswith(": OK: 1 source, 2 targets")
     assert lines[4:] == [
         "  source d: list ok",
         "  source d: read ok",
@@ -320,7 +320,7 @@ def test_check_a_dr_site_config_without_sources_and_a_broken_file(tmp_path: Path
     )
     res = invoke("config", "check", "-c", cfg)
     assert res.exit_code == 0 and res.stdout.splitlines() == [
-        f"{cfg}: valid: 0 sources, 1 targets",
+        f"{cfg}: valid: 0 sources, 1 target",
         "  target t  /srv/r",
     ]
 

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from replicator.config import ChunkingConfig, CompressionConfig
 from replicator.errors import SourceError
@@ -31,6 +31,8 @@ from replicator.memory import ByteBudget, Lease
 from replicator.read.chunking import BlockPool, iter_chunks
 from replicator.read.encode import ChunkCoder, SmallFile
 from replicator.sources.base import Readable, Source, SourceFile
+
+R = TypeVar("R")
 
 if TYPE_CHECKING:
     from replicator.read.helpers import ReaderProcess
@@ -131,6 +133,7 @@ class ChunkPipeline:
         self.cpu_workers = cpu_workers or os.cpu_count() or 2
         self._cpu = ThreadPoolExecutor(self.cpu_workers, thread_name_prefix="encode")
         self._io = ThreadPoolExecutor(io_workers, thread_name_prefix="read")
+        self._closed = False
         # The budget covers all file data in memory: the large-file reader's two blocks are
         # set aside from it, the rest bounds chunks between reading and their last upload.
         reserved = LARGE_FILE_READERS * 2 * (2 * chunking.max_size)
@@ -192,7 +195,17 @@ class ChunkPipeline:
             return 2 * self._helper.processes
         return source.read_concurrency
 
+    def _run(self, executor: ThreadPoolExecutor, fn: Callable[..., R], *args: Any) -> asyncio.Future[R]:
+        """``fn(*args)`` on ``executor``. Once :meth:`close` has run (a Ctrl-C ends the pass
+        while reads are in flight: asyncio.run cancels the remaining tasks only after the
+        engine closed the pipeline), the read is cancelled instead of failing with "cannot
+        schedule new futures after shutdown", which surfaced as a traceback (issue 22)."""
+        if self._closed:
+            raise asyncio.CancelledError
+        return asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
     def close(self) -> None:
+        self._closed = True  # set first: close() runs on the loop's thread, as every _run does
         self._cpu.shutdown(wait=True, cancel_futures=True)
         self._io.shutdown(wait=True, cancel_futures=True)
         if self._helper is not None:
@@ -273,7 +286,7 @@ class ChunkPipeline:
                 helper.close(wait=False)
                 if self._helper is helper:
                     self._helper = None  # read in threads from now on
-        return await asyncio.get_running_loop().run_in_executor(self._io, coder.read_whole, source, files)
+        return await self._run(self._io, coder.read_whole, source, files)
 
     @staticmethod
     def _record(
@@ -292,18 +305,16 @@ class ChunkPipeline:
     async def _process(
         self, coder: ChunkCoder, data: Buffer, consumer: ChunkConsumer
     ) -> tuple[dict[str, str], bytes | None]:
-        loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._cpu, coder.ids, data)
+        ids = await self._run(self._cpu, coder.ids, data)
         if not consumer.wants(ids):
             return ids, None
-        return await loop.run_in_executor(self._cpu, coder.encode, data, ids)
+        return await self._run(self._cpu, coder.encode, data, ids)
 
     async def _read_file(self, source: Source, file: SourceFile, consumer: ChunkConsumer) -> FileRecord:
-        loop = asyncio.get_running_loop()
         # One set of hash specs for the whole file, even if a target attaches meanwhile (its
         # chunk ids would otherwise cover only part of the file, and its digest none of it).
         coder = self.coder
-        handle: Readable = await loop.run_in_executor(self._io, source.open, file)
+        handle: Readable = await self._run(self._io, source.open, file)
         hashers: dict[str, Hasher] = {s.key: s.hasher() for s in coder.specs}
         lists: dict[str, list[tuple[str, int]]] = {s.key: [] for s in coder.specs}
         chunks = iter_chunks(handle, self.chunking, file.size, self._blocks)
@@ -329,7 +340,7 @@ class ChunkPipeline:
 
         try:
             while True:
-                data = await loop.run_in_executor(self._io, next_chunk)
+                data = await self._run(self._io, next_chunk)
                 if data is None:
                     break
                 # Hand finished chunks on before waiting for memory: the window itself may be
@@ -346,10 +357,13 @@ class ChunkPipeline:
                     await emit()
             while window:
                 await emit()
-            await loop.run_in_executor(self._io, source.confirm, file, handle)
+            await self._run(self._io, source.confirm, file, handle)
         finally:
             for fut, lease, _ in window:  # an error left work in flight: reclaim its memory
                 fut.cancel()
                 lease.release()
-            await loop.run_in_executor(self._io, handle.close)
+            if self._closed:  # interrupted: close it here, the readers are gone
+                handle.close()
+            else:
+                await self._run(self._io, handle.close)
         return self._record(file, {k: h.digest().hex() for k, h in hashers.items()}, lists)

@@ -320,6 +320,11 @@ def _check_torch_zip(f: IO[bytes]) -> None:
 def _check_dcp(f: IO[bytes], size: int, path: str, files: Mapping[str, int]) -> str | None:
     if size > PICKLE_LIMIT:
         raise FormatProblem(".metadata is larger than 1 GiB")
+    if size == 0:  # say so rather than "pickle is malformed" (issue 22)
+        raise FormatProblem(
+            ".metadata is empty (0 bytes): torch.distributed.checkpoint writes it last, so the save "
+            "was interrupted or the file was created by hand (touch)"
+        )
     meta = load_inert(f)
     if not isinstance(meta, Inert) or not meta.qualname.endswith(".Metadata"):
         raise FormatProblem("not a torch.distributed.checkpoint Metadata object")
