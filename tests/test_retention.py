@@ -355,3 +355,27 @@ def test_config_top_level_keep_last_still_works(tmp_path: Path) -> None:
 def test_config_refuses_bad_retention(tmp_path: Path, source: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(config(tmp_path, **source), tmp_path)
+
+
+def test_a_set_dated_anew_after_a_drop_does_not_make_a_second_forget_drop_more() -> None:
+    """Found by the forget-twice property: set s-2's newest version (2027) is in a snapshot the
+    yearly rule drops; its older version (31 December 2026) stays in the latest snapshot, and
+    then wins 2026's period from s-0. Planning again on what is left, until nothing more is
+    dropped, makes the first forget the last."""
+    hour = 3_600_000_000_000
+    new_year = 1_798_761_600_000_000_000  # 2027-01-01T00:00Z
+    ids = [f"2026120{1}T010000.000000Z-{0:032x}"] + [
+        f"20270101T{h:02d}0000.000000Z-{h + 1:032x}" for h in range(3)
+    ]
+    old, latest, second, third = ids
+    summaries: dict[str, Summary] = {
+        old: {"s-0": new_year - 31 * 24 * hour},
+        latest: {"s-2": new_year - hour, "s-1": new_year},
+        second: {"s-2": new_year + hour},
+        third: {"s-1": new_year + 4 * hour},
+    }
+    rules = RetentionPolicy(keep_yearly=2)
+    first = plan_sets(ids, latest, summaries, rules)
+    left, left_summaries = after_deleting(ids, summaries, first.drop)
+    assert plan_sets(left, latest, left_summaries, rules).drop == []
+    assert set(first.drop) == {second, old}, "what a second run would drop is dropped at once"

@@ -219,7 +219,40 @@ def plan_sets(
     ids: Sequence[str], latest: str, summaries: Mapping[str, Summary], policy: RetentionPolicy
 ) -> Plan:
     """Checkpoint sources: the policy counts sets (module docstring). ``ids`` oldest first;
-    ``summaries`` says what each holds (a missing or None entry: unreadable, so kept)."""
+    ``summaries`` says what each holds (a missing or None entry: unreadable, so kept).
+
+    A set is dated by its newest version. Dropping the snapshot of that version can leave an
+    older one held by a kept snapshot, dated differently, and change what a period-based rule
+    chooses (found by the forget-twice property test). So the plan is made again on what it
+    leaves until it drops nothing more: forgetting twice never drops more than once."""
+    plan = _plan_sets_once(ids, latest, summaries, policy)
+    dropped: dict[str, SnapshotVerdict] = {}
+    while plan.drop:
+        dropped.update((v.snapshot, v) for v in plan.snapshots if not v.keep)
+        left = [i for i in ids if i not in dropped]
+        again = _plan_sets_once(left, latest, {i: summaries.get(i) for i in left}, policy)
+        if not again.drop:
+            break
+        plan = again
+    else:
+        return plan
+    # ``again`` is the fixed point: its verdicts for what is left, the earlier ones for what
+    # went; sets held only by dropped snapshots are listed as not kept.
+    current = {v.snapshot: v for v in again.snapshots}
+    snapshots = [current.get(i) or dropped[i] for i in ids]
+    listed = {v.name for v in again.sets}
+    gone = [
+        SetVerdict(v.name, v.newest_mtime_ns, False, v.holder)
+        for v in _plan_sets_once(ids, latest, summaries, policy).sets
+        if v.name not in listed
+    ]
+    sets = sorted([*again.sets, *gone], key=lambda v: (v.newest_mtime_ns, v.name), reverse=True)
+    return Plan(policy, snapshots, sets)
+
+
+def _plan_sets_once(
+    ids: Sequence[str], latest: str, summaries: Mapping[str, Summary], policy: RetentionPolicy
+) -> Plan:
     _check_latest(ids, latest)
     holder: dict[str, tuple[str, int]] = {}
     """set name -> (the newest snapshot holding it, the set's newest_mtime_ns there)"""
