@@ -19,7 +19,7 @@ def _interrupted_early(_signum: int, _frame: object) -> None:
     """Ctrl-C while the command is still starting (importing, parsing, loading the config):
     nothing has been written yet, so stop at once with the one documented line. A
     KeyboardInterrupt raised in the middle of an import surfaced as an unrelated traceback
-    ("Error calling __set_name__"), or none at all. :func:`replicator.cli_support.run_coroutine`
+    ("Error calling __set_name__"), or none at all. :func:`replicator.cli.support.run_coroutine`
     puts Python's handler back before the command starts its work, which then stops in order."""
     line = (
         '{"error": "interrupted", "exit_code": 130}'

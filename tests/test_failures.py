@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from replicator.cli import app
-from replicator.cli_support import EXIT_CODES
+from replicator.cli.support import EXIT_CODES
 from replicator.config import ChunkingConfig, CompressionConfig
 from replicator.globs import PathFilter
 from replicator.hashing import HashSpec

@@ -76,26 +76,26 @@ LogLevel = Annotated[
 
 
 # -- logging conventions every command takes (issue 22): -v, -q, --log-format ------------------
-# Their callbacks record the choice for cli_support.setup_logging, so that a command need not
+# Their callbacks record the choice for support.setup_logging, so that a command need not
 # pass them along (and a command added later gets them by declaring the options).
 
 
 def _record_verbose(value: int) -> int:
-    from replicator.cli_support import LogChoice
+    from replicator.cli.support import LogChoice
 
     LogChoice.verbose = value
     return value
 
 
 def _record_quiet(value: bool) -> bool:
-    from replicator.cli_support import LogChoice
+    from replicator.cli.support import LogChoice
 
     LogChoice.quiet = value
     return value
 
 
 def _record_log_format(value: str | None) -> str | None:
-    from replicator.cli_support import LogChoice
+    from replicator.cli.support import LogChoice
 
     if value is not None and value not in ("text", "json"):
         raise typer.BadParameter(f"text or json (got {value!r})")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from replicator import render
+from replicator.cli import render
 from replicator.errors import ConfigError, ReplicatorError
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ def run_coroutine(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 class LogChoice:
     """What -v/--verbose, -q/--quiet and --log-format asked for, recorded by their option
-    callbacks while the command line is parsed (see :mod:`replicator.cli_options`) and read by
+    callbacks while the command line is parsed (see :mod:`replicator.cli.options`) and read by
     :func:`setup_logging`: every command gets them without passing them along."""
 
     verbose = 0
