@@ -5,12 +5,11 @@ Thin, like every command (:mod:`replicator.cli`): parse, call one library functi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import typer
 
 from replicator.cli import options as opt
 from replicator.cli import render
+from replicator.cli.app import app, repo_target_config, with_give_up, yield_env_repo
 from replicator.cli.support import (
     check_selection,
     emit,
@@ -22,11 +21,6 @@ from replicator.cli.support import (
 )
 from replicator.errors import ConfigError
 from replicator.progress import make_progress
-
-if TYPE_CHECKING:
-    pass
-
-from replicator.cli.app import app, repo_target_config, with_give_up, yield_env_repo
 
 
 @app.command()

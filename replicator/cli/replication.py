@@ -6,12 +6,12 @@ Thin, like every command (:mod:`replicator.cli`): parse, call one library functi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
 from replicator.cli import options as opt
 from replicator.cli import render
+from replicator.cli.app import app
 from replicator.cli.support import (
     EXIT_SEVERITY,
     check_selection,
@@ -22,11 +22,6 @@ from replicator.cli.support import (
 )
 from replicator.errors import ConfigError, ReplicatorError
 from replicator.progress import make_progress
-
-if TYPE_CHECKING:
-    pass
-
-from replicator.cli.app import app
 
 
 @app.command()

@@ -8,12 +8,12 @@ from __future__ import annotations
 import importlib.util
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
 from replicator.cli import options as opt
 from replicator.cli import render
+from replicator.cli.app import app, only_source, repo_target_config, with_give_up, yield_env_repo
 from replicator.cli.support import (
     emit,
     emit_json,
@@ -26,11 +26,6 @@ from replicator.cli.support import (
 )
 from replicator.errors import ConfigError
 from replicator.progress import make_progress
-
-if TYPE_CHECKING:
-    pass
-
-from replicator.cli.app import app, only_source, repo_target_config, with_give_up, yield_env_repo
 
 
 @app.command()
