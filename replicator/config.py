@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -631,30 +631,30 @@ TargetEntry = Annotated[SerializeAsAny[TargetConfig], PlainValidator(_target_ent
 """A target of any registered backend (serialized with all of its backend's fields)."""
 
 
-def source_config(data: Mapping[str, Any], origin: str = "source") -> SourceConfig:
-    """One source entry, validated as ``sources[i]`` of a config file is."""
+def _validated(validate: Callable[[Any], Any], data: Mapping[str, Any], origin: str) -> Any:
+    """``validate(data)``, its ValidationError turned into one ConfigError line."""
     try:
-        entry: SourceConfig = _source_entry(data)
+        return validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{origin}: {_describe(exc)}") from None
+
+
+def source_config(data: Mapping[str, Any], origin: str = "source") -> SourceConfig:
+    """One source entry, validated as ``sources[i]`` of a config file is."""
+    entry: SourceConfig = _validated(_source_entry, data, origin)
     return entry
 
 
 def target_config(data: Mapping[str, Any], origin: str = "target") -> TargetConfig:
     """One target entry, validated as ``targets[i]`` of a config file is (``--repo URL``)."""
-    try:
-        entry: TargetConfig = _target_entry(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{origin}: {_describe(exc)}") from None
+    entry: TargetConfig = _validated(_target_entry, data, origin)
     return entry
 
 
 def object_options(data: Mapping[str, Any], origin: str = "options") -> S3ObjectOptions:
     """S3 object options validated as a target's are (a restore's ``--dest-*``)."""
-    try:
-        return S3ObjectOptions.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{origin}: {_describe(exc)}") from None
+    options: S3ObjectOptions = _validated(S3ObjectOptions.model_validate, data, origin)
+    return options
 
 
 class AlertsConfig(_Model):
