@@ -1,19 +1,22 @@
-"""Mark: every object key the repository's snapshot manifests reference.
+"""Mark: every object key the repository's snapshot manifests and parts reference.
 
 The live set is the evidence deletions rest on, so every doubt is a refusal
-(GcRefusedError), never a smaller set: an object under ``refs/`` or ``snapshots/`` that is
-not a well-formed ref or manifest key, a ref whose manifest the listing does not show, or a
-manifest that cannot be read, authenticated (the digest in its id) or validated
-(replicator.format.manifest) stops the collector before it deletes anything.
+(GcRefusedError), never a smaller set: an object under ``refs/``, ``snapshots/`` or ``parts/``
+that is not a well-formed ref, manifest or part key, a part that cannot be read, a ref whose
+manifest the listing does not show, or a manifest that cannot be read, authenticated (the
+digest in its id) or validated (replicator.format.manifest) stops the collector before it deletes anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from replicator.config import NAME_RE
 from replicator.errors import GcRefusedError, NotFoundError, RepositoryError
+from replicator.format.manifest import FileEntry, PackedAt
+from replicator.format.parts import parse_key, parse_part
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, chunk_key, is_snapshot_id, pack_key
 
@@ -29,6 +32,7 @@ class Marks:
     may be what keeps a chunk readable when its pack is damaged (FORMAT.md 4.1), so kept."""
     manifests: int = 0
     sources: int = 0
+    parts: int = 0
 
     def keeps(self, key: str) -> bool:
         return key in self.live or key in self.copies
@@ -56,8 +60,41 @@ async def mark(repo: Repository, progress: ProgressSink | None = None, *, concur
     raise AssertionError("unreachable")
 
 
+async def _parts(repo: Repository, marks: Marks) -> None:
+    """Parts (several instances, one source: FORMAT.md §11) are roots like manifests: read
+    first, so that a part deleted after its set was published is covered by the manifest
+    listing that follows. A part deleted before it is read is skipped (see above)."""
+    async for info in repo.target.list("parts/"):
+        parsed = parse_key(info.key)
+        if parsed is None or not NAME_RE.match(parsed[0]):
+            raise GcRefusedError("unrecognized object under parts/", key=info.key, hint=_HINT)
+        if parsed[2]:
+            continue  # a member object names no chunks
+        try:
+            part = parse_part(await repo.target.get(info.key), where=info.key)
+        except NotFoundError:
+            continue
+        except RepositoryError as exc:
+            raise GcRefusedError(f"cannot read a part ({exc.message})", key=info.key, hint=_HINT) from None
+        marks.parts += 1
+        _refer(marks, part.files, part.packed)
+
+
+def _refer(marks: Marks, files: Iterable[FileEntry], packed: Mapping[str, PackedAt]) -> None:
+    for f in files:
+        for cid, _ in f.chunks:
+            at = packed.get(cid)
+            if at is None:
+                marks.live.add(chunk_key(cid))
+            else:
+                marks.live.add(pack_key(at[0]))
+                marks.copies.add(chunk_key(cid))
+
+
 async def _mark(repo: Repository, progress: ProgressSink, concurrency: int) -> Marks:
     target = repo.target
+    roots = Marks()
+    await _parts(repo, roots)
     # Refs first, then the manifests: a manifest is written before the ref that names it, so
     # a ref read earlier names a manifest the later listing must show.
     refs: dict[str, str] = {}
@@ -93,7 +130,10 @@ async def _mark(repo: Repository, progress: ProgressSink, concurrency: int) -> M
                 key=f"refs/{source}/latest",
                 hint="the listing is incomplete or the repository is damaged; run `replicator verify`",
             )
-    marks = Marks(manifests=len(found), sources=len({s for s, _ in found} | set(refs)))
+    marks = Marks(
+        live=roots.live, copies=roots.copies, manifests=len(found),
+        sources=len({s for s, _ in found} | set(refs)), parts=roots.parts,
+    )  # fmt: skip
     sem = asyncio.Semaphore(concurrency)
     progress.begin("reading manifests", sum(sizes.values()))
 
@@ -109,14 +149,7 @@ async def _mark(repo: Repository, progress: ProgressSink, concurrency: int) -> M
                     key=f"snapshots/{source}/{sid}{_SUFFIX}",
                     hint="fix or delete it (replicator verify) before pruning",
                 ) from None
-        for f in manifest.files:
-            for cid, _ in f.chunks:
-                at = manifest.packed.get(cid)
-                if at is None:
-                    marks.live.add(chunk_key(cid))
-                else:
-                    marks.live.add(pack_key(at[0]))
-                    marks.copies.add(chunk_key(cid))
+        _refer(marks, manifest.files, manifest.packed)
         progress.advance(sizes[source, sid])
 
     try:
