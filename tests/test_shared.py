@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import cli, make_target_spec, write_config
-from tests.daemon_helpers import latest_manifest, set_names
+from tests.daemon_helpers import DaemonProcess, latest_manifest, set_names, wait_until
 from tests.helpers import config_dict, make_checkpoint, tree_digest
+from tests.test_rpo import metric
 
 
 def _node_configs(
@@ -59,7 +62,9 @@ def _index(step_dir: Path, shards: int) -> None:
     (step_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
-def test_a_set_is_published_once_every_nodes_part_is_in(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_a_set_is_published_once_every_nodes_part_is_in(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     spec = make_target_spec(request, "rclone", tmp_path)
     nodes = _node_configs(tmp_path, spec.config, 3)
     made = make_checkpoint(tmp_path / "made", 1, shards=3, marker=None)
@@ -90,3 +95,83 @@ def test_a_set_is_published_once_every_nodes_part_is_in(tmp_path: Path, request:
     restored = cli("restore", "-c", str(nodes[1][1]), "-s", "ckpt", str(out))
     assert restored.returncode == 0, restored.stderr
     assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+
+
+DCP_RANKS = Path(__file__).parent / "dcp_ranks.py"
+
+
+def _dcp(*args: str) -> dict[str, Any]:
+    command = [sys.executable, str(DCP_RANKS), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_three_daemons_publish_a_torch_dcp_checkpoint_when_its_last_shard_is_in(
+    tmp_path: Path, request: pytest.FixtureRequest, fault_proxy: Any
+) -> None:
+    """Three nodes' sidecars: node 0 holds rank 0's shard and ``.metadata``, nodes 1 and 2 one
+    shard each. Node 2's daemon is killed while it uploads: the set waits and the assembler
+    alerts; once node 2 is back the set is published whole, restores byte-identically and
+    resumes training with the same next-step loss."""
+    spec = make_target_spec(request, "rclone", tmp_path)
+    assert spec.server is not None
+    proxy = fault_proxy(spec.server)
+    made = tmp_path / "made" / "step-1"
+    loss = _dcp("save", str(made), "3")["next_loss"]
+    want = {p: sha for p, (sha, _, _) in tree_digest(made.parent).items()}
+    names = (".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp")
+    assert sorted(want) == [f"step-1/{n}" for n in names]
+
+    dirs, configs = [], []
+    for i in range(3):
+        data = tmp_path / f"node{i}" / "data"
+        data.mkdir(parents=True)
+        target = {**spec.config, "endpoint_url": proxy.endpoint} if i == 2 else spec.config
+        source = {
+            "name": "ckpt",
+            "url": str(data),
+            "kind": "checkpoint",
+            "complete_when": {"marker": ".metadata", "quiet": "1s"},
+            "rpo": "4s",
+            "shared": {"instances": 3, "instance": f"node-{i}", "heartbeat": "1s", "deadline": "3s"},
+        }
+        cfg = config_dict(tmp_path / f"node{i}", [source], [target])
+        dirs.append(data)
+        configs.append((cfg, write_config(tmp_path / f"node{i}" / "r.yaml", cfg)))
+    daemons = [DaemonProcess(c, tmp_path / f"node{i}.log") for i, (_, c) in enumerate(configs)]
+    try:
+        for d in daemons:
+            wait_until(d.ready, 120, what="daemon ready")
+        for i, name in ((1, "__1_0.distcp"), (0, "__0_0.distcp"), (0, ".metadata")):
+            (dirs[i] / "step-1").mkdir(exist_ok=True)
+            shutil.copy2(made / name, dirs[i] / "step-1" / name)
+        wait_until(lambda: "set.waiting_for_parts" in daemons[0].log_text(), 120, what="assembler waits")
+        proxy.set_mode("blackhole")  # node 2's upload hangs...
+        (dirs[2] / "step-1").mkdir()
+        shutil.copy2(made / "__2_0.distcp", dirs[2] / "step-1" / "__2_0.distcp")
+        wait_until(lambda: "candidate.ready" in daemons[2].log_text(), 120, what="node 2 read its shard")
+        daemons[2].kill9()  # ... and its node dies mid-upload
+        listen = configs[0][0]["listen"]
+        wait_until(lambda: "set.parts_overdue" in daemons[0].log_text(), 120, what="overdue alert")
+        assert metric(listen, "replicator_sets_overdue", source="ckpt", target="t1") == 1
+        wait_until(lambda: metric(listen, "replicator_rpo_breached", source="ckpt", target="t1") == 1, 60)
+        assert latest_manifest(spec.config, "ckpt") is None, "published without node 2's shard"
+        status = cli("status", "-c", str(configs[0][1]), "--json")
+        assert "waiting for parts" in status.stdout and "2 of 3 instances" in status.stdout, status.stdout
+
+        proxy.set_mode("pass")
+        daemons[2] = DaemonProcess(configs[2][1], tmp_path / "node2-again.log")
+        wait_until(lambda: set_names(latest_manifest(spec.config, "ckpt")) == ["step-1"], 180, what="publish")
+        wait_until(lambda: metric(listen, "replicator_sets_waiting", source="ckpt", target="t1") == 0, 60)
+        for d in daemons:
+            assert not d.crashes(), d.crashes()
+    finally:
+        for d in daemons:
+            d.stop()
+    out = tmp_path / "restored"
+    restored = cli("restore", "-c", str(configs[1][1]), "-s", "ckpt", str(out))
+    assert restored.returncode == 0, restored.stderr
+    assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+    assert _dcp("load", str(out / "step-1"))["next_loss"] == loss

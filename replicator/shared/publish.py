@@ -61,6 +61,7 @@ class SharedCache:
     reported: dict[str, str] = field(default_factory=dict)
     """Set -> the waiting message last logged (log on change only)."""
     overdue: set[str] = field(default_factory=set)
+    silent: set[str] = field(default_factory=set)
 
 
 def _digest(doc: Part | Member) -> str:
@@ -341,9 +342,14 @@ def _report(
         del cache.reported[name]
         cache.overdue.discard(name)
     for instance, age in assembly.silent.items():
-        log.warning(
-            "parts.instance_silent", source=cfg.name, target=target, instance=instance, seconds=round(age)
-        )
+        if instance not in cache.silent:
+            log.warning(
+                "parts.instance_silent", source=cfg.name, target=target, instance=instance,
+                seconds=round(age), hint="its node or daemon is down: sets wait for its parts",
+            )  # fmt: skip
+    for instance in cache.silent - assembly.silent.keys():
+        log.info("parts.instance_back", source=cfg.name, target=target, instance=instance)
+    cache.silent = set(assembly.silent)
     oldest = max((w.age(now) or 0.0 for w in assembly.waiting.values()), default=0.0)
     metrics.SETS_WAITING.labels(cfg.name, target).set(len(assembly.waiting))
     metrics.SET_WAIT_SECONDS.labels(cfg.name, target).set(oldest)
@@ -351,4 +357,3 @@ def _report(
         sum(1 for w in assembly.waiting.values() if (w.age(now) or 0.0) > shared.deadline)
     )
     metrics.INSTANCES_SILENT.labels(cfg.name, target).set(len(assembly.silent))
-
