@@ -18,7 +18,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 
@@ -34,7 +35,7 @@ def step(model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> float
     y = torch.sin(x.sum(dim=1, keepdim=True))
     opt.zero_grad()
     loss = torch.nn.functional.mse_loss(model(x), y)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     opt.step()
     return float(loss.item())
 
@@ -45,7 +46,7 @@ def _rank(rank: int, world: int, out: str, port: int) -> None:
     for s in range(3):
         step(model, opt, s)
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=out)
+    dcp_save({"model": msd, "optim": osd}, checkpoint_id=out)
     dist.barrier()
     if rank == 0:
         print(json.dumps({"next_loss": step(model, opt, 100)}))
@@ -55,20 +56,21 @@ def _rank(rank: int, world: int, out: str, port: int) -> None:
 def save(out: str, world: int) -> None:
     import socket
 
-    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import spawn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank, args=(world, out, port), nprocs=world, join=True)
+    spawn(  # type: ignore[no-untyped-call]
+        _rank, args=(world, out, port), nprocs=world, join=True
+    )
 
 
 def load(path: str) -> None:
     model, opt = trainer()
     msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp_load({"model": msd, "optim": osd}, checkpoint_id=path)  # loads in place
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     print(json.dumps({"next_loss": step(model, opt, 100)}))
 
 
