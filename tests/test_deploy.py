@@ -26,6 +26,7 @@ from tests.conftest import cli
 from tests.deploy_helpers import (
     Obj,
     check_replicator_pod,
+    describe,
     env_for,
     load_objects,
     pod_spec,
@@ -247,7 +248,7 @@ def test_manifests_build_into_valid_objects() -> None:
     for obj in objects:
         validate_object(obj)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ConfigMap", "CronJob", "Job", "Service", "ServiceAccount"]
+    assert kinds == ["ConfigMap", "CronJob", "CronJob", "Job", "Service", "ServiceAccount", "ServiceAccount"]
     configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
     (cm,) = configmaps.values()
     assert cm["data"]["replicator.yaml"] == (MANIFESTS / "replicator.yaml").read_text()
@@ -259,6 +260,24 @@ def test_manifests_build_into_valid_objects() -> None:
     (job,) = [o for o in objects if o["kind"] == "Job"]
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    # Garbage collection runs as its own account (the pruning role), everything else as the
+    # sidecar's; and the daemon does not also prune on a schedule of its own.
+    accounts = {o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"}
+    runs_as = {role(o): (pod_spec(o) or {})["serviceAccountName"] for o in pods}
+    assert runs_as == {"Job": "replicator", "verify": "replicator", "prune": "replicator-prune"}
+    assert set(runs_as.values()) == accounts
+    prune = next(o for o in pods if role(o) == "prune")
+    assert prune["spec"]["concurrencyPolicy"] == "Forbid"
+    ((container, _),) = replicator_containers(pod_spec(prune) or {})
+    assert container["args"][0] == "prune" and "--json" in container["args"]
+    assert all(t.prune is None for t in load_config(MANIFESTS / "replicator.yaml").targets)
+
+
+def role(owner: Obj) -> str:
+    """A pod owner by what it is for: a CronJob by its component (verify, prune), else its kind."""
+    if owner["kind"] != "CronJob":
+        return str(owner["kind"])
+    return str(owner["metadata"]["labels"]["app.kubernetes.io/component"])
 
 
 def test_manifests_are_the_charts_sidecar_example() -> None:
@@ -271,6 +290,7 @@ def test_manifests_are_the_charts_sidecar_example() -> None:
         "credentials": {"existingSecret": "replicator-credentials"},
         "config": yaml.safe_load((MANIFESTS / "replicator.yaml").read_text()),
         "sidecar": {"example": {"enabled": True}},
+        "prune": {"enabled": True},
     }
     for key in ("listen", "state_dir"):
         values["config"].pop(key)
@@ -280,7 +300,7 @@ def test_manifests_are_the_charts_sidecar_example() -> None:
     plain = kustomize_build()
 
     def replicator_parts(objects: list[Obj], kind: str) -> tuple[list[Obj], list[Obj], Obj]:
-        (owner,) = [o for o in objects if o["kind"] == kind]
+        (owner,) = [o for o in objects if pod_spec(o) is not None and role(o) == kind]
         spec = pod_spec(owner)
         assert spec is not None
         containers = []
@@ -294,11 +314,19 @@ def test_manifests_are_the_charts_sidecar_example() -> None:
             for vol in spec["volumes"]
             if vol["name"].startswith("replicator-")
         ]
-        pod = {k: spec.get(k) for k in ("securityContext", "terminationGracePeriodSeconds", "restartPolicy")}
+        keys = ("securityContext", "terminationGracePeriodSeconds", "restartPolicy", "serviceAccountName")
+        pod = {k: spec.get(k) for k in keys}
+        if owner["kind"] == "CronJob":
+            pod |= {k: owner["spec"][k] for k in ("schedule", "concurrencyPolicy")}
         return containers, volumes, pod
 
-    for kind in ("Job", "CronJob"):
+    for kind in ("Job", "verify", "prune"):
         assert replicator_parts(plain, kind) == replicator_parts(charted, kind), kind
+    for plain_account in [o for o in plain if o["kind"] == "ServiceAccount"]:
+        (charted_account,) = [o for o in charted if describe(o) == describe(plain_account)]
+        assert (
+            plain_account["automountServiceAccountToken"] is charted_account["automountServiceAccountToken"]
+        )
 
 
 # -- docs/DEPLOY.md's IAM policies --------------------------------------------------------------
