@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from replicator.contents import Change, Listing, SnapshotDiff
     from replicator.engine import SourceResult, TargetResult
     from replicator.gc.prune import PruneResult
+    from replicator.gc.stats import TargetStats
     from replicator.plan import Plan
     from replicator.repository import SnapshotRow
     from replicator.restore.run import RestoreOutcome
@@ -69,6 +70,49 @@ def prune_lines(results: Sequence[PruneResult]) -> list[str]:
         if r.upgraded:
             out.append("  repository upgraded to version 2: writers older than garbage collection refuse it")
         out += [f"  note: {one_line(n)}" for n in r.notes]
+        out.append(f"  took {format_duration(r.seconds)}")
+    return out
+
+
+# -- stats ------------------------------------------------------------------------------------
+
+NO_STORAGE_PRICE = "storage cost: not configured (set the target's cost.storage_usd_per_gib_month)"
+
+
+def _objects(n: int, nbytes: int) -> str:
+    return f"{format_size(nbytes)} in {plural(n, 'object')}"
+
+
+def stats_lines(results: Sequence[TargetStats]) -> list[str]:
+    out: list[str] = []
+    for r in results:
+        out.append(f"{r.target} ({r.url}): {plural(r.snapshots, 'snapshot')} of {plural(r.sources, 'source')}")
+        stored = ", ".join(f"{p.rstrip('/')} {_objects(u.objects, u.bytes)}" for p, u in r.stored.items())
+        out += [
+            f"  stored: {_objects(r.total_objects, r.total_bytes)} ({stored})",
+            f"  live: {_objects(r.live_objects, r.live_bytes)}; reclaimable by prune: "
+            f"{_objects(r.reclaimable_objects, r.reclaimable_bytes)}",
+            f"  logical: {format_size(r.logical_bytes)} in all snapshots, {format_size(r.unique_logical_bytes)} "
+            f"unique, stored as {format_size(r.unique_stored_bytes)}: dedup "
+            f"{ratio(r.logical_bytes, r.unique_logical_bytes)}, compression "
+            f"{ratio(r.unique_logical_bytes, r.unique_stored_bytes)}",
+        ]
+        if r.storage_usd_per_month is None or r.reclaimable_usd_per_month is None:
+            out.append(f"  {NO_STORAGE_PRICE}")
+        else:
+            out.append(
+                f"  storage cost: ${r.storage_usd_per_month:.4f}/month at ${r.storage_usd_per_gib_month}/GiB-month "
+                f"(reclaimable: ${r.reclaimable_usd_per_month:.4f}/month)"
+            )
+        for s in r.per_snapshot:
+            out.append(
+                f"  {s.source} {s.snapshot}: {plural(s.files, 'file')}, {format_size(s.logical_bytes)}; "
+                f"unique {_objects(s.unique_objects, s.unique_bytes)}"
+            )
+        if r.missing_objects:
+            out.append(f"  warning: {r.missing_objects} referenced objects are missing (run `replicator verify`)")
+        if r.foreign_objects:
+            out.append(f"  note: {r.foreign_objects} objects under chunks/ or packs/ are not the format's (not counted)")
         out.append(f"  took {format_duration(r.seconds)}")
     return out
 
