@@ -9,6 +9,7 @@ from typing import Any, Protocol
 class ProgressSink(Protocol):
     def begin(self, label: str, total: int | None) -> None:
         """Start a stage of ``total`` units (bytes); None: not known in advance (a listing)."""
+
     def advance(self, n: int) -> None: ...
     def end(self) -> None: ...
 

@@ -158,10 +158,10 @@ def test_stats_numbers_match_the_files_written_and_the_listing(
     story.play()
     tcfg = story.tcfg
     everything = run(lambda: listing(tcfg))
-    stored = {
-        p: [sum(1 for k in everything if k.startswith(p)), sum(n for k, (n, _) in everything.items() if k.startswith(p))]
-        for p in (*DATA, "snapshots/")
-    }
+    stored: dict[str, list[int]] = {}
+    for p in (*DATA, "snapshots/"):
+        sizes_p = [n for k, (n, _) in everything.items() if k.startswith(p)]
+        stored[p] = [len(sizes_p), sum(sizes_p)]
     assert stored["snapshots/"][0] == 2  # s1 was forgotten by the third sync's retention
 
     doc = stats_json("-c", str(story.cfg))
@@ -276,5 +276,6 @@ def test_plan_shows_the_storage_cost_of_what_is_retained(
         assert t["storage_usd_per_month_after"] is None
         assert "storage cost: not configured" in text.stdout
     else:
-        assert t["storage_usd_per_month_after"] == pytest.approx((retained + t["bytes"]) / GIB * price, rel=1e-9)
+        cost = (retained + t["bytes"]) / GIB * price
+        assert t["storage_usd_per_month_after"] == pytest.approx(cost, rel=1e-9)
         assert "retained after this sync" in text.stdout and "/month" in text.stdout

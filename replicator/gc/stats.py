@@ -184,10 +184,10 @@ def _fill(
     if result.unique_stored_bytes:
         result.compression_ratio = result.unique_logical_bytes / result.unique_stored_bytes
     for key, index in tally.owner.items():
-        info = objects.get(key)
-        if index != _SHARED and info is not None:
+        held = objects.get(key)
+        if index != _SHARED and held is not None:
             tally.snapshots[index].unique_objects += 1
-            tally.snapshots[index].unique_bytes += info.size
+            tally.snapshots[index].unique_bytes += held.size
     result.per_snapshot = sorted(tally.snapshots, key=lambda s: (s.source, s.snapshot))
     if price is not None:
         result.storage_usd_per_gib_month = price
