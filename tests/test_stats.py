@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,8 +17,11 @@ import pytest
 
 from replicator.config import TargetConfig
 from replicator.config import target_config as parse_target
-from replicator.repository import Repository, chunk_key
+from replicator.gc.stats import repository_stats
+from replicator.repository import Repository, chunk_key, snapshot_key
 from replicator.targets import open_target
+from replicator.targets.base import ObjectInfo, Target
+from replicator.targets.wrappers import TargetWrapper
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
 from tests.helpers import config_dict
 
@@ -279,3 +282,57 @@ def test_plan_shows_the_storage_cost_of_what_is_retained(
         cost = (retained + t["bytes"]) / GIB * price
         assert t["storage_usd_per_month_after"] == pytest.approx(cost, rel=1e-9)
         assert "retained after this sync" in text.stdout and "/month" in text.stdout
+
+
+class RetentionRace(TargetWrapper):
+    """A writer's retention deletes manifest ``gone`` after the listing showed it, while the
+    read of manifest ``slow`` is still under way: it returns only once the mark has started
+    again (its second listing of snapshots/)."""
+
+    def __init__(self, inner: Target, gone: str, slow: str) -> None:
+        super().__init__(inner)
+        self.gone, self.slow = gone, slow
+        self.listings = 0
+        self.again = asyncio.Event()
+        self.slow_reads = 0
+
+    def list(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
+        if prefix == "snapshots/":
+            self.listings += 1
+            if self.listings == 2:
+                self.again.set()
+        return self.inner.list(prefix, start_after=start_after)
+
+    async def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
+        if key == self.gone:
+            await self.inner.delete(key)
+        elif key == self.slow:
+            self.slow_reads += 1
+            if self.slow_reads == 1:
+                await self.again.wait()
+        return await self.inner.get(key, offset=offset, length=length)
+
+
+def test_a_manifest_deleted_while_read_counts_each_remaining_snapshot_once(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    spec = make_target_spec(request, "posix", tmp_path)
+    story = Story(tmp_path, spec)
+    story.play()
+
+    async def go() -> tuple[int, dict[str, Any]]:
+        inner = await open_target(story.tcfg)
+        try:
+            repo = await Repository.open(inner)
+            s2, s3 = await repo.list_snapshots("d")
+            race = RetentionRace(inner, snapshot_key("d", s2), snapshot_key("d", s3))
+            stats = await repository_stats(await Repository.open(race))
+            return race.listings, stats.to_json()
+        finally:
+            await inner.close()
+
+    listings, doc = run(go)
+    assert listings == 2  # the mark started again after the manifest vanished
+    assert doc["snapshots"] == 1 and len(doc["per_snapshot"]) == 1
+    assert doc["logical_bytes"] == sum(story.files[2].values())
+    assert doc["unique_logical_bytes"] == sum(story.files[2].values())

@@ -156,9 +156,14 @@ async def _mark(
             visitor.visit(source, sid, manifest, sizes[source, sid])
         progress.advance(sizes[source, sid])
 
+    tasks = [asyncio.ensure_future(one(s, i)) for s, i in found]
     try:
-        await asyncio.gather(*(one(s, i) for s, i in found))
+        await asyncio.gather(*tasks)
     finally:
+        # On a failure the other reads stop here: none may reach a later attempt's visitor.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         progress.end()
     marks.copies -= marks.live
     return marks
