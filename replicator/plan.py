@@ -10,6 +10,9 @@ opened read-only, so ``plan`` works beside a running daemon).
 
 Costs apply each target's ``cost`` prices to those bytes and requests; the time is the bytes
 over the target's ``max_bandwidth`` (or none, uncapped). Budgets show what remains today.
+Storage: what each target would retain after the sync (what its manifests reference now, by
+the mark of ``replicator stats``, plus the bytes sent), priced per month when the target has
+``cost.storage_usd_per_gib_month``.
 """
 
 from __future__ import annotations

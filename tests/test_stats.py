@@ -283,6 +283,18 @@ def test_plan_shows_the_storage_cost_of_what_is_retained(
         assert t["storage_usd_per_month_after"] == pytest.approx(cost, rel=1e-9)
         assert "retained after this sync" in text.stdout and "/month" in text.stdout
 
+    # A manifest that cannot be read: the plan stands, and says what it could not count.
+    assert spec.path is not None
+    (manifest,) = (spec.path / "snapshots" / "d").iterdir()
+    manifest.write_bytes(b"garbage")
+    res = cli("plan", "-c", str(story.cfg), "--json")
+    assert res.returncode == 0, res.stderr
+    (t,) = json.loads(res.stdout)["targets"]
+    assert t["stored_bytes_now"] is None and t["stored_bytes_after"] is None
+    assert "could not be counted" in t["storage_note"]
+    text = cli("plan", "-c", str(story.cfg))
+    assert text.returncode == 0 and "could not be counted" in text.stdout
+
 
 class RetentionRace(TargetWrapper):
     """A writer's retention deletes manifest ``gone`` after the listing showed it, while the
