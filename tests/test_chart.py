@@ -73,6 +73,16 @@ def configmaps(objects: list[Obj]) -> dict[str, Obj]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
 
 
+CKPT: dict[str, Any] = {"name": "ckpt", "url": "/checkpoints/run-7", "kind": "checkpoint"}
+NODE_LOCAL: dict[str, Any] = {"checkpoints": {"hostPath": "/mnt/nvme/checkpoints"}}
+ONLY_CKPT: dict[str, Any] = {"config": {"sources": [CKPT]}}
+SPLIT: dict[str, Any] = {
+    "mode": "statefulset",
+    "shared": {"enabled": True, "instances": 2},
+    "statefulset": {"checkpoints": {"claimName": "weka"}},
+    "config": {"sources": [CKPT]},
+}
+
 MINIMAL: dict[str, Any] = {
     "image": {"repository": "registry.example.com/replicator"},
     "config": {
@@ -106,6 +116,8 @@ def test_ci_values_render_valid_objects_and_pods(chart: helm.Chart, values_file:
 
     mode = values.get("mode", "standalone")
     assert ("Deployment" in kinds) == (mode == "standalone")
+    assert ("DaemonSet" in kinds) == (mode == "daemonset")
+    assert ("StatefulSet" in kinds) == (mode == "statefulset")
     example = mode == "sidecar" and values.get("sidecar", {}).get("example", {}).get("enabled", False)
     assert ("Job" in kinds) == example
     cronjobs = {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in kinds.get("CronJob", [])}
@@ -139,8 +151,11 @@ def test_ci_values_render_valid_objects_and_pods(chart: helm.Chart, values_file:
         else:
             assert spec["serviceAccountName"] == accounts["serviceAccount"]["name"]
 
-    if "Service" in kinds:
-        (svc,) = kinds["Service"]
+    metrics_services = [
+        o for o in kinds.get("Service", []) if o["metadata"]["labels"][COMPONENT] == "metrics"
+    ]
+    if metrics_services:
+        (svc,) = metrics_services
         selected = [p for p in pods if _selects(svc["spec"]["selector"], pod_labels(p))]
         runs_daemon = [
             p for p in pods if any(c["args"][0] == "run" for c, _ in replicator_containers(pod_spec(p) or {}))
@@ -301,7 +316,7 @@ def test_schema_checks_can_fail(chart: helm.Chart) -> None:
         ({"config": {"state_dir": "/data"}}, "config.state_dir: leave it out"),
         ({"config": {"sources": []}}, "config.sources is empty"),
         ({"config": {"targets": None}}, "config.targets is empty"),
-        ({"mode": "daemonset"}, "mode"),
+        ({"mode": "cluster"}, "mode"),
         ({"verfy": {"enabled": False}}, "'verfy' not allowed"),
         ({"prune": {"enabled": True, "grance": "1h"}}, "'grance' not allowed"),
         ({"prune": {"enabled": True, "grace": "1 hour"}}, "/prune/grace"),
@@ -326,6 +341,53 @@ def test_schema_checks_can_fail(chart: helm.Chart) -> None:
             {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
             "needs metrics.service",
         ),
+        # Multi-node checkpoints.
+        (
+            {
+                "mode": "daemonset",
+                "daemonset": NODE_LOCAL,
+                "shared": {"enabled": True, "instances": 4},
+                **ONLY_CKPT,
+            },
+            "shared.assembler: in mode daemonset, name the node whose pod publishes the sets",
+        ),
+        (
+            {
+                "mode": "daemonset",
+                "daemonset": NODE_LOCAL,
+                "shared": {"enabled": True, "assembler": "n-0"},
+                **ONLY_CKPT,
+            },
+            "shared.instances: how many instances contribute each set (the number of training nodes)",
+        ),
+        ({"mode": "daemonset"}, "daemonset.checkpoints.hostPath: give the node-local directory"),
+        ({"mode": "statefulset"}, "mode: statefulset runs shared.instances pods"),
+        (
+            {"mode": "statefulset", "shared": {"enabled": True, "instances": 2}},
+            "statefulset.checkpoints.claimName: give the ReadWriteMany claim",
+        ),
+        (
+            {"shared": {"enabled": True, "instances": 2}},
+            "shared.enabled: a standalone daemon is one instance",
+        ),
+        (
+            {**SPLIT, "shared": {"enabled": True, "instances": 2, "instance": "${HOSTNAME}"}},
+            "shared.instance: only for mode sidecar; in mode statefulset the chart sets it to ${POD_NAME}",
+        ),
+        (
+            {**SPLIT, "config": {"sources": [{**CKPT, "shared": {"instance": "a-0"}}]}},
+            "config.sources[ckpt].shared.instance: leave it out; the chart sets it",
+        ),
+        (
+            {**SPLIT, "config": {"sources": [CKPT, {"name": "data", "url": "s3://primary/data"}]}},
+            "config.sources[data]: every statefulset pod would replicate this dataset source again",
+        ),
+        (
+            {**SPLIT, "state": {"persistence": {"existingClaim": "cache"}}},
+            "state.persistence.existingClaim: one claim cannot hold the state of every statefulset pod",
+        ),
+        ({"shared": {"assembler": "node a"}}, "/shared/assembler"),
+        ({"mode": "daemonset", "daemonset": {"checkpoints": {"hostPath": "mnt/nvme"}}}, "/daemonset"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(
@@ -503,7 +565,11 @@ def test_pod_command_lines_run(chart: helm.Chart, replicated: Path, tmp_path: Pa
     restore drill pass on a real repository."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    paths = {"/etc/replicator/replicator.yaml": replicated, "/scratch": scratch}
+    paths = {
+        "/etc/replicator/replicator.yaml": replicated,
+        "/etc/replicator/maintenance.yaml": replicated,
+        "/scratch": scratch,
+    }
     seen: set[tuple[str, ...]] = set()
     for values_file in CI_VALUES:
         for obj in render(chart, values_of(values_file)):

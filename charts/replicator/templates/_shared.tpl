@@ -49,6 +49,7 @@ true, the daemon's) or with none (instance: false: verify, forget, prune). Calle
 (dict "ctx" <context> "instance" <bool>); YAML of the list.
 */}}
 {{- define "replicator.sharedSources" -}}
+{{- include "replicator.validateShared" .ctx }}
 {{- $v := .ctx.Values }}
 {{- $sh := $v.shared }}
 {{- $out := list }}
