@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +42,10 @@ from tests.deploy_helpers import (
     run_invocation,
     validate_object,
 )
-from tests.helpers import local_setup
+from tests.daemon_helpers import latest_manifest, set_names
+from tests.helpers import local_setup, make_checkpoint
+from tests.test_shared import _index as index_shards
+from tests.test_shared import _spread as spread
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "replicator"
@@ -825,3 +830,81 @@ def test_identity_checks_can_fail(chart: helm.Chart) -> None:
     verify = component(objects, "CronJob", "verify")
     with pytest.raises(AssertionError, match="verify loads shared: for"):
         check_replicator_pod(verify, cms)
+
+
+def test_rendered_daemonset_configs_assemble_a_set_for_real(chart: helm.Chart, tmp_path: Path) -> None:
+    """The DaemonSet's config, as rendered, run by two "nodes" with NODE_NAME as the downward
+    API sets it (paths mapped to local ones): a set is published by the assembler's node only
+    once the other node's part is in; verify, with the CronJobs' config and no NODE_NAME,
+    passes on the result."""
+    values = _merge(
+        MINIMAL,
+        {
+            "mode": "daemonset",
+            "daemonset": NODE_LOCAL,
+            "shared": {"enabled": True, "instances": 2, "assembler": "node-a", "heartbeat": "1s"},
+            "extraVolumes": [{"name": "replica", "nfs": {"server": "nfs.example", "path": "/dr"}}],
+            "extraVolumeMounts": [{"name": "replica", "mountPath": "/replica"}],
+            "config": {
+                "sources": [
+                    {
+                        "name": "ckpt",
+                        "url": "/checkpoints/run-7",
+                        "kind": "checkpoint",
+                        "complete_when": {"marker": "model.safetensors.index.json", "quiet": "1s"},
+                    }
+                ],
+                "targets": [{"name": "dr", "url": "/replica/run-7"}],
+            },
+        },
+    )
+    objects = render(chart, values)
+    ds, _, _ = daemon_pod(objects, "DaemonSet")
+    check_replicator_pod(ds, configmaps(objects))
+    (cm,) = configmaps(objects).values()
+    replica = tmp_path / "replica"
+    (replica / "run-7").mkdir(parents=True)  # the NFS share's directory
+
+    def local(key: str, node: str) -> Path:
+        text = cm["data"][key]
+        for pod_path, here in [
+            ("/checkpoints", tmp_path / node / "checkpoints"),
+            ("/var/lib/replicator", tmp_path / node / "state"),
+            ("/replica", replica),
+        ]:
+            here.mkdir(parents=True, exist_ok=True)
+            text = text.replace(pod_path, str(here))
+        out = tmp_path / node / key
+        out.write_text(text)
+        return out
+
+    configs = {node: local("replicator.yaml", node) for node in ("node-a", "node-b")}
+    made = make_checkpoint(tmp_path / "made", 1, shards=2, marker=None)
+    index_shards(made, 2)
+    want = spread(made, [tmp_path / n / "checkpoints" / "run-7" for n in configs])
+
+    def sync(node: str) -> str:
+        res = cli("sync", "-c", str(configs[node]), "--json", env={"NODE_NAME": node})
+        assert res.returncode == 0, res.stderr
+        status: str = json.loads(res.stdout)["sources"][0]["targets"][0]["status"]
+        return status
+
+    target = {"name": "dr", "url": str(replica / "run-7")}
+    assert sync("node-a") == "waiting"
+    assert latest_manifest(target, "ckpt") is None, "published with node-b's part missing"
+    assert sync("node-b") == "contributed"
+    assert sync("node-a") == "published"
+    m = latest_manifest(target, "ckpt")
+    assert set_names(m) == ["step-000001"]
+    assert m is not None and sorted(f.path for f in m.files) == sorted(want)
+
+    maintenance = local("maintenance.yaml", "cron")
+    env = {k: v for k, v in os.environ.items() if k != "NODE_NAME"}
+    res = subprocess.run(
+        [sys.executable, "-m", "replicator", "verify", "-c", str(maintenance)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0 and ": OK:" in res.stdout, res.stdout + res.stderr
