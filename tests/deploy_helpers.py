@@ -297,7 +297,8 @@ def check_identity(owner: Obj, container: Obj, text: str) -> list[str]:
         for name in names:
             indexed = owner["kind"] == "Job" and owner["spec"].get("completionMode") == "Indexed"
             assert name in filled or (name in SET_BY_KUBERNETES and indexed), (
-                f"{where}: source {src['name']}: instance {instance!r} uses {name}, which the pod does not set"
+                f"{where}: source {src['name']}: instance {instance!r} uses {name}, "
+                "which the pod does not set"
             )
         found.append(instance)
     return found
@@ -343,8 +344,8 @@ def check_replicator_pod(owner: Obj, configmaps: Mapping[str, Obj]) -> list[Conf
             assert owner["kind"] == "CronJob", f"{name}: {subcommand} outside a CronJob"
             # They act as no instance of a shared source: a shared: block would name another
             # pod's identity (and a split one would not even load there).
-            shared = [s.name for s in cfg.sources if s.shared is not None]
-            assert not shared, f"{name}: {subcommand} loads shared: for {shared}"
+            instance_of = [s.name for s in cfg.sources if s.shared is not None]
+            assert not instance_of, f"{name}: {subcommand} loads shared: for {instance_of}"
             continue
         assert subcommand == "run", f"{name}: unexpected subcommand {subcommand}"
         # Probes come from the kubelet, on the pod's IP: listen must not be localhost.

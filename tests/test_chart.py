@@ -28,6 +28,7 @@ import yaml
 import replicator
 from replicator.config import parse_config
 from tests.conftest import cli
+from tests.daemon_helpers import latest_manifest, set_names
 from tests.deploy_helpers import (
     Obj,
     check_dashboard,
@@ -42,7 +43,6 @@ from tests.deploy_helpers import (
     run_invocation,
     validate_object,
 )
-from tests.daemon_helpers import latest_manifest, set_names
 from tests.helpers import local_setup, make_checkpoint
 from tests.test_shared import _index as index_shards
 from tests.test_shared import _spread as spread
@@ -670,8 +670,8 @@ def test_daemonset_runs_one_instance_per_node_named_by_its_node() -> None:
     for cronjob in by_kind(objects)["CronJob"]:
         cron_spec = pod_spec(cronjob)
         assert cron_spec is not None and "nodeSelector" not in cron_spec and "tolerations" not in cron_spec
-        for c, _ in replicator_containers(cron_spec):
-            assert c["args"][2] == "/etc/replicator/maintenance.yaml"
+        for cron_container, _ in replicator_containers(cron_spec):
+            assert cron_container["args"][2] == "/etc/replicator/maintenance.yaml"
     # Metrics per pod: the Service selects the DaemonSet's pods.
     (svc,) = by_kind(objects)["Service"]
     assert _selects(svc["spec"]["selector"], ds["spec"]["template"]["metadata"]["labels"])
@@ -795,7 +795,7 @@ spec:
         objects = render(c, None, name="exp7")
     for obj in objects:
         validate_object(obj)
-    job, spec, container = daemon_pod(objects, "Job")
+    job, _, container = daemon_pod(objects, "Job")
     assert downward(container) == {"POD_NAME": "metadata.name", "NODE_NAME": "spec.nodeName"}
     (cfg,) = check_replicator_pod(job, configmaps(objects))  # loads with JOB_COMPLETION_INDEX=0
     assert cfg.sources[0].shared is not None and cfg.sources[0].shared.is_assembler
