@@ -123,6 +123,13 @@ def _sync_target_lines(r: SourceResult, t: TargetResult) -> list[str]:
         return [*lines, f"  -> {t.target}: DEFERRED: {t.error}; it resumes when the budget allows"]
     if t.status == "empty":
         return [*lines, f"  -> {t.target}: nothing to publish (no complete files); nothing written"]
+    if t.status == "waiting":
+        published = f"published {t.snapshot}; " if t.snapshot else ""
+        lines.append(f"  -> {t.target}: {published}WAITING for other instances' parts: {t.error}")
+        return lines
+    if t.status == "contributed":
+        done = "parts written; the assembler publishes each set once all parts are in"
+        return [*lines, f"  -> {t.target}: {done}"]
     u = t.uploads
     return [
         *lines,
