@@ -25,6 +25,7 @@ import yaml
 from replicator.config import Config, load_config
 from replicator.config_check import SCRATCH_PREFIX
 from replicator.demo import create_demo
+from replicator.format.parts import part_key
 from replicator.gc.protocol import DELETING, LOCK_KEY, PLANS, RECORDS, WRITERS
 from replicator.repository import CONFIG_KEY, chunk_key, pack_key, ref_key, snapshot_key
 from tests.conftest import cli
@@ -525,6 +526,8 @@ def test_only_the_collector_deletes_chunks_and_packs() -> None:
         ("repository.py", "delete_snapshot", "self.target.delete(snapshot_key(source, snapshot_id))"),
         ("gc/protocol.py", "stop", "self.target.delete(self.key)"),
         ("config_check.py", "_check_target", "target.delete(key)"),
+        # an instance of a shared source, of its own parts (parts/<source>/<instance>/):
+        ("shared/publish.py", "_write_own", "target.delete(key)"),
         # retention's own function, which deletes through Repository.delete_snapshot:
         ("retention/apply.py", "apply", "delete(repo, cfg.name, result.drop, cache)"),
         (
@@ -565,14 +568,16 @@ def test_pruning_role_split() -> None:
     chunk, pack = chunk_key("ab" * 16), pack_key("cd" * 16)
     manifest, ref = snapshot_key("ckpt", "20261207T051000Z-0a1b2c3d"), ref_key("ckpt")
     lease = f"{WRITERS}w-1"
+    part = part_key("ckpt", "gpu-node-0", "step-000001")
     delete, put, get = "s3:DeleteObject", "s3:PutObject", "s3:GetObject"
 
     for key in (chunk, pack):
         assert not allows(writer, delete, key), f"the replicating role may delete {key}"
         assert allows(pruner, delete, key)
         assert allows(writer, put, key) and not allows(pruner, put, key)
-    for key in (manifest, lease):  # retention after each publish; the writer's lease
+    for key in (manifest, lease, part):  # retention after each publish; the writer's lease; parts
         assert allows(writer, delete, key)
+    assert not allows(pruner, delete, part) and not allows(pruner, put, part)
     for key in (chunk, pack, manifest, ref, CONFIG_KEY, lease):
         assert allows(writer, put, key) and allows(writer, get, key)
     for key in (manifest, ref, CONFIG_KEY):
