@@ -184,8 +184,7 @@ def _check_storage(meta: Metadata, base: str, files: Mapping[str, int]) -> None:
             raise FormatProblem(f"{full} (storage of {fqn!r}) is not in the snapshot")
         if files[full] < end:
             raise FormatProblem(
-                f"{full} is {files[full]} bytes; .metadata needs bytes up to {end} "
-                f"(tensor or object {fqn!r}): truncated"
+                f"{full} is {files[full]} bytes; .metadata needs bytes up to {end} (for {fqn!r}): truncated"
             )
 
 
