@@ -129,10 +129,10 @@ def test_drill_loads_dcp_and_sharded_safetensors(
     assert code == 0 and src["loaded"] == 0 and src["loads"] == []
 
 
-def test_drill_load_names_the_file_or_tensor_that_fails(tmp_path: Path) -> None:
-    primary, target_dir = tmp_path / "primary", tmp_path / "target"
-    target_dir.mkdir()
-    save_dcp(primary, 1)  # the one clean set: where training resumes
+def write_broken_sets(primary: Path) -> int:
+    """step-000001: a clean DCP set; steps 2-7: sets that do not load, each for its own reason.
+    Returns the size of step 2's storage file before it was truncated by 100 bytes."""
+    save_dcp(primary, 1)
 
     truncated = save_dcp(primary, 2) / "__0_0.distcp"
     full = truncated.stat().st_size
@@ -159,7 +159,13 @@ def test_drill_load_names_the_file_or_tensor_that_fails(tmp_path: Path) -> None:
     index = json.loads((missing / "model.safetensors.index.json").read_text())
     index["weight_map"]["layers.0.0.weight"] = "model-00002-of-00002.safetensors"
     (missing / "model.safetensors.index.json").write_text(json.dumps(index))
+    return full
 
+
+def test_drill_load_names_the_file_or_tensor_that_fails(tmp_path: Path) -> None:
+    primary, target_dir = tmp_path / "primary", tmp_path / "target"
+    target_dir.mkdir()
+    full = write_broken_sets(primary)
     target = {"name": "t", "url": str(target_dir)}
     sync(tmp_path, primary, target)
 

@@ -228,6 +228,14 @@ def _check_glob(pattern: str) -> str:
     return pattern
 
 
+def _require_torch() -> None:
+    """--load without a working PyTorch is a usage error: say so before restoring anything."""
+    from replicator.verify.load import torch_unavailable
+
+    if (why := torch_unavailable()) is not None:
+        fail(f"--load needs PyTorch, which cannot be imported here ({why}; pip install torch)", 2)
+
+
 @app.command()
 def verify(
     config_path: opt.ConfigPath = None,
@@ -268,10 +276,7 @@ def verify(
     if (scratch is not None or load_torch) and not restore_drill:
         fail("--scratch and --load need --restore-drill", 2)
     if load_torch:
-        from replicator.verify.load import torch_unavailable
-
-        if (why := torch_unavailable()) is not None:
-            fail(f"--load needs PyTorch, which cannot be imported here ({why}; pip install torch)", 2)
+        _require_torch()
     if repair and repo is not None:
         fail("--repair reads the sources: give --config, not --repo", 2)
     if repo is not None:
