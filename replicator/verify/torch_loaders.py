@@ -311,8 +311,8 @@ _PENDING = object()
 """Stands for an object entry until dcp.load fills it in."""
 
 
-def _batches(meta: Metadata) -> Iterator[list[str]]:
-    """The metadata's entries in storage order, in groups of at most LOAD_BATCH_BYTES."""
+def _batches(meta: Metadata, limit: int) -> Iterator[list[str]]:
+    """The metadata's entries in storage order, in groups of at most ``limit`` tensor bytes."""
 
     def where(fqn: str) -> tuple[str, int]:
         md = meta.state_dict_metadata[fqn]
@@ -325,7 +325,7 @@ def _batches(meta: Metadata) -> Iterator[list[str]]:
     for fqn in sorted(meta.state_dict_metadata, key=where):
         md = meta.state_dict_metadata[fqn]
         size = _numel(md.size) * md.properties.dtype.itemsize if isinstance(md, TensorStorageMetadata) else 0
-        if batch and held + size > LOAD_BATCH_BYTES:
+        if batch and held + size > limit:
             yield batch
             batch, held = [], 0
         batch.append(fqn)
@@ -334,14 +334,17 @@ def _batches(meta: Metadata) -> Iterator[list[str]]:
         yield batch
 
 
-def load_dcp(root: Path, directory: str, files: Mapping[str, int]) -> Loaded:
+def load_dcp(
+    root: Path, directory: str, files: Mapping[str, int], batch_bytes: int = LOAD_BATCH_BYTES
+) -> Loaded:
     """Load the DCP checkpoint in ``root/directory`` (``directory`` relative to the restored
-    snapshot, "" for its top; ``files``: every restored path with its size)."""
+    snapshot, "" for its top; ``files``: every restored path with its size), ``batch_bytes`` of
+    tensors at a time."""
     base = f"{directory}/" if directory else ""
     meta = read_dcp_metadata(root / base / ".metadata")
     _check_storage(meta, base, files)
     loaded = Loaded()
-    for batch in _batches(meta):
+    for batch in _batches(meta, batch_bytes):
         state: dict[str, Any] = {}
         for fqn in batch:
             md = meta.state_dict_metadata[fqn]
