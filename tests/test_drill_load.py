@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
+import shutil
 import subprocess
 import sys
 import warnings
@@ -16,11 +18,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from torch.multiprocessing.spawn import spawn as mp_spawn
 
 from replicator.demo import bf16, write_safetensors
 from tests.conftest import cli, make_target_spec, write_config
 from tests.helpers import checkpoint_source, config_dict
+from tests.servers import free_port
 
 DCP_TENSORS = 16  # 4 parameters; AdamW's step, exp_avg and exp_avg_sq for each
 DCP_OBJECTS = 13  # AdamW's 12 param_group entries, and "step"
@@ -298,3 +305,46 @@ def test_a_dcp_load_holds_one_batch_not_the_checkpoint(tmp_path: Path) -> None:
     tensors, size, growth = map(int, res.stdout.split())
     assert tensors == 6 and size == 240 << 20
     assert growth < 120 << 20, f"peak RSS grew by {growth >> 20} MiB"
+
+
+def _save_rank(rank: int, world: int, path: str, port: int) -> None:
+    """One rank of a gloo job saving row-sharded DTensors: each tensor in ``world`` chunks."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(0)
+        state = {
+            "w": distribute_tensor(torch.randn(10, 6), mesh, [Shard(0)]),
+            "b": distribute_tensor(torch.arange(7.0), mesh, [Shard(0)]),
+            "step": 5,
+        }
+        dcp_save(state, checkpoint_id=path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two gloo ranks, each a fresh interpreter importing torch
+def test_drill_loads_a_checkpoint_sharded_across_ranks(tmp_path: Path) -> None:
+    """A DCP checkpoint written by two ranks (a storage file each, every tensor in two chunks)
+    loads into one process; a .metadata that lost a chunk fails, naming the tensor."""
+    primary, target_dir = tmp_path / "primary", tmp_path / "target"
+    target_dir.mkdir()
+    d = primary / "step-000001"
+    mp_spawn(_save_rank, args=(2, str(d), free_port()), nprocs=2)  # type: ignore[no-untyped-call]
+    (d / "COMPLETE").write_text("")
+    shutil.copytree(d, primary / "step-000002")
+    w = pickle.loads((primary / "step-000002" / ".metadata").read_bytes()).state_dict_metadata["w"]
+    edit_metadata(primary / "step-000002", "w", chunks=w.chunks[:1])
+    target = {"name": "t", "url": str(target_dir)}
+    sync(tmp_path, primary, target)
+
+    code, src = drill_json(target, "--load")
+    assert code == 1
+    sets = loads_by_set(src)
+    whole = sets["step-000001"]
+    assert whole["status"] == "loaded" and whole["tensors"] == 2 and whole["objects"] == 1
+    assert whole["bytes"] == (10 * 6 + 7) * 4
+    assert sets["step-000002"]["status"] == "failed"
+    assert "tensor 'w'" in sets["step-000002"]["reason"] and "chunks hold 30" in sets["step-000002"]["reason"]
+    assert src["newest_restorable_set"] == "step-000001"
