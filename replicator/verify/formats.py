@@ -134,7 +134,22 @@ def _read_exact(f: IO[bytes], n: int, what: str) -> bytes:
 # -- safetensors -------------------------------------------------------------------------------
 
 
-def _check_safetensors(f: IO[bytes], size: int, path: str, files: Mapping[str, int]) -> str | None:
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """One tensor of a safetensors header, validated: its dtype name, shape and byte range
+    relative to the start of the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def safetensors_header(f: IO[bytes], size: int) -> tuple[int, list[SafetensorsEntry]]:
+    """Parse and validate a safetensors header (``f`` at offset 0, ``size`` bytes long): the
+    offset where the data section starts and every tensor, each checked on its own (its dtype
+    is known and dtype x shape equals its byte range). FormatProblem if not."""
     (n,) = struct.unpack("<Q", _read_exact(f, 8, "the header length"))
     if n > SAFETENSORS_HEADER_LIMIT or 8 + n > size:
         raise FormatProblem(f"header length {n} does not fit the file ({size} bytes)")
@@ -147,42 +162,50 @@ def _check_safetensors(f: IO[bytes], size: int, path: str, files: Mapping[str, i
         raise FormatProblem(f"header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise FormatProblem("header is not a JSON object")
-    data_len = size - 8 - n
-    ranges: list[tuple[int, int, str]] = []
+    entries = []
     for name, info in header.items():
         if name == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise FormatProblem("__metadata__ must map strings to strings")
             continue
-        if not isinstance(info, dict):
-            raise FormatProblem(f"tensor {name!r}: entry is not an object")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        bits = _SAFETENSORS_DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
-        if bits is None:
-            raise FormatProblem(f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise FormatProblem(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_count(o) for o in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            raise FormatProblem(f"tensor {name!r}: bad data_offsets {offsets!r}")
-        nbits = math.prod(shape) * bits
-        if nbits % 8 or nbits // 8 != offsets[1] - offsets[0]:
-            raise FormatProblem(
-                f"tensor {name!r}: {dtype}{shape} needs {nbits / 8:g} bytes, "
-                f"data_offsets give {offsets[1] - offsets[0]}"
-            )
-        ranges.append((offsets[0], offsets[1], name))
-    ranges.sort()
+        entries.append(_safetensors_entry(name, info))
+    return 8 + n, entries
+
+
+def _safetensors_entry(name: str, info: Any) -> SafetensorsEntry:
+    if not isinstance(info, dict):
+        raise FormatProblem(f"tensor {name!r}: entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    bits = _SAFETENSORS_DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
+    if bits is None or not isinstance(dtype, str):
+        raise FormatProblem(f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise FormatProblem(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise FormatProblem(f"tensor {name!r}: bad data_offsets {offsets!r}")
+    nbits = math.prod(shape) * bits
+    if nbits % 8 or nbits // 8 != offsets[1] - offsets[0]:
+        raise FormatProblem(
+            f"tensor {name!r}: {dtype}{shape} needs {nbits / 8:g} bytes, "
+            f"data_offsets give {offsets[1] - offsets[0]}"
+        )
+    return SafetensorsEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_safetensors(f: IO[bytes], size: int, path: str, files: Mapping[str, int]) -> str | None:
+    start, entries = safetensors_header(f, size)
+    data_len = size - start
     pos = 0
-    for begin, end, name in ranges:
-        if begin != pos:
-            what = "overlaps the previous tensor" if begin < pos else f"leaves a gap at byte {pos}"
-            raise FormatProblem(f"tensor {name!r} {what}")
-        pos = end
+    for e in sorted(entries, key=lambda e: (e.begin, e.end, e.name)):
+        if e.begin != pos:
+            what = "overlaps the previous tensor" if e.begin < pos else f"leaves a gap at byte {pos}"
+            raise FormatProblem(f"tensor {e.name!r} {what}")
+        pos = e.end
     if pos != data_len:
         raise FormatProblem(f"tensors cover {pos} bytes of data, the file holds {data_len}")
     return None
@@ -468,19 +491,3 @@ _CHECKERS: dict[str, Callable[[IO[bytes], int, str, Mapping[str, int]], str | No
     "json": _check_json,
     "jsonl": _check_jsonl,
 }
-
-
-def torch_load(path: str) -> None:
-    """``torch.load(path, weights_only=True)`` on the CPU; FormatProblem if it fails.
-
-    weights_only refuses arbitrary globals, so this does not execute code from the target.
-    Zip-form files are memory-mapped, so a checkpoint larger than RAM still loads."""
-    import torch
-
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except Exception as exc:  # torch raises anything from RuntimeError to UnpicklingError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FormatProblem(f"torch.load(weights_only=True) failed: {first}") from None
