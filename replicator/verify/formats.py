@@ -216,15 +216,26 @@ def _is_count(v: object) -> TypeGuard[int]:
 
 
 def _check_safetensors_index(f: IO[bytes], size: int, path: str, files: Mapping[str, int]) -> str | None:
+    base = _base(path)
+    for shard in sorted(safetensors_index_needs(f, size, path)):
+        if shard not in files:
+            raise FormatProblem(f"shard {shard[len(base) :]!r} named in weight_map is not in the snapshot")
+    return None
+
+
+def safetensors_index_needs(f: IO[bytes], size: int, path: str) -> dict[str, int]:
+    """The shards an index at ``path`` maps tensors to (paths next to it) -> 1 (a size they
+    must at least have). Also what a shared source's part says its set needs (FORMAT §11)."""
     doc = _load_json(f, size)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise FormatProblem("no weight_map object mapping tensor names to shard files")
-    base = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
-    for shard in sorted(set(weight_map.values())):
-        if _join(base, shard) not in files:
-            raise FormatProblem(f"shard {shard!r} named in weight_map is not in the snapshot")
-    return None
+    base = _base(path)
+    return {_join(base, shard): 1 for shard in set(weight_map.values())}
+
+
+def _base(path: str) -> str:
+    return path.rsplit("/", 1)[0] + "/" if "/" in path else ""
 
 
 def _join(base: str, rel: str) -> str:
@@ -341,6 +352,22 @@ def _check_torch_zip(f: IO[bytes]) -> None:
 
 
 def _check_dcp(f: IO[bytes], size: int, path: str, files: Mapping[str, int]) -> str | None:
+    base = _base(path)
+    for full, end in dcp_needs(f, size, path).items():
+        rel = full[len(base) :]
+        if full not in files:
+            raise FormatProblem(f"storage file {rel!r} is not in the snapshot")
+        if end > files[full]:
+            raise FormatProblem(
+                f"storage file {rel!r} is {files[full]} bytes; metadata needs bytes up to {end}"
+            )
+    return None
+
+
+def dcp_needs(f: IO[bytes], size: int, path: str) -> dict[str, int]:
+    """Every storage file a DCP ``.metadata`` at ``path`` names (paths next to it) -> the bytes
+    it needs of it (the largest offset + length). Also what a shared source's part says its
+    set needs (FORMAT §11)."""
     if size > PICKLE_LIMIT:
         raise FormatProblem(".metadata is larger than 1 GiB")
     if size == 0:  # say so rather than "pickle is malformed" (issue 22)
@@ -354,20 +381,15 @@ def _check_dcp(f: IO[bytes], size: int, path: str, files: Mapping[str, int]) -> 
     storage = meta.fields().get("storage_data")
     if not isinstance(storage, dict) or not storage:
         raise FormatProblem("metadata names no storage files")
-    base = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
+    base, out = _base(path), dict[str, int]()
     for info in storage.values():
         item = info.fields() if isinstance(info, Inert) else {}
         rel, offset, length = item.get("relative_path"), item.get("offset"), item.get("length")
         if not isinstance(rel, str) or not _is_count(offset) or not _is_count(length):
             raise FormatProblem("a storage entry lacks relative_path, offset or length")
         full = _join(base, rel)
-        if full not in files:
-            raise FormatProblem(f"storage file {rel!r} is not in the snapshot")
-        if offset + length > files[full]:
-            raise FormatProblem(
-                f"storage file {rel!r} is {files[full]} bytes; metadata needs bytes up to {offset + length}"
-            )
-    return None
+        out[full] = max(out.get(full, 0), offset + length)
+    return out
 
 
 # -- numpy -----------------------------------------------------------------------------------
