@@ -156,6 +156,10 @@ class VerifyingMotoServer(MotoServer):
         server._server_entry = lambda: _serve_verifying(server, self)  # type: ignore[method-assign]
         self._server = server
 
+    def start(self) -> VerifyingMotoServer:
+        super().start()
+        return self
+
 
 def _serve_verifying(server: Any, owner: VerifyingMotoServer) -> None:
     from moto.moto_server.werkzeug_app import (

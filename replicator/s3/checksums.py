@@ -10,7 +10,9 @@ finds out once per target which header the server actually checks, with a probe 
    accepted, and CRC32 is used: ~5x cheaper than MD5 on this project's machines (zlib, no
    extra dependency; docs/PERFORMANCE.md "Checksums on S3 PUTs");
 2. otherwise (the wrong CRC was stored, or every CRC header is refused) a PUT with a wrong
-   Content-MD5: rejected means MD5 is verified, and MD5 is used;
+   Content-MD5: rejected, and the right one accepted, means MD5 is verified, and MD5 is used
+   (a server that refuses even the right one refuses the probe for another reason, say SSE-C
+   over plain HTTP: that error is the PUT's);
 3. a server that stores both wrong values verifies nothing in transit: MD5 is still sent (it
    costs the server nothing to ignore) and a warning says so.
 
@@ -88,18 +90,20 @@ class Detected:
     def describe(self) -> str:
         if self.verified:
             return f"{self.mode}, verified by the server"
-        return f"{self.mode}; the server verifies no checksum in transit (it stored wrong CRC32 and MD5)"
+        return f"{self.mode}, not verified: the server stored a wrong CRC32 and a wrong MD5"
 
 
-ProbePut = Callable[[dict[str, str]], Awaitable[bool]]
-"""Writes :data:`PROBE_BODY` with these checksum arguments: True if stored, False if the server
-rejected it as a client error (HTTP 400); other failures raise."""
+ProbePut = Callable[[dict[str, str], bool], Awaitable[bool]]
+"""``put(checksum_args, must_store)`` writes :data:`PROBE_BODY` with these checksum arguments:
+True if stored, False if the server refused it as a client error (HTTP 400), unless
+``must_store``: then that refusal raises, as every other failure does."""
 
 
 async def detect(put: ProbePut) -> Detected:
     """Which checksum the server behind ``put`` verifies (the steps in the module doc)."""
-    if not await put(wrong_args("crc32", PROBE_BODY)) and await put(_args("crc32", PROBE_BODY)):
+    if not await put(wrong_args("crc32", PROBE_BODY), False) and await put(_args("crc32", PROBE_BODY), False):
         return Detected("crc32", True)
-    if not await put(wrong_args("md5", PROBE_BODY)):
-        return Detected("md5", True)
-    return Detected("md5", False)
+    if await put(wrong_args("md5", PROBE_BODY), False):
+        return Detected("md5", False)
+    await put(_args("md5", PROBE_BODY), True)
+    return Detected("md5", True)

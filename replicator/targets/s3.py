@@ -132,7 +132,7 @@ class S3Target:
             "Body": data,
             **self.params.write,
         }
-        args.update(await checksum_args(await self.checksum_mode(), data))
+        args.update(await checksum_args(await self.checksum_mode(key), data))
         if if_absent:
             args["IfNoneMatch"] = "*"
         try:
@@ -152,37 +152,38 @@ class S3Target:
             raise err from exc
         return None
 
-    async def checksum_mode(self) -> str:
+    async def checksum_mode(self, key: str = "") -> str:
         """The checksum PUTs carry: the configured one, or with ``auto`` the one the server
-        verifies, probed once (concurrent first PUTs wait for one probe)."""
+        verifies, probed once (concurrent first PUTs wait for one probe). A probe that fails
+        fails the PUT of ``key`` (the next PUT probes again)."""
         if self.checksum != "auto":
             return self.checksum
         if self.detected is None:
             async with self._detecting:
                 if self.detected is None:
-                    self.detected = await self._detect()
+                    self.detected = await self._detect(key)
         return self.detected.mode
 
-    async def _detect(self) -> Detected:
+    async def _detect(self, for_key: str) -> Detected:
         key = f"{PROBE_PREFIX}{secrets.token_hex(8)}"
         base = {"Bucket": self.location.bucket, "Key": self._key(key), **self.params.write}
 
-        async def put(checksum: dict[str, str]) -> bool:
+        async def put(checksum: dict[str, str], must_store: bool) -> bool:
             try:
                 await self._client.put_object(**base, Body=PROBE_BODY, **checksum)
             except SDK_ERRORS as exc:
-                if http_status(exc) == 400:  # BadDigest, InvalidDigest, InvalidRequest...
+                if http_status(exc) == 400 and not must_store:  # BadDigest, InvalidDigest...
                     return False
-                raise self._fail(exc, "put", key) from exc
+                raise self._fail(exc, "put", for_key or key) from exc
             return True
 
+        # A failed probe may leave its object: readers ignore tmp/, and deleting it from a
+        # server that does not answer would only double the wait.
+        found = await detect(put)
         try:
-            found = await detect(put)
-        finally:
-            try:
-                await self._client.delete_object(Bucket=self.location.bucket, Key=self._key(key))
-            except SDK_ERRORS as exc:  # readers ignore tmp/; it only costs a few bytes
-                log.warning("s3.checksum_probe_left", target=self.name, key=key, error=str(exc))
+            await self._client.delete_object(Bucket=self.location.bucket, Key=self._key(key))
+        except SDK_ERRORS as exc:
+            log.warning("s3.checksum_probe_left", target=self.name, key=key, error=str(exc))
         if found.verified:
             log.info("s3.checksum", target=self.name, checksum=found.mode, verified=True)
         else:
