@@ -130,7 +130,10 @@ def test_auto_detects_once_per_target_what_the_server_verifies(
                 headers["x-amz-checksum-crc32"]
                 == base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
             )
-            assert "content-md5" not in headers
+            assert [h for h in headers if h.startswith("x-amz-checksum-") or h == "content-md5"] == [
+                "x-amz-checksum-crc32"
+            ]
+            assert "x-amz-trailer" not in headers and "x-amz-sdk-checksum-algorithm" not in headers
         else:
             assert headers["content-md5"] == base64.b64encode(hashlib.md5(body).digest()).decode()
             assert not any(h.startswith("x-amz-checksum-") for h in headers)
@@ -233,3 +236,50 @@ def test_config_check_online_reports_the_checksum(
     assert res.exit_code == 0, res.output
     assert f"  target auto: checksum ok ({EXPECTED[kind].describe()})\n" in res.stdout
     assert "  target md5: checksum ok (md5, as configured)\n" in res.stdout
+
+
+class _Stop(Exception):
+    """Raised from before-send: the request is looked at, never sent."""
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "signed"),
+    [(None, False), ("https://replica.invalid", False), ("http://replica.invalid", True)],
+)
+@pytest.mark.parametrize("checksum", ["md5", "crc32"])
+def test_the_body_is_hashed_once_besides_over_plain_http_to_another_host(
+    endpoint: str | None, signed: bool, checksum: str
+) -> None:
+    """Over HTTPS (AWS itself: no endpoint_url) the body is not SHA-256-signed as well: TLS and
+    the checksum guard it. botocore skips that hash by itself for Content-MD5 but not for an
+    x-amz-checksum-crc32 computed by us. Over plain HTTP to another host it stays signed."""
+    body = b"x" * 1000
+    seen: dict[str, str] = {}
+
+    def record(request: Any, **_: Any) -> None:
+        seen.update(
+            {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
+        )
+        raise _Stop
+
+    async def go() -> None:
+        cfg = target_config(
+            {"name": "t", "url": "s3://replica/p", "region": "eu-west-1", "checksum": checksum}
+        )
+        if endpoint is not None:
+            cfg = target_config({**cfg.model_dump(exclude_unset=True), "endpoint_url": endpoint})
+        target = await open_target(cfg)
+        try:
+            backend_of(target)._client.meta.events.register("before-send.s3.PutObject", record)  # type: ignore[attr-defined]
+            with pytest.raises(_Stop):
+                await target.put("k", body)
+        finally:
+            await target.close()
+
+    asyncio.run(go())
+    assert [h for h in seen if h.startswith("x-amz-checksum-") or h == "content-md5"] == [
+        "content-md5" if checksum == "md5" else "x-amz-checksum-crc32"
+    ]
+    assert "x-amz-trailer" not in seen
+    payload = seen["x-amz-content-sha256"]
+    assert payload == (hashlib.sha256(body).hexdigest() if signed else "UNSIGNED-PAYLOAD")
