@@ -9,7 +9,7 @@ Each run syncs into a fresh bucket with a fresh state directory. Reported per se
 seconds, replicator's CPU seconds and the server's CPU seconds during the run (from /proc),
 medians with the range. First, each checksum's throughput on a 16 MiB buffer in this process.
 rclone verifies only Content-MD5, so there ``auto`` picks MD5 (after its probe) and ``crc32`` is
-what ``auto`` sends to a server that verifies CRC32 (AWS S3, MinIO, R2...).
+what ``auto`` sends to a server that verifies CRC32 (AWS S3 documents that it does).
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ class MotoServer(S3Server):
 
 
 class VerifyingMotoServer(MotoServer):
-    """moto with the in-transit checks of AWS S3 (and MinIO, R2, Ceph...): a PUT whose body
+    """moto with the in-transit checks AWS S3 documents: a PUT whose body
     does not match its ``Content-MD5`` or ``x-amz-checksum-crc32`` header is refused with 400
     BadDigest, as S3 does. moto itself stores such bodies unchecked, and rclone verifies only
     Content-MD5, so without this layer no test server here would verify a CRC."""

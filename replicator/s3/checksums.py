@@ -6,7 +6,7 @@ finds out once per target which header the server actually checks, with a probe 
 ``tmp/`` (docs/FORMAT.md: scratch, not part of the repository):
 
 1. a PUT with a deliberately wrong ``x-amz-checksum-crc32``: a server that verifies flexible
-   checksums (AWS S3, MinIO, R2...) rejects it with HTTP 400; then the right one must be
+   checksums (AWS S3 documents that it does) rejects it with HTTP 400; then the right one must be
    accepted, and CRC32 is used: ~5x cheaper than MD5 on this project's machines (zlib, no
    extra dependency; docs/PERFORMANCE.md "Checksums on S3 PUTs");
 2. otherwise (the wrong CRC was stored, or every CRC header is refused) a PUT with a wrong
