@@ -143,13 +143,18 @@ class VerifyingMotoServer(MotoServer):
     """moto with the in-transit checks AWS S3 documents: a PUT whose body
     does not match its ``Content-MD5`` or ``x-amz-checksum-crc32`` header is refused with 400
     BadDigest, as S3 does. moto itself stores such bodies unchecked, and rclone verifies only
-    Content-MD5, so without this layer no test server here would verify a CRC."""
+    Content-MD5, so without this layer no test server here would verify a CRC.
 
-    def __init__(self) -> None:
+    ``flexible=False``: a server that refuses every ``x-amz-checksum-*`` header (400
+    InvalidRequest), as some S3-compatible servers did when boto3 began sending them
+    (boto3#4392); Content-MD5 is still verified."""
+
+    def __init__(self, *, flexible: bool = True) -> None:
         from moto.server import ThreadedMotoServer
 
         self.port = free_port()
         S3Server.__init__(self, "moto+verify", f"http://127.0.0.1:{self.port}")
+        self.flexible = flexible
         self.rejected = 0
         """PUTs refused for a body that did not match its checksum."""
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
@@ -175,6 +180,9 @@ def _serve_verifying(server: Any, owner: VerifyingMotoServer) -> None:
         if environ["REQUEST_METHOD"] == "PUT":
             body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
             environ["wsgi.input"] = io.BytesIO(body)
+            if not owner.flexible and any(k.startswith("HTTP_X_AMZ_CHECKSUM_") for k in environ):
+                start_response("400 Bad Request", [("Content-Type", "application/xml")])
+                return [b"<Error><Code>InvalidRequest</Code><Message>no flexible checksums</Message></Error>"]
             if not _checksums_match(environ, body):
                 owner.rejected += 1
                 error = b"<Error><Code>BadDigest</Code><Message>checksum mismatch</Message></Error>"

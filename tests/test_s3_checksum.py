@@ -47,6 +47,13 @@ def verifying() -> Iterator[VerifyingMotoServer]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def no_flexible() -> Iterator[VerifyingMotoServer]:
+    server = VerifyingMotoServer(flexible=False).start()
+    yield server
+    server.stop()
+
+
 def server_of(request: pytest.FixtureRequest, kind: str) -> S3Server:
     server: S3Server = request.getfixturevalue(kind)
     return server
@@ -104,7 +111,11 @@ EXPECTED = {
     "rclone": Detected("md5", True),
     "moto": Detected("md5", False),
     "verifying": Detected("crc32", True),
+    "no_flexible": Detected("md5", True),
 }
+PROBE_PUTS = {"rclone": 3, "moto": 2, "verifying": 2, "no_flexible": 4}
+"""A wrong CRC32, then the right one where the wrong one was refused; then a wrong MD5, and
+the right one where the wrong one was refused."""
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
@@ -119,9 +130,7 @@ def test_auto_detects_once_per_target_what_the_server_verifies(
         s3 = put_all(s3_config(server.endpoint, bucket), objects, sent)
 
     assert s3.checksum == "auto" and s3.detected == EXPECTED[kind]
-    # One probe for four concurrent first PUTs: a wrong CRC32, then the right one where the
-    # wrong one was refused, else a wrong MD5, and the right one where the wrong one was refused.
-    assert sent.probes() == (3 if kind == "rclone" else 2)
+    assert sent.probes() == PROBE_PUTS[kind]  # one probe for four concurrent first PUTs
     assert stored(server, bucket) == {f"replica/{k}": v for k, v in objects.items()}  # no probe left
     for key, body in objects.items():
         (headers,) = sent.of(key)
