@@ -18,9 +18,9 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 
 def trainer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -175,3 +175,46 @@ def test_three_daemons_publish_a_torch_dcp_checkpoint_when_its_last_shard_is_in(
     assert restored.returncode == 0, restored.stderr
     assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
     assert _dcp("load", str(out / "step-1"))["next_loss"] == loss
+
+
+def test_split_instances_read_each_byte_once_and_publish_the_set_once(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Three instances share one directory (``split``): each reads only its share, the shares
+    add up to the directory exactly (no byte read twice, none skipped), and the set is
+    published once, whole, by the assembler (what bench/bench_scaleout.py measures)."""
+    spec = make_target_spec(request, "rclone", tmp_path)
+    data = tmp_path / "data"
+    make_checkpoint(data, 1, shards=12)
+    want = {p: sha for p, (sha, _, _) in tree_digest(data).items()}
+    size = sum(p.stat().st_size for p in data.rglob("*") if p.is_file())
+    configs = []
+    for i in range(3):
+        source = {
+            "name": "ckpt",
+            "url": str(data),
+            "kind": "checkpoint",
+            "complete_when": {"marker": "COMPLETE", "quiet": "0s"},
+            "shared": {"instances": 3, "instance": f"replicator-{i}", "split": True},
+        }
+        cfg = config_dict(tmp_path / f"i{i}", [source], [spec.config])
+        (tmp_path / f"i{i}").mkdir()
+        configs.append(write_config(tmp_path / f"i{i}" / "r.yaml", cfg))
+
+    read: dict[int, int] = {}
+    for i in (1, 2, 0):  # the assembler last: every part is in when it runs
+        done = cli("sync", "-c", str(configs[i]), "--json")
+        assert done.returncode == 0, done.stderr
+        src = json.loads(done.stdout)["sources"][0]
+        read[i] = src["bytes_read"]
+        assert src["targets"][0]["status"] == ("published" if i == 0 else "contributed"), done.stdout
+    assert sum(read.values()) == size, read
+    assert all(read.values()), f"an instance read nothing: {read}"
+    again = json.loads(cli("sync", "-c", str(configs[0]), "--json").stdout)["sources"][0]
+    assert again["bytes_read"] == 0 and again["targets"][0]["status"] == "unchanged", again
+
+    m = latest_manifest(spec.config, "ckpt")
+    assert m is not None and sorted(f.path for f in m.files) == sorted(want)
+    out = tmp_path / "restored"
+    assert cli("restore", "-c", str(configs[2]), "-s", "ckpt", str(out)).returncode == 0
+    assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
