@@ -218,3 +218,86 @@ def test_split_instances_read_each_byte_once_and_publish_the_set_once(
     out = tmp_path / "restored"
     assert cli("restore", "-c", str(configs[2]), "-s", "ckpt", str(out)).returncode == 0
     assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+
+
+def test_split_instances_read_each_byte_once_and_publish_one_set(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Scale-out of one shared directory: two instances gate the whole set (the marker is
+    visible to both), each reads only its share, and the set is published whole."""
+    spec = make_target_spec(request, "posix", tmp_path)
+    shared_dir = tmp_path / "shared"
+    make_checkpoint(shared_dir, 7, shards=6)
+    old = time.time() - 60
+    for f in shared_dir.rglob("*"):
+        os.utime(f, (old, old))
+    want = {p: sha for p, (sha, _, _) in tree_digest(shared_dir).items()}
+    total = sum(f.stat().st_size for f in shared_dir.rglob("*") if f.is_file())
+    configs = []
+    for i in range(2):
+        source = {
+            "name": "ckpt", "url": str(shared_dir), "kind": "checkpoint",
+            "complete_when": {"marker": "COMPLETE"},
+            "shared": {"instances": 2, "instance": f"replicator-{i}", "split": True},
+        }  # fmt: skip
+        cfg = config_dict(tmp_path / f"i{i}", [source], [spec.config])
+        configs.append(write_config(tmp_path / f"i{i}.yaml", cfg))
+    reads = []
+    for c in reversed(configs):  # the assembler last: then everything is in
+        res = cli("sync", "-c", str(c), "--json")
+        assert res.returncode == 0, res.stderr
+        reads.append(json.loads(res.stdout)["sources"][0])
+    assert [r["targets"][0]["status"] for r in reads] == ["contributed", "published"]
+    assert all(r["bytes_read"] > 0 for r in reads), "one instance read everything"
+    assert sum(r["bytes_read"] for r in reads) == total, "a byte was read twice, or never"
+    m = latest_manifest(spec.config, "ckpt")
+    assert m is not None and set_names(m) == ["step-000007"]
+    assert sorted(f.path for f in m.files) == sorted(want)
+    out = tmp_path / "restored"
+    assert cli("restore", "-c", str(configs[1]), "-s", "ckpt", str(out)).returncode == 0
+    assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+
+
+def test_prune_keeps_what_parts_reference_before_any_snapshot_names_it(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Node 1's part is in, node 0 has not contributed yet: no manifest names node 1's chunks,
+    but a prune must keep them, and the set, once complete, restores."""
+    spec = make_target_spec(request, "rclone", tmp_path)
+    nodes = _node_configs(tmp_path, spec.config, 2)
+    made = make_checkpoint(tmp_path / "made", 1, shards=2, marker=None)
+    _index(made, 2)
+    want = _spread(made, [d for d, _ in nodes])
+    assert cli("sync", "-c", str(nodes[1][1])).returncode == 0
+    args = ["--repo", spec.config["url"], "--endpoint-url", spec.config["endpoint_url"]]
+    for _ in range(2):  # plan, then delete what is due
+        pruned = cli("prune", *args, "--grace", "0", "--json")
+        assert pruned.returncode == 0, pruned.stderr
+        assert json.loads(pruned.stdout)[0]["deleted_objects"] == 0
+    assert json.loads(pruned.stdout)[0]["live_objects"] > 0, "the part's chunks were not marked"
+    done = cli("sync", "-c", str(nodes[0][1]), "--json")
+    assert json.loads(done.stdout)["sources"][0]["targets"][0]["status"] == "published", done.stdout
+    out = tmp_path / "restored"
+    assert cli("restore", "-c", str(nodes[0][1]), "-s", "ckpt", str(out)).returncode == 0
+    assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+    verified = cli("verify", *args, "--read-data")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.mark.parametrize(
+    ("shared", "kind", "message"),
+    [
+        ({"instances": 2, "instance": "node-a", "split": True}, "checkpoint", "must end in its number"),
+        ({"instances": 2, "instance": "replicator-2", "split": True}, "checkpoint", "0..1"),
+        ({"instances": 2, "instance": "node-a"}, "checkpoint", "assembler: NAME"),
+        ({"instances": 2, "instance": "node-0"}, "dataset", "checkpoint only"),
+        ({"instances": 2, "instance": "node 0", "assembler": "x"}, "checkpoint", "use letters"),
+    ],
+)
+def test_config_refuses_a_shared_source_it_cannot_run(
+    tmp_path: Path, shared: dict[str, Any], kind: str, message: str
+) -> None:
+    source = {"name": "ckpt", "url": str(tmp_path), "kind": kind, "shared": shared}
+    cfg = write_config(tmp_path / "r.yaml", config_dict(tmp_path, [source], [{"name": "t", "url": "/tmp/t"}]))
+    res = cli("config", "check", "-c", str(cfg))
+    assert res.returncode == 2 and message in res.stderr + res.stdout, res.stderr + res.stdout

@@ -79,11 +79,21 @@ def assemble(
     out = Assembly()
     _members(out, members, cfg, now)
     by_set: dict[str, dict[str, Stamped]] = {}
+    stale: dict[str, int] = {}
     for part, mtime in parts:
+        if part.instances != cfg.instances or (cfg.split and (part.index or 0) >= cfg.instances):
+            # Written before the number of instances changed (or by a misconfigured one): a
+            # re-split rewrites the parts that count; these never complete a set.
+            stale[part.set.name] = stale.get(part.set.name, 0) + 1
+            continue
         by_set.setdefault(part.set.name, {})[part.instance] = (part, mtime)
     match = compile_glob(marker) if marker else None
+    for name in sorted(stale.keys() - by_set.keys()):
+        out.waiting[name] = Waiting(name, [_stale(stale[name], cfg)], [], sorted(members), None)
     for name, got in sorted(by_set.items()):
         reasons = _check(got, cfg, match, marker)
+        if reasons and name in stale:
+            reasons.append(_stale(stale[name], cfg))
         if reasons:
             times = [m for _, m in got.values() if m is not None]
             out.waiting[name] = Waiting(
@@ -116,9 +126,6 @@ def _members(
 def _check(got: Mapping[str, Stamped], cfg: SharedConfig, match: object, marker: str | None) -> list[str]:
     reasons: list[str] = []
     parts = [p for p, _ in got.values()]
-    counts = sorted({p.instances for p in parts if p.instances != cfg.instances})
-    if counts:
-        reasons.append(f"parts written for {counts[0]} instances, this config has {cfg.instances}")
     if len(got) < cfg.instances:
         reasons.append(f"{len(got)} of {cfg.instances} instances' parts are in")
     if cfg.split:
@@ -144,6 +151,10 @@ def _check(got: Mapping[str, Stamped], cfg: SharedConfig, match: object, marker:
             elif have[1].size < size:
                 reasons.append(f"{path} is {have[1].size} bytes in {have[0]}'s part; needs {size}")
     return reasons
+
+
+def _stale(n: int, cfg: SharedConfig) -> str:
+    return f"{n} part(s) written for another number of instances than {cfg.instances} (ignored)"
 
 
 def _take(out: Assembly, name: str, parts: list[Part]) -> None:
