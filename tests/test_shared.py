@@ -79,6 +79,11 @@ def test_a_set_is_published_once_every_nodes_part_is_in(
     assert latest_manifest(spec.config, "ckpt") is None, "published with a part missing"
 
     assert cli("sync", "-c", str(nodes[1][1])).returncode == 0
+    shown = cli("parts", "-s", "ckpt", "-c", str(nodes[2][1]))
+    assert shown.returncode == 0, shown.stderr
+    assert "step-000001: WAITING" in shown.stdout and "in: node-0, node-1" in shown.stdout, shown.stdout
+    assert "2 of 3 instances' parts are in" in shown.stdout
+    assert "instance node-1: last heard" in shown.stdout
     again = cli("sync", "-c", str(nodes[0][1]), "--json")
     assert json.loads(again.stdout)["sources"][0]["targets"][0]["status"] == "waiting"
     assert latest_manifest(spec.config, "ckpt") is None
@@ -90,6 +95,12 @@ def test_a_set_is_published_once_every_nodes_part_is_in(
     m = latest_manifest(spec.config, "ckpt")
     assert set_names(m) == ["step-000001"]
     assert m is not None and sorted(f.path for f in m.files) == sorted(want)
+    repo = ["--repo", spec.config["url"], "--endpoint-url", spec.config["endpoint_url"]]
+    report = json.loads(cli("parts", "-s", "ckpt", *repo, "--json").stdout)  # no config: from any host
+    assert report["instances"] == 3 and sorted(report["members"]) == ["node-0", "node-1", "node-2"]
+    assert [(s["name"], s["state"], s["have"]) for s in report["sets"]] == [
+        ("step-000001", "complete", ["node-0", "node-1", "node-2"])
+    ]
 
     out = tmp_path / "restored"
     restored = cli("restore", "-c", str(nodes[1][1]), "-s", "ckpt", str(out))

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from replicator.repository import SnapshotRow
     from replicator.restore.run import RestoreOutcome
     from replicator.retention.apply import ForgetReport
+    from replicator.shared.report import PartsReport
     from replicator.verify.drill import DrillReport, SourceDrill
     from replicator.verify.run import TargetVerification
 
@@ -245,6 +246,25 @@ def snapshot_lines(rows: Sequence[SnapshotRow]) -> list[str]:
         lines.append(
             f"{mark} {row.source:<16} {row.snapshot}  {row.files:>6} files {format_size(row.bytes):>11}{sets}"
         )
+    return lines
+
+
+def parts_lines(r: PartsReport) -> list[str]:
+    """Per set of a shared source: complete, or waiting with whose parts and why; then the
+    instances and how long since each last wrote its member object."""
+    lines = [f"{r.source} on {r.target}: {r.instances} instances"]
+    for s in r.sets:
+        if s.state == "complete":
+            lines.append(f"  {display_path(s.name)}: complete ({s.files} files, {format_size(s.bytes)})")
+            continue
+        waited = f" for {format_duration(s.waited)}" if s.waited is not None else ""
+        missing = f"; missing: {', '.join(s.missing)}" if s.missing else ""
+        lines.append(f"  {display_path(s.name)}: WAITING{waited}: in: {', '.join(s.have) or 'none'}{missing}")
+        lines += [f"    {one_line(why)}" for why in s.reasons]
+    for name, age in sorted(r.members.items()):
+        seen = "never" if age is None else f"{format_duration(age)} ago"
+        silent = "  SILENT" if name in r.silent else ""
+        lines.append(f"  instance {name}: last heard {seen}{silent}")
     return lines
 
 

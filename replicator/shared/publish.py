@@ -43,6 +43,7 @@ from replicator.verify.formats import FormatProblem
 
 if TYPE_CHECKING:
     from replicator.engine import Candidate, OpenTarget, Replicator, TargetResult
+    from replicator.repository import Repository
 
 log = get_logger(__name__)
 
@@ -240,11 +241,11 @@ async def _write_own(
 
 
 async def read_parts(
-    t: OpenTarget, source: str, cache: SharedCache
+    repo: Repository, source: str, cache: SharedCache
 ) -> tuple[list[tuple[Part, float | None]], dict[str, tuple[Member, float | None]], float | None]:
-    """Every part and member object of ``source`` on ``t`` (one listing; only new or changed
+    """Every part and member object of ``source`` in ``repo`` (one listing; only new or changed
     objects are read), and the store's time now (the newest modification time listed)."""
-    target = t.repo.target
+    target = repo.target
     parts: list[tuple[Part, float | None]] = []
     members: dict[str, tuple[Member, float | None]] = {}
     now: float | None = None
@@ -258,7 +259,7 @@ async def read_parts(
             now = info.mtime if now is None else max(now, info.mtime)
         known = cache.read.get(info.key)
         if known is None or known[:2] != (info.size, info.mtime):
-            known = (info.size, info.mtime, await _read_one(t, info.key, parsed[2]))
+            known = (info.size, info.mtime, await _read_one(repo, info.key, parsed[2]))
             cache.read[info.key] = known
         doc = known[2]
         if isinstance(doc, Part) and doc.source == source and doc.instance == parsed[1]:
@@ -270,16 +271,16 @@ async def read_parts(
     return parts, members, now
 
 
-async def _read_one(t: OpenTarget, key: str, is_member: bool) -> Part | Member | None:
+async def _read_one(repo: Repository, key: str, is_member: bool) -> Part | Member | None:
     """Parts are untrusted input: one that cannot be read or parsed counts as absent (its set
     waits for it), and is logged."""
     try:
-        raw = await t.repo.target.get(key)
+        raw = await repo.target.get(key)
         return parse_member(raw, where=key) if is_member else parse_part(raw, where=key)
     except NotFoundError:
         return None
     except RepositoryError as exc:
-        log.warning("parts.unreadable", target=t.config.name, key=key, error=str(exc))
+        log.warning("parts.unreadable", target=repo.target.name, key=key, error=str(exc))
         return None
 
 
@@ -293,7 +294,7 @@ async def _assemble_and_publish(
     own: Manifest,
     allow_deletes: bool,
 ) -> TargetResult | None:
-    parts, members, now = await read_parts(t, cfg.name, cache)
+    parts, members, now = await read_parts(t.repo, cfg.name, cache)
     assembly = assemble(parts, members, shared, cfg.completion.marker, now)
     _report(t, cfg, shared, cache, assembly, now)
     root = [f for f in own.files if set_name(f.path) is None]
