@@ -188,6 +188,49 @@ def test_three_daemons_publish_a_torch_dcp_checkpoint_when_its_last_shard_is_in(
     assert _dcp("load", str(out / "step-1"))["next_loss"] == loss
 
 
+def test_split_instances_read_each_byte_once_and_publish_the_set_once(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Three instances share one directory (``split``): each reads only its share, the shares
+    add up to the directory exactly (no byte read twice, none skipped), and the set is
+    published once, whole, by the assembler (what bench/bench_scaleout.py measures)."""
+    spec = make_target_spec(request, "rclone", tmp_path)
+    data = tmp_path / "data"
+    make_checkpoint(data, 1, shards=12)
+    want = {p: sha for p, (sha, _, _) in tree_digest(data).items()}
+    size = sum(p.stat().st_size for p in data.rglob("*") if p.is_file())
+    configs = []
+    for i in range(3):
+        source = {
+            "name": "ckpt",
+            "url": str(data),
+            "kind": "checkpoint",
+            "complete_when": {"marker": "COMPLETE", "quiet": "0s"},
+            "shared": {"instances": 3, "instance": f"replicator-{i}", "split": True},
+        }
+        cfg = config_dict(tmp_path / f"i{i}", [source], [spec.config])
+        (tmp_path / f"i{i}").mkdir()
+        configs.append(write_config(tmp_path / f"i{i}" / "r.yaml", cfg))
+
+    read: dict[int, int] = {}
+    for i in (1, 2, 0):  # the assembler last: every part is in when it runs
+        done = cli("sync", "-c", str(configs[i]), "--json")
+        assert done.returncode == 0, done.stderr
+        src = json.loads(done.stdout)["sources"][0]
+        read[i] = src["bytes_read"]
+        assert src["targets"][0]["status"] == ("published" if i == 0 else "contributed"), done.stdout
+    assert sum(read.values()) == size, read
+    assert all(read.values()), f"an instance read nothing: {read}"
+    again = json.loads(cli("sync", "-c", str(configs[0]), "--json").stdout)["sources"][0]
+    assert again["bytes_read"] == 0 and again["targets"][0]["status"] == "unchanged", again
+
+    m = latest_manifest(spec.config, "ckpt")
+    assert m is not None and sorted(f.path for f in m.files) == sorted(want)
+    out = tmp_path / "restored"
+    assert cli("restore", "-c", str(configs[2]), "-s", "ckpt", str(out)).returncode == 0
+    assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+
+
 def test_split_instances_read_each_byte_once_and_publish_one_set(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -269,3 +312,64 @@ def test_config_refuses_a_shared_source_it_cannot_run(
     cfg = write_config(tmp_path / "r.yaml", config_dict(tmp_path, [source], [{"name": "t", "url": "/tmp/t"}]))
     res = cli("config", "check", "-c", str(cfg))
     assert res.returncode == 2 and message in res.stderr + res.stdout, res.stderr + res.stdout
+
+
+def test_a_part_hashed_under_a_replaced_config_is_not_published(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """``rclone serve s3`` ignores ``If-None-Match``: N instances that start on a fresh
+    repository at once (a StatefulSet) each PUT their own ``config.json`` (own id, own hash
+    seed), and the last PUT wins. An instance that read its own config back before that hashes
+    its chunks with a seed the repository no longer has. bench_scaleout --target rclone (N=4)
+    published such a set; restoring it failed with "content does not match its id".
+
+    Here: instance 1 creates the repository and contributes; then the racing creator's PUT
+    lands (a config.json with another id and seed); then the assembler runs. It must not
+    publish the set with instance 1's part as it is, or what it publishes must restore.
+
+    FAILS today (a bug reproduction, not fixed): a part does not name the repository (config
+    id, hash seed) its chunks were hashed for, and nothing compares them before publishing."""
+    spec = make_target_spec(request, "rclone", tmp_path)
+    assert spec.server is not None and spec.bucket is not None
+    data = tmp_path / "data"
+    make_checkpoint(data, 1, shards=6)
+    want = {p: sha for p, (sha, _, _) in tree_digest(data).items()}
+    configs = []
+    for i in range(2):
+        source = {
+            "name": "ckpt", "url": str(data), "kind": "checkpoint",
+            "complete_when": {"marker": "COMPLETE", "quiet": "0s"},
+            "shared": {"instances": 2, "instance": f"replicator-{i}", "split": True},
+        }  # fmt: skip
+        (tmp_path / f"i{i}").mkdir()
+        configs.append(
+            write_config(
+                tmp_path / f"i{i}" / "r.yaml", config_dict(tmp_path / f"i{i}", [source], [spec.config])
+            )
+        )
+    first = cli("sync", "-c", str(configs[1]), "--json")
+    assert json.loads(first.stdout)["sources"][0]["targets"][0]["status"] == "contributed", first.stdout
+
+    client, key = spec.server.client(), "replica/config.json"
+    mine = json.loads(client.get_object(Bucket=spec.bucket, Key=key)["Body"].read())
+    theirs = {
+        **mine,
+        "id": "0f0f0f0f-0000-4000-8000-000000000000",
+        "hash": {**mine["hash"], "seed": "0123456789abcdef"},
+    }
+    assert mine["hash"]["algorithm"] == "xxh3-128" and mine["hash"]["seed"] != theirs["hash"]["seed"]
+    client.put_object(Bucket=spec.bucket, Key=key, Body=json.dumps(theirs).encode(), IfNoneMatch="*")
+    assert json.loads(client.get_object(Bucket=spec.bucket, Key=key)["Body"].read())["id"] == theirs["id"], (
+        "this server honours If-None-Match: the race cannot happen on it"
+    )
+
+    done = cli("sync", "-c", str(configs[0]), "--json")
+    assert done.returncode in (0, 1), done.stderr
+    if json.loads(done.stdout)["sources"][0]["targets"][0]["status"] != "published":
+        return  # waiting for a part made for this repository: safe
+    out = tmp_path / "restored"
+    restored = cli("restore", "-c", str(configs[0]), "-s", "ckpt", str(out))
+    assert restored.returncode == 0, (
+        f"published a set that does not restore: {restored.stdout}{restored.stderr}"
+    )
+    assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
