@@ -656,6 +656,7 @@ class Replicator:
         # collector deletes while the manifest is written, and chunks a collector deleted
         # before are sent again first. (What the reconciled manifest carries forward, the
         # latest manifest references: a collector keeps it.)
+        await t.repo.check_unchanged()
         async with t.uploader.window() as window:
             if window.lost(own):
                 return None

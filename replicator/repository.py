@@ -31,6 +31,7 @@ from replicator.errors import (
     AlreadyExistsError,
     IntegrityError,
     NotFoundError,
+    PermanentTargetError,
     ReplicatorError,
     RepositoryError,
     UnsupportedFormatError,
@@ -243,6 +244,27 @@ class Repository:
         await self.target.flush()
         self.config = config
         return True
+
+    async def check_unchanged(self) -> None:
+        """Raise PermanentTargetError if ``config.json`` is no longer the one this process opened.
+
+        Servers that ignore conditional writes (``rclone serve s3``) let several writers that
+        start on an empty prefix at once each create the repository; the last one's config
+        wins, and a writer that read back its own before that hashed its chunks with a seed
+        the repository no longer has. A manifest or part it wrote would name chunks no reader
+        can check, so nothing is published until it is restarted (its cache is per repository
+        id: it then starts over on the repository as it is)."""
+        current = await Repository.open(self.target)
+        if current.config.id != self.config.id:
+            raise PermanentTargetError(
+                f"config.json changed since this process opened the repository (id {self.config.id} "
+                f"is now {current.config.id}): another writer created it at the same time on a "
+                "server without conditional writes",
+                target=self.target.name,
+                key=CONFIG_KEY,
+                hint="restart this process; nothing it uploaded since is published. Start one writer "
+                "first on a new repository",
+            )
 
     # -- chunks -----------------------------------------------------------------------------
 

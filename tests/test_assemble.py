@@ -25,10 +25,12 @@ def part(
     instances: int = 3,
     index: int | None = None,
     name: str = "step-1",
+    repository: str = "r1",
     **kw: Any,
 ) -> Part:
     return Part(
-        source="ckpt", instance=instance, instances=instances, index=index, created=CREATED,
+        repository=repository, source="ckpt", instance=instance, instances=instances, index=index,
+        created=CREATED,
         set=SetInfo(name=name, files=len(files), bytes=sum(f.size for f in files), newest_mtime_ns=5),
         files=files, **kw,
     )  # fmt: skip
@@ -54,7 +56,10 @@ def test_a_set_with_every_instances_part_is_complete() -> None:
 def test_a_missing_part_waits_and_says_whose_and_since_when() -> None:
     parts = [part(f"node-{i}", entry(f"step-1/f{i}")) for i in range(2)]
     members = {
-        f"node-{i}": (Member(source="ckpt", instance=f"node-{i}", instances=3, created=CREATED), 125.0)
+        f"node-{i}": (
+            Member(repository="r1", source="ckpt", instance=f"node-{i}", instances=3, created=CREATED),
+            125.0,
+        )
         for i in range(3)
     }
     out = assemble([(p, 100.0) for p in parts], members, cfg(), None, 130.0)
@@ -111,8 +116,14 @@ def test_split_parts_must_each_hold_their_own_share() -> None:
 
 def test_a_member_silent_for_three_heartbeats_is_reported() -> None:
     members = {
-        "node-0": (Member(source="ckpt", instance="node-0", instances=3, created=CREATED), 129.0),
-        "node-1": (Member(source="ckpt", instance="node-1", instances=3, created=CREATED), 10.0),
+        "node-0": (
+            Member(repository="r1", source="ckpt", instance="node-0", instances=3, created=CREATED),
+            129.0,
+        ),
+        "node-1": (
+            Member(repository="r1", source="ckpt", instance="node-1", instances=3, created=CREATED),
+            10.0,
+        ),
     }
     out = assemble([], members, cfg(heartbeat=30.0), None, 130.0)
     assert out.silent == {"node-1": 120.0}
@@ -123,7 +134,7 @@ def test_parts_and_members_round_trip_with_any_set_name(name: str) -> None:
     p = part("node-0", entry(f"{name}/x"), name=name)
     assert parse_part(encode(p), where="k") == p
     m = Member(
-        source="ckpt", instance="node-0", instances=3, created=CREATED,
+        repository="r1", source="ckpt", instance="node-0", instances=3, created=CREATED,
         sets=(MemberSet(name=name, files=1, bytes=10, newest_mtime_ns=1, declared=False, reason="quiet"),),
     )  # fmt: skip
     assert parse_member(encode(m), where="k") == m
@@ -135,3 +146,13 @@ def test_a_part_naming_a_file_outside_its_set_is_refused() -> None:
     bad = part("node-0", entry("step-1/x")).model_copy(update={"files": (entry("step-2/x"),)})
     with pytest.raises(RepositoryError, match="is not in set"):
         parse_part(encode(bad), where="parts/ckpt/node-0/k")
+
+
+def test_a_part_hashed_for_a_replaced_repository_config_never_completes_a_set() -> None:
+    parts = [part(f"node-{i}", entry(f"step-1/f{i}")) for i in range(2)]
+    parts.append(part("node-2", entry("step-1/f2"), repository="r0"))
+    out = assemble([(p, 100.0) for p in parts], {}, cfg(), None, 130.0, "r1")
+    assert out.waiting["step-1"].reasons == [
+        "2 of 3 instances' parts are in",
+        "1 part(s) written for another repository config.json (ignored)",
+    ]

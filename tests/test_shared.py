@@ -325,10 +325,9 @@ def test_a_part_hashed_under_a_replaced_config_is_not_published(
 
     Here: instance 1 creates the repository and contributes; then the racing creator's PUT
     lands (a config.json with another id and seed); then the assembler runs. It must not
-    publish the set with instance 1's part as it is, or what it publishes must restore.
-
-    FAILS today (a bug reproduction, not fixed): a part does not name the repository (config
-    id, hash seed) its chunks were hashed for, and nothing compares them before publishing."""
+    publish the set with instance 1's part as it is, or what it publishes must restore: parts
+    name the repository config they were hashed for, and writers check config.json before
+    they publish."""
     spec = make_target_spec(request, "rclone", tmp_path)
     assert spec.server is not None and spec.bucket is not None
     data = tmp_path / "data"

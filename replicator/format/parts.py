@@ -67,6 +67,9 @@ def parse_key(key: str) -> tuple[str, str, bool] | None:
 
 
 class _Contribution(_Strict):
+    repository: str
+    """The id of the repository config (``config.json``) the writer hashed its chunks for: a
+    part written for a config that was since replaced never completes a set."""
     source: str
     instance: str = Field(pattern=_INSTANCE.pattern)
     instances: int = Field(ge=1, le=1024)

@@ -74,26 +74,42 @@ def assemble(
     cfg: SharedConfig,
     marker: str | None,
     now: float | None,
+    repository: str | None = None,
 ) -> Assembly:
-    """``now``: the store's time (a fresh object's modification time), for ages."""
+    """``now``: the store's time (a fresh object's modification time), for ages.
+    ``repository``: the config id parts must have been written for (None: any)."""
     out = Assembly()
     _members(out, members, cfg, now)
     by_set: dict[str, dict[str, Stamped]] = {}
     stale: dict[str, int] = {}
+    foreign: dict[str, int] = {}
     for part, mtime in parts:
         if part.instances != cfg.instances or (cfg.split and (part.index or 0) >= cfg.instances):
             # Written before the number of instances changed (or by a misconfigured one): a
             # re-split rewrites the parts that count; these never complete a set.
             stale[part.set.name] = stale.get(part.set.name, 0) + 1
             continue
+        if repository is not None and part.repository != repository:
+            # Hashed for a config.json since replaced (Repository.check_unchanged): its chunk
+            # ids mean nothing here. Its writer stops publishing until restarted.
+            foreign[part.set.name] = foreign.get(part.set.name, 0) + 1
+            continue
         by_set.setdefault(part.set.name, {})[part.instance] = (part, mtime)
     match = compile_glob(marker) if marker else None
-    for name in sorted(stale.keys() - by_set.keys()):
-        out.waiting[name] = Waiting(name, [_stale(stale[name], cfg)], [], sorted(members), None)
+    ignored = {
+        name: [
+            *([_stale(stale[name], cfg)] if name in stale else []),
+            *([f"{foreign[name]} part(s) written for another repository config.json (ignored)"]
+              if name in foreign else []),
+        ]
+        for name in stale.keys() | foreign.keys()
+    }  # fmt: skip
+    for name in sorted(ignored.keys() - by_set.keys()):
+        out.waiting[name] = Waiting(name, ignored[name], [], sorted(members), None)
     for name, got in sorted(by_set.items()):
         reasons = _check(got, cfg, match, marker)
-        if reasons and name in stale:
-            reasons.append(_stale(stale[name], cfg))
+        if reasons:
+            reasons += ignored.get(name, [])
         if reasons:
             times = [m for _, m in got.values() if m is not None]
             out.waiting[name] = Waiting(

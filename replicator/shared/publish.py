@@ -86,9 +86,10 @@ async def publish_shared(
     cache = t.shared.setdefault(cfg.name, SharedCache())
     packed = {c: at for c, at in stored.items() if at is not None}
     own = candidate.manifest(t.repo.hash, packed)
-    parts = await _parts(rep, cfg, shared, candidate, own)
-    member = _member(cfg, shared, candidate, own)
+    parts = await _parts(rep, cfg, shared, candidate, own, t.repo.config.id)
+    member = _member(cfg, shared, candidate, own, t.repo.config.id)
     await t.repo.upgrade_for_parts()
+    await t.repo.check_unchanged()
     async with t.uploader.window() as window:
         if window.lost(object_keys(stored)):
             return None
@@ -104,7 +105,7 @@ async def publish_shared(
 
 
 async def _parts(
-    rep: Replicator, cfg: SourceConfig, shared: SharedConfig, candidate: Candidate, own: Manifest
+    rep: Replicator, cfg: SourceConfig, shared: SharedConfig, candidate: Candidate, own: Manifest, rep_id: str
 ) -> list[Part]:
     by_set: dict[str, list[int]] = {}
     for i, f in enumerate(own.files):
@@ -121,6 +122,7 @@ async def _parts(
                 wanted.update(await _needs(rep, cfg, f.path))
         out.append(
             Part(
+                repository=rep_id,
                 source=cfg.name,
                 instance=shared.instance,
                 instances=shared.instances,
@@ -171,7 +173,9 @@ async def _needs(rep: Replicator, cfg: SourceConfig, path: str) -> dict[str, int
         return {}
 
 
-def _member(cfg: SourceConfig, shared: SharedConfig, candidate: Candidate, own: Manifest) -> Member:
+def _member(
+    cfg: SourceConfig, shared: SharedConfig, candidate: Candidate, own: Manifest, rep_id: str
+) -> Member:
     counts: dict[str, tuple[int, int, int]] = {}
     for f in own.files:
         name = set_name(f.path)
@@ -194,6 +198,7 @@ def _member(cfg: SourceConfig, shared: SharedConfig, candidate: Candidate, own: 
             )
         )
     return Member(
+        repository=rep_id,
         source=cfg.name,
         instance=shared.instance,
         instances=shared.instances,
@@ -295,7 +300,7 @@ async def _assemble_and_publish(
     allow_deletes: bool,
 ) -> TargetResult | None:
     parts, members, now = await read_parts(t.repo, cfg.name, cache)
-    assembly = assemble(parts, members, shared, cfg.completion.marker, now)
+    assembly = assemble(parts, members, shared, cfg.completion.marker, now, t.repo.config.id)
     _report(t, cfg, shared, cache, assembly, now)
     root = [f for f in own.files if set_name(f.path) is None]
     files = sorted([*root, *assembly.files], key=lambda f: f.path)
