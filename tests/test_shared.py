@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import cli, make_target_spec, write_config
 from tests.daemon_helpers import DaemonProcess, latest_manifest, set_names, wait_until
-from tests.helpers import config_dict, make_checkpoint, tree_digest
+from tests.helpers import config_dict, make_checkpoint, run_reference_reader, tree_digest
 from tests.test_rpo import metric
 
 
@@ -267,6 +267,10 @@ def test_split_instances_read_each_byte_once_and_publish_one_set(
     out = tmp_path / "restored"
     assert cli("restore", "-c", str(configs[1]), "-s", "ckpt", str(out)).returncode == 0
     assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+    assert spec.path is not None  # the reference reader (FORMAT §8) reads a version 3 repository
+    ref = run_reference_reader(spec.path, "ckpt", "latest", tmp_path / "ref", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    assert {p: sha for p, (sha, _, _) in tree_digest(tmp_path / "ref").items()} == want
 
 
 def test_prune_keeps_what_parts_reference_before_any_snapshot_names_it(

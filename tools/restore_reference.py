@@ -253,8 +253,8 @@ def open_parent(root_fd: int, path: bytes) -> tuple[int, bytes]:
 
 def restore(repo: Path, source: str, snapshot: str, dest: Path) -> int:
     config = json.loads(read(repo, "config.json"))  # section 2
-    if config.get("format") != "replicator-repository" or config.get("version") not in (1, 2):
-        raise Refused("not a version 1 or 2 replicator repository")
+    if config.get("format") != "replicator-repository" or config.get("version") not in (1, 2, 3):
+        raise Refused("not a version 1, 2 or 3 replicator repository")
     new_hash = hash_function(config)
     if not SOURCE_RE.match(source):
         raise Refused(f"invalid source name {source!r}")

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import io
 
-from replicator.verify.formats import PICKLE_LIMIT, dcp_needs, safetensors_index_needs
-
-MAX_DESCRIPTION = PICKLE_LIMIT
+MAX_DESCRIPTION = 1 << 30
+"""The drill's limit on a pickle (``verify.formats.PICKLE_LIMIT``)."""
 
 
 def describes(path: str) -> bool:
@@ -25,5 +24,8 @@ def describes(path: str) -> bool:
 def needs(path: str, data: bytes) -> dict[str, int]:
     """Path (next to ``path``) -> the size it must have at least. FormatProblem if the file does
     not parse: a describing file that is torn or foreign names nothing."""
+    # Imported here: the format checks bring numpy, which a sync without such files never needs.
+    from replicator.verify.formats import dcp_needs, safetensors_index_needs
+
     read = dcp_needs if path.rsplit("/", 1)[-1] == ".metadata" else safetensors_index_needs
     return read(io.BytesIO(data), len(data), path)

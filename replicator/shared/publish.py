@@ -39,7 +39,6 @@ from replicator.paths import display_path
 from replicator.reconcile import set_name
 from replicator.shared.assemble import Assembly, assemble
 from replicator.shared.describe import MAX_DESCRIPTION, describes, needs
-from replicator.verify.formats import FormatProblem
 
 if TYPE_CHECKING:
     from replicator.engine import Candidate, OpenTarget, Replicator, TargetResult
@@ -167,8 +166,15 @@ async def _needs(rep: Replicator, cfg: SourceConfig, path: str) -> dict[str, int
             finally:
                 handle.close()
 
-        return needs(path, await asyncio.to_thread(read))
-    except (SourceError, FormatProblem, OSError) as exc:
+        data = await asyncio.to_thread(read)
+    except (SourceError, OSError) as exc:
+        log.warning("parts.description_unreadable", source=cfg.name, path=display_path(path), error=str(exc))
+        return {}
+    from replicator.verify.formats import FormatProblem  # numpy, only where a description is
+
+    try:
+        return needs(path, data)
+    except FormatProblem as exc:
         log.warning("parts.description_unreadable", source=cfg.name, path=display_path(path), error=str(exc))
         return {}
 
