@@ -100,6 +100,8 @@ async def repack(
     superseded."""
     todo = sparse(marks, listed, superseded, below)
     out = RepackOutcome()
+    if not todo:
+        return out
     if dry_run:
         out.superseded = set(todo)
         out.packs = len(todo)
