@@ -23,10 +23,12 @@ if TYPE_CHECKING:
     from replicator.contents import Change, Listing, SnapshotDiff
     from replicator.engine import SourceResult, TargetResult
     from replicator.gc.prune import PruneResult
-    from replicator.plan import Plan
+    from replicator.gc.stats import TargetStats
+    from replicator.plan import Plan, TargetPlan
     from replicator.repository import SnapshotRow
     from replicator.restore.run import RestoreOutcome
     from replicator.retention.apply import ForgetReport
+    from replicator.shared.report import PartsReport
     from replicator.verify.drill import DrillReport, SourceDrill
     from replicator.verify.run import TargetVerification
 
@@ -83,6 +85,52 @@ def prune_lines(results: Sequence[PruneResult]) -> list[str]:
     return out
 
 
+# -- stats ------------------------------------------------------------------------------------
+
+NO_STORAGE_PRICE = "storage cost: not configured (set the target's cost.storage_usd_per_gib_month)"
+
+
+def _objects(n: int, nbytes: int) -> str:
+    return f"{format_size(nbytes)} in {plural(n, 'object')}"
+
+
+def stats_lines(results: Sequence[TargetStats]) -> list[str]:
+    return [line for r in results for line in _stats_target_lines(r)]
+
+
+def _stats_target_lines(r: TargetStats) -> list[str]:
+    stored = ", ".join(f"{p.rstrip('/')} {_objects(u.objects, u.bytes)}" for p, u in r.stored.items())
+    out = [
+        f"{r.target} ({r.url}): {plural(r.snapshots, 'snapshot')} of {plural(r.sources, 'source')}",
+        f"  stored: {_objects(r.total_objects, r.total_bytes)} ({stored})",
+        f"  live: {_objects(r.live_objects, r.live_bytes)}; reclaimable by prune: "
+        f"{_objects(r.reclaimable_objects, r.reclaimable_bytes)}",
+        f"  logical: {format_size(r.logical_bytes)} in all snapshots, "
+        f"{format_size(r.unique_logical_bytes)} unique, stored as {format_size(r.unique_stored_bytes)}: "
+        f"dedup {ratio(r.logical_bytes, r.unique_logical_bytes)}, "
+        f"compression {ratio(r.unique_logical_bytes, r.unique_stored_bytes)}",
+    ]
+    if r.storage_usd_per_month is None or r.reclaimable_usd_per_month is None:
+        out.append(f"  {NO_STORAGE_PRICE}")
+    else:
+        out.append(
+            f"  storage cost: ${r.storage_usd_per_month:.4f}/month at ${r.storage_usd_per_gib_month}"
+            f"/GiB-month (reclaimable: ${r.reclaimable_usd_per_month:.4f}/month)"
+        )
+    for s in r.per_snapshot:
+        out.append(
+            f"  {s.source} {s.snapshot}: {plural(s.files, 'file')}, {format_size(s.logical_bytes)}; "
+            f"unique {_objects(s.unique_objects, s.unique_bytes)}"
+        )
+    if r.missing_objects:
+        out.append(f"  warning: {r.missing_objects} referenced objects are missing (run `replicator verify`)")
+    if r.foreign_objects:
+        foreign = f"{r.foreign_objects} objects under chunks/ or packs/"
+        out.append(f"  note: {foreign} are not named as the format names them (not counted)")
+    out.append(f"  took {format_duration(r.seconds)}")
+    return out
+
+
 # -- sync -------------------------------------------------------------------------------------
 
 
@@ -133,6 +181,13 @@ def _sync_target_lines(r: SourceResult, t: TargetResult) -> list[str]:
         return [*lines, f"  -> {t.target}: DEFERRED: {t.error}; it resumes when the budget allows"]
     if t.status == "empty":
         return [*lines, f"  -> {t.target}: nothing to publish (no complete files); nothing written"]
+    if t.status == "waiting":
+        published = f"published {t.snapshot}; " if t.snapshot else ""
+        lines.append(f"  -> {t.target}: {published}WAITING for other instances' parts: {t.error}")
+        return lines
+    if t.status == "contributed":
+        done = "parts written; the assembler publishes each set once all parts are in"
+        return [*lines, f"  -> {t.target}: {done}"]
     u = t.uploads
     return [
         *lines,
@@ -162,8 +217,7 @@ def plan_lines(result: Plan) -> list[str]:
             f"{t.gets} GET requests, ${t.cost_usd:.4f} (egress ${t.egress_usd:.4f}, requests "
             f"${t.requests_usd:.4f}){when}"
         )
-        if t.storage_usd_per_month is not None:
-            lines.append(f"   adds ${t.storage_usd_per_month:.4f}/month of storage")
+        lines += _plan_storage_lines(t)
         for s in t.sources:
             verdict = "" if s.budget_allows else "  DEFERRED by budget"
             size = format_size(s.bytes)
@@ -174,6 +228,18 @@ def plan_lines(result: Plan) -> list[str]:
     for path, why in sorted(result.skipped.items()):
         lines.append(f"  skipped {display_path(path)}: {one_line(why)}")
     return lines
+
+
+def _plan_storage_lines(t: TargetPlan) -> list[str]:
+    if t.stored_bytes_after is None:
+        return [f"   storage: {one_line(t.storage_note or 'unknown')}"]
+    retained = f"{format_size(t.stored_bytes_after)} retained after this sync"
+    if t.storage_usd_per_month is None or t.storage_usd_per_month_after is None:
+        return [f"   {retained}; {NO_STORAGE_PRICE}"]
+    return [
+        f"   {retained}: ${t.storage_usd_per_month_after:.4f}/month of storage "
+        f"(this sync adds ${t.storage_usd_per_month:.4f}/month)"
+    ]
 
 
 # -- snapshots and restore --------------------------------------------------------------------
@@ -190,6 +256,25 @@ def snapshot_lines(rows: Sequence[SnapshotRow]) -> list[str]:
         lines.append(
             f"{mark} {row.source:<16} {row.snapshot}  {row.files:>6} files {format_size(row.bytes):>11}{sets}"
         )
+    return lines
+
+
+def parts_lines(r: PartsReport) -> list[str]:
+    """Per set of a shared source: complete, or waiting with whose parts and why; then the
+    instances and how long since each last wrote its member object."""
+    lines = [f"{r.source} on {r.target}: {r.instances} instances"]
+    for s in r.sets:
+        if s.state == "complete":
+            lines.append(f"  {display_path(s.name)}: complete ({s.files} files, {format_size(s.bytes)})")
+            continue
+        waited = f" for {format_duration(s.waited)}" if s.waited is not None else ""
+        missing = f"; missing: {', '.join(s.missing)}" if s.missing else ""
+        lines.append(f"  {display_path(s.name)}: WAITING{waited}: in: {', '.join(s.have) or 'none'}{missing}")
+        lines += [f"    {one_line(why)}" for why in s.reasons]
+    for name, age in sorted(r.members.items()):
+        seen = "never" if age is None else f"{format_duration(age)} ago"
+        silent = "  SILENT" if name in r.silent else ""
+        lines.append(f"  instance {name}: last heard {seen}{silent}")
     return lines
 
 

@@ -55,6 +55,40 @@ def snapshots(
 
 
 @app.command()
+def parts(
+    source: opt.InspectSource,
+    config_path: opt.ConfigPath = None,
+    target: opt.Target = None,
+    repo: opt.Repo = None,
+    endpoint_url: opt.Endpoint = None,
+    region: opt.Region = None,
+    profile: opt.Profile = None,
+    give_up_after: opt.GiveUp = None,
+    as_json: opt.Json = False,
+    log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
+) -> None:
+    """Show what each instance of a shared (multi-node) source has contributed: per checkpoint
+    set, whose parts are in, whose are missing and for how long; per instance, when it last
+    said it was alive. Read-only; works from any host (--repo)."""
+    from replicator.shared.report import parts_report
+
+    tcfg, config = repo_target_config(
+        config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after
+    )
+    scfg = None
+    if config is not None:
+        try:
+            scfg = config.source(source)
+        except ConfigError as exc:
+            fail(str(exc), 2)
+    report = run_coroutine(lambda: parts_report(tcfg, source, scfg))
+    emit(as_json, report.to_json(), lambda: render.parts_lines(report))
+
+
+@app.command()
 def ls(
     source: opt.InspectSource,
     globs: opt.LsGlobs = None,
