@@ -573,10 +573,11 @@ class S3ObjectOptions(_Model):
 class S3TargetConfig(_S3Endpoint, S3ObjectOptions, TargetConfig):
     """A target bucket, ``s3://bucket/prefix``, on AWS or any S3-compatible server."""
 
-    checksum: Literal["md5", "crc32", "crc32c", "sha256", "sha1"] = "md5"
-    """Integrity checksum sent with every PUT: Content-MD5 or an x-amz-checksum-* header. MD5 is
-    verified by every S3 implementation; crc32 costs a fifth of its CPU where the server
-    verifies it (docs/PERFORMANCE.md)."""
+    checksum: Literal["auto", "md5", "crc32", "crc32c", "sha256", "sha1"] = "auto"
+    """Integrity checksum sent with every PUT: Content-MD5 or an x-amz-checksum-* header.
+    ``auto`` probes the server once (at the first PUT) and uses CRC32 where it verifies it (a
+    fifth of MD5's CPU), else Content-MD5 (docs/PERFORMANCE.md, "Checksums on S3 PUTs").
+    ``crc32c`` needs the awscrt package."""
 
 
 # --- sources and targets: one model per url scheme --------------------------------------

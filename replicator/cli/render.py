@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from replicator.retention.apply import ForgetReport
     from replicator.shared.report import PartsReport
     from replicator.verify.drill import DrillReport, SourceDrill
+    from replicator.verify.load import SetLoad
     from replicator.verify.run import TargetVerification
 
 
@@ -365,16 +366,18 @@ def drill_lines(report: DrillReport) -> list[str]:
     if not report.sources:
         lines.append("  no source has a snapshot in this repository: nothing to resume from")
     for s in report.sources:
-        lines += _source_drill_lines(s)
+        lines += _source_drill_lines(s, report.load)
     return lines
 
 
-def _source_drill_lines(s: SourceDrill) -> list[str]:
+def _source_drill_lines(s: SourceDrill, load: bool) -> list[str]:
     if s.snapshot is None:
         return [f"  {s.source}: FAIL: {'; '.join(s.problems)}"]
     rate = format_size(s.throughput_bytes_per_second) + "/s" if s.throughput_bytes_per_second else "-"
     s_rto = format_duration(s.rto_seconds) if s.rto_seconds is not None else "unknown"
     checked = ", ".join(f"{n} {k}" for k, n in sorted(s.formats.items())) or "none"
+    checkpoints = sum(len(x.checkpoints) for x in s.loads)
+    loaded = f"; loaded with torch: {s.loaded} of {plural(checkpoints, 'checkpoint')}" if load else ""
     lines = [
         f"  {s.source}: {'PASS' if s.ok else 'FAIL'}: snapshot {s.snapshot} "
         f"(age {format_duration(max(s.age_seconds or 0, 0))}), "
@@ -382,7 +385,7 @@ def _source_drill_lines(s: SourceDrill) -> list[str]:
         f"    restored {plural(s.restored_files, 'file')} in {format_duration(s.restore_seconds)} at {rate}"
         f" ({s.already_present} already present); RTO estimate {s_rto}",
         f"    digest failures {len(s.digest_failures)}, format failures {len(s.format_failures)}; "
-        f"formats checked: {checked}; loaded with torch: {s.loaded}",
+        f"formats checked: {checked}{loaded}",
     ]
     if s.newest_restorable_set is not None:
         age = format_duration(max(s.newest_restorable_set_age_seconds or 0, 0))
@@ -397,7 +400,22 @@ def _source_drill_lines(s: SourceDrill) -> list[str]:
         for p, why in sorted(s.format_failures.items())
     ]
     lines += [f"    FAILED: {one_line(why)}" for why in s.problems]
+    lines += [_set_load_line(x) for x in s.loads]
     return lines
+
+
+def _set_load_line(x: SetLoad) -> str:
+    """One checkpoint set's load: what loaded, or the first checkpoint that did not and why."""
+    head = f"    load {display_path(x.set)}: "
+    if x.status != "loaded":
+        return head + f"{'FAILED' if x.status == 'failed' else 'skipped'}: {one_line(x.reason or '')}"
+    formats = ", ".join(sorted({c.format for c in x.checkpoints}))
+    objects = f", {plural(x.objects, 'object')}" if x.objects else ""
+    notes = "".join(f"; {c.path}: {one_line(c.note)}" for c in x.checkpoints if c.note)
+    return (
+        head + f"loaded: {plural(len(x.checkpoints), 'checkpoint')} ({formats}), "
+        f"{plural(x.tensors, 'tensor')}{objects}, {format_size(x.bytes)}{notes}"
+    )
 
 
 # -- forget -----------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ Thin, like every command (:mod:`replicator.cli`): parse, call one library functi
 
 from __future__ import annotations
 
-import importlib.util
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -263,6 +262,14 @@ def _check_glob(pattern: str) -> str:
     return pattern
 
 
+def _require_torch() -> None:
+    """--load without a working PyTorch is a usage error: say so before restoring anything."""
+    from replicator.verify.load import torch_unavailable
+
+    if (why := torch_unavailable()) is not None:
+        fail(f"--load needs PyTorch, which cannot be imported here ({why}; pip install torch)", 2)
+
+
 @app.command()
 def verify(
     config_path: opt.ConfigPath = None,
@@ -302,8 +309,8 @@ def verify(
     fraction = read_data_fraction(read_data)
     if (scratch is not None or load_torch) and not restore_drill:
         fail("--scratch and --load need --restore-drill", 2)
-    if load_torch and importlib.util.find_spec("torch") is None:
-        fail("--load needs PyTorch installed (pip install torch)", 2)
+    if load_torch:
+        _require_torch()
     if repair and repo is not None:
         fail("--repair reads the sources: give --config, not --repo", 2)
     if repo is not None:
