@@ -42,7 +42,7 @@ from replicator.errors import ConfigError, did_you_mean
 from replicator.globs import PathFilter, compile_glob
 from replicator.retention.policy import RetentionPolicy
 from replicator.s3.location import S3Location, parse_s3_url
-from replicator.units import parse_duration, parse_rate, parse_share, parse_size
+from replicator.units import parse_duration, parse_fraction, parse_rate, parse_share, parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 """A byte count written as ``4MiB``, ``1.5GB`` or a plain integer."""
@@ -423,6 +423,9 @@ class PruneSchedule(_Model):
     grace: Duration = 3600.0
     """``replicator prune --grace``: a candidate is deleted only by a run at least this long
     after the run that planned it."""
+    repack_below: Annotated[float, BeforeValidator(parse_fraction)] = 0.5
+    """``replicator prune --repack-below``: packs whose referenced bytes are below this share
+    of their size have their live chunks copied out, so that they can be deleted (0: never)."""
 
 
 class TargetConfig(_Endpoint):

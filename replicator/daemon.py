@@ -856,7 +856,9 @@ class Daemon:
         log.info("prune.started", target=name, grace=schedule.grace)
         started = time.monotonic()
         try:
-            result = await prune_target(cfg, PruneOptions(grace=schedule.grace))
+            result = await prune_target(
+                cfg, PruneOptions(grace=schedule.grace, repack_below=schedule.repack_below)
+            )
         except Exception as exc:  # a bug in prune must not take replication down either
             outcome = (
                 "busy"

@@ -65,6 +65,18 @@ def parse_share(value: str | int | float) -> float:
     return percent / 100
 
 
+def parse_fraction(value: str | int | float) -> float:
+    """A share of 1 written as a fraction (``0.5``) or a percentage (``50%``)."""
+    text = str(value).strip()
+    try:
+        share = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise ValueError(f"invalid share {value!r}: write a fraction (0.5) or a percentage (50%)") from None
+    if isinstance(value, bool) or not 0 <= share <= 1:
+        raise ValueError(f"invalid share {value!r}: must be within 0..1 (0%..100%)")
+    return share
+
+
 def parse_rate(value: str | int | float) -> int:
     """A rate in bytes per second: ``200MiB/s``, ``1.5GB/s`` or a plain number of bytes."""
     if isinstance(value, str):

@@ -104,6 +104,8 @@ def test_the_daemon_prunes_on_schedule_beside_replication(tmp_path: Path) -> Non
         ({"every": "0s"}, "every"),
         ({"every": "soon"}, "every"),
         ({"every": "1h", "gracee": "1h"}, "gracee"),
+        ({"every": "1h", "repack_below": "1.5"}, "repack_below"),
+        ({"every": "1h", "repack_below": "most"}, "repack_below"),
     ],
 )
 def test_config_refuses_a_bad_prune_schedule(tmp_path: Path, prune: dict[str, Any], message: str) -> None:
@@ -123,6 +125,10 @@ def test_config_prune_schedule_defaults(tmp_path: Path) -> None:
     data["targets"][0]["prune"] = {"every": "24h"}
     schedule = parse_config(data, tmp_path).target("t").prune
     assert schedule is not None and (schedule.every, schedule.grace) == (86400.0, 3600.0)
+    assert schedule.repack_below == 0.5
+    data["targets"][0]["prune"] = {"every": "24h", "repack_below": "20%"}
+    schedule = parse_config(data, tmp_path).target("t").prune
+    assert schedule is not None and schedule.repack_below == 0.2
 
 
 def test_a_reloaded_config_changes_the_schedule_without_a_restart(tmp_path: Path) -> None:

@@ -289,15 +289,39 @@ def restore(repo: Path, source: str, snapshot: str, dest: Path) -> int:
     return 1 if failed else 0
 
 
-def read_chunk(repo: Path, cid: str, packed: dict[str, list[Any]]) -> tuple[bytes, str]:
-    """Section 4: a loose chunk object, or (version 2) a byte range of a pack object; and
-    where it was, for messages."""
+def read_chunk(
+    repo: Path, cid: str, length: int, packed: dict[str, list[Any]], new_hash: Callable[[], Any]
+) -> bytes:
+    """Sections 4 and 4.1: the chunk's original bytes, checked against its id and length: from
+    its loose object, or (version 2) from a byte range of its pack; when the pack is missing
+    or its range fails the check, from the loose copy instead (a collector deletes a pack once
+    every chunk still used has one, section 10.2)."""
+    loose = f"chunks/{cid[:2]}/{cid}"
     if cid not in packed:
-        key = f"chunks/{cid[:2]}/{cid}"
-        return read(repo, key), key
-    pack_id, offset, length = packed[cid]
-    key = f"packs/{pack_id[:2]}/{pack_id}"
-    return read_range(repo, key, offset, length), f"{key}@{offset}"
+        return checked_chunk(read(repo, loose), loose, cid, length, new_hash)
+    pack_id, offset, size = packed[cid]
+    where = f"packs/{pack_id[:2]}/{pack_id}@{offset}"
+    try:
+        stored = read_range(repo, f"packs/{pack_id[:2]}/{pack_id}", offset, size)
+        return checked_chunk(stored, where, cid, length, new_hash)
+    except (OSError, Refused) as exc:
+        try:
+            stored = read(repo, loose)
+        except FileNotFoundError:
+            raise exc from None
+        return checked_chunk(stored, loose, cid, length, new_hash)
+
+
+def checked_chunk(stored: bytes, where: str, cid: str, length: int, new_hash: Callable[[], Any]) -> bytes:
+    try:
+        data = decode_chunk(stored)
+    except zstandard.ZstdError as exc:
+        raise Refused(f"{where}: zstd frame is corrupt ({exc})") from None
+    except Refused as exc:
+        raise Refused(f"{where}: {exc}") from None
+    if len(data) != length or hex_of(new_hash, data) != cid:
+        raise Refused(f"{where} does not match chunk id {cid} or its length")
+    return data
 
 
 def restore_file(
@@ -316,15 +340,7 @@ def restore_file(
         try:
             whole = new_hash()
             for cid, length in f["chunks"]:
-                stored, where = read_chunk(repo, cid, packed)
-                try:
-                    data = decode_chunk(stored)
-                except zstandard.ZstdError as exc:
-                    raise Refused(f"{where}: zstd frame is corrupt ({exc})") from None
-                except Refused as exc:
-                    raise Refused(f"{where}: {exc}") from None
-                if len(data) != length or hex_of(new_hash, data) != cid:
-                    raise Refused(f"{where} does not match chunk id {cid} or its length")
+                data = read_chunk(repo, cid, length, packed, new_hash)
                 whole.update(data)
                 view = memoryview(data)
                 while view:  # os.write may write less than asked

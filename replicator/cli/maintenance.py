@@ -63,6 +63,7 @@ def prune(
     target: opt.Targets = None,
     repo: opt.Repo = None,
     grace: opt.Grace = "1h",
+    repack_below: opt.RepackBelow = "0.5",
     dry_run: opt.PruneDryRun = False,
     endpoint_url: opt.Endpoint = None,
     region: opt.Region = None,
@@ -79,12 +80,17 @@ def prune(
     Two phases, safe against crashes and concurrent writers (docs/FORMAT.md section 10): each
     run deletes what a run at least --grace earlier planned and is still unreferenced, then
     plans what is unreferenced now. Run it after retention removed manifests: the first run
-    plans, a run after the grace period deletes. Refuses (exit 1, nothing deleted) when a
-    listing fails or a manifest cannot be read."""
+    plans, a run after the grace period deletes. Packs mostly unreferenced (--repack-below)
+    have their live chunks copied out first, so that they can go too. Refuses (exit 1, nothing
+    deleted) when a listing fails or a manifest cannot be read."""
     from replicator.gc.prune import PruneOptions, run_prune
-    from replicator.units import parse_duration
+    from replicator.units import parse_duration, parse_fraction
 
-    options = PruneOptions(grace=parse_option("--grace", grace, parse_duration), dry_run=dry_run)
+    options = PruneOptions(
+        grace=parse_option("--grace", grace, parse_duration),
+        repack_below=parse_option("--repack-below", repack_below, parse_fraction),
+        dry_run=dry_run,
+    )
     tcfgs = target_configs(config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after)
     progress = make_progress(quiet or as_json)
     results = run_coroutine(lambda: run_prune(tcfgs, options, progress))

@@ -152,6 +152,16 @@ Grace = Annotated[
         "that planned it (docs/FORMAT.md section 10).",
     ),
 ]
+RepackBelow = Annotated[
+    str,
+    typer.Option(
+        "--repack-below",
+        metavar="SHARE",
+        help="Repack a pack whose referenced bytes are below this share of its size (default "
+        "0.5; a fraction or a percentage, 0 disables): its live chunks are copied out as loose "
+        "objects, and a later run deletes the pack (docs/FORMAT.md section 10.2).",
+    ),
+]
 PruneDryRun = Annotated[
     bool, typer.Option("--dry-run", help="Write and delete nothing; report what a run would do.")
 ]

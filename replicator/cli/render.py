@@ -62,9 +62,19 @@ def prune_lines(results: Sequence[PruneResult]) -> list[str]:
             f"  {would}deleted: {r.deleted_objects} objects, {format_size(r.deleted_bytes)} reclaimed",
             f"  {would}planned: {r.planned_objects} unreferenced objects ({format_size(r.planned_bytes)}), "
             "deleted by a run after the grace period",
+            f"  {would}repacked: {plural(r.repacked_packs, 'sparse pack')} superseded, "
+            f"{plural(r.repacked_chunks, 'live chunk')} ({format_size(r.repacked_bytes)}) copied out "
+            "as loose objects",
             f"  unreferenced: {r.garbage_objects} objects ({format_size(r.garbage_bytes)}); "
             f"plans waiting: {r.waiting_plans}",
+            f"  live data: {format_size(r.referenced_bytes)} of chunks referenced, "
+            f"{format_size(r.live_bytes)} stored for them",
         ]
+        if r.repack_damaged:
+            out.append(
+                f"  warning: {plural(r.repack_damaged, 'damaged chunk')} in sparse packs not copied; "
+                "their packs are kept (run `replicator verify --read-data --repair`)"
+            )
         if r.deferred:
             out.append(f"  deferred: {r.deferred}")
         if r.missing:

@@ -21,6 +21,7 @@ from replicator.format.manifest import FileEntry, Manifest, PackedAt
 from replicator.format.parts import parse_key, parse_part
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, chunk_key, is_snapshot_id, pack_key
+from replicator.targets.base import ObjectInfo
 
 _SUFFIX = ".json.zst"
 
@@ -32,6 +33,9 @@ class Marks:
     copies: set[str] = field(default_factory=set)
     """Loose keys of packed chunks: usually absent, but a loose copy (``verify --repair``)
     may be what keeps a chunk readable when its pack is damaged (FORMAT.md 4.1), so kept."""
+    packed: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    """Per referenced pack key, the chunks the manifests locate in it: id -> (offset, stored
+    length). What superseding a pack needs copies of (FORMAT.md 10.2)."""
     manifests: int = 0
     manifest_bytes: int = 0
     """Stored bytes of those manifests (as listed)."""
@@ -40,6 +44,34 @@ class Marks:
 
     def keeps(self, key: str) -> bool:
         return key in self.live or key in self.copies
+
+    def superseded(self, listed: Mapping[str, ObjectInfo]) -> set[str]:
+        """The referenced packs every referenced chunk of which has a non-empty loose copy in
+        ``listed``: readers get those chunks from the copies, so the pack is not needed."""
+        return {
+            key
+            for key, chunks in self.packed.items()
+            if all(_present(listed.get(chunk_key(cid))) for cid in chunks)
+        }
+
+    def needed(self, key: str, superseded: set[str]) -> bool:
+        """Whether the object at ``key`` must stay: referenced (or a loose copy of a packed
+        chunk), and not a superseded pack."""
+        return self.keeps(key) and key not in superseded
+
+    def referenced_bytes(self, listed: Mapping[str, ObjectInfo]) -> int:
+        """Stored bytes of the distinct chunks the manifests reference (a packed chunk's range,
+        a loose object's listed size): the repository's size with no dead bytes in packs."""
+        sizes = {cid: n for chunks in self.packed.values() for cid, (_, n) in chunks.items()}
+        for key in self.live:
+            info = listed.get(key)
+            if key.startswith("chunks/") and info is not None:
+                sizes[key.rsplit("/", 1)[1]] = info.size
+        return sum(sizes.values())
+
+
+def _present(info: ObjectInfo | None) -> bool:
+    return info is not None and info.size > 0
 
 
 class ManifestVisitor(Protocol):
@@ -109,6 +141,7 @@ def _refer(marks: Marks, files: Iterable[FileEntry], packed: Mapping[str, Packed
             else:
                 marks.live.add(pack_key(at[0]))
                 marks.copies.add(chunk_key(cid))
+                marks.packed.setdefault(pack_key(at[0]), {})[cid] = (at[1], at[2])
 
 
 async def _read_refs(repo: Repository) -> dict[str, str]:

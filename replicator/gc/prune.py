@@ -8,8 +8,10 @@ One run does, under the advisory lock ``gc/lock``:
   and were not written again since the plan (modification time older than the plan's). The
   record of what it deletes is written before the first deletion; the plan and the flag are
   deleted last.
-* **phase 1**: every unreferenced object not already in a waiting plan goes into a new plan.
-  Nothing is deleted.
+* **phase 1**: sparse packs (referenced bytes under ``repack_below`` of their size) have
+  their live chunks copied out as loose objects (replicator.gc.repack), which *supersedes*
+  them; then every unreferenced object and superseded pack not already in a waiting plan
+  goes into a new plan. Nothing is deleted.
 
 So an object is deleted only after two marks at least ``grace`` apart both found it
 unreferenced, and a ``kill -9`` at any point leaves only unreferenced objects deleted (or a
@@ -53,6 +55,7 @@ from replicator.gc.protocol import (
     new_run_id,
     server_now,
 )
+from replicator.gc.repack import DEFAULT_REPACK_BELOW, repack
 from replicator.log import get_logger
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository
@@ -69,6 +72,9 @@ class PruneOptions:
     grace: float = DEFAULT_GRACE
     """A candidate is deleted only by a run at least this long after the plan naming it."""
     dry_run: bool = False
+    repack_below: float = DEFAULT_REPACK_BELOW
+    """Copy out the live chunks of packs whose referenced bytes are below this share of their
+    size, so that the pack can go (docs/FORMAT.md 10.2); 0 disables."""
     lock_lease: float = LOCK_LEASE
     writer_lease: float = WRITER_LEASE
     record_retention: float = RECORD_RETENTION
@@ -83,7 +89,11 @@ class PruneResult:
     manifests: int = 0
     live_objects: int = 0
     live_bytes: int = 0
-    """Chunk objects and packs some manifest references, and their stored bytes."""
+    """Chunk objects and packs some manifest references (loose copies of packed chunks
+    included, superseded packs not), and their stored bytes."""
+    referenced_bytes: int = 0
+    """Stored bytes of the distinct chunks the manifests reference (packed ones by their
+    range): what the repository would hold with no dead bytes in packs."""
     garbage_objects: int = 0
     garbage_bytes: int = 0
     """Unreferenced objects left after this run (deleted by a later run once planned)."""
@@ -93,12 +103,21 @@ class PruneResult:
     planned_objects: int = 0
     planned_bytes: int = 0
     """Candidates this run put in a new plan (with ``--dry-run``: would)."""
+    repacked_packs: int = 0
+    """Sparse packs superseded by this run: every chunk a manifest locates in them now has a
+    loose copy (with ``--dry-run``: would be). A later run deletes them (they are planned)."""
+    repacked_chunks: int = 0
+    repacked_bytes: int = 0
+    """Loose copies written for them, and their stored bytes (with ``--dry-run``: would be)."""
+    repack_damaged: int = 0
+    """Chunks of sparse packs that failed their id check: not copied, their packs kept."""
     waiting_plans: int = 0
     """Plans younger than ``grace``, deleted from by a later run."""
     deferred: str | None = None
     """Why phase 2 did not delete this time (writers were publishing)."""
     missing: int = 0
-    """Referenced objects the listing does not show (``replicator verify`` tells more)."""
+    """Referenced objects the listing does not show, superseded packs aside (``replicator
+    verify`` tells more)."""
     upgraded: bool = False
     """config.json was raised to repository version 2 by this run."""
     seconds: float = 0.0
@@ -139,6 +158,8 @@ class _Evidence:
         self.repo, self.progress = repo, progress
         self.marks: Marks | None = None
         self.objects: dict[str, ObjectInfo] = {}
+        self.superseded: set[str] = set()
+        """Referenced packs whose every referenced chunk has a loose copy in the listing."""
 
     async def get(self) -> tuple[Marks, dict[str, ObjectInfo]]:
         if self.marks is None:
@@ -156,7 +177,12 @@ class _Evidence:
                     "nothing was deleted",
                 )
             self.marks, self.objects = marks, objects
+            self.superseded = marks.superseded(objects)
         return self.marks, self.objects
+
+    def needed(self, key: str) -> bool:
+        assert self.marks is not None
+        return self.marks.needed(key, self.superseded)
 
 
 async def _run(
@@ -183,23 +209,52 @@ async def _run(
     if due and not await _phase2(repo, opts, progress, result, evidence, due, run_id):
         waiting.update(due)  # deferred: they stay, and their candidates are not planned again
 
-    # Phase 1: plan what is unreferenced now and not already waiting in a plan.
+    await _phase1(repo, opts, progress, result, evidence, waiting, run_id)
+    if lock is not None:
+        await _housekeeping(target, await list_gc(target), opts)
+
+
+async def _phase1(
+    repo: Repository,
+    opts: PruneOptions,
+    progress: ProgressSink,
+    result: PruneResult,
+    evidence: _Evidence,
+    waiting: dict[str, tuple[ObjectInfo, list[str]]],
+    run_id: str,
+) -> None:
+    """Supersede sparse packs, then plan what is unreferenced now and not already waiting in
+    a plan (with ``dry_run``: count what would be)."""
     marks, objects = await evidence.get()
+    if opts.repack_below > 0:
+        outcome = await repack(
+            repo,
+            marks,
+            objects,
+            evidence.superseded,
+            opts.repack_below,
+            dry_run=opts.dry_run,
+            concurrency=opts.concurrency,
+            progress=progress,
+        )
+        evidence.superseded |= outcome.superseded
+        result.repacked_packs, result.repacked_chunks = outcome.packs, outcome.chunks
+        result.repacked_bytes, result.repack_damaged = outcome.bytes, outcome.damaged
+        result.notes += outcome.notes
     planned = {k for _, keys in waiting.values() for k in keys}
-    live = [info for k, info in objects.items() if marks.keeps(k)]
-    garbage = {k: info for k, info in objects.items() if not marks.keeps(k)}
+    live = [info for k, info in objects.items() if evidence.needed(k)]
+    garbage = {k: info for k, info in objects.items() if not evidence.needed(k)}
     new = sorted(k for k in garbage if k not in planned)
-    if new and lock is not None:
-        await target.put(f"{PLANS}{run_id}.json", encode_keys("plan", new))
-        await target.flush()
+    if new and not opts.dry_run:
+        await repo.target.put(f"{PLANS}{run_id}.json", encode_keys("plan", new))
+        await repo.target.flush()
     result.sources, result.manifests = marks.sources, marks.manifests
     result.live_objects, result.live_bytes = len(live), sum(i.size for i in live)
+    result.referenced_bytes = marks.referenced_bytes(objects)
     result.garbage_objects, result.garbage_bytes = len(garbage), sum(i.size for i in garbage.values())
     result.planned_objects, result.planned_bytes = len(new), sum(garbage[k].size for k in new)
     result.waiting_plans = len(waiting) + (1 if new else 0)
-    result.missing = len(marks.live - objects.keys())
-    if lock is not None:
-        await _housekeeping(target, await list_gc(target), opts)
+    result.missing = len([k for k in marks.live if k not in objects and k not in evidence.superseded])
 
 
 async def _phase2(
@@ -229,14 +284,14 @@ async def _phase2(
             if busy:
                 result.deferred = f"{len(busy)} writer(s) publishing; the due plans wait for the next run"
                 return False
-        marks, objects = await evidence.get()
+        _, objects = await evidence.get()
         doomed: dict[str, int] = {}
         for plan_info, keys in due.values():
             for key in keys:
                 info = objects.get(key)
                 if (
                     info is not None
-                    and not marks.keeps(key)
+                    and not evidence.needed(key)
                     and info.mtime is not None
                     and plan_info.mtime is not None
                     and info.mtime < plan_info.mtime  # written again since the plan: keep

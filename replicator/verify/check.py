@@ -149,7 +149,9 @@ async def _stored(
     report.chunks_referenced = len({cid for cid, _ in referenced})
     report.chunks_stored = len(loose)
     report.packs_stored = len(packs)
-    report.chunks_unreferenced = len(loose.keys() - {cid for cid, at in referenced if at is None})
+    # A loose copy of a packed chunk is not unreferenced: it serves when the pack is gone
+    # (repair, or a pack superseded by prune: docs/FORMAT.md 10.2).
+    report.chunks_unreferenced = len(loose.keys() - {cid for cid, _ in referenced})
     present: dict[ChunkRef, int] = {}
     missing: list[str] = []
     for ref, needed_by in sorted(referenced.items(), key=lambda item: item[0][0]):
