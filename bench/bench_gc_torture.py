@@ -328,11 +328,13 @@ def _error(res: subprocess.CompletedProcess[str]) -> str:
 
 
 def check_snapshots(
-    cli: Cli, sources: list[Source], work: Path, report: Report, guard: threading.Lock
+    cli: Cli, sources: list[Source], work: Path, report: Report, guard: threading.Lock, final: bool = False
 ) -> None:
-    """Restore every snapshot not checked yet, one thread per source (the writers are idle;
-    the collectors are not)."""
-    threads = [threading.Thread(target=_check_source, args=(cli, s, work, report, guard)) for s in sources]
+    """Restore every snapshot not checked yet (``final``: every one retained), one thread per
+    source (the writers are idle; the collectors, until ``final``, are not)."""
+    threads = [
+        threading.Thread(target=_check_source, args=(cli, s, work, report, guard, final)) for s in sources
+    ]
     for th in threads:
         th.start()
     for th in threads:
@@ -530,8 +532,7 @@ def finish(
     verify = cli.run("verify", *cli.repo_args(), "--read-data")
     report.verify_read_data = verify.returncode == 0
     report.verify_output = (verify.stdout + verify.stderr).strip()[-1000:]
-    for source in sources:
-        _check_source(cli, source, work, report, guard, final=True)
+    check_snapshots(cli, sources, work, report, guard, final=True)
     assert isinstance(cli.server, S3Server)
     copy = mirror(cli.server, cli.bucket, work / "mirror")
     reference_restores(cli, sources, copy, work, report)
