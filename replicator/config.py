@@ -141,7 +141,9 @@ class CostConfig(_Model):
     get_usd_per_1k: float = Field(0.0, ge=0)
     """Per 1,000 GET and HEAD requests (verify, restore; e.g. 0.0004)."""
     storage_usd_per_gib_month: float | None = Field(None, ge=0)
-    """Used by ``replicator plan`` to estimate the monthly cost of what a sync adds."""
+    """Per GiB stored for a month (e.g. 0.015 for R2). ``replicator stats`` prices what the
+    repository stores, ``replicator plan`` what it would retain after a sync. No default:
+    without it neither shows a storage cost (they say so)."""
 
 
 class BudgetConfig(_Model):

@@ -10,6 +10,9 @@ opened read-only, so ``plan`` works beside a running daemon).
 
 Costs apply each target's ``cost`` prices to those bytes and requests; the time is the bytes
 over the target's ``max_bandwidth`` (or none, uncapped). Budgets show what remains today.
+Storage: what each target would retain after the sync (what its manifests reference now, by
+the mark of ``replicator stats``, plus the bytes sent), priced per month when the target has
+``cost.storage_usd_per_gib_month``.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from replicator import gate
 from replicator.budget import Budget, Ledger, Usage
 from replicator.config import ChunkingConfig, Config, SourceConfig
 from replicator.engine import Candidate, content_key, split_cached
-from replicator.errors import FileChangedError, SourceError
+from replicator.errors import FileChangedError, ReplicatorError, SourceError
 from replicator.fanout import PACK_SIZE, pack_below
 from replicator.format.manifest import encode_manifest, format_time, now_utc
 from replicator.gc.protocol import GC_PUTS
+from replicator.gc.stats import GIB, repository_stats
 from replicator.hashing import HashSpec
 from replicator.progress import NoProgress, ProgressSink
 from replicator.read.pipeline import ChunkConsumer, ChunkPipeline, EncodedChunk
@@ -59,6 +63,16 @@ class TargetPlan:
     egress_usd: float = 0.0
     requests_usd: float = 0.0
     storage_usd_per_month: float | None = None
+    """What the bytes sent add to the monthly storage bill (None: no price configured)."""
+    stored_bytes_now: int | None = 0
+    """What the repository retains now: the chunk objects and packs its manifests reference,
+    and the manifests (``replicator stats``' live + snapshots/ bytes); 0 for a new repository,
+    None when it could not be counted (``storage_note`` says why)."""
+    stored_bytes_after: int | None = None
+    """``stored_bytes_now`` plus the bytes this sync would send. Retention after the publish
+    may forget snapshots, but frees nothing until ``prune``, so this is what is paid for."""
+    storage_usd_per_month_after: float | None = None
+    storage_note: str | None = None
     seconds_at_cap: float | None = None
     sources: list[SourcePlan] = field(default_factory=list)
 
@@ -95,7 +109,7 @@ async def make_plan(config: Config, progress: ProgressSink | None = None) -> Pla
     pipeline: ChunkPipeline | None = None
     try:
         budget = Budget(config, Ledger(state, [t.name for t in config.targets]))
-        targets = [await _open(config, t.name, state) for t in config.targets]
+        targets = [await _open(config, t.name, state, progress) for t in config.targets]
         plan = Plan(targets=[t.plan for t in targets], budgets=budget_rows(budget))
         pipeline = ChunkPipeline(
             config.chunking, config.compression, [t.spec for t in targets], memory_budget=config.memory_budget
@@ -206,7 +220,7 @@ async def _plan_source(
     ), per_target
 
 
-async def _open(config: Config, name: str, state: StateStore) -> _Target:
+async def _open(config: Config, name: str, state: StateStore, progress: ProgressSink) -> _Target:
     """The target's repository (never created), hash spec and presence knowledge."""
     cfg = config.target(name)
     target = await open_target(cfg)
@@ -222,6 +236,7 @@ async def _open(config: Config, name: str, state: StateStore) -> _Target:
             plan.puts += 3  # config.json, then the (empty) listings of its chunks and packs
             plan.gets += 1  # sync reads the config object back after creating it
             return _Target(plan, None, HashSpec(cfg.hash), set(), None, config.chunking)
+        await _count_retained(repo, plan, progress)
         present: set[str] = set()
         repo_id: str | None = repo.config.id
         if not state.chunks(repo.config.id).listed:
@@ -232,6 +247,17 @@ async def _open(config: Config, name: str, state: StateStore) -> _Target:
         return _Target(plan, repo, repo.hash, present, repo_id, repo.config.chunking)
     finally:
         await target.close()
+
+
+async def _count_retained(repo: Repository, plan: TargetPlan, progress: ProgressSink) -> None:
+    """What the repository retains now (the mark and listings of ``replicator stats``)."""
+    try:
+        stats = await repository_stats(repo, progress=progress)
+    except ReplicatorError as exc:  # the plan stands without it; say why
+        plan.stored_bytes_now = None
+        plan.storage_note = f"what the repository retains could not be counted: {exc.message}"
+        return
+    plan.stored_bytes_now = stats.live_bytes + stats.stored["snapshots/"].bytes
 
 
 def _add_snapshot_requests(
@@ -259,7 +285,12 @@ def _totals(config: Config, plan: TargetPlan) -> None:
     plan.cost_usd = usage.usd(cfg.cost)
     plan.egress_usd = Usage(plan.bytes, 0, 0).usd(cfg.cost)
     plan.requests_usd = plan.cost_usd - plan.egress_usd
-    if cfg.cost.storage_usd_per_gib_month is not None:
-        plan.storage_usd_per_month = plan.bytes / (1 << 30) * cfg.cost.storage_usd_per_gib_month
+    price = cfg.cost.storage_usd_per_gib_month
+    if plan.stored_bytes_now is not None:
+        plan.stored_bytes_after = plan.stored_bytes_now + plan.bytes
+    if price is not None:
+        plan.storage_usd_per_month = plan.bytes / GIB * price
+        if plan.stored_bytes_after is not None:
+            plan.storage_usd_per_month_after = plan.stored_bytes_after / GIB * price
     if cfg.max_bandwidth:
         plan.seconds_at_cap = plan.bytes / cfg.max_bandwidth

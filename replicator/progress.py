@@ -7,13 +7,15 @@ from typing import Any, Protocol
 
 
 class ProgressSink(Protocol):
-    def begin(self, label: str, total: int) -> None: ...
+    def begin(self, label: str, total: int | None) -> None:
+        """Start a stage of ``total`` units (bytes); None: not known in advance (a listing)."""
+
     def advance(self, n: int) -> None: ...
     def end(self) -> None: ...
 
 
 class NoProgress:
-    def begin(self, label: str, total: int) -> None:
+    def begin(self, label: str, total: int | None) -> None:
         return None
 
     def advance(self, n: int) -> None:
@@ -66,7 +68,7 @@ class BarProgress:
         )
         self._task: Any = None
 
-    def begin(self, label: str, total: int) -> None:
+    def begin(self, label: str, total: int | None) -> None:
         self.end()
         self._bar.start()
         self._task = self._bar.add_task(label, total=total)

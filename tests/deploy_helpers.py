@@ -287,10 +287,10 @@ def check_replicator_pod(owner: Obj, configmaps: Mapping[str, Obj]) -> list[Conf
             if "://" not in tgt.url:
                 mount = _mount_of(c, tgt.url)
                 assert mount is not None, f"{name}: target {tgt.name} ({tgt.url}) is not on a volume"
-                writable = subcommand == "run"
+                writable = subcommand in ("run", "prune", "forget")  # forget and prune delete
                 assert not (writable and mount.get("readOnly")), f"{name}: target {tgt.url} is read-only"
-        if subcommand == "verify":
-            assert owner["kind"] == "CronJob", f"{name}: verify outside a CronJob"
+        if subcommand in ("verify", "prune", "forget"):
+            assert owner["kind"] == "CronJob", f"{name}: {subcommand} outside a CronJob"
             continue
         assert subcommand == "run", f"{name}: unexpected subcommand {subcommand}"
         # Probes come from the kubelet, on the pod's IP: listen must not be localhost.

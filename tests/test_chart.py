@@ -108,7 +108,10 @@ def test_ci_values_render_valid_objects_and_pods(chart: helm.Chart, values_file:
     assert ("Deployment" in kinds) == (mode == "standalone")
     example = mode == "sidecar" and values.get("sidecar", {}).get("example", {}).get("enabled", False)
     assert ("Job" in kinds) == example
-    assert ("CronJob" in kinds) == values.get("verify", {}).get("enabled", True)
+    cronjobs = {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in kinds.get("CronJob", [])}
+    wanted_jobs = {"verify": values.get("verify", {}).get("enabled", True)}
+    wanted_jobs["prune"] = values.get("prune", {}).get("enabled", False)
+    assert cronjobs == {job for job, on in wanted_jobs.items() if on}
 
     cms = configmaps(objects)
     pods = [o for o in objects if pod_spec(o) is not None]
@@ -123,13 +126,18 @@ def test_ci_values_render_valid_objects_and_pods(chart: helm.Chart, values_file:
         assert [t.name for t in cfg.targets] == [t["name"] for t in values["config"]["targets"]]
         assert str(cfg.state_dir) == expected["state_dir"] and cfg.listen == expected["listen"]
 
-    # Every pod runs as the service account the chart renders (or names), with no API token.
+    # Every pod runs as the service account the chart renders (or names), with no API token;
+    # the prune CronJob as its own.
     for owner in pods:
         spec = pod_spec(owner)
         assert spec is not None
         assert spec["automountServiceAccountToken"] is False
-        if values.get("serviceAccount", {}).get("create", True):
+        is_prune = pod_labels(owner).get("app.kubernetes.io/component") == "prune"
+        accounts = values.get("prune", {}) if is_prune else values
+        if accounts.get("serviceAccount", {}).get("create", True):
             assert {"ServiceAccount/" + spec["serviceAccountName"]} <= set(names)
+        else:
+            assert spec["serviceAccountName"] == accounts["serviceAccount"]["name"]
 
     if "Service" in kinds:
         (svc,) = kinds["Service"]
@@ -295,6 +303,19 @@ def test_schema_checks_can_fail(chart: helm.Chart) -> None:
         ({"config": {"targets": None}}, "config.targets is empty"),
         ({"mode": "daemonset"}, "mode"),
         ({"verfy": {"enabled": False}}, "'verfy' not allowed"),
+        ({"prune": {"enabled": True, "grance": "1h"}}, "'grance' not allowed"),
+        ({"prune": {"enabled": True, "grace": "1 hour"}}, "/prune/grace"),
+        (
+            {"prune": {"enabled": True, "serviceAccount": {"create": False}}},
+            "prune.serviceAccount.name: with prune.serviceAccount.create: false",
+        ),
+        (
+            {
+                "prune": {"enabled": True},
+                "config": {"targets": [{"name": "t", "url": "s3://dr/x", "prune": {"every": "24h"}}]},
+            },
+            "config.targets[t].prune: the daemon would collect garbage itself",
+        ),
         ({"mode": "sidecar", "state": {"persistence": {"enabled": True}}}, "existingClaim"),
         ({"sidecar": {"example": {"enabled": True}}}, "needs mode: sidecar"),
         (
@@ -313,6 +334,74 @@ def test_bad_values_fail_with_a_clear_message(
     values = _merge(MINIMAL, change)
     with pytest.raises(helm.HelmError, match=re.escape(message)):
         render(chart, values)
+
+
+IRSA = "eks.amazonaws.com/role-arn"
+
+
+COMPONENT = "app.kubernetes.io/component"
+
+
+def component(objects: list[Obj], kind: str, name: str) -> Obj:
+    (obj,) = [o for o in objects if o["kind"] == kind and o["metadata"]["labels"].get(COMPONENT) == name]
+    return obj
+
+
+def test_prune_cronjob_runs_under_its_own_service_account(chart: helm.Chart) -> None:
+    """Garbage collection as a CronJob whose pods run as an account of their own (one that
+    carries the pruning role), never the daemon's: off unless asked for."""
+    assert not [o for o in render(chart, MINIMAL) if o["metadata"]["labels"].get(COMPONENT) == "prune"]
+    role = "arn:aws:iam::123456789012:role/replicator-prune"
+    values = _merge(
+        MINIMAL,
+        {
+            "config": {"targets": [{"name": "t", "url": "s3://dr-bucket/x"}]},
+            "credentials": {"existingSecret": "writer-keys"},
+            "prune": {
+                "enabled": True,
+                "grace": "90m",
+                "serviceAccount": {"annotations": {IRSA: role}},
+                "credentials": {"existingSecret": "prune-keys"},
+            },
+        },
+    )
+    objects = render(chart, values)
+    for obj in objects:
+        validate_object(obj)
+    cronjob = component(objects, "CronJob", "prune")
+    spec, daemon = pod_spec(cronjob), pod_spec(by_kind(objects)["Deployment"][0])
+    assert spec is not None and daemon is not None
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cronjob["spec"]["schedule"] == "0 5 * * *"  # daily
+    # One attempt: the Job's failure is the pod's exit status (prune's), not retried away.
+    assert spec["restartPolicy"] == "Never" and cronjob["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0
+    ((container, _),) = replicator_containers(spec)  # no forget step unless asked for
+    config = "/etc/replicator/replicator.yaml"
+    assert container["args"] == ["prune", "--config", config, "--grace", "90m", "--json"]
+    check_replicator_pod(cronjob, configmaps(objects))
+    config_volume = {v["name"]: v for v in spec["volumes"]}["replicator-config"]
+    assert config_volume == {v["name"]: v for v in daemon["volumes"]}["replicator-config"]
+
+    accounts = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceAccount"}
+    assert spec["serviceAccountName"] != daemon["serviceAccountName"]
+    assert accounts[spec["serviceAccountName"]]["metadata"]["annotations"] == {IRSA: role}
+    assert "annotations" not in accounts[daemon["serviceAccountName"]]["metadata"]
+    verify = pod_spec(component(objects, "CronJob", "verify"))
+    assert verify is not None and verify["serviceAccountName"] == daemon["serviceAccountName"]
+    assert [e["secretRef"]["name"] for e in container["envFrom"]] == ["prune-keys"]
+    (daemon_container,) = daemon["containers"]
+    assert [e["secretRef"]["name"] for e in daemon_container["envFrom"]] == ["writer-keys"]
+
+    # forget: true runs retention first, as an init container (prune runs only if it succeeds).
+    values["prune"] |= {"forget": True, "credentials": {"existingSecret": ""}}
+    spec = pod_spec(component(render(chart, values), "CronJob", "prune"))
+    assert spec is not None
+    (forget, first), (prune, last) = replicator_containers(spec)
+    assert (first, last) == (True, False) and "restartPolicy" not in forget
+    assert forget["args"] == ["forget", "--config", config, "--json"] and prune["args"][0] == "prune"
+    for c in (forget, prune):
+        assert [e["secretRef"]["name"] for e in c["envFrom"]] == ["writer-keys"]  # the default
+        assert c["volumeMounts"] == prune["volumeMounts"]
 
 
 def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
@@ -425,7 +514,13 @@ def test_pod_command_lines_run(chart: helm.Chart, replicated: Path, tmp_path: Pa
                     seen.add(argv)
                     run_invocation(list(argv), paths, tmp_path)
     subcommands = {(a[1], "--restore-drill" in a) for a in seen}
-    assert subcommands == {("run", False), ("verify", False), ("verify", True)}, seen
+    assert subcommands == {
+        ("run", False),
+        ("verify", False),
+        ("verify", True),
+        ("prune", False),
+        ("forget", False),
+    }, seen
 
 
 def test_dockerfile_matches_the_chart(chart: helm.Chart) -> None:

@@ -58,7 +58,7 @@ def root_handler_is_json() -> bool:
     ("flags", "level"),
     [([], logging.WARNING), (["-v"], logging.INFO), (["-vv"], logging.DEBUG), (["-q"], logging.ERROR)],
 )
-@pytest.mark.parametrize("command", ["snapshots", "ls", "verify"])
+@pytest.mark.parametrize("command", ["snapshots", "ls", "verify", "stats"])
 def test_verbose_and_quiet_on_every_command(
     replicated: tuple[Path, Path], command: str, flags: list[str], level: int
 ) -> None:
@@ -70,7 +70,7 @@ def test_verbose_and_quiet_on_every_command(
 
 
 def test_every_command_takes_the_logging_options() -> None:
-    commands = "sync run release forget prune plan status snapshots restore ls diff verify demo"
+    commands = "sync run release forget prune stats plan status snapshots restore ls diff verify demo"
     for command in commands.split():
         text = invoke(command, "-h", env={"COLUMNS": "200"}).stdout
         for option in ("--verbose", "--quiet", "--log-format", "--log-level"):

@@ -8,12 +8,14 @@ and checked like the chart's output, and against it. (The chart: tests/test_char
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
 import subprocess
 import sys
 from datetime import datetime, timedelta
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import helm_python as helm
@@ -21,11 +23,15 @@ import pytest
 import yaml
 
 from replicator.config import Config, load_config
+from replicator.config_check import SCRATCH_PREFIX
 from replicator.demo import create_demo
+from replicator.gc.protocol import DELETING, LOCK_KEY, PLANS, RECORDS, WRITERS
+from replicator.repository import CONFIG_KEY, chunk_key, pack_key, ref_key, snapshot_key
 from tests.conftest import cli
 from tests.deploy_helpers import (
     Obj,
     check_replicator_pod,
+    describe,
     env_for,
     load_objects,
     pod_spec,
@@ -247,7 +253,7 @@ def test_manifests_build_into_valid_objects() -> None:
     for obj in objects:
         validate_object(obj)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ConfigMap", "CronJob", "Job", "Service", "ServiceAccount"]
+    assert kinds == ["ConfigMap", "CronJob", "CronJob", "Job", "Service", "ServiceAccount", "ServiceAccount"]
     configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
     (cm,) = configmaps.values()
     assert cm["data"]["replicator.yaml"] == (MANIFESTS / "replicator.yaml").read_text()
@@ -259,6 +265,24 @@ def test_manifests_build_into_valid_objects() -> None:
     (job,) = [o for o in objects if o["kind"] == "Job"]
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    # Garbage collection runs as its own account (the pruning role), everything else as the
+    # sidecar's; and the daemon does not also prune on a schedule of its own.
+    accounts = {o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"}
+    runs_as = {role(o): (pod_spec(o) or {})["serviceAccountName"] for o in pods}
+    assert runs_as == {"Job": "replicator", "verify": "replicator", "prune": "replicator-prune"}
+    assert set(runs_as.values()) == accounts
+    prune = next(o for o in pods if role(o) == "prune")
+    assert prune["spec"]["concurrencyPolicy"] == "Forbid"
+    ((container, _),) = replicator_containers(pod_spec(prune) or {})
+    assert container["args"][0] == "prune" and "--json" in container["args"]
+    assert all(t.prune is None for t in load_config(MANIFESTS / "replicator.yaml").targets)
+
+
+def role(owner: Obj) -> str:
+    """A pod owner by what it is for: a CronJob by its component (verify, prune), else its kind."""
+    if owner["kind"] != "CronJob":
+        return str(owner["kind"])
+    return str(owner["metadata"]["labels"]["app.kubernetes.io/component"])
 
 
 def test_manifests_are_the_charts_sidecar_example() -> None:
@@ -271,6 +295,7 @@ def test_manifests_are_the_charts_sidecar_example() -> None:
         "credentials": {"existingSecret": "replicator-credentials"},
         "config": yaml.safe_load((MANIFESTS / "replicator.yaml").read_text()),
         "sidecar": {"example": {"enabled": True}},
+        "prune": {"enabled": True},
     }
     for key in ("listen", "state_dir"):
         values["config"].pop(key)
@@ -280,7 +305,7 @@ def test_manifests_are_the_charts_sidecar_example() -> None:
     plain = kustomize_build()
 
     def replicator_parts(objects: list[Obj], kind: str) -> tuple[list[Obj], list[Obj], Obj]:
-        (owner,) = [o for o in objects if o["kind"] == kind]
+        (owner,) = [o for o in objects if pod_spec(o) is not None and role(o) == kind]
         spec = pod_spec(owner)
         assert spec is not None
         containers = []
@@ -294,11 +319,19 @@ def test_manifests_are_the_charts_sidecar_example() -> None:
             for vol in spec["volumes"]
             if vol["name"].startswith("replicator-")
         ]
-        pod = {k: spec.get(k) for k in ("securityContext", "terminationGracePeriodSeconds", "restartPolicy")}
+        keys = ("securityContext", "terminationGracePeriodSeconds", "restartPolicy", "serviceAccountName")
+        pod = {k: spec.get(k) for k in keys}
+        if owner["kind"] == "CronJob":
+            pod |= {k: owner["spec"][k] for k in ("schedule", "concurrencyPolicy")}
         return containers, volumes, pod
 
-    for kind in ("Job", "CronJob"):
+    for kind in ("Job", "verify", "prune"):
         assert replicator_parts(plain, kind) == replicator_parts(charted, kind), kind
+    for plain_account in [o for o in plain if o["kind"] == "ServiceAccount"]:
+        (charted_account,) = [o for o in charted if describe(o) == describe(plain_account)]
+        assert (
+            plain_account["automountServiceAccountToken"] is charted_account["automountServiceAccountToken"]
+        )
 
 
 # -- docs/DEPLOY.md's IAM policies --------------------------------------------------------------
@@ -322,40 +355,155 @@ def s3_calls(path: Path, client: str) -> set[str]:
     return {S3_ACTIONS[c] for c in calls}
 
 
-def test_iam_policies_grant_exactly_what_the_code_calls() -> None:
+def deploy_policies() -> tuple[dict[str, Obj], dict[str, Obj]]:
+    """docs/DEPLOY.md's JSON blocks: the complete policies by their Id, and every statement by
+    its Sid (a Sid shown in several blocks must say the same in each)."""
     doc = (ROOT / "docs" / "DEPLOY.md").read_text()
-    statements: dict[str, dict[str, object]] = {}
+    policies: dict[str, Obj] = {}
+    statements: dict[str, Obj] = {}
     for block in re.findall(r"```json\n(.*?)```", doc, flags=re.S):
         data = json.loads(block)
+        if "Id" in data:
+            policies[data["Id"]] = data
         for st in data.get("Statement", [data]):
-            statements[st["Sid"]] = st
+            assert statements.setdefault(st["Sid"], st) == st, f"two different statements {st['Sid']}"
+    return policies, statements
+
+
+REPO_ARN = "arn:aws:s3:::acme-ml-replica/llm-70b/"  # the documented target's objects
+
+
+def allows(policy: Obj, action: str, key: str) -> bool:
+    """Whether the policy grants ``action`` on the object ``key`` of the documented target,
+    by IAM's rules for what the docs use: Allow statements, wildcards * and ?, actions
+    case-insensitive."""
+    arn = REPO_ARN + key
+    for st in policy["Statement"]:
+        assert st["Effect"] == "Allow" and "NotAction" not in st and "NotResource" not in st, st
+        acts = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        resources = [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]
+        if any(fnmatchcase(action.lower(), a.lower()) for a in acts) and any(
+            fnmatchcase(arn, r) for r in resources
+        ):
+            return True
+    return False
+
+
+def test_iam_policies_grant_exactly_what_the_code_calls() -> None:
+    _, statements = deploy_policies()
 
     def actions(*sids: str) -> set[str]:
-        return {a for sid in sids for a in statements[sid]["Action"]}  # type: ignore[attr-defined]
+        return {a for sid in sids for a in statements[sid]["Action"]}
 
     target = s3_calls(ROOT / "replicator" / "targets" / "s3.py", "self._client")
     source = s3_calls(ROOT / "replicator" / "sources" / "s3.py", "self.client")
     assert actions("ListRepository", "ReadWriteRepository") == target - {"s3:DeleteObject"}
     assert actions("PruneSnapshotManifests") == {"s3:DeleteObject"} <= target
     assert actions("ListSource", "ReadSource") == source
-    # Outside the garbage collector (replicator/gc/, under its own role), the only deletions
-    # are retention's, of snapshot manifests (the pruning grant is that narrow), a writer's of
-    # its lease under gc/, and `config check --online`'s of its scratch object under tmp/.
-    deletes = {
-        (p.name, line.strip())
-        for p in (ROOT / "replicator").rglob("*.py")
-        if "targets" not in p.parts and p.name != "prune.py"
-        for line in p.read_text().splitlines()
-        if "target.delete(" in line
-    }
-    assert deletes == {
-        ("repository.py", "await self.target.delete(snapshot_key(source, snapshot_id))"),
-        ("protocol.py", "await self.target.delete(self.key)"),
-        ("config_check.py", 'await attempt("delete", lambda: target.delete(key))'),
-    }, deletes
-    assert str(statements["WriterLeases"]["Resource"]).endswith("/gc/*")
-    pruned = {r.rsplit("/", 2)[-2] for r in statements["PruneRepository"]["Resource"]}  # type: ignore[attr-defined]
+    assert str(statements["WriterLeases"]["Resource"]).endswith(f"/{WRITERS}*")
+    pruned = {r.rsplit("/", 2)[-2] for r in statements["PruneRepository"]["Resource"]}
     assert pruned == {"chunks", "packs", "gc", "snapshots"}
-    assert 'key = f"{SCRATCH_PREFIX}config-check-' in (ROOT / "replicator" / "config_check.py").read_text()
-    assert "tmp/*" in doc
     assert str(statements["PruneSnapshotManifests"]["Resource"]).endswith("/snapshots/*")
+    assert "tmp/*" in (ROOT / "docs" / "DEPLOY.md").read_text()
+
+
+def calls_named(attr: str) -> set[tuple[str, str, str]]:
+    """(module, innermost function, call) for every call of a method or function named
+    ``attr`` in replicator/, outside targets/ (where Target.delete is implemented)."""
+    package = ROOT / "replicator"
+    found: set[tuple[str, str, str]] = set()
+
+    def visit(node: ast.AST, module: str, function: str) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            function = node.name
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name == attr:
+                found.add((module, function, ast.unparse(node)))
+        for child in ast.iter_child_nodes(node):
+            visit(child, module, function)
+
+    for path in sorted(package.rglob("*.py")):
+        module = path.relative_to(package).as_posix()
+        if not module.startswith("targets/"):
+            visit(ast.parse(path.read_text()), module, "")
+    return found
+
+
+def test_only_the_collector_deletes_chunks_and_packs() -> None:
+    """The claim the IAM split rests on, held against the code: outside replicator/gc/prune.py
+    (run by `replicator prune` and the daemon's opt-in schedule), the only deletions are
+    retention's of snapshot manifests, a writer's of its own lease under gc/writers/, and
+    `config check --online`'s of its scratch object under tmp/."""
+    deletes = calls_named("delete")
+    outside = {c for c in deletes if c[0] != "gc/prune.py"}
+    assert outside == {
+        ("repository.py", "delete_snapshot", "self.target.delete(snapshot_key(source, snapshot_id))"),
+        ("gc/protocol.py", "stop", "self.target.delete(self.key)"),
+        ("config_check.py", "_check_target", "target.delete(key)"),
+        # retention's own function, which deletes through Repository.delete_snapshot:
+        ("retention/apply.py", "apply", "delete(repo, cfg.name, result.drop, cache)"),
+        (
+            "retention/apply.py",
+            "_forget_one",
+            "delete(repo, cfg.name, entry.plan.drop, cache, entry.deleted)",
+        ),
+    }, outside
+    assert {c[:2] for c in calls_named("delete_snapshot")} == {("retention/apply.py", "delete")}
+    assert snapshot_key("src", "id").startswith("snapshots/")
+    # Heartbeat.stop deletes its own key; outside the collector a Heartbeat is only ever the
+    # writer's intent, keyed under gc/writers/.
+    beats = {c for c in calls_named("Heartbeat") if c[0] != "gc/prune.py"}
+    assert beats == {("gc/protocol.py", "__init__", "Heartbeat(target, self.key, 'writer', lease)")}, beats
+    assert 'self.key = f"{WRITERS}{new_run_id()}"' in (ROOT / "replicator" / "gc" / "protocol.py").read_text()
+    assert 'key = f"{SCRATCH_PREFIX}config-check-' in (ROOT / "replicator" / "config_check.py").read_text()
+    assert SCRATCH_PREFIX == "tmp/"
+    # The collector runs only where asked for: the command and the daemon's `prune:` schedule.
+    importers = {
+        path.relative_to(ROOT / "replicator").as_posix()
+        for path in (ROOT / "replicator").rglob("*.py")
+        if "replicator.gc.prune import" in path.read_text()
+    }
+    assert importers == {"cli/maintenance.py", "cli/render.py", "daemon.py"}, importers
+    assert "TYPE_CHECKING" in (ROOT / "replicator" / "cli" / "render.py").read_text()  # types only
+
+
+def test_pruning_role_split() -> None:
+    """docs/DEPLOY.md's two roles: the replicating one may delete neither chunks nor packs but
+    everything replication deletes; the pruning one deletes chunks and packs and writes only
+    what the collector writes."""
+    policies, statements = deploy_policies()
+    writer, pruner = policies["replicator-replication"], policies["replicator-prune"]
+    assert (
+        statements["ListRepository"] in writer["Statement"]
+        and statements["ListRepository"] in pruner["Statement"]
+    )
+    chunk, pack = chunk_key("ab" * 16), pack_key("cd" * 16)
+    manifest, ref = snapshot_key("ckpt", "20261207T051000Z-0a1b2c3d"), ref_key("ckpt")
+    lease = f"{WRITERS}w-1"
+    delete, put, get = "s3:DeleteObject", "s3:PutObject", "s3:GetObject"
+
+    for key in (chunk, pack):
+        assert not allows(writer, delete, key), f"the replicating role may delete {key}"
+        assert allows(pruner, delete, key)
+        assert allows(writer, put, key) and not allows(pruner, put, key)
+    for key in (manifest, lease):  # retention after each publish; the writer's lease
+        assert allows(writer, delete, key)
+    for key in (chunk, pack, manifest, ref, CONFIG_KEY, lease):
+        assert allows(writer, put, key) and allows(writer, get, key)
+    for key in (manifest, ref, CONFIG_KEY):
+        assert allows(pruner, get, key)
+    assert not allows(pruner, put, manifest) and not allows(pruner, put, ref)
+    collector_keys = [LOCK_KEY, f"{PLANS}r.json", f"{DELETING}r", f"{RECORDS}r.json", f"{RECORDS}r.probe"]
+    for key in collector_keys:
+        assert allows(pruner, put, key) and allows(pruner, delete, key) and allows(pruner, get, key)
+        assert not allows(writer, delete, key), f"the replicating role may delete {key}"
+    assert allows(pruner, put, CONFIG_KEY)  # raised once to repository version 2
+    assert allows(pruner, delete, lease)  # expired intents
+    assert allows(pruner, delete, manifest)  # the chart's prune.forget
+    # The matcher itself: a broad grant is caught, another bucket is not matched.
+    broad = {"Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": REPO_ARN + "*"}]}
+    assert allows(broad, delete, chunk)
+    other = {"Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "arn:aws:s3:::other/*"}]}
+    assert not allows(other, delete, chunk)

@@ -43,6 +43,7 @@ COMMANDS: dict[str, list[str]] = {
     "status": ["status"],
     "forget": ["forget"],
     "prune": ["prune"],
+    "stats": ["stats"],
     "config check": ["config", "check", "--online"],
 }
 """Every command that reads a config, with the arguments it needs besides -c."""

@@ -99,6 +99,30 @@ def repo_target_config(
         fail(str(exc), 2)
 
 
+def target_configs(
+    config_path: Path | None,
+    targets: list[str] | None,
+    repo: str | None,
+    endpoint: str | None,
+    region: str | None,
+    profile: str | None,
+    log_level: str | None,
+    give_up_after: str | None,
+) -> list[TargetConfig]:
+    """``--repo``, or the config's targets (all, or those named by ``--target``): for the
+    commands that work on each target in turn (``prune``, ``stats``)."""
+    repo = yield_env_repo(repo)
+    if repo is not None:
+        cfg, _ = repo_target_config(None, None, repo, endpoint, region, profile, log_level, give_up_after)
+        return [cfg]
+    config = load(config_path, log_level)
+    try:
+        chosen = [config.target(n) for n in targets] if targets else list(config.targets)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    return [with_give_up(c, give_up_after) for c in chosen]
+
+
 def yield_env_repo(repo: str | None) -> str | None:
     """``--repo``, unless it came from REPLICATOR_REPO and --config or --target was given on
     the command line: what is typed wins over the environment."""

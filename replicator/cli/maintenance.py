@@ -9,7 +9,7 @@ import typer
 
 from replicator.cli import options as opt
 from replicator.cli import render
-from replicator.cli.app import app, repo_target_config, with_give_up, yield_env_repo
+from replicator.cli.app import app, target_configs, with_give_up
 from replicator.cli.support import (
     check_selection,
     emit,
@@ -19,7 +19,6 @@ from replicator.cli.support import (
     run_coroutine,
     setup_logging,
 )
-from replicator.errors import ConfigError
 from replicator.progress import make_progress
 
 
@@ -86,21 +85,41 @@ def prune(
     from replicator.units import parse_duration
 
     options = PruneOptions(grace=parse_option("--grace", grace, parse_duration), dry_run=dry_run)
-    repo = yield_env_repo(repo)
-    if repo is not None:
-        tcfgs = [
-            repo_target_config(None, None, repo, endpoint_url, region, profile, log_level, give_up_after)[0]
-        ]
-    else:
-        config = load(config_path, log_level)
-        try:
-            chosen = [config.target(n) for n in target] if target else list(config.targets)
-        except ConfigError as exc:
-            fail(str(exc), 2)
-        tcfgs = [with_give_up(c, give_up_after) for c in chosen]
+    tcfgs = target_configs(config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after)
     progress = make_progress(quiet or as_json)
     results = run_coroutine(lambda: run_prune(tcfgs, options, progress))
     emit(as_json, [r.to_json() for r in results], lambda: render.prune_lines(results))
+
+
+@app.command()
+def stats(
+    config_path: opt.ConfigPath = None,
+    target: opt.Targets = None,
+    repo: opt.Repo = None,
+    endpoint_url: opt.Endpoint = None,
+    region: opt.Region = None,
+    profile: opt.Profile = None,
+    give_up_after: opt.GiveUp = None,
+    as_json: opt.Json = False,
+    quiet: opt.Quiet = False,
+    log_level: opt.LogLevel = None,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
+) -> None:
+    """What each target's repository stores and what keeping it costs: stored bytes by prefix,
+    live (what retained snapshots reference), reclaimable (what `prune` would free), dedup and
+    compression ratios, the bytes only each snapshot holds (what forgetting it would free), and
+    the monthly storage cost at the target's `cost.storage_usd_per_gib_month`.
+
+    Read-only: reads every manifest and lists chunks/ and packs/ once; writes nothing, needs
+    no state (works on a repository written by another host). Exit 1 when a manifest cannot be
+    read or there is no repository."""
+    from replicator.gc.stats import run_stats
+
+    tcfgs = target_configs(config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after)
+    progress = make_progress(quiet or as_json)
+    results = run_coroutine(lambda: run_stats(tcfgs, progress))
+    emit(as_json, [r.to_json() for r in results], lambda: render.stats_lines(results))
 
 
 # -- config ---------------------------------------------------------------------------------

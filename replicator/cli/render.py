@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from replicator.contents import Change, Listing, SnapshotDiff
     from replicator.engine import SourceResult, TargetResult
     from replicator.gc.prune import PruneResult
-    from replicator.plan import Plan
+    from replicator.gc.stats import TargetStats
+    from replicator.plan import Plan, TargetPlan
     from replicator.repository import SnapshotRow
     from replicator.restore.run import RestoreOutcome
     from replicator.retention.apply import ForgetReport
@@ -70,6 +71,52 @@ def prune_lines(results: Sequence[PruneResult]) -> list[str]:
             out.append("  repository upgraded to version 2: writers older than garbage collection refuse it")
         out += [f"  note: {one_line(n)}" for n in r.notes]
         out.append(f"  took {format_duration(r.seconds)}")
+    return out
+
+
+# -- stats ------------------------------------------------------------------------------------
+
+NO_STORAGE_PRICE = "storage cost: not configured (set the target's cost.storage_usd_per_gib_month)"
+
+
+def _objects(n: int, nbytes: int) -> str:
+    return f"{format_size(nbytes)} in {plural(n, 'object')}"
+
+
+def stats_lines(results: Sequence[TargetStats]) -> list[str]:
+    return [line for r in results for line in _stats_target_lines(r)]
+
+
+def _stats_target_lines(r: TargetStats) -> list[str]:
+    stored = ", ".join(f"{p.rstrip('/')} {_objects(u.objects, u.bytes)}" for p, u in r.stored.items())
+    out = [
+        f"{r.target} ({r.url}): {plural(r.snapshots, 'snapshot')} of {plural(r.sources, 'source')}",
+        f"  stored: {_objects(r.total_objects, r.total_bytes)} ({stored})",
+        f"  live: {_objects(r.live_objects, r.live_bytes)}; reclaimable by prune: "
+        f"{_objects(r.reclaimable_objects, r.reclaimable_bytes)}",
+        f"  logical: {format_size(r.logical_bytes)} in all snapshots, "
+        f"{format_size(r.unique_logical_bytes)} unique, stored as {format_size(r.unique_stored_bytes)}: "
+        f"dedup {ratio(r.logical_bytes, r.unique_logical_bytes)}, "
+        f"compression {ratio(r.unique_logical_bytes, r.unique_stored_bytes)}",
+    ]
+    if r.storage_usd_per_month is None or r.reclaimable_usd_per_month is None:
+        out.append(f"  {NO_STORAGE_PRICE}")
+    else:
+        out.append(
+            f"  storage cost: ${r.storage_usd_per_month:.4f}/month at ${r.storage_usd_per_gib_month}"
+            f"/GiB-month (reclaimable: ${r.reclaimable_usd_per_month:.4f}/month)"
+        )
+    for s in r.per_snapshot:
+        out.append(
+            f"  {s.source} {s.snapshot}: {plural(s.files, 'file')}, {format_size(s.logical_bytes)}; "
+            f"unique {_objects(s.unique_objects, s.unique_bytes)}"
+        )
+    if r.missing_objects:
+        out.append(f"  warning: {r.missing_objects} referenced objects are missing (run `replicator verify`)")
+    if r.foreign_objects:
+        foreign = f"{r.foreign_objects} objects under chunks/ or packs/"
+        out.append(f"  note: {foreign} are not named as the format names them (not counted)")
+    out.append(f"  took {format_duration(r.seconds)}")
     return out
 
 
@@ -152,8 +199,7 @@ def plan_lines(result: Plan) -> list[str]:
             f"{t.gets} GET requests, ${t.cost_usd:.4f} (egress ${t.egress_usd:.4f}, requests "
             f"${t.requests_usd:.4f}){when}"
         )
-        if t.storage_usd_per_month is not None:
-            lines.append(f"   adds ${t.storage_usd_per_month:.4f}/month of storage")
+        lines += _plan_storage_lines(t)
         for s in t.sources:
             verdict = "" if s.budget_allows else "  DEFERRED by budget"
             size = format_size(s.bytes)
@@ -164,6 +210,18 @@ def plan_lines(result: Plan) -> list[str]:
     for path, why in sorted(result.skipped.items()):
         lines.append(f"  skipped {display_path(path)}: {one_line(why)}")
     return lines
+
+
+def _plan_storage_lines(t: TargetPlan) -> list[str]:
+    if t.stored_bytes_after is None:
+        return [f"   storage: {one_line(t.storage_note or 'unknown')}"]
+    retained = f"{format_size(t.stored_bytes_after)} retained after this sync"
+    if t.storage_usd_per_month is None or t.storage_usd_per_month_after is None:
+        return [f"   {retained}; {NO_STORAGE_PRICE}"]
+    return [
+        f"   {retained}: ${t.storage_usd_per_month_after:.4f}/month of storage "
+        f"(this sync adds ${t.storage_usd_per_month:.4f}/month)"
+    ]
 
 
 # -- snapshots and restore --------------------------------------------------------------------

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from replicator.config import NAME_RE
 from replicator.errors import GcRefusedError, NotFoundError, RepositoryError
+from replicator.format.manifest import Manifest
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, chunk_key, is_snapshot_id, pack_key
 
@@ -28,10 +30,20 @@ class Marks:
     """Loose keys of packed chunks: usually absent, but a loose copy (``verify --repair``)
     may be what keeps a chunk readable when its pack is damaged (FORMAT.md 4.1), so kept."""
     manifests: int = 0
+    manifest_bytes: int = 0
+    """Stored bytes of those manifests (as listed)."""
     sources: int = 0
 
     def keeps(self, key: str) -> bool:
         return key in self.live or key in self.copies
+
+
+class ManifestVisitor(Protocol):
+    """Sees every manifest the mark reads (``replicator stats``: one read serves both).
+    ``restart`` comes before each attempt: what an abandoned attempt showed must be dropped."""
+
+    def restart(self) -> None: ...
+    def visit(self, source: str, snapshot_id: str, manifest: Manifest, stored: int) -> None: ...
 
 
 MARK_ATTEMPTS = 3
@@ -41,13 +53,21 @@ class _Vanished(Exception):
     """A listed manifest was deleted before it was read (a writer's retention)."""
 
 
-async def mark(repo: Repository, progress: ProgressSink | None = None, *, concurrency: int = 8) -> Marks:
+async def mark(
+    repo: Repository,
+    progress: ProgressSink | None = None,
+    *,
+    concurrency: int = 8,
+    visitor: ManifestVisitor | None = None,
+) -> Marks:
     """Refs, then one listing of ``snapshots/``, then every manifest it shows. A manifest
     deleted between the listing and its read (retention, by a writer that published a newer
     one after the listing) starts the whole mark again: the newer manifest must be read too."""
     for attempt in range(1, MARK_ATTEMPTS + 1):
         try:
-            return await _mark(repo, progress or NoProgress(), concurrency)
+            if visitor is not None:
+                visitor.restart()
+            return await _mark(repo, progress or NoProgress(), concurrency, visitor)
         except _Vanished as exc:
             if attempt == MARK_ATTEMPTS:
                 raise GcRefusedError(
@@ -56,12 +76,10 @@ async def mark(repo: Repository, progress: ProgressSink | None = None, *, concur
     raise AssertionError("unreachable")
 
 
-async def _mark(repo: Repository, progress: ProgressSink, concurrency: int) -> Marks:
-    target = repo.target
-    # Refs first, then the manifests: a manifest is written before the ref that names it, so
-    # a ref read earlier names a manifest the later listing must show.
+async def _read_refs(repo: Repository) -> dict[str, str]:
+    """Source -> the snapshot its ref names."""
     refs: dict[str, str] = {}
-    async for info in target.list("refs/"):
+    async for info in repo.target.list("refs/"):
         parts = info.key.split("/")
         if len(parts) != 3 or parts[2] != "latest" or not NAME_RE.match(parts[1]):
             raise GcRefusedError("unrecognized object under refs/", key=info.key, hint=_HINT)
@@ -71,9 +89,13 @@ async def _mark(repo: Repository, progress: ProgressSink, concurrency: int) -> M
             raise GcRefusedError(exc.message, key=info.key, hint=_HINT) from None
         if latest is not None:
             refs[parts[1]] = latest
-    found: list[tuple[str, str]] = []
+    return refs
+
+
+async def _list_manifests(repo: Repository) -> dict[tuple[str, str], int]:
+    """(source, snapshot id) -> stored size, for every manifest the listing shows."""
     sizes: dict[tuple[str, str], int] = {}
-    async for info in target.list("snapshots/"):
+    async for info in repo.target.list("snapshots/"):
         parts = info.key.split("/")
         name = parts[-1]
         if (
@@ -83,17 +105,30 @@ async def _mark(repo: Repository, progress: ProgressSink, concurrency: int) -> M
             or not is_snapshot_id(name[: -len(_SUFFIX)])
         ):
             raise GcRefusedError("unrecognized object under snapshots/", key=info.key, hint=_HINT)
-        found.append((parts[1], name[: -len(_SUFFIX)]))
-        sizes[found[-1]] = info.size
-    listed = set(found)
+        sizes[parts[1], name[: -len(_SUFFIX)]] = info.size
+    return sizes
+
+
+async def _mark(
+    repo: Repository, progress: ProgressSink, concurrency: int, visitor: ManifestVisitor | None
+) -> Marks:
+    # Refs first, then the manifests: a manifest is written before the ref that names it, so
+    # a ref read earlier names a manifest the later listing must show.
+    refs = await _read_refs(repo)
+    sizes = await _list_manifests(repo)
+    found = list(sizes)
     for source, sid in refs.items():
-        if (source, sid) not in listed:
+        if (source, sid) not in sizes:
             raise GcRefusedError(
                 f"the ref names snapshot {sid}, which the listing of snapshots/ does not show",
                 key=f"refs/{source}/latest",
                 hint="the listing is incomplete or the repository is damaged; run `replicator verify`",
             )
-    marks = Marks(manifests=len(found), sources=len({s for s, _ in found} | set(refs)))
+    marks = Marks(
+        manifests=len(found),
+        manifest_bytes=sum(sizes.values()),
+        sources=len({s for s, _ in found} | set(refs)),
+    )
     sem = asyncio.Semaphore(concurrency)
     progress.begin("reading manifests", sum(sizes.values()))
 
@@ -117,11 +152,18 @@ async def _mark(repo: Repository, progress: ProgressSink, concurrency: int) -> M
                 else:
                     marks.live.add(pack_key(at[0]))
                     marks.copies.add(chunk_key(cid))
+        if visitor is not None:
+            visitor.visit(source, sid, manifest, sizes[source, sid])
         progress.advance(sizes[source, sid])
 
+    tasks = [asyncio.ensure_future(one(s, i)) for s, i in found]
     try:
-        await asyncio.gather(*(one(s, i) for s, i in found))
+        await asyncio.gather(*tasks)
     finally:
+        # On a failure the other reads stop here: none may reach a later attempt's visitor.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         progress.end()
     marks.copies -= marks.live
     return marks

@@ -39,6 +39,34 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The prune CronJob's own account (its own cloud role: docs/DEPLOY.md). */}}
+{{- define "replicator.pruneServiceAccountName" -}}
+{{- $sa := .Values.prune.serviceAccount }}
+{{- if $sa.create }}
+{{- default (printf "%s-prune" (include "replicator.fullname" . | trunc 57 | trimSuffix "-")) $sa.name }}
+{{- else }}
+{{- required "prune.serviceAccount.name: with prune.serviceAccount.create: false, name the existing account prune runs as (one with the pruning role, not the daemon's)" $sa.name }}
+{{- end }}
+{{- end }}
+
+{{- define "replicator.pruneName" -}}
+{{- include "replicator.fullname" . | trunc 46 | trimSuffix "-" }}-prune
+{{- end }}
+
+{{/* The prune CronJob's mounts (forget and prune): config, a fresh cache, /tmp, extras. */}}
+{{- define "replicator.pruneMounts" -}}
+- name: replicator-config
+  mountPath: /etc/replicator
+  readOnly: true
+- name: replicator-state
+  mountPath: /var/lib/replicator
+- name: replicator-tmp
+  mountPath: /tmp
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
 {{- define "replicator.image" -}}
 {{- $repo := required "image.repository is required: an image with replicator installed (build one with the repository's Dockerfile)" .Values.image.repository }}
 {{- printf "%s:%s" $repo (toString .Values.image.tag) }}
@@ -60,6 +88,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if and .Values.sidecar.example.enabled (not .Values.sidecar.native) }}
 {{- fail "sidecar.example.enabled needs sidecar.native: the example is a Job, and a Job with an ordinary sidecar container never completes" }}
+{{- end }}
+{{- if .Values.prune.enabled }}
+{{- range $t := (.Values.config | default dict).targets | default list }}
+{{- if and (kindIs "map" $t) (hasKey $t "prune") }}
+{{- fail (printf "config.targets[%s].prune: the daemon would collect garbage itself, with the replicating role's credentials, beside the prune CronJob: remove it (prune.enabled runs replicator prune under its own service account), or set prune.enabled: false to keep the daemon's schedule (docs/DEPLOY.md, \"Pruning under its own role\")" (toString $t.name)) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -89,19 +124,28 @@ pod's IP.
 
 {{/* Environment of every replicator container: credentials and ${VAR} values. */}}
 {{- define "replicator.env" -}}
+{{- include "replicator.envWith" (dict "ctx" . "secret" .Values.credentials.existingSecret) }}
+{{- end }}
+
+{{/*
+The same, with the Secret of credentials given: (dict "ctx" <context> "secret" <name>). The
+prune CronJob passes prune.credentials.existingSecret when it has keys of its own.
+*/}}
+{{- define "replicator.envWith" -}}
+{{- $v := .ctx.Values -}}
 env:
   - name: HOME  # the image's user has no home directory; botocore looks for ~/.aws
     value: /tmp
-  {{- with .Values.env }}
+  {{- with $v.env }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
-{{- if or .Values.credentials.existingSecret .Values.envFrom }}
+{{- if or .secret $v.envFrom }}
 envFrom:
-  {{- with .Values.credentials.existingSecret }}
+  {{- with .secret }}
   - secretRef:
       name: {{ . }}
   {{- end }}
-  {{- with .Values.envFrom }}
+  {{- with $v.envFrom }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end }}
@@ -175,8 +219,8 @@ The daemon's container. Called with (dict "ctx" <context> "sidecar" <bool>).
 
 {{/*
 Volumes of a pod that runs replicator. Called with (dict "ctx" <context> "mode" <m>), m is
-"daemon" (standalone), "sidecar" or "verify" (always a fresh cache: the daemon's claim is
-ReadWriteOnce and its cache is locked while it runs).
+"daemon" (standalone), "sidecar", "verify" or "prune" (the last two: always a fresh cache;
+the daemon's claim is ReadWriteOnce and its cache is locked while it runs).
 */}}
 {{- define "replicator.volumes" -}}
 {{- $v := .ctx.Values }}
@@ -185,7 +229,7 @@ ReadWriteOnce and its cache is locked while it runs).
   configMap:
     name: {{ include "replicator.fullname" .ctx }}
 - name: replicator-state
-  {{- if and $pvc.existingClaim (ne .mode "verify") }}
+  {{- if and $pvc.existingClaim (has .mode (list "daemon" "sidecar")) }}
   persistentVolumeClaim:
     claimName: {{ $pvc.existingClaim }}
   {{- else if and $pvc.enabled (eq .mode "daemon") }}
