@@ -1,6 +1,7 @@
 """Daemon benchmarks: change-to-durable latency, and idle CPU while watching many files.
 
     python -m bench.bench_daemon latency [--sets 40] [--set-mib 16]
+    python -m bench.bench_daemon after-marker [--sets 10] [--file-mib 300]
     python -m bench.bench_daemon idle [--files 100000] [--seconds 120]
 
 latency: ``replicator run`` watches a checkpoint source (marker ``COMPLETE``) and replicates
@@ -8,6 +9,13 @@ to a local directory. Each trial writes a set of bf16 safetensors shards, waits 
 are quiet, then writes the marker; latency is from the marker's close to the moment the
 target's ref names a snapshot containing the set (the ref is polled every 2 ms). With
 ``--settle 3`` the shards are quiet long enough to be prestaged before the marker appears.
+
+after-marker: the single-node trainer's case (issue 23), where nothing can be prestaged: each
+set is one file of ``--file-mib`` (bf16 noise) written immediately before its marker, while a
+CPU-busy process (a trainer's host thread) spins on one core beside the daemon. Latency is from
+the marker's close to the ref naming the set; it is compared with ``replicator sync`` of the
+same one-file set into a fresh target and state under the same load (the floor the daemon
+should reach: sync + 0.3 s is the issue's target).
 
 idle: the daemon watches a dataset of N small files in 1,000 directories. After the initial
 sync, the daemon's own CPU time (utime + stime from /proc) is sampled over a quiet window.
@@ -100,6 +108,87 @@ def latency(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def _busy() -> subprocess.Popen[bytes]:
+    """A process that keeps one core busy (the trainer beside the daemon)."""
+    return subprocess.Popen(["python3", "-c", "while True: pass"])
+
+
+def _write_set(d: Path, file_mib: int, rng: np.random.Generator, marker: bool) -> None:
+    d.mkdir(parents=True)
+    write_safetensors(d / "__0_0.distcp", {"w": bf16(rng, (file_mib * 2**20 // 2,))})
+    if marker:
+        (d / "COMPLETE").write_text("")
+
+
+def _sync_reference(work: Path, file_mib: int, rng: np.random.Generator) -> float:
+    """Wall time of ``replicator sync`` for one complete one-file set, fresh target and state."""
+    src, tgt = work / "sync-src", work / "sync-tgt"
+    for d in (src, tgt, work / "sync-state"):
+        shutil.rmtree(d, ignore_errors=True)
+    _write_set(src / "step-0", file_mib, rng, marker=True)
+    tgt.mkdir()
+    cfg = work / "sync.yaml"
+    cfg.write_text(
+        f"state_dir: {work}/sync-state\n"
+        f"sources: [{{name: ckpt, url: {src}, kind: checkpoint, complete_when: {{marker: COMPLETE}}}}]\n"
+        f"targets: [{{name: local, url: {tgt}}}]\n"
+    )
+    start = time.perf_counter()
+    subprocess.run([*replicator_command(), "sync", "-c", str(cfg), "-q"], check=True)
+    return time.perf_counter() - start
+
+
+def after_marker(args: argparse.Namespace) -> dict[str, object]:
+    work = args.workdir / "after-marker"
+    shutil.rmtree(work, ignore_errors=True)
+    src, tgt = work / "src", work / "tgt"
+    src.mkdir(parents=True)
+    tgt.mkdir()
+    cfg = work / "r.yaml"
+    cfg.write_text(
+        f"state_dir: {work}/state\n"
+        f"sources: [{{name: ckpt, url: {src}, kind: checkpoint, complete_when: {{marker: COMPLETE}}, "
+        "keep_last: 1, max_delete: 100%}]\n"
+        f"targets: [{{name: local, url: {tgt}}}]\n"
+    )
+    rng = np.random.default_rng(0)
+    busy = _busy()
+    proc = start_daemon(cfg, work / "daemon.log")
+    ref = tgt / "refs" / "ckpt" / "latest"
+    samples, syncs = [], []
+    try:
+        wait_for(lambda: "daemon.ready" in (work / "daemon.log").read_text(), 30)
+        for i in range(args.sets):
+            d = src / f"step-{i:06d}"
+            _write_set(d, args.file_mib, rng, marker=False)  # written, then at once the marker
+            before = ref.read_bytes() if ref.exists() else b""
+            start = time.perf_counter()
+            (d / "COMPLETE").write_text("")
+            while not ref.exists() or ref.read_bytes() == before:
+                time.sleep(0.002)
+            samples.append(time.perf_counter() - start)
+            if i:
+                shutil.rmtree(src / f"step-{i - 1:06d}")  # the trainer keeps the newest only
+            syncs.append(_sync_reference(work, args.file_mib, rng))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        busy.kill()
+        busy.wait()
+    return {
+        "file_mib": args.file_mib,
+        "sets": args.sets,
+        **_summary(samples, "daemon"),
+        **_summary(syncs, "sync"),
+    }
+
+
+def _summary(samples: list[float], name: str) -> dict[str, object]:
+    samples = sorted(samples)
+    p99 = samples[min(len(samples) - 1, round(0.99 * (len(samples) - 1)))]
+    return {f"{name}_p50_s": statistics.median(samples), f"{name}_p99_s": p99, f"{name}_samples_s": samples}
+
+
 def idle(args: argparse.Namespace) -> dict[str, object]:
     work = args.workdir / "idle"
     src, tgt = work / "src", work / "tgt"
@@ -152,20 +241,22 @@ def idle(args: argparse.Namespace) -> dict[str, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["latency", "idle"])
+    ap.add_argument("which", choices=["latency", "after-marker", "idle"])
     ap.add_argument("--sets", type=int, default=40)
     ap.add_argument("--set-mib", type=int, default=16)
+    ap.add_argument("--file-mib", type=int, default=300, help="after-marker: the one file's size")
     ap.add_argument("--settle", type=float, default=0.5, help="seconds between the last shard and the marker")
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--rescan", type=float, default=600, help="rescan_interval (the default is 10 min)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/replicator-bench"))
     args = ap.parse_args()
-    result = latency(args) if args.which == "latency" else idle(args)
+    scenarios = {"latency": latency, "after-marker": after_marker, "idle": idle}
+    result = scenarios[args.which](args)
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"daemon-{args.which}.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "samples_s"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if not k.endswith("samples_s")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,10 @@ def _check_name(value: str) -> str:
     return value
 
 
+def _check_optional_name(value: str | None) -> str | None:
+    return None if value is None else _check_name(value)
+
+
 def _check_globs(patterns: list[str]) -> list[str]:
     for p in patterns:
         compile_glob(p)
@@ -122,6 +126,58 @@ class CompleteWhen(_Model):
     def _one(self) -> CompleteWhen:
         if self.marker is None and self.quiet is None:
             raise ValueError("give marker, quiet or both")
+        return self
+
+
+class SharedConfig(_Model):
+    """Several replicator instances contribute the files of one checkpoint source (issue 21):
+    one per node, each with that node's ranks (node-local disks), or N sharing one big
+    directory (``split``). Each writes its *part* of every set to the repository; one instance,
+    the *assembler*, publishes a set once every instance's part is in (docs/FORMAT.md §11)."""
+
+    instances: int = Field(ge=1, le=1024)
+    """How many instances contribute: a set is published only with a part from each."""
+    instance: str
+    """This instance's name, unique among them (``${POD_NAME}``, ``${NODE_NAME}``)."""
+    assembler: str | None = None
+    """The name of the instance that publishes. Default: the one whose name ends in ``-0``
+    (a StatefulSet's first pod)."""
+    split: bool = False
+    """The instances share one directory: each reads only its share of the files (by a hash of
+    the path; the instance's number is the trailing number of its name, 0..instances-1)."""
+    deadline: Duration = 600.0
+    """A set waiting for parts longer than this is reported as overdue (log, metric, alert)."""
+    heartbeat: Duration = 30.0
+    """How often an instance says it is alive (its member object); the assembler looks for
+    new parts this often too. An instance silent for three heartbeats is reported."""
+
+    _names = field_validator("instance", "assembler")(_check_optional_name)
+
+    @property
+    def index(self) -> int | None:
+        """The trailing number of the instance's name (``replicator-2`` → 2), if it has one."""
+        m = re.search(r"(\d+)$", self.instance)
+        return int(m.group(1)) if m else None
+
+    @property
+    def is_assembler(self) -> bool:
+        if self.assembler is not None:
+            return self.assembler == self.instance
+        return self.index == 0
+
+    @model_validator(mode="after")
+    def _roles(self) -> SharedConfig:
+        index = self.index
+        if self.split and (index is None or index >= self.instances):
+            raise ValueError(
+                f"split: the instance name {self.instance!r} must end in its number, "
+                f"0..{self.instances - 1} (a StatefulSet pod name such as replicator-0)"
+            )
+        if self.assembler is None and index is None:
+            raise ValueError(
+                f"instance {self.instance!r} has no trailing number: name the instance that "
+                "publishes with assembler: NAME"
+            )
         return self
 
 
@@ -262,6 +318,10 @@ class SourceConfig(_Endpoint):
     """A source that never falls quiet is still snapshotted at least this often (counted from
     the first change not yet snapshotted), so its lag stays bounded."""
 
+    shared: SharedConfig | None = None
+    """Checkpoint sources only: this instance is one of several contributing to the source
+    (multi-node checkpoints, scale-out of one directory). See :class:`SharedConfig`."""
+
     # -- retention (replicator.retention.policy; README "Retention") --------------------------
     retention: RetentionPolicy | None = None
     """What each target keeps of this source (default: everything). Datasets and embeddings:
@@ -298,6 +358,8 @@ class SourceConfig(_Endpoint):
     def _kind_rules(self) -> SourceConfig:
         if self.complete_when is not None and self.kind != "checkpoint":
             raise ValueError("complete_when applies to kind: checkpoint only")
+        if self.shared is not None and self.kind != "checkpoint":
+            raise ValueError("shared applies to kind: checkpoint only")
         if self.max_delay < self.quiet_before_snapshot:
             raise ValueError(f"max_delay ({self.max_delay:g}s) must not be shorter than debounce")
         return self
@@ -508,10 +570,11 @@ class S3ObjectOptions(_Model):
 class S3TargetConfig(_S3Endpoint, S3ObjectOptions, TargetConfig):
     """A target bucket, ``s3://bucket/prefix``, on AWS or any S3-compatible server."""
 
-    checksum: Literal["md5", "crc32", "crc32c", "sha256", "sha1"] = "md5"
-    """Integrity checksum sent with every PUT: Content-MD5 or an x-amz-checksum-* header. MD5 is
-    verified by every S3 implementation; crc32 costs a fifth of its CPU where the server
-    verifies it (docs/PERFORMANCE.md)."""
+    checksum: Literal["auto", "md5", "crc32", "crc32c", "sha256", "sha1"] = "auto"
+    """Integrity checksum sent with every PUT: Content-MD5 or an x-amz-checksum-* header.
+    ``auto`` probes the server once (at the first PUT) and uses CRC32 where it verifies it (a
+    fifth of MD5's CPU), else Content-MD5 (docs/PERFORMANCE.md, "Checksums on S3 PUTs").
+    ``crc32c`` needs the awscrt package."""
 
 
 # --- sources and targets: one model per url scheme --------------------------------------

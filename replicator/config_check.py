@@ -6,7 +6,9 @@ each S3 source's and target's AWS profile is looked up in the AWS config files; 
 of the sources and targets follows. ``--online`` then reaches each of them and tries what
 replicator will need: a source is listed and one of its files read (one byte); on a target
 a scratch object (``tmp/config-check-<random>``, docs/FORMAT.md) is written, read back,
-listed and deleted. Each check is reported as ok or failed with its error.
+listed and deleted, and an S3 target reports the checksum its PUTs carry (with ``checksum:
+auto``, the one its first PUT found the server verifies). Each check is reported as ok or
+failed with its error.
 
 Nothing a repository holds is read or changed, and a source is never written to.
 """
@@ -50,7 +52,8 @@ class Endpoint:
 
 @dataclass
 class Check:
-    """One online check: ``subject`` (``target t1``) may ``check`` (list, read, put, get, delete)."""
+    """One online check: ``subject`` (``target t1``) may ``check`` (list, read, put, get, delete;
+    ``checksum``: which one its PUTs carry, in ``error`` though ok)."""
 
     subject: str
     check: str
@@ -284,11 +287,25 @@ async def _check_target(cfg: TargetConfig) -> list[Check]:
             await attempt("get", get)
             await attempt("list", listed)
             await attempt("delete", lambda: target.delete(key))
+            if isinstance(cfg, S3TargetConfig):
+                checks.append(Check(subject, "checksum", True, _checksum_in_use(target)))
         else:
             await attempt("list", _lists(target))
     finally:
         await target.close()
     return checks
+
+
+def _checksum_in_use(target: Any) -> str:
+    """What an S3 target's PUTs carry, once one PUT has gone through."""
+    from replicator.targets import backend_of
+    from replicator.targets.s3 import S3Target
+
+    backend = backend_of(target)
+    assert isinstance(backend, S3Target)
+    if backend.detected is not None:
+        return backend.detected.describe()
+    return f"{backend.checksum}, as configured"
 
 
 def _lists(target: Any) -> Callable[[], Awaitable[object]]:

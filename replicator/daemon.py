@@ -349,6 +349,9 @@ class TargetPublisher:
     probe_error: ReplicatorError | None = None
     history: page.History = field(default_factory=page.History)
     """Where published snapshots are listed for the status page."""
+    idle_shared: dict[str, Candidate] = field(default_factory=dict)
+    """Shared sources' last candidates, done: published again every ``shared.heartbeat``, to
+    keep this instance's member object alive and (the assembler) to find new parts."""
 
     @property
     def name(self) -> str:
@@ -365,6 +368,7 @@ class TargetPublisher:
 
     def submit(self, candidate: Candidate) -> None:
         self.pending[candidate.source] = candidate
+        self.idle_shared.pop(candidate.source, None)
         spec = self.target.repo.hash
         have = self.delivered.get(candidate.source, {})
         changed = [
@@ -387,7 +391,11 @@ class TargetPublisher:
                 if self.sources_done.is_set():
                     return
                 self.wake.clear()
-                await pause(relist_due - time.monotonic(), self.wake)
+                heartbeat = self._heartbeat()
+                await pause(min(relist_due, heartbeat) - time.monotonic(), self.wake)
+                if not self.pending and time.monotonic() >= heartbeat:
+                    self.pending.update(self.idle_shared)
+                    self.idle_shared.clear()
                 if not self.pending and time.monotonic() < relist_due:
                     continue
             ok = await self._probe() if not self.target.uploader.healthy else True
@@ -407,7 +415,8 @@ class TargetPublisher:
                 # or held for an operator (SIGHUP after `replicator release`): look again on a
                 # wake-up, at least every minute.
                 backoff.reset()
-                wait = min(60.0, self.rep.budget.seconds_to_next_period())
+                budget = self.rep.budget.seconds_to_next_period()
+                wait = min(60.0, budget, self._heartbeat() - time.monotonic())
             else:
                 wait = backoff.next_delay()
                 if isinstance(self.probe_error or self.target.uploader.error, PermanentTargetError):
@@ -415,6 +424,11 @@ class TargetPublisher:
                 log.info("target.backoff", target=self.name, seconds=round(wait, 2), attempt=backoff.failures)
             self.wake.clear()
             await pause(wait, self.wake)
+
+    def _heartbeat(self) -> float:
+        """When the next shared source's heartbeat is due (monotonic; inf: none is shared)."""
+        beats = [s.shared.heartbeat for s in self.live.config.sources if s.shared is not None]
+        return time.monotonic() + min(beats) if beats else float("inf")
 
     async def _relist(self) -> bool:
         """The scheduled reconciliation of the state's chunk claims (``relist_interval``)."""
@@ -458,11 +472,13 @@ class TargetPublisher:
                 self.tracker.failed(source, self.name, result.error or "failed")
                 outcome = "failed"
                 continue
-            if result.status in ("deferred", "held"):
+            if result.status in ("deferred", "held", "waiting"):
                 if result.status == "deferred":
                     self.tracker.deferred(source, self.name, result.error or "deferred by the budget")
-                else:
+                elif result.status == "held":
                     self.tracker.held(source, self.name, result.error or "held")
+                else:  # sets wait for other instances' parts: not durable, the lag grows
+                    self.tracker.failed(source, self.name, f"waiting for parts: {result.error}")
                 outcome = "waiting" if outcome == "ok" else outcome
                 continue
             if result.status == "superseded":
@@ -482,6 +498,8 @@ class TargetPublisher:
                 self.approvals.get(source, set()).discard(self.name)
             if self.pending.get(source) is candidate:
                 del self.pending[source]
+                if self.live.source(source).shared is not None:
+                    self.idle_shared[source] = candidate  # published again each heartbeat
         return outcome
 
 

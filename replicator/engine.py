@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -55,6 +55,8 @@ from replicator.read.pipeline import ChunkPipeline, FileRecord
 from replicator.reconcile import describe, reconcile, set_name
 from replicator.repository import Repository, chunk_key, pack_key
 from replicator.retention import apply as retention
+from replicator.shared.publish import SharedCache, publish_shared
+from replicator.shared.split import mine
 from replicator.sources import Listing, Source, SourceFile, open_source
 from replicator.state import StateStore
 from replicator.targets import RetryingTarget, Target, TargetHealth, open_target, retry_policy, unwrap
@@ -78,7 +80,12 @@ SMALL_BATCH_BYTES = 8 << 20
 @dataclass
 class TargetResult:
     target: str
-    status: Literal["published", "unchanged", "empty", "failed", "superseded", "deferred", "held"]
+    status: Literal[
+        "published", "unchanged", "empty", "failed", "superseded", "deferred", "held",
+        "contributed", "waiting",
+    ]  # fmt: skip
+    """``contributed``: this instance's parts of a shared source are written (another instance
+    publishes); ``waiting``: what is complete is published, and some sets wait for parts."""
     snapshot: str | None = None
     error: str | None = None
     uploads: UploadStats = field(default_factory=UploadStats)
@@ -90,6 +97,11 @@ class TargetResult:
     """The failure is that the target could not be contacted at all."""
     deleted_files: int = 0
     """Files of the target's previous snapshot this one no longer holds."""
+
+
+DONE = ("published", "unchanged", "empty", "contributed", "waiting")
+"""Outcomes that are not failures (a set waiting for other instances' parts is incomplete,
+like a set the gate holds back, not failed)."""
 
 
 @dataclass
@@ -113,13 +125,13 @@ class SourceResult:
 
     @property
     def ok(self) -> bool:
-        return not self.skipped and all(t.status in ("published", "unchanged", "empty") for t in self.targets)
+        return not self.skipped and all(t.status in DONE for t in self.targets)
 
     @property
     def exit_code(self) -> int:
         """0 done; 4 published but incomplete (files unreadable); 3 a target could not be
         reached; 1 anything else failed or was held (README, "Exit codes")."""
-        failed = [t for t in self.targets if t.status not in ("published", "unchanged", "empty")]
+        failed = [t for t in self.targets if t.status not in DONE]
         if any(not t.unreachable for t in failed):
             return 1
         if failed:
@@ -189,6 +201,8 @@ class OpenTarget:
     """Per source, the latest snapshot this process wrote or read (replicator.reconcile)."""
     summaries: retention.SummaryCache = field(default_factory=dict)
     """What each snapshot holds, for retention (manifests are immutable)."""
+    shared: dict[str, SharedCache] = field(default_factory=dict)
+    """Per shared source, what this process knows of its parts here (replicator.shared)."""
 
 
 def content_key(manifest: Manifest) -> str:
@@ -388,6 +402,9 @@ class Replicator:
         unreadable = unreadable or {}
         result.skipped.update(unreadable)
         selection = gate.select(cfg, files, time.time_ns(), unreadable)
+        if cfg.shared is not None and cfg.shared.split:  # every instance gates all, reads its share
+            selection.files = [f for f in selection.files if mine(cfg.shared, f.path)]
+            selection.prestage = [f for f in selection.prestage if mine(cfg.shared, f.path)]
         result.held_back = selection.held_back
         healthy = [t for t in self.open_targets if t.uploader.healthy]
         records, to_read = self._plan(cfg.name, selection.files, healthy)
@@ -553,27 +570,18 @@ class Replicator:
                 stored = await self._chunks_durable(t, cfg, candidate)
                 if isinstance(stored, TargetResult):
                     return stored
-                packed = {c: at for c, at in stored.items() if at is not None}
-                outcome, manifest, latest_id = await self._reconciled(
-                    t, cfg, candidate, packed, allow_deletes
-                )
-                if manifest is None:
-                    return outcome
-                if self._unchanged(t, cfg, manifest, latest_id, outcome):
-                    return outcome
-                # The writer's rule of the garbage-collection protocol (docs/FORMAT.md 10.3):
-                # no collector deletes while the manifest is written, and chunks a collector
-                # deleted before are sent again first. (What the reconciled manifest carries
-                # forward, the latest manifest references: a collector keeps it.)
-                async with t.uploader.window() as window:
-                    lost = window.lost(_object_keys(stored))
-                    if lost:
-                        log.info(
-                            "snapshot.gc_collected_chunks", source=cfg.name, target=name, objects=len(lost)
-                        )
-                        continue
-                    window.check()
-                    return await self._write(t, cfg, manifest, outcome)
+                if cfg.shared is not None:
+                    result = await publish_shared(self, t, cfg, candidate, stored, allow_deletes)
+                else:
+                    packed = {c: at for c, at in stored.items() if at is not None}
+                    result = await self.publish_manifest(
+                        t, cfg, candidate.manifest(t.repo.hash, packed),
+                        present=candidate.present_sets, held_back=dict(candidate.held_back),
+                        unknown=dict(candidate.unknown), allow_deletes=allow_deletes, own=object_keys(stored),
+                    )  # fmt: skip
+                if result is not None:
+                    return result
+                log.info("snapshot.gc_collected_chunks", source=cfg.name, target=name)
             raise TargetError(
                 f"garbage collection deleted chunks this snapshot needs {GC_ATTEMPTS} times in a row",
                 target=name,
@@ -624,12 +632,44 @@ class Replicator:
             f"{len(still)} chunks could not be uploaded", target=t.config.name
         )
 
+    async def publish_manifest(
+        self,
+        t: OpenTarget,
+        cfg: SourceConfig,
+        manifest: Manifest,
+        *,
+        present: Collection[str],
+        held_back: dict[str, str],
+        unknown: dict[str, str],
+        allow_deletes: bool,
+        own: Sequence[str] = (),
+    ) -> TargetResult | None:
+        """Reconcile ``manifest`` (chunks durable) with the target's latest snapshot and write
+        it, unless unchanged, empty or held. None: the collector deleted some of ``own`` (the
+        objects this process uploaded for it) before the window; they must be sent again."""
+        outcome, merged, latest_id = await self._reconciled(
+            t, cfg, manifest, present, held_back, unknown, allow_deletes
+        )
+        if merged is None or self._unchanged(t, cfg, merged, latest_id, outcome):
+            return outcome
+        # The writer's rule of the garbage-collection protocol (docs/FORMAT.md 10.3): no
+        # collector deletes while the manifest is written, and chunks a collector deleted
+        # before are sent again first. (What the reconciled manifest carries forward, the
+        # latest manifest references: a collector keeps it.)
+        async with t.uploader.window() as window:
+            if window.lost(own):
+                return None
+            window.check()
+            return await self._write(t, cfg, merged, outcome)
+
     async def _reconciled(
         self,
         t: OpenTarget,
         cfg: SourceConfig,
-        candidate: Candidate,
-        packed: dict[str, PackedAt],
+        manifest: Manifest,
+        present: Collection[str],
+        held_back: dict[str, str],
+        unknown: dict[str, str],
         allow_deletes: bool,
     ) -> tuple[TargetResult, Manifest | None, str | None]:
         """The manifest to publish (replicator.reconcile), the outcome so far, and the id of the
@@ -638,11 +678,7 @@ class Replicator:
         name = t.config.name
         latest_id, previous = await self._latest_manifest(t, cfg.name)
         merged = reconcile(
-            candidate.manifest(t.repo.hash, packed),
-            previous,
-            present_sets=candidate.present_sets,
-            held_back=dict(candidate.held_back),
-            unknown=dict(candidate.unknown),
+            manifest, previous, present_sets=frozenset(present), held_back=held_back, unknown=unknown
         )
         outcome = TargetResult(name, "published", carried=merged.carried, damaged=merged.damaged)
         if merged.damaged:
@@ -778,7 +814,7 @@ class Replicator:
         return {t.config.name: dataclasses.replace(t.uploader.stats) for t in self.open_targets}
 
 
-def _object_keys(stored: Mapping[str, PackedAt | None]) -> list[str]:
+def object_keys(stored: Mapping[str, PackedAt | None]) -> list[str]:
     """The chunk and pack objects a manifest naming these chunks references."""
     return list({chunk_key(c) if at is None else pack_key(at[0]) for c, at in stored.items()})
 

@@ -25,6 +25,9 @@ from replicator.format.manifest import SetInfo
 from replicator.globs import compile_glob
 from replicator.sources.base import SourceFile
 
+SHARED_QUIET = 30.0
+"""With ``shared`` instances on separate nodes, a node whose share of a set lacks the marker
+declares its part once the set is quiet this long (unless ``complete_when.quiet`` says)."""
 PRESTAGE_QUIET_NS = 2_000_000_000
 """A file of an incomplete set untouched for this long is probably finished: prestage it."""
 
@@ -57,6 +60,7 @@ def select(
     if cfg.kind != "checkpoint":
         return Selection(files=list(files))
     rule = cfg.completion
+    per_node = cfg.shared is not None and not cfg.shared.split
     marker = compile_glob(rule.marker) if rule.marker else None
     groups: dict[str, list[SourceFile]] = {}
     out = Selection()
@@ -78,13 +82,19 @@ def select(
             continue
         newest = max(f.mtime_ns for f in members)
         reasons = []
+        quiet = rule.quiet
         if marker is not None and not any(marker.match(f.path.partition("/")[2]) for f in members):
-            reasons.append(f"no {rule.marker} marker")
-        if rule.quiet is not None:
+            if not per_node:
+                reasons.append(f"no {rule.marker} marker")
+            elif quiet is None:
+                # Node-local parts: the marker is on one node only; the others' parts are
+                # complete when quiet, and the assembler requires the marker in some part.
+                quiet = SHARED_QUIET
+        if quiet is not None:
             quiet_for = (now_ns - newest) / 1e9
-            if quiet_for < rule.quiet:
-                reasons.append(f"modified {max(quiet_for, 0):.1f}s ago (quiet period {rule.quiet:g}s)")
-                out.recheck_at(newest + int(rule.quiet * 1e9))
+            if quiet_for < quiet:
+                reasons.append(f"modified {max(quiet_for, 0):.1f}s ago (quiet period {quiet:g}s)")
+                out.recheck_at(newest + int(quiet * 1e9))
         if reasons:
             out.held_back[name] = ", ".join(reasons)
             for f in members:

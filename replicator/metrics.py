@@ -140,6 +140,32 @@ DAMAGED_SETS = Gauge(
     ["source", "target"],
     registry=REGISTRY,
 )
+# -- several instances, one source (replicator.shared) ----------------------------------------
+SETS_WAITING = Gauge(
+    "replicator_sets_waiting",
+    "Checkpoint sets of a shared source some instances' parts are in for, not yet complete "
+    "(set on the assembler).",
+    ["source", "target"],
+    registry=REGISTRY,
+)
+SET_WAIT_SECONDS = Gauge(
+    "replicator_set_wait_seconds",
+    "How long the oldest waiting set of a shared source has waited for parts (store time).",
+    ["source", "target"],
+    registry=REGISTRY,
+)
+SETS_OVERDUE = Gauge(
+    "replicator_sets_overdue",
+    "Waiting sets of a shared source past shared.deadline: an instance is missing or stuck.",
+    ["source", "target"],
+    registry=REGISTRY,
+)
+INSTANCES_SILENT = Gauge(
+    "replicator_instances_silent",
+    "Instances of a shared source whose member object is older than three heartbeats.",
+    ["source", "target"],
+    registry=REGISTRY,
+)
 CARRIED_ENTRIES = Gauge(
     "replicator_carried_entries",
     "Sets and files the latest publish kept from the previous snapshot because the primary "
@@ -235,6 +261,8 @@ def initialize(sources: list[str], targets: list[str]) -> None:
             SOURCE_ERRORS.labels(s, kind)
         for t in targets:
             for gauge in (RPO_LAG, RPO_BREACHED, PENDING_BYTES, PENDING_FILES, DELETION_HELD, DAMAGED_SETS):
+                gauge.labels(s, t)
+            for gauge in (SETS_WAITING, SET_WAIT_SECONDS, SETS_OVERDUE, INSTANCES_SILENT):
                 gauge.labels(s, t)
             CARRIED_ENTRIES.labels(s, t)
             SNAPSHOTS_FORGOTTEN.labels(s, t)

@@ -53,7 +53,11 @@ GC_VERSION = 2
 """Version 2: writers follow the garbage-collection protocol (docs/FORMAT.md section 10).
 ``replicator prune`` upgrades a repository to it, so that writers which do not know the
 protocol refuse the repository instead of racing the collector."""
-READ_VERSIONS = (1, 2)
+PARTS_VERSION = 3
+"""Version 3: objects under ``parts/`` (several instances, one source: FORMAT.md §11) are roots
+of the garbage collector's mark. Raised when an instance first writes a part, so that
+collectors which do not read parts refuse the repository instead of deleting their chunks."""
+READ_VERSIONS = (1, 2, 3)
 CONFIG_KEY = "config.json"
 MAX_SMALL_OBJECT = 1 << 20  # config and refs are tiny; anything bigger is not ours
 _SNAPSHOT_ID = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)-([0-9a-f]{32}|[0-9a-f]{64})$")
@@ -221,9 +225,20 @@ class Repository:
     async def upgrade_for_gc(self) -> bool:
         """Raise ``config.json`` to GC_VERSION (everything else unchanged); False if it already
         is. Writers that predate the protocol then refuse the repository."""
-        if self.config.version >= GC_VERSION:
+        return await self._upgrade(GC_VERSION)
+
+    async def upgrade_for_parts(self) -> bool:
+        """Raise ``config.json`` to PARTS_VERSION before the first part is written."""
+        return await self._upgrade(PARTS_VERSION)
+
+    async def _upgrade(self, version: int) -> bool:
+        if self.config.version >= version:
             return False
-        config = dataclasses.replace(self.config, version=GC_VERSION)
+        current = await Repository.open(self.target)  # never lower what another process raised
+        if current.config.version >= version:
+            self.config = current.config
+            return False
+        config = dataclasses.replace(current.config, version=version)
         await self.target.put(CONFIG_KEY, config.to_json())
         await self.target.flush()
         self.config = config

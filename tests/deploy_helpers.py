@@ -233,8 +233,26 @@ def env_for(*texts: str) -> dict[str, str]:
     return {name: f"https://{name.lower()}.example" for t in texts for name in ENV_REF.findall(t)}
 
 
-def mounted_config(spec: Obj, container: Obj, configmaps: Mapping[str, Obj]) -> tuple[Config, str]:
-    """The Config the container loads (through replicator's own validator) and its path."""
+DOWNWARD_API = {"metadata.name": "replicator-0", "spec.nodeName": "gpu-node-7"}
+"""What the kubelet puts in an env var with a fieldRef: the pod's name (the first of a
+StatefulSet's), the node's."""
+SET_BY_KUBERNETES = {"JOB_COMPLETION_INDEX": "0"}
+"""Variables the Job controller adds to every container of an Indexed Job's pods."""
+
+
+def identity_env(container: Obj) -> dict[str, str]:
+    """The container's variables that the downward API fills, with plausible values."""
+    out = {}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        if ref is not None:
+            assert ref in DOWNWARD_API, f"{container['name']}: env {e['name']} from {ref}"
+            out[e["name"]] = DOWNWARD_API[ref]
+    return out
+
+
+def mounted_config_text(spec: Obj, container: Obj, configmaps: Mapping[str, Obj]) -> tuple[str, str]:
+    """The text of the config file the container loads, and where it is named."""
     args = container["args"]
     assert "--config" in args, f"{container['name']}: no --config in {args}"
     path = args[args.index("--config") + 1]
@@ -250,10 +268,40 @@ def mounted_config(spec: Obj, container: Obj, configmaps: Mapping[str, Obj]) -> 
                 f"{container['name']}: ConfigMap {source['configMap']['name']} is not rendered"
             )
             assert key in cm["data"], f"ConfigMap {describe(cm)} has no key {key}"
-            text = cm["data"][key]
-            with mock.patch.dict(os.environ, env_for(text)):
-                return parse_config(yaml.safe_load(text), Path("/"), f"{describe(cm)}[{key}]"), path
+            return cm["data"][key], f"{describe(cm)}[{key}]"
     raise AssertionError(f"{container['name']}: nothing is mounted at {path}")
+
+
+def mounted_config(spec: Obj, container: Obj, configmaps: Mapping[str, Obj]) -> tuple[Config, str]:
+    """The Config the container loads (through replicator's own validator), and where it is."""
+    text, where = mounted_config_text(spec, container, configmaps)
+    env = env_for(text) | SET_BY_KUBERNETES | identity_env(container)
+    with mock.patch.dict(os.environ, env):
+        return parse_config(yaml.safe_load(text), Path("/"), where), where
+
+
+def check_identity(owner: Obj, container: Obj, text: str) -> list[str]:
+    """Every shared: block of a daemon's config names its instance by variables that the pod
+    fills: the downward API (the pod's or node's name), or the Job controller's completion
+    index in an Indexed Job. Returns the instance expressions."""
+    where = f"{describe(owner)} container {container['name']}"
+    filled = identity_env(container)
+    found = []
+    for src in yaml.safe_load(text).get("sources", []):
+        shared = src.get("shared")
+        if shared is None:
+            continue
+        instance = str(shared["instance"])
+        names = ENV_REF.findall(instance)
+        assert names, f"{where}: source {src['name']}: instance {instance!r} is the same in every pod"
+        for name in names:
+            indexed = owner["kind"] == "Job" and owner["spec"].get("completionMode") == "Indexed"
+            assert name in filled or (name in SET_BY_KUBERNETES and indexed), (
+                f"{where}: source {src['name']}: instance {instance!r} uses {name}, "
+                "which the pod does not set"
+            )
+        found.append(instance)
+    return found
 
 
 def check_replicator_pod(owner: Obj, configmaps: Mapping[str, Obj]) -> list[Config]:
@@ -262,6 +310,7 @@ def check_replicator_pod(owner: Obj, configmaps: Mapping[str, Obj]) -> list[Conf
     assert spec is not None
     where = describe(owner)
     volumes = {v["name"] for v in spec.get("volumes", [])}
+    volumes |= {t["metadata"]["name"] for t in owner["spec"].get("volumeClaimTemplates", [])}
     others = [c for c in spec.get("containers", []) if c.get("command", [None])[0] != "replicator"]
     configs = []
     found = list(replicator_containers(spec))
@@ -277,6 +326,8 @@ def check_replicator_pod(owner: Obj, configmaps: Mapping[str, Obj]) -> list[Conf
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
         for m in c["volumeMounts"]:
             assert m["name"] in volumes, f"{name}: mounts {m['name']}, which the pod does not have"
+        if c["args"][0] == "run":
+            check_identity(owner, c, mounted_config_text(spec, c, configmaps)[0])
         cfg, _ = mounted_config(spec, c, configmaps)
         configs.append(cfg)
         assert "/tmp" in mounts, f"{name}: no writable /tmp on a read-only root"
@@ -291,6 +342,10 @@ def check_replicator_pod(owner: Obj, configmaps: Mapping[str, Obj]) -> list[Conf
                 assert not (writable and mount.get("readOnly")), f"{name}: target {tgt.url} is read-only"
         if subcommand in ("verify", "prune", "forget"):
             assert owner["kind"] == "CronJob", f"{name}: {subcommand} outside a CronJob"
+            # They act as no instance of a shared source: a shared: block would name another
+            # pod's identity (and a split one would not even load there).
+            instance_of = [s.name for s in cfg.sources if s.shared is not None]
+            assert not instance_of, f"{name}: {subcommand} loads shared: for {instance_of}"
             continue
         assert subcommand == "run", f"{name}: unexpected subcommand {subcommand}"
         # Probes come from the kubelet, on the pod's IP: listen must not be localhost.

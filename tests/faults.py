@@ -816,6 +816,51 @@ class ProxyStats:
     """Bytes swallowed in blackhole mode."""
     resets: int
     """Connections closed with RST (reset and refuse modes, ``cut``, an unreachable upstream)."""
+    corrupted: int
+    """PUT bodies forwarded with a byte flipped (:meth:`FaultProxy.corrupt_puts`)."""
+
+
+class _RequestBodies:
+    """Follows the HTTP/1.1 requests on one client connection (headers, then Content-Length
+    bytes of body) so that one byte of a chosen PUT's body can be flipped on its way up."""
+
+    def __init__(self) -> None:
+        self.head = b""
+        self.body_left = 0
+        self.flip = False
+
+    def feed(self, data: bytes, choose: Callable[[bytes, int], bool]) -> bytes:
+        """``data`` as forwarded; ``choose(request_line, content_length)`` says whether to
+        damage the body of the request whose headers just ended."""
+        out = bytearray(data)
+        i = 0
+        while i < len(out):
+            if self.body_left:
+                if self.flip:
+                    out[i] ^= 0xFF
+                    self.flip = False
+                n = min(self.body_left, len(out) - i)
+                i, self.body_left = i + n, self.body_left - n
+                continue
+            before = len(self.head)
+            self.head += bytes(out[i:])
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return bytes(out)
+            i += end + 4 - before
+            lines = self.head[:end].split(b"\r\n")
+            self.head = b""
+            length = next(
+                (
+                    int(v)
+                    for k, _, v in (ln.partition(b":") for ln in lines[1:])
+                    if k.strip().lower() == b"content-length"
+                ),
+                0,
+            )
+            self.body_left = length
+            self.flip = length > 0 and choose(lines[0], length)
+        return bytes(out)
 
 
 class _Conn:
@@ -853,6 +898,9 @@ class FaultProxy:
       route. Existing connections go silent too. Only the client's own timeout ends a request.
     * ``delay`` -- forward, each chunk (up to 64 KiB) after ``delay`` seconds.
 
+    :meth:`corrupt_puts` (in any forwarding mode) flips one byte of the next PUT bodies, as a
+    bad NIC or middlebox would: the server must reject them by their checksum.
+
     :meth:`cut` resets every open connection now, without changing the mode. The upstream may
     be stopped and started behind the proxy (``RcloneServer.stop()/start()`` keeps its port);
     while it is down, new connections are accepted and reset. ``upstream`` (host, port) may be
@@ -869,7 +917,15 @@ class FaultProxy:
         self._listener: socket.socket | None = None
         self._conns: set[_Conn] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._counts = {"connections": 0, "bytes_up": 0, "bytes_down": 0, "dropped": 0, "resets": 0}
+        self._counts = {
+            "connections": 0,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "dropped": 0,
+            "resets": 0,
+            "corrupted": 0,
+        }
+        self._corrupt: tuple[bytes, int] = (b"", 0)
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
@@ -908,6 +964,24 @@ class FaultProxy:
     def cut(self) -> None:
         """Reset every open connection (RST) now; the mode stays as it is."""
         self._call(self._cut())
+
+    def corrupt_puts(self, *, path_contains: str = "", times: int = 1) -> None:
+        """Flip one byte in the body of each of the next ``times`` PUT requests whose path
+        contains ``path_contains``; :attr:`stats` ``corrupted`` counts them."""
+
+        async def arm() -> None:
+            self._corrupt = (path_contains.encode(), times)
+
+        self._call(arm())
+
+    def _choose_corrupt(self, request_line: bytes, _length: int) -> bool:
+        needle, left = self._corrupt
+        method, _, rest = request_line.partition(b" ")
+        if left <= 0 or method != b"PUT" or needle not in rest.partition(b" ")[0]:
+            return False
+        self._corrupt = (needle, left - 1)
+        self._counts["corrupted"] += 1
+        return True
 
     @property
     def stats(self) -> ProxyStats:
@@ -1068,12 +1142,17 @@ class FaultProxy:
         if conn.is_reset():  # cut while connecting upstream: _handle aborts both
             return
         await asyncio.gather(
-            self._pump(conn, reader, conn.upstream, "bytes_up"),
+            self._pump(conn, reader, conn.upstream, "bytes_up", _RequestBodies()),
             self._pump(conn, up_reader, writer, "bytes_down"),
         )
 
     async def _pump(
-        self, conn: _Conn, src: asyncio.StreamReader, dst: asyncio.StreamWriter, counter: str
+        self,
+        conn: _Conn,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        counter: str,
+        requests: _RequestBodies | None = None,
     ) -> None:
         try:
             while not conn.reset:
@@ -1093,6 +1172,8 @@ class FaultProxy:
                     await asyncio.sleep(self._delay)
                     if conn.is_reset():  # cut while this chunk was held back
                         return
+                if requests is not None:
+                    data = requests.feed(data, self._choose_corrupt)
                 dst.write(data)
                 self._counts[counter] += len(data)
                 await dst.drain()

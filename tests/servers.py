@@ -6,6 +6,9 @@ server that cannot start fails the test run (a required test that is skipped is 
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import os
 import shutil
 import socket
@@ -13,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +137,70 @@ class MotoServer(S3Server):
 
     def stop(self) -> None:
         self._server.stop()
+
+
+class VerifyingMotoServer(MotoServer):
+    """moto with the in-transit checks AWS S3 documents: a PUT whose body
+    does not match its ``Content-MD5`` or ``x-amz-checksum-crc32`` header is refused with 400
+    BadDigest, as S3 does. moto itself stores such bodies unchecked, and rclone verifies only
+    Content-MD5, so without this layer no test server here would verify a CRC.
+
+    ``flexible=False``: a server that refuses every ``x-amz-checksum-*`` header (400
+    InvalidRequest), as some S3-compatible servers did when boto3 began sending them
+    (boto3#4392); Content-MD5 is still verified."""
+
+    def __init__(self, *, flexible: bool = True) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        S3Server.__init__(self, "moto+verify", f"http://127.0.0.1:{self.port}")
+        self.flexible = flexible
+        self.rejected = 0
+        """PUTs refused for a body that did not match its checksum."""
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server._server_entry = lambda: _serve_verifying(server, self)  # type: ignore[method-assign]
+        self._server = server
+
+    def start(self) -> VerifyingMotoServer:
+        super().start()
+        return self
+
+
+def _serve_verifying(server: Any, owner: VerifyingMotoServer) -> None:
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    moto_app = DomainDispatcherApplication(create_backend_app)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ["REQUEST_METHOD"] == "PUT":
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            environ["wsgi.input"] = io.BytesIO(body)
+            if not owner.flexible and any(k.startswith("HTTP_X_AMZ_CHECKSUM_") for k in environ):
+                start_response("400 Bad Request", [("Content-Type", "application/xml")])
+                return [b"<Error><Code>InvalidRequest</Code><Message>no flexible checksums</Message></Error>"]
+            if not _checksums_match(environ, body):
+                owner.rejected += 1
+                error = b"<Error><Code>BadDigest</Code><Message>checksum mismatch</Message></Error>"
+                start_response("400 Bad Request", [("Content-Type", "application/xml")])
+                return [error]
+        return moto_app(environ, start_response)
+
+    server._server = make_server("127.0.0.1", owner.port, app, True, request_handler=MotoRequestHandler)
+    server._server_ready_event.set()
+    server._server.serve_forever()
+
+
+def _checksums_match(environ: dict[str, Any], body: bytes) -> bool:
+    md5 = environ.get("HTTP_CONTENT_MD5")
+    crc = environ.get("HTTP_X_AMZ_CHECKSUM_CRC32")
+    if md5 is not None and base64.b64decode(md5) != hashlib.md5(body).digest():
+        return False
+    return crc is None or base64.b64decode(crc) == zlib.crc32(body).to_bytes(4, "big")
 
 
 def isolate_aws_environment() -> None:

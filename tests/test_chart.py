@@ -10,25 +10,32 @@ command lines the pods run are run here against a real repository.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import helm_python as helm
 import pytest
 import yaml
 
 import replicator
+from replicator.config import parse_config
 from tests.conftest import cli
+from tests.daemon_helpers import latest_manifest, set_names
 from tests.deploy_helpers import (
     Obj,
     check_dashboard,
     check_replicator_pod,
     check_rules,
     describe,
+    env_for,
     load_objects,
     pod_spec,
     promql_metric_names,
@@ -36,7 +43,9 @@ from tests.deploy_helpers import (
     run_invocation,
     validate_object,
 )
-from tests.helpers import local_setup
+from tests.helpers import local_setup, make_checkpoint
+from tests.test_shared import _index as index_shards
+from tests.test_shared import _spread as spread
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "replicator"
@@ -73,6 +82,16 @@ def configmaps(objects: list[Obj]) -> dict[str, Obj]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
 
 
+CKPT: dict[str, Any] = {"name": "ckpt", "url": "/checkpoints/run-7", "kind": "checkpoint"}
+NODE_LOCAL: dict[str, Any] = {"checkpoints": {"hostPath": "/mnt/nvme/checkpoints"}}
+ONLY_CKPT: dict[str, Any] = {"config": {"sources": [CKPT]}}
+SPLIT: dict[str, Any] = {
+    "mode": "statefulset",
+    "shared": {"enabled": True, "instances": 2},
+    "statefulset": {"checkpoints": {"claimName": "weka"}},
+    "config": {"sources": [CKPT]},
+}
+
 MINIMAL: dict[str, Any] = {
     "image": {"repository": "registry.example.com/replicator"},
     "config": {
@@ -106,6 +125,8 @@ def test_ci_values_render_valid_objects_and_pods(chart: helm.Chart, values_file:
 
     mode = values.get("mode", "standalone")
     assert ("Deployment" in kinds) == (mode == "standalone")
+    assert ("DaemonSet" in kinds) == (mode == "daemonset")
+    assert ("StatefulSet" in kinds) == (mode == "statefulset")
     example = mode == "sidecar" and values.get("sidecar", {}).get("example", {}).get("enabled", False)
     assert ("Job" in kinds) == example
     cronjobs = {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in kinds.get("CronJob", [])}
@@ -139,8 +160,11 @@ def test_ci_values_render_valid_objects_and_pods(chart: helm.Chart, values_file:
         else:
             assert spec["serviceAccountName"] == accounts["serviceAccount"]["name"]
 
-    if "Service" in kinds:
-        (svc,) = kinds["Service"]
+    metrics_services = [
+        o for o in kinds.get("Service", []) if o["metadata"]["labels"][COMPONENT] == "metrics"
+    ]
+    if metrics_services:
+        (svc,) = metrics_services
         selected = [p for p in pods if _selects(svc["spec"]["selector"], pod_labels(p))]
         runs_daemon = [
             p for p in pods if any(c["args"][0] == "run" for c, _ in replicator_containers(pod_spec(p) or {}))
@@ -301,7 +325,7 @@ def test_schema_checks_can_fail(chart: helm.Chart) -> None:
         ({"config": {"state_dir": "/data"}}, "config.state_dir: leave it out"),
         ({"config": {"sources": []}}, "config.sources is empty"),
         ({"config": {"targets": None}}, "config.targets is empty"),
-        ({"mode": "daemonset"}, "mode"),
+        ({"mode": "cluster"}, "mode"),
         ({"verfy": {"enabled": False}}, "'verfy' not allowed"),
         ({"prune": {"enabled": True, "grance": "1h"}}, "'grance' not allowed"),
         ({"prune": {"enabled": True, "grace": "1 hour"}}, "/prune/grace"),
@@ -326,6 +350,53 @@ def test_schema_checks_can_fail(chart: helm.Chart) -> None:
             {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
             "needs metrics.service",
         ),
+        # Multi-node checkpoints.
+        (
+            {
+                "mode": "daemonset",
+                "daemonset": NODE_LOCAL,
+                "shared": {"enabled": True, "instances": 4},
+                **ONLY_CKPT,
+            },
+            "shared.assembler: in mode daemonset, name the node whose pod publishes the sets",
+        ),
+        (
+            {
+                "mode": "daemonset",
+                "daemonset": NODE_LOCAL,
+                "shared": {"enabled": True, "assembler": "n-0"},
+                **ONLY_CKPT,
+            },
+            "shared.instances: how many instances contribute each set (the number of training nodes)",
+        ),
+        ({"mode": "daemonset"}, "daemonset.checkpoints.hostPath: give the node-local directory"),
+        ({"mode": "statefulset"}, "mode: statefulset runs shared.instances pods"),
+        (
+            {"mode": "statefulset", "shared": {"enabled": True, "instances": 2}},
+            "statefulset.checkpoints.claimName: give the ReadWriteMany claim",
+        ),
+        (
+            {"shared": {"enabled": True, "instances": 2}},
+            "shared.enabled: a standalone daemon is one instance",
+        ),
+        (
+            {**SPLIT, "shared": {"enabled": True, "instances": 2, "instance": "${HOSTNAME}"}},
+            "shared.instance: only for mode sidecar; in mode statefulset the chart sets it to ${POD_NAME}",
+        ),
+        (
+            {**SPLIT, "config": {"sources": [{**CKPT, "shared": {"instance": "a-0"}}]}},
+            "config.sources[ckpt].shared.instance: leave it out; the chart sets it",
+        ),
+        (
+            {**SPLIT, "config": {"sources": [CKPT, {"name": "data", "url": "s3://primary/data"}]}},
+            "config.sources[data]: every statefulset pod would replicate this dataset source again",
+        ),
+        (
+            {**SPLIT, "state": {"persistence": {"existingClaim": "cache"}}},
+            "state.persistence.existingClaim: one claim cannot hold the state of every statefulset pod",
+        ),
+        ({"shared": {"assembler": "node a"}}, "/shared/assembler"),
+        ({"mode": "daemonset", "daemonset": {"checkpoints": {"hostPath": "mnt/nvme"}}}, "/daemonset"),
     ],
 )
 def test_bad_values_fail_with_a_clear_message(
@@ -503,7 +574,11 @@ def test_pod_command_lines_run(chart: helm.Chart, replicated: Path, tmp_path: Pa
     restore drill pass on a real repository."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    paths = {"/etc/replicator/replicator.yaml": replicated, "/scratch": scratch}
+    paths = {
+        "/etc/replicator/replicator.yaml": replicated,
+        "/etc/replicator/maintenance.yaml": replicated,
+        "/scratch": scratch,
+    }
     seen: set[tuple[str, ...]] = set()
     for values_file in CI_VALUES:
         for obj in render(chart, values_of(values_file)):
@@ -534,3 +609,302 @@ def test_dockerfile_matches_the_chart(chart: helm.Chart) -> None:
     required = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert (int(base[1]), int(base[2])) >= tuple(map(int, required.removeprefix(">=").split(".")))
     assert re.search(r'^ENTRYPOINT \["replicator"\]', dockerfile, flags=re.M)
+
+
+# -- multi-node checkpoints (docs/DEPLOY.md, "Multi-node checkpoints") --------------------------
+
+
+def daemon_pod(objects: list[Obj], kind: str) -> tuple[Obj, Obj, Obj]:
+    """(owner, pod spec, replicator container) of the daemon's pods."""
+    (owner,) = by_kind(objects)[kind]
+    spec = pod_spec(owner)
+    assert spec is not None
+    ((container, _),) = replicator_containers(spec)
+    return owner, spec, container
+
+
+def daemon_config(objects: list[Obj], key: str = "replicator.yaml") -> Obj:
+    (cm,) = [c for c in configmaps(objects).values() if key in c["data"]]
+    data: Obj = yaml.safe_load(cm["data"][key])
+    return data
+
+
+def downward(container: Obj) -> dict[str, str]:
+    return {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in container["env"]
+        if "fieldRef" in e.get("valueFrom", {})
+    }
+
+
+def test_daemonset_runs_one_instance_per_node_named_by_its_node() -> None:
+    """mode: daemonset: a pod on every training node, named after its node (the downward API's
+    spec.nodeName), reading the node-local directory read-only, its cache on the node; the
+    node named as assembler publishes."""
+    values = values_of(CHART / "ci" / "daemonset-values.yaml")
+    with helm.Chart.load(CHART) as c:
+        objects = render(c, values)
+    ds, spec, container = daemon_pod(objects, "DaemonSet")
+    assert downward(container)["NODE_NAME"] == "spec.nodeName"
+    (source,) = daemon_config(objects)["sources"]
+    assert source["shared"] == {
+        "instance": "${NODE_NAME}",
+        "instances": 4,
+        "assembler": "gpu-node-0",
+        "deadline": "15m",
+    }
+    assert "shared" not in daemon_config(objects, "maintenance.yaml")["sources"][0]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["checkpoints"]["hostPath"] == {"path": "/mnt/nvme/checkpoints", "type": "Directory"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["checkpoints"] == {"name": "checkpoints", "mountPath": "/checkpoints", "readOnly": True}
+    state = volumes["replicator-state"]["hostPath"]
+    assert state == {"path": "/var/lib/replicator/ml-rep-replicator", "type": "DirectoryOrCreate"}
+    # The kubelet creates that directory as root: one step hands it to the daemon's user.
+    (chown,) = spec["initContainers"]
+    assert chown["command"] == ["chown", "-R", "65532:65532", "/var/lib/replicator"]
+    assert chown["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    # Placement: the training nodes, with their taints; the CronJobs are not pinned there.
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert spec["tolerations"] == values["daemonset"]["tolerations"]
+    for cronjob in by_kind(objects)["CronJob"]:
+        cron_spec = pod_spec(cronjob)
+        assert cron_spec is not None and "nodeSelector" not in cron_spec and "tolerations" not in cron_spec
+        for cron_container, _ in replicator_containers(cron_spec):
+            assert cron_container["args"][2] == "/etc/replicator/maintenance.yaml"
+    # Metrics per pod: the Service selects the DaemonSet's pods.
+    (svc,) = by_kind(objects)["Service"]
+    assert _selects(svc["spec"]["selector"], ds["spec"]["template"]["metadata"]["labels"])
+
+    # Without the state step (a directory prepared on the node) there is no root container.
+    values["daemonset"] |= {"chownState": False, "statePath": "/nvme/replicator-state"}
+    with helm.Chart.load(CHART) as c:
+        _, spec, _ = daemon_pod(render(c, values), "DaemonSet")
+    assert "initContainers" not in spec
+    state = {v["name"]: v for v in spec["volumes"]}["replicator-state"]["hostPath"]
+    assert state["path"] == "/nvme/replicator-state"
+
+
+def test_statefulset_pods_split_one_shared_directory(chart: helm.Chart) -> None:
+    """mode: statefulset: shared.instances is both the replica count and the config's
+    instances; each pod is named by the downward API's metadata.name (<name>-0..N-1, the
+    number split uses), -0 publishes, and each pod's cache is a claim of its own."""
+    values = values_of(CHART / "ci" / "statefulset-values.yaml")
+    objects = render(chart, values)
+    sts, spec, container = daemon_pod(objects, "StatefulSet")
+    assert sts["spec"]["replicas"] == 3
+    assert downward(container)["POD_NAME"] == "metadata.name"
+    (source,) = daemon_config(objects)["sources"]
+    assert source["shared"] == {"instance": "${POD_NAME}", "instances": 3, "split": True, "heartbeat": "15s"}
+    # The governing Service exists and is headless; the metrics Service is another.
+    services = {o["metadata"]["name"]: o for o in by_kind(objects)["Service"]}
+    governing = services[sts["spec"]["serviceName"]]
+    assert governing["spec"]["clusterIP"] == "None"
+    assert governing["metadata"]["labels"][COMPONENT] != "metrics"
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "replicator-state"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "replicator-state" not in volumes, "the claim template is the state volume"
+    assert volumes["checkpoints"]["persistentVolumeClaim"] == {
+        "claimName": "weka-checkpoints",
+        "readOnly": True,
+    }
+
+    # Which pod is which, as replicator sees it with each pod's name in POD_NAME.
+    text = configmaps(objects)[sts["metadata"]["name"]]["data"]["replicator.yaml"]
+    roles = []
+    for ordinal in range(3):
+        env = env_for(text) | {"POD_NAME": f"{sts['metadata']['name']}-{ordinal}"}
+        with mock.patch.dict(os.environ, env):
+            shared = parse_config(yaml.safe_load(text), Path("/"), "test").sources[0].shared
+        assert shared is not None and shared.index == ordinal
+        roles.append(shared.is_assembler)
+    assert roles == [True, False, False]
+
+    # One value: more pods means more instances.
+    objects = render(chart, _merge(values, {"shared": {"instances": 5}}))
+    assert by_kind(objects)["StatefulSet"][0]["spec"]["replicas"] == 5
+    assert daemon_config(objects)["sources"][0]["shared"]["instances"] == 5
+
+
+def test_prometheus_rule_alerts_on_waiting_sets_and_silent_instances(chart: helm.Chart) -> None:
+    objects = render(chart, values_of(CHART / "ci" / "daemonset-values.yaml"))
+    (rule,) = by_kind(objects)["PrometheusRule"]
+    check_rules(rule)
+    exprs = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert promql_metric_names(exprs["ReplicatorSetsOverdue"]) == {"replicator_sets_overdue"}
+    assert promql_metric_names(exprs["ReplicatorInstancesSilent"]) == {"replicator_instances_silent"}
+    assert exprs["ReplicatorSetsOverdue"].endswith("> 0")
+    assert exprs["ReplicatorInstancesSilent"].endswith("> 0")
+
+
+def test_sidecars_of_an_indexed_job_are_instances_by_completion_index(tmp_path: Path) -> None:
+    """One sidecar per training pod: in an Indexed Job (a JobSet's, a PyTorchJob's workers),
+    shared.instance: trainer-${JOB_COMPLETION_INDEX}, which Kubernetes sets in every container
+    of the pod; trainer-0 publishes. The sidecar also has POD_NAME and NODE_NAME from the
+    downward API."""
+    parent = tmp_path / "train"
+    (parent / "templates").mkdir(parents=True)
+    shutil.copytree(CHART, parent / "charts" / "replicator")
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: train\nversion: 1.0.0\n"
+        "dependencies:\n  - name: replicator\n    version: 0.1.0\n"
+    )
+    values = {
+        "replicator": {
+            "mode": "sidecar",
+            "image": {"repository": "registry.example.com/replicator"},
+            "shared": {"enabled": True, "instances": 4, "instance": "trainer-${JOB_COMPLETION_INDEX}"},
+            "config": {
+                "sources": [{"name": "ckpt", "url": "/checkpoints/run-7", "kind": "checkpoint"}],
+                "targets": [{"name": "dr", "url": "s3://dr-bucket/ckpt"}],
+            },
+        }
+    }
+    (parent / "values.yaml").write_text(yaml.safe_dump(values))
+    ctx = '(dict "Values" .Values.replicator "Release" .Release)'
+    (parent / "templates" / "train.yaml").write_text(f"""\
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: {{{{ .Release.Name }}}}-train
+spec:
+  completionMode: Indexed
+  completions: 4
+  parallelism: 4
+  template:
+    metadata:
+      labels:
+        {{{{- include "replicator.sidecarPodLabels" {ctx} | nindent 8 }}}}
+    spec:
+      restartPolicy: Never
+      terminationGracePeriodSeconds: 90
+      initContainers:
+        {{{{- include "replicator.sidecarContainer" {ctx} | nindent 8 }}}}
+      containers:
+        - name: trainer
+          image: registry.example.com/trainer:1
+          volumeMounts: [{{name: checkpoints, mountPath: /checkpoints}}]
+      volumes:
+        - name: checkpoints
+          emptyDir: {{}}
+        {{{{- include "replicator.sidecarVolumes" {ctx} | nindent 8 }}}}
+""")
+    with helm.Chart.load(parent) as c:
+        objects = render(c, None, name="exp7")
+    for obj in objects:
+        validate_object(obj)
+    job, _, container = daemon_pod(objects, "Job")
+    assert downward(container) == {"POD_NAME": "metadata.name", "NODE_NAME": "spec.nodeName"}
+    (cfg,) = check_replicator_pod(job, configmaps(objects))  # loads with JOB_COMPLETION_INDEX=0
+    assert cfg.sources[0].shared is not None and cfg.sources[0].shared.is_assembler
+    (source,) = daemon_config(objects)["sources"]
+    assert source["shared"] == {"instance": "trainer-${JOB_COMPLETION_INDEX}", "instances": 4}
+
+    # The same pod template in a Job that is not Indexed has no completion index to name it by.
+    job["spec"].pop("completionMode")
+    with pytest.raises(AssertionError, match="uses JOB_COMPLETION_INDEX, which the pod does not set"):
+        check_replicator_pod(job, configmaps(objects))
+
+
+def test_identity_checks_can_fail(chart: helm.Chart) -> None:
+    """The pod checker catches a daemon whose instance name is not filled by its pod, one that
+    every pod shares, and a CronJob that would load a shared: block."""
+    objects = render(chart, values_of(CHART / "ci" / "daemonset-values.yaml"))
+    ds, _, container = daemon_pod(objects, "DaemonSet")
+    cms = configmaps(objects)
+    check_replicator_pod(ds, cms)
+    container["env"] = [e for e in container["env"] if e["name"] != "NODE_NAME"]
+    with pytest.raises(AssertionError, match="uses NODE_NAME, which the pod does not set"):
+        check_replicator_pod(ds, cms)
+
+    objects = render(chart, values_of(CHART / "ci" / "daemonset-values.yaml"))
+    ds, cms = by_kind(objects)["DaemonSet"][0], configmaps(objects)
+    (cm,) = cms.values()
+    cm["data"]["replicator.yaml"] = cm["data"]["replicator.yaml"].replace("${NODE_NAME}", "node-1")
+    with pytest.raises(AssertionError, match="is the same in every pod"):
+        check_replicator_pod(ds, cms)
+
+    cm["data"]["maintenance.yaml"] = cm["data"]["replicator.yaml"]
+    verify = component(objects, "CronJob", "verify")
+    with pytest.raises(AssertionError, match="verify loads shared: for"):
+        check_replicator_pod(verify, cms)
+
+
+def test_rendered_daemonset_configs_assemble_a_set_for_real(chart: helm.Chart, tmp_path: Path) -> None:
+    """The DaemonSet's config, as rendered, run by two "nodes" with NODE_NAME as the downward
+    API sets it (paths mapped to local ones): a set is published by the assembler's node only
+    once the other node's part is in; verify, with the CronJobs' config and no NODE_NAME,
+    passes on the result."""
+    values = _merge(
+        MINIMAL,
+        {
+            "mode": "daemonset",
+            "daemonset": NODE_LOCAL,
+            "shared": {"enabled": True, "instances": 2, "assembler": "node-a", "heartbeat": "1s"},
+            "extraVolumes": [{"name": "replica", "nfs": {"server": "nfs.example", "path": "/dr"}}],
+            "extraVolumeMounts": [{"name": "replica", "mountPath": "/replica"}],
+            "config": {
+                "sources": [
+                    {
+                        "name": "ckpt",
+                        "url": "/checkpoints/run-7",
+                        "kind": "checkpoint",
+                        "complete_when": {"marker": "model.safetensors.index.json", "quiet": "1s"},
+                    }
+                ],
+                "targets": [{"name": "dr", "url": "/replica/run-7"}],
+            },
+        },
+    )
+    objects = render(chart, values)
+    ds, _, _ = daemon_pod(objects, "DaemonSet")
+    check_replicator_pod(ds, configmaps(objects))
+    (cm,) = configmaps(objects).values()
+    replica = tmp_path / "replica"
+    (replica / "run-7").mkdir(parents=True)  # the NFS share's directory
+
+    def local(key: str, node: str) -> Path:
+        text = cm["data"][key]
+        for pod_path, here in [
+            ("/checkpoints", tmp_path / node / "checkpoints"),
+            ("/var/lib/replicator", tmp_path / node / "state"),
+            ("/replica", replica),
+        ]:
+            here.mkdir(parents=True, exist_ok=True)
+            text = text.replace(pod_path, str(here))
+        out = tmp_path / node / key
+        out.write_text(text)
+        return out
+
+    configs = {node: local("replicator.yaml", node) for node in ("node-a", "node-b")}
+    made = make_checkpoint(tmp_path / "made", 1, shards=2, marker=None)
+    index_shards(made, 2)
+    want = spread(made, [tmp_path / n / "checkpoints" / "run-7" for n in configs])
+
+    def sync(node: str) -> str:
+        res = cli("sync", "-c", str(configs[node]), "--json", env={"NODE_NAME": node})
+        assert res.returncode == 0, res.stderr
+        status: str = json.loads(res.stdout)["sources"][0]["targets"][0]["status"]
+        return status
+
+    target = {"name": "dr", "url": str(replica / "run-7")}
+    assert sync("node-a") == "waiting"
+    assert latest_manifest(target, "ckpt") is None, "published with node-b's part missing"
+    assert sync("node-b") == "contributed"
+    assert sync("node-a") == "published"
+    m = latest_manifest(target, "ckpt")
+    assert set_names(m) == ["step-000001"]
+    assert m is not None and sorted(f.path for f in m.files) == sorted(want)
+
+    maintenance = local("maintenance.yaml", "cron")
+    env = {k: v for k, v in os.environ.items() if k != "NODE_NAME"}
+    res = subprocess.run(
+        [sys.executable, "-m", "replicator", "verify", "-c", str(maintenance)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0 and ": OK:" in res.stdout, res.stdout + res.stderr

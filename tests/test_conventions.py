@@ -70,7 +70,7 @@ def test_verbose_and_quiet_on_every_command(
 
 
 def test_every_command_takes_the_logging_options() -> None:
-    commands = "sync run release forget prune stats plan status snapshots restore ls diff verify demo"
+    commands = "sync run release forget prune stats parts plan status snapshots restore ls diff verify demo"
     for command in commands.split():
         text = invoke(command, "-h", env={"COLUMNS": "200"}).stdout
         for option in ("--verbose", "--quiet", "--log-format", "--log-level"):

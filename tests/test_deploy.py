@@ -25,6 +25,7 @@ import yaml
 from replicator.config import Config, load_config
 from replicator.config_check import SCRATCH_PREFIX
 from replicator.demo import create_demo
+from replicator.format.parts import part_key
 from replicator.gc.protocol import DELETING, LOCK_KEY, PLANS, RECORDS, WRITERS
 from replicator.repository import CONFIG_KEY, chunk_key, pack_key, ref_key, snapshot_key
 from tests.conftest import cli
@@ -233,10 +234,10 @@ def test_quickstart_carries_on_the_demo(tmp_path: Path) -> None:
 # -- manifests/ -------------------------------------------------------------------------------
 
 
-def kustomize_build() -> list[Obj]:
+def kustomize_build(path: Path = MANIFESTS) -> list[Obj]:
     exe = shutil.which("kubectl")
     assert exe, "kubectl is missing: .ci/run installs it (Debian package kubernetes-client)"
-    res = subprocess.run([exe, "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([exe, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     return load_objects(res.stdout)
 
@@ -246,7 +247,7 @@ def test_manifests_build_into_valid_objects() -> None:
     listed = set(kustomization["resources"]) | {
         f for g in kustomization["configMapGenerator"] for f in g["files"]
     }
-    present = {p.name for p in MANIFESTS.iterdir()} - {"kustomization.yaml"}
+    present = {p.name for p in MANIFESTS.iterdir() if p.is_file()} - {"kustomization.yaml"}
     assert listed == present, "every file in manifests/ is part of the kustomization"
 
     objects = kustomize_build()
@@ -332,6 +333,89 @@ def test_manifests_are_the_charts_sidecar_example() -> None:
         assert (
             plain_account["automountServiceAccountToken"] is charted_account["automountServiceAccountToken"]
         )
+
+
+NODE_MANIFESTS = MANIFESTS / "daemonset"
+
+
+def test_daemonset_manifests_build_into_valid_objects() -> None:
+    """manifests/daemonset/: one replicator per training node, named by its node."""
+    kustomization = yaml.safe_load((NODE_MANIFESTS / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"]) | {
+        f for g in kustomization["configMapGenerator"] for f in g["files"]
+    }
+    assert listed == {p.name for p in NODE_MANIFESTS.iterdir()} - {"kustomization.yaml"}
+    objects = kustomize_build(NODE_MANIFESTS)
+    for obj in objects:
+        validate_object(obj)
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "DaemonSet", "Service", "ServiceAccount"]
+    configmaps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    (ds,) = [o for o in objects if o["kind"] == "DaemonSet"]
+    (cfg,) = check_replicator_pod(ds, configmaps)  # the instance is filled by the downward API
+    (source,) = cfg.sources
+    assert source.shared is not None and source.shared.assembler is not None
+    text = (NODE_MANIFESTS / "replicator.yaml").read_text()
+    assert yaml.safe_load(text)["sources"][0]["shared"]["instance"] == "${NODE_NAME}"
+    (svc,) = [o for o in objects if o["kind"] == "Service"]
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    # Not part of the default build: manifests/ stays the sidecar example.
+    assert "DaemonSet" not in {o["kind"] for o in kustomize_build()}
+
+
+def test_daemonset_manifests_are_the_charts_daemonset() -> None:
+    """manifests/daemonset/ and the chart's mode: daemonset must not drift apart."""
+    plain = kustomize_build(NODE_MANIFESTS)
+    (plain_ds,) = [o for o in plain if o["kind"] == "DaemonSet"]
+    plain_spec = pod_spec(plain_ds)
+    assert plain_spec is not None
+    config = yaml.safe_load((NODE_MANIFESTS / "replicator.yaml").read_text())
+    for key in ("listen", "state_dir"):
+        config.pop(key)
+    shared = config["sources"][0].pop("shared")
+    shared.pop("instance")  # the chart's own: ${NODE_NAME}
+    volumes = {v["name"]: v for v in plain_spec["volumes"]}
+    values = {
+        "mode": "daemonset",
+        "fullnameOverride": "replicator-node",
+        "image": {"repository": "registry.example.com/ml-platform/replicator"},
+        "credentials": {"existingSecret": "replicator-credentials"},
+        "config": config,
+        "shared": {"enabled": True, **shared},
+        "daemonset": {
+            "checkpoints": {"hostPath": volumes["checkpoints"]["hostPath"]["path"]},
+            "statePath": volumes["replicator-state"]["hostPath"]["path"],
+            "nodeSelector": plain_spec["nodeSelector"],
+            "tolerations": plain_spec["tolerations"],
+        },
+        "verify": {"enabled": False},
+    }
+    with helm.Chart.load(ROOT / "charts" / "replicator") as chart:
+        rendered = chart.render(values=values, name="replicator", namespace="default")
+    charted = [o for path, text in rendered.items() if path.endswith(".yaml") for o in load_objects(text)]
+    (charted_ds,) = [o for o in charted if o["kind"] == "DaemonSet"]
+    charted_spec = pod_spec(charted_ds)
+    assert charted_spec is not None
+
+    def parts(spec: Obj) -> Obj:
+        def strip(c: Obj) -> Obj:
+            return {k: v for k, v in c.items() if k not in ("image", "imagePullPolicy")}
+
+        keep = ("securityContext", "terminationGracePeriodSeconds", "serviceAccountName", "nodeSelector")
+        return {
+            "containers": [strip(c) for c in spec["containers"]],
+            "initContainers": [strip(c) for c in spec.get("initContainers", [])],
+            "volumes": [{k: v for k, v in vol.items() if k != "configMap"} for vol in spec["volumes"]],
+            "tolerations": spec.get("tolerations"),
+        } | {k: spec.get(k) for k in keep}
+
+    assert parts(plain_spec) == parts(charted_spec)
+    assert plain_ds["spec"]["updateStrategy"] == charted_ds["spec"]["updateStrategy"]
+    charted_cm = next(o for o in charted if o["kind"] == "ConfigMap")
+    plain_cm = next(o for o in plain if o["kind"] == "ConfigMap")
+    assert yaml.safe_load(charted_cm["data"]["replicator.yaml"]) == yaml.safe_load(
+        plain_cm["data"]["replicator.yaml"]
+    )
 
 
 # -- docs/DEPLOY.md's IAM policies --------------------------------------------------------------
@@ -442,6 +526,8 @@ def test_only_the_collector_deletes_chunks_and_packs() -> None:
         ("repository.py", "delete_snapshot", "self.target.delete(snapshot_key(source, snapshot_id))"),
         ("gc/protocol.py", "stop", "self.target.delete(self.key)"),
         ("config_check.py", "_check_target", "target.delete(key)"),
+        # an instance of a shared source, of its own parts (parts/<source>/<instance>/):
+        ("shared/publish.py", "_write_own", "target.delete(key)"),
         # retention's own function, which deletes through Repository.delete_snapshot:
         ("retention/apply.py", "apply", "delete(repo, cfg.name, result.drop, cache)"),
         (
@@ -482,14 +568,16 @@ def test_pruning_role_split() -> None:
     chunk, pack = chunk_key("ab" * 16), pack_key("cd" * 16)
     manifest, ref = snapshot_key("ckpt", "20261207T051000Z-0a1b2c3d"), ref_key("ckpt")
     lease = f"{WRITERS}w-1"
+    part = part_key("ckpt", "gpu-node-0", "step-000001")
     delete, put, get = "s3:DeleteObject", "s3:PutObject", "s3:GetObject"
 
     for key in (chunk, pack):
         assert not allows(writer, delete, key), f"the replicating role may delete {key}"
         assert allows(pruner, delete, key)
         assert allows(writer, put, key) and not allows(pruner, put, key)
-    for key in (manifest, lease):  # retention after each publish; the writer's lease
+    for key in (manifest, lease, part):  # retention after each publish; the writer's lease; parts
         assert allows(writer, delete, key)
+    assert not allows(pruner, delete, part) and not allows(pruner, put, part)
     for key in (chunk, pack, manifest, ref, CONFIG_KEY, lease):
         assert allows(writer, put, key) and allows(writer, get, key)
     for key in (manifest, ref, CONFIG_KEY):

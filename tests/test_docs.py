@@ -21,6 +21,7 @@ def yaml_blocks(doc: str) -> list[str]:
 @pytest.mark.parametrize("doc", ["README.md", "docs/BUDGET.md"])
 def test_config_examples_are_valid(doc: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.example.invalid/x")
+    monkeypatch.setenv("NODE_NAME", "gpu-node-3")
     blocks = [b for b in yaml_blocks(doc) if "sources:" in b or "targets:" in b]
     assert blocks, f"{doc} has no config example"
     for block in blocks:

@@ -44,6 +44,7 @@ COMMANDS: dict[str, list[str]] = {
     "forget": ["forget"],
     "prune": ["prune"],
     "stats": ["stats"],
+    "parts": ["parts", "-s", "d"],
     "config check": ["config", "check", "--online"],
 }
 """Every command that reads a config, with the arguments it needs besides -c."""

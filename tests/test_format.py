@@ -171,10 +171,10 @@ def test_each_repository_gets_its_own_seed(tmp_path: Path) -> None:
 def test_unknown_repository_version_is_refused(tmp_path: Path) -> None:
     new_repo(tmp_path)
     doc = json.loads((tmp_path / CONFIG_KEY).read_text())
-    for version in (3, "2", 2.0, True):
+    for version in (4, "2", 2.0, True):
         doc["version"] = version
         (tmp_path / CONFIG_KEY).write_text(json.dumps(doc))
-        with pytest.raises(UnsupportedFormatError, match=r"this build reads 1, 2"):
+        with pytest.raises(UnsupportedFormatError, match=r"this build reads 1, 2, 3"):
             asyncio.run(Repository.open(PosixTarget("t", tmp_path)))
 
 

@@ -19,7 +19,8 @@ import torch
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from replicator.demo import bf16, write_safetensors
-from replicator.verify.formats import FormatCheck, check_file, format_of, torch_load
+from replicator.verify.formats import FormatCheck, check_file, format_of
+from replicator.verify.torch_loaders import torch_load
 
 
 def check(path: Path, root: Path | None = None) -> FormatCheck | None:
@@ -117,7 +118,7 @@ def test_torch_save_zip(tmp_path: Path) -> None:
     good = tmp_path / "checkpoint.pt"
     torch.save(small_state(), good)
     assert passes(good).format == "torch-zip"
-    torch_load(str(good))
+    assert torch_load(good).tensors == 2 + 2 * 3 + 1  # weight and bias, Adam's 3 tensors for each, RNG state
 
     members = zipfile.ZipFile(good).infolist()
     biggest = max((m for m in members if "/data/" in m.filename), key=lambda m: m.file_size)
@@ -156,7 +157,7 @@ def test_torch_load_failure_is_a_problem(tmp_path: Path) -> None:
     torch.save({"x": Payload()}, path)
     assert passes(path).format == "torch-zip"  # structurally a fine archive...
     with pytest.raises(Exception, match="weights_only=True"):
-        torch_load(str(path))  # ...that weights_only refuses to unpickle
+        torch_load(path)  # ...that weights_only refuses to unpickle
     assert not (tmp_path / "pwned").exists()
 
 

@@ -303,8 +303,9 @@ LoadTorch = Annotated[
     bool,
     typer.Option(
         "--load",
-        help="With --restore-drill: also torch.load(weights_only=True) every PyTorch checkpoint "
-        "file on the CPU (needs torch installed).",
+        help="With --restore-drill: also load every checkpoint with PyTorch on the CPU (DCP "
+        "directories, safetensors, torch.save files; weights_only) and check each tensor's shape "
+        "and dtype against the checkpoint's metadata; report per checkpoint set (needs torch).",
     ),
 ]
 Repair = Annotated[

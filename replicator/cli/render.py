@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from replicator.repository import SnapshotRow
     from replicator.restore.run import RestoreOutcome
     from replicator.retention.apply import ForgetReport
+    from replicator.shared.report import PartsReport
     from replicator.verify.drill import DrillReport, SourceDrill
+    from replicator.verify.load import SetLoad
     from replicator.verify.run import TargetVerification
 
 
@@ -170,6 +172,13 @@ def _sync_target_lines(r: SourceResult, t: TargetResult) -> list[str]:
         return [*lines, f"  -> {t.target}: DEFERRED: {t.error}; it resumes when the budget allows"]
     if t.status == "empty":
         return [*lines, f"  -> {t.target}: nothing to publish (no complete files); nothing written"]
+    if t.status == "waiting":
+        published = f"published {t.snapshot}; " if t.snapshot else ""
+        lines.append(f"  -> {t.target}: {published}WAITING for other instances' parts: {t.error}")
+        return lines
+    if t.status == "contributed":
+        done = "parts written; the assembler publishes each set once all parts are in"
+        return [*lines, f"  -> {t.target}: {done}"]
     u = t.uploads
     return [
         *lines,
@@ -238,6 +247,25 @@ def snapshot_lines(rows: Sequence[SnapshotRow]) -> list[str]:
         lines.append(
             f"{mark} {row.source:<16} {row.snapshot}  {row.files:>6} files {format_size(row.bytes):>11}{sets}"
         )
+    return lines
+
+
+def parts_lines(r: PartsReport) -> list[str]:
+    """Per set of a shared source: complete, or waiting with whose parts and why; then the
+    instances and how long since each last wrote its member object."""
+    lines = [f"{r.source} on {r.target}: {r.instances} instances"]
+    for s in r.sets:
+        if s.state == "complete":
+            lines.append(f"  {display_path(s.name)}: complete ({s.files} files, {format_size(s.bytes)})")
+            continue
+        waited = f" for {format_duration(s.waited)}" if s.waited is not None else ""
+        missing = f"; missing: {', '.join(s.missing)}" if s.missing else ""
+        lines.append(f"  {display_path(s.name)}: WAITING{waited}: in: {', '.join(s.have) or 'none'}{missing}")
+        lines += [f"    {one_line(why)}" for why in s.reasons]
+    for name, age in sorted(r.members.items()):
+        seen = "never" if age is None else f"{format_duration(age)} ago"
+        silent = "  SILENT" if name in r.silent else ""
+        lines.append(f"  instance {name}: last heard {seen}{silent}")
     return lines
 
 
@@ -328,16 +356,18 @@ def drill_lines(report: DrillReport) -> list[str]:
     if not report.sources:
         lines.append("  no source has a snapshot in this repository: nothing to resume from")
     for s in report.sources:
-        lines += _source_drill_lines(s)
+        lines += _source_drill_lines(s, report.load)
     return lines
 
 
-def _source_drill_lines(s: SourceDrill) -> list[str]:
+def _source_drill_lines(s: SourceDrill, load: bool) -> list[str]:
     if s.snapshot is None:
         return [f"  {s.source}: FAIL: {'; '.join(s.problems)}"]
     rate = format_size(s.throughput_bytes_per_second) + "/s" if s.throughput_bytes_per_second else "-"
     s_rto = format_duration(s.rto_seconds) if s.rto_seconds is not None else "unknown"
     checked = ", ".join(f"{n} {k}" for k, n in sorted(s.formats.items())) or "none"
+    checkpoints = sum(len(x.checkpoints) for x in s.loads)
+    loaded = f"; loaded with torch: {s.loaded} of {plural(checkpoints, 'checkpoint')}" if load else ""
     lines = [
         f"  {s.source}: {'PASS' if s.ok else 'FAIL'}: snapshot {s.snapshot} "
         f"(age {format_duration(max(s.age_seconds or 0, 0))}), "
@@ -345,7 +375,7 @@ def _source_drill_lines(s: SourceDrill) -> list[str]:
         f"    restored {plural(s.restored_files, 'file')} in {format_duration(s.restore_seconds)} at {rate}"
         f" ({s.already_present} already present); RTO estimate {s_rto}",
         f"    digest failures {len(s.digest_failures)}, format failures {len(s.format_failures)}; "
-        f"formats checked: {checked}; loaded with torch: {s.loaded}",
+        f"formats checked: {checked}{loaded}",
     ]
     if s.newest_restorable_set is not None:
         age = format_duration(max(s.newest_restorable_set_age_seconds or 0, 0))
@@ -360,7 +390,22 @@ def _source_drill_lines(s: SourceDrill) -> list[str]:
         for p, why in sorted(s.format_failures.items())
     ]
     lines += [f"    FAILED: {one_line(why)}" for why in s.problems]
+    lines += [_set_load_line(x) for x in s.loads]
     return lines
+
+
+def _set_load_line(x: SetLoad) -> str:
+    """One checkpoint set's load: what loaded, or the first checkpoint that did not and why."""
+    head = f"    load {display_path(x.set)}: "
+    if x.status != "loaded":
+        return head + f"{'FAILED' if x.status == 'failed' else 'skipped'}: {one_line(x.reason or '')}"
+    formats = ", ".join(sorted({c.format for c in x.checkpoints}))
+    objects = f", {plural(x.objects, 'object')}" if x.objects else ""
+    notes = "".join(f"; {c.path}: {one_line(c.note)}" for c in x.checkpoints if c.note)
+    return (
+        head + f"loaded: {plural(len(x.checkpoints), 'checkpoint')} ({formats}), "
+        f"{plural(x.tensors, 'tensor')}{objects}, {format_size(x.bytes)}{notes}"
+    )
 
 
 # -- forget -----------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ Thin, like every command (:mod:`replicator.cli`): parse, call one library functi
 
 from __future__ import annotations
 
-import importlib.util
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -52,6 +51,40 @@ def snapshots(
     )
     rows = run_coroutine(lambda: snapshot_rows(tcfg, source))
     emit(as_json, rows, lambda: render.snapshot_lines(rows))
+
+
+@app.command()
+def parts(
+    source: opt.InspectSource,
+    config_path: opt.ConfigPath = None,
+    target: opt.Target = None,
+    repo: opt.Repo = None,
+    endpoint_url: opt.Endpoint = None,
+    region: opt.Region = None,
+    profile: opt.Profile = None,
+    give_up_after: opt.GiveUp = None,
+    as_json: opt.Json = False,
+    log_level: opt.LogLevel = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+    log_format: opt.LogFormat = None,
+) -> None:
+    """Show what each instance of a shared (multi-node) source has contributed: per checkpoint
+    set, whose parts are in, whose are missing and for how long; per instance, when it last
+    said it was alive. Read-only; works from any host (--repo)."""
+    from replicator.shared.report import parts_report
+
+    tcfg, config = repo_target_config(
+        config_path, target, repo, endpoint_url, region, profile, log_level, give_up_after
+    )
+    scfg = None
+    if config is not None:
+        try:
+            scfg = config.source(source)
+        except ConfigError as exc:
+            fail(str(exc), 2)
+    report = run_coroutine(lambda: parts_report(tcfg, source, scfg))
+    emit(as_json, report.to_json(), lambda: render.parts_lines(report))
 
 
 @app.command()
@@ -229,6 +262,14 @@ def _check_glob(pattern: str) -> str:
     return pattern
 
 
+def _require_torch() -> None:
+    """--load without a working PyTorch is a usage error: say so before restoring anything."""
+    from replicator.verify.load import torch_unavailable
+
+    if (why := torch_unavailable()) is not None:
+        fail(f"--load needs PyTorch, which cannot be imported here ({why}; pip install torch)", 2)
+
+
 @app.command()
 def verify(
     config_path: opt.ConfigPath = None,
@@ -268,8 +309,8 @@ def verify(
     fraction = read_data_fraction(read_data)
     if (scratch is not None or load_torch) and not restore_drill:
         fail("--scratch and --load need --restore-drill", 2)
-    if load_torch and importlib.util.find_spec("torch") is None:
-        fail("--load needs PyTorch installed (pip install torch)", 2)
+    if load_torch:
+        _require_torch()
     if repair and repo is not None:
         fail("--repair reads the sources: give --config, not --repo", 2)
     if repo is not None:

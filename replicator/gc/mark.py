@@ -1,21 +1,24 @@
-"""Mark: every object key the repository's snapshot manifests reference.
+"""Mark: every object key the repository's snapshot manifests and parts reference.
 
 The live set is the evidence deletions rest on, so every doubt is a refusal
-(GcRefusedError), never a smaller set: an object under ``refs/`` or ``snapshots/`` that is
-not a well-formed ref or manifest key, a ref whose manifest the listing does not show, or a
-manifest that cannot be read, authenticated (the digest in its id) or validated
-(replicator.format.manifest) stops the collector before it deletes anything.
+(GcRefusedError), never a smaller set: an object under ``refs/``, ``snapshots/`` or ``parts/``
+that is not a well-formed ref, manifest or part key, a part that cannot be read, a ref whose
+manifest the listing does not show, or a manifest that cannot be read, authenticated (the
+digest in its id) or validated (replicator.format.manifest) stops the collector before it
+deletes anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from replicator.config import NAME_RE
 from replicator.errors import GcRefusedError, NotFoundError, RepositoryError
-from replicator.format.manifest import Manifest
+from replicator.format.manifest import FileEntry, Manifest, PackedAt
+from replicator.format.parts import parse_key, parse_part
 from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository, chunk_key, is_snapshot_id, pack_key
 
@@ -33,6 +36,7 @@ class Marks:
     manifest_bytes: int = 0
     """Stored bytes of those manifests (as listed)."""
     sources: int = 0
+    parts: int = 0
 
     def keeps(self, key: str) -> bool:
         return key in self.live or key in self.copies
@@ -76,6 +80,37 @@ async def mark(
     raise AssertionError("unreachable")
 
 
+async def _parts(repo: Repository, marks: Marks) -> None:
+    """Parts (several instances, one source: FORMAT.md §11) are roots like manifests: read
+    first, so that a part deleted after its set was published is covered by the manifest
+    listing that follows. A part deleted before it is read is skipped (see above)."""
+    async for info in repo.target.list("parts/"):
+        parsed = parse_key(info.key)
+        if parsed is None or not NAME_RE.match(parsed[0]):
+            raise GcRefusedError("unrecognized object under parts/", key=info.key, hint=_HINT)
+        if parsed[2]:
+            continue  # a member object names no chunks
+        try:
+            part = parse_part(await repo.target.get(info.key), where=info.key)
+        except NotFoundError:
+            continue
+        except RepositoryError as exc:
+            raise GcRefusedError(f"cannot read a part ({exc.message})", key=info.key, hint=_HINT) from None
+        marks.parts += 1
+        _refer(marks, part.files, part.packed)
+
+
+def _refer(marks: Marks, files: Iterable[FileEntry], packed: Mapping[str, PackedAt]) -> None:
+    for f in files:
+        for cid, _ in f.chunks:
+            at = packed.get(cid)
+            if at is None:
+                marks.live.add(chunk_key(cid))
+            else:
+                marks.live.add(pack_key(at[0]))
+                marks.copies.add(chunk_key(cid))
+
+
 async def _read_refs(repo: Repository) -> dict[str, str]:
     """Source -> the snapshot its ref names."""
     refs: dict[str, str] = {}
@@ -112,8 +147,10 @@ async def _list_manifests(repo: Repository) -> dict[tuple[str, str], int]:
 async def _mark(
     repo: Repository, progress: ProgressSink, concurrency: int, visitor: ManifestVisitor | None
 ) -> Marks:
-    # Refs first, then the manifests: a manifest is written before the ref that names it, so
-    # a ref read earlier names a manifest the later listing must show.
+    # Parts, then refs, then the manifests: a manifest is written before the ref that names
+    # it, so a ref read earlier names a manifest the later listing must show.
+    roots = Marks()
+    await _parts(repo, roots)
     refs = await _read_refs(repo)
     sizes = await _list_manifests(repo)
     found = list(sizes)
@@ -125,9 +162,12 @@ async def _mark(
                 hint="the listing is incomplete or the repository is damaged; run `replicator verify`",
             )
     marks = Marks(
+        live=roots.live,
+        copies=roots.copies,
         manifests=len(found),
         manifest_bytes=sum(sizes.values()),
         sources=len({s for s, _ in found} | set(refs)),
+        parts=roots.parts,
     )
     sem = asyncio.Semaphore(concurrency)
     progress.begin("reading manifests", sum(sizes.values()))
@@ -144,14 +184,7 @@ async def _mark(
                     key=f"snapshots/{source}/{sid}{_SUFFIX}",
                     hint="fix or delete it (replicator verify) before pruning",
                 ) from None
-        for f in manifest.files:
-            for cid, _ in f.chunks:
-                at = manifest.packed.get(cid)
-                if at is None:
-                    marks.live.add(chunk_key(cid))
-                else:
-                    marks.live.add(pack_key(at[0]))
-                    marks.copies.add(chunk_key(cid))
+        _refer(marks, manifest.files, manifest.packed)
         if visitor is not None:
             visitor.visit(source, sid, manifest, sizes[source, sid])
         progress.advance(sizes[source, sid])

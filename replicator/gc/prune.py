@@ -148,7 +148,7 @@ class _Evidence:
                 async for info in self.repo.target.list(prefix):
                     if is_object_key(info.key):  # foreign keys are not ours to delete
                         objects[info.key] = info
-            if marks.manifests == 0 and objects:
+            if marks.manifests == 0 and marks.parts == 0 and objects:
                 raise GcRefusedError(
                     f"no snapshot manifest found, yet {len(objects)} chunk objects and packs exist",
                     key="snapshots/",

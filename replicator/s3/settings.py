@@ -56,12 +56,14 @@ def config_kwargs(access: S3Access, max_connections: int = 10) -> dict[str, Any]
     if style == "auto" and access.endpoint_url:
         style = "path"  # virtual-host addressing needs DNS the S3-compatible server rarely has
     s3: dict[str, Any] = {"addressing_style": style}
-    if access.endpoint_url and is_loopback(access.endpoint_url):
+    url = access.endpoint_url
+    if url is None or url.lower().startswith("https://") or is_loopback(url):
         # Over plain HTTP botocore signs a SHA-256 of every body so that nothing on the network
         # can alter it; a loopback endpoint (a local gateway such as `rclone serve s3` or MinIO)
-        # has no network in between. The PUT's checksum header still lets the server reject a
-        # damaged body. Over HTTPS botocore already leaves bodies unsigned when a checksum
-        # header is present, as here.
+        # has no network in between, and over HTTPS TLS guards the body. Every PUT's checksum
+        # header still lets the server reject a damaged body. botocore itself skips the
+        # SHA-256 over HTTPS only when it sees Content-MD5 or a checksum it computed: the
+        # x-amz-checksum-crc32 we compute (replicator.s3.checksums) would be hashed twice.
         s3["payload_signing_enabled"] = False
     return {
         # total_max_attempts, not max_attempts: botocore counts the latter as retries, so 1

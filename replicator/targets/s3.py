@@ -1,8 +1,9 @@
 """A target in an S3-compatible bucket (AWS S3, GCS's XML API, R2, MinIO, Ceph, rclone...).
 
-Every PUT carries an integrity checksum the server verifies before it stores anything:
-Content-MD5 by default (understood by every S3 implementation), or an x-amz-checksum-*
-header. A PUT is atomic on S3, so partial objects are never visible. Bodies are also
+Every PUT carries an integrity checksum the server verifies before it stores anything: with
+``checksum: auto`` (the default) CRC32 where the server verifies flexible checksums, else
+Content-MD5, detected once per target at its first PUT (:mod:`replicator.s3.checksums`). A
+PUT is atomic on S3, so partial objects are never visible. Bodies are also
 SHA-256-signed over plain HTTP, except to a loopback endpoint (see ``replicator.s3.settings``).
 
 HEAD answers carry no error code, so to ``stat`` a missing bucket looks like a missing key;
@@ -16,31 +17,40 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import secrets
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
+import botocore.compat
 import botocore.exceptions
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
 from replicator.config import S3Access
-from replicator.errors import AlreadyExistsError, NotFoundError, PermanentTargetError, TransientTargetError
+from replicator.errors import (
+    AlreadyExistsError,
+    ConfigError,
+    NotFoundError,
+    PermanentTargetError,
+    TransientTargetError,
+)
 from replicator.format.chunks import Buffer
+from replicator.log import get_logger
+from replicator.s3.checksums import HASH_IN_THREAD, PROBE_BODY, PROBE_PREFIX, Detected, checksum_args, detect
 from replicator.s3.errors import SDK_ERRORS, convert_error, http_status, profile_error
 from replicator.s3.location import S3Location
 from replicator.s3.settings import ObjectParams, client_kwargs, config_kwargs
 from replicator.targets.base import ObjectInfo, check_key
 
-_HASH_IN_THREAD = 256 << 10
-_CHECKSUM_ALGORITHMS = {"crc32": "CRC32", "crc32c": "CRC32C", "sha1": "SHA1", "sha256": "SHA256"}
+log = get_logger(__name__)
 
 
 async def content_md5(data: Buffer) -> str:
     """The Content-MD5 header for ``data``. MD5 runs at ~600 MiB/s here: hashing a whole chunk
     on the event loop would stall every other request, so a big body is hashed in a thread
     (hashlib releases the GIL)."""
-    if len(data) >= _HASH_IN_THREAD:
+    if len(data) >= HASH_IN_THREAD:
         return await asyncio.to_thread(_content_md5, data)
     return _content_md5(data)
 
@@ -75,12 +85,16 @@ async def connect(
 
 class S3Target:
     def __init__(
-        self, name: str, location: S3Location, checksum: str = "md5", params: ObjectParams | None = None
+        self, name: str, location: S3Location, checksum: str = "auto", params: ObjectParams | None = None
     ) -> None:
         self.name = name
         self.location = location
         self.url = location.url
         self.checksum = checksum
+        """As configured: ``auto`` or the checksum every PUT carries."""
+        self.detected: Detected | None = None
+        """What ``auto`` chose, once the first PUT has probed the server."""
+        self._detecting = asyncio.Lock()
         self.params = params or ObjectParams()
         """Encryption, storage class and tags of every PUT; the SSE-C key of every GET/HEAD."""
         self._stack = contextlib.AsyncExitStack()
@@ -93,9 +107,14 @@ class S3Target:
         location: S3Location,
         access: S3Access,
         max_connections: int,
-        checksum: str = "md5",
+        checksum: str = "auto",
         params: ObjectParams | None = None,
     ) -> S3Target:
+        if checksum == "crc32c" and not botocore.compat.HAS_CRT:
+            raise ConfigError(
+                f"target {name}: checksum crc32c needs the awscrt package",
+                hint="pip install awscrt, or use checksum: auto (CRC32 where the server verifies it)",
+            )
         self = cls(name, location, checksum, params)
         self._client = await connect(self._stack, access, max_connections, name=name, url=location.url)
         return self
@@ -113,10 +132,7 @@ class S3Target:
             "Body": data,
             **self.params.write,
         }
-        if self.checksum == "md5":
-            args["ContentMD5"] = await content_md5(data)
-        else:
-            args["ChecksumAlgorithm"] = _CHECKSUM_ALGORITHMS[self.checksum]
+        args.update(await checksum_args(await self.checksum_mode(key), data))
         if if_absent:
             args["IfNoneMatch"] = "*"
         try:
@@ -135,6 +151,44 @@ class S3Target:
                 return await self.put(key, data)
             raise err from exc
         return None
+
+    async def checksum_mode(self, key: str = "") -> str:
+        """The checksum PUTs carry: the configured one, or with ``auto`` the one the server
+        verifies, probed once (concurrent first PUTs wait for one probe). A probe that fails
+        fails the PUT of ``key`` (the next PUT probes again)."""
+        if self.checksum != "auto":
+            return self.checksum
+        if self.detected is None:
+            async with self._detecting:
+                if self.detected is None:
+                    self.detected = await self._detect(key)
+        return self.detected.mode
+
+    async def _detect(self, for_key: str) -> Detected:
+        key = f"{PROBE_PREFIX}{secrets.token_hex(8)}"
+        base = {"Bucket": self.location.bucket, "Key": self._key(key), **self.params.write}
+
+        async def put(checksum: dict[str, str], must_store: bool) -> bool:
+            try:
+                await self._client.put_object(**base, Body=PROBE_BODY, **checksum)
+            except SDK_ERRORS as exc:
+                if http_status(exc) == 400 and not must_store:  # BadDigest, InvalidDigest...
+                    return False
+                raise self._fail(exc, "put", for_key or key) from exc
+            return True
+
+        # A failed probe may leave its object: readers ignore tmp/, and deleting it from a
+        # server that does not answer would only double the wait.
+        found = await detect(put)
+        try:
+            await self._client.delete_object(Bucket=self.location.bucket, Key=self._key(key))
+        except SDK_ERRORS as exc:
+            log.warning("s3.checksum_probe_left", target=self.name, key=key, error=str(exc))
+        if found.verified:
+            log.info("s3.checksum", target=self.name, checksum=found.mode, verified=True)
+        else:
+            log.warning("s3.checksum_unverified", target=self.name, detail=found.describe())
+        return found
 
     async def get(self, key: str, *, offset: int = 0, length: int | None = None) -> bytes:
         args: dict[str, Any] = {"Bucket": self.location.bucket, "Key": self._key(key), **self.params.read}

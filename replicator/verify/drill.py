@@ -4,7 +4,7 @@ For each source the drill restores the chosen snapshot (default: the latest) fro
 target into a scratch directory with the ordinary restore code (so every chunk and every
 file is checked against its digest, and every path is confined to the scratch directory),
 then checks the format of each known artifact (:mod:`replicator.verify.formats`) and, with
-``load``, loads each PyTorch checkpoint file with ``torch.load(weights_only=True)``.
+``load``, loads each checkpoint (DCP, safetensors, torch.save) with PyTorch (:mod:`.load`).
 
 The report gives, per source: the snapshot and its age, what was restored, digest and
 format failures, the measured restore throughput and the time a full restore of the
@@ -33,7 +33,8 @@ from replicator.progress import NoProgress, ProgressSink
 from replicator.repository import Repository
 from replicator.restore.core import restore_snapshot
 from replicator.restore.local import LocalDestination
-from replicator.verify.formats import FormatCheck, FormatProblem, check_file, torch_load
+from replicator.verify.formats import FormatCheck, check_file
+from replicator.verify.load import SetLoad, load_checkpoints
 
 log = get_logger(__name__)
 
@@ -66,7 +67,9 @@ class SourceDrill:
     notes: dict[str, str] = field(default_factory=dict)
     """Files whose format check was partial, and why."""
     loaded: int = 0
-    """Checkpoint files loaded with torch.load(weights_only=True)."""
+    """Checkpoints loaded with PyTorch (a DCP directory, a sharded safetensors checkpoint, a file)."""
+    loads: list[SetLoad] = field(default_factory=list)
+    """With ``load``: per checkpoint set, loaded, failed or skipped, and why."""
     sets: int = 0
     newest_restorable_set: str | None = None
     newest_restorable_set_age_seconds: float | None = None
@@ -75,7 +78,8 @@ class SourceDrill:
 
     @property
     def ok(self) -> bool:
-        return not (self.problems or self.digest_failures or self.format_failures)
+        loads_ok = all(s.status == "loaded" for s in self.loads)
+        return loads_ok and not (self.problems or self.digest_failures or self.format_failures)
 
 
 @dataclass
@@ -174,43 +178,39 @@ async def _drill_source(
     elif not drill.bytes:
         drill.rto_seconds = 0.0
 
-    await _check_formats(LocalDestination(dest, repo.hash), manifest, drill, load)
+    await _check_formats(LocalDestination(dest, repo.hash), manifest, drill)
+    if load:
+        sizes = {f.path: f.size for f in manifest.files}
+        sets = {s.name for s in manifest.sets}
+        drill.loads = await asyncio.to_thread(
+            load_checkpoints, dest, sizes, sets, drill.digest_failures.keys()
+        )
+        drill.loaded = sum(c.status == "loaded" for s in drill.loads for c in s.checkpoints)
     _newest_restorable_set(manifest, drill)
     log.info("drill.source", source=drill.source, snapshot=sid, ok=drill.ok)
 
 
-async def _check_formats(
-    reader: LocalDestination, manifest: Manifest, drill: SourceDrill, load: bool
-) -> None:
+async def _check_formats(reader: LocalDestination, manifest: Manifest, drill: SourceDrill) -> None:
     sizes = {f.path: f.size for f in manifest.files}
     todo = [f.path for f in manifest.files if f.path not in drill.digest_failures]
     lock = asyncio.Semaphore(CHECKS_IN_PARALLEL)
 
-    def check(path: str) -> tuple[FormatCheck | None, bool]:
+    def check(path: str) -> FormatCheck | None:
         # Opened without following symlinks, like the restore wrote it.
         fd = reader.open_regular(path)
         with os.fdopen(fd, "rb") as f:
-            result = check_file(f, path, sizes)
-        loaded = False
-        if load and result is not None and result.problem is None and result.format.startswith("torch"):
-            try:
-                torch_load(str(reader.root / path))
-                loaded = True
-            except FormatProblem as exc:
-                result = FormatCheck(result.format, problem=str(exc))
-        return result, loaded
+            return check_file(f, path, sizes)
 
     async def one(path: str) -> None:
         async with lock:
             try:
-                result, loaded = await asyncio.to_thread(check, path)
+                result = await asyncio.to_thread(check, path)
             except OSError as exc:
                 drill.format_failures[path] = f"cannot read the restored file: {exc.strerror or exc}"
                 return
         if result is None:
             return
         drill.formats[result.format] = drill.formats.get(result.format, 0) + 1
-        drill.loaded += loaded
         if result.problem is not None:
             drill.format_failures[path] = f"{result.format}: {result.problem}"
         elif result.note is not None:
@@ -224,9 +224,10 @@ async def _check_formats(
 
 def _newest_restorable_set(manifest: Manifest, drill: SourceDrill) -> None:
     bad = drill.digest_failures.keys() | drill.format_failures.keys()
+    unloaded = {s.set for s in drill.loads if s.status != "loaded"}
     for info in sorted(manifest.sets, key=lambda s: (s.newest_mtime_ns, s.name), reverse=True):
         members = [f.path for f in manifest.files if f.path.startswith(info.name + "/")]
-        if len(members) == info.files and not any(p in bad for p in members):
+        if len(members) == info.files and info.name not in unloaded and not any(p in bad for p in members):
             drill.newest_restorable_set = info.name
             drill.newest_restorable_set_age_seconds = time.time() - info.newest_mtime_ns / 1e9
             return

@@ -134,7 +134,22 @@ def _read_exact(f: IO[bytes], n: int, what: str) -> bytes:
 # -- safetensors -------------------------------------------------------------------------------
 
 
-def _check_safetensors(f: IO[bytes], size: int, path: str, files: Mapping[str, int]) -> str | None:
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """One tensor of a safetensors header, validated: its dtype name, shape and byte range
+    relative to the start of the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def safetensors_header(f: IO[bytes], size: int) -> tuple[int, list[SafetensorsEntry]]:
+    """Parse and validate a safetensors header (``f`` at offset 0, ``size`` bytes long): the
+    offset where the data section starts and every tensor, each checked on its own (its dtype
+    is known and dtype x shape equals its byte range). FormatProblem if not."""
     (n,) = struct.unpack("<Q", _read_exact(f, 8, "the header length"))
     if n > SAFETENSORS_HEADER_LIMIT or 8 + n > size:
         raise FormatProblem(f"header length {n} does not fit the file ({size} bytes)")
@@ -147,42 +162,50 @@ def _check_safetensors(f: IO[bytes], size: int, path: str, files: Mapping[str, i
         raise FormatProblem(f"header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise FormatProblem("header is not a JSON object")
-    data_len = size - 8 - n
-    ranges: list[tuple[int, int, str]] = []
+    entries = []
     for name, info in header.items():
         if name == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise FormatProblem("__metadata__ must map strings to strings")
             continue
-        if not isinstance(info, dict):
-            raise FormatProblem(f"tensor {name!r}: entry is not an object")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        bits = _SAFETENSORS_DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
-        if bits is None:
-            raise FormatProblem(f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise FormatProblem(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_count(o) for o in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            raise FormatProblem(f"tensor {name!r}: bad data_offsets {offsets!r}")
-        nbits = math.prod(shape) * bits
-        if nbits % 8 or nbits // 8 != offsets[1] - offsets[0]:
-            raise FormatProblem(
-                f"tensor {name!r}: {dtype}{shape} needs {nbits / 8:g} bytes, "
-                f"data_offsets give {offsets[1] - offsets[0]}"
-            )
-        ranges.append((offsets[0], offsets[1], name))
-    ranges.sort()
+        entries.append(_safetensors_entry(name, info))
+    return 8 + n, entries
+
+
+def _safetensors_entry(name: str, info: Any) -> SafetensorsEntry:
+    if not isinstance(info, dict):
+        raise FormatProblem(f"tensor {name!r}: entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    bits = _SAFETENSORS_DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
+    if bits is None or not isinstance(dtype, str):
+        raise FormatProblem(f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise FormatProblem(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise FormatProblem(f"tensor {name!r}: bad data_offsets {offsets!r}")
+    nbits = math.prod(shape) * bits
+    if nbits % 8 or nbits // 8 != offsets[1] - offsets[0]:
+        raise FormatProblem(
+            f"tensor {name!r}: {dtype}{shape} needs {nbits / 8:g} bytes, "
+            f"data_offsets give {offsets[1] - offsets[0]}"
+        )
+    return SafetensorsEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_safetensors(f: IO[bytes], size: int, path: str, files: Mapping[str, int]) -> str | None:
+    start, entries = safetensors_header(f, size)
+    data_len = size - start
     pos = 0
-    for begin, end, name in ranges:
-        if begin != pos:
-            what = "overlaps the previous tensor" if begin < pos else f"leaves a gap at byte {pos}"
-            raise FormatProblem(f"tensor {name!r} {what}")
-        pos = end
+    for e in sorted(entries, key=lambda e: (e.begin, e.end, e.name)):
+        if e.begin != pos:
+            what = "overlaps the previous tensor" if e.begin < pos else f"leaves a gap at byte {pos}"
+            raise FormatProblem(f"tensor {e.name!r} {what}")
+        pos = e.end
     if pos != data_len:
         raise FormatProblem(f"tensors cover {pos} bytes of data, the file holds {data_len}")
     return None
@@ -193,15 +216,26 @@ def _is_count(v: object) -> TypeGuard[int]:
 
 
 def _check_safetensors_index(f: IO[bytes], size: int, path: str, files: Mapping[str, int]) -> str | None:
+    base = _base(path)
+    for shard in sorted(safetensors_index_needs(f, size, path)):
+        if shard not in files:
+            raise FormatProblem(f"shard {shard[len(base) :]!r} named in weight_map is not in the snapshot")
+    return None
+
+
+def safetensors_index_needs(f: IO[bytes], size: int, path: str) -> dict[str, int]:
+    """The shards an index at ``path`` maps tensors to (paths next to it) -> 1 (a size they
+    must at least have). Also what a shared source's part says its set needs (FORMAT §11)."""
     doc = _load_json(f, size)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise FormatProblem("no weight_map object mapping tensor names to shard files")
-    base = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
-    for shard in sorted(set(weight_map.values())):
-        if _join(base, shard) not in files:
-            raise FormatProblem(f"shard {shard!r} named in weight_map is not in the snapshot")
-    return None
+    base = _base(path)
+    return {_join(base, shard): 1 for shard in set(weight_map.values())}
+
+
+def _base(path: str) -> str:
+    return path.rsplit("/", 1)[0] + "/" if "/" in path else ""
 
 
 def _join(base: str, rel: str) -> str:
@@ -318,6 +352,22 @@ def _check_torch_zip(f: IO[bytes]) -> None:
 
 
 def _check_dcp(f: IO[bytes], size: int, path: str, files: Mapping[str, int]) -> str | None:
+    base = _base(path)
+    for full, end in dcp_needs(f, size, path).items():
+        rel = full[len(base) :]
+        if full not in files:
+            raise FormatProblem(f"storage file {rel!r} is not in the snapshot")
+        if end > files[full]:
+            raise FormatProblem(
+                f"storage file {rel!r} is {files[full]} bytes; metadata needs bytes up to {end}"
+            )
+    return None
+
+
+def dcp_needs(f: IO[bytes], size: int, path: str) -> dict[str, int]:
+    """Every storage file a DCP ``.metadata`` at ``path`` names (paths next to it) -> the bytes
+    it needs of it (the largest offset + length). Also what a shared source's part says its
+    set needs (FORMAT §11)."""
     if size > PICKLE_LIMIT:
         raise FormatProblem(".metadata is larger than 1 GiB")
     if size == 0:  # say so rather than "pickle is malformed" (issue 22)
@@ -331,20 +381,15 @@ def _check_dcp(f: IO[bytes], size: int, path: str, files: Mapping[str, int]) -> 
     storage = meta.fields().get("storage_data")
     if not isinstance(storage, dict) or not storage:
         raise FormatProblem("metadata names no storage files")
-    base = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
+    base, out = _base(path), dict[str, int]()
     for info in storage.values():
         item = info.fields() if isinstance(info, Inert) else {}
         rel, offset, length = item.get("relative_path"), item.get("offset"), item.get("length")
         if not isinstance(rel, str) or not _is_count(offset) or not _is_count(length):
             raise FormatProblem("a storage entry lacks relative_path, offset or length")
         full = _join(base, rel)
-        if full not in files:
-            raise FormatProblem(f"storage file {rel!r} is not in the snapshot")
-        if offset + length > files[full]:
-            raise FormatProblem(
-                f"storage file {rel!r} is {files[full]} bytes; metadata needs bytes up to {offset + length}"
-            )
-    return None
+        out[full] = max(out.get(full, 0), offset + length)
+    return out
 
 
 # -- numpy -----------------------------------------------------------------------------------
@@ -468,19 +513,3 @@ _CHECKERS: dict[str, Callable[[IO[bytes], int, str, Mapping[str, int]], str | No
     "json": _check_json,
     "jsonl": _check_jsonl,
 }
-
-
-def torch_load(path: str) -> None:
-    """``torch.load(path, weights_only=True)`` on the CPU; FormatProblem if it fails.
-
-    weights_only refuses arbitrary globals, so this does not execute code from the target.
-    Zip-form files are memory-mapped, so a checkpoint larger than RAM still loads."""
-    import torch
-
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except Exception as exc:  # torch raises anything from RuntimeError to UnpicklingError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FormatProblem(f"torch.load(weights_only=True) failed: {first}") from None

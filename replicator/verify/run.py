@@ -43,7 +43,7 @@ class VerifyOptions:
     scratch: Path | None = None
     """Where the drill restores to, kept afterwards (default: a temporary directory)."""
     load: bool = False
-    """The drill also torch.loads every PyTorch checkpoint."""
+    """The drill also loads every checkpoint with PyTorch (:mod:`.load`)."""
 
 
 @dataclass

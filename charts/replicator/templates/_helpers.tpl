@@ -67,6 +67,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{- define "replicator.daemonsetStatePath" -}}
+{{- .Values.daemonset.statePath | default (printf "/var/lib/replicator/%s-%s" .Release.Namespace (include "replicator.fullname" .)) }}
+{{- end }}
+
+{{/* The StatefulSet's name: its pods add -<ordinal>, its revisions a hash of 10 more. */}}
+{{- define "replicator.statefulsetName" -}}
+{{- include "replicator.fullname" . | trunc 52 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "replicator.image" -}}
 {{- $repo := required "image.repository is required: an image with replicator installed (build one with the repository's Dockerfile)" .Values.image.repository }}
 {{- printf "%s:%s" $repo (toString .Values.image.tag) }}
@@ -74,8 +83,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Cross-field checks, with messages that say what to do. */}}
 {{- define "replicator.validate" -}}
-{{- if not (has .Values.mode (list "standalone" "sidecar")) }}
-{{- fail (printf "mode must be standalone or sidecar (got %q)" (toString .Values.mode)) }}
+{{- if not (has .Values.mode (list "standalone" "sidecar" "daemonset" "statefulset")) }}
+{{- fail (printf "mode must be standalone, sidecar, daemonset or statefulset (got %q)" (toString .Values.mode)) }}
+{{- end }}
+{{- include "replicator.validateShared" . }}
+{{- if and (has .Values.mode (list "daemonset" "statefulset")) .Values.state.persistence.existingClaim }}
+{{- fail (printf "state.persistence.existingClaim: one claim cannot hold the state of every %s pod; leave it empty (daemonset: daemonset.statePath on each node; statefulset: a claim per pod from state.persistence)" .Values.mode) }}
 {{- end }}
 {{- if and (eq .Values.mode "sidecar") .Values.state.persistence.enabled (not .Values.state.persistence.existingClaim) }}
 {{- fail "state.persistence.enabled creates one claim, which training pods cannot share: in sidecar mode use state.persistence.existingClaim, or the default emptyDir" }}
@@ -104,6 +117,31 @@ not be replicator's localhost default: the kubelet's probes and Prometheus conne
 pod's IP.
 */}}
 {{- define "replicator.configYaml" -}}
+{{- include "replicator.configFor" (dict "ctx" . "instance" true) }}
+{{- end }}
+
+{{/*
+The config of the pods that act as no instance of a shared source (verify, forget, prune):
+the same, without the shared: blocks, whose instance names another pod's identity. Those
+commands read the repository (parts included) and never need it.
+*/}}
+{{- define "replicator.maintenanceConfigYaml" -}}
+{{- include "replicator.configFor" (dict "ctx" . "instance" false) }}
+{{- end }}
+
+{{/* Where the CronJobs' config is: maintenance.yaml only when it differs. */}}
+{{- define "replicator.maintenanceConfigPath" -}}
+{{- if ne (include "replicator.configYaml" .) (include "replicator.maintenanceConfigYaml" .) -}}
+/etc/replicator/maintenance.yaml
+{{- else -}}
+/etc/replicator/replicator.yaml
+{{- end }}
+{{- end }}
+
+{{/* Called with (dict "ctx" <context> "instance" <bool>). */}}
+{{- define "replicator.configFor" -}}
+{{- $instance := .instance }}
+{{- with .ctx }}
 {{- $cfg := deepCopy (.Values.config | default dict) }}
 {{- if hasKey $cfg "listen" }}
 {{- fail (printf "config.listen: leave it out; the chart sets listen: 0.0.0.0:%v so that the kubelet's probes and Prometheus reach the daemon (change the port with metrics.port)" .Values.metrics.port) }}
@@ -119,12 +157,19 @@ pod's IP.
 {{- end }}
 {{- $_ := set $cfg "listen" (printf "0.0.0.0:%v" .Values.metrics.port) }}
 {{- $_ := set $cfg "state_dir" "/var/lib/replicator" }}
+{{- $_ := set $cfg "sources" (include "replicator.sharedSources" (dict "ctx" . "instance" $instance) | fromYamlArray) }}
 {{- toYaml $cfg }}
+{{- end }}
 {{- end }}
 
 {{/* Environment of every replicator container: credentials and ${VAR} values. */}}
 {{- define "replicator.env" -}}
 {{- include "replicator.envWith" (dict "ctx" . "secret" .Values.credentials.existingSecret) }}
+{{- end }}
+
+{{/* The same, for the daemon's container: with its identity from the downward API. */}}
+{{- define "replicator.daemonEnv" -}}
+{{- include "replicator.envWith" (dict "ctx" . "secret" .Values.credentials.existingSecret "identity" true) }}
 {{- end }}
 
 {{/*
@@ -136,6 +181,13 @@ prune CronJob passes prune.credentials.existingSecret when it has keys of its ow
 env:
   - name: HOME  # the image's user has no home directory; botocore looks for ~/.aws
     value: /tmp
+  {{- if .identity }}
+  # Who this instance is (shared.instance: ${POD_NAME} or ${NODE_NAME}; docs/DEPLOY.md).
+  - name: POD_NAME
+    valueFrom: {fieldRef: {fieldPath: metadata.name}}
+  - name: NODE_NAME
+    valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
+  {{- end }}
   {{- with $v.env }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -166,7 +218,7 @@ The daemon's container. Called with (dict "ctx" <context> "sidecar" <bool>).
   {{- end }}
   command: [replicator]
   args: [run, --config, /etc/replicator/replicator.yaml]
-  {{- include "replicator.env" .ctx | nindent 2 }}
+  {{- include "replicator.daemonEnv" .ctx | nindent 2 }}
   ports:
     - name: replicator
       containerPort: {{ $v.metrics.port }}
@@ -211,6 +263,10 @@ The daemon's container. Called with (dict "ctx" <context> "sidecar" <bool>).
     - name: {{ $v.sidecar.checkpoints.volume }}
       mountPath: {{ $v.sidecar.checkpoints.mountPath }}
       readOnly: true
+    {{- else if has $v.mode (list "daemonset" "statefulset") }}
+    - name: checkpoints
+      mountPath: {{ (index $v $v.mode).checkpoints.mountPath }}
+      readOnly: true
     {{- end }}
     {{- with $v.extraVolumeMounts }}
     {{- toYaml . | nindent 4 }}
@@ -219,8 +275,9 @@ The daemon's container. Called with (dict "ctx" <context> "sidecar" <bool>).
 
 {{/*
 Volumes of a pod that runs replicator. Called with (dict "ctx" <context> "mode" <m>), m is
-"daemon" (standalone), "sidecar", "verify" or "prune" (the last two: always a fresh cache;
-the daemon's claim is ReadWriteOnce and its cache is locked while it runs).
+"daemon" (standalone), "sidecar", "daemonset", "statefulset", "verify" or "prune" (the last
+two: always a fresh cache; the daemon's claim is ReadWriteOnce and its cache is locked while
+it runs). A StatefulSet's state is a claim per pod (its volumeClaimTemplates).
 */}}
 {{- define "replicator.volumes" -}}
 {{- $v := .ctx.Values }}
@@ -228,6 +285,27 @@ the daemon's claim is ReadWriteOnce and its cache is locked while it runs).
 - name: replicator-config
   configMap:
     name: {{ include "replicator.fullname" .ctx }}
+{{- if has .mode (list "daemonset" "statefulset") }}
+{{- $ck := (index $v .mode).checkpoints }}
+- name: checkpoints
+  {{- if $ck.volume }}
+  {{- toYaml $ck.volume | nindent 2 }}
+  {{- else if eq .mode "daemonset" }}
+  hostPath:
+    path: {{ $ck.hostPath }}
+    type: Directory  # the trainers' directory: an absent one is a mistake, not something to create
+  {{- else }}
+  persistentVolumeClaim:
+    claimName: {{ $ck.claimName }}
+    readOnly: true
+  {{- end }}
+{{- end }}
+{{- if eq .mode "daemonset" }}
+- name: replicator-state
+  hostPath:  # on the node: a restarted pod keeps its cache
+    path: {{ include "replicator.daemonsetStatePath" .ctx }}
+    type: DirectoryOrCreate
+{{- else if ne .mode "statefulset" }}
 - name: replicator-state
   {{- if and $pvc.existingClaim (has .mode (list "daemon" "sidecar")) }}
   persistentVolumeClaim:
@@ -239,6 +317,7 @@ the daemon's claim is ReadWriteOnce and its cache is locked while it runs).
   emptyDir:
     {{- toYaml $v.state.emptyDir | nindent 4 }}
   {{- end }}
+{{- end }}
 - name: replicator-tmp
   emptyDir:
     sizeLimit: {{ $v.tmp.sizeLimit }}

@@ -1,0 +1,271 @@
+"""Several instances, one checkpoint source (issue 21): node-local shards published as one set.
+
+Each "node" is a replicator with its own source directory and state dir, all writing into one
+repository; a set is published only once every node's part is in, with what the set's own
+description (a safetensors index, a DCP ``.metadata``) names, and never before."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import cli, make_target_spec, write_config
+from tests.daemon_helpers import DaemonProcess, latest_manifest, set_names, wait_until
+from tests.helpers import config_dict, make_checkpoint, tree_digest
+from tests.test_rpo import metric
+
+
+def _node_configs(
+    tmp_path: Path, target: dict[str, Any], nodes: int, **shared: Any
+) -> list[tuple[Path, Path]]:
+    """(data dir, config file) per node: source ``ckpt`` with node-local shards."""
+    out = []
+    for i in range(nodes):
+        data = tmp_path / f"node{i}" / "data"
+        data.mkdir(parents=True)
+        source = {
+            "name": "ckpt",
+            "url": str(data),
+            "kind": "checkpoint",
+            "complete_when": {"marker": "model.safetensors.index.json", "quiet": "1s"},
+            "shared": {"instances": nodes, "instance": f"node-{i}", "heartbeat": "1s", **shared},
+        }
+        cfg = config_dict(tmp_path / f"node{i}", [source], [target])
+        out.append((data, write_config(tmp_path / f"node{i}" / "r.yaml", cfg)))
+    return out
+
+
+def _spread(step_dir: Path, nodes: list[Path]) -> dict[str, str]:
+    """Move a sharded checkpoint's files onto the nodes: the index and shard 0 on node 0,
+    shard k on node k. Returns path -> sha256 of the whole set, and makes every file quiet."""
+    want = {p: sha for p, (sha, _, _) in tree_digest(step_dir.parent).items()}
+    old = time.time() - 60
+    for f in sorted(step_dir.iterdir()):
+        rank = int(f.name.split("-")[1]) if f.name.startswith("model-") else 0
+        dest = nodes[rank] / step_dir.name / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(f, dest)
+        os.utime(dest, (old, old))
+    return want
+
+
+def _index(step_dir: Path, shards: int) -> None:
+    weight_map = {f"layer.{r}": f"model-{r:05d}-of-{shards:05d}.safetensors" for r in range(shards)}
+    (step_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_a_set_is_published_once_every_nodes_part_is_in(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    spec = make_target_spec(request, "rclone", tmp_path)
+    nodes = _node_configs(tmp_path, spec.config, 3)
+    made = make_checkpoint(tmp_path / "made", 1, shards=3, marker=None)
+    _index(made, 3)
+    want = _spread(made, [d for d, _ in nodes])
+
+    first = cli("sync", "-c", str(nodes[0][1]), "--json")
+    assert first.returncode == 0, first.stderr
+    result = json.loads(first.stdout)
+    assert result["sources"][0]["targets"][0]["status"] == "waiting", result
+    assert "1 of 3 instances' parts are in" in result["sources"][0]["targets"][0]["error"]
+    assert latest_manifest(spec.config, "ckpt") is None, "published with a part missing"
+
+    assert cli("sync", "-c", str(nodes[1][1])).returncode == 0
+    shown = cli("parts", "-s", "ckpt", "-c", str(nodes[2][1]))
+    assert shown.returncode == 0, shown.stderr
+    assert "step-000001: WAITING" in shown.stdout and "in: node-0, node-1" in shown.stdout, shown.stdout
+    assert "2 of 3 instances' parts are in" in shown.stdout
+    assert "instance node-1: last heard" in shown.stdout
+    again = cli("sync", "-c", str(nodes[0][1]), "--json")
+    assert json.loads(again.stdout)["sources"][0]["targets"][0]["status"] == "waiting"
+    assert latest_manifest(spec.config, "ckpt") is None
+
+    third = cli("sync", "-c", str(nodes[2][1]), "--json")
+    assert json.loads(third.stdout)["sources"][0]["targets"][0]["status"] == "contributed", third.stdout
+    done = cli("sync", "-c", str(nodes[0][1]), "--json")
+    assert json.loads(done.stdout)["sources"][0]["targets"][0]["status"] == "published", done.stdout
+    m = latest_manifest(spec.config, "ckpt")
+    assert set_names(m) == ["step-000001"]
+    assert m is not None and sorted(f.path for f in m.files) == sorted(want)
+    repo = ["--repo", spec.config["url"], "--endpoint-url", spec.config["endpoint_url"]]
+    report = json.loads(cli("parts", "-s", "ckpt", *repo, "--json").stdout)  # no config: from any host
+    assert report["instances"] == 3 and sorted(report["members"]) == ["node-0", "node-1", "node-2"]
+    assert [(s["name"], s["state"], s["have"]) for s in report["sets"]] == [
+        ("step-000001", "complete", ["node-0", "node-1", "node-2"])
+    ]
+
+    out = tmp_path / "restored"
+    restored = cli("restore", "-c", str(nodes[1][1]), "-s", "ckpt", str(out))
+    assert restored.returncode == 0, restored.stderr
+    assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+
+
+DCP_RANKS = Path(__file__).parent / "dcp_ranks.py"
+
+
+def _dcp(*args: str) -> dict[str, Any]:
+    command = [sys.executable, str(DCP_RANKS), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_three_daemons_publish_a_torch_dcp_checkpoint_when_its_last_shard_is_in(
+    tmp_path: Path, request: pytest.FixtureRequest, fault_proxy: Any
+) -> None:
+    """Three nodes' sidecars: node 0 holds rank 0's shard and ``.metadata``, nodes 1 and 2 one
+    shard each. Node 2's daemon is killed while it uploads: the set waits and the assembler
+    alerts; once node 2 is back the set is published whole, restores byte-identically and
+    resumes training with the same next-step loss."""
+    spec = make_target_spec(request, "rclone", tmp_path)
+    assert spec.server is not None
+    proxy = fault_proxy(spec.server)
+    made = tmp_path / "made" / "step-1"
+    loss = _dcp("save", str(made), "3")["next_loss"]
+    want = {p: sha for p, (sha, _, _) in tree_digest(made.parent).items()}
+    names = (".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp")
+    assert sorted(want) == [f"step-1/{n}" for n in names]
+
+    dirs, configs = [], []
+    for i in range(3):
+        data = tmp_path / f"node{i}" / "data"
+        data.mkdir(parents=True)
+        target = {**spec.config, "endpoint_url": proxy.endpoint} if i == 2 else spec.config
+        source = {
+            "name": "ckpt",
+            "url": str(data),
+            "kind": "checkpoint",
+            "complete_when": {"marker": ".metadata", "quiet": "1s"},
+            "rpo": "4s",
+            "shared": {"instances": 3, "instance": f"node-{i}", "heartbeat": "1s", "deadline": "3s"},
+        }
+        cfg = config_dict(tmp_path / f"node{i}", [source], [target])
+        dirs.append(data)
+        configs.append((cfg, write_config(tmp_path / f"node{i}" / "r.yaml", cfg)))
+    daemons = [DaemonProcess(c, tmp_path / f"node{i}.log") for i, (_, c) in enumerate(configs)]
+    try:
+        for d in daemons:
+            wait_until(d.ready, 120, what="daemon ready")
+        for i, name in ((1, "__1_0.distcp"), (0, "__0_0.distcp"), (0, ".metadata")):
+            (dirs[i] / "step-1").mkdir(exist_ok=True)
+            shutil.copy2(made / name, dirs[i] / "step-1" / name)
+        wait_until(lambda: "set.waiting_for_parts" in daemons[0].log_text(), 120, what="assembler waits")
+        proxy.set_mode("blackhole")  # node 2's upload hangs...
+        (dirs[2] / "step-1").mkdir()
+        shutil.copy2(made / "__2_0.distcp", dirs[2] / "step-1" / "__2_0.distcp")
+        wait_until(lambda: "candidate.ready" in daemons[2].log_text(), 120, what="node 2 read its shard")
+        daemons[2].kill9()  # ... and its node dies mid-upload
+        listen = configs[0][0]["listen"]
+        wait_until(lambda: "set.parts_overdue" in daemons[0].log_text(), 120, what="overdue alert")
+        assert metric(listen, "replicator_sets_overdue", source="ckpt", target="t1") == 1
+        wait_until(lambda: metric(listen, "replicator_rpo_breached", source="ckpt", target="t1") == 1, 60)
+        assert latest_manifest(spec.config, "ckpt") is None, "published without node 2's shard"
+        status = cli("status", "-c", str(configs[0][1]), "--json")
+        assert "waiting for parts" in status.stdout and "2 of 3 instances" in status.stdout, status.stdout
+
+        proxy.set_mode("pass")
+        daemons[2] = DaemonProcess(configs[2][1], tmp_path / "node2-again.log")
+        wait_until(lambda: set_names(latest_manifest(spec.config, "ckpt")) == ["step-1"], 180, what="publish")
+        wait_until(lambda: metric(listen, "replicator_sets_waiting", source="ckpt", target="t1") == 0, 60)
+        for d in daemons:
+            assert not d.crashes(), d.crashes()
+    finally:
+        for d in daemons:
+            d.stop()
+    out = tmp_path / "restored"
+    restored = cli("restore", "-c", str(configs[1][1]), "-s", "ckpt", str(out))
+    assert restored.returncode == 0, restored.stderr
+    assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+    assert _dcp("load", str(out / "step-1"))["next_loss"] == loss
+
+
+def test_split_instances_read_each_byte_once_and_publish_one_set(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Scale-out of one shared directory: two instances gate the whole set (the marker is
+    visible to both), each reads only its share, and the set is published whole."""
+    spec = make_target_spec(request, "posix", tmp_path)
+    shared_dir = tmp_path / "shared"
+    make_checkpoint(shared_dir, 7, shards=6)
+    old = time.time() - 60
+    for f in shared_dir.rglob("*"):
+        os.utime(f, (old, old))
+    want = {p: sha for p, (sha, _, _) in tree_digest(shared_dir).items()}
+    total = sum(f.stat().st_size for f in shared_dir.rglob("*") if f.is_file())
+    configs = []
+    for i in range(2):
+        source = {
+            "name": "ckpt", "url": str(shared_dir), "kind": "checkpoint",
+            "complete_when": {"marker": "COMPLETE"},
+            "shared": {"instances": 2, "instance": f"replicator-{i}", "split": True},
+        }  # fmt: skip
+        cfg = config_dict(tmp_path / f"i{i}", [source], [spec.config])
+        configs.append(write_config(tmp_path / f"i{i}.yaml", cfg))
+    reads = []
+    for c in reversed(configs):  # the assembler last: then everything is in
+        res = cli("sync", "-c", str(c), "--json")
+        assert res.returncode == 0, res.stderr
+        reads.append(json.loads(res.stdout)["sources"][0])
+    assert [r["targets"][0]["status"] for r in reads] == ["contributed", "published"]
+    assert all(r["bytes_read"] > 0 for r in reads), "one instance read everything"
+    assert sum(r["bytes_read"] for r in reads) == total, "a byte was read twice, or never"
+    m = latest_manifest(spec.config, "ckpt")
+    assert m is not None and set_names(m) == ["step-000007"]
+    assert sorted(f.path for f in m.files) == sorted(want)
+    out = tmp_path / "restored"
+    assert cli("restore", "-c", str(configs[1]), "-s", "ckpt", str(out)).returncode == 0
+    assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+
+
+def test_prune_keeps_what_parts_reference_before_any_snapshot_names_it(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Node 1's part is in, node 0 has not contributed yet: no manifest names node 1's chunks,
+    but a prune must keep them, and the set, once complete, restores."""
+    spec = make_target_spec(request, "rclone", tmp_path)
+    nodes = _node_configs(tmp_path, spec.config, 2)
+    made = make_checkpoint(tmp_path / "made", 1, shards=2, marker=None)
+    _index(made, 2)
+    want = _spread(made, [d for d, _ in nodes])
+    assert cli("sync", "-c", str(nodes[1][1])).returncode == 0
+    args = ["--repo", spec.config["url"], "--endpoint-url", spec.config["endpoint_url"]]
+    for _ in range(2):  # plan, then delete what is due
+        pruned = cli("prune", *args, "--grace", "0", "--json")
+        assert pruned.returncode == 0, pruned.stderr
+        assert json.loads(pruned.stdout)[0]["deleted_objects"] == 0
+    assert json.loads(pruned.stdout)[0]["live_objects"] > 0, "the part's chunks were not marked"
+    done = cli("sync", "-c", str(nodes[0][1]), "--json")
+    assert json.loads(done.stdout)["sources"][0]["targets"][0]["status"] == "published", done.stdout
+    out = tmp_path / "restored"
+    assert cli("restore", "-c", str(nodes[0][1]), "-s", "ckpt", str(out)).returncode == 0
+    assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+    verified = cli("verify", *args, "--read-data")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.mark.parametrize(
+    ("shared", "kind", "message"),
+    [
+        ({"instances": 2, "instance": "node-a", "split": True}, "checkpoint", "must end in its number"),
+        ({"instances": 2, "instance": "replicator-2", "split": True}, "checkpoint", "0..1"),
+        ({"instances": 2, "instance": "node-a"}, "checkpoint", "assembler: NAME"),
+        ({"instances": 2, "instance": "node-0"}, "dataset", "checkpoint only"),
+        ({"instances": 2, "instance": "node 0", "assembler": "x"}, "checkpoint", "use letters"),
+    ],
+)
+def test_config_refuses_a_shared_source_it_cannot_run(
+    tmp_path: Path, shared: dict[str, Any], kind: str, message: str
+) -> None:
+    source = {"name": "ckpt", "url": str(tmp_path), "kind": kind, "shared": shared}
+    cfg = write_config(tmp_path / "r.yaml", config_dict(tmp_path, [source], [{"name": "t", "url": "/tmp/t"}]))
+    res = cli("config", "check", "-c", str(cfg))
+    assert res.returncode == 2 and message in res.stderr + res.stdout, res.stderr + res.stdout
