@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,10 +20,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from bench.bench_gc_torture import Options as TortureOptions
+from bench.bench_gc_torture import summary, torture
 from replicator.config import Config, TargetConfig, load_config
 from replicator.config import target_config as parse_target
 from replicator.engine import Replicator, SourceResult
-from replicator.errors import GcRefusedError, ReplicatorError, TargetError
+from replicator.errors import TargetError
 from replicator.gc.protocol import DELETING, LOCK_KEY, PLANS, RECORDS, Heartbeat, list_gc
 from replicator.gc.prune import PruneOptions, PruneResult, prune_target
 from replicator.repository import Repository, chunk_key, pack_key, snapshot_key
@@ -32,6 +33,7 @@ from replicator.targets import open_target
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
 from tests.faults import MemoryTargets
 from tests.helpers import config_dict, tree_digest
+from tests.servers import RcloneServer
 
 T = TypeVar("T")
 FAST_RETRY = {"initial": "50ms", "max": "200ms", "give_up_after": "2s", "command_give_up_after": "2s"}
@@ -400,54 +402,22 @@ def test_deletion_waits_for_a_writer_in_its_window_and_a_writer_waits_for_deleti
 
 
 def test_writers_and_a_looping_prune_never_leave_a_dangling_reference(
-    tmp_path: Path, request: pytest.FixtureRequest
+    tmp_path: Path, rclone: RcloneServer
 ) -> None:
-    """Three ``replicator sync`` processes write changing data into one repository on
-    rclone while prune loops with grace 0; afterwards every snapshot reads back clean."""
-    spec = make_target_spec(request, "rclone", tmp_path)
-    histories = [History(tmp_path, spec, name=f"w{i}") for i in range(3)]
-    for h in histories:
-        h.advance()  # creates the repository before the collector starts
-    tcfg = target_config(spec)
-    stop = threading.Event()
-    results: list[PruneResult] = []
-    errors: list[BaseException] = []
-
-    def collector() -> None:
-        while not stop.is_set():
-            try:
-                results.append(run(lambda: prune_target(tcfg, PruneOptions(grace=0))))
-            except ReplicatorError as exc:  # a busy lock or a refusal is fine; a bug is not
-                errors.append(exc)
-
-    failures: list[str] = []
-
-    def writer(h: History) -> None:
-        for _ in range(4):
-            h.change()
-            res = h.sync()
-            if res.returncode != 0:
-                failures.append(res.stderr)
-
-    gc_thread = threading.Thread(target=collector)
-    gc_thread.start()
-    threads = [threading.Thread(target=writer, args=(h,)) for h in histories]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=600)
-    stop.set()
-    gc_thread.join(timeout=600)
-    assert not failures, failures
-    assert len(results) >= 3, "the collector ran while the writers wrote"
-    assert not [e for e in errors if not isinstance(e, GcRefusedError)], errors
-    for _ in range(2):  # finish what the loop planned
-        results.append(run(lambda: prune_target(tcfg, PruneOptions(grace=0))))
-    assert sum(r.deleted_objects for r in results) > 0, "the collector never deleted anything"
-    assert results[-1].missing == 0
-    verify_clean(spec)
-    for h in histories:
-        h.check_restores(tmp_path)
+    """The short form of bench/bench_gc_torture.py: three ``replicator sync`` processes (one
+    with a source of its own, two taking turns on another from separate state directories)
+    write changing data into one repository on rclone while ``replicator prune --grace 0``
+    loops and one more prune is killed midway; every snapshot any of them published restores
+    byte-identically after its round, and at the end ``verify --read-data``, the reference
+    reader and an independent count find nothing missing."""
+    options = TortureOptions(writers=1, shared_writers=2, rounds=2, prunes=1, kill_every=2, keep_last=2)
+    report = torture(options, rclone, tmp_path / "torture", [sys.executable, "-m", "replicator"])
+    assert report.ok(), summary(report, tmp_path)
+    # 1 first sync + 3 writers x 2 rounds, every one of them restored after its round.
+    assert report.snapshots_published == report.snapshots_verified == 7
+    assert report.prunes_killed == 1 and report.prune_runs >= 2 + 2
+    assert report.deleted_objects > 0, "the collectors never deleted anything"
+    assert report.dangling_references == 0 and report.reference_restores == 2
 
 
 def test_kill_9_at_any_point_of_a_prune_leaves_every_snapshot_restorable(tmp_path: Path) -> None:
