@@ -162,14 +162,15 @@ def _fill(
 ) -> None:
     result.total_objects = sum(u.objects for u in result.stored.values())
     result.total_bytes = sum(u.bytes for u in result.stored.values())
+    superseded = marks.superseded(objects)  # repacked: prune deletes them (FORMAT.md 10.2)
     for key, info in objects.items():
-        if marks.keeps(key):
+        if marks.needed(key, superseded):
             result.live_objects += 1
             result.live_bytes += info.size
         else:
             result.reclaimable_objects += 1
             result.reclaimable_bytes += info.size
-    result.missing_objects = len(marks.live - objects.keys())
+    result.missing_objects = len(marks.live - objects.keys() - superseded)
     for cid, (length, packed) in tally.chunks.items():
         if packed is None:
             loose = objects.get(chunk_key(cid))
