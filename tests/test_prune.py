@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,11 +25,13 @@ from bench.bench_gc_torture import summary, torture
 from replicator.config import Config, TargetConfig, load_config
 from replicator.config import target_config as parse_target
 from replicator.engine import Replicator, SourceResult
-from replicator.errors import TargetError
-from replicator.gc.protocol import DELETING, LOCK_KEY, PLANS, RECORDS, Heartbeat, list_gc
+from replicator.errors import RepositoryError, TargetError
+from replicator.gc.protocol import DELETING, LOCK_KEY, PLANS, RECORDS, Heartbeat, list_gc, server_now
 from replicator.gc.prune import PruneOptions, PruneResult, prune_target
 from replicator.repository import Repository, chunk_key, pack_key, snapshot_key
 from replicator.targets import open_target
+from replicator.targets.base import ObjectInfo
+from replicator.targets.posix import PosixTarget
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
 from tests.faults import MemoryTargets
 from tests.helpers import config_dict, tree_digest
@@ -490,3 +492,32 @@ def test_a_live_lock_of_another_prune_is_refused_and_a_dead_ones_taken_over(tmp_
     run(lambda: hold_lock(body.encode()))
     assert prune_cli(spec).manifests == 2
     assert spec.path is not None and not (spec.path / LOCK_KEY).exists()
+
+
+class _LaggingListings(PosixTarget):
+    """A store whose listings miss objects under ``gc/`` for the first ``lag`` listings."""
+
+    def __init__(self, root: Path, lag: int) -> None:
+        super().__init__("lagging", root)
+        self.lag = lag
+
+    async def list(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
+        hide, self.lag = self.lag > 0, self.lag - 1
+        async for info in super().list(prefix, start_after=start_after):
+            if not (hide and info.key.startswith("gc/")):
+                yield info
+
+
+def test_the_store_clock_looks_again_when_a_listing_misses_a_fresh_write(tmp_path: Path) -> None:
+    """bench_gc_torture saw one prune fail with "the target reports no modification times"
+    when a listing right after the PUT missed the object: it now looks again, and a store
+    whose listings keep missing it is named for what it is."""
+
+    async def go(lag: int) -> float:
+        target = _LaggingListings(tmp_path, lag)
+        await target.put("gc/deleted/x.probe", b"")
+        return await server_now(target, "gc/deleted/x.probe")
+
+    assert run(lambda: go(1)) > 0
+    with pytest.raises(RepositoryError, match="does not show the object just written"):
+        run(lambda: go(10))
