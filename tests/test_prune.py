@@ -62,6 +62,30 @@ def target_config(spec: TargetSpec) -> TargetConfig:
     return parse_target({**spec.config, "retry": FAST_RETRY})
 
 
+def latest_snapshot(spec: TargetSpec, source: str) -> str:
+    async def go() -> str:
+        target = await open_target(target_config(spec))
+        try:
+            latest = await (await Repository.open(target)).latest(source)
+            assert latest is not None
+            return latest
+        finally:
+            await target.close()
+
+    return run(go)
+
+
+def retained_snapshots(spec: TargetSpec, source: str) -> list[str]:
+    async def go() -> list[str]:
+        target = await open_target(target_config(spec))
+        try:
+            return await (await Repository.open(target)).list_snapshots(source)
+        finally:
+            await target.close()
+
+    return run(go)
+
+
 async def stored_objects(tcfg: TargetConfig) -> dict[str, int]:
     """Every chunk object and pack on the target, with its size."""
     target = await open_target(tcfg)
@@ -133,26 +157,10 @@ class History:
         assert res.returncode == 0, res.stderr
 
     def latest(self) -> str:
-        async def go() -> str:
-            target = await open_target(target_config(self.spec))
-            try:
-                latest = await (await Repository.open(target)).latest(self.name)
-                assert latest is not None
-                return latest
-            finally:
-                await target.close()
-
-        return run(go)
+        return latest_snapshot(self.spec, self.name)
 
     def retained(self) -> list[str]:
-        async def go() -> list[str]:
-            target = await open_target(target_config(self.spec))
-            try:
-                return await (await Repository.open(target)).list_snapshots(self.name)
-            finally:
-                await target.close()
-
-        return run(go)
+        return retained_snapshots(self.spec, self.name)
 
     def check_restores(self, tmp_path: Path) -> None:
         """Every retained snapshot restores byte-identical to the files it was taken of."""

@@ -32,8 +32,10 @@ from tests.test_prune import (
     FAST_RETRY,
     KILL_TRIALS,
     SMALL_CHUNKS,
+    latest_snapshot,
     prune_cli,
     repo_args,
+    retained_snapshots,
     run,
     stored_objects,
     target_config,
@@ -84,26 +86,10 @@ class Shrinking:
         self.sync()
 
     def latest(self) -> str:
-        async def go() -> str:
-            target = await open_target(target_config(self.spec))
-            try:
-                latest = await (await Repository.open(target)).latest(self.name)
-                assert latest is not None
-                return latest
-            finally:
-                await target.close()
-
-        return run(go)
+        return latest_snapshot(self.spec, self.name)
 
     def retained(self) -> list[str]:
-        async def go() -> list[str]:
-            target = await open_target(target_config(self.spec))
-            try:
-                return await (await Repository.open(target)).list_snapshots(self.name)
-            finally:
-                await target.close()
-
-        return run(go)
+        return retained_snapshots(self.spec, self.name)
 
     def root(self) -> Path:
         """The repository as a directory (rclone serves one), for the reference reader."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,26 +24,13 @@ from replicator.targets.base import ObjectInfo, Target
 from replicator.targets.wrappers import TargetWrapper
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
 from tests.helpers import config_dict
+from tests.test_prune import repo_args, run
 
 T = TypeVar("T")
 SMALL_CHUNKS = {"min_size": "16KiB", "avg_size": "64KiB", "max_size": "256KiB"}
 PRICE = 0.023
 GIB = 1 << 30
 DATA = ("chunks/", "packs/")
-
-
-def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    async def go() -> T:
-        return await coro_fn()
-
-    return asyncio.run(go())
-
-
-def repo_args(spec: TargetSpec) -> list[str]:
-    args = ["--repo", str(spec.config["url"])]
-    if spec.server is not None:
-        args += ["--endpoint-url", spec.server.endpoint]
-    return args
 
 
 def tcfg_of(spec: TargetSpec) -> TargetConfig:
