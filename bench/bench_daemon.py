@@ -61,18 +61,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def latency(args: argparse.Namespace) -> dict[str, object]:
-    work = args.workdir / "latency"
+def _checkpoint_setup(work: Path, extra: str = "") -> tuple[Path, Path, Path, Path]:
+    """A fresh ``work`` dir with ``src`` (checkpoint source, marker COMPLETE), ``tgt`` (a local
+    target) and the config naming them; ``extra``: more source settings."""
     shutil.rmtree(work, ignore_errors=True)
     src, tgt = work / "src", work / "tgt"
     src.mkdir(parents=True)
     tgt.mkdir()
+    source = f"name: ckpt, url: {src}, kind: checkpoint, complete_when: {{marker: COMPLETE}}"
     cfg = work / "r.yaml"
     cfg.write_text(
         f"state_dir: {work}/state\n"
-        f"sources: [{{name: ckpt, url: {src}, kind: checkpoint, complete_when: {{marker: COMPLETE}}}}]\n"
+        f"sources: [{{{source}{', ' + extra if extra else ''}}}]\n"
         f"targets: [{{name: local, url: {tgt}}}]\n"
     )
+    return work, src, tgt, cfg
+
+
+def latency(args: argparse.Namespace) -> dict[str, object]:
+    work, src, tgt, cfg = _checkpoint_setup(args.workdir / "latency")
     proc = start_daemon(cfg, work / "daemon.log")
     ref = tgt / "refs" / "ckpt" / "latest"
     rng = np.random.default_rng(0)
@@ -139,18 +146,7 @@ def _sync_reference(work: Path, file_mib: int, rng: np.random.Generator) -> floa
 
 
 def after_marker(args: argparse.Namespace) -> dict[str, object]:
-    work = args.workdir / "after-marker"
-    shutil.rmtree(work, ignore_errors=True)
-    src, tgt = work / "src", work / "tgt"
-    src.mkdir(parents=True)
-    tgt.mkdir()
-    cfg = work / "r.yaml"
-    cfg.write_text(
-        f"state_dir: {work}/state\n"
-        f"sources: [{{name: ckpt, url: {src}, kind: checkpoint, complete_when: {{marker: COMPLETE}}, "
-        "keep_last: 1, max_delete: 100%}]\n"
-        f"targets: [{{name: local, url: {tgt}}}]\n"
-    )
+    work, src, tgt, cfg = _checkpoint_setup(args.workdir / "after-marker", "keep_last: 1, max_delete: 100%")
     rng = np.random.default_rng(0)
     busy = _busy()
     proc = start_daemon(cfg, work / "daemon.log")
