@@ -23,7 +23,8 @@ snapshot not checked yet (``replicator snapshots --json``) is restored and compa
 files its writer had when ``sync --json`` reported it. At the end: two more prunes,
 ``replicator verify --read-data``, every retained snapshot restored again, the latest of each
 source restored by tools/restore_reference.py from a copy of the bucket, and an independent
-count of referenced objects the bucket does not hold (*dangling references*, must be 0).
+count of referenced chunks of which the bucket holds no stored form (*dangling references*,
+must be 0; a packed chunk's loose copy counts, as readers fall back to it).
 
 Results: bench/out/gc-torture-<server>.json and a summary on stdout; exit 1 if anything failed.
 """
@@ -415,8 +416,10 @@ def mirror(server: S3Server, bucket: str, dest: Path) -> Path:
 
 
 async def dangling(repo_dir: Path) -> int:
-    """Objects the manifests name that the copy does not hold, read with the repository's
-    reader (not the collector's marking code)."""
+    """Chunks the manifests name of which the copy holds no stored form: neither the object
+    the manifest locates it in, nor (for a packed chunk, whose pack a repack may have
+    superseded: FORMAT.md 4.1, 10.2) its loose copy. Read with the repository's reader, not
+    the collector's marking code."""
     from replicator.config import target_config
     from replicator.repository import Repository, chunk_key, pack_key
     from replicator.targets import open_target
@@ -425,14 +428,16 @@ async def dangling(repo_dir: Path) -> int:
     try:
         repo = await Repository.open(target)
         held = {i.key for p in ("chunks/", "packs/") async for i in target.list(p)}
-        named: set[str] = set()
+        lost: set[str] = set()
         for source in await repo.list_sources():
             for sid in await repo.list_snapshots(source):
                 m = await repo.load_manifest(source, sid)
                 for f in m.files:
                     for cid, _ in f.chunks:
-                        named.add(pack_key(m.packed[cid][0]) if cid in m.packed else chunk_key(cid))
-        return len(named - held)
+                        pack = {pack_key(m.packed[cid][0])} if cid in m.packed else set()
+                        if not ({chunk_key(cid)} | pack) & held:
+                            lost.add(cid)
+        return len(lost)
     finally:
         await target.close()
 
