@@ -139,7 +139,10 @@ def test_three_daemons_publish_a_torch_dcp_checkpoint_when_its_last_shard_is_in(
     for i in range(3):
         data = tmp_path / f"node{i}" / "data"
         data.mkdir(parents=True)
-        target = {**spec.config, "endpoint_url": proxy.endpoint} if i == 2 else spec.config
+        # Node 2 reaches the server through the proxy, with a short request timeout: once the
+        # proxy swallows its upload, it gives up on the target quickly instead of holding the
+        # read (and the test) for the default 60 s.
+        target = {**spec.config, "endpoint_url": proxy.endpoint, "timeout": "3s"} if i == 2 else spec.config
         source = {
             "name": "ckpt",
             "url": str(data),
@@ -155,6 +158,7 @@ def test_three_daemons_publish_a_torch_dcp_checkpoint_when_its_last_shard_is_in(
     try:
         for d in daemons:
             wait_until(d.ready, 120, what="daemon ready")
+            wait_until(lambda d=d: "target.attached" in d.log_text(), 120, what="target attached")
         for i, name in ((1, "__1_0.distcp"), (0, "__0_0.distcp"), (0, ".metadata")):
             (dirs[i] / "step-1").mkdir(exist_ok=True)
             shutil.copy2(made / name, dirs[i] / "step-1" / name)
@@ -162,7 +166,8 @@ def test_three_daemons_publish_a_torch_dcp_checkpoint_when_its_last_shard_is_in(
         proxy.set_mode("blackhole")  # node 2's upload hangs...
         (dirs[2] / "step-1").mkdir()
         shutil.copy2(made / "__2_0.distcp", dirs[2] / "step-1" / "__2_0.distcp")
-        wait_until(lambda: "candidate.ready" in daemons[2].log_text(), 120, what="node 2 read its shard")
+        wait_until(lambda: "candidate.ready" in daemons[2].log_text(), 180, what="node 2 read its shard")
+        wait_until(lambda: proxy.stats.dropped > 0, 120, what="node 2's upload under way (swallowed)")
         daemons[2].kill9()  # ... and its node dies mid-upload
         listen = configs[0][0]["listen"]
         wait_until(lambda: "set.parts_overdue" in daemons[0].log_text(), 120, what="overdue alert")

@@ -93,9 +93,12 @@ async def publish_shared(
         if window.lost(object_keys(stored)):
             return None
         window.check()
-        await _write_own(t, cfg, shared, cache, parts, member)
+        changed = await _write_own(t, cfg, shared, cache, parts, member)
     if not shared.is_assembler:
-        log.info("parts.contributed", source=cfg.name, target=t.config.name, sets=len(parts))
+        # Every heartbeat publishes again: only a change is worth an info line.
+        (log.info if changed else log.debug)(
+            "parts.contributed", source=cfg.name, target=t.config.name, sets=len(parts), changed=changed
+        )
         return TargetResult(t.config.name, "contributed")
     return await _assemble_and_publish(rep, t, cfg, shared, cache, candidate, own, allow_deletes)
 
@@ -221,9 +224,9 @@ async def _write_own(
     cache: SharedCache,
     parts: list[Part],
     member: Member,
-) -> None:
+) -> bool:
     """Write what changed of our parts, delete our parts of sets no longer declared, and keep
-    the member object alive."""
+    the member object alive. Whether any part was written or deleted."""
     target = t.repo.target
     if cache.written is None:
         cache.written = {}
@@ -231,21 +234,23 @@ async def _write_own(
             parsed = parse_key(info.key)
             if parsed is not None and not parsed[2]:
                 cache.written[info.key] = ""
-    keep = set()
+    keep, changed = set(), False
     for part in parts:
         key, digest = part_key(cfg.name, shared.instance, part.set.name), _digest(part)
         keep.add(key)
         if cache.written.get(key) != digest:
             await target.put(key, encode(part))
-            cache.written[key] = digest
+            cache.written[key], changed = digest, True
     for key in [k for k in cache.written if k not in keep]:
         await target.delete(key)
         del cache.written[key]
+        changed = True
     digest = _digest(member)
     if digest != cache.member_digest or time.monotonic() - cache.member_at >= shared.heartbeat:
         await target.put(member_key(cfg.name, shared.instance), encode(member))
         cache.member_digest, cache.member_at = digest, time.monotonic()
     await target.flush()
+    return changed
 
 
 # -- assembling ------------------------------------------------------------------------------
