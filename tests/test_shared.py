@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,10 @@ def test_a_set_is_published_once_every_nodes_part_is_in(
 DCP_RANKS = Path(__file__).parent / "dcp_ranks.py"
 
 
+def _attached(daemon: DaemonProcess) -> bool:
+    return "target.attached" in daemon.log_text()
+
+
 def _dcp(*args: str) -> dict[str, Any]:
     command = [sys.executable, str(DCP_RANKS), *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -158,7 +163,7 @@ def test_three_daemons_publish_a_torch_dcp_checkpoint_when_its_last_shard_is_in(
     try:
         for d in daemons:
             wait_until(d.ready, 120, what="daemon ready")
-            wait_until(lambda d=d: "target.attached" in d.log_text(), 120, what="target attached")
+            wait_until(partial(_attached, d), 120, what="target attached")
         for i, name in ((1, "__1_0.distcp"), (0, "__0_0.distcp"), (0, ".metadata")):
             (dirs[i] / "step-1").mkdir(exist_ok=True)
             shutil.copy2(made / name, dirs[i] / "step-1" / name)
