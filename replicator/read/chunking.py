@@ -109,7 +109,7 @@ class BlockPool:
             self._free.clear()
 
 
-def _fill(stream: Readable, view: memoryview) -> int:
+def fill(stream: Readable, view: memoryview) -> int:
     """Read until ``view`` is full or the stream ends; return the bytes read."""
     filled = 0
     while filled < len(view):
@@ -136,7 +136,7 @@ def iter_chunks(
         # FastCDC never cuts below min_size, so a file this small is one chunk: no cutter, no
         # block (for 20,000 small files, setting those up was a third of the read cost).
         buf = bytearray(size_hint + 1)
-        filled = _fill(stream, memoryview(buf))
+        filled = fill(stream, memoryview(buf))
         if filled <= size_hint:
             if filled:
                 yield memoryview(buf)[:filled].toreadonly()
@@ -165,7 +165,7 @@ def iter_chunks(
             else:
                 view[: len(carry)] = carry
                 start = len(carry)
-        filled = start + _fill(stream, view[start:])
+        filled = start + fill(stream, view[start:])
         eof = filled < size
         size = block_size
         data = view[:filled].toreadonly()

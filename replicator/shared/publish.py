@@ -36,6 +36,7 @@ from replicator.format.parts import (
 from replicator.hashing import HashSpec
 from replicator.log import get_logger
 from replicator.paths import display_path
+from replicator.read.chunking import fill
 from replicator.reconcile import set_name
 from replicator.shared.assemble import Assembly, assemble
 from replicator.shared.describe import MAX_DESCRIPTION, describes, needs
@@ -158,12 +159,7 @@ async def _needs(rep: Replicator, cfg: SourceConfig, path: str) -> dict[str, int
             handle = source.open(found)
             try:
                 buf = bytearray(found.size)
-                view, got = memoryview(buf), 0
-                while got < found.size:
-                    n = handle.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
+                got = fill(handle, memoryview(buf))
                 source.confirm(found, handle)
                 return bytes(buf[:got])
             finally:
