@@ -312,7 +312,7 @@ async def _list_gc(tcfg: TargetConfig) -> tuple[list[str], list[str], list[str]]
 # -- the writer's rule -----------------------------------------------------------------------
 
 
-async def _build(rep: Replicator, config: Config) -> Any:
+async def build_unpublished(rep: Replicator, config: Config) -> Any:
     """Read the source and upload its new chunks (sync's first step), without publishing."""
     cfg = config.sources[0]
     listing = await rep.scan(cfg)
@@ -341,7 +341,7 @@ def test_a_writer_keeps_chunks_it_uploaded_before_a_prune(
     async def go() -> tuple[list[PruneResult], PruneResult, str]:
         async with Replicator(config) as rep:
             await rep.attach_all()
-            candidate = await _build(rep, config)
+            candidate = await build_unpublished(rep, config)
             t = rep.open_targets[0]
             new = {chunk_key(c) for c in candidate.chunk_ids(t.repo.hash)} & set(await stored_objects(tcfg))
             assert new, "the writer uploaded chunks no manifest names yet"

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from replicator.config import Config, load_config
+from replicator.config import load_config
 from replicator.config import target_config as parse_target
-from replicator.engine import Replicator, SourceResult
+from replicator.engine import Replicator
 from replicator.errors import TargetError
 from replicator.gc.prune import PruneOptions, PruneResult, prune_target
 from replicator.repository import Repository, chunk_key, pack_key
@@ -32,6 +32,7 @@ from tests.test_prune import (
     FAST_RETRY,
     KILL_TRIALS,
     SMALL_CHUNKS,
+    build_unpublished,
     latest_snapshot,
     prune_cli,
     repo_args,
@@ -322,16 +323,6 @@ def test_kill_9_during_repack_and_prune_leaves_every_snapshot_restorable(tmp_pat
     data.check_restores()
 
 
-async def _build(rep: Replicator, config: Config) -> Any:
-    """Read the source and upload its new chunks (sync's first step), without publishing."""
-    cfg = config.sources[0]
-    listing = await rep.scan(cfg)
-    candidate = await rep.build_candidate(cfg, listing.files, SourceResult(cfg.name))
-    t = rep.open_targets[0]
-    await t.uploader.settle(candidate.chunk_ids(t.repo.hash))
-    return candidate
-
-
 @pytest.mark.parametrize("kind", ["posix", "rclone"])
 def test_a_writer_that_deduplicated_against_a_superseded_pack_uploads_again(
     tmp_path: Path, request: pytest.FixtureRequest, kind: str
@@ -350,7 +341,7 @@ def test_a_writer_that_deduplicated_against_a_superseded_pack_uploads_again(
     async def go() -> tuple[list[PruneResult], str, dict[str, Any]]:
         async with Replicator(config) as rep:
             await rep.attach_all()
-            candidate = await _build(rep, config)
+            candidate = await build_unpublished(rep, config)
             t = rep.open_targets[0]
             ids = list(candidate.chunk_ids(t.repo.hash))
             # Confirmed now, so the publish does not check them again: only the deletion record
