@@ -160,6 +160,11 @@ class SharedConfig(_Model):
         return int(m.group(1)) if m else None
 
     @property
+    def assembler_name(self) -> str:
+        """The instance that publishes (and creates the repository)."""
+        return self.assembler if self.assembler is not None else re.sub(r"\d+$", "0", self.instance)
+
+    @property
     def is_assembler(self) -> bool:
         if self.assembler is not None:
             return self.assembler == self.instance

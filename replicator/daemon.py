@@ -347,6 +347,8 @@ class TargetPublisher:
     delivered: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per source, path -> digest of the last snapshot durable on this target."""
     probe_error: ReplicatorError | None = None
+    needs_human: bool = False
+    """The last round failed with a PermanentTargetError: retried only after a long pause."""
     history: page.History = field(default_factory=page.History)
     """Where published snapshots are listed for the status page."""
     idle_shared: dict[str, Candidate] = field(default_factory=dict)
@@ -419,7 +421,9 @@ class TargetPublisher:
                 wait = min(60.0, budget, self._heartbeat() - time.monotonic())
             else:
                 wait = backoff.next_delay()
-                if isinstance(self.probe_error or self.target.uploader.error, PermanentTargetError):
+                if self.needs_human or isinstance(
+                    self.probe_error or self.target.uploader.error, PermanentTargetError
+                ):
                     wait = max(wait, PERMANENT_ERROR_PAUSE)  # needs a human: report, don't spin
                 log.info("target.backoff", target=self.name, seconds=round(wait, 2), attempt=backoff.failures)
             self.wake.clear()
@@ -463,6 +467,7 @@ class TargetPublisher:
         """Try every pending candidate: "failed" if any failed, else "waiting" if the budget or
         an operator holds any back, else "ok"."""
         outcome = "ok"
+        self.needs_human = False
         for source, candidate in list(self.pending.items()):
             allow = self.name in self.approvals.get(source, ())
             result = await self.rep.publish(
@@ -470,6 +475,7 @@ class TargetPublisher:
             )
             if result.status == "failed":
                 self.tracker.failed(source, self.name, result.error or "failed")
+                self.needs_human |= result.permanent
                 outcome = "failed"
                 continue
             if result.status in ("deferred", "held", "waiting"):

@@ -32,6 +32,7 @@ from replicator.config import Config, Priority, SourceConfig, TargetConfig
 from replicator.errors import (
     ConfigError,
     FileChangedError,
+    PermanentTargetError,
     ReplicatorError,
     RepositoryError,
     SourceError,
@@ -53,7 +54,7 @@ from replicator.log import get_logger
 from replicator.progress import NoProgress, ProgressSink
 from replicator.read.pipeline import ChunkPipeline, FileRecord
 from replicator.reconcile import describe, reconcile, set_name
-from replicator.repository import Repository, chunk_key, pack_key
+from replicator.repository import Repository, RepositoryNotFoundError, chunk_key, pack_key
 from replicator.retention import apply as retention
 from replicator.shared.publish import SharedCache, publish_shared
 from replicator.shared.split import mine
@@ -95,9 +96,14 @@ class TargetResult:
     """Checkpoint sets damaged on the primary, kept whole from the previous snapshot."""
     unreachable: bool = False
     """The failure is that the target could not be contacted at all."""
+    permanent: bool = False
+    """The failure needs a human (PermanentTargetError): retrying it changes nothing."""
     deleted_files: int = 0
     """Files of the target's previous snapshot this one no longer holds."""
 
+
+CREATOR_POLL = 1.0
+"""Seconds between looks for a repository another instance creates (one GET of config.json)."""
 
 DONE = ("published", "unchanged", "empty", "contributed", "waiting")
 """Outcomes that are not failures (a set waiting for other instances' parts is incomplete,
@@ -327,9 +333,7 @@ class Replicator:
         assert self.state is not None and self.pipeline is not None
         target = await open_target(cfg, on_request=self.budget.record, health=health)
         try:
-            repo = await Repository.open_or_create(
-                target, algorithm=cfg.hash, chunking=self.config.chunking, compression=self.config.compression
-            )
+            repo = await self._open_repository(target, cfg)
             if repo.config.chunking != self.config.chunking:
                 log.warning(
                     "target.chunking_differs",
@@ -360,6 +364,36 @@ class Replicator:
         self.open_targets.append(opened)
         self.target_errors.pop(cfg.name, None)
         return opened
+
+    async def _open_repository(self, target: Target, cfg: TargetConfig) -> Repository:
+        """Open the target's repository, or create it unless another instance does (then a
+        one-shot command waits for it up to ``retry.command_give_up_after``; the daemon's
+        attach loop retries on its own)."""
+        creator = self._creator()
+        give_up = time.monotonic() + (cfg.retry.command_give_up_after if self.interactive else 0.0)
+        while True:
+            try:
+                return await Repository.open_or_create(
+                    target,
+                    algorithm=cfg.hash,
+                    chunking=self.config.chunking,
+                    compression=self.config.compression,
+                    creator=creator,
+                )
+            except RepositoryNotFoundError:
+                if time.monotonic() >= give_up:
+                    raise
+                await asyncio.sleep(CREATOR_POLL)
+
+    def _creator(self) -> str | None:
+        """Who creates a repository this process does not find: None (this process), or the
+        assembler of a shared source this process is another instance of. Only one instance
+        of a set creates it: the others would race it with their own hash seeds."""
+        for source in self.config.sources:
+            shared = source.shared
+            if shared is not None and not shared.is_assembler:
+                return f"{shared.assembler_name}, the assembler of source {source.name},"
+        return None
 
     async def __aexit__(self, *exc: object) -> None:
         for source in self._sources.values():
@@ -591,8 +625,9 @@ class Replicator:
         except TargetError as exc:
             log.error("snapshot.failed", source=cfg.name, target=name, error=str(exc))
             return TargetResult(
-                name, "failed", error=str(exc), unreachable=isinstance(exc, TargetUnreachableError)
-            )
+                name, "failed", error=str(exc), unreachable=isinstance(exc, TargetUnreachableError),
+                permanent=isinstance(exc, PermanentTargetError),
+            )  # fmt: skip
 
     @staticmethod
     def _deferred(t: OpenTarget, cfg: SourceConfig) -> TargetResult:

@@ -201,13 +201,26 @@ class Repository:
 
     @classmethod
     async def open_or_create(
-        cls, target: Target, *, algorithm: str, chunking: ChunkingConfig, compression: CompressionConfig
+        cls,
+        target: Target,
+        *,
+        algorithm: str,
+        chunking: ChunkingConfig,
+        compression: CompressionConfig,
+        creator: str | None = None,
     ) -> Repository:
-        """Open the repository at ``target``, creating it with these parameters if absent."""
+        """Open the repository at ``target``, creating it with these parameters if absent.
+        ``creator``: another process creates it (a shared source's assembler, named here); if
+        there is none yet, RepositoryNotFoundError says whom this one waits for."""
         try:
             return await cls.open(target)
-        except RepositoryNotFoundError:
-            pass
+        except RepositoryNotFoundError as exc:
+            if creator is not None:
+                raise RepositoryNotFoundError(
+                    f"no replicator repository at {target.url} yet: {creator} creates it",
+                    hint="this instance attaches once it exists (instances that start at once on a "
+                    "server ignoring If-None-Match would each create one with their own hash seed)",
+                ) from exc
         config = RepoConfig(
             id=str(uuid.uuid4()),
             created=format_time(now_utc()),
@@ -236,6 +249,7 @@ class Repository:
         if self.config.version >= version:
             return False
         current = await Repository.open(self.target)  # never lower what another process raised
+        self._check_same(current.config)  # never adopt another config: our chunks use our seed
         if current.config.version >= version:
             self.config = current.config
             return False
@@ -254,11 +268,13 @@ class Repository:
         the repository no longer has. A manifest or part it wrote would name chunks no reader
         can check, so nothing is published until it is restarted (its cache is per repository
         id: it then starts over on the repository as it is)."""
-        current = await Repository.open(self.target)
-        if current.config.id != self.config.id:
+        self._check_same((await Repository.open(self.target)).config)
+
+    def _check_same(self, current: RepoConfig) -> None:
+        if current.id != self.config.id:
             raise PermanentTargetError(
                 f"config.json changed since this process opened the repository (id {self.config.id} "
-                f"is now {current.config.id}): another writer created it at the same time on a "
+                f"is now {current.id}): another writer created it at the same time on a "
                 "server without conditional writes",
                 target=self.target.name,
                 key=CONFIG_KEY,

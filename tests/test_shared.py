@@ -6,6 +6,7 @@ description (a safetensors index, a DCP ``.metadata``) names, and never before."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -17,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from replicator.config import ChunkingConfig, CompressionConfig, target_config
+from replicator.errors import PermanentTargetError
+from replicator.repository import Repository
+from replicator.targets import open_target
 from tests.conftest import cli, make_target_spec, write_config
 from tests.daemon_helpers import DaemonProcess, latest_manifest, set_names, wait_until
 from tests.helpers import config_dict, make_checkpoint, run_reference_reader, tree_digest
@@ -223,12 +229,14 @@ def test_split_instances_read_each_byte_once_and_publish_the_set_once(
         configs.append(write_config(tmp_path / f"i{i}" / "r.yaml", cfg))
 
     read: dict[int, int] = {}
-    for i in (1, 2, 0):  # the assembler last: every part is in when it runs
+    # The assembler first (it creates the repository, then waits), and again last: every
+    # part is in then, and it has nothing left to read.
+    for i, status in ((0, "waiting"), (1, "contributed"), (2, "contributed"), (0, "published")):
         done = cli("sync", "-c", str(configs[i]), "--json")
         assert done.returncode == 0, done.stderr
         src = json.loads(done.stdout)["sources"][0]
-        read[i] = src["bytes_read"]
-        assert src["targets"][0]["status"] == ("published" if i == 0 else "contributed"), done.stdout
+        read[i] = read.get(i, 0) + src["bytes_read"]
+        assert src["targets"][0]["status"] == status, done.stdout
     assert sum(read.values()) == size, read
     assert all(read.values()), f"an instance read nothing: {read}"
     again = json.loads(cli("sync", "-c", str(configs[0]), "--json").stdout)["sources"][0]
@@ -264,12 +272,12 @@ def test_split_instances_read_each_byte_once_and_publish_one_set(
         cfg = config_dict(tmp_path / f"i{i}", [source], [spec.config])
         configs.append(write_config(tmp_path / f"i{i}.yaml", cfg))
     reads = []
-    for c in reversed(configs):  # the assembler last: then everything is in
+    for c in [*configs, configs[0]]:  # the assembler creates the repository, and publishes last
         res = cli("sync", "-c", str(c), "--json")
         assert res.returncode == 0, res.stderr
         reads.append(json.loads(res.stdout)["sources"][0])
-    assert [r["targets"][0]["status"] for r in reads] == ["contributed", "published"]
-    assert all(r["bytes_read"] > 0 for r in reads), "one instance read everything"
+    assert [r["targets"][0]["status"] for r in reads] == ["waiting", "contributed", "published"]
+    assert all(r["bytes_read"] > 0 for r in reads[:2]), "one instance read everything"
     assert sum(r["bytes_read"] for r in reads) == total, "a byte was read twice, or never"
     m = latest_manifest(spec.config, "ckpt")
     assert m is not None and set_names(m) == ["step-000007"]
@@ -292,6 +300,7 @@ def test_prune_keeps_what_parts_reference_before_any_snapshot_names_it(
     nodes = _node_configs(tmp_path, spec.config, 2)
     made = make_checkpoint(tmp_path / "made", 1, shards=2, marker=None)
     _index(made, 2)
+    assert cli("sync", "-c", str(nodes[0][1])).returncode == 0  # the assembler creates the repository
     want = _spread(made, [d for d, _ in nodes])
     assert cli("sync", "-c", str(nodes[1][1])).returncode == 0
     args = ["--repo", spec.config["url"], "--endpoint-url", spec.config["endpoint_url"]]
@@ -337,8 +346,8 @@ def test_a_part_hashed_under_a_replaced_config_is_not_published(
     its chunks with a seed the repository no longer has. bench_scaleout --target rclone (N=4)
     published such a set; restoring it failed with "content does not match its id".
 
-    Here: instance 1 creates the repository and contributes; then the racing creator's PUT
-    lands (a config.json with another id and seed); then the assembler runs. It must not
+    Here: instance 1 contributes; then the racing creator's PUT lands (a config.json with
+    another id and seed); then the assembler runs. It must not
     publish the set with instance 1's part as it is, or what it publishes must restore: parts
     name the repository config they were hashed for, and writers check config.json before
     they publish."""
@@ -360,6 +369,8 @@ def test_a_part_hashed_under_a_replaced_config_is_not_published(
                 tmp_path / f"i{i}" / "r.yaml", config_dict(tmp_path / f"i{i}", [source], [spec.config])
             )
         )
+    created = cli("sync", "-c", str(configs[0]), "--json")  # the assembler creates the repository
+    assert json.loads(created.stdout)["sources"][0]["targets"][0]["status"] == "waiting", created.stdout
     first = cli("sync", "-c", str(configs[1]), "--json")
     assert json.loads(first.stdout)["sources"][0]["targets"][0]["status"] == "contributed", first.stdout
 
@@ -385,4 +396,137 @@ def test_a_part_hashed_under_a_replaced_config_is_not_published(
     assert restored.returncode == 0, (
         f"published a set that does not restore: {restored.stdout}{restored.stderr}"
     )
+    assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+
+
+def _racing_config(spec: Any) -> dict[str, Any]:
+    """Replace the repository's config.json the way a racing creator's late PUT does on a
+    server that ignores ``If-None-Match``: a new repository (version 1) with its own id and
+    hash seed. Returns the config replaced."""
+    client, key = spec.server.client(), "replica/config.json"
+    mine: dict[str, Any] = json.loads(client.get_object(Bucket=spec.bucket, Key=key)["Body"].read())
+    theirs = {
+        **mine,
+        "version": 1,
+        "id": "0f0f0f0f-0000-4000-8000-000000000000",
+        "hash": {**mine["hash"], "seed": "0123456789abcdef"},
+    }
+    assert mine["hash"]["algorithm"] == "xxh3-128" and mine["hash"]["seed"] != theirs["hash"]["seed"]
+    client.put_object(Bucket=spec.bucket, Key=key, Body=json.dumps(theirs).encode())
+    return mine
+
+
+def test_raising_the_version_never_adopts_a_config_that_replaced_ours(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A CI run published a set that did not restore ("packs/..@0: content does not match its
+    id", rank 1's shard): three daemons started at once on a fresh ``rclone serve s3``
+    repository, and a racing creator's PUT replaced the config.json node 1 had opened. Before
+    its first part node 1 raised the repository to version 3 from the config.json *then*
+    there, adopting that config's id while its chunks stayed hashed with the seed it had
+    opened: its parts claimed the new config, so ``check_unchanged`` and the assembler took
+    them."""
+    spec = make_target_spec(request, "rclone", tmp_path)
+    server, bucket = spec.server, spec.bucket
+    assert server is not None and bucket is not None
+
+    async def go() -> None:
+        t = await open_target(target_config(spec.config))
+        try:
+            repo = await Repository.open_or_create(
+                t, algorithm="xxh3-128", chunking=ChunkingConfig(), compression=CompressionConfig()
+            )
+            opened = repo.config.id
+            _racing_config(spec)
+            with pytest.raises(PermanentTargetError, match=r"config\.json changed since this process"):
+                await repo.upgrade_for_parts()
+            assert repo.config.id == opened, "adopted the other config's id"
+            with pytest.raises(PermanentTargetError, match=r"config\.json changed since this process"):
+                await repo.check_unchanged()
+            got = server.client().get_object(Bucket=bucket, Key="replica/config.json")
+            stored = json.loads(got["Body"].read())
+            assert stored["version"] == 1, "raised the version of a config it does not hash for"
+        finally:
+            await t.close()
+
+    asyncio.run(go())
+
+
+def test_a_running_instance_never_contributes_under_a_config_that_replaced_its_own(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Node 1's daemon creates the repository; a racing creator's PUT replaces config.json;
+    then node 1's shard arrives. It must not contribute; ``status`` must say why, and the
+    daemon must not retry what only a restart fixes; once restarted it contributes under the
+    config that is there, and the set publishes and restores."""
+    spec = make_target_spec(request, "rclone", tmp_path)
+    assert spec.server is not None and spec.bucket is not None
+    nodes = _node_configs(tmp_path, spec.config, 2, assembler="node-1")
+    made = make_checkpoint(tmp_path / "made", 1, shards=2, marker=None)
+    _index(made, 2)
+    later = tmp_path / "later"  # node 1's shard, moved in once its daemon runs
+    want = _spread(made, [nodes[0][0], later])
+
+    node1 = DaemonProcess(nodes[1][1], tmp_path / "node1.log")
+    try:
+        wait_until(node1.ready, 120, what="daemon ready")
+        wait_until(partial(_attached, node1), 120, what="target attached")
+        _racing_config(spec)
+        shutil.move(later / "step-000001", nodes[1][0] / "step-000001")
+        wait_until(lambda: "config.json changed" in node1.log_text(), 120, what="node 1 refuses")
+        wait_until(lambda: "target.backoff" in node1.log_text().split("config.json changed", 1)[1], 60)
+        backoff = next(
+            json.loads(line)
+            for line in node1.log_text().split("config.json changed", 1)[1].splitlines()
+            if '"target.backoff"' in line
+        )
+        assert backoff["seconds"] >= 300, f"retries what only a restart fixes: {backoff}"
+        status = cli("status", "-c", str(nodes[1][1]), "--json")
+        assert "config.json changed since this process opened the repository" in status.stdout, status.stdout
+        assert not node1.crashes(), node1.crashes()
+    finally:
+        node1.stop()
+    assert latest_manifest(spec.config, "ckpt") is None
+
+    assert cli("sync", "-c", str(nodes[0][1])).returncode == 0
+    done = cli("sync", "-c", str(nodes[1][1]), "--json")  # restarted: opens the config that is there
+    assert json.loads(done.stdout)["sources"][0]["targets"][0]["status"] == "published", done.stdout
+    out = tmp_path / "restored"
+    restored = cli("restore", "-c", str(nodes[0][1]), "-s", "ckpt", str(out))
+    assert restored.returncode == 0, restored.stderr
+    assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
+
+
+def test_only_the_assembler_creates_the_repository(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A StatefulSet's or DaemonSet's instances start at once; on a server that ignores
+    ``If-None-Match`` each would create the repository with its own hash seed, and all but the
+    last would have to be restarted. So an instance that is not the assembler never creates
+    it: it says whom it waits for, and contributes once the assembler has created it."""
+    spec = make_target_spec(request, "rclone", tmp_path)
+    nodes = _node_configs(tmp_path, spec.config, 2)
+    made = make_checkpoint(tmp_path / "made", 1, shards=2, marker=None)
+    _index(made, 2)
+    want = _spread(made, [d for d, _ in nodes])
+
+    impatient = yaml.safe_load(nodes[1][1].read_text())
+    impatient["targets"][0]["retry"] = {"command_give_up_after": "0s"}
+    early = cli("sync", "-c", str(write_config(tmp_path / "impatient.yaml", impatient)), "--json")
+    assert early.returncode == 1, early.stdout + early.stderr
+    error = json.loads(early.stdout)["sources"][0]["targets"][0]["error"]
+    assert "node-0, the assembler of source ckpt, creates it" in error, error
+    assert spec.server is not None and spec.bucket is not None
+    assert "Contents" not in spec.server.client().list_objects_v2(Bucket=spec.bucket), "node 1 wrote"
+
+    # Started together (a StatefulSet): node 1 waits for the repository node 0 creates.
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "replicator", "sync", "-c", str(nodes[1][1]), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert cli("sync", "-c", str(nodes[0][1])).returncode == 0  # creates it
+    said, err = waiting.communicate(timeout=120)
+    assert json.loads(said)["sources"][0]["targets"][0]["status"] == "contributed", said + err
+    done = cli("sync", "-c", str(nodes[0][1]), "--json")
+    assert json.loads(done.stdout)["sources"][0]["targets"][0]["status"] == "published", done.stdout
+    out = tmp_path / "restored"
+    assert cli("restore", "-c", str(nodes[1][1]), "-s", "ckpt", str(out)).returncode == 0
     assert {p: sha for p, (sha, _, _) in tree_digest(out).items()} == want
