@@ -372,13 +372,14 @@ class Repository:
         for pack_id, members in by_pack.items():
             members.sort()
             group = [members[0]]
+            end = members[0][0] + members[0][1]
             for m in members[1:]:
-                end = max(offset + size for offset, size, _ in group)
                 if m[0] - end <= _READ_GAP and m[0] + m[1] - group[0][0] <= _READ_SPAN:
                     group.append(m)
+                    end = max(end, m[0] + m[1])
                 else:
                     jobs.append(stretch(pack_id, group))
-                    group = [m]
+                    group, end = [m], m[0] + m[1]
             jobs.append(stretch(pack_id, group))
         await asyncio.gather(*jobs)
         return out
