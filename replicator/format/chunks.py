@@ -56,6 +56,18 @@ _ENTROPY_PARAMS = zstandard.ZstdCompressionParameters(
 )
 
 
+_decoding = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor: making one per chunk cost 22 µs against 3.5 µs for the
+    decompression of a 2 KiB chunk itself (measured), which small-file restores paid per file."""
+    d: zstandard.ZstdDecompressor | None = getattr(_decoding, "zstd", None)
+    if d is None:
+        d = _decoding.zstd = zstandard.ZstdDecompressor()
+    return d
+
+
 class ChunkEncoder:
     """Encodes chunks; one instance is shared by worker threads (compressors are per thread).
 
@@ -82,11 +94,8 @@ class ChunkEncoder:
         """``frame``, once it is known to decompress to exactly ``original`` (if verifying)."""
         if not self.verify:
             return frame
-        decompressor = getattr(self._local, "decompressor", None)
-        if decompressor is None:
-            decompressor = self._local.decompressor = zstandard.ZstdDecompressor()
         try:
-            back = decompressor.decompress(frame)
+            back = _decompressor().decompress(frame)
         except zstandard.ZstdError:
             back = None
         # bytes.startswith compares with memcmp; bytes == memoryview would fall back to
@@ -245,7 +254,7 @@ def _inflate(frame: bytes | memoryview, limit: int, what: str) -> bytes:
         declared = zstandard.frame_content_size(frame)
         if 0 <= declared <= limit:
             # One-shot decompression into the declared size; zstd fails if the data disagrees.
-            return zstandard.ZstdDecompressor().decompress(frame)
+            return _decompressor().decompress(frame)
         if declared > limit:
             raise IntegrityError(f"{what}: declares {declared} bytes, more than {limit}")
         out = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False).read(limit + 1)

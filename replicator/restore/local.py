@@ -110,7 +110,7 @@ class LocalDestination:
             if create:
                 root.mkdir(parents=True, exist_ok=True)
             elif not root.exists():
-                self._other_filesystem = False
+                self._other_filesystem = self._empty = False
                 return  # nothing there yet (a dry run): every file is absent
             # Opened before anything is written, so that syncfs on it reports every writeback
             # error of this restore.
@@ -123,6 +123,10 @@ class LocalDestination:
         # Set when a file is created on another device than the root (a filesystem mounted
         # below it), which syncfs on the root's filesystem may not reach.
         self._other_filesystem = False
+        # Restoring into an empty directory (a DR site's fresh disk) needs no look at what is
+        # there: every name of a manifest (unique) is absent until this restore writes it.
+        with os.scandir(self.root_fd) as entries:
+            self._empty = next(entries, None) is None
 
     async def flush(self) -> None:
         """One ``syncfs(2)`` on the destination's filesystem, in a thread. It covers the
@@ -191,6 +195,8 @@ class LocalDestination:
                     raise
                 os.close(fd)
                 fd = nfd
+            if create and os.fstat(fd).st_dev != self._root_dev:
+                self._other_filesystem = True  # files go where this directory's filesystem is
         except BaseException:
             os.close(fd)
             raise
@@ -213,7 +219,7 @@ class LocalDestination:
         # Always hash to call a file "same": a file torn by a crash before the flush has the
         # right name, size and mtime; only its bytes tell, and re-running the restore must
         # repair it.
-        if self.root_fd < 0:
+        if self.root_fd < 0 or self._empty:
             return "absent"
         try:
             dir_fd, name = self._open_parent(entry.path, create=False, opened=opened)
@@ -252,8 +258,6 @@ class LocalDestination:
             fd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
             )
-            if os.fstat(fd).st_dev != self._root_dev:
-                self._other_filesystem = True
         except BaseException:
             os.close(dir_fd)
             raise
