@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -149,14 +151,13 @@ def main() -> None:
     args = ap.parse_args()
 
     work = args.workdir
-    for d in ("dest", "state", "restore", "restic-cache", "s3"):
-        shutil.rmtree(work / d, ignore_errors=True)
     source = work / "data" / "ckpt"
+    leftovers = ("dest", "state", "restore", "restored", "restic-cache", "s3")
+    remove_and_settle([source, *(work / d for d in leftovers)])
     step1, step2 = training_steps(work / "data" / "steps", args.size_gib, args.changed)
     server = RcloneServer(work / "s3", port=free_port()).start()
     try:
         bench = Bench(work, server)
-        shutil.rmtree(source, ignore_errors=True)
         source.mkdir(parents=True)
         shutil.copytree(step1, source / step1.name)
         first = du(source)
@@ -178,13 +179,32 @@ def main() -> None:
     finally:
         server.stop()
     report(bench, args)
+    # Deleted last, not between scenarios: see remove_and_settle.
+    shutil.rmtree(work / "restored", ignore_errors=True)
+
+
+SETTLE_AFTER_DELETE = 35.0
+"""ext4 does not reuse an inode within 30 s of its deletion (``recently_deleted`` in
+fs/ext4/ialloc.c): creating many files soon after deleting many scans for others, in the
+creating process's CPU time. A 2026-12-07 run restored 20,000 small files with 8.7 CPU-s
+right after the checkpoint restore's trees were deleted, against 2.4 CPU-s on a settled disk."""
+
+
+def remove_and_settle(paths: list[Path]) -> None:
+    """Delete ``paths`` (a previous run's leftovers) and, if that deleted anything, wait until
+    no timed command can meet the deleted inodes (:data:`SETTLE_AFTER_DELETE`)."""
+    existing = [p for p in paths if p.exists()]
+    for p in existing:
+        shutil.rmtree(p, ignore_errors=True)
+    if existing:
+        os.sync()
+        time.sleep(SETTLE_AFTER_DELETE)
 
 
 def restore_scenario(bench: Bench, source: Path, name: str = "ckpt", scenario: str = "restore") -> None:
     """Restore ``name``'s backups with each tool and check the trees. Each tool restores into a
-    fresh directory, deleted only after all ran: on ext4, creating files soon after deleting
-    thousands stalls in inode allocation (``recently_deleted``), which would slow whichever
-    tool ran after another's tree was deleted."""
+    fresh directory, kept until the whole run is over (see :data:`SETTLE_AFTER_DELETE`): a
+    tree deleted here would slow whichever tool ran next."""
     total = du(source)
     out = bench.work / "restore"
     url, repo = bench.dest_cached("posix", name, "replicator")
@@ -205,16 +225,14 @@ def restore_scenario(bench: Bench, source: Path, name: str = "ckpt", scenario: s
         ),
         "rclone": ([bench.rclone, "copy", "--config", "/dev/null", rclone_url, str(out)], out, rclone_copy),
     }
-    shutil.rmtree(out, ignore_errors=True)
+    keep = bench.work / "restored"
+    keep.mkdir(exist_ok=True)
     for i, (tool, (cmd, restored, reads)) in enumerate(runs.items()):
-        moved = out.with_name(f"restore-{i}")  # the command names `out`: give it a fresh one
         out.mkdir(parents=True)
         bench.run(scenario, "posix", tool, cmd, out, total, reads)
         if not same_tree(source, restored):
             raise SystemExit(f"{tool} restored something other than the source")
-        out.rename(moved)
-    for i in range(len(runs)):
-        shutil.rmtree(out.with_name(f"restore-{i}"), ignore_errors=True)
+        out.rename(keep / f"{name}-{i}")  # the command names `out`: the next tool gets a fresh one
 
 
 def verify_scenario(bench: Bench, source: Path) -> None:
