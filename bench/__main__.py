@@ -31,7 +31,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import ROOT, du, find_tool, peer_versions, replicator_command, same_tree, timed, warm_cache
+from bench.common import (
+    ROOT,
+    cpu_seconds,
+    du,
+    find_tool,
+    peer_versions,
+    replicator_command,
+    same_tree,
+    timed,
+    warm_cache,
+)
 from bench.data import small_files, training_steps
 from tests.servers import ACCESS_KEY, SECRET_KEY, RcloneServer, free_port
 
@@ -56,6 +66,9 @@ class Result:
     input_bytes: int
     sent_bytes: int
     stored_bytes: int
+    server_cpu_seconds: float | None = None
+    """S3 rows: the CPU time of the ``rclone serve s3`` all tools share, during this run (it
+    competes with the tool for the same cores)."""
 
     @property
     def mib_per_s(self) -> float:
@@ -110,10 +123,13 @@ class Bench:
         """Time ``cmd``, which reads ``reads`` (warmed into the page cache first, for every tool)."""
         before = du(size) if size.exists() else 0
         warm_cache(reads)
+        server = self.server.proc.pid if dest == "s3" and self.server.proc else None
+        server_before = cpu_seconds(server) if server else 0.0
         secs, cpu, rss = timed(cmd, self.env)
+        server_cpu = cpu_seconds(server) - server_before if server else None
         stored = du(size)
         self.results.append(
-            Result(scenario, dest, tool, secs, cpu, rss, input_bytes, stored - before, stored)
+            Result(scenario, dest, tool, secs, cpu, rss, input_bytes, stored - before, stored, server_cpu)
         )
         print(f"{scenario:9} {dest:5} {tool:10} {secs:7.2f} s  {stored / 2**20:8.1f} MiB", file=sys.stderr)
 
@@ -281,20 +297,27 @@ def report(bench: Bench, args: argparse.Namespace) -> None:
                     "results": [asdict(r) | {"mib_per_s": r.mib_per_s} for r in bench.results]}, indent=2)
     )  # fmt: skip
     print(f"\n{machine}\n")
-    print("| scenario | dest | tool | wall | throughput | CPU | peak RSS | sent | stored ", end="")
-    print("| wall time vs restic |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| scenario | dest | tool | wall | throughput | CPU (+ S3 server) | peak RSS | sent | stored ", end=""
+    )
+    print("| wall time vs restic | CPU vs restic |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     by = {(r.scenario, r.dest, r.tool): r for r in bench.results}
     for r in bench.results:
         peer_tool = DURABLE_PEER.get((r.scenario, r.tool), "restic")
         peer = by.get((r.scenario, r.dest, peer_tool))
-        ratio = f"{r.seconds / peer.seconds:.2f}x" if peer and not r.tool.startswith("restic") else ""
-        if ratio and peer_tool != "restic":
-            ratio += f" (vs {peer_tool})"
+        ratio = cpu_ratio = ""
+        if peer and not r.tool.startswith("restic"):
+            ratio, cpu_ratio = f"{r.seconds / peer.seconds:.2f}x", f"{r.cpu_seconds / peer.cpu_seconds:.2f}x"
+            if peer_tool != "restic":
+                ratio += f" (vs {peer_tool})"
+        cpu = f"{r.cpu_seconds:.2f} s"
+        if r.server_cpu_seconds is not None:
+            cpu += f" (+ {r.server_cpu_seconds:.2f} s)"
         print(
             f"| {r.scenario} | {r.dest} | {r.tool} | {r.seconds:.2f} s | {r.mib_per_s:.0f} MiB/s | "
-            f"{r.cpu_seconds:.2f} s | {r.peak_rss_mib:.0f} MiB | {r.sent_bytes / 2**20:.1f} MiB | "
-            f"{r.stored_bytes / 2**20:.1f} MiB | {ratio} |"
+            f"{cpu} | {r.peak_rss_mib:.0f} MiB | {r.sent_bytes / 2**20:.1f} MiB | "
+            f"{r.stored_bytes / 2**20:.1f} MiB | {ratio} | {cpu_ratio} |"
         )
 
 

@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import ROOT, du, replicator_command, timed, warm_cache
+from bench.common import ROOT, cpu_seconds, du, replicator_command, timed, warm_cache
 from bench.data import training_steps
 from tests.servers import ACCESS_KEY, SECRET_KEY, RcloneServer, free_port
 
@@ -62,11 +62,6 @@ def hash_throughput() -> dict[str, float]:
             best = min(best, time.perf_counter() - start)
         out[name] = len(buf) / best / 1e6
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, replicator_command
+from bench.common import ROOT, cpu_seconds, replicator_command
 from replicator.demo import bf16, write_safetensors
 
 
@@ -54,11 +53,6 @@ def wait_for(predicate: object, timeout: float, interval: float = 0.05) -> None:
         if time.monotonic() > deadline:
             raise SystemExit("timed out")
         time.sleep(interval)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _checkpoint_setup(work: Path, extra: str = "") -> tuple[Path, Path, Path, Path]:

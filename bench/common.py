@@ -94,6 +94,13 @@ def replicator_repo(workdir: Path, data: Path) -> Path:
     return cfg
 
 
+def cpu_seconds(pid: int) -> float:
+    """A running process's CPU time so far (user + system, from /proc): for a server that
+    outlives the command being timed."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
