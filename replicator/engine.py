@@ -128,6 +128,8 @@ class SourceResult:
     sets: list[str] = field(default_factory=list)
     targets: list[TargetResult] = field(default_factory=list)
     seconds: float = 0.0
+    scanned: bool = False
+    """The source was scanned: False when no target could be opened (the counts say nothing)."""
 
     @property
     def ok(self) -> bool:

@@ -34,6 +34,7 @@ async def sync_source(
     outcomes: dict[str, TargetResult] = {}
     if targets or late:
         listing = await rep.scan(cfg)
+        result.scanned = True
         result.ignored = listing.ignored
         candidate = await rep.build_candidate(
             cfg, listing.files, result, progress, unreadable=listing.unreadable

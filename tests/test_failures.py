@@ -267,3 +267,17 @@ def test_a_read_in_flight_when_the_pipeline_closes_is_cancelled_not_crashed(tmp_
 
     task = asyncio.run(go())
     assert task.cancelled(), task.exception()
+
+
+def test_sync_with_no_target_open_does_not_report_an_empty_source(tmp_path: Path, primary: Path) -> None:
+    """With every target unreachable, ``sync`` never scans the source: its line must say so,
+    not "0 files, 0 B" (an operator reading that would think the primary is empty)."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    cfg = s3_config(tmp_path, primary, {"name": "t", "url": "s3://bkt/r", "endpoint_url": closed})
+    res = invoke(["sync", "-c", str(cfg)])
+    assert res.exit_code == 3, res.output
+    first = res.stdout.splitlines()[0]
+    assert first.startswith("d: not scanned: no target could be opened"), res.stdout
+    assert "0 files" not in res.stdout
+    as_json = invoke(["sync", "-c", str(cfg), "--json"])
+    assert json.loads(as_json.stdout)["sources"][0]["scanned"] is False, as_json.stdout

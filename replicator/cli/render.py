@@ -145,7 +145,9 @@ def sync_lines(results: Sequence[SourceResult]) -> list[str]:
             f"read {plural(r.files_read, 'file')}, "
             f"{format_size(r.bytes_read)} in {format_duration(r.seconds)}"
         )
-        if r.seconds and r.bytes_read:
+        if not r.scanned:
+            line = f"{r.source}: not scanned: no target could be opened"
+        elif r.seconds and r.bytes_read:
             line += f" ({format_size(r.bytes_read / r.seconds)}/s)"
         lines.append(line)
         for name, why in sorted(r.held_back.items()):
