@@ -236,22 +236,34 @@ def encode_manifest(manifest: Manifest) -> bytes:
     return zstandard.ZstdCompressor(level=MANIFEST_ZSTD_LEVEL).compress(manifest_json(manifest))
 
 
-def parse_manifest(stored: bytes, *, where: str) -> Manifest:
-    """Decode and validate an untrusted stored manifest; errors name ``where``."""
+def inflate_untrusted(stored: bytes, *, where: str, what: str = "") -> bytes:
+    """The body of an untrusted zstd-compressed JSON object (a manifest, a part), never
+    decompressed past MAX_MANIFEST_BYTES; RepositoryError naming ``where`` (and ``what``)."""
+    prefix = f"{what} " if what else ""
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False)
-        body = reader.read(MAX_MANIFEST_BYTES + 1)
+        body: bytes = reader.read(MAX_MANIFEST_BYTES + 1)
     except zstandard.ZstdError as exc:
-        raise RepositoryError(f"manifest is not valid zstd ({exc})", key=where) from None
+        raise RepositoryError(f"{prefix}is not valid zstd ({exc})", key=where) from None
     if len(body) > MAX_MANIFEST_BYTES:
-        raise RepositoryError("manifest exceeds 1 GiB", key=where)
+        raise RepositoryError(f"{prefix}exceeds 1 GiB", key=where)
+    return body
+
+
+def first_error(exc: ValidationError) -> str:
+    """``field.path: message`` of a validation error's first problem, for one-line errors."""
+    first = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+
+
+def parse_manifest(stored: bytes, *, where: str) -> Manifest:
+    """Decode and validate an untrusted stored manifest; errors name ``where``."""
+    body = inflate_untrusted(stored, where=where, what="manifest")
     try:
         manifest = Manifest.model_validate_json(body)
     except ValidationError as exc:
         _check_header(body, where)  # a clearer message for foreign or newer objects
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise RepositoryError(f"invalid manifest: {loc}: {first['msg']}", key=where) from None
+        raise RepositoryError(f"invalid manifest: {first_error(exc)}", key=where) from None
     if manifest.version not in READABLE_VERSIONS:
         _check_header(body, where)
     return manifest

@@ -29,13 +29,14 @@ from replicator.format.manifest import (
     _Strict,
     _wire_entry,
     _wire_set,
+    first_error,
+    inflate_untrusted,
     parse_time,
 )
 from replicator.hashing import HashSpec
 from replicator.paths import check_relative_path, encode_path
 
 PARTS_VERSION = 1
-MAX_PART_BYTES = 1 << 30
 MEMBER_NAME = "member.json.zst"
 _SET_KEY = re.compile(r"^[0-9a-f]{32}\.json\.zst$")
 _INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -147,13 +148,7 @@ def parse_member(stored: bytes, *, where: str) -> Member:
 
 
 def _parse(model: type[Part] | type[Member], stored: bytes, where: str) -> Part | Member:
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False)
-        body = reader.read(MAX_PART_BYTES + 1)
-    except zstandard.ZstdError as exc:
-        raise RepositoryError(f"not valid zstd ({exc})", key=where) from None
-    if len(body) > MAX_PART_BYTES:
-        raise RepositoryError("exceeds 1 GiB", key=where)
+    body = inflate_untrusted(stored, where=where)
     try:
         head: Any = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -170,6 +165,4 @@ def _parse(model: type[Part] | type[Member], stored: bytes, where: str) -> Part 
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise RepositoryError(f"invalid {expected}: {loc}: {first['msg']}", key=where) from None
+        raise RepositoryError(f"invalid {expected}: {first_error(exc)}", key=where) from None
