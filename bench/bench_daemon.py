@@ -55,6 +55,16 @@ def wait_for(predicate: object, timeout: float, interval: float = 0.05) -> None:
         time.sleep(interval)
 
 
+def _marker_to_ref(step: Path, ref: Path) -> float:
+    """Drop the marker into ``step``; seconds until the target's ref names a new snapshot."""
+    before = ref.read_bytes() if ref.exists() else b""
+    start = time.perf_counter()
+    (step / "COMPLETE").write_text("")
+    while not ref.exists() or ref.read_bytes() == before:
+        time.sleep(0.002)
+    return time.perf_counter() - start
+
+
 def _checkpoint_setup(work: Path, extra: str = "") -> tuple[Path, Path, Path, Path]:
     """A fresh ``work`` dir with ``src`` (checkpoint source, marker COMPLETE), ``tgt`` (a local
     target) and the config naming them; ``extra``: more source settings."""
@@ -87,12 +97,7 @@ def latency(args: argparse.Namespace) -> dict[str, object]:
             for shard in range(4):
                 write_safetensors(d / f"model-{shard}.safetensors", {"w": bf16(rng, (per_shard // 2,))})
             time.sleep(args.settle)  # the trainer finishes its shards, then drops the marker
-            before = ref.read_bytes() if ref.exists() else b""
-            start = time.perf_counter()
-            (d / "COMPLETE").write_text("")
-            while not ref.exists() or ref.read_bytes() == before:
-                time.sleep(0.002)
-            samples.append(time.perf_counter() - start)
+            samples.append(_marker_to_ref(d, ref))
     finally:
         proc.terminate()
         proc.wait(60)
@@ -151,12 +156,7 @@ def after_marker(args: argparse.Namespace) -> dict[str, object]:
         for i in range(args.sets):
             d = src / f"step-{i:06d}"
             _write_set(d, args.file_mib, rng, marker=False)  # written, then at once the marker
-            before = ref.read_bytes() if ref.exists() else b""
-            start = time.perf_counter()
-            (d / "COMPLETE").write_text("")
-            while not ref.exists() or ref.read_bytes() == before:
-                time.sleep(0.002)
-            samples.append(time.perf_counter() - start)
+            samples.append(_marker_to_ref(d, ref))
             if i:
                 shutil.rmtree(src / f"step-{i - 1:06d}")  # the trainer keeps the newest only
             syncs.append(_sync_reference(work, args.file_mib, rng))
