@@ -177,6 +177,24 @@ class History:
 NO_REPACK = ("--repack-below", "0")
 
 
+def kill_a_prune(spec: TargetSpec, rng: random.Random) -> bool:
+    """Run ``prune --grace 0`` and SIGKILL it anywhere from interpreter start-up to the end of
+    its deletions (0.2-1.5 s in); True if it was still running when killed."""
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(Path(__file__).parent.parent))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "replicator", "prune", *repo_args(spec), "--grace", "0", "-q"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(rng.uniform(0.2, 1.5))
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
 def prune_cli(spec: TargetSpec, *extra: str) -> PruneResult:
     res = cli("prune", *repo_args(spec), "--grace", "0", "--json", *extra)
     assert res.returncode == 0, res.stderr
@@ -436,24 +454,12 @@ def test_kill_9_at_any_point_of_a_prune_leaves_every_snapshot_restorable(tmp_pat
     history = History(tmp_path, spec, keep_last=1)
     history.advance()
     rng = random.Random(9)
-    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(Path(__file__).parent.parent))}
     killed_with_work_left = 0
     for _ in range(KILL_TRIALS):
         for _ in range(2):
             history.advance()
         assert prune_cli(spec).planned_objects > 0
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "replicator", "prune", *repo_args(spec), "--grace", "0", "-q"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        # Anywhere from interpreter start-up to the end of the deletions.
-        time.sleep(rng.uniform(0.2, 1.5))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_with_work_left += 1
-        proc.wait()
+        killed_with_work_left += kill_a_prune(spec, rng)
         verify_clean(spec)  # whatever the kill left, the snapshots are whole
         history.check_restores(tmp_path)
     for _ in range(2):  # the lock of the killed process is taken over (its pid is gone)

@@ -6,12 +6,8 @@ concurrent writers, and never on the strength of a chunk that fails its id check
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +29,7 @@ from tests.test_prune import (
     KILL_TRIALS,
     SMALL_CHUNKS,
     build_unpublished,
+    kill_a_prune,
     latest_snapshot,
     prune_cli,
     repo_args,
@@ -288,7 +285,6 @@ def test_kill_9_during_repack_and_prune_leaves_every_snapshot_restorable(tmp_pat
     data = Shrinking(tmp_path, spec)
     data.build(first=800)
     rng = random.Random(19)
-    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(Path(__file__).parent.parent))}
     for trial in range(KILL_TRIALS):
         if trial:  # a fresh sparse pack: many files, then most of them deleted, and the
             # snapshot that held them all falls out of keep_last: 2
@@ -302,16 +298,7 @@ def test_kill_9_during_repack_and_prune_leaves_every_snapshot_restorable(tmp_pat
         # Two runs (repack + plan, then delete), each killed anywhere from start-up to its end;
         # the lock of a killed run is taken over by the next (its pid is gone).
         for _ in range(2):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "replicator", "prune", *repo_args(spec), "--grace", "0", "-q"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(rng.uniform(0.2, 1.5))
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_a_prune(spec, rng)
             verify_clean(spec)
         data.check_restores(reference=False)
     for _ in range(2):
