@@ -20,7 +20,7 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -393,12 +393,12 @@ class Repository:
             raise IntegrityError("content does not match its id", key=stored_key(chunk_id, at))
         return data
 
-    async def list_chunks(self) -> AsyncIterator[tuple[str, int]]:
+    async def list_chunks(self) -> AsyncGenerator[tuple[str, int]]:
         """Yield (id, stored size) of every loose chunk object; foreign keys are skipped."""
         async for item in self._list_ids("chunks/"):
             yield item
 
-    async def list_packs(self) -> AsyncIterator[tuple[str, int]]:
+    async def list_packs(self) -> AsyncGenerator[tuple[str, int]]:
         """Yield (id, size) of every pack object; foreign keys are skipped."""
         async for item in self._list_ids("packs/"):
             yield item
