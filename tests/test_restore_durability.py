@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from replicator.errors import ReplicatorError
+from replicator.format.manifest import FileEntry
 from replicator.repository import Repository
 from replicator.restore import local as restore
-from replicator.restore.core import Destination, RestoreResult, restore_snapshot
+from replicator.restore.core import SMALL_FILE, Destination, RestoreResult, restore_snapshot
 from replicator.restore.local import LocalDestination
 from replicator.targets import PosixTarget
 from replicator.verify.drill import DrillReport, run_drill
@@ -99,6 +100,18 @@ def restore_into(target: Path, dest: Path, *, sync: bool = True, other_device: b
     return asyncio.run(go())
 
 
+def latest_files(target: Path) -> list[FileEntry]:
+    async def go() -> list[FileEntry]:
+        t = PosixTarget("t", target)
+        try:
+            repo = await Repository.open(t)
+            return list((await repo.load_manifest("d", await repo.resolve("d", None))).files)
+        finally:
+            await t.close()
+
+    return asyncio.run(go())
+
+
 def test_default_restore_syncs_the_filesystem_once_after_the_last_file_and_fsyncs_no_file(
     tmp_path: Path, replicated: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -127,17 +140,24 @@ def test_sync_false_leaves_writeback_to_the_os(
     assert tree_digest(dest) == tree_digest(primary)
 
 
-def test_each_write_starts_writeback_at_once_unless_the_restore_is_not_flushed(
+def test_each_write_of_a_large_file_starts_writeback_at_once_unless_the_restore_is_not_flushed(
     tmp_path: Path, replicated: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Files restored chunk by chunk start writeback with every write; small files (restored
+    in batches) are left to the final flush, which writes them together."""
     primary, target = replicated
+    (primary / "big.bin").write_bytes(os.urandom(3 * SMALL_FILE))
+    res = cli("sync", "-c", str(tmp_path / "r.yaml"))
+    assert res.returncode == 0, res.stderr
     ranges = counting(monkeypatch, restore, "_sync_file_range")
     assert restore_into(target, tmp_path / "a").ok
-    # Every byte of every file, each range right after it was written (the empty markers have none).
-    sizes = [p.stat().st_size for p in primary.rglob("*") if p.is_file()]
+    files = latest_files(target)
+    large = [f.size for f in files if len(f.chunks) > 1 or f.size > SMALL_FILE]
+    assert large and len(large) < len(files), "the fixture needs large and small files"
+    # Every byte of every large file, each range right after it was written.
     assert {flags for *_, flags in ranges} == {restore.SYNC_FILE_RANGE_WRITE}
-    assert [offset for _, offset, _, _ in ranges].count(0) == len([n for n in sizes if n])
-    assert sum(n for _, _, n, _ in ranges) == sum(sizes)
+    assert [offset for _, offset, _, _ in ranges].count(0) == len(large)
+    assert sum(n for _, _, n, _ in ranges) == sum(large)
 
     ranges.clear()
     assert restore_into(target, tmp_path / "b", sync=False).ok
