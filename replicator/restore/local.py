@@ -110,7 +110,7 @@ class LocalDestination:
             if create:
                 root.mkdir(parents=True, exist_ok=True)
             elif not root.exists():
-                self._other_filesystem = self._empty = False
+                self._other_filesystem = False
                 return  # nothing there yet (a dry run): every file is absent
             # Opened before anything is written, so that syncfs on it reports every writeback
             # error of this restore.
@@ -123,10 +123,6 @@ class LocalDestination:
         # Set when a file is created on another device than the root (a filesystem mounted
         # below it), which syncfs on the root's filesystem may not reach.
         self._other_filesystem = False
-        # Restoring into an empty directory (a DR site's fresh disk) needs no look at what is
-        # there: every name of a manifest (unique) is absent until this restore writes it.
-        with os.scandir(self.root_fd) as entries:
-            self._empty = next(entries, None) is None
 
     async def flush(self) -> None:
         """One ``syncfs(2)`` on the destination's filesystem, in a thread. It covers the
@@ -219,7 +215,7 @@ class LocalDestination:
         # Always hash to call a file "same": a file torn by a crash before the flush has the
         # right name, size and mtime; only its bytes tell, and re-running the restore must
         # repair it.
-        if self.root_fd < 0 or self._empty:
+        if self.root_fd < 0:
             return "absent"
         try:
             dir_fd, name = self._open_parent(entry.path, create=False, opened=opened)
