@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from replicator.repository import DECODE_IN_THREAD
 from tests.conftest import TargetSpec, cli, make_target_spec, write_config
 from tests.helpers import (
     checkpoint_source,
@@ -181,11 +182,16 @@ def test_verify_read_data_names_a_flipped_chunk(tmp_path: Path) -> None:
     assert [p["key"] for p in js[0]["problems"]] == [chunk.key]
 
 
-def test_corrupt_chunk_fails_restore_loudly_without_writing_wrong_bytes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", ["first", "largest"])
+def test_corrupt_chunk_fails_restore_loudly_without_writing_wrong_bytes(tmp_path: Path, which: str) -> None:
+    """Also for a chunk large enough to be decoded in a decoding thread (the largest)."""
     primary, target, cfg = local_setup(tmp_path)
     make_checkpoint(primary, 4)
     assert cli("sync", "-c", str(cfg)).returncode == 0
-    victim = stored_chunks(target)[0]
+    chunks = stored_chunks(target)
+    victim = chunks[0] if which == "first" else max(chunks, key=lambda c: c.length)
+    if which == "largest":
+        assert victim.length >= DECODE_IN_THREAD
     victim.flip(victim.length // 2)
 
     dest = tmp_path / "dest"
