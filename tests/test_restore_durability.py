@@ -27,6 +27,9 @@ from replicator.verify.drill import DrillReport, run_drill
 from tests.conftest import cli
 from tests.helpers import local_setup, make_checkpoint, tree_digest
 
+PATIENCE = 60.0
+"""Deadline for a restore of a few MiB: generous on a loaded machine, never a bound."""
+
 
 @pytest.fixture
 def replicated(tmp_path: Path) -> tuple[Path, Path]:
@@ -276,3 +279,36 @@ def test_drill_flushes_a_kept_scratch_but_not_a_temporary_one(
     report = drill(scratch)
     assert report.ok and report.sources[0].restored_files == 8
     assert syncfs.inodes == [(scratch / "t" / "d").stat().st_ino]
+
+
+@pytest.mark.parametrize("budget_chunks", [16, 5])
+def test_a_restore_never_waits_for_memory_while_holding_chunks_it_has_not_written(
+    tmp_path: Path, budget_chunks: int
+) -> None:
+    """Zero-padded tensors cut at the largest chunk size, restored side by side: each file keeps
+    up to CHUNKS_IN_FLIGHT_PER_FILE (8) chunks in flight, so FILES_IN_PARALLEL (4) files of
+    16 MiB chunks want twice the default budget of 256 MiB. Here at 1/256 of that scale (64
+    KiB chunks, a budget of 16 of them), and with a budget smaller than one file's window (5
+    chunks), where the old code hung every time: a file that found the budget spent waited for
+    it while holding chunks it had not written; once every file did, nothing was ever freed."""
+    primary, target, cfg = local_setup(tmp_path)
+    chunking = {"min_size": 4096, "avg_size": 16384, "max_size": 65536}
+    cfg.write_text(cfg.read_text() + f"chunking: {chunking}\n")
+    for i in range(8):
+        (primary / f"shard-{i}.bin").write_bytes(bytes(16 * 65536))
+    assert cli("sync", "-c", str(cfg)).returncode == 0
+
+    async def go() -> RestoreResult:
+        t = PosixTarget("t", target)
+        try:
+            repo = await Repository.open(t)
+            manifest = await repo.load_manifest("d", await repo.resolve("d", None))
+            assert all(len(f.chunks) == 16 for f in manifest.files)
+            budget = budget_chunks * 65536
+            restoring = restore_snapshot(repo, manifest, tmp_path / "dest", memory_budget=budget)
+            return await asyncio.wait_for(restoring, PATIENCE)
+        finally:
+            await t.close()
+
+    assert asyncio.run(go()).ok
+    assert tree_digest(tmp_path / "dest") == tree_digest(primary)

@@ -337,7 +337,13 @@ class _Restore:
 
         try:
             for cid, size in entry.chunks:
-                await self.budget.acquire(size)
+                # Never wait for memory while holding some: write what is in flight first.
+                # Files waiting for each other's chunks to be written, each holding its own,
+                # would wait forever.
+                while window and not self.budget.try_acquire(size):
+                    await drain_one()
+                if not window:
+                    await self.budget.acquire(size)
                 window.append((asyncio.create_task(self._fetch(cid, size)), size))
                 if len(window) >= CHUNKS_IN_FLIGHT_PER_FILE:
                     await drain_one()
