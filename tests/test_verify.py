@@ -13,6 +13,7 @@ from replicator.repository import Repository, chunk_key, ref_key
 from replicator.state import StateStore
 from replicator.sync import run_sync
 from replicator.targets import open_target
+from replicator.verify import check
 from replicator.verify.check import VerifyReport, verify_repository
 from tests.conftest import TargetSpec, make_target_spec
 from tests.helpers import config_dict, make_checkpoint, stored_chunks
@@ -122,3 +123,30 @@ async def _verify_with_state(config: Config, state: StateStore) -> None:
         await verify_repository(await Repository.open(target), state=state)
     finally:
         await target.close()
+
+
+@pytest.mark.parametrize("kind", ["posix", "rclone"])
+def test_read_data_never_waits_for_memory_behind_chunks_read_after_the_one_it_needs(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """``--read-data`` reads ahead of the file being hashed within FILE_WINDOW_BYTES. Readers
+    used to take memory in whatever order it fitted: a small chunk read later overtook a large
+    one still waiting, until the window was full of chunks the hasher could not reach, and
+    verify hung. Here with a window of the largest chunk plus the smallest."""
+    spec = make_target_spec(request, kind, tmp_path)
+    config = sync_sample(tmp_path, spec)
+
+    async def go() -> VerifyReport:
+        target = await open_target(config.targets[0])
+        try:
+            repo = await Repository.open(target)
+            sizes = sorted([size async for _, size in repo.list_chunks()])
+            assert sizes[0] < sizes[-1] // 4, "the sample needs chunks of mixed sizes"
+            monkeypatch.setattr(check, "FILE_WINDOW_BYTES", sizes[-1] + sizes[0])
+            checking = verify_repository(repo, read_data=1.0)
+            return await asyncio.wait_for(checking, 60.0)  # generous: a few MiB on a loaded machine
+        finally:
+            await target.close()
+
+    report = asyncio.run(go())
+    assert report.ok and report.chunks_read > 0, report

@@ -256,12 +256,20 @@ async def _read_files(
     ]
     work = deque((i, j) for i, (_, refs, _) in enumerate(files) for j in range(len(refs)))
 
+    in_order = asyncio.Lock()
+
     async def reader() -> None:
-        while work:
-            i, j = work.popleft()
-            ref, future = files[i][1][j], slots[i][j]
-            assert future is not None
-            await budget.acquire(stored[ref])
+        while True:
+            # Memory is taken in the order the hasher needs the chunks: a later chunk that fits
+            # must not overtake an earlier one waiting for room, or the window can fill with
+            # chunks the hasher cannot reach, and nothing frees it (verify hung).
+            async with in_order:
+                if not work:
+                    return
+                i, j = work.popleft()
+                ref, future = files[i][1][j], slots[i][j]
+                assert future is not None
+                await budget.acquire(stored[ref])
             try:
                 future.set_result(await _get(repo, ref, stored, report, corrupt, bad))
             except BaseException as exc:
