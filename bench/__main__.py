@@ -120,13 +120,9 @@ class Bench:
     def run(
         self, scenario: str, dest: str, tool: str, cmd: list[str], size: Path, input_bytes: int, reads: Path
     ) -> None:
-        """Time ``cmd``, which reads ``reads`` (warmed into the page cache first, for every tool).
-        Nothing an earlier command wrote is still waiting for writeback when it starts
-        (``sync``): otherwise whichever tool runs right after a non-durable one (rclone copy,
-        restic) shares the disk with its writeback, an order effect."""
+        """Time ``cmd``, which reads ``reads`` (warmed into the page cache first, for every tool)."""
         before = du(size) if size.exists() else 0
         warm_cache(reads)
-        os.sync()
         server = self.server.proc.pid if dest == "s3" and self.server.proc else None
         server_before = cpu_seconds(server) if server else 0.0
         secs, cpu, rss = timed(cmd, self.env)
