@@ -56,13 +56,13 @@ def one_round(
         cfg.write_text(json.dumps({"state_dir": state, "sources": sources, "targets": [target]}))
         sync = [*replicator, "sync", "-q", "-c", str(cfg)]
         shutil.copytree(steps[0], source / steps[0].name)
-        subprocess.run(sync, env=ENV, check=True)
+        subprocess.run(sync, env=ENV, check=True, stdout=subprocess.DEVNULL)
         shutil.copytree(steps[1], source / steps[1].name)
         os.sync()
         logged = log.stat().st_size
         cpu = cpu_seconds(server.pid)
         started = time.monotonic()
-        subprocess.run(sync, env=ENV, check=True)
+        subprocess.run(sync, env=ENV, check=True, stdout=subprocess.DEVNULL)
         wall = time.monotonic() - started
         cpu = cpu_seconds(server.pid) - cpu
         with log.open() as f:
