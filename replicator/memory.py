@@ -5,6 +5,7 @@ files. Not a money budget: that is :mod:`replicator.budget`."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 
 class ByteBudget:
@@ -29,6 +30,17 @@ class ByteBudget:
         async with self._cond:
             await self._cond.wait_for(lambda: self._fits(n))
             self.used += n
+
+    async def acquire_or_free(self, n: int, free_one: Callable[[], Awaitable[bool]]) -> None:
+        """Acquire ``n`` for a caller that may already hold some of this budget (chunks in
+        flight it has yet to hand on): while ``n`` does not fit, the caller frees what it holds,
+        one piece per ``free_one()`` call (which returns False once it holds nothing), and waits
+        only when it holds nothing. Callers waiting for each other's memory while holding their
+        own would wait forever."""
+        while not self.try_acquire(n):
+            if not await free_one():
+                await self.acquire(n)
+                return
 
     def release(self, n: int) -> None:
         self.used -= n

@@ -328,7 +328,10 @@ class ChunkPipeline:
 
         window: deque[tuple[asyncio.Future[tuple[dict[str, str], bytes | None]], Lease, int]] = deque()
 
-        async def emit() -> None:
+        async def emit() -> bool:
+            """Hand the oldest chunk in flight on; False if there is none."""
+            if not window:
+                return False
             fut, lease, size = window.popleft()
             try:
                 ids, stored = await fut
@@ -337,6 +340,7 @@ class ChunkPipeline:
                 await consumer.take(EncodedChunk(ids, size, stored, lease))
             finally:
                 lease.release()  # the producer's own reference
+            return True
 
         try:
             while True:
@@ -345,11 +349,7 @@ class ChunkPipeline:
                     break
                 # Hand finished chunks on before waiting for memory: the window itself may be
                 # what fills the budget, and only consumers downstream can free it.
-                while not self.budget.try_acquire(len(data)):
-                    if not window:
-                        await self.budget.acquire(len(data))
-                        break
-                    await emit()
+                await self.budget.acquire_or_free(len(data), emit)
                 lease = Lease(self.budget, len(data))
                 window.append((asyncio.ensure_future(self._process(coder, data, consumer)), lease, len(data)))
                 del data

@@ -325,7 +325,10 @@ class _Restore:
         hasher = self.repo.hash.hasher()
         window: deque[tuple[asyncio.Task[Buffer], int]] = deque()
 
-        async def drain_one() -> None:
+        async def drain_one() -> bool:
+            """Write the oldest chunk in flight; False if there is none."""
+            if not window:
+                return False
             task, size = window.popleft()
             try:
                 data = await task
@@ -334,16 +337,12 @@ class _Restore:
                 self.progress.advance(size)
             finally:
                 self.budget.release(size)
+            return True
 
         try:
             for cid, size in entry.chunks:
                 # Never wait for memory while holding some: write what is in flight first.
-                # Files waiting for each other's chunks to be written, each holding its own,
-                # would wait forever.
-                while window and not self.budget.try_acquire(size):
-                    await drain_one()
-                if not window:
-                    await self.budget.acquire(size)
+                await self.budget.acquire_or_free(size, drain_one)
                 window.append((asyncio.create_task(self._fetch(cid, size)), size))
                 if len(window) >= CHUNKS_IN_FLIGHT_PER_FILE:
                     await drain_one()
