@@ -627,9 +627,12 @@ class Replicator:
         except TargetError as exc:
             log.error("snapshot.failed", source=cfg.name, target=name, error=str(exc))
             return TargetResult(
-                name, "failed", error=str(exc), unreachable=isinstance(exc, TargetUnreachableError),
+                name,
+                "failed",
+                error=str(exc),
+                unreachable=isinstance(exc, TargetUnreachableError),
                 permanent=isinstance(exc, PermanentTargetError),
-            )  # fmt: skip
+            )
 
     @staticmethod
     def _deferred(t: OpenTarget, cfg: SourceConfig) -> TargetResult:

@@ -257,7 +257,7 @@ def _inflate(frame: bytes | memoryview, limit: int, what: str) -> bytes:
             return _decompressor().decompress(frame)
         if declared > limit:
             raise IntegrityError(f"{what}: declares {declared} bytes, more than {limit}")
-        out = zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False).read(limit + 1)
+        out = _decompressor().stream_reader(frame, read_across_frames=False).read(limit + 1)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"{what}: zstd frame is corrupt ({exc})") from None
     if len(out) > limit:
