@@ -154,6 +154,10 @@ def checkpoint_source(path: Path, **extra: Any) -> dict[str, Any]:
     }
 
 
+PATIENCE = 60.0
+"""Deadline for what must happen at once (an operation on a few MiB, a state the code reaches
+without waiting): generous on a loaded machine, never a bound on speed."""
+
 REFERENCE_READER = Path(__file__).resolve().parent.parent / "tools" / "restore_reference.py"
 _BLOCK_REPLICATOR = """
 import runpy, sys

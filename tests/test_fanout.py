@@ -22,9 +22,7 @@ from replicator.retry import RetryPolicy
 from replicator.state import StateStore
 from replicator.targets import open_target
 from tests.faults import FakeTarget, MemoryTargets, Op
-
-PATIENCE = 60.0
-"""Deadline for what must happen at once: generous on a loaded machine, never a bound."""
+from tests.helpers import PATIENCE
 
 
 def chunk(spec: HashSpec, data: bytes, budget: ByteBudget) -> EncodedChunk:

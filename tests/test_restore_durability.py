@@ -25,10 +25,7 @@ from replicator.restore.local import LocalDestination
 from replicator.targets import PosixTarget
 from replicator.verify.drill import DrillReport, run_drill
 from tests.conftest import cli
-from tests.helpers import local_setup, make_checkpoint, tree_digest
-
-PATIENCE = 60.0
-"""Deadline for a restore of a few MiB: generous on a loaded machine, never a bound."""
+from tests.helpers import PATIENCE, local_setup, make_checkpoint, tree_digest
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from replicator.targets import open_target
 from replicator.verify import check
 from replicator.verify.check import VerifyReport, verify_repository
 from tests.conftest import TargetSpec, make_target_spec
-from tests.helpers import config_dict, make_checkpoint, stored_chunks
+from tests.helpers import PATIENCE, config_dict, make_checkpoint, stored_chunks
 from tests.servers import RcloneServer
 
 SMALL_CHUNKS = {"min_size": "16KiB", "avg_size": "64KiB", "max_size": "256KiB"}
@@ -144,7 +144,7 @@ def test_read_data_never_waits_for_memory_behind_chunks_read_after_the_one_it_ne
             assert sizes[0] < sizes[-1] // 4, "the sample needs chunks of mixed sizes"
             monkeypatch.setattr(check, "FILE_WINDOW_BYTES", sizes[-1] + sizes[0])
             checking = verify_repository(repo, read_data=1.0)
-            return await asyncio.wait_for(checking, 60.0)  # generous: a few MiB on a loaded machine
+            return await asyncio.wait_for(checking, PATIENCE)
         finally:
             await target.close()
 
