@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.common import cpu_seconds, replicator_command
 from bench.data import training_steps
-from tests.servers import ACCESS_KEY, SECRET_KEY, free_port, rclone_binary, wait_for_port
+from tests.servers import ACCESS_KEY, SECRET_KEY, RcloneServer
 
 ENV = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
 
@@ -35,19 +35,15 @@ def one_round(
     replicator: list[str], work: Path, steps: tuple[Path, Path], window: str | None
 ) -> dict[str, float]:
     shutil.rmtree(work, ignore_errors=True)
-    (work / "s3" / "bench").mkdir(parents=True)
-    port = free_port()
     log = work / "rclone.log"
-    with log.open("w") as out:
-        serve = ["serve", "s3", "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--addr", f"127.0.0.1:{port}"]
-        command = [rclone_binary(), *serve, "--config", "/dev/null", "-vv", str(work / "s3")]
-        server = subprocess.Popen(command, stdout=out, stderr=out)
+    work.mkdir(parents=True)
+    server = RcloneServer(work / "s3", log=log).start()
+    assert server.proc is not None
     try:
-        wait_for_port(port)
+        server.client().create_bucket(Bucket="bench")
         source = work / "src"
         source.mkdir()
-        target: dict[str, object] = {"name": "t", "url": "s3://bench/repo"}
-        target["endpoint_url"] = f"http://127.0.0.1:{port}"
+        target: dict[str, object] = {"name": "t", "url": "s3://bench/repo", "endpoint_url": server.endpoint}
         if window:
             target["confirm_window"] = window
         cfg = work / "c.yaml"
@@ -60,11 +56,11 @@ def one_round(
         shutil.copytree(steps[1], source / steps[1].name)
         os.sync()
         logged = log.stat().st_size
-        cpu = cpu_seconds(server.pid)
+        cpu = cpu_seconds(server.proc.pid)
         started = time.monotonic()
         subprocess.run(sync, env=ENV, check=True, stdout=subprocess.DEVNULL)
         wall = time.monotonic() - started
-        cpu = cpu_seconds(server.pid) - cpu
+        cpu = cpu_seconds(server.proc.pid) - cpu
         with log.open() as f:
             f.seek(logged)
             lines = f.read()
@@ -75,8 +71,7 @@ def one_round(
             "lists": len(re.findall(r"serve s3: LIST BUCKET", lines)),
         }
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
 
 
 def main() -> None:

@@ -84,30 +84,33 @@ class S3Server:
 class RcloneServer(S3Server):
     """``rclone serve s3`` over a local directory; can be stopped and restarted on its port."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, log: Path | None = None) -> None:
+        """``log``: where rclone's debug log goes (``-vv``: one line per request), else nowhere."""
         self.root = root
         self.port = port or free_port()
+        self.log = log
         super().__init__("rclone", f"http://127.0.0.1:{self.port}")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RcloneServer:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                rclone_binary(),
-                "serve",
-                "s3",
-                "--auth-key",
-                f"{ACCESS_KEY},{SECRET_KEY}",
-                "--addr",
-                f"127.0.0.1:{self.port}",
-                "--config",
-                "/dev/null",
-                str(self.root),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        command = [
+            rclone_binary(),
+            "serve",
+            "s3",
+            "--auth-key",
+            f"{ACCESS_KEY},{SECRET_KEY}",
+            "--addr",
+            f"127.0.0.1:{self.port}",
+            "--config",
+            "/dev/null",
+            str(self.root),
+        ]
+        if self.log is None:
+            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            with self.log.open("a") as out:
+                self.proc = subprocess.Popen([*command, "-vv"], stdout=out, stderr=out)
         wait_for_port(self.port)
         return self
 
